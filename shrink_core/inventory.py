@@ -1,0 +1,113 @@
+"""The layer inventory: every compressible module with its name, block, kind, shape and size."""
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass
+
+BLOCK_INDEX = re.compile(r"(?:^|\.)(?:layers|h|blocks|block)\.(\d+)(?:\.|$)")
+
+# Leaf-name -> kind. Kinds are the vocabulary of plan rules, heatmaps and the planner.
+LEAF_KINDS = {
+    "q_proj": "q", "k_proj": "k", "v_proj": "v", "o_proj": "o",
+    "gate_proj": "gate", "up_proj": "up", "down_proj": "down",
+    "embed_tokens": "embedding", "wte": "embedding", "lm_head": "lm_head",
+}
+LINEAR_KINDS = ("q", "k", "v", "o", "gate", "up", "down", "linear")
+ALL_KINDS = ("embedding",) + LINEAR_KINDS + ("lm_head", "norm")
+
+
+@dataclass(frozen=True)
+class ModuleInfo:
+    name: str  # full module name, e.g. model.layers.3.self_attn.q_proj
+    block: int | None
+    kind: str
+    shape: tuple[int, ...]  # weight shape (out, in) for linears, (vocab, hidden) for embeddings
+    params: int  # parameters this module owns (0 when its weight is tied to an earlier module)
+    bytes: int  # bytes those parameters take in the current dtype
+    dtype: str
+    tied_to: str | None = None  # the module whose weight this one shares
+
+    def row(self) -> dict:
+        row = asdict(self)
+        row["shape"] = "x".join(str(s) for s in self.shape)
+        return row
+
+
+def module_kind(name: str, module) -> str | None:
+    """The kind of a compressible module, or None for containers and activations."""
+    import torch.nn as nn
+
+    leaf = name.rsplit(".", 1)[-1]
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        return LEAF_KINDS.get(leaf, "embedding" if isinstance(module, nn.Embedding) else "linear")
+    if type(module).__name__.endswith(("RMSNorm", "LayerNorm")) and getattr(module, "weight", None) is not None:
+        return "norm"
+    return None
+
+
+def inventory(model) -> list[ModuleInfo]:
+    """All compressible modules in model order; a tied weight is counted once, at its first owner."""
+    seen: dict[int, str] = {}
+    rows = []
+    for name, module in model.named_modules():
+        kind = module_kind(name, module)
+        if kind is None:
+            continue
+        owned = [p for p in module.parameters(recurse=False)]
+        tied_to = None
+        params = 0
+        nbytes = 0
+        for param in owned:
+            key = id(param)
+            if key in seen:
+                tied_to = seen[key]
+                continue
+            seen[key] = name
+            params += param.numel()
+            nbytes += param.numel() * param.element_size()
+        match = BLOCK_INDEX.search(name)
+        weight = module.weight
+        rows.append(
+            ModuleInfo(
+                name=name,
+                block=int(match.group(1)) if match else None,
+                kind=kind,
+                shape=tuple(weight.shape),
+                params=params,
+                bytes=nbytes,
+                dtype=str(weight.dtype).replace("torch.", ""),
+                tied_to=tied_to,
+            )
+        )
+    return rows
+
+
+def block_linears(rows: list[ModuleInfo]) -> list[ModuleInfo]:
+    return [r for r in rows if r.block is not None and r.kind in LINEAR_KINDS]
+
+
+def summary(model, rows: list[ModuleInfo]) -> dict:
+    """Architecture facts for the Model page and `inspect --json`."""
+    config = model.config
+    text_config = getattr(config, "text_config", None) or config
+    params = sum(p.numel() for p in model.parameters())  # parameters() yields a tied tensor once
+    tied = [r.name for r in rows if r.tied_to]
+    return {
+        "architecture": (config.architectures or [type(model).__name__])[0],
+        "model_type": config.model_type,
+        "parameters": params,
+        "blocks": getattr(text_config, "num_hidden_layers", None),
+        "hidden_size": getattr(text_config, "hidden_size", None),
+        "attention_heads": getattr(text_config, "num_attention_heads", None),
+        "kv_heads": getattr(text_config, "num_key_value_heads", None),
+        "intermediate_size": getattr(text_config, "intermediate_size", None),
+        "vocab_size": getattr(text_config, "vocab_size", None),
+        "context_length": getattr(text_config, "max_position_embeddings", None),
+        "tied_embeddings": bool(tied),
+        "tied_modules": tied,
+        "bytes_fp32": params * 4,
+        "bytes_bf16": params * 2,
+        "dtype": rows[0].dtype if rows else None,
+        "block_linears": len(block_linears(rows)),
+        "modules": len(rows),
+    }

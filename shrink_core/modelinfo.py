@@ -1,0 +1,32 @@
+"""One model's description (summary + inventory + provenance), shared by the CLI, the jobs and the pages."""
+from __future__ import annotations
+
+import platform
+
+from . import __version__
+from .inventory import inventory, summary
+from .models import load
+
+
+def device_label() -> str:
+    import torch
+
+    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})"
+
+
+def describe(spec: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, progress=None) -> dict:
+    kwargs = {"progress": progress} if progress else {}
+    loaded = load(spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, **kwargs)
+    rows = inventory(loaded.model)
+    return {
+        "spec": loaded.spec.raw,
+        "source_dir": str(loaded.source_dir),
+        "weights_hash": loaded.weights_hash,
+        "load_seconds": round(loaded.load_seconds, 3),
+        "from_cache": loaded.from_cache,
+        "notes": loaded.notes,
+        "code_version": __version__,
+        "device": device_label(),
+        "summary": summary(loaded.model, rows),
+        "modules": [r.row() for r in rows],
+    }

@@ -1,0 +1,22 @@
+"""A tiny seeded Llama built from a config: the model of the unit tests and quick benches (no download)."""
+from __future__ import annotations
+
+
+def tiny_llama(seed: int = 0, layers: int = 3, hidden: int = 64, vocab: int = 256):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=hidden * 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+    )
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config)
+    model.eval()
+    return model
