@@ -10,12 +10,13 @@ import traceback
 
 from .errors import ShrinkError
 
-COMMANDS = ["inspect"]  # modules under shrink_core/commands/, in help order
+COMMANDS = ["inspect", "apply", "measure"]  # modules under shrink_core/commands/, in help order
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse prints usage + message; keep it to one clear line
-        self.exit(2, f"error: {message} (see `python -m shrink_core {self.prog.split()[-1]} --help`)\n")
+        command = self.prog.replace("shrink_core", "python -m shrink_core", 1)
+        self.exit(2, f"error: {message}; see `{command} --help`.\n")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -30,3 +30,13 @@ def describe(spec: str, *, allow_pickle: bool = False, trust_remote_code: bool =
         "summary": summary(loaded.model, rows),
         "modules": [r.row() for r in rows],
     }
+
+
+def describe_job(ctx, spec: str, allow_pickle: bool = False, trust_remote_code: bool = False) -> dict:
+    """Job: load a model, store its summary and inventory; the Model page reads them from the store."""
+    description = describe(
+        spec, allow_pickle=allow_pickle, trust_remote_code=trust_remote_code, progress=ctx.progress
+    )
+    model_id = ctx.store.save_model(description)
+    return {"model_id": model_id, "spec": description["spec"], "load_seconds": description["load_seconds"],
+            "from_cache": description["from_cache"]}

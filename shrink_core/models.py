@@ -205,7 +205,7 @@ def load(
         from_cache, notes = False, []
         loaded = _load_hub(spec, allow_pickle, trust_remote_code, progress)
     loaded.from_cache = from_cache
-    loaded.notes = notes
+    loaded.notes = notes + loaded.notes
     loaded.load_seconds = time.perf_counter() - started
     progress(1.0, "loaded")
     return loaded
@@ -242,11 +242,14 @@ def _load_dir(
             "only if you trust its source."
         )
     progress(0.6, "loading weights")
-    model, tokenizer = _from_pretrained(str(directory), bool(safes), trust_remote_code, local_only=True)
-    return LoadedModel(spec, model, tokenizer, directory, weights_hash(safes or pickles), 0.0, False)
+    model, tokenizer = _from_pretrained(str(directory), bool(safes), trust_remote_code)
+    loaded = LoadedModel(spec, model, tokenizer, directory, weights_hash(safes or pickles), 0.0, False)
+    if tokenizer is None:
+        loaded.notes.append(f"No tokenizer in {directory}: the inventory works, evaluation needs a tokenizer.")
+    return loaded
 
 
-def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool, local_only: bool):
+def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -256,15 +259,14 @@ def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool
             dtype=torch.float32,
             use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code,
-            local_files_only=local_only,
+            local_files_only=True,
         )
-        tokenizer = AutoTokenizer.from_pretrained(
-            source, trust_remote_code=trust_remote_code, local_files_only=local_only
-        )
-    except (OSError, ValueError, KeyError) as exc:
-        if not local_only:
-            raise
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"transformers could not load the model from {source}: {_first_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        tokenizer = None  # the inventory needs none; evaluation says so when it needs one
     model.eval()
     return model, tokenizer
 

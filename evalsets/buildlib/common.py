@@ -166,21 +166,51 @@ def normalize_space(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip()
 
 
-def write_slice(slice_id: str, rows: list[dict]) -> Path:
-    """gzip JSON lines, sorted keys, mtime=0: the same rows always give the same bytes."""
+def _row_problem(row: dict, ids: set[str]) -> str | None:
+    """What is wrong with a row, judged against the documented row shapes; None when it is fine."""
+    missing = {"id", "split", "source", "license"} - row.keys()
+    if missing:
+        return f"missing {sorted(missing)}"
+    if row["split"] not in ("calib", "eval"):
+        return f"split {row['split']!r}"
+    if "text" in row:
+        if not isinstance(row["text"], str) or not row["text"]:
+            return "empty text"
+        if "pair" in row and (row["pair"] not in ids or row.get("perturbation") not in PERTURBATION_NAMES):
+            return "pair/perturbation"
+        return None
+    if row.get("task") == "mc":
+        ok = (isinstance(row["choices"], list) and len(row["choices"]) >= 2
+              and isinstance(row["answer"], int) and 0 <= row["answer"] < len(row["choices"]))
+        return None if ok and row["context"] else "mc shape"
+    if row.get("task") == "exact":
+        ok = isinstance(row["answer"], str) and row["answer"].strip() and row["context"]
+        return None if ok and 0 <= row.get("depth", 0) <= 1 else "exact shape"
+    return "neither text nor a known task"
+
+
+PERTURBATION_NAMES = ("clean", "typo", "homoglyph", "zero_width", "mixed_script")
+
+
+def validate_rows(slice_id: str, rows: list[dict]) -> None:
     ids = [row["id"] for row in rows]
     if len(set(ids)) != len(ids):
         raise ValueError(f"{slice_id}: duplicate ids")
     for row in rows:
-        missing = {"id", "split", "source", "license"} - row.keys()
-        if missing or row["split"] not in ("calib", "eval"):
-            raise ValueError(f"{slice_id}: bad row {row.get('id')}: missing {missing}")
-    DATA_DIR.mkdir(parents=True, exist_ok=True)
+        problem = _row_problem(row, set(ids))
+        if problem:
+            raise ValueError(f"{slice_id}: row {row.get('id')}: {problem}")
+
+
+def write_slice(slice_id: str, rows: list[dict], out_dir: Path = DATA_DIR) -> Path:
+    """gzip JSON lines, sorted keys, mtime=0: the same rows always give the same bytes."""
+    validate_rows(slice_id, rows)
+    out_dir.mkdir(parents=True, exist_ok=True)
     payload = "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows)
     buffer = io.BytesIO()
     with gzip.GzipFile(filename="", mode="wb", fileobj=buffer, mtime=0, compresslevel=9) as handle:
         handle.write(payload.encode("utf-8"))
-    path = DATA_DIR / f"{slice_id}.jsonl.gz"
+    path = out_dir / f"{slice_id}.jsonl.gz"
     path.write_bytes(buffer.getvalue())
     return path
 

@@ -75,10 +75,13 @@ def handbook_paragraphs(lang_dir: str, page: str) -> list[str]:
 
 
 def _is_translated(english: str, other: str) -> bool:
+    """Not the English fallback, nor a near-copy of it. The ratio is taken over words, not characters:
+    character ratios of real es/fr/de translations full of paths and names reach 0.5-0.7 (and would drop
+    a fifth of them), while on words they stay below 0.5 and near-copies score 0.8 or more."""
     if other == english:
         return False
-    matcher = difflib.SequenceMatcher(None, english, other)
-    return matcher.quick_ratio() <= MAX_COPY_RATIO or matcher.ratio() <= MAX_COPY_RATIO
+    matcher = difflib.SequenceMatcher(None, english.split(), other.split(), autojunk=False)
+    return matcher.ratio() <= MAX_COPY_RATIO
 
 
 def handbook_groups() -> dict[str, dict[str, str]]:
@@ -181,7 +184,7 @@ def _qasper_text(doc: dict) -> str:
     parts = [doc["title"], "Abstract", doc["abstract"]]
     full = doc["full_text"]
     for name, paragraphs in zip(full["section_name"], full["paragraphs"]):
-        heading = " - ".join(p.strip() for p in name.split(":::") if p.strip())
+        heading = " - ".join(p.strip() for p in (name or "").split(":::") if p.strip())
         body = [normalize_space(p) for p in paragraphs if len(p.strip()) >= 40]  # drops "1.1em" layout debris
         if body:
             parts.extend(([heading] if heading else []) + body)
@@ -213,7 +216,7 @@ def handbook_chapters() -> dict[str, list[str]]:
 
 
 def _fit_paragraphs(paragraphs: list[str], count_tokens, max_tokens: int) -> str:
-    """Longest prefix of whole paragraphs under max_tokens."""
+    """Longest prefix of whole paragraphs whose joined text stays under max_tokens."""
     kept, total = [], 0
     for paragraph in paragraphs:
         cost = count_tokens(paragraph + "\n\n")
@@ -221,6 +224,8 @@ def _fit_paragraphs(paragraphs: list[str], count_tokens, max_tokens: int) -> str
             break
         kept.append(paragraph)
         total += cost
+    while kept and count_tokens("\n\n".join(kept)) > max_tokens:  # per-paragraph sums can undercount
+        kept.pop()
     return "\n\n".join(kept)
 
 

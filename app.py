@@ -1,0 +1,8 @@
+"""The shrink dashboard: builds the navigation and nothing else."""
+import streamlit as st
+
+st.set_page_config(page_title="shrink", page_icon="🗜️", layout="wide")
+pages = [
+    st.Page("pages/model.py", title="Model", icon="🧱", default=True),
+]
+st.navigation(pages).run()

@@ -1,0 +1,51 @@
+import json
+import subprocess
+import sys
+
+import pytest
+
+from shrink_core.paths import REPO_ROOT
+
+
+def cli(*args, env=None):
+    return subprocess.run([sys.executable, "-m", "shrink_core", *args], capture_output=True, text=True,
+                          cwd=REPO_ROOT, env=env, timeout=600)
+
+
+@pytest.mark.parametrize(
+    "args, code, words",
+    [
+        (["inspect", "--bogus"], 2, "unrecognized arguments: --bogus"),
+        (["frobnicate"], 2, "invalid choice"),
+        (["inspect", "--model", "/no/such/dir"], 1, "does not exist"),
+        (["inspect", "--model", "builtin:gpt5"], 1, "Unknown built-in model"),
+    ],
+)
+def test_bad_input_is_one_line_on_stderr(args, code, words):
+    result = cli(*args)
+    assert result.returncode == code
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and words in lines[0] and lines[0].startswith("error: ")
+    assert result.stdout == ""
+
+
+def test_inspect_tiny_directory_json(tmp_path, tiny_model):
+    tiny_model.save_pretrained(tmp_path / "tiny")
+    result = cli("inspect", "--model", str(tmp_path / "tiny"), "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["summary"]["block_linears"] == 21
+    assert report["summary"]["parameters"] == sum(p.numel() for p in tiny_model.parameters())
+    assert {m["kind"] for m in report["modules"]} >= {"q", "down", "embedding", "lm_head"}
+
+
+@pytest.mark.integration
+def test_inspect_builtin_default():
+    result = cli("inspect", "--model", "builtin:smollm2-135m", "--json")
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert report["summary"]["parameters"] == 134_515_008
+    assert report["summary"]["block_linears"] == 210
+    assert report["summary"]["blocks"] == 30
+    assert report["summary"]["tied_modules"] == ["lm_head"]
+    assert report["from_cache"] is True  # the session fixture or an earlier run converted it

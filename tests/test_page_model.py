@@ -1,0 +1,63 @@
+"""The Model page, run by Streamlit's AppTest against a real store."""
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from shrink_core import jobs
+from shrink_core.paths import REPO_ROOT
+from shrink_core.store import Store
+
+PAGE = str(REPO_ROOT / "pages" / "model.py")
+
+
+def page() -> AppTest:
+    return AppTest.from_file(PAGE, default_timeout=60)
+
+
+def test_bad_specs_give_one_sentence_and_the_page_keeps_working(shrink_home, tmp_path):
+    Store().save_model({"spec": "builtin:smollm2-135m", "weights_hash": "h", "summary": _summary(), "modules": _modules(),
+                        "load_seconds": 1.0, "from_cache": True})
+    at = page().run()
+    assert not at.exception
+    for bad, words in [("/no/such/model", "does not exist"), ("builtin:llama-9000", "Unknown built-in model")]:
+        at.text_input(key="model_spec_input").set_value(bad)
+        at.button[0].click().run()
+        assert not at.exception
+        assert any(words in e.value for e in at.error), [e.value for e in at.error]
+        assert any("134,515,008" in c.value for c in at.caption)  # the loaded model is still shown
+
+
+def test_failed_load_shows_the_reason(shrink_home, tmp_path):
+    (tmp_path / "empty").mkdir()
+    at = page().run()
+    at.text_input(key="model_spec_input").set_value(str(tmp_path / "empty"))
+    at.button[0].click().run()
+    job_id = at.session_state["job:model"]
+    assert jobs.wait(Store(), job_id, timeout=120).status == "failed"
+    at.run()
+    assert any("no config.json" in e.value for e in at.error)
+
+
+@pytest.mark.integration
+def test_default_model_loads_in_background_and_shows_inventory(shrink_home):
+    at = page().run()
+    job_id = at.session_state["job:model"]  # opened on the default model with nothing stored: a load job starts
+    assert job_id is not None
+    assert jobs.wait(Store(), job_id, timeout=300).status == "done"
+    at.run()
+    assert not at.exception
+    assert any("134,515,008 parameters; 210 linear modules" in c.value for c in at.caption)
+    table = at.dataframe[0].value
+    assert len(table) == 273 and "model.layers.0.self_attn.q_proj" in set(table["name"])
+    at.multiselect(key="inventory_kinds").set_value(["down"]).run()
+    assert len(at.dataframe[0].value) == 30
+
+
+def _summary():
+    return {"architecture": "LlamaForCausalLM", "parameters": 134_515_008, "blocks": 30, "bytes_fp32": 538060032,
+            "bytes_bf16": 269030016, "vocab_size": 49152, "context_length": 8192, "tied_modules": ["lm_head"],
+            "block_linears": 210}
+
+
+def _modules():
+    return [{"name": "model.layers.0.self_attn.q_proj", "block": 0, "kind": "q", "shape": "576x576", "params": 331776,
+             "bytes": 1327104, "dtype": "float32", "tied_to": None}]

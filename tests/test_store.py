@@ -1,0 +1,60 @@
+import sqlite3
+
+import pytest
+
+from shrink_core.errors import ShrinkError
+from shrink_core.store import SCHEMA_VERSION, Provenance, Store
+
+
+def test_fresh_store_is_migrated_and_in_wal_mode(shrink_home):
+    store = Store()
+    assert store.path == shrink_home / "shrink.db"
+    assert store.schema_version == SCHEMA_VERSION
+    assert store.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    tables = {r[0] for r in store.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    assert {"models", "plans", "jobs", "runs", "metrics", "results"} <= tables
+
+
+def test_reopening_keeps_data(shrink_home):
+    prov = Provenance("builtin:x", "abc", "0.1.0", "cpu", plan={"rules": []}, slice="en", budget="fast")
+    first = Store()
+    rid = first.add_result("eval", prov, {"ppl": 13.0})
+    first.close()
+    again = Store()
+    (row,) = again.results("eval", slice="en")
+    assert row["id"] == rid and row["payload"] == {"ppl": 13.0} and row["plan"] == {"rules": []}
+    assert row["model_spec"] == "builtin:x" and row["budget"] == "fast" and row["device"] == "cpu"
+    with pytest.raises(ValueError):
+        again.results("eval", colour="red")
+
+
+def test_newer_schema_is_refused(shrink_home):
+    Store().close()
+    conn = sqlite3.connect(shrink_home / "shrink.db")
+    conn.execute(f"PRAGMA user_version = {SCHEMA_VERSION + 5}")
+    conn.close()
+    with pytest.raises(ShrinkError, match="newer than this code"):
+        Store()
+
+
+def test_model_upsert_and_metrics(shrink_home):
+    store = Store()
+    description = {"spec": "s", "weights_hash": "h", "summary": {"parameters": 1}, "modules": [{"name": "a"}],
+                   "load_seconds": 1.0, "from_cache": False}
+    first = store.save_model(description)
+    description["summary"] = {"parameters": 2}
+    assert store.save_model(description) == first
+    assert store.latest_model("s")["summary"] == {"parameters": 2}
+    run = store.create_run("distill", "r1", {"steps": 3})
+    store.log_metrics(run, 1, {"loss": 2.5, "lr": 1e-3})
+    store.log_metrics(run, 2, {"loss": 2.0})
+    assert [m["value"] for m in store.metrics(run) if m["key"] == "loss"] == [2.5, 2.0]
+
+
+def test_two_connections_write_concurrently(shrink_home):
+    a, b = Store(), Store()
+    prov = Provenance("m", "h", "v", "cpu")
+    for i in range(20):
+        a.add_result("k", prov, {"i": i})
+        b.add_result("k", prov, {"i": -i})
+    assert len(a.results("k")) == 40

@@ -1,0 +1,54 @@
+"""A job's progress bar, ETA and Cancel button, polled in a fragment so the page stays responsive."""
+from __future__ import annotations
+
+import streamlit as st
+
+from shrink_core import jobs
+from shrink_core.jobs import log_path
+
+from .data import store
+
+
+def _eta(seconds: float | None) -> str:
+    if seconds is None:
+        return "estimating time left"
+    if seconds < 90:
+        return f"about {seconds:.0f} s left"
+    return f"about {seconds / 60:.0f} min left"
+
+
+@st.fragment(run_every=1.0)
+def job_panel(job_id: int, label: str) -> None:
+    """Shows a running job; reruns the whole page once it ends so the page can show the result."""
+    db = store()
+    jobs.reap(db)
+    job = jobs.get(db, job_id)
+    if job is None:
+        return
+    if job.active:
+        text = f"{label}: {job.message or job.status} ({job.progress:.0%}, {_eta(job.eta_s)})"
+        st.progress(job.progress, text=text)
+        if job.cancel_requested:
+            st.caption("Cancelling...")
+        elif st.button("Cancel", key=f"cancel-{job_id}"):
+            jobs.cancel(db, job_id)
+            st.rerun(scope="fragment")
+        return
+    st.session_state[f"seen-end:{job_id}"] = True
+    if not st.session_state.get(f"rerun-done:{job_id}"):
+        st.session_state[f"rerun-done:{job_id}"] = True
+        st.rerun(scope="app")
+
+
+def job_outcome(job_id: int) -> None:
+    """One sentence for a failed or cancelled job, with the log behind a toggle."""
+    job = jobs.get(store(), job_id)
+    if job is None or job.status == "done" or job.active:
+        return
+    if job.status == "cancelled":
+        st.warning(job.error or "Cancelled.")
+        return
+    st.error(job.error or "The job failed.")
+    if st.toggle("Show details", key=f"details-{job_id}"):
+        path = log_path(job_id)
+        st.code(path.read_text()[-4000:] if path.exists() else "(no log)", language="text")

@@ -1,0 +1,22 @@
+"""Typed accessors for st.session_state, so pages never spell keys by hand."""
+from __future__ import annotations
+
+import streamlit as st
+
+from shrink_core.models import DEFAULT_SPEC
+
+
+def model_spec() -> str:
+    return st.session_state.get("model_spec", DEFAULT_SPEC)
+
+
+def set_model_spec(spec: str) -> None:
+    st.session_state["model_spec"] = spec
+
+
+def job_id(slot: str) -> int | None:
+    return st.session_state.get(f"job:{slot}")
+
+
+def set_job_id(slot: str, job_id: int | None) -> None:
+    st.session_state[f"job:{slot}"] = job_id
