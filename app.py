@@ -4,5 +4,6 @@ import streamlit as st
 st.set_page_config(page_title="shrink", page_icon="🗜️", layout="wide")
 pages = [
     st.Page("pages/model.py", title="Model", icon="🧱", default=True),
+    st.Page("pages/evalsets.py", title="Eval sets", icon="📚"),
 ]
 st.navigation(pages).run()

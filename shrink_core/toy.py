@@ -20,3 +20,18 @@ def tiny_llama(seed: int = 0, layers: int = 3, hidden: int = 64, vocab: int = 25
     model = LlamaForCausalLM(config)
     model.eval()
     return model
+
+
+class ByteTokenizer:
+    """UTF-8 bytes as tokens (0-255) plus BOS/EOS, for tiny_llama(vocab=258): enough tokenizer for unit tests."""
+
+    bos_token_id = 256
+    eos_token_id = 257
+    vocab_size = 258
+
+    def encode(self, text: str, add_special_tokens: bool = False) -> list[int]:
+        ids = list(text.encode("utf-8"))
+        return [self.bos_token_id] + ids if add_special_tokens else ids
+
+    def decode(self, ids) -> str:
+        return bytes(i for i in ids if i < 256).decode("utf-8", errors="replace")

@@ -43,3 +43,31 @@ def test_model_page_shows_the_inventory(tmp_path):
             assert "Traceback" not in driver.find_element("tag name", "body").text
         finally:
             driver.quit()
+
+
+def test_malformed_upload_shows_the_row_and_page_keeps_working(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    bad = tmp_path / "quiz.jsonl"
+    bad.write_text('{"context": "2+2=", "answer": " 4"}\n{"context": "Pick one", "choices": "a|b", "answer": 0}\n')
+    with running_app(home) as url:
+        driver = chromium()
+        try:
+            driver.get(f"{url}/evalsets")
+            wait_for(driver, lambda d: "Add your own slice" in d.find_element("tag name", "body").text, 120,
+                     "the Eval sets page")
+            summary = wait_for(driver, lambda d: next((e for e in d.find_elements("css selector", "summary")
+                                                      if "Add your own slice" in e.text), None), 30, "the upload expander")
+            summary.click()
+            wait_for(driver, lambda d: d.find_element("css selector", 'input[type="file"]'), 30, "the file input")
+            driver.find_element("css selector", 'input[type="file"]').send_keys(str(bad))
+            button = wait_for(driver, lambda d: next((b for b in d.find_elements("tag name", "button")
+                                                      if b.text == "Add slice"), None), 30, "the Add slice button")
+            button.click()
+            wait_for(driver, lambda d: "row 2: field 'choices' must be a list" in d.find_element("tag name", "body").text,
+                     30, "the row-level message")
+            body = driver.find_element("tag name", "body").text
+            assert "Traceback" not in body and "Baseline of" in body
+            driver.save_screenshot(str(tmp_path / "upload-error.png"))
+        finally:
+            driver.quit()

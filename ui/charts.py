@@ -28,3 +28,12 @@ def size_by_block(modules: pd.DataFrame):
                  title="Weight size by block and kind (fp32)")
     fig.update_layout(height=340, margin=dict(t=50, b=10), barmode="stack")
     return fig
+
+
+def slice_bars(results: pd.DataFrame, value: str, low: str, high: str, title: str):
+    """One bar per slice with its 95% bootstrap interval as an error bar."""
+    data = results.sort_values(value)
+    fig = px.bar(data, x="slice", y=value, title=title, hover_data=["items", "tokens", "budget"],
+                 error_y=data[high] - data[value], error_y_minus=data[value] - data[low])
+    fig.update_layout(height=360, margin=dict(t=50, b=10))
+    return fig

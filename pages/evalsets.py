@@ -1,0 +1,94 @@
+"""Eval sets page: browse slices, add your own, run the loaded model's baseline with confidence intervals."""
+import pandas as pd
+import streamlit as st
+
+from shrink_core import jobs
+from shrink_core.errors import ShrinkError
+from shrink_core.evaluate import BUDGETS
+from shrink_core.slices import add_user_slice, list_slices, load_rows
+from ui import charts, state
+from ui.data import store
+from ui.jobs import job_outcome, job_panel
+
+st.title("Eval sets")
+db = store()
+spec = state.model_spec()
+infos = list_slices()
+by_id = {s.id: s for s in infos}
+
+st.caption(
+    f"{len(infos)} slices of real text and labeled tasks, extracted from registry packages (evalsets/README.md). "
+    "Each slice has a calibration part disjoint from its evaluation part."
+)
+table = pd.DataFrame([s.row() for s in infos])
+st.dataframe(
+    table[["id", "title", "kind", "metric", "languages", "rows_eval", "rows_calib", "tokens", "license", "source"]],
+    key="slices_table", hide_index=True,
+    column_config={"tokens": st.column_config.NumberColumn("tokens (SmolLM2)", format="localized")},
+)
+
+with st.expander("Look inside a slice"):
+    chosen = st.selectbox("Slice", list(by_id), key="peek_slice")
+    info = by_id[chosen]
+    st.markdown(f"**{info.title}**: {info.description}")
+    st.caption(f"Protocol: {info.protocol}  \nSource: {', '.join(info.source)}. License: {info.license}.")
+    examples = load_rows(info, "eval")[:3]
+    st.json(examples, expanded=False)
+
+with st.expander("Add your own slice (JSONL, JSON, CSV or TXT)"):
+    st.caption("Text rows need `text`; tasks need `context` and `answer`, plus `choices` (a list) for multiple choice. "
+               "A bad file is refused with the row at fault and never touches the slices already here.")
+    upload = st.file_uploader("File", type=["jsonl", "json", "csv", "txt"], key="slice_upload")
+    new_id = st.text_input("Slice id (optional)", key="slice_upload_id", placeholder="user_<file name>")
+    if upload is not None and st.button("Add slice", key="add_slice"):
+        try:
+            added = add_user_slice(upload.name, upload.getvalue(), slice_id=new_id.strip() or None)
+        except ShrinkError as exc:
+            st.error(str(exc))
+        else:
+            st.success(f"Added slice '{added.id}' with {added.rows} rows ({added.kind}).")
+
+st.markdown(f"#### Baseline of `{spec}`")
+left, right = st.columns([3, 1])
+picked = left.multiselect("Slices to evaluate", list(by_id), default=["en", "fr"], key="eval_slices")
+budget = right.radio("Budget", list(BUDGETS), horizontal=True, key="eval_budget",
+                     help="fast: 120 text rows / 200 questions per slice; standard: 480 / 1000; full: everything.")
+if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked):
+    state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.eval_run:eval_job",
+                                         {"spec": spec, "slices": picked, "budget": budget}))
+job_id = state.job_id("eval")
+if job_id is not None:
+    job = jobs.get(db, job_id)
+    if job and job.active:
+        job_panel(job_id, f"Evaluating {spec}")
+    job_outcome(job_id)
+
+rows = [r for r in db.results("eval", model_spec=spec) if r["plan"] is None]
+if not rows:
+    st.info("No baseline results for this model yet: pick slices and press Run baseline.")
+    st.stop()
+latest = {}
+for r in rows:  # newest first: keep the newest per (slice, budget)
+    latest.setdefault((r["slice"], r["budget"]), r)
+records = []
+for (slice_id, run_budget), r in latest.items():
+    p = r["payload"]
+    records.append({
+        "slice": slice_id, "budget": run_budget, "items": p["items"], "tokens": p["tokens"], "ppl": p["ppl"],
+        "ppl_low": p["ppl_ci"][0], "ppl_high": p["ppl_ci"][1], "bpb": p.get("bpb"),
+        "accuracy": p.get("accuracy"), "acc_low": (p.get("accuracy_ci") or [None])[0],
+        "acc_high": (p.get("accuracy_ci") or [None, None])[1], "device": r["device"],
+    })
+results = pd.DataFrame(records)
+shown_budget = st.radio("Show budget", sorted(results["budget"].unique()), horizontal=True, key="show_budget")
+view = results[results["budget"] == shown_budget]
+st.caption(f"Measured on {view['device'].iloc[0]}; intervals are 95% bootstrap over items (1,000 resamples).")
+st.dataframe(view.drop(columns=["device"]), key="baseline_table", hide_index=True)
+text_view = view[view["accuracy"].isna()]
+task_view = view[view["accuracy"].notna()]
+if len(text_view):
+    st.plotly_chart(charts.slice_bars(text_view, "ppl", "ppl_low", "ppl_high", "Perplexity per slice (lower is better)"),
+                    key="ppl_chart")
+if len(task_view):
+    st.plotly_chart(charts.slice_bars(task_view, "accuracy", "acc_low", "acc_high", "Task accuracy per slice"),
+                    key="acc_chart")

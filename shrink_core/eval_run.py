@@ -1,0 +1,116 @@
+"""One evaluation run, end to end: load, apply a plan (if any), evaluate against the reference, store.
+
+The CLI calls `run_eval` inline; the Eval sets page runs `eval_job` in a worker. Same code path, same records.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+from . import __version__
+from .evaluate import SliceResult, evaluate, get_budget
+from .modelinfo import device_label
+from .models import load
+from .slices import get_slice
+from .store import Provenance, Store
+
+
+def _result_from_payload(payload: dict) -> SliceResult:
+    data = dict(payload)
+    data["ppl_ci"] = tuple(data["ppl_ci"])
+    if data.get("accuracy_ci"):
+        data["accuracy_ci"] = tuple(data["accuracy_ci"])
+    return SliceResult(**data)
+
+
+def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, progress=None) -> dict[str, SliceResult]:
+    """The unplanned model's results, reused from the store when this exact model, code and budget ran before."""
+    out, missing = {}, []
+    for slice_id in slice_ids:
+        rows = store.results("eval", model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash, slice=slice_id,
+                             budget=budget)
+        rows = [r for r in rows if r["plan"] is None and r["code_version"] == __version__]
+        if rows:
+            out[slice_id] = _result_from_payload(rows[0]["payload"])
+        else:
+            missing.append(slice_id)
+    if missing:
+        fresh = evaluate(loaded.model, loaded.tokenizer, [get_slice(s) for s in missing], budget, progress=progress)
+        for result in fresh:
+            store.add_result("eval", _provenance(loaded, None, result.slice, budget), result.to_dict(with_items=True))
+            out[result.slice] = result
+    return out
+
+
+def _provenance(loaded, plan_dict, slice_id, budget) -> Provenance:
+    return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), plan=plan_dict,
+                      slice=slice_id, budget=budget)
+
+
+def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: str | None = None,
+             store: Store | None = None, progress=None, job_id: int | None = None, **load_flags) -> dict:
+    """Evaluate a model (and a plan applied to it) on slices; returns the JSON the CLI prints."""
+    progress = progress or (lambda fraction, message="": None)
+    get_budget(budget)
+    slices = [get_slice(s) for s in slice_ids]  # fail on a bad slice before loading anything
+    store = store or Store()
+    started = time.perf_counter()
+    progress(0.01, "loading model")
+    loaded = load(spec, **load_flags)
+    share = 0.5 if plan_text else 0.95
+    reference = reference_results(store, loaded, slice_ids, budget,
+                                  progress=lambda f, m="": progress(0.05 + share * f, f"reference {m}"))
+    report = {"model": loaded.spec.raw, "weights_hash": loaded.weights_hash, "budget": budget, "plan": None,
+              "device": device_label(), "code_version": __version__, "slices": {}}
+    if plan_text is None:
+        for s in slices:
+            report["slices"][s.id] = _public(reference[s.id])
+    else:
+        from .plan import load_plan, plan_to_dict
+        from .quant.apply import apply_plan_
+
+        plan = load_plan(plan_text)
+        candidate = copy.deepcopy(loaded.model)
+        calibration, recipe = _calibration(plan, loaded.tokenizer)
+        progress(0.55, "applying plan")
+        apply_report = apply_plan_(candidate, plan, calibration, recipe=recipe)
+        plan_dict = plan_to_dict(plan)
+        report["plan"] = plan_dict
+        report["packed_bytes"] = getattr(apply_report, "total_bytes", None)
+        results = evaluate(candidate, loaded.tokenizer, slices, budget, reference=loaded.model,
+                           reference_results=reference,
+                           progress=lambda f, m="": progress(0.6 + 0.38 * f, f"candidate {m}"))
+        for result in results:
+            store.add_result("eval", _provenance(loaded, plan_dict, result.slice, budget),
+                             result.to_dict(with_items=True), job_id=job_id)
+            entry = _public(result)
+            entry["reference_ppl"] = reference[result.slice].ppl
+            if reference[result.slice].accuracy is not None:
+                entry["reference_accuracy"] = reference[result.slice].accuracy
+            report["slices"][result.slice] = entry
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    progress(1.0, "done")
+    return report
+
+
+def _calibration(plan, tokenizer):
+    if not plan.needs_calibration:
+        return None, None
+    from .slices import CalibrationRecipe, calibration_tokens
+
+    given = plan.calibration
+    recipe = (CalibrationRecipe(tuple((k, v / sum(given.mix.values())) for k, v in given.mix.items()),
+                                given.n_sequences, given.seq_len, given.seed)
+              if given else CalibrationRecipe((("en", 1.0),), 32, 512, 0))
+    return calibration_tokens(tokenizer, recipe), recipe.to_dict()
+
+
+def _public(result: SliceResult) -> dict:
+    data = result.to_dict()
+    return {k: v for k, v in data.items() if v is not None and v != {}}
+
+
+def eval_job(ctx, spec: str, slices: list[str], budget: str = "fast", plan: str | None = None) -> dict:
+    """Job: the Eval sets page's "Run baseline" (and, with a plan, a candidate evaluation)."""
+    report = run_eval(spec, slices, budget, plan, store=ctx.store, progress=ctx.progress, job_id=ctx.job_id)
+    return {"slices": list(report["slices"]), "seconds": report["seconds"]}

@@ -1,0 +1,102 @@
+"""The evaluation engine on the toy model and toy slices: exactness against a plain forward, determinism, statistics."""
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from shrink_core import metrics
+from shrink_core.evaluate import BUDGETS, Request, compare, evaluate, get_budget, score, select_items
+from shrink_core.slices import get_slice
+from shrink_core.toy import ByteTokenizer, tiny_llama
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return tiny_llama(vocab=258), ByteTokenizer()
+
+
+def test_score_matches_a_plain_forward_pass(toy):
+    model, _ = toy
+    ids = [256] + list(b"the quick brown fox jumps")
+    (out,) = score(model, [Request(0, ids, 1)])
+    with torch.inference_mode():
+        loss = model(torch.tensor([ids]), labels=torch.tensor([ids])).loss.item()
+    assert out.tokens == len(ids) - 1
+    assert out.nll / out.tokens == pytest.approx(loss, rel=1e-5)
+
+
+def test_padding_and_batching_do_not_change_scores(toy):
+    model, _ = toy
+    requests = [Request(i, [256] + list(text.encode()), 1) for i, text in enumerate(["a", "hello there", "xyz" * 20])]
+    together = score(model, requests, max_batch_tokens=4096)
+    alone = [score(model, [r], max_batch_tokens=4096)[0] for r in requests]
+    for a, b in zip(together, alone):
+        assert a.nll == pytest.approx(b.nll, rel=1e-4) and a.tokens == b.tokens
+
+
+def test_reference_against_itself_has_zero_kl(toy):
+    model, _ = toy
+    (out,) = score(model, [Request(0, [256] + list(b"some text here"), 1)], reference=model)
+    assert np.allclose(out.kl_values, 0, atol=1e-6) and out.top1_agree == out.tokens
+
+
+def test_evaluate_toy_slices(toy):
+    model, tokenizer = toy
+    infos = [get_slice("toy_en"), get_slice("toy_mc"), get_slice("toy_exact")]
+    results = {r.slice: r for r in evaluate(model, tokenizer, infos, "fast")}
+    text = results["toy_en"]
+    assert math.isfinite(text.ppl) and text.ppl_ci[0] <= text.ppl <= text.ppl_ci[1]
+    assert 0 < text.bpb < 20 and text.tokens > 0
+    mc = results["toy_mc"]
+    assert 0 <= mc.accuracy <= 1 and mc.accuracy_ci[0] <= mc.accuracy <= mc.accuracy_ci[1]
+    assert len(mc.per_item["correct"]) == mc.items
+    again = {r.slice: r for r in evaluate(model, tokenizer, infos, "fast")}
+    assert again["toy_en"].to_dict() == text.to_dict()  # same budget, same tokens, same figures
+
+
+def test_candidate_against_reference_reports_kl_and_flips(toy):
+    model, tokenizer = toy
+    noisy = tiny_llama(vocab=258)
+    with torch.no_grad():
+        for p in noisy.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    infos = [get_slice("toy_en"), get_slice("toy_mc")]
+    ref = {r.slice: r for r in evaluate(model, tokenizer, infos, "fast")}
+    cand = {r.slice: r for r in evaluate(noisy, tokenizer, infos, "fast", reference=model, reference_results=ref)}
+    assert cand["toy_en"].kl > 0 and cand["toy_en"].kl_p99 >= cand["toy_en"].kl
+    assert 0 <= cand["toy_en"].top1_agree <= 1
+    assert set(cand["toy_mc"].flips) == {"lost", "gained", "total"}
+    verdict = compare(ref["toy_en"], cand["toy_en"])
+    assert 0 <= verdict["nll_p"] <= 1 and verdict["ppl_ratio"] == pytest.approx(cand["toy_en"].ppl / ref["toy_en"].ppl)
+
+
+def test_selection_is_deterministic_and_keeps_groups():
+    rows = [{"id": f"r{i}", "group": f"g{i // 2}"} for i in range(20)]
+    chosen = select_items(rows, 3, by_group=True)
+    assert len(chosen) == 6 and len({r["group"] for r in chosen}) == 3
+    assert select_items(list(reversed(rows)), 3, by_group=True) == chosen
+
+
+def test_budgets():
+    assert set(BUDGETS) == {"fast", "standard", "full"}
+    from shrink_core.errors import ShrinkError
+
+    with pytest.raises(ShrinkError, match="Unknown budget 'quick'"):
+        get_budget("quick")
+
+
+def test_statistics():
+    nll = np.array([10.0, 20.0, 30.0])
+    tokens = np.array([10, 10, 10])
+    assert metrics.perplexity(nll, tokens) == pytest.approx(math.exp(2.0))
+    low, high = metrics.ppl_ci(nll, tokens)
+    assert low < math.exp(2.0) < high
+    assert metrics.bits_per_byte(np.array([math.log(2) * 8]), np.array([8])) == pytest.approx(1.0)
+    same = np.arange(50, dtype=float)
+    assert metrics.paired_bootstrap_p(same, same) == 1.0
+    assert metrics.paired_bootstrap_p(same + 5, same) < 0.01
+    a = np.array([True] * 30 + [False] * 10)
+    b = np.array([True] * 10 + [False] * 30)
+    assert metrics.mcnemar_p(a, b) < 0.001 and metrics.mcnemar_p(a, a) == 1.0
+    assert metrics.flips(a, b) == {"lost": 20, "gained": 0, "total": 20}

@@ -1,0 +1,32 @@
+"""The Eval sets page with AppTest: the slice table, and stored baseline results with intervals."""
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from shrink_core import jobs
+from shrink_core.paths import REPO_ROOT
+from shrink_core.store import Store
+
+PAGE = str(REPO_ROOT / "pages" / "evalsets.py")
+
+
+def test_lists_slices_and_invites_a_baseline(shrink_home):
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    table = at.dataframe[0].value
+    assert {"en", "fr", "zh", "code", "arc"} <= set(table["id"])
+    assert any("No baseline results" in i.value for i in at.info)
+
+
+@pytest.mark.integration
+def test_baseline_job_results_show_with_intervals(shrink_home):
+    store = Store()
+    job_id = jobs.submit(store, "eval", "shrink_core.eval_run:eval_job",
+                         {"spec": "builtin:smollm2-135m", "slices": ["toy_en", "toy_mc"], "budget": "fast"}, spawn=False)
+    assert jobs.run_job(store, job_id, heartbeat=False).status == "done"
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception
+    shown = at.dataframe[1].value
+    assert set(shown["slice"]) == {"toy_en", "toy_mc"}
+    row = shown[shown["slice"] == "toy_en"].iloc[0]
+    assert row["ppl_low"] <= row["ppl"] <= row["ppl_high"] and row["tokens"] > 0
+    assert any("bootstrap" in c.value and "Measured on cpu" in c.value for c in at.caption)

@@ -1,0 +1,120 @@
+"""Slices: the committed registry, user uploads with row-level validation, calibration mixes."""
+import gzip
+import json
+
+import pytest
+
+from shrink_core import slices
+from shrink_core.slices import CalibrationRecipe, SliceError, add_user_slice, calibration_tokens, get_slice, list_slices
+from shrink_core.toy import ByteTokenizer
+
+NATURAL = {"en", "fr", "de", "es", "ru", "zh", "ja", "ar", "hi", "it", "nl", "pt", "pl"}
+
+
+def test_manifest_has_enough_slices_and_languages():
+    infos = list_slices()
+    assert len(infos) >= 14
+    languages = {lang for s in infos for lang in s.languages} & NATURAL
+    assert len(languages) >= 8
+    for info in infos:
+        assert info.source and info.license and info.rows_eval > 0 and info.rows_calib > 0, info.id
+        assert info.path.is_file()
+    assert {"en", "fr", "de", "es", "ru", "zh", "ja", "ar", "code", "math", "long", "formats", "adversarial"} <= {
+        s.id for s in infos}
+    assert sum(s.kind == "task" for s in infos) >= 3
+
+
+def test_manifest_hashes_match_files():
+    import hashlib
+
+    manifest = json.loads((slices.BUILTIN_DIR / "manifest.json").read_text())
+    for entry in manifest["slices"]:
+        path = slices.BUILTIN_DIR / "data" / f"{entry['id']}.jsonl.gz"
+        assert hashlib.sha256(path.read_bytes()).hexdigest() == entry["sha256"], entry["id"]
+
+
+def test_calibration_and_eval_parts_are_disjoint():
+    for slice_id in ("en", "fr", "code", "arc"):
+        info = get_slice(slice_id)
+        calib = {r["id"] for r in slices.load_rows(info, "calib")}
+        evaluation = {r["id"] for r in slices.load_rows(info, "eval")}
+        assert calib and evaluation and not calib & evaluation
+    # parallel languages share groups, and a group is on the same side in every language
+    en = {r["group"]: r["split"] for r in slices.load_rows(get_slice("en"), None)}
+    fr = {r["group"]: r["split"] for r in slices.load_rows(get_slice("fr"), None)}
+    assert en == fr
+
+
+def test_unknown_slice_is_one_sentence():
+    with pytest.raises(SliceError, match="There is no slice 'klingon'"):
+        get_slice("klingon")
+
+
+@pytest.mark.parametrize(
+    "name, data, words",
+    [
+        ("bad.jsonl", b'{"context": "2+2=", "answer": " 4"}\n{"context": "Pick", "choices": "a|b", "answer": 0}\n',
+         "row 2: field 'choices' must be a list"),
+        ("bad.jsonl", b'{"text": "fine"}\n{"txt": "typo"}\n', "row 2: needs a field 'text'"),
+        ("bad.jsonl", b'{"text": "ok"}\n{not json}\n', "row 2: not valid JSON"),
+        ("bad.jsonl", b'{"context": "Q", "choices": ["a", "b"], "answer": 5}\n', "row 1: field 'answer' must be the index"),
+        ("empty.txt", b"   \n", "is empty"),
+        ("latin1.txt", "caf\xe9 cr\xe8me".encode("latin-1"), "not UTF-8"),
+        ("table.xlsx", b"PK\x03\x04", "unsupported type"),
+    ],
+)
+def test_bad_uploads_are_refused_and_nothing_is_written(shrink_home, name, data, words):
+    good = add_user_slice("good.txt", b"First paragraph.\n\nSecond paragraph.")
+    with pytest.raises(SliceError) as info:
+        add_user_slice(name, data)
+    assert words in str(info.value) and "\n" not in str(info.value)
+    assert [s.id for s in list_slices() if s.user] == [good.id]
+    assert len(slices.load_rows(good, None)) == 2
+
+
+def test_oversized_upload(shrink_home, monkeypatch):
+    monkeypatch.setattr(slices, "MAX_UPLOAD_BYTES", 10)
+    with pytest.raises(SliceError, match="over the"):
+        add_user_slice("big.txt", b"x" * 11)
+
+
+def test_user_task_slice_from_csv_and_folder(shrink_home, tmp_path):
+    csv = b'context,choices,answer\n"Sky is","[""blue"", ""green""]",0\n"Grass is","[""red"", ""green""]",1\n'
+    info = add_user_slice("quiz.csv", csv)
+    assert info.id == "user_quiz" and info.kind == "task" and info.metric == "accuracy"
+    rows = slices.load_rows(info, None)
+    assert rows[0]["task"] == "mc" and rows[1]["answer"] == 1
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    (folder / "a.jsonl").write_text('{"text": "alpha"}\n')
+    (folder / "b.txt").write_text("beta\n\ngamma")
+    records = slices.load_dataset_records(str(folder))
+    assert [r["text"] for r in records] == ["alpha", "beta", "gamma"]
+
+
+def test_builtin_names_are_protected(shrink_home):
+    with pytest.raises(SliceError, match="built-in slice"):
+        add_user_slice("en.txt", b"hello", slice_id="en")
+
+
+def test_calibration_mix_is_exact_and_reproducible():
+    recipe = CalibrationRecipe.parse("en=0.5,fr=0.25,zh=0.25", n_sequences=8, seq_len=32, seed=3)
+    assert dict(recipe.mix) == {"en": 0.5, "fr": 0.25, "zh": 0.25}
+    tokenizer = ByteTokenizer()
+    first = calibration_tokens(tokenizer, recipe)
+    assert first.shape == (8, 32)
+    assert (first == calibration_tokens(tokenizer, recipe)).all()
+    other = calibration_tokens(tokenizer, CalibrationRecipe.parse("en=0.5,fr=0.25,zh=0.25", 8, 32, seed=4))
+    assert not (first == other).all()
+    # only calibration rows are used: an eval-only text never appears
+    eval_text = slices.load_rows(get_slice("en"), "eval")[0]["text"][:32].encode()
+    stream = bytes(int(t) for t in first.flatten() if t < 256)
+    assert eval_text not in stream
+    assert recipe.to_dict()["mix"]["en"] == 0.5
+
+
+def test_bad_mix():
+    with pytest.raises(SliceError, match="not a number"):
+        CalibrationRecipe.parse("en=lots")
+    with pytest.raises(SliceError, match="positive"):
+        CalibrationRecipe((("en", 0.0),))
