@@ -35,11 +35,24 @@ def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, p
         else:
             missing.append(slice_id)
     if missing:
+        candidate_id = reference_candidate(store, loaded)
         fresh = evaluate(loaded.model, loaded.tokenizer, [get_slice(s) for s in missing], budget, progress=progress)
         for result in fresh:
-            store.add_result("eval", _provenance(loaded, None, result.slice, budget), result.to_dict(with_items=True))
+            store.add_result("eval", _provenance(loaded, None, result.slice, budget), result.to_dict(with_items=True),
+                             candidate_id=candidate_id)
             out[result.slice] = result
     return out
+
+
+def reference_candidate(store: Store, loaded) -> int:
+    return store.upsert_candidate(name=f"{loaded.spec.raw} (reference)", kind="reference", model_spec=loaded.spec.raw,
+                                  weights_hash=loaded.weights_hash, code_version=__version__)
+
+
+def plan_kind(plan) -> str:
+    quantizes = any(r.weights is not None for r in plan.rules)
+    prunes = any(r.prune is not None for r in plan.rules)
+    return "mixed" if quantizes and prunes else "pruned" if prunes else "quantized"
 
 
 def _provenance(loaded, plan_dict, slice_id, budget) -> Provenance:
@@ -77,12 +90,17 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
         plan_dict = plan_to_dict(plan)
         report["plan"] = plan_dict
         report["packed_bytes"] = getattr(apply_report, "total_bytes", None)
+        candidate_id = store.upsert_candidate(
+            name=plan.name or f"{loaded.spec.raw} + plan", kind=plan_kind(plan), model_spec=loaded.spec.raw,
+            weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=recipe,
+            parent_id=reference_candidate(store, loaded))
+        report["candidate_id"] = candidate_id
         results = evaluate(candidate, loaded.tokenizer, slices, budget, reference=loaded.model,
                            reference_results=reference,
                            progress=lambda f, m="": progress(0.6 + 0.38 * f, f"candidate {m}"))
         for result in results:
             store.add_result("eval", _provenance(loaded, plan_dict, result.slice, budget),
-                             result.to_dict(with_items=True), job_id=job_id)
+                             result.to_dict(with_items=True), job_id=job_id, candidate_id=candidate_id)
             entry = _public(result)
             entry["reference_ppl"] = reference[result.slice].ppl
             if reference[result.slice].accuracy is not None:

@@ -85,6 +85,30 @@ MIGRATIONS = [
     );
     CREATE INDEX results_lookup ON results (kind, model_spec, weights_hash, slice, budget);
     """,
+    # v2: candidates (every evaluated model variant, with lineage) and results attached to them.
+    """
+    CREATE TABLE candidates (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('reference', 'quantized', 'pruned', 'mixed', 'distilled', 'planner',
+                                           'imported')),
+        parent_id INTEGER REFERENCES candidates (id),
+        model_spec TEXT NOT NULL,
+        weights_hash TEXT NOT NULL,
+        plan_json TEXT,
+        calibration_json TEXT,
+        artifact_dir TEXT,
+        code_version TEXT NOT NULL,
+        tags TEXT NOT NULL DEFAULT '',
+        notes TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL,
+        deleted REAL
+    );
+    CREATE UNIQUE INDEX candidates_identity ON candidates (model_spec, weights_hash, COALESCE(plan_json, ''))
+        WHERE deleted IS NULL;
+    ALTER TABLE results ADD COLUMN candidate_id INTEGER REFERENCES candidates (id);
+    CREATE INDEX results_candidate ON results (candidate_id, kind, slice);
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -234,13 +258,56 @@ class Store:
             for r in self.conn.execute("SELECT step, key, value, t FROM metrics WHERE run_id = ? ORDER BY step", (run_id,))
         ]
 
+    # ------------------------------------------------------------ candidates
+
+    def upsert_candidate(self, *, name: str, kind: str, model_spec: str, weights_hash: str, code_version: str,
+                         plan: dict | None = None, calibration: dict | None = None, parent_id: int | None = None,
+                         artifact_dir: str | None = None) -> int:
+        """The candidate with this identity (model + plan), created if new; lineage is set on creation."""
+        plan_json = json.dumps(plan, sort_keys=True) if plan is not None else None
+        row = self.conn.execute(
+            "SELECT id FROM candidates WHERE model_spec = ? AND weights_hash = ? AND COALESCE(plan_json, '') = ?"
+            " AND deleted IS NULL",
+            (model_spec, weights_hash, plan_json or ""),
+        ).fetchone()
+        if row:
+            return row["id"]
+        cursor = self.conn.execute(
+            """INSERT INTO candidates (name, kind, parent_id, model_spec, weights_hash, plan_json, calibration_json,
+                                       artifact_dir, code_version, created)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (name, kind, parent_id, model_spec, weights_hash, plan_json,
+             json.dumps(calibration, sort_keys=True) if calibration is not None else None, artifact_dir, code_version,
+             time.time()),
+        )
+        return cursor.lastrowid
+
+    def candidates(self, include_deleted: bool = False) -> list[dict]:
+        sql = "SELECT * FROM candidates" + ("" if include_deleted else " WHERE deleted IS NULL") + " ORDER BY id"
+        out = []
+        for row in self.conn.execute(sql):
+            item = dict(row)
+            item["plan"] = json.loads(item.pop("plan_json")) if row["plan_json"] else None
+            item["calibration"] = json.loads(item.pop("calibration_json")) if row["calibration_json"] else None
+            out.append(item)
+        return out
+
+    def update_candidate(self, candidate_id: int, **fields) -> None:
+        allowed = {"name", "tags", "notes", "deleted"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"cannot update candidate fields {sorted(unknown)}")
+        for key, value in fields.items():
+            self.conn.execute(f"UPDATE candidates SET {key} = ? WHERE id = ?", (value, candidate_id))
+
     # ------------------------------------------------------------ results
 
-    def add_result(self, kind: str, provenance: Provenance, payload: dict, job_id: int | None = None) -> int:
+    def add_result(self, kind: str, provenance: Provenance, payload: dict, job_id: int | None = None,
+                   candidate_id: int | None = None) -> int:
         cursor = self.conn.execute(
             """INSERT INTO results (job_id, kind, model_spec, weights_hash, plan_json, slice, budget, code_version,
-                                    device, payload_json, created)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+                                    device, payload_json, created, candidate_id)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
             (
                 job_id,
                 kind,
@@ -253,13 +320,14 @@ class Store:
                 provenance.device,
                 json.dumps(payload),
                 time.time(),
+                candidate_id,
             ),
         )
         return cursor.lastrowid
 
     def results(self, kind: str | None = None, **where) -> list[dict]:
         """Results, newest first, filtered by kind and any of model_spec, weights_hash, slice, budget, job_id."""
-        allowed = {"model_spec", "weights_hash", "slice", "budget", "job_id", "plan_json"}
+        allowed = {"model_spec", "weights_hash", "slice", "budget", "job_id", "plan_json", "candidate_id"}
         unknown = set(where) - allowed
         if unknown:
             raise ValueError(f"cannot filter results by {sorted(unknown)}")

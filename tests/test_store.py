@@ -58,3 +58,37 @@ def test_two_connections_write_concurrently(shrink_home):
         a.add_result("k", prov, {"i": i})
         b.add_result("k", prov, {"i": -i})
     assert len(a.results("k")) == 40
+
+
+def test_v1_database_is_migrated_in_place(shrink_home):
+    from shrink_core.store import MIGRATIONS
+
+    shrink_home.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(shrink_home / "shrink.db")
+    conn.executescript(MIGRATIONS[0])
+    conn.execute("PRAGMA user_version = 1")
+    conn.execute("INSERT INTO results (kind, model_spec, weights_hash, code_version, device, payload_json, created)"
+                 " VALUES ('eval', 'm', 'h', 'v', 'cpu', '{\"ppl\": 2.0}', 0)")
+    conn.commit()
+    conn.close()
+    store = Store()
+    assert store.schema_version == SCHEMA_VERSION >= 2
+    (row,) = store.results("eval")
+    assert row["payload"] == {"ppl": 2.0} and row["candidate_id"] is None
+
+
+def test_candidates_have_identity_and_lineage(shrink_home):
+    store = Store()
+    ref = store.upsert_candidate(name="ref", kind="reference", model_spec="m", weights_hash="h", code_version="v")
+    assert store.upsert_candidate(name="again", kind="reference", model_spec="m", weights_hash="h", code_version="v") == ref
+    child = store.upsert_candidate(name="w4", kind="quantized", model_spec="m", weights_hash="h", code_version="v",
+                                   plan={"rules": [{"bits": 4}]}, calibration={"mix": {"en": 1.0}}, parent_id=ref)
+    assert child != ref
+    store.update_candidate(child, name="w4 renamed", tags="keep")
+    rows = {c["id"]: c for c in store.candidates()}
+    assert rows[child]["parent_id"] == ref and rows[child]["plan"] == {"rules": [{"bits": 4}]}
+    assert rows[child]["name"] == "w4 renamed" and rows[child]["calibration"] == {"mix": {"en": 1.0}}
+    store.update_candidate(child, deleted=1.0)
+    assert [c["id"] for c in store.candidates()] == [ref]
+    with pytest.raises(ValueError):
+        store.update_candidate(ref, model_spec="x")
