@@ -89,12 +89,16 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
         apply_report = apply_plan_(candidate, plan, calibration, recipe=recipe)
         plan_dict = plan_to_dict(plan)
         report["plan"] = plan_dict
-        report["packed_bytes"] = getattr(apply_report, "total_bytes", None)
+        report["size"] = dict(apply_report.totals)
         candidate_id = store.upsert_candidate(
             name=plan.name or f"{loaded.spec.raw} + plan", kind=plan_kind(plan), model_spec=loaded.spec.raw,
             weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=recipe,
             parent_id=reference_candidate(store, loaded))
         report["candidate_id"] = candidate_id
+        # Packed size is computed from the plan's storage format (exact bytes), not measured memory.
+        store.add_result("size", _provenance(loaded, plan_dict, None, None),
+                         {"source": "computed from the packed format", **apply_report.totals}, job_id=job_id,
+                         candidate_id=candidate_id)
         results = evaluate(candidate, loaded.tokenizer, slices, budget, reference=loaded.model,
                            reference_results=reference,
                            progress=lambda f, m="": progress(0.6 + 0.38 * f, f"candidate {m}"))
