@@ -20,3 +20,12 @@ def job_id(slot: str) -> int | None:
 
 def set_job_id(slot: str, job_id: int | None) -> None:
     st.session_state[f"job:{slot}"] = job_id
+
+
+def plan_draft() -> str | None:
+    """The plan being edited, as YAML text (what the plan file will say); pages hand plans to each other here."""
+    return st.session_state.get("plan_draft")
+
+
+def set_plan_draft(yaml_text: str | None) -> None:
+    st.session_state["plan_draft"] = yaml_text
