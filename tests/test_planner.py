@@ -1,0 +1,85 @@
+"""The planner: exact answers on problems small enough to brute force, budgets, pins, and the plan it writes."""
+import itertools
+
+import numpy as np
+import pytest
+
+from shrink_core.inventory import block_linears, inventory
+from shrink_core.plan import dump_plan, load_plan, resolve
+from shrink_core.planner import PlannerError, PlannerProblem, build_problem, greedy, solution_plan, solve
+
+
+def random_problem(seed=0, modules=6, settings=3, slices=3):
+    rng = np.random.default_rng(seed)
+    bytes_ = np.sort(rng.integers(10, 100, size=(modules, settings)), axis=1)[:, ::-1].astype(float)
+    loss = np.sort(rng.random((slices, modules, settings)), axis=2)
+    loss[:, :, 0] = 0  # the biggest setting costs nothing
+    return PlannerProblem(tuple(f"m{i}" for i in range(modules)), tuple(f"s{j}" for j in range(settings)),
+                          tuple(f"slice{k}" for k in range(slices)), loss, bytes_, np.full(modules, 100.0),
+                          np.ones((modules, settings), dtype=bool))
+
+
+def brute_force(problem, budget):
+    best, best_value = None, np.inf
+    m, o = problem.bytes.shape
+    for picks in itertools.product(range(o), repeat=m):
+        idx = np.array(picks)
+        if problem.bytes[np.arange(m), idx].sum() <= budget:
+            value = problem.loss[:, np.arange(m), idx].sum(axis=1).max()
+            if value < best_value:
+                best, best_value = idx, value
+    return best, best_value
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_worst_slice_is_optimal(seed):
+    problem = random_problem(seed)
+    budget = problem.bytes.min(axis=1).sum() + 0.4 * (problem.bytes.max(axis=1) - problem.bytes.min(axis=1)).sum()
+    solution = solve(problem, budget_bytes=budget)
+    _, best_value = brute_force(problem, budget)
+    assert solution.total_bytes <= budget
+    assert max(solution.predicted.values()) == pytest.approx(best_value, abs=1e-6)
+    assert solution.status == "optimal" and solution.gap <= 1e-6
+    # never worse than the greedy heuristic at the same budget
+    pick = greedy(problem, budget)
+    idx = np.array([problem.settings.index(pick[m]) for m in problem.modules])
+    assert max(solution.predicted.values()) <= problem.loss[:, np.arange(len(idx)), idx].sum(axis=1).max() + 1e-9
+
+
+def test_single_slice_and_pins():
+    problem = random_problem(3)
+    allowed = problem.allowed.copy()
+    allowed[0] = [True, False, False]  # pin m0 to the largest setting
+    pinned = PlannerProblem(problem.modules, problem.settings, problem.slices, problem.loss, problem.bytes,
+                            problem.params, allowed)
+    budget = problem.bytes.min(axis=1).sum() + (problem.bytes[0, 0] - problem.bytes[0].min()) + 30
+    solution = solve(pinned, budget_bytes=budget, objective="slice1")
+    assert solution.choice["m0"] == "s0"
+    assert solution.total_bytes <= budget
+
+
+def test_impossible_budget_is_one_sentence():
+    problem = random_problem(4)
+    with pytest.raises(PlannerError, match="No plan fits the budget"):
+        solve(problem, budget_bytes=1.0)
+    with pytest.raises(PlannerError, match="Unknown objective"):
+        solve(problem, budget_bytes=1e9, objective="klingon")
+
+
+def test_plan_from_solution_resolves_exactly(tiny_model):
+    rows = inventory(tiny_model)
+    linears = block_linears(rows)
+    rng = np.random.default_rng(0)
+    scores = {(r.name, s, sl): float(rng.random()) * (1 if s == "w8" else 5)
+              for r in linears for s in ("w8", "w4g64") for sl in ("en", "fr")}
+    problem = build_problem(rows, scores, ["en", "fr"], ["w8", "w4g64"], pinned={linears[0].name: "keep"})
+    budget = problem.bytes[:, 1:].min(axis=1).sum() * 1.3
+    solution = solve(problem, budget_bytes=budget)
+    plan = load_plan(dump_plan(solution_plan(solution.choice)))  # through YAML, as a user would save it
+    resolved = {r.name: r for r in resolve(tiny_model, plan)}
+    assert resolved[linears[0].name].keep
+    for module, setting in solution.choice.items():
+        got = resolved[module]
+        assert (got.keep and setting == "keep") or (got.bits == {"w8": 8, "w4g64": 4}[setting])
+    planned_bytes = sum(resolved[m].packed_bytes for m in solution.choice)
+    assert planned_bytes == solution.total_bytes  # the planner's accounting is the engine's
