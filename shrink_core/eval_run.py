@@ -135,4 +135,4 @@ def _public(result: SliceResult) -> dict:
 def eval_job(ctx, spec: str, slices: list[str], budget: str = "fast", plan: str | None = None) -> dict:
     """Job: the Eval sets page's "Run baseline" (and, with a plan, a candidate evaluation)."""
     report = run_eval(spec, slices, budget, plan, store=ctx.store, progress=ctx.progress, job_id=ctx.job_id)
-    return {"slices": list(report["slices"]), "seconds": report["seconds"]}
+    return {"slices": list(report["slices"]), "seconds": report["seconds"], "candidate_id": report.get("candidate_id")}

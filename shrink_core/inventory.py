@@ -111,3 +111,15 @@ def summary(model, rows: list[ModuleInfo]) -> dict:
         "block_linears": len(block_linears(rows)),
         "modules": len(rows),
     }
+
+
+def modules_from_rows(rows: list[dict]) -> list[ModuleInfo]:
+    """ModuleInfo back from stored `row()` dicts (the store keeps the inventory; pages need no model to plan)."""
+    out = []
+    for row in rows:
+        shape = tuple(int(x) for x in str(row["shape"]).split("x") if x)
+        block = row.get("block")
+        out.append(ModuleInfo(name=row["name"], block=None if block is None or block != block else int(block),
+                              kind=row["kind"], shape=shape, params=int(row["params"]), bytes=int(row["bytes"]),
+                              dtype=row["dtype"], tied_to=row.get("tied_to")))
+    return out

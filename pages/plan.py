@@ -1,0 +1,218 @@
+"""Plan page: edit a compression plan per module or in bulk, see its size and predicted impact at once,
+let the planner fill a budget, and run the plan to compare predicted with measured."""
+import pandas as pd
+import streamlit as st
+
+from shrink_core import jobs
+from shrink_core.errors import ShrinkError
+from shrink_core.inventory import LINEAR_KINDS, modules_from_rows
+from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
+from shrink_core.planner import SETTINGS, build_problem, solution_plan, solve
+from shrink_core.predict import predict, score_table, stored_records
+from shrink_core.presets import PRESETS
+from ui import plan_edit, state
+from ui.data import store
+from ui.jobs import job_outcome, job_panel
+
+st.title("Plan")
+db = store()
+spec = state.model_spec()
+described = db.latest_model(spec)
+if described is None:
+    st.info(f"Load `{spec}` on the Model page first: the plan is checked against its modules.")
+    st.stop()
+rows = modules_from_rows(described["modules"])
+blocks = described["summary"]["blocks"] or 1
+
+if state.plan_draft() is None:
+    state.set_plan_draft(dump_plan(load_plan("preset:w4g128")))
+
+# ------------------------------------------------------------------ source: presets, files, undo
+top = st.columns([2, 2, 1, 1])
+preset = top[0].selectbox("Start from a preset", ["(keep current)"] + list(PRESETS), key="plan_preset")
+if top[0].button("Use preset", key="use_preset", disabled=preset == "(keep current)"):
+    plan_edit.push(dump_plan(load_plan(f"preset:{preset}")))
+uploaded = top[1].file_uploader("Load a plan file", type=["yaml", "yml", "json"], key="plan_upload")
+if uploaded is not None and top[1].button("Load file", key="load_plan_file"):
+    refusal = plan_edit.try_apply(lambda: dump_plan(load_plan(uploaded.getvalue().decode("utf-8", "replace"))))
+    if refusal:
+        st.error(refusal)
+if top[2].button("Undo", key="plan_undo", disabled=not st.session_state.get("plan_history")):
+    plan_edit.undo()
+top[3].download_button("Save plan.yaml", state.plan_draft(), file_name="plan.yaml", key="save_plan")
+
+plan = load_plan(state.plan_draft())
+try:
+    resolved = resolve(rows, plan)
+except PlanError as exc:  # e.g. a rule that matches nothing on this model
+    st.error(str(exc))
+    if st.button("Reset to preset w4g128", key="reset_plan"):
+        plan_edit.push(dump_plan(load_plan("preset:w4g128")))
+        st.rerun()
+    st.stop()
+table = pd.DataFrame([r.row() for r in resolved])
+table["setting"] = [plan_edit.setting_of(r) for r in table.to_dict("records")]
+
+# ------------------------------------------------------------------ instant prediction
+records = stored_records(db, spec, described["weights_hash"])
+metric = st.radio("Predicted quality metric", ["dnll", "kl"], horizontal=True, key="predict_metric",
+                  format_func=lambda m: {"dnll": "ΔNLL (nats/token)", "kl": "KL"}[m])
+scores = score_table(records, metric)
+scored_slices = sorted({s for _, _, s in scores})
+linears = table[table["kind"].isin(LINEAR_KINDS + ("embedding",))]
+packed = int(table["packed_bytes"].sum())
+params = sum(r.params for r in rows)
+cols = st.columns(4)
+cols[0].metric("Packed size", f"{packed / 1e6:,.1f} MB", f"{(packed / described['summary']['bytes_fp32'] - 1):+.0%} vs fp32",
+               delta_color="inverse")
+cols[1].metric("Bits per weight", f"{packed * 8 / max(params, 1):.2f}")
+cols[2].metric("Modules changed", int((~table["keep"]).sum()))
+settings_by_module = {r["module"]: r["setting"] for r in table.to_dict("records")}
+if scores:
+    predictions = predict(settings_by_module, scores, scored_slices, metric)
+    worst = max(predictions, key=lambda p: p.value)
+    cols[3].metric(f"Predicted worst slice ({worst.slice})", f"+{worst.value:.4f}")
+    st.dataframe(pd.DataFrame([p.__dict__ for p in predictions]), key="prediction_table", hide_index=True)
+    st.caption("Predicted: the sum of one-module-at-a-time sensitivity scores from the stored scan (additive; "
+               "interactions between modules are not modelled). Modules whose setting has no score are counted as "
+               "'unscored', not as zero loss. Sizes are computed from the packed format (exact bytes), not measured.")
+else:
+    cols[3].metric("Predicted quality", "no scan yet")
+    st.caption("Run a sensitivity scan (Sensitivity page) to see predicted quality per slice on every edit. "
+               "Sizes are computed from the packed format (exact bytes), not measured.")
+
+# ------------------------------------------------------------------ bulk edits
+with st.expander("Bulk edit: by kind and block range"):
+    form = st.columns([2, 2, 1, 1, 1])
+    kinds = form[0].multiselect("Kinds", list(LINEAR_KINDS[:-1]) + ["embedding", "lm_head"], key="bulk_kinds")
+    block_range = form[1].slider("Blocks", 0, blocks - 1, (0, blocks - 1), key="bulk_blocks")
+    setting = form[2].selectbox("Setting", plan_edit.SETTING_CHOICES, index=0, key="bulk_setting")
+    method = form[3].selectbox("Method", ["rtn", "gptq"], key="bulk_method")
+    if form[4].button("Apply", key="bulk_apply", disabled=not kinds):
+        rule = {"kind": kinds, **plan_edit.weights_rule(setting, method)}
+        if block_range != (0, blocks - 1) and not set(kinds) & {"embedding", "lm_head"}:
+            rule["blocks"] = list(range(block_range[0], block_range[1] + 1))
+        refusal = plan_edit.try_apply(lambda: plan_edit.with_rules_first(state.plan_draft(), [rule]))
+        if refusal:
+            st.error(refusal)
+        else:
+            st.rerun()
+
+# ------------------------------------------------------------------ per-module table and rules
+left, right = st.columns([3, 2])
+with left:
+    st.markdown("**Per module** (edit setting, method or pruning; first match wins, so edits become rules on top)")
+    view = table[["module", "block", "kind", "shape", "rule", "setting", "method", "prune", "packed_bytes"]].copy()
+    view["prune"] = view["prune"].fillna("none")
+    view["method"] = view["method"].fillna("rtn")
+    edited = st.data_editor(
+        view, key="plan_table", hide_index=True, disabled=["module", "block", "kind", "shape", "rule", "packed_bytes"],
+        column_config={
+            "setting": st.column_config.SelectboxColumn("setting", options=plan_edit.SETTING_CHOICES + sorted(
+                {s for s in view["setting"] if s.startswith("custom")})),
+            "method": st.column_config.SelectboxColumn("method", options=["rtn", "gptq"]),
+            "prune": st.column_config.SelectboxColumn("prune", options=sorted(set(plan_edit.PRUNE_CHOICES) | set(view["prune"]))),
+            "packed_bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
+        },
+    )
+    changes = plan_edit.table_edits(view, edited, method="rtn")
+    if changes:
+        refusal = plan_edit.try_apply(lambda: plan_edit.with_rules_first(
+            state.plan_draft(), changes, replace_names={c["name"] for c in changes}))
+        if refusal:
+            st.error(refusal)
+        else:
+            st.session_state.pop("plan_table", None)  # the table re-renders from the new plan
+            st.rerun()
+with right:
+    st.markdown("**Rules** (what the plan file will say)")
+    text = st.text_area("plan.yaml", state.plan_draft(), height=420, key=f"rules_text_{hash(state.plan_draft())}",
+                        label_visibility="collapsed")
+    if text != state.plan_draft():
+        refusal = plan_edit.try_apply(lambda: dump_plan(load_plan(text)))
+        if refusal:
+            st.error(refusal)
+        else:
+            st.rerun()
+
+# ------------------------------------------------------------------ planner
+st.markdown("#### Planner")
+if not scores:
+    st.info("The planner needs sensitivity scores for this model: run a scan on the Sensitivity page.")
+else:
+    scored_settings = sorted({s for _, s, _ in scores} & set(SETTINGS))
+    form = st.columns([1, 1, 2, 2, 1])
+    budget_kind = form[0].radio("Budget", ["MB", "bits/weight"], key="planner_budget_kind")
+    default_mb = float(sum(r.packed_bytes for r in resolve(rows, load_plan("preset:w4g128")))) / 1e6
+    budget = form[1].number_input("Value", value=round(default_mb, 1) if budget_kind == "MB" else 4.5,
+                                  min_value=0.1, key=f"planner_budget_{budget_kind}")
+    objective = form[2].selectbox("Objective", ["worst"] + scored_slices, key="planner_objective",
+                                  format_func=lambda o: "worst slice" if o == "worst" else f"slice {o}")
+    chosen_settings = form[3].multiselect("Settings", scored_settings, default=scored_settings, key="planner_settings")
+    method = form[4].selectbox("Method", ["rtn", "gptq"], key="planner_method")
+    pinned = {r["module"]: "keep" for r in table.to_dict("records") if r["keep"] and r["kind"] in LINEAR_KINDS}
+    st.caption(f"Modules kept by the current plan stay kept ({len(pinned)} pinned). "
+               "Solver: exact mixed-integer program (HiGHS); its optimality gap is reported.")
+    if st.button("Run planner", type="primary", key="run_planner", disabled=not chosen_settings):
+        try:
+            problem = build_problem(rows, {k: v for k, v in scores.items() if k[1] in chosen_settings}, scored_slices,
+                                    chosen_settings, pinned=pinned)
+            fixed_bytes = packed - int(table[table["module"].isin(problem.modules)]["packed_bytes"].sum())
+            solution = solve(problem, objective=objective,
+                             budget_bytes=budget * 1e6 - fixed_bytes if budget_kind == "MB" else None,
+                             average_bits=budget if budget_kind != "MB" else None)
+        except ShrinkError as exc:
+            st.error(str(exc))
+        else:
+            planned = plan_to_dict(solution_plan(solution.choice, method=method))["rules"]
+            plan_edit.push(plan_edit.with_rules_first(state.plan_draft(), planned))
+            st.session_state["planner_result"] = {
+                "status": solution.status, "gap": solution.gap, "seconds": solution.seconds,
+                "predicted": solution.predicted, "bytes": solution.total_bytes + fixed_bytes}
+            st.rerun()
+    result = st.session_state.get("planner_result")
+    if result:
+        st.success(f"Planner: {result['status']} (gap {result['gap']:.1e}) in {result['seconds']:.2f} s; "
+                   f"{result['bytes'] / 1e6:,.1f} MB; predicted worst {max(result['predicted'].values()):.4f}.")
+
+# ------------------------------------------------------------------ run the plan
+st.markdown("#### Run this plan")
+run_cols = st.columns([3, 1, 1])
+slices_to_run = run_cols[0].multiselect("Slices", ["en", "fr", "zh", "code", "de", "es", "ru", "ja", "ar", "arc", "lambada"],
+                                        default=["en", "fr", "zh", "code"], key="run_slices")
+run_budget = run_cols[1].radio("Budget", ["fast", "standard"], key="run_budget")
+if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=not slices_to_run):
+    state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.eval_run:eval_job",
+                                             {"spec": spec, "slices": slices_to_run, "budget": run_budget,
+                                              "plan": state.plan_draft()}))
+job_id = state.job_id("plan_run")
+if job_id is not None:
+    job = jobs.get(db, job_id)
+    if job and job.active:
+        job_panel(job_id, "Applying and evaluating the plan")
+    job_outcome(job_id)
+    if job and job.status == "done" and job.result.get("candidate_id"):
+        candidate = job.result["candidate_id"]
+        measured = {r["slice"]: r for r in db.results("eval", candidate_id=candidate)}
+        reference = {}
+        for slice_id in measured:
+            refs = [r for r in db.results("eval", model_spec=spec, slice=slice_id, budget=measured[slice_id]["budget"])
+                    if r["plan"] is None]
+            if refs:
+                reference[slice_id] = refs[0]["payload"]
+        compare_rows = []
+        predicted = {p.slice: p.value for p in predict(settings_by_module, score_table(records, "dnll"),
+                                                       list(measured), "dnll")} if records else {}
+        for slice_id, r in measured.items():
+            p = r["payload"]
+            ref = reference.get(slice_id)
+            compare_rows.append({
+                "slice": slice_id, "ppl": p["ppl"], "ppl_ci": f"[{p['ppl_ci'][0]:.3f}, {p['ppl_ci'][1]:.3f}]",
+                "reference ppl": ref["ppl"] if ref else None,
+                "measured ΔNLL": p["nll"] - ref["nll"] if ref else None,
+                "predicted ΔNLL": predicted.get(slice_id) if predicted.get(slice_id) else None,
+                "KL": p.get("kl"), "top-1 agree": p.get("top1_agree"),
+            })
+        st.dataframe(pd.DataFrame(compare_rows), key="predicted_vs_measured", hide_index=True)
+        st.caption(f"Measured on {next(iter(measured.values()))['device']} ({measured and next(iter(measured.values()))['budget']} "
+                   "budget); stored as a candidate with its plan and lineage (see Results).")

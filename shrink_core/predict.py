@@ -1,0 +1,58 @@
+"""Predicted impact of a plan from per-module sensitivity scores (additive), shown on every edit.
+
+Additivity ignores interactions between modules; the Plan page shows predicted next to measured once a plan runs.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .store import Store
+
+
+@dataclass(frozen=True)
+class Prediction:
+    slice: str
+    metric: str
+    value: float  # summed predicted increase over the scored modules
+    scored: int  # modules whose setting had a score
+    unscored: int  # modules changed by the plan with no score for their setting (not counted in value)
+
+
+def score_table(records: list[dict], metric: str) -> dict[tuple[str, str, str], float]:
+    """(module, setting, slice) -> value, from sensitivity records {module, setting, slice, metric, value}."""
+    return {(r["module"], r["setting"], r["slice"]): float(r["value"]) for r in records if r.get("metric") == metric}
+
+
+def stored_records(store: Store, model_spec: str, weights_hash: str | None = None) -> list[dict]:
+    """Every sensitivity record stored for this model (newest wins for the same module, setting, slice, metric)."""
+    seen, out = set(), []
+    where = {"model_spec": model_spec}
+    if weights_hash:
+        where["weights_hash"] = weights_hash
+    for result in store.results("sensitivity", **where):
+        payload = result["payload"]
+        for record in payload.get("records", [payload] if "module" in payload else []):
+            key = (record.get("module"), record.get("setting"), record.get("slice"), record.get("metric"))
+            if key not in seen:
+                seen.add(key)
+                out.append(record)
+    return out
+
+
+def predict(settings_by_module: dict[str, str], scores: dict[tuple[str, str, str], float], slices: list[str],
+            metric: str) -> list[Prediction]:
+    """settings_by_module: module -> setting name ("keep" modules cost nothing)."""
+    out = []
+    for slice_id in slices:
+        total, scored, unscored = 0.0, 0, 0
+        for module, setting in settings_by_module.items():
+            if setting == "keep":
+                continue
+            key = (module, setting, slice_id)
+            if key in scores:
+                total += max(scores[key], 0.0)
+                scored += 1
+            else:
+                unscored += 1
+        out.append(Prediction(slice_id, metric, total, scored, unscored))
+    return out

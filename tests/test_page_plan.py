@@ -1,0 +1,77 @@
+"""The Plan page with AppTest, on the tiny model's inventory in a real store (no model load needed)."""
+import pytest
+from streamlit.testing.v1 import AppTest
+
+from shrink_core.inventory import inventory
+from shrink_core.paths import REPO_ROOT
+from shrink_core.store import Provenance, Store
+from shrink_core.toy import tiny_llama
+
+PAGE = str(REPO_ROOT / "pages" / "plan.py")
+SPEC = "builtin:smollm2-135m"  # the page's default spec; the stored inventory is the tiny model's
+
+
+@pytest.fixture
+def stored_tiny(shrink_home):
+    from shrink_core.inventory import summary
+
+    model = tiny_llama(hidden=128)  # group 128 must divide the input features, as on real models
+    rows = inventory(model)
+    Store().save_model({"spec": SPEC, "weights_hash": "tiny", "summary": summary(model, rows),
+                        "modules": [r.row() for r in rows], "load_seconds": 0.1, "from_cache": False})
+    return rows
+
+
+def page():
+    return AppTest.from_file(PAGE, default_timeout=60)
+
+
+def metric(at, label):
+    return next(m.value for m in at.metric if m.label.startswith(label))
+
+
+def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
+    at = page().run()
+    assert not at.exception
+    w4_size = metric(at, "Packed size")
+    at.selectbox(key="plan_preset").set_value("w8").run()
+    at.button(key="use_preset").click().run()
+    assert "bits: 8" in at.session_state["plan_draft"]
+    assert metric(at, "Packed size") != w4_size
+    assert float(metric(at, "Bits per weight")) > 0
+    # bulk: keep blocks 0-1 of q and k
+    at.multiselect(key="bulk_kinds").set_value(["q", "k"]).run()
+    at.slider(key="bulk_blocks").set_value((0, 1))
+    at.selectbox(key="bulk_setting").set_value("keep")
+    at.button(key="bulk_apply").click().run()
+    assert not at.exception
+    draft = at.session_state["plan_draft"]
+    assert draft.index("keep: true") < draft.index("bits: 8") and "- 0" in draft
+    at.button(key="plan_undo").click().run()
+    assert "keep: true" not in at.session_state["plan_draft"]
+    # an invalid YAML edit is refused inline, and the draft is unchanged
+    before = at.session_state["plan_draft"]
+    at.text_area[0].set_value("version: 1\nrules:\n- kind: [q]\n  weights: {bits: 7}\n").run()
+    assert any("bits 7 is not supported" in e.value for e in at.error)
+    assert at.session_state["plan_draft"] == before
+
+
+def test_planner_with_stored_scores(stored_tiny):
+    store = Store()
+    linears = [r for r in stored_tiny if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up", "down")]
+    records = [{"module": r.name, "setting": s, "slice": sl, "metric": "dnll",
+                "value": (0.5 if r.block == 0 else 0.01) * (4 if s == "w3g64" else 1)}
+               for r in linears for s in ("w4g64", "w3g64") for sl in ("en", "zh")]
+    store.add_result("sensitivity", Provenance(SPEC, "tiny", "test", "cpu", slice=None, budget="fast"),
+                     {"records": records})
+    at = page().run()
+    assert not at.exception
+    assert any(m.label.startswith("Predicted worst slice") for m in at.metric)
+    at.radio(key="planner_budget_kind").set_value("bits/weight").run()
+    at.number_input(key="planner_budget_bits/weight").set_value(20.0)
+    at.button(key="run_planner").click().run()
+    assert not at.exception, at.exception
+    result = at.session_state["planner_result"]
+    assert result["status"] == "optimal"
+    draft = at.session_state["plan_draft"]
+    assert "planner: " in draft
