@@ -1,0 +1,159 @@
+"""What one forward pass of a candidate has to move and compute: its modules with their storage format.
+
+Built from a real model (shapes after structural pruning) plus the per-module bits of a plan, or from the plan engine's
+resolved table when it is at hand. Pure description: nothing here times or runs the model.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..inventory import LINEAR_KINDS, inventory
+
+FLOAT_BITS = (16, 32)
+SPARSE_MIN_SHARE = 0.1  # fewer exact zeros than this is not sparsity (a dequantized Q8_0 embedding has ~1-3%)
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How one module's weight is stored: float (16/32 bits) or integer codes with per-group scales."""
+
+    bits: int
+    group_size: int | None = 64  # None = one group per output channel
+    symmetric: bool = False
+
+    def __post_init__(self):
+        if self.bits not in (2, 3, 4, 5, 6, 8, 16, 32):
+            raise ValueError(f"bits {self.bits} is not a supported weight width (2-8, 16 or 32).")
+
+
+@dataclass(frozen=True)
+class ModuleWeights:
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    params: int  # stored parameters (0 for a tied weight: counted at its owner)
+    bits: int  # 32/16 = float, else integer codes
+    group_size: int | None
+    symmetric: bool
+    packed_bytes: int  # bytes as stored in the packed format (0 for a tied weight)
+    streamed: bool  # read in full by every forward step (linears, lm_head); embedding lookups read a few rows
+    zero_share: float = 0.0  # share of exact zeros in the weight
+    sparse_pattern: str | None = None  # "2:4" when every 4 consecutive inputs hold >= 2 zeros, "unstructured" else
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def read_bytes(self) -> int:
+        """Bytes one forward step reads from this module's stored format (a tied weight is read again)."""
+        return packed_bytes(self.shape, self.bits, self.group_size, self.symmetric) if self.streamed else 0
+
+
+@dataclass(frozen=True)
+class Workload:
+    """A candidate's shape and storage, the input of memory, roofline and cost math."""
+
+    name: str
+    layers: int
+    hidden: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    modules: tuple[ModuleWeights, ...]
+    weight_source: str  # "engine packed bytes" | "computed from bits per module"
+    ops_per_layer: int = 30  # operator launches per block in an eager runtime (matmuls, norms, rotary, softmax, ...)
+
+    @property
+    def weight_bytes(self) -> int:
+        return sum(m.packed_bytes for m in self.modules)
+
+    @property
+    def params(self) -> int:
+        return sum(m.params for m in self.modules)
+
+    @property
+    def streamed_params(self) -> int:
+        return sum(m.numel for m in self.modules if m.streamed)
+
+    def kv_bytes_per_token(self, kv_bits: int = 32) -> float:
+        """Bytes of K and V that one token adds to the cache, all layers."""
+        return 2 * self.layers * self.kv_heads * self.head_dim * kv_bits / 8
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "layers": self.layers, "hidden": self.hidden, "heads": self.heads,
+                "kv_heads": self.kv_heads, "head_dim": self.head_dim, "vocab": self.vocab, "params": self.params,
+                "weight_bytes": self.weight_bytes, "weight_source": self.weight_source,
+                "streamed_params": self.streamed_params}
+
+
+def packed_bytes(shape: tuple[int, ...], bits: int, group_size: int | None, symmetric: bool) -> int:
+    """Codes + float16 scales + uint8 zeros (asymmetric), the layout of `quant.primitives.packed_weight_bytes`."""
+    numel = math.prod(shape)
+    if bits in FLOAT_BITS:
+        return numel * bits // 8
+    rows, columns = shape[0], math.prod(shape[1:])
+    groups = rows * (1 if group_size is None else math.ceil(columns / group_size))
+    return rows * math.ceil(columns * bits / 8) + groups * 2 + (0 if symmetric else groups)
+
+
+def zero_pattern(weight) -> tuple[float, str | None]:
+    """(share of exact zeros, "2:4" | "unstructured" | None) of a 2-D weight."""
+    zeros = weight == 0
+    share = float(zeros.float().mean())
+    if share < SPARSE_MIN_SHARE:
+        return share, None
+    if weight.shape[-1] % 4 == 0 and bool((zeros.reshape(-1, 4).sum(-1) >= 2).all()):
+        return share, "2:4"
+    return share, "unstructured"
+
+
+def _text_config(model):
+    config = model.config
+    return getattr(config, "text_config", None) or config
+
+
+def describe_model(model, bits: dict | None = None, name: str = "", packed: dict | None = None,
+                   sparse: dict | None = None) -> Workload:
+    """The workload of `model` as it is now (pruned shapes included).
+
+    bits: module name -> QuantSpec for modules stored as integer codes (others stay in the model's float dtype).
+    packed: module name -> packed bytes reported by the plan engine; when given it overrides the computed bytes.
+    sparse: module name -> "2:4" | "unstructured" for masked modules. Float modules are also checked for zeros;
+    quantized ones are not (a code equal to the zero point is an exact 0 without being pruned).
+    """
+    bits, sparse = bits or {}, sparse or {}
+    text = _text_config(model)
+    heads = text.num_attention_heads
+    modules = []
+    for row in inventory(model):
+        spec = bits.get(row.name)
+        float_bits = 8 * (row.bytes // row.params) if row.params else 32
+        width = spec.bits if spec else float_bits
+        group = spec.group_size if spec else None
+        symmetric = spec.symmetric if spec else True
+        stored = 0 if row.tied_to else packed_bytes(row.shape, width, group, symmetric)
+        if packed and row.name in packed:
+            stored = int(packed[row.name])
+        weight = model.get_submodule(row.name).weight.detach()
+        share, pattern = zero_pattern(weight) if weight.dim() == 2 and (spec is None or row.name in sparse) else (0.0, None)
+        pattern = sparse.get(row.name, pattern) if share > 0 else None
+        modules.append(ModuleWeights(
+            name=row.name, kind=row.kind, shape=row.shape, params=row.params, bits=width, group_size=group,
+            symmetric=symmetric, packed_bytes=stored, streamed=row.kind in LINEAR_KINDS + ("lm_head",),
+            zero_share=share, sparse_pattern=pattern,
+        ))
+    source = "engine packed bytes" if packed else "computed from bits per module"
+    return Workload(
+        name=name or type(model).__name__, layers=text.num_hidden_layers, hidden=text.hidden_size, heads=heads,
+        kv_heads=text.num_key_value_heads or heads, head_dim=getattr(text, "head_dim", None) or text.hidden_size // heads,
+        vocab=text.vocab_size, modules=tuple(modules), weight_source=source,
+    )
+
+
+def uniform_bits(model, bits: int = 4, group_size: int | None = 64, symmetric: bool = False) -> dict:
+    """QuantSpec for every block linear (embedding and lm_head kept), like the w4g64 preset."""
+    return {r.name: QuantSpec(bits, group_size, symmetric) for r in inventory(model)
+            if r.block is not None and r.kind in LINEAR_KINDS}
