@@ -64,6 +64,7 @@ def run(args) -> int:
     report = measure(model, candidate, target, batches, args.prompt_tokens, args.decode_tokens, args.runs,
                      args.warmup, args.threads, args.context, args.utilisation, table)
     payload = {"spec": loaded.spec.raw, "weights_hash": loaded.weights_hash, "plan": args.plan, **report.to_dict()}
+    payload["result_id"] = _store(loaded, plan, payload)
     if args.json:
         print_json(payload)
         return 0
@@ -90,3 +91,21 @@ def _print_text(report) -> None:
               f"${c.output_dollars_per_million:.4f}/M output at {c.utilisation:.0%} utilisation")
     for note in report.notes:
         print(f"  note: {note}")
+
+
+def _store(loaded, plan, payload: dict) -> int:
+    """Keep the figures with the candidate they describe, so the Results page can plot them."""
+    from .. import __version__
+    from ..eval_run import plan_kind, reference_candidate
+    from ..modelinfo import device_label
+    from ..plan import plan_to_dict
+    from ..store import Provenance, Store
+
+    store = Store()
+    parent = reference_candidate(store, loaded)
+    plan_dict = plan_to_dict(plan) if plan else None
+    candidate_id = parent if plan is None else store.upsert_candidate(
+        name=plan.name or f"{loaded.spec.raw} + plan", kind=plan_kind(plan), model_spec=loaded.spec.raw,
+        weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, parent_id=parent)
+    provenance = Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), plan=plan_dict)
+    return store.add_result("measure", provenance, payload, candidate_id=candidate_id)
