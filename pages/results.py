@@ -1,0 +1,153 @@
+"""Results page: Pareto plots per slice, side-by-side comparison, candidate management and the stakeholder report."""
+import tempfile
+from dataclasses import asdict
+from pathlib import Path
+
+import streamlit as st
+
+from shrink_core import candidates as cands
+from shrink_core import pareto
+from shrink_core.errors import ShrinkError
+from shrink_core.report import DEFAULT_LIMITS, View, build_report, figures, method_notes, render_html, write_png
+from ui.data import store
+
+st.title("Results")
+db = store()
+everyone = cands.candidates_frame(db)
+found_budgets = cands.budgets(db)
+if everyone.empty or not found_budgets:
+    st.info("No evaluated candidates yet: evaluate a plan (Eval sets page, or `python -m shrink_core eval --plan "
+            "preset:w8 --slices en,fr`) and its candidate appears here.")
+    st.stop()
+
+
+def _weights(text: str) -> tuple[tuple[str, float], ...]:
+    try:
+        return tuple((k.strip(), float(v)) for k, v in (i.split("=") for i in text.split(",") if i.strip()))
+    except ValueError:
+        raise ShrinkError(f"Slice weights look like en=2,fr=1, not '{text}'.") from None
+
+
+try:
+    from shrink_core.perf.hardware import DEFAULT_ROWS
+    known_targets = [row.name for row in DEFAULT_ROWS]
+except ImportError:
+    known_targets = []
+ids = [int(i) for i in everyone["id"]]
+labels = {int(cid): f"#{cid} {name}" for cid, name in zip(everyone["id"], everyone["name"])}
+
+top = st.columns(4)
+budget = top[0].selectbox("Budget", found_budgets, key="res_budget")
+table = cands.slices_frame(db, budget)
+metric = top[1].selectbox("Quality (y)", list(pareto.METRICS), key="res_metric",
+                          format_func=lambda m: pareto.METRICS[m].label)
+slice_ids = sorted(table.dropna(subset=[metric])["slice"].unique())  # where the metric is defined
+y = top[2].selectbox("Over", ["worst", "mix"] + slice_ids, key="res_y",
+                     format_func=lambda v: {"worst": "worst slice", "mix": "weighted mix"}.get(v, f"slice {v}"))
+x = top[3].selectbox("Cost (x)", list(pareto.AXES), key="res_x", format_func=lambda a: {
+    "memory": "memory (weights)", "latency": "latency (measured)", "projected": "latency (projected)",
+    "cost": "cost per million tokens"}[a])
+more = st.columns(4)
+target = more[0].selectbox("Target (projected latency, cost)", sorted(set(cands.targets(db)) | set(known_targets)),
+                           key="res_target", disabled=x not in ("projected", "cost"))
+over = more[1].multiselect("Worst over slices", slice_ids, default=slice_ids, key=f"res_slices_{metric}",
+                           disabled=y != "worst")
+weights_text = more[2].text_input("Mix weights", value=",".join(f"{s}=1" for s in slice_ids[:2]), key="res_weights",
+                                  disabled=y != "mix")
+default_limit = DEFAULT_LIMITS.get(metric)
+use_limit = more[3].checkbox("Constraint line", value=default_limit is not None, key="res_use_limit")
+limit = more[3].number_input("Acceptable at", value=float(default_limit or 1.0), step=0.01, format="%.3f",
+                             key=f"res_limit_{metric}", disabled=not use_limit,
+                             help="ppl ratio 1.05 = within +5% of the reference; accuracy: at least this")
+
+try:
+    view = View(x=x, y=y, metric=metric, target=target if x in ("projected", "cost") else None, budget=budget,
+                slices=tuple(over) if y == "worst" and over else None,
+                weights=_weights(weights_text) if y == "mix" else (), limit=limit if use_limit else None)
+    report = build_report(db, view)
+except ShrinkError as exc:
+    st.error(str(exc))
+    st.stop()
+
+main, multiples = figures(report)
+st.plotly_chart(main, key="pareto_main", width="stretch")
+for note in method_notes(report.candidates, report.table, report.view):
+    st.caption(note)
+points = report.points[["candidate_id", "name", "x", "y", "y_low", "y_high", "worst_slice", "on_frontier",
+                        "acceptable"]]
+st.dataframe(points, key="pareto_points", hide_index=True)
+
+st.markdown("#### Every slice")
+st.plotly_chart(multiples, key="pareto_slices", width="stretch")
+
+st.markdown("#### Compare")
+chosen = st.multiselect("Candidates (2 to 5; the first is the baseline)", ids,
+                        default=ids[:3], max_selections=5, key="res_compare",
+                        format_func=lambda cid: labels.get(cid, str(cid)))
+if len(chosen) >= 2:
+    compare = cands.compare_frame(db, [int(c) for c in chosen], budget)
+    st.dataframe(compare, key="compare_table", hide_index=True)
+    st.caption("p-values: paired bootstrap over items for NLL, McNemar for accuracy; only when both were scored on "
+               "the same items. flips_vs_baseline: answers that changed between the two.")
+    with_target = cands.candidates_frame(db, target=target).set_index("id").loc[chosen].reset_index()
+    st.dataframe(with_target[["id", "name", "memory_bytes", "memory_source", "latency_ms", "latency_source",
+                              "projected_ms", "projected_source", "cost_per_million", "cost_source"]],
+                 key="compare_perf", hide_index=True)
+    specs = set(everyone.set_index("id").loc[chosen, "model_spec"])
+    spec = sorted(specs)[0]
+    model = db.latest_model(spec)
+    if model and model["modules"] and len(specs) == 1:
+        plans = {labels[cid]: c["plan"] for cid in chosen for c in [cands.get_candidate(db, int(cid))]}
+        try:
+            diff = cands.plan_diff(model["modules"], plans)
+        except ShrinkError as exc:
+            st.warning(f"What changed cannot be resolved against {spec}: {exc}")
+        else:
+            st.markdown(f"What changed, layer by layer ({len(diff)} modules differ)")
+            st.dataframe(diff, key="plan_diff", hide_index=True)
+    else:
+        st.info(f"Load {spec} on the Model page to see what changed layer by layer.")
+else:
+    st.info("Pick at least two candidates to compare.")
+
+st.markdown("#### Candidates")
+st.dataframe(everyone[["id", "name", "kind", "parent_name", "plan_summary", "calibration", "budgets", "code_version",
+                       "tags", "memory_bytes", "latency_ms", "notes"]], key="candidates_table", hide_index=True)
+picked = st.selectbox("Candidate", ids, key="res_manage", format_func=lambda c: labels.get(c, str(c)))
+row = everyone[everyone["id"] == picked].iloc[0]
+left, middle, right = st.columns(3)
+new_name = left.text_input("Name", value=row["name"], key=f"res_name_{picked}")
+if left.button("Rename", key="res_rename"):
+    cands.rename(db, int(picked), new_name)
+    st.rerun()
+new_tags = middle.text_input("Tags (comma-separated)", value=row["tags"] or "", key=f"res_tags_{picked}")
+if middle.button("Save tags", key="res_save_tags"):
+    cands.set_tags(db, int(picked), new_tags)
+    st.rerun()
+sure = right.checkbox(f"Yes, delete {labels[picked]}", key=f"res_confirm_{picked}")
+if right.button("Delete", key="res_delete", disabled=not sure):
+    cands.delete(db, int(picked))
+    st.rerun()
+for filename, text in cands.export_files(db, int(picked)).items():
+    st.download_button(f"Export {filename}", text, file_name=f"candidate-{picked}-{filename}",
+                       key=f"res_export_{filename}")
+
+st.markdown("#### Report")
+st.caption("One HTML file with the frontier, the per-slice table, the plans, the provenance and the method notes; "
+           "plotly.js is inlined, so it opens with no server and no network.")
+if st.button("Build report", key="res_build_report"):
+    st.session_state["res_report_html"] = render_html(report, db)
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            st.session_state["res_report_png"] = write_png(main, Path(tmp) / "pareto.png").read_bytes()
+        except ShrinkError as exc:
+            st.session_state["res_report_png"] = None
+            st.warning(str(exc))
+    st.session_state["res_report_view"] = asdict(report.view)
+if st.session_state.get("res_report_html"):
+    st.download_button("Download report.html", st.session_state["res_report_html"], file_name="shrink-report.html",
+                       mime="text/html", key="res_download_html")
+    if st.session_state.get("res_report_png"):
+        st.download_button("Download the main figure (PNG)", st.session_state["res_report_png"],
+                           file_name="pareto.png", mime="image/png", key="res_download_png")
+    st.caption(f"Report view: {st.session_state.get('res_report_view')}")

@@ -1,0 +1,137 @@
+"""The stakeholder report: view points, a self-contained HTML file that renders offline, the PNG, and the CLI."""
+import json
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from shrink_core.errors import ShrinkError
+from shrink_core.paths import REPO_ROOT
+from shrink_core.report import View, build_report, render_html, write_png, write_report
+from shrink_core.store import Store
+
+from .browser import CHROMEDRIVER, CHROMIUM, chromium, wait_for
+from .test_candidates import seed_store
+
+has_chromium = pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
+                                  reason="Debian's chromium and chromium-driver are not installed")
+
+
+@pytest.fixture
+def store(shrink_home):
+    store = Store()
+    seed_store(store)
+    return store
+
+
+def test_worst_slice_view_and_single_slice_view(store):
+    report = build_report(store, View(limit=1.05))
+    points = report.points.set_index("name")
+    assert report.view.budget == "fast"  # the most used budget, filled in
+    assert list(points.index[points["on_frontier"]]) == ["reference", "w8", "w4"]
+    assert points.loc["en-star", "worst_slice"] == "ar" and not points.loc["en-star", "acceptable"]
+    assert points.loc["w8", "acceptable"] and points.loc["w8", "y_low"] < points.loc["w8", "y"]
+    assert not points.loc["w4-keep0", "on_frontier"]  # no size recorded: never on the frontier
+    per_slice = report.per_slice
+    en = per_slice[per_slice["slice"] == "en"].set_index("name")
+    assert en.loc["en-star", "on_frontier"] and not en.loc["w4", "on_frontier"]
+    accuracy = build_report(store, View(metric="accuracy", y="worst"))
+    assert set(accuracy.per_slice["slice"]) == {"mc"}  # accuracy is defined on task slices only
+    mix = build_report(store, View(y="mix", weights=(("en", 3.0), ("ar", 1.0)))).points.set_index("name")
+    assert mix.loc["en-star", "y"] == pytest.approx((3 * 1.01 + 1.6) / 4)
+
+
+def test_bad_views_are_one_sentence_errors(store):
+    with pytest.raises(ShrinkError, match="needs a hardware target"):
+        View(x="projected")
+    with pytest.raises(ShrinkError, match="No results on slice 'zh'"):
+        build_report(store, View(y="zh"))
+    with pytest.raises(ShrinkError, match="No candidate with id 99"):
+        build_report(store, View(candidates=(1, 99)))
+
+
+def test_html_is_self_contained(store):
+    report = build_report(store, View(limit=1.05))
+    page = render_html(report, store)
+    assert not re.search(r"<(script|link|img|iframe)[^>]+(src|href)\s*=", page, re.I)  # nothing fetched
+    scripts = re.findall(r"<script[^>]*>(.*?)</script>", page, re.S)
+    bundle = max(scripts, key=len)
+    assert "plotly.js v" in bundle[:200] and len(bundle) > 3_000_000  # plotly.js inlined
+    # Outside the library (whose URLs are defaults for map/geo traces this page never draws): no URL at all.
+    rest = page.replace(bundle, "")
+    assert not re.findall(r"https?://|@import|@font-face|url\(", rest)
+    assert "Plotly.newPlot" in rest
+    assert 'id="pareto-main"' in page and 'id="pareto-slices"' in page
+    for text in ("en-star", "int4 g64 asym rtn", "keep: true", "Method notes", "computed from the packed format",
+                 "perplexity within +5% of reference", '"lineage"'):
+        assert text in page, text
+
+
+@pytest.mark.browser
+@has_chromium
+def test_exported_html_renders_offline(store, tmp_path):
+    out = tmp_path / "report.html"
+    written = write_report(store, View(limit=1.05), out)
+    assert written["frontier"] == ["reference", "w8", "w4"] and written["not_plotted"] == ["w4-keep0"]
+    driver = chromium(offline=True)
+    try:
+        driver.get(out.as_uri())
+        traces = wait_for(driver, lambda d: d.find_elements("css selector", "#pareto-main .scatterlayer .trace"), 60,
+                          "the Pareto plot's traces")
+        assert len(traces) >= 2
+        labels = [e.get_attribute("textContent") for e in
+                  driver.find_elements("css selector", "#pareto-main .scatterlayer .textpoint")]
+        assert {"w8", "w4", "en-star"} <= set(labels)
+        assert driver.find_elements("css selector", "#pareto-slices .scatterlayer .point")
+        assert driver.execute_script("return typeof Plotly") == "object"
+    finally:
+        driver.quit()
+
+
+@pytest.mark.browser
+@has_chromium
+def test_png_of_the_main_figure(store, tmp_path):
+    from shrink_core.report import figures
+
+    main, _ = figures(build_report(store, View(limit=1.05)))
+    path = write_png(main, tmp_path / "pareto.png", width=900, height=500)
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    width, height = int.from_bytes(data[16:20], "big"), int.from_bytes(data[20:24], "big")
+    assert (width, height) == (900, 500) and len(data) > 10_000  # a drawn chart, not a blank page
+
+
+def _cli(*args, home):
+    env = {**__import__("os").environ, "SHRINK_HOME": str(home)}
+    return subprocess.run([sys.executable, "-m", "shrink_core", *args], capture_output=True, text=True, cwd=REPO_ROOT,
+                          env=env, timeout=300)
+
+
+def test_cli_report_and_candidates(store, shrink_home, tmp_path):
+    out = tmp_path / "r.html"
+    result = _cli("report", "--out", str(out), "--candidates", "1,2,3", "--y", "ar", "--json", home=shrink_home)
+    assert result.returncode == 0, result.stderr
+    written = json.loads(result.stdout)
+    assert written["candidates"] == [1, 2, 3] and out.stat().st_size > 3_000_000
+    bad = _cli("report", "--out", str(out), "--x", "projected", home=shrink_home)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "needs a hardware target" in bad.stderr
+    listing = _cli("candidates", "list", "--json", home=shrink_home)
+    rows = {r["name"]: r for r in json.loads(listing.stdout)}
+    assert rows["w4-keep0"]["memory_bytes"] is None and rows["w8"]["memory_bytes"] == 300_000_000
+    assert _cli("candidates", "tag", "2", "slides", home=shrink_home).returncode == 0
+    refused = _cli("candidates", "delete", "4", home=shrink_home)
+    assert refused.returncode == 1 and "--yes" in refused.stderr
+    assert _cli("candidates", "delete", "4", "--yes", home=shrink_home).returncode == 0
+    names = {c["name"]: c for c in Store().candidates()}
+    assert "en-star" not in names and names["w8"]["tags"] == "slides"
+    exported = _cli("candidates", "export", "3", "--out", str(tmp_path / "x"), home=shrink_home)
+    assert exported.returncode == 0 and (tmp_path / "x" / "candidate-3-plan.yaml").exists()
+
+
+def test_report_never_imports_streamlit():
+    code = ("import sys, shrink_core.report, shrink_core.commands.report, ui.pareto_charts; "
+            "assert 'streamlit' not in sys.modules, 'streamlit imported'")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert result.returncode == 0, result.stderr
