@@ -192,7 +192,8 @@ class Rule:
 
 @dataclass(frozen=True)
 class CalibrationRecipe:
-    mix: dict = field(default_factory=lambda: {"en": 1.0})  # slice -> share
+    mix: dict = field(default_factory=lambda: {"en": 0.3, "fr": 0.1, "de": 0.1, "es": 0.1, "ru": 0.1, "zh": 0.1,
+                                               "ja": 0.1, "ar": 0.1})  # slice -> share (see presets.DEFAULT_MIX)
     n_sequences: int = 16
     seq_len: int = 512
     seed: int = 0
