@@ -1,0 +1,263 @@
+"""A distillation run end to end: data, student, training with checkpoints, save, evaluate, store with lineage.
+
+State on disk, under `$SHRINK_HOME/distill/<run>/`: config.json (the DistillConfig), run.json (store run id, student
+blocks), checkpoint.pt (latest), student/ (the final candidate directory). The CLI calls `run_distill` inline; the
+Distill page runs `distill_job` in a worker. Same code path.
+"""
+from __future__ import annotations
+
+import json
+import re
+import time
+from pathlib import Path
+
+import torch
+
+from .. import __version__
+from ..errors import ShrinkError
+from ..paths import shrink_home
+from ..slices import CalibrationRecipe, calibration_tokens
+from .config import DistillConfig
+from .student import (attach_straight_through_, block_influence, build_student, detach_straight_through_,
+                      kept_blocks, lowest_influence, parameter_count)
+from .train import checkpoint_step, has_checkpoint, load_checkpoint_, make_state, train_
+
+RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
+
+
+def run_dir(name: str) -> Path:
+    if not RUN_NAME.match(name or ""):
+        raise ShrinkError(f"The run name '{name}' is not valid; use letters, digits, '.', '_' or '-' (at most 64).")
+    return shrink_home() / "distill" / name
+
+
+def new_run_name() -> str:
+    return time.strftime("run-%Y%m%d-%H%M%S")
+
+
+def resolve_device(config: DistillConfig) -> torch.device:
+    if config.device == "cuda" and not torch.cuda.is_available():
+        raise ShrinkError("device 'cuda' was asked for but torch sees no CUDA GPU; use device 'cpu' or 'auto'.")
+    return torch.device("cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu")
+
+
+def training_data(tokenizer, config: DistillConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pool, heldout) token windows from the calibration rows of the mix; the held-out windows are never trained on."""
+    recipe = CalibrationRecipe(config.mix, config.pool_sequences + config.heldout_sequences, config.seq_len,
+                               config.seed)
+    tokens = calibration_tokens(tokenizer, recipe)  # (pool + heldout, seq_len), calibration split only
+    return tokens[:config.pool_sequences], tokens[config.pool_sequences:]
+
+
+def influence_tokens(tokenizer, config: DistillConfig, n: int = 16) -> torch.Tensor:
+    """Calibration windows for block influence (a seed of their own, so they do not repeat the training order)."""
+    return calibration_tokens(tokenizer, CalibrationRecipe(config.mix, n, config.seq_len, config.seed + 1))
+
+
+def prepare_student(teacher_loaded, config: DistillConfig, progress=None) -> dict:
+    """The student model and what it is: dropped blocks, the influence that chose them, its plan."""
+    progress = progress or (lambda f, m="": None)
+    teacher = teacher_loaded.model
+    influence = None
+    if config.student_dir:
+        from ..models import load
+        from ..plan import load_plan
+
+        candidate = load(config.student_dir)
+        student = candidate.model
+        for param in student.parameters():
+            param.requires_grad_(True)
+        plan_path = Path(config.student_dir) / "plan.yaml"
+        plan = load_plan(plan_path.read_text()) if plan_path.is_file() else None
+        from ..plan import plan_to_dict
+
+        plan_dict = plan_to_dict(plan) if plan else None
+        quantized = plan_dict is not None and any(
+            r.weights is not None and not r.weights.is_float for r in plan.rules)
+        straight_through = attach_straight_through_(student, plan_dict) if quantized else 0
+        kept = None
+        drop = ()
+    else:
+        drop = tuple(config.drop_blocks)
+        if config.drop_count:
+            progress(0.03, "measuring block influence")
+            influence = block_influence(teacher, influence_tokens(teacher_loaded.tokenizer, config))
+            drop = lowest_influence(influence, config.drop_count)
+        student, plan_dict = build_student(teacher, drop, config.mlp_prune)
+        kept = kept_blocks(len(teacher.model.layers), drop)
+        straight_through = 0
+    if student.config.vocab_size != teacher.config.vocab_size:
+        raise ShrinkError("The student and the teacher have different vocabularies; logit distillation needs the same "
+                          "tokenizer.")
+    return {"student": student, "plan": plan_dict, "dropped": list(drop), "kept": kept, "influence": influence,
+            "straight_through_modules": straight_through}
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_suffix(".partial")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    tmp.replace(path)
+
+
+def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[str] | tuple = ("en",),
+                budget: str = "fast", resume: bool = False, store=None, progress=None, job_id: int | None = None,
+                stop_after: int | None = None, deadline: float | None = None, evaluate_at_end: bool = True) -> dict:
+    """Distil `config.teacher` into a student; returns the JSON report (and the saved candidate when finished)."""
+    from ..evaluate import get_budget
+    from ..models import load
+    from ..slices import get_slice
+    from ..store import Store
+
+    progress = progress or (lambda f, m="": None)
+    store = store or Store()
+    get_budget(budget)
+    slice_infos = [get_slice(s) for s in slices]
+    name = name or new_run_name()
+    directory = run_dir(name)
+    if resume:
+        if not (directory / "config.json").is_file():
+            raise ShrinkError(f"There is no run '{name}' to resume under {directory.parent}.")
+        saved = DistillConfig.from_dict(json.loads((directory / "config.json").read_text()))
+        config = saved  # a resumed run keeps its own config, whatever else is asked
+    elif (directory / "config.json").is_file():
+        raise ShrinkError(f"The run '{name}' already exists; resume it (--resume) or choose another name.")
+    directory.mkdir(parents=True, exist_ok=True)
+    _write_json(directory / "config.json", config.to_dict())
+    device = resolve_device(config)
+    torch.manual_seed(config.seed)
+
+    progress(0.01, "loading the teacher")
+    teacher_loaded = load(config.teacher)
+    if teacher_loaded.tokenizer is None:
+        raise ShrinkError(f"The teacher {config.teacher} has no tokenizer, which the training data needs.")
+    pool, heldout = training_data(teacher_loaded.tokenizer, config)
+    built = prepare_student(teacher_loaded, config, progress)
+    student, teacher = built["student"].to(device), teacher_loaded.model.to(device)
+    for param in teacher.parameters():
+        param.requires_grad_(False)
+    state = make_state(student, config)
+
+    info_path = directory / "run.json"
+    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
+    if resume and has_checkpoint(directory):
+        load_checkpoint_(state, directory)
+        if info.get("run_id"):  # forget metrics logged after the checkpoint: those steps are done again
+            store.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (info["run_id"], state.step))
+    if not info.get("run_id"):
+        info["run_id"] = store.create_run("distill", name, config.to_dict(), job_id)
+    info.update({"name": name, "dropped": built["dropped"], "influence": built["influence"],
+                 "student_params": parameter_count(student), "teacher_params": parameter_count(teacher),
+                 "device": str(device), "straight_through_modules": built["straight_through_modules"]})
+    if job_id is not None:
+        info.setdefault("jobs", []).append(job_id)
+    _write_json(info_path, info)
+    run_id = info["run_id"]
+
+    def on_metrics(step: int, values: dict) -> None:
+        store.log_metrics(run_id, step, values)
+        progress(0.05 + 0.8 * step / config.steps, f"step {step}/{config.steps}, loss {values['train_loss']:.4f}")
+
+    progress(0.05 + 0.8 * state.step / config.steps, f"training from step {state.step}")
+    train_(state, teacher, pool, heldout, config, directory, on_metrics, stop_after=stop_after, deadline=deadline,
+           kept=built["kept"])
+    report = {"run": name, "run_id": run_id, "dir": str(directory), "step": state.step, "steps": config.steps,
+              "finished": state.step >= config.steps, "dropped_blocks": built["dropped"],
+              "influence": built["influence"], "student_params": info["student_params"],
+              "teacher_params": info["teacher_params"], "device": str(device), "config": config.to_dict(),
+              "teacher_logits": "computed on the fly, full vocabulary (no top-k cache)"}
+    if not report["finished"]:
+        return report
+    detach_straight_through_(student)
+    student.to("cpu")
+    teacher.to("cpu")
+    report.update(finish(store, teacher_loaded, student, built, config, name, directory, slice_infos, budget,
+                         evaluate_at_end, progress, job_id))
+    progress(1.0, "done")
+    return report
+
+
+def finish(store, teacher_loaded, student, built, config, name, directory, slice_infos, budget, evaluate_at_end,
+           progress, job_id) -> dict:
+    """Save the student as a candidate directory, evaluate it against the teacher, store both with lineage."""
+    from ..eval_run import _provenance, _public, reference_candidate, reference_results
+    from ..evaluate import evaluate
+    from ..export import save_candidate
+    from ..plan import load_plan
+
+    base = built["plan"] or {"version": 1, "rules": [{"name": ".*", "keep": True}]}
+    plan_dict = {**base, "name": f"distilled {name}",
+                 "description": (f"distilled from {config.teacher} for {config.steps} steps (run {name}); "
+                                 f"dropped blocks {built['dropped'] or 'none'}")}
+    plan = load_plan(plan_dict)
+    recipe = CalibrationRecipe(config.mix, config.pool_sequences, config.seq_len, config.seed).to_dict()
+    calibration = {**recipe, "distill": config.to_dict()}
+    progress(0.86, "saving the student")
+    out = save_candidate(student, teacher_loaded.tokenizer, plan, directory / "student",
+                         {"model_spec": config.teacher, "weights_hash": teacher_loaded.weights_hash,
+                          "calibration": calibration, "distill_run": name})
+    parent = reference_candidate(store, teacher_loaded)
+    if config.student_dir:
+        matches = [c for c in store.candidates() if c["artifact_dir"] and
+                   Path(c["artifact_dir"]).resolve() == Path(config.student_dir).resolve()]
+        parent = matches[-1]["id"] if matches else parent
+    candidate_id = store.upsert_candidate(
+        name=f"distilled {name}", kind="distilled", model_spec=teacher_loaded.spec.raw,
+        weights_hash=teacher_loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=calibration,
+        parent_id=parent, artifact_dir=str(out))
+    result = {"candidate_id": candidate_id, "parent_id": parent, "student_dir": str(out), "slices": {}}
+    if not evaluate_at_end or not slice_infos:
+        return result
+    ids = [s.id for s in slice_infos]
+    reference = reference_results(store, teacher_loaded, ids, budget,
+                                  progress=lambda f, m="": progress(0.87 + 0.05 * f, f"teacher {m}"))
+    results = evaluate(student, teacher_loaded.tokenizer, slice_infos, budget, reference=teacher_loaded.model,
+                       reference_results=reference, progress=lambda f, m="": progress(0.92 + 0.07 * f, f"student {m}"))
+    for item in results:
+        store.add_result("eval", _provenance(teacher_loaded, plan_dict, item.slice, budget),
+                         item.to_dict(with_items=True), job_id=job_id, candidate_id=candidate_id)
+        entry = _public(item)
+        entry["teacher_ppl"] = reference[item.slice].ppl
+        result["slices"][item.slice] = entry
+    return result
+
+
+def distill_job(ctx, config: dict, name: str, slices: list[str], budget: str = "fast", resume: bool = False) -> dict:
+    """Job: the Distill page's Start / Resume."""
+    report = run_distill(DistillConfig.from_dict(config), name=name, slices=slices, budget=budget, resume=resume,
+                         store=ctx.store, progress=ctx.progress, job_id=ctx.job_id)
+    return {k: report.get(k) for k in ("run", "run_id", "step", "finished", "candidate_id", "student_dir")}
+
+
+def list_runs() -> list[dict]:
+    """Runs on disk, newest first: name, config, step of the last checkpoint, whether the student was saved."""
+    root = shrink_home() / "distill"
+    out = []
+    for directory in sorted(root.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True):
+        run = directory.parent
+        info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+        out.append({"name": run.name, "config": json.loads(directory.read_text()), "run_id": info.get("run_id"),
+                    "dropped": info.get("dropped"), "checkpoint_step": checkpoint_step(run),
+                    "student_params": info.get("student_params"), "device": info.get("device"),
+                    "finished": (run / "student" / "config.json").is_file(), "jobs": info.get("jobs", [])})
+    return out
+
+
+def teacher_config(spec: str, store=None):
+    """The teacher's transformers config without loading its weights: from a model directory, or the directory the
+    store recorded when the model was loaded. None when neither is known."""
+    from transformers import AutoConfig
+
+    directory = Path(spec).expanduser() if not spec.startswith("builtin:") else None
+    if directory is None or not (directory / "config.json").is_file():
+        described = store.latest_model(spec) if store is not None else None
+        directory = Path(described["source_dir"]) if described and described.get("source_dir") else None
+    if directory is None or not (directory / "config.json").is_file():
+        return None
+    return AutoConfig.from_pretrained(str(directory), local_files_only=True)
+
+
+def active_job(store, run_name: str):
+    """The queued or running distill job of this run, if any."""
+    from .. import jobs
+
+    return next((j for j in jobs.list_jobs(store, "distill") if j.active and j.params.get("name") == run_name), None)
