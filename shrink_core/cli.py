@@ -10,7 +10,7 @@ import traceback
 
 from .errors import ShrinkError
 
-COMMANDS = ["inspect", "eval", "slices"]  # modules under shrink_core/commands/, in help order
+COMMANDS = ["inspect", "eval", "slices", "apply", "measure", "report", "candidates", "sensitivity", "distill"]  # modules under shrink_core/commands/, in help order
 
 
 class _Parser(argparse.ArgumentParser):

@@ -1,0 +1,134 @@
+"""Sensitivity page: which modules break the model under a setting, per slice; protect the worst in the Plan."""
+import pandas as pd
+import streamlit as st
+
+from shrink_core import jobs
+from shrink_core.errors import ShrinkError
+from shrink_core.sensitivity import (METHOD_LABELS, SCAN_BUDGETS, SETTINGS, protect_plan_yaml, stored_agreement,
+                                     stored_agreement_pairs, stored_records)
+from ui import heatmaps, state
+from ui.data import store
+from ui.jobs import job_outcome, job_panel
+
+st.title("Sensitivity")
+db = store()
+spec = state.model_spec()
+st.caption("How much does quantizing or pruning one module (all others untouched) change the model? "
+           "KL(reference || perturbed) and ΔNLL per token, per slice. **fast**: diagonal empirical Fisher from one "
+           "forward+backward per calibration batch (calibration rows only). **exhaustive**: each module perturbed and "
+           "measured on the slice's eval rows, reusing the unperturbed activations before its block.")
+
+with st.expander("Run a scan", expanded=not stored_records(db, spec)):
+    left, middle, right = st.columns(3)
+    slices = left.multiselect("Slices", ["en", "fr", "zh", "code", "long", "de", "es", "ru", "ja"],
+                              default=["en", "fr", "zh"], key="sens_slices")
+    settings = middle.multiselect("Settings", list(SETTINGS), default=["w4g64", "w3g64"], key="sens_settings",
+                                  format_func=lambda s: f"{s}: {SETTINGS[s].label}")
+    method = right.radio("Method", ["fast", "exhaustive"], horizontal=True, key="sens_method",
+                         help="exhaustive probes every module one by one: minutes per slice and setting.")
+    budget = left.radio("Budget", list(SCAN_BUDGETS), index=1, horizontal=True, key="sens_budget",
+                        help=", ".join(f"{b.name}: {b.sequences}x{b.seq_len} tokens" for b in SCAN_BUDGETS.values()))
+    check = middle.number_input("Agreement check (modules probed exhaustively per slice)", 0, 210,
+                                SCAN_BUDGETS[budget].check_modules if method == "fast" else 0, key="sens_check",
+                                disabled=method != "fast")
+    if right.button("Run scan", type="primary", key="run_scan", disabled=not (slices and settings)):
+        params = {"spec": spec, "slices": slices, "settings": settings, "method": method, "budget": budget,
+                  "check": int(check) if method == "fast" else 0}
+        state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
+                                                    params))
+job_id = state.job_id("sensitivity")
+if job_id is not None:
+    job = jobs.get(db, job_id)
+    if job and job.active:
+        job_panel(job_id, f"Scanning {spec}")
+    job_outcome(job_id)
+
+records = pd.DataFrame([r.__dict__ for r in stored_records(db, spec)])
+if records.empty:
+    st.info("No sensitivity scores for this model yet: pick slices and settings and press Run scan. "
+            "Results are stored and reused for the same model, setting, slice and budget.")
+    st.stop()
+
+c1, c2, c3, c4 = st.columns(4)
+methods = sorted(records["method"].unique(), key=lambda m: m != "fast")  # the full fast view first
+view_method = c1.radio("Method", methods, horizontal=True, key="view_method")
+records = records[records["method"] == view_method]
+view_setting = c2.selectbox("Setting", sorted(records["setting"].unique()), key="view_setting")
+metric = c3.radio("Metric", ["kl", "dnll"], horizontal=True, key="view_metric",
+                  format_func=lambda m: {"kl": "KL", "dnll": "ΔNLL"}[m])
+view = records[(records["setting"] == view_setting) & (records["metric"] == metric)]
+slice_ids = sorted(view["slice"].unique())
+agreement = {(a.slice, a.setting, a.metric): a for a in stored_agreement(db, spec)}
+
+
+def trust(slice_id: str) -> str:
+    if view_method == "exhaustive":
+        return "measured (exhaustive probes on eval rows)"
+    found = agreement.get((slice_id, view_setting, metric)) or next(
+        (a for (s, _, m), a in agreement.items() if s == slice_id and m == metric), None)
+    if found is None:
+        return "estimated; not checked against exhaustive probes (run with an agreement check)"
+    return (f"estimated; Spearman {found.spearman:.2f} vs exhaustive over {found.modules} modules "
+            f"({found.setting}, {found.budget} budget)")
+
+
+st.caption(f"Method: {METHOD_LABELS[view_method]}. CPU, fp32. Hover a cell for the exact value; click it for details.")
+per_slice, layer_slice, trust_tab = st.tabs(["Per slice", "Layer x slice", "How far to trust the fast view"])
+selected_module = None
+with per_slice:
+    columns = st.columns(min(len(slice_ids), 3) or 1)
+    for i, slice_id in enumerate(slice_ids):
+        data = view[view["slice"] == slice_id]
+        with columns[i % len(columns)]:
+            event = st.plotly_chart(heatmaps.module_heatmap(data, f"{slice_id}: {view_setting}", metric),
+                                    key=f"heat-{slice_id}", on_select="rerun", selection_mode="points")
+            st.caption(f"{slice_id}: {trust(slice_id)}.")
+            points = event["selection"]["points"] if event else []
+            if points:  # a clicked cell: its kind (x) and block (y) name the module
+                hit = data[(data["kind"] == points[0].get("x")) & (data["block"] == points[0].get("y"))]
+                selected_module = hit["module"].iloc[0] if len(hit) else None
+with layer_slice:
+    st.plotly_chart(heatmaps.layer_slice_heatmap(view, f"Blocks x slices: {view_setting}", metric), key="heat-layers")
+    st.caption("Each cell sums the block's module scores (independent-perturbation approximation of the block).")
+with trust_tab:
+    rows = []
+    for a in stored_agreement(db, spec):
+        rows.append({"slice": a.slice, "setting": a.setting, "metric": a.metric, "spearman": round(a.spearman, 3),
+                     "modules": a.modules, "budget": a.budget})
+    if rows:
+        st.dataframe(pd.DataFrame(rows), hide_index=True, key="agreement_table")
+        pairs = pd.DataFrame(stored_agreement_pairs(db, spec, slice_ids[0], view_setting))
+        if not pairs.empty:
+            st.plotly_chart(heatmaps.agreement_scatter(pairs, f"{slice_ids[0]}: fast vs exhaustive KL"),
+                            key="agreement_scatter")
+    else:
+        st.info("No agreement check yet: run a fast scan with an agreement check above 0.")
+
+modules = sorted(view["module"].unique(), key=lambda m: (int(view[view["module"] == m]["block"].iloc[0]), m))
+picked = st.selectbox("Module detail", modules, key="detail_module",
+                      index=modules.index(selected_module) if selected_module in modules else 0)
+detail = records[records["module"] == picked].pivot_table(index=["setting", "metric"], columns="slice",
+                                                          values="value").reset_index()
+st.dataframe(detail, hide_index=True, key="detail_table")
+
+st.markdown("#### Protect the most sensitive modules")
+a1, a2, a3 = st.columns(3)
+k = int(a1.number_input("k", 1, max(len(modules), 1), min(10, len(modules)), key="protect_k"))
+rank_by = a2.selectbox("Rank by", ["worst over slices"] + slice_ids, key="rank_by")
+ranked = view if rank_by == "worst over slices" else view[view["slice"] == rank_by]
+top = ranked.groupby("module")["value"].max().sort_values(ascending=False).head(k)
+a3.caption("Most sensitive: " + ", ".join(m.replace("model.layers.", "L") for m in top.index[:5]) + (" ..." if k > 5 else ""))
+label = "all scanned slices" if rank_by == "worst over slices" else rank_by
+b1, b2 = st.columns(2)
+for column, action, protect in ((b1, "Protect top-k (keep them)", "keep"), (b2, "Send to plan (top-k at int8)", "w8")):
+    if column.button(action, key=f"plan-{protect}"):
+        try:
+            state.set_plan_draft(protect_plan_yaml(list(top.items()), view_setting, label, metric, protect))
+        except ShrinkError as exc:
+            st.error(str(exc))
+        else:
+            st.success(f"The plan draft now holds {len(top)} rules for these modules plus one for the rest; "
+                       "edit it on the Plan page.")
+if state.plan_draft():
+    with st.expander("Plan draft"):
+        st.code(state.plan_draft(), language="yaml")

@@ -1,0 +1,162 @@
+"""Exhaustive probes: perturb one module (or a block's modules), rerun only the blocks from it on, measure, restore.
+
+The unperturbed run of a slice's probe tokens is done once: each block's input hidden states and the reference
+log-probabilities are cached, so a probe of a module in block b runs blocks b..L-1 and the head, never the prefix.
+Starting from block 0 on the cached embedding output is the full recompute; both paths run the very same ops, so
+they agree bit for bit (tests check it).
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from ..evaluate import _softcap, select_items
+from ..slices import CalibrationRecipe, calibration_tokens, get_slice, load_rows
+from .settings import Setting
+
+
+@dataclass(frozen=True)
+class ScanBudget:
+    name: str
+    sequences: int  # eval sequences of the probe set (exhaustive)
+    seq_len: int
+    calib_sequences: int  # calibration sequences of the fast (Fisher) pass
+    calib_len: int
+    check_modules: int  # exhaustive sample size for the fast-vs-exhaustive agreement check
+    chunk: int = 4  # sequences per forward in a probe
+    stop_rel_error: float | None = None  # stop a probe once KL's standard error over chunks is below this share
+    version: int = 2  # 2: fast scores use sampled-label Fisher
+
+    def __post_init__(self):
+        if min(self.sequences, self.seq_len, self.calib_sequences, self.calib_len, self.chunk) < 1:
+            raise ValueError("budget sizes must be positive")
+
+
+SCAN_BUDGETS = {
+    "quick": ScanBudget("quick", sequences=4, seq_len=64, calib_sequences=4, calib_len=64, check_modules=12),
+    "fast": ScanBudget("fast", sequences=8, seq_len=128, calib_sequences=8, calib_len=128, check_modules=32),
+    "standard": ScanBudget("standard", sequences=16, seq_len=256, calib_sequences=16, calib_len=256,
+                           check_modules=48, stop_rel_error=0.05),
+}
+
+
+def eval_tokens(tokenizer, slice_id: str, sequences: int, seq_len: int) -> torch.Tensor:
+    """(sequences, seq_len) ids from the slice's eval rows in the fixed evaluation order (BOS + text + EOS, chunked)."""
+    rows = select_items(load_rows(get_slice(slice_id), split="eval"), None, by_group=True)
+    text_rows = [r.get("text") or r.get("context", "") for r in rows]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    stream: list[int] = []
+    needed = sequences * seq_len
+    index = 0
+    while len(stream) < needed and text_rows:  # small slices repeat rather than fall short
+        stream += [start] + tokenizer.encode(text_rows[index % len(text_rows)], add_special_tokens=False)
+        index += 1
+    return torch.tensor(stream[:needed], dtype=torch.long).reshape(sequences, seq_len)
+
+
+def calib_tokens(tokenizer, slice_id: str, sequences: int, seq_len: int) -> torch.Tensor:
+    """(sequences, seq_len) ids from the slice's calibration rows only (never its eval rows)."""
+    return calibration_tokens(tokenizer, CalibrationRecipe(((slice_id, 1.0),), sequences, seq_len, 0))
+
+
+def log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
+    """Final norm + head + log-softmax at every position but the last: (n, T - 1, vocab)."""
+    logits = model.get_output_embeddings()(model.get_decoder().norm(hidden[:, :-1])).float()
+    cap = _softcap(model)
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def kl_and_nll(ref_logp: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-sequence mean KL(ref || p) and mean NLL: (n,), (n,) from (n, T-1, vocab) and targets (n, T-1)."""
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)  # (n, T-1)
+    nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n, T-1)
+    return kl.mean(-1), nll.mean(-1)
+
+
+class ProbeCache:
+    """One slice's probe tokens through the unperturbed model: block inputs and reference log-probs, kept once."""
+
+    def __init__(self, model, ids: torch.Tensor, chunk: int = 4):
+        from transformers.masking_utils import create_causal_mask
+
+        self.model, self.ids, self.chunk = model, ids, chunk
+        decoder = model.get_decoder()
+        self.layers = list(decoder.layers)
+        started = time.perf_counter()
+        with torch.inference_mode():
+            hidden = decoder.embed_tokens(ids)  # (n, T, hidden)
+            positions = torch.arange(ids.shape[1]).unsqueeze(0)
+            self.kwargs = {
+                "attention_mask": create_causal_mask(config=decoder.config, inputs_embeds=hidden[:1],
+                                                     attention_mask=None, cache=None, position_ids=positions),
+                "position_ids": positions,
+                "position_embeddings": decoder.rotary_emb(hidden, position_ids=positions),
+            }
+            self.block_inputs = []  # [block] -> (n, T, hidden)
+            for layer in self.layers:
+                self.block_inputs.append(hidden)
+                hidden = torch.cat([layer(part, **self.kwargs) for part in hidden.split(chunk)])
+            self.ref_logp = torch.cat([log_probs(model, part) for part in hidden.split(chunk)])
+            self.targets = ids[:, 1:]
+            self.ref_nll = -self.ref_logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1).mean(-1)  # (n,)
+        self.seconds = time.perf_counter() - started
+
+    @property
+    def tokens(self) -> int:
+        return int(self.targets.numel())
+
+    def run_from(self, block: int, start: int, stop: int) -> torch.Tensor:
+        """Hidden states after the last block for sequences [start, stop), starting at `block`'s cached input."""
+        hidden = self.block_inputs[block][start:stop]
+        for layer in self.layers[block:]:
+            hidden = layer(hidden, **self.kwargs)
+        return hidden
+
+
+@dataclass(frozen=True)
+class ProbeResult:
+    kl: float  # mean KL(reference || perturbed) per scored token (nats)
+    delta_nll: float  # mean NLL change per scored token (nats)
+    sequences: int  # sequences actually scored (fewer when the budget stopped early)
+    seconds: float
+
+
+def probe(cache: ProbeCache, modules: dict[str, torch.nn.Module], blocks: dict[str, int], setting: Setting,
+          reuse_prefix: bool = True, stop_rel_error: float | None = None) -> ProbeResult:
+    """Perturb `modules` (name -> nn.Linear) together, score the probe set, restore the original weight tensors."""
+    started = time.perf_counter()
+    originals = {name: m.weight.data for name, m in modules.items()}
+    first = min(blocks[name] for name in modules) if reuse_prefix else 0
+    kls, nlls = [], []
+    try:
+        with torch.inference_mode():
+            for name, module in modules.items():
+                module.weight.data = setting.perturbed(originals[name])
+            n = cache.ids.shape[0]
+            for start in range(0, n, cache.chunk):
+                stop = min(n, start + cache.chunk)
+                logp = log_probs(cache.model, cache.run_from(first, start, stop))
+                kl, nll = kl_and_nll(cache.ref_logp[start:stop], logp, cache.targets[start:stop])
+                kls.append(kl)
+                nlls.append(nll - cache.ref_nll[start:stop])
+                if stop_rel_error and _settled(torch.cat(kls), stop_rel_error) and stop < n:
+                    break
+    finally:
+        for name, module in modules.items():
+            module.weight.data = originals[name]  # the very same tensor objects: bit-identical by construction
+    kl_all, dnll_all = torch.cat(kls).double(), torch.cat(nlls).double()
+    return ProbeResult(float(kl_all.mean()), float(dnll_all.mean()), int(kl_all.numel()),
+                       time.perf_counter() - started)
+
+
+def _settled(values: torch.Tensor, rel_error: float) -> bool:
+    """Has the mean settled: standard error below `rel_error` of the mean (at least 8 sequences)?"""
+    if values.numel() < 8:
+        return False
+    mean = float(values.double().mean())
+    return mean > 0 and float(values.double().std()) / math.sqrt(values.numel()) < rel_error * mean

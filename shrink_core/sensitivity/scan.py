@@ -1,0 +1,373 @@
+"""A sensitivity scan: modules x settings x slices -> flat records, stored and reused by (weights hash, setting,
+slice, budget, method, code version). The CLI calls `run_scan` inline; the Sensitivity page runs `sensitivity_job`
+in a worker: same code path, same records."""
+from __future__ import annotations
+
+import re
+import time
+from dataclasses import asdict, dataclass, field
+
+import numpy as np
+
+from .. import __version__
+from ..errors import ShrinkError
+from ..inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
+from ..modelinfo import device_label
+from ..slices import get_slice
+from ..store import Provenance, Store
+from .fisher import estimate_slices, fisher_stats
+from .probe import SCAN_BUDGETS, ProbeCache, ScanBudget, calib_tokens, eval_tokens, probe
+from .settings import Setting, get_setting
+
+METHODS = ("fast", "exhaustive")
+METRICS = ("kl", "dnll")
+METHOD_LABELS = {
+    "fast": "fast: diagonal empirical Fisher x RTN/mask error, from calibration rows",
+    "exhaustive": "exhaustive: module perturbed alone, KL/dNLL measured on eval rows (prefix reused)",
+}
+
+
+@dataclass(frozen=True)
+class Record:
+    module: str
+    block: int
+    kind: str
+    setting: str
+    slice: str
+    metric: str  # "kl" (mean KL(reference || perturbed) per token, nats) | "dnll" (mean NLL change per token)
+    value: float
+    method: str
+
+
+@dataclass(frozen=True)
+class Agreement:
+    """How far to trust the fast view: Spearman of fast vs exhaustive over a sample of modules."""
+
+    slice: str
+    setting: str
+    metric: str
+    spearman: float
+    modules: int
+    budget: str
+
+
+@dataclass
+class ScanReport:
+    model: str
+    weights_hash: str
+    budget: str
+    method: str
+    records: list[Record] = field(default_factory=list)
+    agreement: list[Agreement] = field(default_factory=list)
+    computed: int = 0  # (module, setting, slice) values computed in this run
+    reused: int = 0  # values taken from the store
+    seconds: float = 0.0
+    timings: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {**{k: v for k, v in asdict(self).items() if k not in ("records", "agreement")},
+                "records": [asdict(r) for r in self.records], "agreement": [asdict(a) for a in self.agreement]}
+
+
+def get_budget(name: str) -> ScanBudget:
+    if name not in SCAN_BUDGETS:
+        raise ShrinkError(f"Unknown sensitivity budget '{name}'; choose one of: {', '.join(SCAN_BUDGETS)}.")
+    return SCAN_BUDGETS[name]
+
+
+# ---------------------------------------------------------------- pure helpers
+
+
+def ranks(values: np.ndarray) -> np.ndarray:
+    """1-based ranks, ties sharing their average rank."""
+    order = np.argsort(values, kind="mergesort")
+    ranked = np.empty(len(values))
+    ranked[order] = np.arange(1, len(values) + 1)
+    for value in np.unique(values):
+        tied = values == value
+        ranked[tied] = ranked[tied].mean()
+    return ranked
+
+
+def spearman(a, b) -> float:
+    """Spearman rank correlation (Pearson on average ranks); nan for fewer than 3 points or a constant side."""
+    a, b = np.asarray(a, dtype=float), np.asarray(b, dtype=float)
+    if len(a) != len(b):
+        raise ValueError("spearman needs two sequences of the same length")
+    if len(a) < 3:
+        return float("nan")
+    ra, rb = ranks(a), ranks(b)
+    ra, rb = ra - ra.mean(), rb - rb.mean()
+    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+
+
+def sample_modules(rows: list[ModuleInfo], count: int) -> list[ModuleInfo]:
+    """`count` modules spread evenly over blocks while cycling through kinds (deterministic)."""
+    blocks = sorted({r.block for r in rows})
+    kinds = [k for k in LINEAR_KINDS if any(r.kind == k for r in rows)]
+    by_key = {(r.block, r.kind): r for r in rows}
+    chosen: list[ModuleInfo] = []
+    for i in range(min(count, len(rows))):
+        block = blocks[round(i * (len(blocks) - 1) / max(count - 1, 1))]
+        for shift in range(len(kinds)):
+            row = by_key.get((block, kinds[(i + shift) % len(kinds)]))
+            if row is not None and row not in chosen:
+                chosen.append(row)
+                break
+    return chosen
+
+
+# ---------------------------------------------------------------- the store
+
+
+def _provenance(loaded, slice_id: str, budget: str) -> Provenance:
+    return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), slice=slice_id, budget=budget)
+
+
+def cached_values(store: Store, loaded, slice_id: str, setting: Setting, method: str,
+                  budget: ScanBudget) -> dict[str, tuple[float, float]]:
+    """module -> (kl, dnll) already stored for this exact model, setting, slice, budget, method and code."""
+    out: dict[str, tuple[float, float]] = {}
+    for row in store.results("sensitivity", model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash,
+                             slice=slice_id, budget=budget.name):
+        p = row["payload"]
+        if (row["code_version"] == __version__ and p.get("type") == "scores" and p["method"] == method
+                and p["setting"] == setting.id and p["setting_version"] == setting.version
+                and p["budget_version"] == budget.version):
+            for module, pair in p["values"].items():
+                out.setdefault(module, tuple(pair))  # newest first
+    return out
+
+
+def _save_values(store, loaded, slice_id, setting, method, budget, values, seconds, tokens, job_id) -> None:
+    payload = {"type": "scores", "method": method, "method_label": METHOD_LABELS[method], "setting": setting.id,
+               "setting_label": setting.label, "setting_version": setting.version, "budget_version": budget.version,
+               "tokens": tokens, "seconds": round(seconds, 3), "values": {m: list(v) for m, v in values.items()}}
+    store.add_result("sensitivity", _provenance(loaded, slice_id, budget.name), payload, job_id=job_id)
+
+
+def stored_agreement(store: Store, model_spec: str, weights_hash: str | None = None) -> list[Agreement]:
+    """The newest agreement figures per (slice, setting, metric, budget) for a model."""
+    where = {"model_spec": model_spec, **({"weights_hash": weights_hash} if weights_hash else {})}
+    seen: dict[tuple, Agreement] = {}
+    for row in store.results("sensitivity", **where):
+        p = row["payload"]
+        if p.get("type") == "agreement":
+            a = Agreement(**p["agreement"])
+            seen.setdefault((a.slice, a.setting, a.metric, a.budget), a)
+    return list(seen.values())
+
+
+# ---------------------------------------------------------------- the scan
+
+
+def select_modules(rows: list[ModuleInfo], pattern: str | None) -> list[ModuleInfo]:
+    linears = block_linears(rows)
+    if not pattern:
+        return linears
+    try:
+        chosen = [r for r in linears if re.search(pattern, r.name)]
+    except re.error as exc:
+        raise ShrinkError(f"The module pattern {pattern!r} is not a valid regex ({exc}).") from None
+    if not chosen:
+        raise ShrinkError(f"The module pattern {pattern!r} matches no block linear; try e.g. 'layers\\.3\\.'.")
+    return chosen
+
+
+class _Scanner:
+    def __init__(self, loaded, store, budget: ScanBudget, report: ScanReport, job_id):
+        self.loaded, self.store, self.budget, self.report, self.job_id = loaded, store, budget, report, job_id
+        self.rows = block_linears(inventory(loaded.model))
+        named = dict(loaded.model.named_modules())
+        self.modules = {r.name: named[r.name] for r in self.rows}
+        self.blocks = {r.name: r.block for r in self.rows}
+        self.cache: tuple[str, ProbeCache] | None = None
+
+    def _probe_cache(self, slice_id: str) -> ProbeCache:
+        if self.cache is None or self.cache[0] != slice_id:
+            self.cache = None  # free the previous slice's activations first
+            ids = eval_tokens(self.loaded.tokenizer, slice_id, self.budget.sequences, self.budget.seq_len)
+            cache = ProbeCache(self.loaded.model, ids, self.budget.chunk)
+            self.report.timings["probe_cache_s"] = self.report.timings.get("probe_cache_s", 0) + cache.seconds
+            self.cache = (slice_id, cache)
+        return self.cache[1]
+
+    def fast(self, slice_ids: list[str], settings: list[Setting], progress) -> dict[str, dict[str, dict]]:
+        """slice -> setting id -> module -> (kl, dnll), computing what the store does not have. Gradients are
+        gathered per slice first, so each setting's weight error is computed once and reused for every slice."""
+        out: dict[str, dict[str, dict]] = {}
+        missing: dict[str, list[Setting]] = {}
+        for slice_id in slice_ids:
+            out[slice_id] = {}
+            for s in settings:
+                values = cached_values(self.store, self.loaded, slice_id, s, "fast", self.budget)
+                out[slice_id][s.id] = values
+                if len(values) < len(self.rows):
+                    missing.setdefault(slice_id, []).append(s)
+                else:
+                    self.report.reused += len(values)
+        stats = {}
+        for n, slice_id in enumerate(missing):
+            ids = calib_tokens(self.loaded.tokenizer, slice_id, self.budget.calib_sequences, self.budget.calib_len)
+            stats[slice_id] = fisher_stats(self.loaded.model, ids, self.modules, batch=self.budget.chunk * 2,
+                                           progress=lambda f, m, _n=n, _id=slice_id: progress(
+                                               0.8 * (_n + f) / len(missing), f"{_id}: {m}"))
+            self.report.timings["gradients_s"] = self.report.timings.get("gradients_s", 0) + stats[slice_id].seconds
+        started = time.perf_counter()
+        pending = {(slice_id, s.id) for slice_id, group in missing.items() for s in group}
+        needed = [s for s in settings if any((slice_id, s.id) in pending for slice_id in missing)]
+        fresh: dict[tuple[str, str], dict] = {key: {} for key in pending}
+        for i, (name, module) in enumerate(self.modules.items()):
+            for s in needed:
+                slices = [slice_id for slice_id in missing if (slice_id, s.id) in pending]
+                pairs = estimate_slices(module.weight, [stats[x] for x in slices], name, s)
+                for slice_id, pair in zip(slices, pairs):
+                    fresh[(slice_id, s.id)][name] = pair
+            if i % 10 == 0:
+                progress(0.8 + 0.2 * i / len(self.modules), f"estimates: {name}")
+        self.report.timings["estimates_s"] = time.perf_counter() - started
+        for (slice_id, setting_id), values in fresh.items():
+            setting = get_setting(setting_id)
+            _save_values(self.store, self.loaded, slice_id, setting, "fast", self.budget, values,
+                         stats[slice_id].seconds, stats[slice_id].tokens, self.job_id)
+            out[slice_id][setting_id] = values
+            self.report.computed += len(values)
+        return out
+
+    def exhaustive(self, slice_id: str, settings: list[Setting], rows: list[ModuleInfo], tick) -> dict[str, dict]:
+        out = {}
+        for n, s in enumerate(settings):
+            values = cached_values(self.store, self.loaded, slice_id, s, "exhaustive", self.budget)
+            todo = [r for r in rows if r.name not in values]
+            self.report.reused += len(rows) - len(todo)
+            if todo:
+                cache = self._probe_cache(slice_id)
+                started = time.perf_counter()
+                for i, r in enumerate(todo):
+                    result = probe(cache, {r.name: self.modules[r.name]}, self.blocks, s,
+                                   stop_rel_error=self.budget.stop_rel_error)
+                    values[r.name] = (result.kl, result.delta_nll)
+                    tick((n + (i + 1) / len(todo)) / len(settings), f"{s.id}: probe {i + 1}/{len(todo)} ({r.name})")
+                seconds = time.perf_counter() - started
+                self.report.timings["probes_s"] = self.report.timings.get("probes_s", 0) + seconds
+                self.report.timings["probes"] = self.report.timings.get("probes", 0) + len(todo)
+                _save_values(self.store, self.loaded, slice_id, s, "exhaustive", self.budget, values, seconds,
+                             cache.tokens, self.job_id)
+                self.report.computed += len(todo)
+            out[s.id] = values
+        return out
+
+
+def _records(rows, values, setting_id, slice_id, method, metrics) -> list[Record]:
+    out = []
+    for r in rows:
+        if r.name in values:
+            for metric in metrics:
+                value = values[r.name][METRICS.index(metric)]
+                out.append(Record(r.name, r.block, r.kind, setting_id, slice_id, metric, float(value), method))
+    return out
+
+
+def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str = "fast", budget: str = "fast",
+             modules: str | None = None, check: int = 0, metrics: tuple[str, ...] = METRICS,
+             store: Store | None = None, progress=None, job_id: int | None = None) -> ScanReport:
+    """Score modules under settings on slices; `check` > 0 also samples that many modules exhaustively and stores the
+    fast-vs-exhaustive Spearman per slice (for W3 g64 when scanned, else the first setting)."""
+    progress = progress or (lambda fraction, message="": None)
+    if method not in METHODS:
+        raise ShrinkError(f"Unknown method '{method}'; use fast or exhaustive.")
+    scan_budget = get_budget(budget)
+    settings = [get_setting(s) for s in setting_ids]
+    for slice_id in slice_ids:
+        get_slice(slice_id)
+    if loaded.tokenizer is None:
+        raise ShrinkError("This model has no tokenizer, so it cannot be scanned; load a directory that includes one.")
+    store = store or Store()
+    started = time.perf_counter()
+    report = ScanReport(loaded.spec.raw, loaded.weights_hash, budget, method)
+    scanner = _Scanner(loaded, store, scan_budget, report, job_id)
+    chosen = select_modules(scanner.rows, modules)
+    check_setting = next((s for s in settings if s.id == "w3g64"), settings[0])
+    checking = bool(check) and method == "fast"
+    fast_values = {}
+    if method == "fast":
+        fast_values = scanner.fast(slice_ids, settings, lambda f, m: progress((0.5 if checking else 1.0) * f, m))
+    for index, slice_id in enumerate(slice_ids):
+        def tick(fraction, message, _i=index, _id=slice_id):
+            start = 0.5 if checking else 0.0
+            progress(min(0.99, start + (1 - start) * (_i + fraction) / len(slice_ids)), f"{_id}: {message}")
+        if method == "fast":
+            values = fast_values[slice_id]
+        else:
+            values = scanner.exhaustive(slice_id, settings, chosen, tick)
+        for s in settings:
+            report.records += _records(chosen, values[s.id], s.id, slice_id, method, metrics)
+        if checking:
+            sample = sample_modules(scanner.rows, check)
+            exact = scanner.exhaustive(slice_id, [check_setting], sample,
+                                       lambda f, m: tick(f, f"agreement check {m}"))[check_setting.id]
+            for metric_index, metric in enumerate(METRICS):
+                estimates = [values[check_setting.id][r.name][metric_index] for r in sample]
+                measured = [exact[r.name][metric_index] for r in sample]
+                agreement = Agreement(slice_id, check_setting.id, metric, spearman(estimates, measured),
+                                      len(sample), budget)
+                report.agreement.append(agreement)
+                store.add_result("sensitivity", _provenance(loaded, slice_id, budget),
+                                 {"type": "agreement", "agreement": asdict(agreement),
+                                  "sample": [r.name for r in sample],
+                                  "pairs": [[r.name, e, m] for r, e, m in zip(sample, estimates, measured)]},
+                                 job_id=job_id)
+        scanner.cache = None
+    report.seconds = round(time.perf_counter() - started, 3)
+    progress(1.0, "done")
+    return report
+
+
+def stored_records(store: Store, model_spec: str, weights_hash: str | None = None) -> list[Record]:
+    """Every stored score of a model as records (newest value per module, setting, slice, method, budget)."""
+    where = {"model_spec": model_spec, **({"weights_hash": weights_hash} if weights_hash else {})}
+    seen: set = set()
+    out = []
+    for row in store.results("sensitivity", **where):
+        p = row["payload"]
+        if p.get("type") != "scores" or row["code_version"] != __version__:
+            continue
+        for module, pair in p["values"].items():
+            key = (module, p["setting"], row["slice"], p["method"], row["budget"])
+            if key in seen:
+                continue
+            seen.add(key)
+            block, kind = _block_kind(module)
+            for metric, value in zip(METRICS, pair):
+                out.append(Record(module, block, kind, p["setting"], row["slice"], metric, float(value), p["method"]))
+    return out
+
+
+def _block_kind(name: str) -> tuple[int, str]:
+    from ..inventory import BLOCK_INDEX, LEAF_KINDS
+
+    match = BLOCK_INDEX.search(name)
+    return (int(match.group(1)) if match else -1), LEAF_KINDS.get(name.rsplit(".", 1)[-1], "linear")
+
+
+def sensitivity_job(ctx, spec: str, slices: list[str], settings: list[str], method: str = "fast",
+                    budget: str = "fast", check: int = 0) -> dict:
+    """Job: the Sensitivity page's scan."""
+    from ..models import load
+
+    ctx.progress(0.01, "loading model")
+    loaded = load(spec)
+    report = run_scan(loaded, slices, settings, method, budget, check=check, store=ctx.store,
+                      progress=lambda f, m="": ctx.progress(0.05 + 0.95 * f, m), job_id=ctx.job_id)
+    return {"records": len(report.records), "computed": report.computed, "reused": report.reused,
+            "seconds": report.seconds}
+
+
+def stored_agreement_pairs(store: Store, model_spec: str, slice_id: str, setting_id: str) -> list[dict]:
+    """The newest agreement sample for a slice and setting: module, fast (KL), exhaustive (KL)."""
+    for row in store.results("sensitivity", model_spec=model_spec, slice=slice_id):
+        p = row["payload"]
+        if p.get("type") == "agreement" and p["agreement"]["setting"] == setting_id and p["agreement"]["metric"] == "kl":
+            return [{"module": m, "fast": f, "exhaustive": e} for m, f, e in p.get("pairs", [])]
+    return []

@@ -1,0 +1,195 @@
+"""Sensitivity on the tiny seeded model: exhaustive probes, the fast Fisher estimate, records, store reuse, plans."""
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shrink_core.errors import ShrinkError
+from shrink_core.inventory import block_linears, inventory
+from shrink_core.models import LoadedModel, ModelSpec
+from shrink_core.plan import load_plan
+from shrink_core.sensitivity import (SETTINGS, ProbeCache, probe, protect_plan_yaml, run_scan, sample_modules,
+                                     spearman, stored_agreement, stored_records)
+from shrink_core.sensitivity import fisher
+from shrink_core.sensitivity.probe import calib_tokens, eval_tokens
+from shrink_core.store import Store
+from shrink_core.toy import ByteTokenizer, tiny_llama
+
+
+def tiny_loaded(seed: int = 0) -> LoadedModel:
+    model = tiny_llama(seed=seed, vocab=258)
+    return LoadedModel(ModelSpec("toy:tiny", "local", "toy"), model, ByteTokenizer(), Path("."), f"hash{seed}", 0.0,
+                       False)
+
+
+@pytest.fixture
+def loaded():
+    return tiny_loaded()
+
+
+def linears(model):
+    named = dict(model.named_modules())
+    rows = block_linears(inventory(model))
+    return rows, {r.name: named[r.name] for r in rows}, {r.name: r.block for r in rows}
+
+
+def test_settings_perturb_as_named(tiny_model):
+    weight = tiny_model.model.layers[0].mlp.up_proj.weight.detach()
+    before = weight.clone()
+    nm = SETTINGS["nm24"].perturbed(weight)
+    assert ((nm.reshape(-1, 4) != 0).sum(-1) <= 2).all()
+    assert (SETTINGS["prune50"].perturbed(weight) == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+    w2, w8 = SETTINGS["w2g64"].perturbed(weight), SETTINGS["w8"].perturbed(weight)
+    assert (w2 - weight).abs().mean() > 10 * (w8 - weight).abs().mean() > 0
+    assert torch.equal(weight, before)  # pure: the argument is untouched
+
+
+def test_prefix_reuse_equals_full_recompute_and_restores_weights(loaded):
+    model, tokenizer = loaded.model, loaded.tokenizer
+    rows, modules, blocks = linears(model)
+    cache = ProbeCache(model, eval_tokens(tokenizer, "toy_en", 6, 32), chunk=4)
+    with torch.inference_mode():  # the cache's reference is the model's own full forward
+        full = torch.log_softmax(model(cache.ids).logits[:, :-1].float(), -1)
+    assert torch.allclose(full, cache.ref_logp, atol=1e-5)
+    for name in ("model.layers.2.mlp.down_proj", "model.layers.1.self_attn.k_proj"):
+        weight = modules[name].weight
+        before, pointer = weight.detach().clone(), weight.data_ptr()
+        reused = probe(cache, {name: modules[name]}, blocks, SETTINGS["w2g64"], reuse_prefix=True)
+        recomputed = probe(cache, {name: modules[name]}, blocks, SETTINGS["w2g64"], reuse_prefix=False)
+        assert reused.kl == recomputed.kl and reused.delta_nll == recomputed.delta_nll
+        assert reused.kl > 0
+        assert torch.equal(modules[name].weight, before) and modules[name].weight.data_ptr() == pointer
+    # a stronger setting hurts more, and a whole block more than any one of its modules
+    name = "model.layers.1.mlp.up_proj"
+    mild = probe(cache, {name: modules[name]}, blocks, SETTINGS["w8"]).kl
+    harsh = probe(cache, {name: modules[name]}, blocks, SETTINGS["w2g64"]).kl
+    block = {n: m for n, m in modules.items() if blocks[n] == 1}
+    whole = probe(cache, block, blocks, SETTINGS["w2g64"]).kl
+    assert mild < harsh < whole
+
+
+def test_per_sequence_gradient_matches_autograd(loaded):
+    model = loaded.model
+    _, modules, _ = linears(model)
+    ids = calib_tokens(loaded.tokenizer, "toy_en", 2, 16)
+    stats = fisher.fisher_stats(model, ids, modules, batch=2, labels="data")
+    name = "model.layers.1.self_attn.o_proj"
+    squares = torch.zeros_like(modules[name].weight)
+    total = torch.zeros_like(modules[name].weight)
+    for row in ids:  # one sequence at a time, autograd's own weight gradient
+        model.zero_grad()
+        logits = model(row[None]).logits[0, :-1]
+        torch.nn.functional.cross_entropy(logits, row[1:], reduction="sum").backward()
+        grad = modules[name].weight.grad.detach()
+        squares += grad * grad
+        total += grad
+    model.zero_grad()
+    assert torch.allclose(stats.gradient[name], total, rtol=1e-4, atol=1e-6)
+    assert torch.allclose(stats.fisher[name], squares, rtol=1e-4, atol=1e-8)
+    assert stats.tokens == 2 * 15
+    assert all(not p.requires_grad or p.grad is None for p in model.parameters() if p is not modules[name].weight)
+
+
+def test_spearman_matches_scipy_with_ties():
+    from scipy.stats import spearmanr
+
+    rng = np.random.default_rng(0)
+    a, b = rng.integers(0, 6, 40).astype(float), rng.normal(size=40)
+    assert spearman(a, b) == pytest.approx(spearmanr(a, b).statistic, abs=1e-12)
+    assert spearman([1, 2, 3, 4], [10, 20, 30, 400]) == pytest.approx(1.0)
+    assert spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert np.isnan(spearman([1, 2], [2, 1]))
+
+
+def test_sample_spreads_over_blocks_and_kinds(loaded):
+    rows, _, _ = linears(loaded.model)
+    sample = sample_modules(rows, 12)
+    assert len(sample) == len({r.name for r in sample}) == 12
+    assert {r.block for r in sample} == {0, 1, 2} and len({r.kind for r in sample}) == 7
+
+
+def test_fast_scan_records_agreement_and_store_reuse(loaded, shrink_home, monkeypatch):
+    store = Store()
+    report = run_scan(loaded, ["toy_en"], ["w8", "w2g64"], "fast", "quick", check=12, store=store)
+    assert len(report.records) == 21 * 2 * 2  # modules x settings x metrics
+    record = report.records[0]
+    assert (record.method, record.slice, record.metric) == ("fast", "toy_en", "kl") and record.block == 0
+    w2 = {r.module: r.value for r in report.records if r.setting == "w2g64" and r.metric == "kl"}
+    w8 = {r.module: r.value for r in report.records if r.setting == "w8" and r.metric == "kl"}
+    assert all(w2[m] > w8[m] > 0 for m in w2)
+    assert report.computed == 21 * 2 + 12 and report.reused == 0
+    assert {(a.slice, a.setting, a.metric) for a in report.agreement} == {("toy_en", "w8", "kl"),
+                                                                        ("toy_en", "w8", "dnll")}
+    assert all(-1 <= a.spearman <= 1 and a.modules == 12 for a in report.agreement)
+    assert len(stored_agreement(store, "toy:tiny")) == 2
+
+    def boom(*args, **kwargs):
+        raise AssertionError("recomputed instead of reusing the store")
+
+    monkeypatch.setattr("shrink_core.sensitivity.scan.fisher_stats", boom)
+    monkeypatch.setattr("shrink_core.sensitivity.scan.probe", boom)
+    again = run_scan(loaded, ["toy_en"], ["w8", "w2g64"], "fast", "quick", check=12, store=store)
+    assert again.computed == 0 and again.reused == 21 * 2 + 12
+    assert [(r.module, r.value) for r in again.records] == [(r.module, r.value) for r in report.records]
+    other = tiny_loaded(seed=1)  # a different weights hash is never served from the first model's scores
+    monkeypatch.undo()
+    assert run_scan(other, ["toy_en"], ["w8"], "fast", "quick", store=store).computed == 21
+
+
+def test_exhaustive_scan_probes_only_missing_modules(loaded, shrink_home):
+    store = Store()
+    first = run_scan(loaded, ["toy_en"], ["w4g64"], "exhaustive", "quick", modules=r"layers\.0\.", store=store,
+                     metrics=("kl",))
+    assert len(first.records) == 7 and first.computed == 7
+    second = run_scan(loaded, ["toy_en"], ["w4g64"], "exhaustive", "quick", modules=r"layers\.[01]\.", store=store,
+                      metrics=("kl",))
+    assert second.computed == 7 and second.reused == 7 and len(second.records) == 14
+    assert {r.method for r in stored_records(store, "toy:tiny")} == {"exhaustive"}
+
+
+def test_scan_errors_are_one_sentence(loaded, shrink_home):
+    with pytest.raises(ShrinkError, match="Unknown setting 'w5'"):
+        run_scan(loaded, ["toy_en"], ["w5"], store=Store())
+    with pytest.raises(ShrinkError, match="matches no block linear"):
+        run_scan(loaded, ["toy_en"], ["w8"], modules="nothing_here", store=Store())
+
+
+def test_protect_plan_is_valid_and_selects_exactly_the_top_modules(loaded):
+    rows = inventory(loaded.model)
+    top = [("model.layers.2.mlp.down_proj", 0.5), ("model.layers.0.self_attn.v_proj", 0.2)]
+    plan = load_plan(protect_plan_yaml(top, "w3g64", "en"))
+    assert [r.keep for r in plan.rules] == [True, True, False]
+    assert plan.rules[-1].weights.bits == 3 and plan.rules[-1].weights.group_size == 64
+    for rule, (name, _) in zip(plan.rules, top):
+        assert [r.name for r in rows if rule.selects(r, 3)] == [name]
+    held = load_plan(protect_plan_yaml(top, "nm24", "en", protect="w8"))
+    assert held.rules[0].weights.bits == 8 and held.rules[-1].prune.structure == "nm"
+
+
+def test_cli_choices_match_the_library():
+    import argparse
+
+    from shrink_core.commands import sensitivity as command
+    from shrink_core.sensitivity import METHODS, SCAN_BUDGETS
+
+    sub = argparse.ArgumentParser().add_subparsers()
+    command.add_parser(sub)
+    parser = sub.choices["sensitivity"]
+    options = {a.dest: a for a in parser._actions}
+    assert list(options["method"].choices) == list(METHODS)
+    assert list(options["budget"].choices) == list(SCAN_BUDGETS)
+    assert all(s in options["settings"].help for s in SETTINGS)
+
+
+def test_sampled_label_fisher_is_seeded_and_has_no_first_order_term(loaded):
+    _, modules, _ = linears(loaded.model)
+    ids = calib_tokens(loaded.tokenizer, "toy_en", 2, 16)
+    name = "model.layers.0.mlp.gate_proj"
+    one = {name: modules[name]}
+    a, b = fisher.fisher_stats(loaded.model, ids, one), fisher.fisher_stats(loaded.model, ids, one)
+    data = fisher.fisher_stats(loaded.model, ids, one, labels="data")
+    assert torch.equal(a.fisher[name], b.fisher[name]) and not torch.equal(a.fisher[name], data.fisher[name])
+    (kl, dnll), = fisher.estimate_slices(modules[name].weight, [a], name, SETTINGS["w3g64"])
+    (kl_data, dnll_data), = fisher.estimate_slices(modules[name].weight, [data], name, SETTINGS["w3g64"])
+    assert kl > 0 and dnll == kl and dnll_data != kl_data

@@ -1,0 +1,41 @@
+"""Sensitivity on the real built-in model: the CLI's records and the page's job, on the quick budget."""
+import json
+
+import pytest
+
+from shrink_core import jobs
+from shrink_core.cli import main
+from shrink_core.store import Store
+
+pytestmark = pytest.mark.integration
+
+
+def test_cli_prints_one_record_per_module_setting_slice(shrink_home, capsys):
+    assert main(["sensitivity", "--slices", "toy_en", "--settings", "w8,w3g64", "--budget", "quick", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert len(out["records"]) == 210 * 2
+    first = out["records"][0]
+    assert set(first) == {"module", "block", "kind", "setting", "slice", "metric", "value", "method"}
+    assert out["seconds"] > 0 and out["method"] == "fast"
+    by = {(r["module"], r["setting"]): r["value"] for r in out["records"]}
+    harsher = sum(by[(m, "w3g64")] > by[(m, "w8")] for m, s in by if s == "w8")
+    assert harsher >= 200  # 3-bit hurts more than 8-bit almost everywhere
+    again = json.loads((main(["sensitivity", "--slices", "toy_en", "--settings", "w8", "--budget", "quick", "--json"]),
+                        capsys.readouterr().out)[1])
+    assert again["computed"] == 0 and again["reused"] == 210
+
+
+def test_cli_refuses_unknown_setting_in_one_sentence(shrink_home, capsys):
+    assert main(["sensitivity", "--settings", "w5g64"]) == 1
+    assert capsys.readouterr().err.strip().startswith("error: Unknown setting 'w5g64'; choose from:")
+
+
+def test_page_job_stores_records(shrink_home):
+    store = Store()
+    job_id = jobs.submit(store, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
+                         {"spec": "builtin:smollm2-135m", "slices": ["toy_en"], "settings": ["w4g64"],
+                          "budget": "quick", "check": 0}, spawn=False)
+    job = jobs.run_job(store, job_id, heartbeat=False)
+    assert job.status == "done", job.error
+    rows = store.results("sensitivity", model_spec="builtin:smollm2-135m", slice="toy_en", budget="quick")
+    assert len(rows) == 1 and len(rows[0]["payload"]["values"]) == 210 and rows[0]["job_id"] == job_id
