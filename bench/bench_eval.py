@@ -11,6 +11,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -72,9 +73,13 @@ def main() -> None:
     figures["eval_tok_s"] = round(tokens_total / eval_total, 1)
     figures["eval_over_raw"] = round(raw_total / eval_total, 3)
     del loaded
+    # A fresh store, so the CLI cannot reuse stored reference results; the fp32 model cache is shared (cached model).
+    from shrink_core.paths import model_cache_dir
+
+    env = dict(os.environ, SHRINK_HOME=tempfile.mkdtemp(), SHRINK_MODEL_CACHE=str(model_cache_dir()))
     started = time.perf_counter()
     cli = subprocess.run([sys.executable, "-m", "shrink_core", "eval", "--model", args.model, "--slices", args.slices,
-                          "--budget", args.budget, "--json"], capture_output=True, text=True)
+                          "--budget", args.budget, "--json"], capture_output=True, text=True, env=env)
     figures["cli_eval_s"] = round(time.perf_counter() - started, 2)
     figures["cli_ok"] = cli.returncode == 0
     print(json.dumps(figures))

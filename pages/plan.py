@@ -8,7 +8,8 @@ from shrink_core.errors import ShrinkError
 from shrink_core.inventory import LINEAR_KINDS, modules_from_rows
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
 from shrink_core.planner import SETTINGS, build_problem, solution_plan, solve
-from shrink_core.predict import predict, score_table, stored_records
+from shrink_core.predict import predict, score_table
+from shrink_core.sensitivity.scan import stored_records
 from shrink_core.presets import PRESETS
 from ui import plan_edit, state
 from ui.data import store
@@ -55,7 +56,7 @@ table["setting"] = [plan_edit.setting_of(r) for r in table.to_dict("records")]
 
 # ------------------------------------------------------------------ instant prediction
 records = stored_records(db, spec, described["weights_hash"])
-metric = st.radio("Predicted quality metric", ["dnll", "kl"], horizontal=True, key="predict_metric",
+metric = st.radio("Predicted quality metric", ["kl", "dnll"], horizontal=True, key="predict_metric",
                   format_func=lambda m: {"dnll": "ΔNLL (nats/token)", "kl": "KL"}[m])
 scores = score_table(records, metric)
 scored_slices = sorted({s for _, _, s in scores})

@@ -10,7 +10,8 @@ import traceback
 
 from .errors import ShrinkError
 
-COMMANDS = ["inspect", "eval", "slices", "apply", "measure", "report", "candidates", "sensitivity", "distill"]  # modules under shrink_core/commands/, in help order
+# Modules under shrink_core/commands/, in help order.
+COMMANDS = ["inspect", "eval", "slices", "sensitivity", "plan", "apply", "measure", "distill", "report", "candidates"]
 
 
 class _Parser(argparse.ArgumentParser):

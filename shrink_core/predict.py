@@ -6,7 +6,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .store import Store
 
 
 @dataclass(frozen=True)
@@ -18,25 +17,9 @@ class Prediction:
     unscored: int  # modules changed by the plan with no score for their setting (not counted in value)
 
 
-def score_table(records: list[dict], metric: str) -> dict[tuple[str, str, str], float]:
-    """(module, setting, slice) -> value, from sensitivity records {module, setting, slice, metric, value}."""
-    return {(r["module"], r["setting"], r["slice"]): float(r["value"]) for r in records if r.get("metric") == metric}
-
-
-def stored_records(store: Store, model_spec: str, weights_hash: str | None = None) -> list[dict]:
-    """Every sensitivity record stored for this model (newest wins for the same module, setting, slice, metric)."""
-    seen, out = set(), []
-    where = {"model_spec": model_spec}
-    if weights_hash:
-        where["weights_hash"] = weights_hash
-    for result in store.results("sensitivity", **where):
-        payload = result["payload"]
-        for record in payload.get("records", [payload] if "module" in payload else []):
-            key = (record.get("module"), record.get("setting"), record.get("slice"), record.get("metric"))
-            if key not in seen:
-                seen.add(key)
-                out.append(record)
-    return out
+def score_table(records, metric: str) -> dict[tuple[str, str, str], float]:
+    """(module, setting, slice) -> value, from sensitivity records (`shrink_core.sensitivity.scan.Record`)."""
+    return {(r.module, r.setting, r.slice): float(r.value) for r in records if r.metric == metric}
 
 
 def predict(settings_by_module: dict[str, str], scores: dict[tuple[str, str, str], float], slices: list[str],

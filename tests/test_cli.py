@@ -19,6 +19,10 @@ def cli(*args, env=None):
         (["frobnicate"], 2, "invalid choice"),
         (["inspect", "--model", "/no/such/dir"], 1, "does not exist"),
         (["inspect", "--model", "builtin:gpt5"], 1, "Unknown built-in model"),
+        (["plan", "--budget-mb", "100", "--settings", "w9g7", "--out", "p.yaml"], 1, "cannot use setting 'w9g7'"),
+        (["plan", "--budget-mb", "100", "--slices", "en,klingon", "--out", "p.yaml"], 1, "no slice 'klingon'"),
+        (["plan", "--out", "p.yaml"], 2, "one of the arguments --budget-mb --budget-bits is required"),
+        (["eval", "--slices", "en", "--budget", "huge"], 2, "invalid choice: 'huge'"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr(args, code, words):

@@ -59,11 +59,13 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
 def test_planner_with_stored_scores(stored_tiny):
     store = Store()
     linears = [r for r in stored_tiny if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up", "down")]
-    records = [{"module": r.name, "setting": s, "slice": sl, "metric": "dnll",
-                "value": (0.5 if r.block == 0 else 0.01) * (4 if s == "w3g64" else 1)}
-               for r in linears for s in ("w4g64", "w3g64") for sl in ("en", "zh")]
-    store.add_result("sensitivity", Provenance(SPEC, "tiny", "test", "cpu", slice=None, budget="fast"),
-                     {"records": records})
+    from shrink_core import __version__
+
+    for slice_id in ("en", "zh"):  # stored as the sensitivity scan stores its scores
+        for setting in ("w4g64", "w3g64"):
+            values = {r.name: [(0.5 if r.block == 0 else 0.01) * (4 if setting == "w3g64" else 1)] * 2 for r in linears}
+            store.add_result("sensitivity", Provenance(SPEC, "tiny", __version__, "cpu", slice=slice_id, budget="fast"),
+                             {"type": "scores", "method": "fast", "setting": setting, "values": values})
     at = page().run()
     assert not at.exception
     assert any(m.label.startswith("Predicted worst slice") for m in at.metric)

@@ -1,0 +1,66 @@
+"""`plan`: the planner from the CLI: sensitivity scores (stored, or a fast scan) -> an exact per-module allocation."""
+from __future__ import annotations
+
+from ..cli import add_model_args, print_json
+from ..errors import ShrinkError
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("plan", help="allocate per-module settings under a memory or bits budget")
+    add_model_args(parser)
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-mb", type=float, help="packed size budget for the whole model, MB")
+    budget.add_argument("--budget-bits", type=float, help="average bits per weight over the planned modules")
+    parser.add_argument("--objective", default="worst", help="worst (worst slice), or one slice id")
+    parser.add_argument("--slices", default="en,fr,zh,code")
+    parser.add_argument("--settings", default="w8,w4g64,w3g64,w2g64", help="settings the planner may choose")
+    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="quantization method in the plan")
+    parser.add_argument("--metric", default="kl", choices=["kl", "dnll"], help="predicted loss to minimise")
+    parser.add_argument("--out", required=True, help="where to write plan.yaml")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from ..inventory import inventory
+    from ..models import load
+    from ..plan import dump_plan, load_plan, resolve
+    from ..planner import SETTINGS, build_problem, solution_plan, solve
+    from ..predict import score_table
+    from ..sensitivity.scan import run_scan
+    from ..sensitivity.settings import parse_settings
+    from ..slices import parse_slice_list
+    from ..store import Store
+
+    slice_ids = [s.id for s in parse_slice_list(args.slices)]
+    setting_ids = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in setting_ids if s not in SETTINGS]
+    if unknown:
+        raise ShrinkError(f"The planner cannot use setting '{unknown[0]}'; choose from {', '.join(SETTINGS)}.")
+    if args.objective != "worst" and args.objective not in slice_ids:
+        raise ShrinkError(f"The objective '{args.objective}' is not one of --slices; use worst or one of {args.slices}.")
+    loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    report = run_scan(loaded, slice_ids, [s.id for s in parse_settings(",".join(setting_ids))], method="fast",
+                      store=Store())  # reused from the store when this model, setting and slice were scanned
+    scores = score_table(report.records, args.metric)
+    rows = inventory(loaded.model)
+    problem = build_problem(rows, scores, slice_ids, setting_ids)
+    everything_else = sum(r.packed_bytes for r in resolve(rows, load_plan("preset:w8")) if r.name not in problem.modules)
+    solution = solve(problem, objective=args.objective,
+                     budget_bytes=args.budget_mb * 1e6 - everything_else if args.budget_mb else None,
+                     average_bits=args.budget_bits)
+    plan = solution_plan(solution.choice, method=args.method, name=f"planner {args.objective}")
+    Path(args.out).write_text(dump_plan(plan))
+    summary = {"out": args.out, "status": solution.status, "gap": solution.gap, "seconds": round(solution.seconds, 3),
+               "solver": solution.solver, "planned_bytes": solution.total_bytes + everything_else,
+               "average_bits_planned_modules": solution.average_bits, "predicted": solution.predicted,
+               "metric": args.metric, "settings": dict(sorted(
+                   {s: list(solution.choice.values()).count(s) for s in set(solution.choice.values())}.items()))}
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {args.out}: {summary['status']} (gap {solution.gap:.1e}) in {solution.seconds:.2f} s, "
+              f"{summary['planned_bytes'] / 1e6:,.1f} MB; predicted {args.metric} per slice {solution.predicted}")
+    return 0
