@@ -10,7 +10,7 @@ from shrink_core.distill.toy import save_toy_teacher
 from shrink_core.paths import REPO_ROOT
 from shrink_core.store import Store
 
-PAGE = str(REPO_ROOT / "pages" / "distill.py")
+PAGE = str(REPO_ROOT / "app_pages" / "distill.py")
 
 
 def page(teacher):

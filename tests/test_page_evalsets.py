@@ -6,7 +6,7 @@ from shrink_core import jobs
 from shrink_core.paths import REPO_ROOT
 from shrink_core.store import Store
 
-PAGE = str(REPO_ROOT / "pages" / "evalsets.py")
+PAGE = str(REPO_ROOT / "app_pages" / "evalsets.py")
 
 
 def test_lists_slices_and_invites_a_baseline(shrink_home):

@@ -6,7 +6,7 @@ from shrink_core import jobs
 from shrink_core.paths import REPO_ROOT
 from shrink_core.store import Store
 
-PAGE = str(REPO_ROOT / "pages" / "model.py")
+PAGE = str(REPO_ROOT / "app_pages" / "model.py")
 
 
 def page() -> AppTest:

@@ -7,7 +7,7 @@ from shrink_core.paths import REPO_ROOT
 from shrink_core.store import Provenance, Store
 from shrink_core.toy import tiny_llama
 
-PAGE = str(REPO_ROOT / "pages" / "plan.py")
+PAGE = str(REPO_ROOT / "app_pages" / "plan.py")
 SPEC = "builtin:smollm2-135m"  # the page's default spec; the stored inventory is the tiny model's
 
 

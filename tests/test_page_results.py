@@ -8,7 +8,7 @@ from shrink_core.store import Store
 
 from .test_candidates import seed_store
 
-PAGE = str(REPO_ROOT / "pages" / "results.py")
+PAGE = str(REPO_ROOT / "app_pages" / "results.py")
 
 
 def _chart_spec(at, key):

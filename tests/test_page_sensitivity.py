@@ -8,7 +8,7 @@ from shrink_core.store import Store
 
 from .test_sensitivity import tiny_loaded
 
-PAGE = str(REPO_ROOT / "pages" / "sensitivity.py")
+PAGE = str(REPO_ROOT / "app_pages" / "sensitivity.py")
 
 
 def charts(at):

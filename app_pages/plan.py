@@ -26,7 +26,7 @@ rows = modules_from_rows(described["modules"])
 blocks = described["summary"]["blocks"] or 1
 
 if state.plan_draft() is None:
-    state.set_plan_draft(dump_plan(load_plan("preset:w4g128")))
+    state.set_plan_draft(dump_plan(load_plan("preset:w4g64")))
 
 # ------------------------------------------------------------------ source: presets, files, undo
 top = st.columns([2, 2, 1, 1])
@@ -47,8 +47,8 @@ try:
     resolved = resolve(rows, plan)
 except PlanError as exc:  # e.g. a rule that matches nothing on this model
     st.error(str(exc))
-    if st.button("Reset to preset w4g128", key="reset_plan"):
-        plan_edit.push(dump_plan(load_plan("preset:w4g128")))
+    if st.button("Reset to preset w4g64", key="reset_plan"):
+        plan_edit.push(dump_plan(load_plan("preset:w4g64")))
         st.rerun()
     st.stop()
 table = pd.DataFrame([r.row() for r in resolved])
@@ -144,7 +144,7 @@ else:
     scored_settings = sorted({s for _, s, _ in scores} & set(SETTINGS))
     form = st.columns([1, 1, 2, 2, 1])
     budget_kind = form[0].radio("Budget", ["MB", "bits/weight"], key="planner_budget_kind")
-    default_mb = float(sum(r.packed_bytes for r in resolve(rows, load_plan("preset:w4g128")))) / 1e6
+    default_mb = float(sum(r.packed_bytes for r in resolve(rows, load_plan("preset:w4g64")))) / 1e6
     budget = form[1].number_input("Value", value=round(default_mb, 1) if budget_kind == "MB" else 4.5,
                                   min_value=0.1, key=f"planner_budget_{budget_kind}")
     objective = form[2].selectbox("Objective", ["worst"] + scored_slices, key="planner_objective",
