@@ -8,7 +8,7 @@ from shrink_core.evaluate import BUDGETS
 from shrink_core.slices import add_user_slice, list_slices, load_rows
 from ui import charts, state
 from ui.data import store
-from ui.jobs import job_outcome, job_panel
+from ui.jobs import show_job
 
 st.title("Eval sets")
 db = store()
@@ -56,12 +56,7 @@ budget = right.radio("Budget", list(BUDGETS), horizontal=True, key="eval_budget"
 if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked):
     state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.eval_run:eval_job",
                                          {"spec": spec, "slices": picked, "budget": budget}))
-job_id = state.job_id("eval")
-if job_id is not None:
-    job = jobs.get(db, job_id)
-    if job and job.active:
-        job_panel(job_id, f"Evaluating {spec}")
-    job_outcome(job_id)
+show_job(state.job_id("eval"), f"Evaluating {spec}")
 
 rows = [r for r in db.results("eval", model_spec=spec) if r["plan"] is None]
 if not rows:

@@ -13,7 +13,7 @@ from shrink_core.sensitivity.scan import stored_records
 from shrink_core.presets import PRESETS
 from ui import plan_edit, state
 from ui.data import store
-from ui.jobs import job_outcome, job_panel
+from ui.jobs import show_job
 
 st.title("Plan")
 db = store()
@@ -186,34 +186,29 @@ if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=
     state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.eval_run:eval_job",
                                              {"spec": spec, "slices": slices_to_run, "budget": run_budget,
                                               "plan": state.plan_draft()}))
-job_id = state.job_id("plan_run")
-if job_id is not None:
-    job = jobs.get(db, job_id)
-    if job and job.active:
-        job_panel(job_id, "Applying and evaluating the plan")
-    job_outcome(job_id)
-    if job and job.status == "done" and job.result.get("candidate_id"):
-        candidate = job.result["candidate_id"]
-        measured = {r["slice"]: r for r in db.results("eval", candidate_id=candidate)}
-        reference = {}
-        for slice_id in measured:
-            refs = [r for r in db.results("eval", model_spec=spec, slice=slice_id, budget=measured[slice_id]["budget"])
-                    if r["plan"] is None]
-            if refs:
-                reference[slice_id] = refs[0]["payload"]
-        compare_rows = []
-        predicted = {p.slice: p.value for p in predict(settings_by_module, score_table(records, "dnll"),
-                                                       list(measured), "dnll")} if records else {}
-        for slice_id, r in measured.items():
-            p = r["payload"]
-            ref = reference.get(slice_id)
-            compare_rows.append({
-                "slice": slice_id, "ppl": p["ppl"], "ppl_ci": f"[{p['ppl_ci'][0]:.3f}, {p['ppl_ci'][1]:.3f}]",
-                "reference ppl": ref["ppl"] if ref else None,
-                "measured ΔNLL": p["nll"] - ref["nll"] if ref else None,
-                "predicted ΔNLL": predicted.get(slice_id) if predicted.get(slice_id) else None,
-                "KL": p.get("kl"), "top-1 agree": p.get("top1_agree"),
-            })
-        st.dataframe(pd.DataFrame(compare_rows), key="predicted_vs_measured", hide_index=True)
-        st.caption(f"Measured on {next(iter(measured.values()))['device']} ({measured and next(iter(measured.values()))['budget']} "
-                   "budget); stored as a candidate with its plan and lineage (see Results).")
+job = show_job(state.job_id("plan_run"), "Applying and evaluating the plan")
+if job is not None and job.status == "done" and job.result.get("candidate_id"):
+    candidate = job.result["candidate_id"]
+    measured = {r["slice"]: r for r in db.results("eval", candidate_id=candidate)}
+    reference = {}
+    for slice_id in measured:
+        refs = [r for r in db.results("eval", model_spec=spec, slice=slice_id, budget=measured[slice_id]["budget"])
+                if r["plan"] is None]
+        if refs:
+            reference[slice_id] = refs[0]["payload"]
+    compare_rows = []
+    predicted = {p.slice: p.value for p in predict(settings_by_module, score_table(records, "dnll"),
+                                                   list(measured), "dnll")} if records else {}
+    for slice_id, r in measured.items():
+        p = r["payload"]
+        ref = reference.get(slice_id)
+        compare_rows.append({
+            "slice": slice_id, "ppl": p["ppl"], "ppl_ci": f"[{p['ppl_ci'][0]:.3f}, {p['ppl_ci'][1]:.3f}]",
+            "reference ppl": ref["ppl"] if ref else None,
+            "measured ΔNLL": p["nll"] - ref["nll"] if ref else None,
+            "predicted ΔNLL": predicted.get(slice_id) if predicted.get(slice_id) else None,
+            "KL": p.get("kl"), "top-1 agree": p.get("top1_agree"),
+        })
+    st.dataframe(pd.DataFrame(compare_rows), key="predicted_vs_measured", hide_index=True)
+    st.caption(f"Measured on {next(iter(measured.values()))['device']} ({measured and next(iter(measured.values()))['budget']} "
+               "budget); stored as a candidate with its plan and lineage (see Results).")

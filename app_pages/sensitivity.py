@@ -8,7 +8,7 @@ from shrink_core.sensitivity import (METHOD_LABELS, SCAN_BUDGETS, SETTINGS, prot
                                      stored_agreement_pairs, stored_records)
 from ui import heatmaps, state
 from ui.data import store
-from ui.jobs import job_outcome, job_panel
+from ui.jobs import show_job
 
 st.title("Sensitivity")
 db = store()
@@ -36,12 +36,7 @@ with st.expander("Run a scan", expanded=not stored_records(db, spec)):
                   "check": int(check) if method == "fast" else 0}
         state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
                                                     params))
-job_id = state.job_id("sensitivity")
-if job_id is not None:
-    job = jobs.get(db, job_id)
-    if job and job.active:
-        job_panel(job_id, f"Scanning {spec}")
-    job_outcome(job_id)
+show_job(state.job_id("sensitivity"), f"Scanning {spec}")
 
 records = pd.DataFrame([r.__dict__ for r in stored_records(db, spec)])
 if records.empty:

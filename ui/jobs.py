@@ -52,3 +52,14 @@ def job_outcome(job_id: int) -> None:
     if st.toggle("Show details", key=f"details-{job_id}"):
         path = log_path(job_id)
         st.code(path.read_text()[-4000:] if path.exists() else "(no log)", language="text")
+
+
+def show_job(job_id: int | None, label: str):
+    """The progress panel while a job runs, its one-sentence outcome once it ended; returns the job (or None)."""
+    if job_id is None:
+        return None
+    job = jobs.get(store(), job_id)
+    if job and job.active:
+        job_panel(job_id, label)
+    job_outcome(job_id)
+    return job
