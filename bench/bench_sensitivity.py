@@ -70,6 +70,18 @@ def _top5(report) -> dict:
     return out
 
 
+def slices_part(records, k: int = 10) -> dict:
+    """Is the most sensitive set the same across slices? Fast W3 g64 KL over all 210 modules."""
+    from shrink_core.sensitivity import compare_slices, top_modules
+
+    short = lambda name: name.replace("model.layers.", "")  # noqa: E731
+    slices = list(dict.fromkeys(r.slice for r in records))
+    return emit("slices", setting="w3g64", k=k,
+                top={s: [short(m) for m in top_modules(records, s, "w3g64", "kl", k)] for s in slices},
+                pairs={f"{c.slice_a}/{c.slice_b}": {"spearman": round(c.spearman, 3), "shared_top": c.shared_top}
+                       for c in compare_slices(records, "w3g64", "kl", k)})
+
+
 def _threads() -> int:
     import torch
 
@@ -105,6 +117,7 @@ def main() -> int:
                                seconds=round(time.perf_counter() - started, 2),
                                cpu_seconds=round(time.process_time() - cpu, 2), threads=_threads(),
                                timings={k: round(v, 2) for k, v in report.timings.items()})
+        summary["slices"] = slices_part(report.records)
     if "agreement" in parts:
         for slice_id in slices:  # one line per slice, so a slow machine still leaves figures
             started = time.perf_counter()

@@ -193,3 +193,52 @@ def test_sampled_label_fisher_is_seeded_and_has_no_first_order_term(loaded):
     (kl, dnll), = fisher.estimate_slices(modules[name].weight, [a], name, SETTINGS["w3g64"])
     (kl_data, dnll_data), = fisher.estimate_slices(modules[name].weight, [data], name, SETTINGS["w3g64"])
     assert kl > 0 and dnll == kl and dnll_data != kl_data
+
+
+def test_fisher_estimate_tracks_exhaustive_kl_on_the_same_tokens(loaded):
+    """The second-order estimate is the measured KL's Taylor term: right scale and right order across modules."""
+    _, modules, blocks = linears(loaded.model)
+    ids = eval_tokens(loaded.tokenizer, "toy_en", 16, 32)
+    cache = ProbeCache(loaded.model, ids, chunk=8)
+    stats = fisher.fisher_stats(loaded.model, ids, modules, batch=8)
+    assert stats.gradient == {}  # sampled labels: no first-order sum is kept
+    for setting in ("w4g64", "w2g64"):
+        estimated = [fisher.estimate_slices(m.weight, [stats], n, SETTINGS[setting])[0][0] for n, m in modules.items()]
+        measured = [probe(cache, {n: m}, blocks, SETTINGS[setting]).kl for n, m in modules.items()]
+        ratios = sorted(e / m for e, m in zip(estimated, measured))
+        assert spearman(estimated, measured) > 0.9
+        assert 0.5 < ratios[len(ratios) // 2] < 2
+
+
+def test_compare_slices_counts_shared_top_modules_and_rank_agreement():
+    from shrink_core.sensitivity.compare import compare_slices, top_modules
+    from shrink_core.sensitivity.scan import Record
+
+    def records(slice_id, values):
+        return [Record(f"m{i}", i, "q", "w3g64", slice_id, "kl", v, "fast") for i, v in enumerate(values)]
+
+    rows = records("en", [5, 4, 3, 2, 1]) + records("zh", [1, 4, 3, 2, 5]) + records("fr", [5, 4, 3, 2, 1])
+    rows += [Record("m0", 0, "q", "w8", "en", "kl", 9.0, "fast")]  # another setting is ignored
+    assert top_modules(rows, "en", "w3g64", k=2) == ["m0", "m1"]
+    assert top_modules(rows, "zh", "w3g64", k=2) == ["m4", "m1"]
+    by_pair = {(c.slice_a, c.slice_b): c for c in compare_slices(rows, "w3g64", k=2)}
+    assert list(by_pair) == [("en", "zh"), ("en", "fr"), ("zh", "fr")]
+    assert by_pair[("en", "fr")].spearman == pytest.approx(1.0) and by_pair[("en", "fr")].shared_top == 2
+    assert by_pair[("en", "zh")].shared_top == 1 and by_pair[("en", "zh")].spearman == pytest.approx(-0.6)
+    assert by_pair[("en", "zh")].modules == 5
+
+
+def test_first_order_pass_adds_the_text_gradient_to_the_sampled_fisher(loaded):
+    """One forward, two backwards: F as with sampled labels alone, G as with the text's labels alone."""
+    _, modules, _ = linears(loaded.model)
+    ids = calib_tokens(loaded.tokenizer, "toy_en", 4, 16)
+    both = fisher.fisher_stats(loaded.model, ids, modules, batch=2, first_order=True)
+    sampled = fisher.fisher_stats(loaded.model, ids, modules, batch=2)
+    data = fisher.fisher_stats(loaded.model, ids, modules, batch=2, labels="data")
+    for name in modules:
+        assert torch.allclose(both.fisher[name], sampled.fisher[name], rtol=1e-5, atol=1e-10)
+        assert torch.allclose(both.gradient[name], data.gradient[name], rtol=1e-4, atol=1e-7)
+    name = "model.layers.2.mlp.down_proj"
+    (kl, dnll), = fisher.estimate_slices(modules[name].weight, [both], name, SETTINGS["w3g64"])
+    delta = SETTINGS["w3g64"].perturbed(modules[name].weight.detach()) - modules[name].weight.detach()
+    assert dnll - kl == pytest.approx(float((data.gradient[name] * delta).sum()) / both.tokens, rel=1e-4)

@@ -1,8 +1,9 @@
 """Per-layer sensitivity, per slice: exhaustive probes (prefix reused) and a fast Fisher estimate for all modules.
 
 See docs/sensitivity.md. Public API: `run_scan`, `Record`, `Agreement`, `SETTINGS`, `SCAN_BUDGETS`, `spearman`,
-`protect_plan_yaml`.
+`protect_plan_yaml`, `compare_slices`.
 """
+from .compare import SliceComparison, compare_slices, top_modules
 from .plans import protect_plan_yaml
 from .probe import SCAN_BUDGETS, ProbeCache, ScanBudget, probe
 from .scan import (METHOD_LABELS, METHODS, METRICS, Agreement, Record, ScanReport, run_scan, sample_modules,
@@ -11,6 +12,6 @@ from .scan import (METHOD_LABELS, METHODS, METRICS, Agreement, Record, ScanRepor
 from .settings import SETTINGS, Setting, get_setting
 
 __all__ = ["SCAN_BUDGETS", "SETTINGS", "METHODS", "METHOD_LABELS", "METRICS", "Agreement", "ProbeCache", "Record",
-           "ScanBudget", "ScanReport", "Setting", "get_setting", "probe", "protect_plan_yaml", "run_scan",
-           "sample_modules", "sensitivity_job", "spearman", "stored_agreement", "stored_agreement_pairs",
-           "stored_records"]
+           "ScanBudget", "ScanReport", "Setting", "SliceComparison", "compare_slices", "get_setting", "probe",
+           "protect_plan_yaml", "run_scan", "sample_modules", "sensitivity_job", "spearman", "stored_agreement",
+           "stored_agreement_pairs", "stored_records", "top_modules"]

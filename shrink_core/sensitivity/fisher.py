@@ -1,19 +1,18 @@
-"""The fast estimate: every module x setting from one forward+backward per calibration batch.
+"""The fast estimate: every module x setting from one forward (and one or two backwards) per calibration batch.
 
 Per calibration sequence s, the gradient of its summed NLL with respect to a linear's weight is G_s = g_s^T x_s
 (out, in), built from the layer's input x_s (T, in) and output gradient g_s (T, out) caught by hooks; parameters
-need no .grad at all. Second order around the unperturbed model, with the diagonal empirical Fisher
-F = sum_s G_s**2 standing in for the Hessian:
+need no .grad at all. Second order around the unperturbed model, with the diagonal Fisher F = sum_s G_s**2
+standing in for the Hessian:
 
     KL  ~= sum(F * dW**2) / (2 N)           dNLL ~= sum(G * dW) / N + KL        (N = scored tokens)
 
-Labels are sampled from the model's own next-token distribution by default (the true Fisher, whose expectation is
-the Hessian of KL); with the text's labels (empirical Fisher) rank agreement with exhaustive KL was lower on SmolLM2
-(Spearman 0.65 vs 0.76, en, 30 modules, W3 g64, quick budget). Sampled labels carry no first-order term, so the fast
-dNLL is then its second-order part (= the KL estimate).
-
-with dW = Q(W) - W for each setting. Quantization error is close to independent noise across weights, which is
-what makes the diagonal a fair stand-in; the page reports how far to trust it (rank agreement with exhaustive probes).
+with dW = Q(W) - W for each setting. F uses labels sampled from the model's own next-token distribution (the true
+Fisher, whose expectation is the Hessian of KL); with the text's labels (empirical Fisher) rank agreement with
+exhaustive KL was lower (en: 0.94 vs 0.975, fast budget). Sampled labels have no first-order term (E[G] = 0), so
+G comes from a second backward over the same forward with the text's labels (`first_order=True`); without it the
+fast dNLL is its second-order part (= the KL estimate). Quantization error is close to independent noise across
+weights, which is what makes the diagonal a fair stand-in; docs/sensitivity.md has the estimators compared.
 """
 from __future__ import annotations
 
@@ -28,7 +27,7 @@ from .settings import Setting
 @dataclass(frozen=True)
 class FisherStats:
     fisher: dict[str, torch.Tensor]  # name -> (out, in) sum over sequences of G_s**2
-    gradient: dict[str, torch.Tensor]  # name -> (out, in) sum over sequences of G_s
+    gradient: dict[str, torch.Tensor]  # name -> (out, in) sum of G_s with the text's labels; empty if not gathered
     tokens: int
     seconds: float
     labels: str = "sampled"
@@ -40,24 +39,31 @@ def per_sequence_gradient(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], batch: int = 4,
-                 progress=None, labels: str = "sampled", seed: int = 0) -> FisherStats:
-    """Accumulate F and G for `modules` over calibration ids (n, T); the model's weights are not changed.
-    labels="data": the text's next tokens (empirical Fisher); "sampled": one draw from the model's own
-    next-token distribution per position (the true Fisher, whose expectation is KL's Hessian)."""
+                 progress=None, labels: str = "sampled", seed: int = 0, first_order: bool = False) -> FisherStats:
+    """Accumulate F (and G) for `modules` over calibration ids (n, T); the model's weights are not changed.
+    labels="data": the text's next tokens for both (empirical Fisher); "sampled": one draw per position from the
+    model's own next-token distribution for F (the true Fisher, whose expectation is KL's Hessian), and with
+    `first_order` a second backward over the same forward with the text's labels for G."""
     generator = torch.Generator().manual_seed(seed)
     started = time.perf_counter()
     fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
-    gradient = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
+    gather_gradient = labels == "data" or first_order
+    gradient = ({n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
+                if gather_gradient else {})
+    phase = {"fisher": True, "gradient": labels == "data"}  # what the running backward accumulates
 
     def hook(name):
         def forward_hook(module, inputs, output):
             x = inputs[0].detach()
 
             def backward_hook(g):
-                per_sequence = per_sequence_gradient(x, g.detach())  # (B, out, in)
-                for one in per_sequence:  # in place: no (B, out, in) temporary for the squares
-                    fisher[name].addcmul_(one, one)
-                gradient[name].add_(per_sequence.sum(0))
+                g = g.detach()
+                if phase["fisher"]:
+                    per_sequence = per_sequence_gradient(x, g)  # (B, out, in)
+                    for one in per_sequence:  # in place: no (B, out, in) temporary for the squares
+                        fisher[name].addcmul_(one, one)
+                if phase["gradient"]:
+                    gradient[name].add_(torch.einsum("bto,bti->oi", g, x))  # (out, in): summed over the batch
             output.register_hook(backward_hook)
         return forward_hook
 
@@ -73,12 +79,16 @@ def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], 
                 inputs = embed(part).detach().requires_grad_(True)
                 logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1].float()
                 flat = logits.reshape(-1, logits.shape[-1])  # (B * (T - 1), vocab)
+                text = part[:, 1:].reshape(-1)
                 if labels == "sampled":
-                    targets = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)[:, 0]
+                    drawn = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)[:, 0]
+                    phase.update(fisher=True, gradient=False)
+                    torch.nn.functional.cross_entropy(flat, drawn, reduction="sum").backward(retain_graph=first_order)
+                    if first_order:  # same forward, second backward: the text's first-order term only
+                        phase.update(fisher=False, gradient=True)
+                        torch.nn.functional.cross_entropy(flat, text, reduction="sum").backward()
                 else:
-                    targets = part[:, 1:].reshape(-1)
-                nll = torch.nn.functional.cross_entropy(flat, targets, reduction="sum")
-                nll.backward()
+                    torch.nn.functional.cross_entropy(flat, text, reduction="sum").backward()
             if progress:
                 progress(min(1.0, (start + batch) / ids.shape[0]), f"gradients: batch {done + 1}")
     finally:
@@ -91,7 +101,7 @@ def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], 
 
 
 def estimate_slices(weight: torch.Tensor, stats: list[FisherStats], name: str, setting: Setting) -> list[tuple[float, float]]:
-    """`estimate` for several slices' statistics, computing the setting's weight error once."""
+    """(kl, dnll) for one module under `setting` from several slices' statistics; the weight error is computed once."""
     with torch.no_grad():
         weight = weight.detach()
         delta = (setting.perturbed(weight) - weight).reshape(-1)  # (out * in,)
@@ -99,7 +109,7 @@ def estimate_slices(weight: torch.Tensor, stats: list[FisherStats], name: str, s
         out = []
         for stat in stats:
             kl = float(torch.dot(stat.fisher[name].reshape(-1), squared)) / (2 * stat.tokens)
-            # the first-order term needs the text's own labels; sampled labels leave dNLL at its second-order part
-            first = float(torch.dot(stat.gradient[name].reshape(-1), delta)) / stat.tokens if stat.labels == "data" else 0.0
+            # the first-order term needs the text's own labels; without them dNLL is its second-order part
+            first = float(torch.dot(stat.gradient[name].reshape(-1), delta)) / stat.tokens if stat.gradient else 0.0
             out.append((kl, first + kl))
     return out

@@ -28,7 +28,7 @@ class ScanBudget:
     check_modules: int  # exhaustive sample size for the fast-vs-exhaustive agreement check
     chunk: int = 4  # sequences per forward in a probe
     stop_rel_error: float | None = None  # stop a probe once KL's standard error over chunks is below this share
-    version: int = 2  # 2: fast scores use sampled-label Fisher
+    version: int = 3  # 2: fast scores use sampled-label Fisher; 3: fast dNLL adds the text's first-order term
 
     def __post_init__(self):
         if min(self.sequences, self.seq_len, self.calib_sequences, self.calib_len, self.chunk) < 1:

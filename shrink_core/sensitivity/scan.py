@@ -22,7 +22,7 @@ from .settings import Setting, get_setting
 METHODS = ("fast", "exhaustive")
 METRICS = ("kl", "dnll")
 METHOD_LABELS = {
-    "fast": "fast: diagonal empirical Fisher x RTN/mask error, from calibration rows",
+    "fast": "fast: diagonal Fisher (sampled labels) x RTN/mask error + first-order term, from calibration rows",
     "exhaustive": "exhaustive: module perturbed alone, KL/dNLL measured on eval rows (prefix reused)",
 }
 
@@ -211,6 +211,7 @@ class _Scanner:
         for n, slice_id in enumerate(missing):
             ids = calib_tokens(self.loaded.tokenizer, slice_id, self.budget.calib_sequences, self.budget.calib_len)
             stats[slice_id] = fisher_stats(self.loaded.model, ids, self.modules, batch=self.budget.chunk * 2,
+                                           first_order=True,
                                            progress=lambda f, m, _n=n, _id=slice_id: progress(
                                                0.8 * (_n + f) / len(missing), f"{_id}: {m}"))
             self.report.timings["gradients_s"] = self.report.timings.get("gradients_s", 0) + stats[slice_id].seconds
