@@ -6,8 +6,11 @@ import streamlit as st
 from shrink_core import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.inventory import LINEAR_KINDS, modules_from_rows
+from shrink_core.perf.hardware import DEFAULT_ROWS, get as get_hardware
+from shrink_core.perf.roofline import project
+from shrink_core.perf.workload import workload_from_rows
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
-from shrink_core.planner import SETTINGS, build_problem, solution_plan, solve
+from shrink_core.planner import SETTINGS, build_problem, latency_model, solution_plan, solve
 from shrink_core.predict import predict, score_table
 from shrink_core.sensitivity.scan import stored_records
 from shrink_core.presets import PRESETS
@@ -63,11 +66,18 @@ scored_slices = sorted({s for _, _, s in scores})
 linears = table[table["kind"].isin(LINEAR_KINDS + ("embedding",))]
 packed = int(table["packed_bytes"].sum())
 params = sum(r.params for r in rows)
-cols = st.columns(4)
+targets = [r.name for r in DEFAULT_ROWS]
+hardware = get_hardware(st.selectbox("Projection target (latency is projected for it, not measured)", targets,
+                                     index=targets.index("h100-sxm"), key="plan_target"))
+specs = plan_edit.quant_specs(resolved)
+projection = project(workload_from_rows(rows, described["summary"], specs), hardware)
+cols = st.columns(5)
 cols[0].metric("Packed size", f"{packed / 1e6:,.1f} MB", f"{(packed / described['summary']['bytes_fp32'] - 1):+.0%} vs fp32",
                delta_color="inverse")
 cols[1].metric("Bits per weight", f"{packed * 8 / max(params, 1):.2f}")
 cols[2].metric("Modules changed", int((~table["keep"]).sum()))
+cols[4].metric("Projected decode", f"{projection.decode_ms_per_token:.3f} ms",
+               help=f"ms per token at batch 1 on {hardware.name}: projected by the roofline model, not measured")
 settings_by_module = {r["module"]: r["setting"] for r in table.to_dict("records")}
 if scores:
     predictions = predict(settings_by_module, scores, scored_slices, metric)
@@ -76,16 +86,19 @@ if scores:
     st.dataframe(pd.DataFrame([p.__dict__ for p in predictions]), key="prediction_table", hide_index=True)
     st.caption("Predicted: the sum of one-module-at-a-time sensitivity scores from the stored scan (additive; "
                "interactions between modules are not modelled). Modules whose setting has no score are counted as "
-               "'unscored', not as zero loss. Sizes are computed from the packed format (exact bytes), not measured.")
+               "'unscored', not as zero loss. Sizes are computed from the packed format (exact bytes), not measured. "
+               f"Latency is projected, not measured: batch-1 decode, {projection.model}; pruning is not counted.")
 else:
     cols[3].metric("Predicted quality", "no scan yet")
     st.caption("Run a sensitivity scan (Sensitivity page) to see predicted quality per slice on every edit. "
-               "Sizes are computed from the packed format (exact bytes), not measured.")
+               "Sizes are computed from the packed format (exact bytes), not measured. "
+               f"Latency is projected, not measured: batch-1 decode, {projection.model}; pruning is not counted.")
 
 # ------------------------------------------------------------------ bulk edits
 with st.expander("Bulk edit: by kind and block range"):
     form = st.columns([2, 2, 1, 1, 1])
-    kinds = form[0].multiselect("Kinds", list(LINEAR_KINDS[:-1]) + ["embedding", "lm_head"], key="bulk_kinds")
+    kinds = form[0].multiselect("Kinds", list(LINEAR_KINDS[:-1]) + ["embedding", "lm_head"],
+                                default=list(LINEAR_KINDS[:-1]), key="bulk_kinds")  # whole blocks, by default
     block_range = form[1].slider("Blocks", 0, blocks - 1, (0, blocks - 1), key="bulk_blocks")
     setting = form[2].selectbox("Setting", plan_edit.SETTING_CHOICES, index=0, key="bulk_setting")
     method = form[3].selectbox("Method", ["rtn", "gptq"], key="bulk_method")
@@ -143,44 +156,55 @@ if not scores:
 else:
     scored_settings = sorted({s for _, s, _ in scores} & set(SETTINGS))
     form = st.columns([1, 1, 2, 2, 1])
-    budget_kind = form[0].radio("Budget", ["MB", "bits/weight"], key="planner_budget_kind")
+    budget_kind = form[0].radio("Budget", ["MB", "bits/weight", "ms/token"], key="planner_budget_kind",
+                                format_func=lambda k: {"ms/token": f"projected ms/token on {hardware.name}"}.get(k, k))
     default_mb = float(sum(r.packed_bytes for r in resolve(rows, load_plan("preset:w4g64")))) / 1e6
-    budget = form[1].number_input("Value", value=round(default_mb, 1) if budget_kind == "MB" else 4.5,
-                                  min_value=0.1, key=f"planner_budget_{budget_kind}")
+    default = {"MB": round(default_mb, 1), "bits/weight": 4.5,
+               "ms/token": round(projection.decode_ms_per_token, 4)}[budget_kind]
+    budget = form[1].number_input("Value", value=default, min_value=0.0001, format="%.4f" if budget_kind == "ms/token"
+                                  else "%.1f", key=f"planner_budget_{budget_kind}")
     objective = form[2].selectbox("Objective", ["worst"] + scored_slices, key="planner_objective",
                                   format_func=lambda o: "worst slice" if o == "worst" else f"slice {o}")
     chosen_settings = form[3].multiselect("Settings", scored_settings, default=scored_settings, key="planner_settings")
     method = form[4].selectbox("Method", ["rtn", "gptq"], key="planner_method")
     pinned = {r["module"]: "keep" for r in table.to_dict("records") if r["keep"] and r["kind"] in LINEAR_KINDS}
     st.caption(f"Modules kept by the current plan stay kept ({len(pinned)} pinned). "
-               "Solver: exact mixed-integer program (HiGHS); its optimality gap is reported.")
+               "Solver: exact mixed-integer program (HiGHS); its optimality gap is reported."
+               + (f" The latency budget is projected, not measured: {projection.model}." if budget_kind == "ms/token"
+                  else ""))
     if st.button("Run planner", type="primary", key="run_planner", disabled=not chosen_settings):
         try:
             problem = build_problem(rows, {k: v for k, v in scores.items() if k[1] in chosen_settings}, scored_slices,
-                                    chosen_settings, pinned=pinned)
+                                    chosen_settings, pinned=pinned, hardware=hardware)
             fixed_bytes = packed - int(table[table["module"].isin(problem.modules)]["packed_bytes"].sum())
+            latency = latency_model(rows, described["summary"], hardware, set(problem.modules),
+                                    {m: q for m, q in specs.items() if m not in problem.modules})
             solution = solve(problem, objective=objective,
                              budget_bytes=budget * 1e6 - fixed_bytes if budget_kind == "MB" else None,
-                             average_bits=budget if budget_kind != "MB" else None)
+                             average_bits=budget if budget_kind == "bits/weight" else None,
+                             budget_seconds=budget / 1000 - latency.fixed_seconds if budget_kind == "ms/token" else None)
         except ShrinkError as exc:
             st.error(str(exc))
         else:
             planned = plan_to_dict(solution_plan(solution.choice, method=method))["rules"]
-            plan_edit.push(plan_edit.with_rules_first(state.plan_draft(), planned))
+            plan_edit.push(plan_edit.without_shadowed(plan_edit.with_rules_first(state.plan_draft(), planned), rows))
             st.session_state["planner_result"] = {
                 "status": solution.status, "gap": solution.gap, "seconds": solution.seconds,
-                "predicted": solution.predicted, "bytes": solution.total_bytes + fixed_bytes}
+                "predicted": solution.predicted, "bytes": solution.total_bytes + fixed_bytes,
+                "projected_ms": latency.total_ms(solution.projected_seconds), "target": latency.target}
             st.rerun()
     result = st.session_state.get("planner_result")
     if result:
         st.success(f"Planner: {result['status']} (gap {result['gap']:.1e}) in {result['seconds']:.2f} s; "
-                   f"{result['bytes'] / 1e6:,.1f} MB; predicted worst {max(result['predicted'].values()):.4f}.")
+                   f"{result['bytes'] / 1e6:,.1f} MB; projected {result['projected_ms']:.4f} ms/token on "
+                   f"{result['target']} (roofline, not measured); predicted worst {max(result['predicted'].values()):.4f}.")
 
 # ------------------------------------------------------------------ run the plan
 st.markdown("#### Run this plan")
 run_cols = st.columns([3, 1, 1])
-slices_to_run = run_cols[0].multiselect("Slices", ["en", "fr", "zh", "code", "de", "es", "ru", "ja", "ar", "arc", "lambada"],
-                                        default=["en", "fr", "zh", "code"], key="run_slices")
+run_options = ["en", "fr", "zh", "code", "de", "es", "ru", "ja", "ar", "arc", "lambada"]
+slices_to_run = run_cols[0].multiselect("Slices", run_options, key="run_slices",  # scored slices: predicted vs measured
+                                        default=[s for s in scored_slices if s in run_options] or run_options[:4])
 run_budget = run_cols[1].radio("Budget", ["fast", "standard"], key="run_budget")
 if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=not slices_to_run):
     state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.eval_run:eval_job",

@@ -1,7 +1,8 @@
-"""The planner: per-module settings that minimise predicted loss under a memory or bits budget.
+"""The planner: per-module settings that minimise predicted loss under a memory, bits or projected-latency budget.
 
 An exact mixed-integer program (SciPy's HiGHS): one binary per (module, setting), one setting per module, the budget
-as a linear constraint, and for the worst-slice objective an epigraph variable t >= loss(slice) for every slice.
+as a linear constraint (projected latency is linear: each module's own roofline time on the target, plus a fixed part
+for KV cache, attention and launches; see `perf.roofline.module_step_seconds`), and for the worst-slice objective an epigraph variable t >= loss(slice) for every slice.
 HiGHS reports its own optimality gap, so the answer says how far from optimal it can be.
 
 Predicted loss is additive over modules (sensitivity of one module at a time); interactions between modules are
@@ -41,11 +42,15 @@ class PlannerProblem:
     bytes: np.ndarray  # (modules, settings) packed bytes
     params: np.ndarray  # (modules,) weights per module, for average bits
     allowed: np.ndarray  # (modules, settings) bool: pinned/kept modules allow one setting only
+    seconds: np.ndarray | None = None  # (modules, settings) projected decode-step seconds on `target`
+    target: str | None = None
 
     def __post_init__(self):
         s, m, o = len(self.slices), len(self.modules), len(self.settings)
         if self.loss.shape != (s, m, o) or self.bytes.shape != (m, o) or self.allowed.shape != (m, o):
             raise ValueError("planner arrays do not match (slices, modules, settings)")
+        if self.seconds is not None and self.seconds.shape != (m, o):
+            raise ValueError("planner seconds do not match (modules, settings)")
         if not self.allowed.any(axis=1).all():
             raise PlannerError("A module has no allowed setting; unpin it or allow another setting.")
 
@@ -61,6 +66,7 @@ class PlannerSolution:
     gap: float  # relative MIP gap HiGHS proved (0 = optimal)
     seconds: float
     solver: str = "HiGHS MILP (scipy.optimize.milp)"
+    projected_seconds: float | None = None  # planned modules' projected decode-step seconds (problem.seconds)
 
 
 def _bits_per_weight(problem: PlannerProblem) -> np.ndarray:
@@ -68,8 +74,12 @@ def _bits_per_weight(problem: PlannerProblem) -> np.ndarray:
 
 
 def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average_bits: float | None = None,
-          objective: str = "worst", weights: dict[str, float] | None = None, time_limit: float = 20.0) -> PlannerSolution:
-    """Minimise the predicted loss (worst slice, weighted mix, or one slice) under the budget."""
+          budget_seconds: float | None = None, objective: str = "worst", weights: dict[str, float] | None = None,
+          time_limit: float = 20.0) -> PlannerSolution:
+    """Minimise the predicted loss (worst slice, weighted mix, or one slice) under the budget.
+
+    budget_seconds: projected decode-step seconds left for the planned modules (the fixed part already taken off).
+    """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
     started = time.perf_counter()
@@ -102,6 +112,12 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
         row = np.zeros((1, n + 1))
         row[0, :n] = (problem.bytes * 8).reshape(n)
         rows.append(row), lower.append([-np.inf]), upper.append([average_bits * problem.params.sum()])
+    if budget_seconds is not None:
+        if problem.seconds is None:
+            raise PlannerError("A latency budget needs projected times per setting; build the problem with a target.")
+        row = np.zeros((1, n + 1))
+        row[0, :n] = problem.seconds.reshape(n) * 1e6  # microseconds: HiGHS's feasibility tolerance is absolute
+        rows.append(row), lower.append([-np.inf]), upper.append([budget_seconds * 1e6])
     if worst:
         epigraph = np.zeros((s, n + 1))
         epigraph[:, :n] = problem.loss.reshape(s, n)
@@ -113,6 +129,11 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
                   integrality=integrality, bounds=Bounds(np.zeros(n + 1), upper_x),
                   options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
     if result.x is None:
+        if budget_seconds is not None:
+            fastest = np.where(problem.allowed, problem.seconds, np.inf).min(axis=1).sum()
+            raise PlannerError(f"No plan fits the latency budget: the fastest allowed settings of the planned modules "
+                               f"alone project to {fastest * 1e3:,.3f} ms on {problem.target}; raise the budget or "
+                               "unpin modules.")
         smallest = np.where(problem.allowed, problem.bytes, np.inf).min(axis=1).sum()
         raise PlannerError(
             f"No plan fits the budget: the smallest allowed settings need {smallest / 1e6:,.3f} MB; raise the budget or "
@@ -133,6 +154,7 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
         status="optimal" if result.status == 0 else result.message,
         gap=gap,
         seconds=time.perf_counter() - started,
+        projected_seconds=None if problem.seconds is None else float(problem.seconds[np.arange(m), picks].sum()),
     )
 
 
@@ -194,9 +216,59 @@ def setting_bytes(rows, modules: list[str], settings: list[str]) -> np.ndarray:
     return out
 
 
+def _module_weights(row, setting: str):
+    from .perf.workload import ModuleWeights, packed_bytes
+
+    if setting == "keep":
+        bits, group, symmetric = (8 * (row.bytes // row.params) if row.params else 32), None, True
+    else:
+        bits, group, symmetric = SETTINGS[setting]["bits"], SETTINGS[setting]["group_size"], SETTINGS[setting]["symmetric"]
+    return ModuleWeights(row.name, row.kind, row.shape, row.params, bits, group, symmetric,
+                         packed_bytes(row.shape, bits, group, symmetric), streamed=True)
+
+
+def setting_seconds(rows, modules: list[str], settings: list[str], hardware) -> np.ndarray:
+    """Projected decode-step seconds of each module under each setting on `hardware` (batch 1, its own roofline)."""
+    from .perf.roofline import module_step_seconds
+
+    by_name = {r.name: r for r in rows}
+    return np.array([[module_step_seconds(_module_weights(by_name[m], s), hardware) for s in settings]
+                     for m in modules])
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Projected decode ms/token = fixed part + the planned modules' own times (linear, so it fits the MILP)."""
+
+    target: str
+    fixed_seconds: float  # KV cache, attention, launches, and the streamed modules the planner does not choose for
+    basis: str  # what the projection rests on, shown with every figure
+
+    def total_ms(self, planned_seconds: float) -> float:
+        return 1000 * (self.fixed_seconds + planned_seconds)
+
+
+def latency_model(rows, summary: dict, hardware, planned: set[str], bits: dict | None = None,
+                  prompt_tokens: int = 64, decode_tokens: int = 16) -> LatencyModel:
+    """rows, summary: the stored inventory and `inventory.summary`; bits: QuantSpec of unplanned quantized modules.
+
+    Decode at batch 1 after prompt_tokens + decode_tokens / 2 of context, the point `perf.roofline.project` uses.
+    """
+    from .perf.roofline import EXTRA_LAUNCHES, basis, fixed_step_seconds, module_step_seconds
+    from .perf.workload import workload_from_rows
+
+    workload = workload_from_rows(rows, summary, bits)
+    fixed = fixed_step_seconds(workload, hardware, 1, prompt_tokens + decode_tokens / 2)
+    fixed += sum(module_step_seconds(m, hardware) for m in workload.modules if m.streamed and m.name not in planned)
+    launches = workload.layers * workload.ops_per_layer + EXTRA_LAUNCHES
+    return LatencyModel(hardware.name, fixed, f"projected, not measured: decode at batch 1, context "
+                        f"{prompt_tokens + decode_tokens // 2}, per-module {basis(hardware, launches)}")
+
+
 def build_problem(rows, scores: dict[tuple[str, str, str], float], slices: list[str], settings: list[str],
-                  pinned: dict[str, str] | None = None, allow_keep: bool = True) -> PlannerProblem:
-    """rows: inventory; scores[(module, setting, slice)] = predicted loss increase; pinned: module -> setting."""
+                  pinned: dict[str, str] | None = None, allow_keep: bool = True, hardware=None) -> PlannerProblem:
+    """rows: inventory; scores[(module, setting, slice)] = predicted loss increase; pinned: module -> setting;
+    hardware: a `perf.hardware.Hardware` row, for a projected-latency budget on that target."""
     pinned = pinned or {}
     modules = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
     options = (["keep"] if allow_keep or "keep" in pinned.values() else []) + [s for s in settings if s != "keep"]
@@ -225,5 +297,6 @@ def build_problem(rows, scores: dict[tuple[str, str, str], float], slices: list[
             allowed[k] = [s == pinned[module] for s in options]
     by_name = {r.name: r for r in rows}
     params = np.array([by_name[m].params for m in modules], dtype=float)
+    seconds = None if hardware is None else setting_seconds(rows, modules, options, hardware)
     return PlannerProblem(tuple(modules), tuple(options), tuple(slices), loss, setting_bytes(rows, modules, options),
-                          params, allowed)
+                          params, allowed, seconds, None if hardware is None else hardware.name)

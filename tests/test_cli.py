@@ -21,7 +21,10 @@ def cli(*args, env=None):
         (["inspect", "--model", "builtin:gpt5"], 1, "Unknown built-in model"),
         (["plan", "--budget-mb", "100", "--settings", "w9g7", "--out", "p.yaml"], 1, "cannot use setting 'w9g7'"),
         (["plan", "--budget-mb", "100", "--slices", "en,klingon", "--out", "p.yaml"], 1, "no slice 'klingon'"),
-        (["plan", "--out", "p.yaml"], 2, "one of the arguments --budget-mb --budget-bits is required"),
+        (["plan", "--out", "p.yaml"], 2,
+         "one of the arguments --budget-mb --budget-bits --budget-latency-ms is required"),
+        (["plan", "--budget-latency-ms", "40", "--out", "p.yaml"], 1, "--budget-latency-ms needs --target"),
+        (["plan", "--budget-latency-ms", "40", "--target", "cray-1", "--out", "p.yaml"], 1, "Unknown target 'cray-1'"),
         (["eval", "--slices", "en", "--budget", "huge"], 2, "invalid choice: 'huge'"),
     ],
 )

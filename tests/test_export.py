@@ -62,6 +62,26 @@ def test_packed_codes_decode_to_the_model_weights(tmp_path):
     assert "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors  # tied: written once
 
 
+def test_partial_last_group_packs_as_accounted(tmp_path):
+    """W4 g128 with 64-wide inputs (q..up: one partial group per row): the artifact holds ceil(in / 128) scales."""
+    from safetensors.torch import load_file
+
+    from shrink_core.export import write_packed_artifact
+    from shrink_core.quant.primitives import dequantize, unpack
+
+    model = tiny_llama()
+    report = apply_plan_(model, load_plan("preset:w4g128"), torch.randint(0, 256, (4, 32)))
+    written = write_packed_artifact(model, report, tmp_path / "p.safetensors")
+    predicted = report.totals["total_packed_bytes"]
+    assert predicted <= written < predicted * 1.01 + 16384
+    tensors = load_file(str(tmp_path / "p.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    assert tensors[f"{key}.scales"].shape == (64, 1)
+    restored = dequantize(unpack(tensors[f"{key}.codes"], 4, 64), tensors[f"{key}.scales"].float(),
+                          tensors[f"{key}.zeros"].float(), 128)
+    assert torch.allclose(restored, model.model.layers[0].self_attn.q_proj.weight, atol=1e-6)
+
+
 def test_unsaveable_non_uniform_structure_is_one_sentence(tmp_path):
     from shrink_core.errors import ShrinkError
 

@@ -56,9 +56,9 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
     assert at.session_state["plan_draft"] == before
 
 
-def test_planner_with_stored_scores(stored_tiny):
+def store_scores(rows):
     store = Store()
-    linears = [r for r in stored_tiny if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up", "down")]
+    linears = [r for r in rows if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up", "down")]
     from shrink_core import __version__
 
     for slice_id in ("en", "zh"):  # stored as the sensitivity scan stores its scores
@@ -66,6 +66,10 @@ def test_planner_with_stored_scores(stored_tiny):
             values = {r.name: [(0.5 if r.block == 0 else 0.01) * (4 if setting == "w3g64" else 1)] * 2 for r in linears}
             store.add_result("sensitivity", Provenance(SPEC, "tiny", __version__, "cpu", slice=slice_id, budget="fast"),
                              {"type": "scores", "method": "fast", "setting": setting, "values": values})
+
+
+def test_planner_with_stored_scores(stored_tiny):
+    store_scores(stored_tiny)
     at = page().run()
     assert not at.exception
     assert any(m.label.startswith("Predicted worst slice") for m in at.metric)
@@ -77,3 +81,23 @@ def test_planner_with_stored_scores(stored_tiny):
     assert result["status"] == "optimal"
     draft = at.session_state["plan_draft"]
     assert "planner: " in draft
+    assert not at.error and any(m.label == "Packed size" for m in at.metric)  # the old preset rule was dropped
+
+
+def test_planner_under_a_projected_latency_budget(stored_tiny):
+    store_scores(stored_tiny)
+    at = page().run()
+    at.selectbox(key="plan_target").set_value("raspberry-pi-5").run()  # int4 kernels there: w4g64 is faster
+    current = float(metric(at, "Projected decode").split()[0])
+    assert any("projected, not measured" in c.value for c in at.caption)
+    at.radio(key="planner_budget_kind").set_value("ms/token").run()
+    assert any("latency budget is projected, not measured" in c.value for c in at.caption)
+    at.number_input(key="planner_budget_ms/token").set_value(round(current * 1.02, 4))  # the w4g64 draft + 2%
+    at.button(key="run_planner").click().run()
+    assert not at.exception, at.exception
+    result = at.session_state["planner_result"]
+    assert result["status"] == "optimal" and result["target"] == "raspberry-pi-5"
+    assert result["projected_ms"] <= current * 1.02 + 1e-4
+    assert float(metric(at, "Projected decode").split()[0]) == pytest.approx(result["projected_ms"],
+                                                                                               abs=2e-3)
+    assert any("roofline, not measured" in s.value for s in at.success)

@@ -70,6 +70,16 @@ def test_lowbit_says_what_it_cannot_express(tiny_model):
     assert report.to_dict()["not_expressed"][0]["why"]
 
 
+def test_lowbit_keeps_a_partial_last_group_in_float(tiny_model):
+    """The aten int4 kernel needs whole groups: a g128 module with 64 inputs stays float and says so."""
+    bits = {"model.layers.0.self_attn.q_proj": QuantSpec(4, 128), "model.layers.0.mlp.down_proj": QuantSpec(4, 128)}
+    candidate, report = lowbit_copy(tiny_model, bits)  # q: 64 inputs (partial group); down: 128 inputs (one group)
+    reasons = dict(report.not_expressed)
+    assert set(reasons) == {"model.layers.0.self_attn.q_proj"} and "divisible" in reasons["model.layers.0.self_attn.q_proj"]
+    assert report.packed == ("model.layers.0.mlp.down_proj",)
+    assert isinstance(candidate.get_submodule("model.layers.0.self_attn.q_proj"), torch.nn.Linear)
+
+
 def test_measured_latency_carries_device_runtime_runs(tiny_model):
     threads_before = torch.get_num_threads()
     results = measure_latency({"a": tiny_model, "b": tiny_model}, {"b": "label-b"}, batches=(1, 2), prompt_tokens=8,

@@ -83,3 +83,35 @@ def test_plan_from_solution_resolves_exactly(tiny_model):
         assert (got.keep and setting == "keep") or (got.bits == {"w8": 8, "w4g64": 4}[setting])
     planned_bytes = sum(resolved[m].packed_bytes for m in solution.choice)
     assert planned_bytes == solution.total_bytes  # the planner's accounting is the engine's
+
+
+def test_latency_budget_is_exact_and_matches_the_roofline(tiny_model):
+    """Per-module projected seconds are linear; the chosen plan's projected total is the roofline's own figure."""
+    from shrink_core.inventory import summary
+    from shrink_core.perf.hardware import get
+    from shrink_core.perf.roofline import project
+    from shrink_core.perf.workload import QuantSpec, describe_model
+    from shrink_core.planner import SETTINGS, latency_model
+
+    hardware = get("raspberry-pi-5")  # int4/int8 kernels there: w4g64 and w8 are faster, w3g64 is read as fp32
+    rows = inventory(tiny_model)
+    linears = block_linears(rows)
+    rng = np.random.default_rng(1)
+    scores = {(r.name, s, sl): float(rng.random()) / SETTINGS[s]["bits"]
+              for r in linears for s in ("w8", "w4g64", "w3g64") for sl in ("en", "fr")}
+    problem = build_problem(rows, scores, ["en", "fr"], ["w8", "w4g64", "w3g64"], hardware=hardware)
+    assert problem.seconds.shape == problem.bytes.shape and problem.target == "raspberry-pi-5"
+    keep, w4, w3 = (problem.settings.index(s) for s in ("keep", "w4g64", "w3g64"))
+    assert (problem.seconds[:, w4] < problem.seconds[:, keep]).all()
+    assert np.allclose(problem.seconds[:, w3], problem.seconds[:, keep])  # no 3-bit kernel: no projected gain
+    latency = latency_model(rows, summary(tiny_model, rows), hardware, set(problem.modules))
+    assert "projected, not measured" in latency.basis and "raspberry-pi-5" in latency.basis
+    budget = latency.fixed_seconds + problem.seconds[:, keep].sum() * 0.6 + problem.seconds[:, w4].sum() * 0.4
+    solution = solve(problem, budget_seconds=budget - latency.fixed_seconds)
+    assert solution.status == "optimal" and latency.fixed_seconds + solution.projected_seconds <= budget + 1e-12
+    chosen = {m: QuantSpec(SETTINGS[s]["bits"], SETTINGS[s]["group_size"], SETTINGS[s]["symmetric"])
+              for m, s in solution.choice.items() if s != "keep"}
+    projected = project(describe_model(tiny_model, chosen), hardware).decode_ms_per_token
+    assert latency.total_ms(solution.projected_seconds) == pytest.approx(projected, rel=1e-6)
+    with pytest.raises(PlannerError, match="No plan fits the latency budget"):
+        solve(problem, budget_seconds=1e-9)

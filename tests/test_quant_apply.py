@@ -47,6 +47,27 @@ def test_gptq_beats_rtn_on_layer_output_error():
     assert errors["gptq"] < 0.9 * errors["rtn"]  # near-isotropic random-init inputs: GPTQ gains less than on real ones
 
 
+def test_partial_last_group_with_gptq_and_rtn():
+    """hidden 96, group 64: q..up have a group of 64 and one of 32; GPTQ keeps every weight on its group's grid."""
+    from shrink_core.quant.primitives import quantize, dequantize
+
+    torch.manual_seed(0)
+    calibration = torch.randint(0, 256, (8, 32))
+    for method in ("rtn", "gptq"):
+        model = tiny_llama(hidden=96)
+        text = f"version: 1\nrules:\n  - {{kind: {LINEARS}, weights: {{bits: 4, group_size: 64, method: {method}}}}}\n"
+        report = apply_plan_(model, load_plan(text), calibration)
+        q_name = "model.layers.0.self_attn.q_proj"
+        state = report.quant_states[q_name]
+        assert state.scale.shape == (96, 2)  # ceil(96 / 64)
+        weight = dict(model.named_modules())[q_name].weight.detach()
+        on_grid = dequantize(quantize(weight, state.scale, state.zero, 4, 64), state.scale, state.zero, 64)
+        assert torch.allclose(on_grid, weight, atol=1e-6)
+        q = next(m for m in report.modules if m.name == q_name)
+        assert q.packed_bytes == 96 * 96 // 2 + 96 * 2 * 3 and "partial last group" in q.note
+        assert report.quant_states["model.layers.0.mlp.down_proj"].scale.shape == (96, 3)  # 192 = 3 x 64
+
+
 def test_report_progress_and_packed_totals():
     model = tiny_llama()
     calls = []

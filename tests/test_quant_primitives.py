@@ -38,6 +38,35 @@ def test_round_trip(bits, group_size, symmetric):
     assert torch.equal(fake_quantize(weight, bits, group_size, symmetric), restored)
 
 
+@pytest.mark.parametrize("bits, symmetric", [(4, False), (3, False), (4, True), (8, True)])
+def test_partial_last_group(bits, symmetric):
+    """K=96, g=64: one full group and one of 32; the partial group quantizes as a group of its own columns."""
+    torch.manual_seed(bits)
+    weight = torch.randn(8, 96) * 0.05
+    weight[:, 64:] *= 10  # a wider range in the partial group: it must get its own scale
+    scale, zero = scale_zero(weight, bits, 64, symmetric)
+    assert scale.shape == zero.shape == (8, 2)
+    alone_scale, alone_zero = scale_zero(weight[:, 64:], bits, None, symmetric)  # the last 32 columns by themselves
+    assert torch.equal(scale[:, 1:], alone_scale) and torch.equal(zero[:, 1:], alone_zero)
+    codes = quantize(weight, scale, zero, bits, 64)
+    assert codes.shape == (8, 96)
+    restored = dequantize(codes, scale, zero, 64)
+    assert restored.shape == (8, 96)
+    assert torch.equal(restored[:, 64:], fake_quantize(weight[:, 64:], bits, None, symmetric))
+    assert torch.equal(restored[:, :64], fake_quantize(weight[:, :64], bits, None, symmetric))
+    assert torch.equal(unpack(pack(codes, bits), bits, 96), codes)
+    expected = packed_weight_bytes((8, 96), bits, 64, symmetric)
+    assert expected["scales"] == 8 * 2 * 2 and expected["zeros"] == (0 if symmetric else 8 * 2)
+    assert expected["codes"] == pack(codes, bits).numel() == 8 * math.ceil(96 * bits / 8)
+
+
+def test_group_larger_than_the_row_is_one_partial_group():
+    torch.manual_seed(0)
+    weight = torch.randn(4, 96)
+    assert torch.equal(fake_quantize(weight, 4, 128, False), fake_quantize(weight, 4, None, False))
+    assert packed_weight_bytes((4, 96), 4, 128, False) == packed_weight_bytes((4, 96), 4, None, False)
+
+
 def test_more_bits_less_error():
     torch.manual_seed(0)
     weight = torch.randn(64, 128)

@@ -30,6 +30,14 @@ def setting_of(row: dict) -> str:
     return f"custom ({row['bits']}-bit, group {row['group']})"
 
 
+def quant_specs(resolved) -> dict:
+    """module -> perf QuantSpec of the resolved plan's integer-quantized modules (the roofline's input)."""
+    from shrink_core.perf.workload import QuantSpec
+
+    return {r.name: QuantSpec(r.bits, r.group_size, r.weights.symmetric) for r in resolved
+            if r.weights is not None and not r.weights.is_float and not r.keep and not r.removed}
+
+
 def weights_rule(setting: str, method: str) -> dict:
     if setting == "keep":
         return {"keep": True}
@@ -64,6 +72,20 @@ def with_rules_first(yaml_text: str, new_rules: list[dict], replace_names: set[s
     data = plan_to_dict(load_plan(yaml_text))
     kept = [r for r in data["rules"] if r.get("name") not in replace_names]
     data["rules"] = new_rules + kept
+    return dump_plan(load_plan(data))
+
+
+def without_shadowed(yaml_text: str, rows) -> str:
+    """Drops rules that decide no module any more (first match wins), e.g. the preset rule under the planner's rules;
+    `resolve` refuses such rules, so keeping them would break the draft."""
+    from shrink_core.quant.resolve import first_match
+
+    plan = load_plan(yaml_text)
+    plannable = [r for r in rows if r.kind != "norm"]
+    block_count = max((r.block for r in plannable if r.block is not None), default=-1) + 1
+    used = {rule.index for rule in (first_match(plan.rules, info, block_count) for info in plannable) if rule}
+    data = plan_to_dict(plan)
+    data["rules"] = [d for rule, d in zip(plan.rules, data["rules"]) if rule.index in used]
     return dump_plan(load_plan(data))
 
 

@@ -116,17 +116,42 @@ def project(workload: Workload, hardware: Hardware, batch: int = 1, prompt_token
     prefill_s, prefill_bound = step_seconds(prefill_cost, hardware)
     decode_cost, _ = step_cost(workload, hardware, batch, 1, prompt_tokens + decode_tokens / 2, kv_bits)
     decode_s, decode_bound = step_seconds(decode_cost, hardware)
-    basis = (f"roofline ({hardware.name}: {hardware.bandwidth_bytes_per_s / 1e9:.0f} GB/s x "
-             f"{hardware.bandwidth_efficiency:.2f}, {hardware.peak_flops[hardware.float_dtype] / 1e12:.2f} TFLOP/s "
-             f"{hardware.float_dtype} x {hardware.compute_efficiency:.2f}, {hardware.launch_overhead_s * 1e6:.1f} us x "
-             f"{decode_cost.launches} launches; {hardware.calibrated_from or hardware.source})")
     return Projection(
         target=hardware.name, batch=batch, prompt_tokens=prompt_tokens, decode_tokens=decode_tokens,
         prefill_ms_per_token=1000 * prefill_s / (batch * prompt_tokens), decode_ms_per_token=1000 * decode_s,
         prefill_bound=prefill_bound, decode_bound=decode_bound,
         weight_read_bytes=decode_cost.weight_bytes,
-        notes=notes, model=basis,
+        notes=notes, model=basis(hardware, decode_cost.launches),
     )
+
+
+def basis(hardware: Hardware, launches: int) -> str:
+    """What a projection on `hardware` rests on, in one line (shown with every projected figure)."""
+    return (f"roofline ({hardware.name}: {hardware.bandwidth_bytes_per_s / 1e9:.0f} GB/s x "
+            f"{hardware.bandwidth_efficiency:.2f}, {hardware.peak_flops[hardware.float_dtype] / 1e12:.2f} TFLOP/s "
+            f"{hardware.float_dtype} x {hardware.compute_efficiency:.2f}, {hardware.launch_overhead_s * 1e6:.1f} us x "
+            f"{launches} launches; {hardware.calibrated_from or hardware.source})")
+
+
+def module_step_seconds(module: ModuleWeights, hardware: Hardware, batch: int = 1, new_tokens: int = 1) -> float:
+    """One streamed module's own roofline time in a forward step.
+
+    Summed over modules (plus `fixed_step_seconds`) this is linear in the per-module formats, so a planner can budget
+    it; it bounds the whole-step roofline from above and equals it when every module is bound the same way (batch-1
+    decode: all memory-bound).
+    """
+    read, flop_factor, _ = module_format(module, hardware)
+    memory = read / (hardware.bandwidth_bytes_per_s * hardware.bandwidth_efficiency)
+    compute = 2 * module.numel * flop_factor * batch * new_tokens / (
+        hardware.peak_flops[hardware.float_dtype] * hardware.compute_efficiency)
+    return max(memory, compute) if hardware.overlap else memory + compute
+
+
+def fixed_step_seconds(workload: Workload, hardware: Hardware, batch: int = 1, context: float = 72,
+                       kv_bits: int | None = None) -> float:
+    """The decode step without its weights: KV-cache reads, attention FLOPs and operator launches."""
+    cost, _ = step_cost(replace(workload, modules=()), hardware, batch, 1, context, kv_bits)
+    return step_seconds(cost, hardware)[0]
 
 
 def launch_overhead_from_step(step_seconds: float, workload: Workload) -> float:

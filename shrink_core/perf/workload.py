@@ -153,6 +153,30 @@ def describe_model(model, bits: dict | None = None, name: str = "", packed: dict
     )
 
 
+def workload_from_rows(rows, summary: dict, bits: dict | None = None, name: str = "") -> Workload:
+    """The workload from a stored inventory and `inventory.summary` (no model at hand, as on the Plan page).
+
+    bits: module name -> QuantSpec, as in `describe_model`; no zero-pattern check (the weights are not here).
+    """
+    bits = bits or {}
+    modules = []
+    for row in rows:
+        if row.kind == "norm":
+            continue
+        spec = bits.get(row.name)
+        width = spec.bits if spec else (8 * (row.bytes // row.params) if row.params else 32)
+        group, symmetric = (spec.group_size, spec.symmetric) if spec else (None, True)
+        stored = 0 if row.tied_to else packed_bytes(row.shape, width, group, symmetric)
+        modules.append(ModuleWeights(row.name, row.kind, row.shape, row.params, width, group, symmetric, stored,
+                                     streamed=row.kind in LINEAR_KINDS + ("lm_head",)))
+    heads = summary["attention_heads"]
+    return Workload(
+        name=name or summary.get("architecture", "model"), layers=summary["blocks"], hidden=summary["hidden_size"],
+        heads=heads, kv_heads=summary.get("kv_heads") or heads, head_dim=summary["hidden_size"] // heads,
+        vocab=summary["vocab_size"], modules=tuple(modules), weight_source="computed from bits per module",
+    )
+
+
 def uniform_bits(model, bits: int = 4, group_size: int | None = 64, symmetric: bool = False) -> dict:
     """QuantSpec for every block linear (embedding and lm_head kept), like the w4g64 preset."""
     return {r.name: QuantSpec(bits, group_size, symmetric) for r in inventory(model)

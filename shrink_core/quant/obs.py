@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .primitives import scale_zero
+from .primitives import scale_zero, to_groups
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
@@ -37,10 +37,8 @@ def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group
 
     importance (in,) is the diagonal of H (activation energy per input feature): an activation-aware range search.
     """
-    rows, columns = weight.shape
-    size = group_size or columns
-    grouped = weight.float().reshape(rows, columns // size, size)  # (out, groups, size)
-    weights = importance.float().reshape(1, columns // size, size)
+    grouped = to_groups(weight.float(), group_size)  # (out, groups, size), partial last group zero-padded
+    weights = to_groups(importance.float().reshape(1, -1), group_size)  # (1, groups, size): padding weighs 0
     best_error = best_scale = best_zero = None
     for ratio in CLIP_RATIOS:
         scale, zero = scale_zero(weight, bits, group_size, symmetric, clip=ratio)  # (out, groups)
@@ -84,7 +82,8 @@ def obs_compress(
         W, keep, hessian = W[:, order], keep[:, order], hessian[order][:, order]
     hinv, dead = inverse_hessian_factor(hessian, damp)
     W[:, dead] = 0
-    group_of = (order if order is not None else torch.arange(columns)) // size  # (in,) original group per column
+    # (in,) original group per column; a partial last group (in % size columns) is in // size, as in `to_groups`
+    group_of = (order if order is not None else torch.arange(columns)) // size
     top = 2**bits - 1 if bits else 0
     for start in range(0, columns, block_size):
         end = min(start + block_size, columns)

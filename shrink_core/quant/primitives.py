@@ -1,7 +1,10 @@
 """Pure quantization math: fake-quantize, quantize to integer codes, dequantize, bit-pack and their byte counts.
 
 A weight is quantized along its input dimension in groups of `group_size` columns (None = one group per row, i.e.
-per output channel). Codes are unsigned integers in [0, 2**bits - 1]; the value is `(code - zero) * scale`.
+per output channel). When `group_size` does not divide the columns, the last group is partial (ceil(in / group_size)
+groups per row, e.g. 576 = 4 x 128 + 64 in SmolLM2): it is padded with zeros for the math and cropped after; zeros lie
+inside every group's quantization range already (asymmetric ranges include 0, absmax ignores it), so padding changes
+no scale or zero. Codes are unsigned integers in [0, 2**bits - 1]; the value is `(code - zero) * scale`.
 Symmetric quantization uses the fixed zero 2**(bits - 1) (signed codes stored with an offset), so only the scale is
 stored; asymmetric stores one integer zero per group. Scales are rounded to float16, as the packed format stores them,
 so what a quality run measures is exactly what the packed artifact holds.
@@ -19,19 +22,28 @@ MIN_SCALE = 2.0**-20  # keeps float16 scales non-zero for all-zero groups
 
 
 def group_count(columns: int, group_size: int | None) -> int:
-    return 1 if group_size is None else columns // group_size
+    return 1 if group_size is None else math.ceil(columns / group_size)
 
 
-def _grouped(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+def to_groups(weight: torch.Tensor, group_size: int | None) -> torch.Tensor:
+    """(out, in) -> (out, groups, group_size), the partial last group padded with zeros."""
     rows, columns = weight.shape
     size = columns if group_size is None else group_size
-    return weight.reshape(rows, columns // size, size)  # (out, groups, group_size)
+    groups = group_count(columns, group_size)
+    if groups * size != columns:  # no copy in the usual, dividing case
+        weight = torch.nn.functional.pad(weight, (0, groups * size - columns))  # (out, groups * size)
+    return weight.reshape(rows, groups, size)
+
+
+def from_groups(grouped: torch.Tensor, columns: int) -> torch.Tensor:
+    """Inverse of `to_groups`: (out, groups, group_size) -> (out, in), padding cropped."""
+    return grouped.reshape(grouped.shape[0], -1)[:, :columns]
 
 
 def scale_zero(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
                clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Round-to-nearest parameters; `clip` (scalar or (out, groups)) shrinks the range before rounding."""
-    grouped = _grouped(weight.float(), group_size)  # (out, groups, size)
+    grouped = to_groups(weight.float(), group_size)  # (out, groups, size)
     if symmetric:
         top = 2 ** (bits - 1) - 1
         absmax = grouped.abs().amax(dim=-1) * clip  # (out, groups)
@@ -48,16 +60,16 @@ def scale_zero(weight: torch.Tensor, bits: int, group_size: int | None, symmetri
 def quantize(weight: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, bits: int,
              group_size: int | None) -> torch.Tensor:
     """Integer codes (out, in) as uint8 for the given per-group scale and zero (out, groups)."""
-    grouped = _grouped(weight.float(), group_size)  # (out, groups, size)
+    grouped = to_groups(weight.float(), group_size)  # (out, groups, size)
     codes = torch.round(grouped / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
-    return codes.reshape(weight.shape).to(torch.uint8)
+    return from_groups(codes, weight.shape[1]).to(torch.uint8)
 
 
 def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, group_size: int | None,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    grouped = _grouped(codes.float(), group_size)  # (out, groups, size)
+    grouped = to_groups(codes.float(), group_size)  # (out, groups, size)
     values = (grouped - zero.unsqueeze(-1)) * scale.unsqueeze(-1)
-    return values.reshape(codes.shape).to(dtype)
+    return from_groups(values, codes.shape[1]).to(dtype)
 
 
 def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
@@ -88,7 +100,8 @@ def unpack(packed: torch.Tensor, bits: int, columns: int) -> torch.Tensor:
 
 
 def packed_weight_bytes(shape: tuple[int, int], bits: int, group_size: int | None, symmetric: bool) -> dict:
-    """Exact bytes of the packed format: codes, float16 scales, uint8 zeros (asymmetric only)."""
+    """Exact bytes of the packed format: codes, float16 scales, uint8 zeros (asymmetric only); a partial last group
+    stores one scale (and zero) like a full one."""
     rows, columns = shape
     groups = rows * group_count(columns, group_size)
     codes = rows * math.ceil(columns * bits / 8)

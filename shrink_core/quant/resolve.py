@@ -191,8 +191,9 @@ def _resolve_one(info: ModuleInfo, rule: Rule | None, note: str, config) -> Reso
         note = (note + "; " if note else "") + f"{weights.method} applies to block linears; this uses rtn"
     new_shape = _new_shape(info, prune, config)
     if weights and not weights.is_float and weights.group_size and new_shape[1] % weights.group_size:
-        raise PlanError(f"Rule {rule.index} sets group_size {weights.group_size}, which does not divide the "
-                        f"{new_shape[1]} input features of {info.name}; use a group size that divides it or 'channel'.")
+        full, rest = divmod(new_shape[1], weights.group_size)
+        note = (note + "; " if note else "") + (f"partial last group: {new_shape[1]} inputs = {full} x "
+                                                f"{weights.group_size} + {rest}")
     tied = info.tied_to is not None
     removed = bool(prune and prune.structure == "blocks")
     bias = 0 if not info.params else max(info.params - math.prod(info.shape), 0) * dtype_bytes

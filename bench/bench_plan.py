@@ -1,0 +1,229 @@
+"""Planner benchmark on a real model: prints JSON lines of figures.
+
+  python bench/bench_plan.py [--model builtin:smollm2-135m] [--parts timing,quality] [--methods rtn,gptq]
+                             [--sizes w4g128,w3g64] [--rows 40]
+
+timing: the exact planner (HiGHS MILP) on 210 modules x 6 settings (+ keep), worst of 4 slices, with seeded synthetic
+  scores (the scan does not score every setting), at two budgets; its proven gap, and the greedy heuristic's objective.
+quality: fast-scan scores (`run_scan`, its fast budget) -> the planner's mixed-precision plan (objective: worst slice)
+  at no more packed bytes than uniform W4 g128 / W3 g64, applied with the same method as the uniform plan; both are
+  MEASURED per slice on the first --rows text rows of each slice (window 512), with bootstrap 95% intervals: ppl per
+  plan, and the paired per-token NLL difference planner - uniform (negative = planner better).
+embedding: the same budgets with the (tied) embedding pinned to int8 per channel (RTN) by hand and the planner filling
+  the block linears with the bytes that frees; the fp32 embedding is 113 MB of SmolLM2's ~160 MB at these sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+
+from shrink_core.evaluate import BUDGETS, evaluate  # noqa: E402
+from shrink_core.inventory import block_linears, inventory  # noqa: E402
+from shrink_core.metrics import bootstrap_ratio_ci  # noqa: E402
+from shrink_core.plan import load_plan, resolve  # noqa: E402
+from shrink_core.planner import SETTINGS, build_problem, greedy, solution_plan, solve  # noqa: E402
+from shrink_core.slices import get_slice  # noqa: E402
+
+LINEARS = "[q, k, v, o, gate, up, down]"
+
+
+def emit(figures: dict) -> None:
+    print(json.dumps({**figures, "load_average": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+
+
+def uniform_text(setting: str, method: str) -> str:
+    spec = SETTINGS[setting]
+    group = "channel" if spec["group_size"] is None else spec["group_size"]
+    return (f"version: 1\nname: uniform {setting} {method}\nrules:\n  - {{kind: {LINEARS}, weights: {{bits: "
+            f"{spec['bits']}, group_size: {group}, symmetric: {str(spec['symmetric']).lower()}, method: {method}}}}}\n")
+
+
+def synthetic_scores(rows, slices, settings, seed: int = 0) -> dict:
+    """Module x slice sensitivity (log-normal) times the setting's relative rounding error (~4^-bits, finer groups
+    help): the shape real scans have, for timing only."""
+    rng = np.random.default_rng(seed)
+    error = {s: 4.0 ** -SETTINGS[s]["bits"] * (1 + 16 / (SETTINGS[s]["group_size"] or 4096)) for s in settings}
+    scores = {}
+    for row in rows:
+        base = rng.lognormal(0, 1.5)
+        for slice_id in slices:
+            weight = base * rng.lognormal(0, 0.5)
+            scores.update({(row.name, s, slice_id): weight * error[s] for s in settings})
+    return scores
+
+
+def objective_of(problem, choice: dict) -> float:
+    picks = [problem.settings.index(choice[m]) for m in problem.modules]
+    return float(problem.loss[:, np.arange(len(picks)), picks].sum(axis=1).max())
+
+
+def timing(loaded, slices) -> None:
+    rows = block_linears(inventory(loaded.model))
+    settings = list(SETTINGS)
+    problem = build_problem(rows, synthetic_scores(rows, slices, settings), slices, settings)
+    for size in ("w4g128", "w3g64"):
+        budget = sum(r.packed_bytes for r in resolve(rows, load_plan(uniform_text(size, "rtn"))))
+        solution = solve(problem, budget_bytes=budget, objective="worst")
+        heuristic = objective_of(problem, greedy(problem, budget))
+        emit({"part": "timing", "modules": len(problem.modules), "settings": len(settings), "options": problem.settings,
+              "slices": len(slices), "budget": f"bytes of uniform {size}", "scores": "synthetic (seeded)",
+              "solver": solution.solver, "seconds": round(solution.seconds, 3), "status": solution.status,
+              "proven_gap": solution.gap, "objective": solution.objective, "greedy_objective": heuristic,
+              "greedy_worse_by": round(heuristic / solution.objective - 1, 4)})
+
+
+def measured(model, tokenizer, slices, budget) -> dict:
+    return {r.slice: r for r in evaluate(model, tokenizer, [get_slice(s) for s in slices], budget)}
+
+
+def paired_delta(a, b) -> dict:
+    """Token-weighted mean NLL difference b - a over the same items, with its bootstrap interval."""
+    if a.per_item["ids"] != b.per_item["ids"]:
+        raise ValueError(f"{a.slice}: the two plans were scored on different items")
+    tokens = np.array(a.per_item["tokens"], dtype=float)
+    diff = np.array(b.per_item["nll"]) - np.array(a.per_item["nll"])  # per item, summed over its tokens
+    low, high = bootstrap_ratio_ci(diff, tokens)
+    return {"delta_nll": round(float(diff.sum() / tokens.sum()), 5), "ci95": [round(low, 5), round(high, 5)]}
+
+
+def slice_figures(results: dict) -> dict:
+    return {s: {"ppl": round(r.ppl, 3), "ppl_ci95": [round(x, 3) for x in r.ppl_ci], "nll": round(r.nll, 5)}
+            for s, r in results.items()}
+
+
+def scan_problem(loaded, args, slices):
+    """Fast-scan scores (reused from the store unless --fresh-scan) -> the planner's problem over the block linears."""
+    from shrink_core.predict import score_table
+    from shrink_core.sensitivity.scan import run_scan
+    from shrink_core.store import Store
+
+    settings = args.settings.split(",")
+    with tempfile.TemporaryDirectory() as home:
+        store = Store(Path(home) / "shrink.db") if args.fresh_scan else Store()
+        report = run_scan(loaded, slices, settings, "fast", args.scan_budget, store=store)
+    emit({"part": "scan", "method": "fast", "budget": args.scan_budget, "settings": settings, "slices": slices,
+          "computed": report.computed, "reused": report.reused, "seconds": report.seconds, "metric": args.metric})
+    return build_problem(inventory(loaded.model), score_table(report.records, args.metric), slices, settings)
+
+
+def quality(loaded, args, slices) -> None:
+    from shrink_core.quant.apply import apply_plan_
+    from shrink_core.quant.calibration_data import calibration_from_recipe
+    from shrink_core.presets import DEFAULT_RECIPE
+
+    problem = scan_problem(loaded, args, slices)
+    budget = replace(BUDGETS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
+    recipe = {**DEFAULT_RECIPE, "n_sequences": args.calib_n}
+    calibration = calibration_from_recipe(loaded.tokenizer, recipe)
+    eval_label = f"first {args.rows} text rows per slice, window 512 (fast budget otherwise), measured on CPU"
+    reference = measured(loaded.model, loaded.tokenizer, slices, budget)
+    emit({"part": "reference", "eval": eval_label, "reference": slice_figures(reference)})
+    for size in args.sizes.split(","):
+        uniform_rows = resolve(loaded.model, load_plan(uniform_text(size, "rtn")))  # same bytes for every method
+        planned_bytes = sum(r.packed_bytes for r in uniform_rows if r.name in problem.modules)
+        solution = solve(problem, budget_bytes=planned_bytes, objective="worst")
+        counts = {s: list(solution.choice.values()).count(s) for s in problem.settings}
+        for method in args.methods.split(","):
+            plans = {"uniform": load_plan(uniform_text(size, method)),
+                     "planner": solution_plan(solution.choice, method=method)}
+            results, sizes, seconds = {}, {}, {}
+            for label, plan in plans.items():
+                model = copy.deepcopy(loaded.model)
+                applied = apply_plan_(model, plan, calibration if method == "gptq" else None)
+                sizes[label] = applied.totals["total_packed_bytes"]
+                started = time.perf_counter()
+                results[label] = measured(model, loaded.tokenizer, slices, budget)
+                seconds[label] = {"apply_s": round(applied.timings["total_s"], 1),
+                                  "eval_s": round(time.perf_counter() - started, 1)}
+                del model
+            assert sizes["planner"] <= sizes["uniform"], "the planner's plan must not be larger"
+            deltas = {s: paired_delta(results["uniform"][s], results["planner"][s]) for s in slices}
+            worst = {}
+            for label, result in results.items():  # the worst slice: largest NLL increase over the reference
+                increase = {s: result[s].nll - reference[s].nll for s in slices}
+                slice_id = max(increase, key=increase.get)
+                worst[label] = {"slice": slice_id, "delta_nll_vs_reference": round(increase[slice_id], 5)}
+            emit({"part": "quality", "size_of": f"uniform {size}", "method": method,
+                  "calibration": recipe if method == "gptq" else None, "eval": eval_label,
+                  "packed_bytes": sizes, "planner": {"status": solution.status, "gap": solution.gap,
+                                                     "seconds": round(solution.seconds, 3), "settings": counts,
+                                                     "predicted_" + args.metric: solution.predicted},
+                  "uniform": slice_figures(results["uniform"]), "planned": slice_figures(results["planner"]),
+                  "planner_minus_uniform": deltas, "worst_slice": worst,
+                  "planner_better_on_worst": worst["planner"]["delta_nll_vs_reference"]
+                  < worst["uniform"]["delta_nll_vs_reference"], "timings": seconds})
+
+
+def embedding(loaded, args, slices) -> None:
+    from shrink_core.plan import Rule, WeightSpec, with_index
+    from shrink_core.quant.apply import apply_plan_
+
+    problem = scan_problem(loaded, args, slices)
+    budget = replace(BUDGETS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
+    embedding_rule = Rule(kind=("embedding",), weights=WeightSpec(bits=8, group_size=None, symmetric=True),
+                          note="pinned by hand: int8 per channel (RTN)")
+    reference = measured(loaded.model, loaded.tokenizer, slices, budget)
+    seen = {}  # the same plan at two budgets is measured once
+    for size in args.sizes.split(","):
+        uniform_bytes = sum(r.packed_bytes for r in resolve(loaded.model, load_plan(uniform_text(size, "rtn"))))
+        fixed = sum(r.packed_bytes for r in resolve(loaded.model, with_index(replace(
+            load_plan(uniform_text(size, "rtn")), rules=(embedding_rule,)))) if r.name not in problem.modules)
+        solution = solve(problem, budget_bytes=uniform_bytes - fixed, objective="worst")
+        planned = solution_plan(solution.choice, method="rtn")
+        plan = with_index(replace(planned, rules=(embedding_rule,) + planned.rules))
+        key = tuple(sorted(solution.choice.items()))
+        if key not in seen:
+            model = copy.deepcopy(loaded.model)
+            applied = apply_plan_(model, plan)
+            seen[key] = applied, measured(model, loaded.tokenizer, slices, budget)
+            del model
+        applied, results = seen[key]
+        emit({"part": "embedding", "size_of": f"uniform {size}", "method": "rtn",
+              "packed_bytes": {"uniform": uniform_bytes, "planner": applied.totals["packed_bytes"]},  # modules, no norms
+              "settings": {s: list(solution.choice.values()).count(s) for s in problem.settings},
+              "planned": slice_figures(results),
+              "delta_nll_vs_reference": {s: round(results[s].nll - reference[s].nll, 5) for s in slices}})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--model", default="builtin:smollm2-135m")
+    parser.add_argument("--parts", default="timing,quality")
+    parser.add_argument("--slices", default="en,fr,zh,code")
+    parser.add_argument("--settings", default="w8,w4g64,w3g64,w2g64", help="settings the planner may choose")
+    parser.add_argument("--sizes", default="w4g128,w3g64", help="uniform plans whose packed size is the budget")
+    parser.add_argument("--methods", default="rtn,gptq")
+    parser.add_argument("--metric", default="kl", choices=["kl", "dnll"])
+    parser.add_argument("--scan-budget", default="fast")
+    parser.add_argument("--fresh-scan", action="store_true", help="scan into a throw-away store (no reuse)")
+    parser.add_argument("--rows", type=int, default=40, help="text rows per slice in the measured evaluation")
+    parser.add_argument("--calib-n", type=int, default=16, help="GPTQ calibration sequences of 512 tokens")
+    args = parser.parse_args()
+    from shrink_core.models import load
+
+    loaded = load(args.model)
+    slices = args.slices.split(",")
+    parts = set(args.parts.split(","))
+    if "timing" in parts:
+        timing(loaded, slices)
+    if "quality" in parts:
+        quality(loaded, args, slices)
+    if "embedding" in parts:
+        embedding(loaded, args, slices)
+
+
+if __name__ == "__main__":
+    main()

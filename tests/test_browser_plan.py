@@ -1,0 +1,94 @@
+"""The Plan page in a real browser (issue 6, done when): protect two blocks, set a budget, run the planner, run the
+plan, and see predicted vs measured per slice."""
+import os
+import shutil
+
+import pytest
+
+from .browser import CHROMEDRIVER, CHROMIUM, chromium, running_app, wait_for
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.integration,
+    pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
+                       reason="Debian's chromium and chromium-driver are not installed (./run test installs them)"),
+]
+SPEC = "builtin:smollm2-135m"
+
+
+def body(driver) -> str:
+    return driver.find_element("tag name", "body").text
+
+
+def rules(driver) -> str:
+    return driver.find_element("css selector", "textarea").get_attribute("value")
+
+
+def button(driver, text: str):
+    return wait_for(driver, lambda d: next((b for b in d.find_elements("tag name", "button") if b.text == text), None),
+                    30, f"the {text} button")
+
+
+def click(driver, element) -> None:
+    driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", element)
+    element.click()
+
+
+def test_protect_budget_plan_run_and_compare(tmp_path, monkeypatch):
+    from selenium.webdriver.common.keys import Keys
+
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("SHRINK_HOME", str(home))
+    from shrink_core.modelinfo import describe
+    from shrink_core.models import load
+    from shrink_core.sensitivity import run_scan
+    from shrink_core.store import Store
+
+    # what the Model and Sensitivity pages would have stored: the inventory and a small real fast scan (one slice,
+    # two settings, quick budget), so the page has scores to predict from and to plan with
+    Store().save_model(describe(SPEC))
+    run_scan(load(SPEC), ["en"], ["w4g64", "w3g64"], "fast", "quick")
+    with running_app(home) as url:
+        driver = chromium()
+        try:
+            driver.get(f"{url}/plan")
+            wait_for(driver, lambda d: "Per module" in body(d) and "Run planner" in body(d), 120, "the Plan page")
+            # protect blocks 0 and 1: bulk edit, all block linears (the default kinds), blocks 0-1, setting keep
+            expander = next(e for e in driver.find_elements("css selector", "summary") if "Bulk edit" in e.text)
+            click(driver, expander)
+            end = 'input[type="range"][aria-label="Blocks — end"]'  # the slider thumb's keyboard twin
+            high = wait_for(driver, lambda d: d.find_element("css selector", end), 30, "the slider's end thumb")
+            driver.execute_script("arguments[0].focus();", high)
+            for _ in range(28):  # 29 -> 1
+                high.send_keys(Keys.ARROW_LEFT)
+            wait_for(driver, lambda d: d.find_element("css selector", end).get_attribute("value") == "1", 30,
+                     "blocks 0-1 on the slider")
+            click(driver, button(driver, "Apply"))
+            wait_for(driver, lambda d: "keep: true" in rules(d) and "- 1" in rules(d), 60, "a keep rule for blocks 0-1")
+            # a budget: 200 MB packed (the two protected blocks stay fp32), then the planner
+            box = driver.find_element("css selector", 'input[aria-label="Value"]')
+            box.send_keys(Keys.CONTROL, "a")
+            box.send_keys("200", Keys.ENTER)
+            wait_for(driver, lambda d: d.find_element("css selector", 'input[aria-label="Value"]')
+                     .get_attribute("value").startswith("200"), 30, "the budget value")
+            click(driver, button(driver, "Run planner"))
+            text = wait_for(driver, lambda d: next((line for line in body(d).splitlines()
+                                                    if line.startswith("Planner: optimal")), None), 60, "the planner")
+            megabytes = float(text.split(" MB")[0].split()[-1].replace(",", ""))
+            assert megabytes <= 200
+            plan = rules(driver)
+            assert "planner: keep" in plan and "planner: w" in plan
+            assert "model\\.layers\\.1\\.mlp\\.down_proj" in plan.split("planner: keep")[0]  # protected: kept
+            # run the plan (a background job: apply, evaluate en at the fast budget), then predicted vs measured
+            click(driver, button(driver, "Run this plan"))
+            wait_for(driver, lambda d: "stored as a candidate" in body(d), 170, "the plan run to finish")
+            headers = [h.get_attribute("textContent") for h in driver.find_elements("css selector",
+                                                                                  '[role="columnheader"]')]
+            assert "predicted ΔNLL" in headers and "measured ΔNLL" in headers
+            cells = [c.get_attribute("textContent") for c in driver.find_elements("css selector", '[role="gridcell"]')]
+            assert "en" in cells
+            assert "Traceback" not in body(driver)
+            driver.save_screenshot(os.path.join(tmp_path, "plan.png"))
+        finally:
+            driver.quit()
