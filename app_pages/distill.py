@@ -3,14 +3,21 @@ import streamlit as st
 
 from shrink_core import jobs
 from shrink_core.distill import DistillConfig, projected_shape
-from shrink_core.distill.run import active_job, list_runs, new_run_name, teacher_config
+from shrink_core.distill.run import active_job, latest_job, list_runs, new_run_name, read_run, teacher_config
 from shrink_core.errors import ShrinkError
 from shrink_core.slices import CalibrationRecipe, list_slices
 from ui import curves, state
 from ui.data import store
-from ui.jobs import job_outcome, job_panel
+from ui.jobs import job_outcome, job_panel, show_job
 
 TARGET = "shrink_core.distill.run:distill_job"
+
+
+def rerun_once_listed(name: str) -> None:
+    """Polled while a just-started job has not written its run directory yet; reruns the page once it has."""
+    if read_run(name) is not None:
+        st.rerun(scope="app")
+
 
 st.title("Distill")
 db = store()
@@ -103,9 +110,15 @@ if st.button("Start distillation", type="primary", key="distill_start"):
         state.set_job_id("distill", jobs.submit(db, "distill", TARGET, params))
 
 st.markdown("#### Runs")
-runs = list_runs()
 job_id = state.job_id("distill")
 current = jobs.get(db, job_id) if job_id is not None else None
+if current is not None and read_run(current.params["name"]) is None:
+    # The worker writes the run's directory once it has started (a few seconds); until then show the job itself.
+    show_job(current.id, f"Starting {current.params['name']}")
+    if current.active:
+        st.fragment(run_every=1.0)(rerun_once_listed)(current.params["name"])
+        st.stop()
+runs = list_runs()
 if not runs:
     st.info("No distillation runs yet: configure a student and press Start distillation.")
     st.stop()
@@ -117,35 +130,42 @@ cfg = run["config"]
 running = active_job(db, chosen)
 if running is not None:
     job_panel(running.id, f"Distilling {chosen}")
-elif current is not None and current.params.get("name") == chosen:
-    job_outcome(current.id)
+else:
+    last = latest_job(db, chosen)  # after an app restart the session forgot its job; the store did not
+    if last is not None:
+        job_outcome(last.id)
 done_step = run["checkpoint_step"] or 0
 status = ("finished" if run["finished"] else "running" if running else
           f"stopped at checkpoint step {done_step} of {cfg['steps']}" if run["checkpoint_step"] else "not started")
 st.caption(f"{status}; dropped blocks {run['dropped'] or 'none'}; student {run['student_params'] or 0:,} parameters; "
            f"state in $SHRINK_HOME/distill/{chosen}/")
+if run["finished"]:
+    st.caption(f"The student is stored as the candidate 'distilled {chosen}': the Results page plots it per slice.")
 if not run["finished"] and running is None:
     if st.button("Resume", key="distill_resume", help="Continue from the last checkpoint with the run's own config."):
-        params = {"config": cfg, "name": chosen, "slices": eval_slices, "budget": "fast", "resume": True}
+        params = {"config": cfg, "name": chosen, "resume": True}  # the run keeps its own slices and budget
         state.set_job_id("distill", jobs.submit(db, "distill", TARGET, params))
         st.rerun()
 
 
-def show_curves(run_id: int, device: str | None) -> None:
+def show_curves(name: str) -> None:
+    fresh = read_run(name)  # re-read: the store run id appears only after the teacher has loaded
+    run_id = fresh["run_id"] if fresh else None
     frame = curves.metrics_frame(db.metrics(run_id) if run_id else [])
     if len(frame) == 0 or "train_loss" not in frame:
         st.caption("No steps logged yet.")
         return
     st.plotly_chart(curves.loss_curves(frame, "Loss (train: this step's batch; held-out: windows never trained on)"),
-                    key=f"distill_loss_{run_id}")
+                    key=f"distill_loss_{name}")
     st.plotly_chart(curves.throughput_curve(frame, "Training throughput (teacher forward + student forward/backward)"),
-                    key=f"distill_tps_{run_id}")
+                    key=f"distill_tps_{name}")
     median = frame["tokens_per_s"].median()
-    st.caption(f"Measured during training on {device or 'cpu'}: median {median:,.0f} tokens/s over "
+    st.caption(f"Measured during training on {fresh['device'] or 'cpu'}: median {median:,.0f} tokens/s over "
                f"{len(frame)} steps (one measurement per step, wall clock). Loss is KL at the run's temperature.")
 
 
 if running is not None:
-    st.fragment(run_every=2.0)(show_curves)(run["run_id"], run["device"])  # live while the job runs
+    # every 5 s: redrawing two charts costs the server CPU the training shares on a small machine
+    st.fragment(run_every=5.0)(show_curves)(chosen)
 else:
-    show_curves(run["run_id"], run["device"])
+    show_curves(chosen)

@@ -6,6 +6,11 @@ throughput (teacher + student) against the student's own forward+backward throug
 
   python bench/bench_distill.py --minutes 20            # the issue's target (time-boxed; steps fitted to the time)
   python bench/bench_distill.py --steps 50 --minutes 0  # a fixed number of steps
+  python bench/bench_distill.py --device cuda --steps 200 --minutes 0 --slices en,code   # the same on a GPU
+
+Training and the speed probes run on --device; evaluation runs on the CPU (the evaluation runner is CPU-only), so the
+models move there for it and back. On CUDA the timings synchronise the GPU, and the peak GPU memory of training is
+recorded (torch.cuda.max_memory_allocated).
 """
 from __future__ import annotations
 
@@ -27,14 +32,24 @@ def loadavg() -> list[float]:
     return [float(x) for x in Path("/proc/loadavg").read_text().split()[:3]]
 
 
+def sync(device) -> None:
+    """Wait for queued GPU work, so a wall-clock interval covers it (CUDA kernels run asynchronously)."""
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
 def forward_seconds(model, tokens, reps: int) -> list[float]:
     import torch
 
     times = []
     with torch.no_grad():
         for _ in range(reps):
+            sync(tokens.device)
             started = time.perf_counter()
             model(input_ids=tokens, use_cache=False)
+            sync(tokens.device)
             times.append(time.perf_counter() - started)
     return times
 
@@ -45,12 +60,24 @@ def train_step_seconds(model, tokens, reps: int) -> list[float]:
 
     times = []
     for _ in range(reps):
+        sync(tokens.device)
         started = time.perf_counter()
         loss = next_token_loss(model(input_ids=tokens, use_cache=False).logits, tokens)
         loss.backward()
         model.zero_grad(set_to_none=True)
+        sync(tokens.device)
         times.append(time.perf_counter() - started)
     return times
+
+
+def device_name(device) -> str:
+    import platform
+
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{platform.processor() or platform.machine()} cpu, {torch.get_num_threads()} threads"
 
 
 def main() -> int:
@@ -69,12 +96,14 @@ def main() -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--warmup", type=int, default=-1, help="warm-up steps (default: a tenth of the steps, <= 10)")
     parser.add_argument("--kl", action="store_true", help="also measure KL to the teacher (one more teacher pass)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"],
+                        help="where training and the speed probes run (auto: cuda when torch sees a GPU)")
     args = parser.parse_args()
 
     import torch
 
     from shrink_core.distill import DistillConfig, block_influence, build_student, lowest_influence, parameter_count
-    from shrink_core.distill.run import influence_tokens, training_data
+    from shrink_core.distill.run import influence_tokens, resolve_device, training_data
     from shrink_core.distill.student import kept_blocks
     from shrink_core.distill.train import make_state, train_
     from shrink_core.evaluate import Budget, evaluate
@@ -90,7 +119,10 @@ def main() -> int:
     mix = CalibrationRecipe.parse(args.mix).mix
     base = DistillConfig(teacher=args.teacher, drop_count=args.drop, mix=mix, seq_len=args.seq_len,
                          batch_size=args.batch, pool_sequences=256, heldout_sequences=8, steps=1, lr=args.lr,
-                         temperature=args.temperature, seed=args.seed, eval_every=25, warmup_steps=10)
+                         temperature=args.temperature, seed=args.seed, eval_every=25, warmup_steps=10,
+                         device=args.device)
+    device = resolve_device(base)
+    teacher.to(device)
     t0 = time.perf_counter()
     influence = block_influence(teacher, influence_tokens(loaded.tokenizer, base))
     dropped = lowest_influence(influence, args.drop)
@@ -99,7 +131,7 @@ def main() -> int:
     pool, heldout = training_data(loaded.tokenizer, base)
 
     # speed: per-token forward latency, same batch, interleaved, plain PyTorch fp32
-    probe = pool[:args.batch]
+    probe = pool[:args.batch].to(device)
     forward_seconds(teacher, probe, 1), forward_seconds(student, probe, 1)
     t_times, s_times = [], []
     for _ in range(5):
@@ -109,8 +141,8 @@ def main() -> int:
     speed = {"teacher_forward_tokens_per_s": tokens / statistics.median(t_times),
              "student_forward_tokens_per_s": tokens / statistics.median(s_times),
              "speedup": statistics.median(t_times) / statistics.median(s_times),
-             "measured": f"median of 5 interleaved forwards of ({args.batch}, {args.seq_len}) tokens, fp32, cpu, "
-                         f"{torch.get_num_threads()} threads, torch {torch.__version__}"}
+             "measured": f"median of 5 interleaved forwards of ({args.batch}, {args.seq_len}) tokens, fp32, "
+                         f"{device_name(device)}, torch {torch.__version__}"}
     raw = train_step_seconds(student, probe, 3)
     raw_tps = tokens / statistics.median(raw)
 
@@ -118,8 +150,13 @@ def main() -> int:
     slices = [get_slice(s) for s in args.slices.split(",")]
 
     def ppl(model, reference=None, reference_results=None):
+        for m in (model, reference, teacher):  # the evaluation runner is CPU-only
+            if m is not None:
+                m.to("cpu")
         results = evaluate(model, loaded.tokenizer, slices, budget, reference=reference,
                            reference_results=reference_results)
+        model.to(device)
+        teacher.to(device)
         return {r.slice: r for r in results}
 
     t0 = time.perf_counter()
@@ -141,6 +178,8 @@ def main() -> int:
         heldout_share = 1 + (heldout.shape[0] / args.batch) * 0.35 / 25  # held-out KL every 25 steps
         steps = max(10, int(args.minutes * 60 / (step_s * heldout_share) * 0.97))
         del trial
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     warmup = args.warmup if args.warmup >= 0 else min(10, max(1, steps // 10))
     config = DistillConfig(**{**base.__dict__, "steps": steps, "warmup_steps": warmup})
     state = make_state(student, config)
@@ -151,7 +190,9 @@ def main() -> int:
            deadline=deadline, kept=kept_blocks(len(teacher.model.layers), dropped))
     print(json.dumps({"stage": "trained", "steps": state.step, "planned": steps, "log_tail": log[-1:]}), file=sys.stderr,
           flush=True)
+    sync(device)
     train_s = time.perf_counter() - t0
+    peak_gpu = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
     load_train = loadavg()
     after = ppl(student, teacher if args.kl else None, teacher_eval if args.kl else None)
 
@@ -172,7 +213,8 @@ def main() -> int:
     train_tps = [v["tokens_per_s"] for _, v in log]
     heldout_curve = [(step, round(v["heldout_loss"], 4)) for step, v in log if "heldout_loss" in v]
     out = {
-        "bench": "distill", "teacher": args.teacher, "device": "cpu", "torch": torch.__version__,
+        "bench": "distill", "teacher": args.teacher, "device": str(device), "device_name": device_name(device),
+        "evaluated_on": "cpu", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "cores": os.cpu_count(),
         "dropped_blocks": list(dropped), "blocks_kept": len(student.model.layers),
         "influence": [round(x, 4) for x in influence], "influence_s": round(influence_s, 1),
@@ -181,6 +223,8 @@ def main() -> int:
         "steps_done": state.step, "steps_planned": steps, "train_minutes": round(train_s / 60, 2),
         "tokens_trained": state.step * args.batch * args.seq_len,
         "training_tokens_per_s_median": round(statistics.median(train_tps), 1) if train_tps else None,
+        "training_tokens_per_s_overall": round(state.step * args.batch * args.seq_len / train_s, 1),
+        "peak_gpu_memory_bytes_training": peak_gpu,
         "student_raw_fwd_bwd_tokens_per_s": round(raw_tps, 1),
         "speed": {k: (round(v, 3) if isinstance(v, float) else v) for k, v in speed.items()},
         "heldout_kl_curve": heldout_curve,

@@ -9,9 +9,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from shrink_core import candidates as cands
 from shrink_core import jobs
 from shrink_core.distill import DistillConfig
-from shrink_core.distill.run import run_dir, run_distill
+from shrink_core.distill.run import read_run, run_dir, run_distill
 from shrink_core.distill.toy import save_toy_teacher
 from shrink_core.errors import ShrinkError
 from shrink_core.store import Store
@@ -68,9 +69,9 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(shrin
     store = Store()
     params = {"config": config.to_dict(), "name": "killed", "slices": [], "budget": "fast"}
     job_id = jobs.submit(store, "distill", TARGET, params)
-    wait_until(lambda: any(m["step"] >= 25 for m in store.metrics(json.loads(
-        (run_dir("killed") / "run.json").read_text())["run_id"])) if (run_dir("killed") / "run.json").is_file() else
-        jobs.get(store, job_id).status == "failed")
+    run_id = lambda: (read_run("killed") or {}).get("run_id")  # noqa: E731 (the store's run, once the worker made it)
+    wait_until(lambda: any(m["step"] >= 25 for m in store.metrics(run_id())) if run_id() else
+               jobs.get(store, job_id).status == "failed")
     os.kill(jobs.get(store, job_id).pid, signal.SIGKILL)
     assert jobs.wait(store, job_id, timeout=60).status == "failed"
     assert not (run_dir("killed") / "student").exists()
@@ -90,6 +91,14 @@ def test_resume_refuses_an_unknown_run_and_a_name_clash(shrink_home, tmp_path):
     run_distill(toy_config(teacher, steps=2), name="once", slices=[], evaluate_at_end=False)
     with pytest.raises(ShrinkError, match="already exists"):
         run_distill(toy_config(teacher, steps=2), name="once", slices=[])
+
+
+def test_a_resumed_run_keeps_its_own_evaluation_slices(shrink_home, tmp_path):
+    teacher = save_toy_teacher(tmp_path / "teacher")
+    config = toy_config(teacher, steps=4, checkpoint_every=2)
+    assert not run_distill(config, name="own", slices=["toy_mc"], stop_after=2)["finished"]
+    report = run_distill(config, name="own", resume=True)  # as the page's Resume: no slices given
+    assert report["finished"] and list(report["slices"]) == ["toy_mc"]
 
 
 def test_cli_distill_drops_listed_blocks_and_writes_a_loadable_student(shrink_home, tmp_path, capsys):

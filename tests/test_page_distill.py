@@ -33,6 +33,8 @@ def test_student_size_is_projected_before_starting_and_start_queues_a_job(shrink
     at.number_input(key="distill_steps").set_value(3)
     at.button(key="distill_start").click().run()
     assert not at.exception
+    # the worker writes the run's directory only once it has started: until then the job itself is shown
+    assert not any("No distillation runs yet" in i.value for i in at.info)
     job = jobs.get(Store(), at.session_state["job:distill"])
     assert job.kind == "distill" and job.params["config"]["drop_count"] == 2
     assert job.params["config"]["mix"] == {"toy_en": 1.0}
@@ -54,4 +56,5 @@ def test_a_stopped_run_shows_its_curves_and_a_resume_button(shrink_home, tmp_pat
     at.button(key="distill_resume").click().run()
     job = jobs.get(Store(), at.session_state["job:distill"])
     assert job.params["resume"] is True and job.params["name"] == "half"
+    assert "slices" not in job.params  # a resumed run keeps the slices it was started with
     jobs.cancel(Store(), job.id)

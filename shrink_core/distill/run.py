@@ -1,8 +1,8 @@
 """A distillation run end to end: data, student, training with checkpoints, save, evaluate, store with lineage.
 
-State on disk, under `$SHRINK_HOME/distill/<run>/`: config.json (the DistillConfig), run.json (store run id, student
-blocks), checkpoint.pt (latest), student/ (the final candidate directory). The CLI calls `run_distill` inline; the
-Distill page runs `distill_job` in a worker. Same code path.
+State on disk, under `$SHRINK_HOME/distill/<run>/`: config.json (the DistillConfig), run.json (evaluation slices and
+budget, store run id, student blocks), checkpoint.pt (latest), student/ (the final candidate directory). The CLI calls
+`run_distill` inline; the Distill page runs `distill_job` in a worker. Same code path.
 """
 from __future__ import annotations
 
@@ -99,10 +99,14 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[str] | tuple = ("en",),
-                budget: str = "fast", resume: bool = False, store=None, progress=None, job_id: int | None = None,
+def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[str] | tuple | None = None,
+                budget: str | None = None, resume: bool = False, store=None, progress=None, job_id: int | None = None,
                 stop_after: int | None = None, deadline: float | None = None, evaluate_at_end: bool = True) -> dict:
-    """Distil `config.teacher` into a student; returns the JSON report (and the saved candidate when finished)."""
+    """Distil `config.teacher` into a student; returns the JSON report (and the saved candidate when finished).
+
+    slices / budget: what the student is evaluated on at the end; None means the run's own on resume (they are saved
+    with the run, so a Resume from a fresh page or another shell ends like the run that was started), else en / fast.
+    """
     from ..evaluate import get_budget
     from ..models import load
     from ..slices import get_slice
@@ -110,10 +114,14 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
 
     progress = progress or (lambda f, m="": None)
     store = store or Store()
-    get_budget(budget)
-    slice_infos = [get_slice(s) for s in slices]
     name = name or new_run_name()
     directory = run_dir(name)
+    info_path = directory / "run.json"
+    info = json.loads(info_path.read_text()) if resume and info_path.is_file() else {}
+    slices = list(slices) if slices is not None else info.get("slices", ["en"])
+    budget = budget or info.get("budget", "fast")
+    get_budget(budget)
+    slice_infos = [get_slice(s) for s in slices]
     if resume:
         if not (directory / "config.json").is_file():
             raise ShrinkError(f"There is no run '{name}' to resume under {directory.parent}.")
@@ -123,6 +131,8 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
         raise ShrinkError(f"The run '{name}' already exists; resume it (--resume) or choose another name.")
     directory.mkdir(parents=True, exist_ok=True)
     _write_json(directory / "config.json", config.to_dict())
+    info.update({"slices": slices, "budget": budget})
+    _write_json(info_path, info)
     device = resolve_device(config)
     torch.manual_seed(config.seed)
 
@@ -137,8 +147,6 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
         param.requires_grad_(False)
     state = make_state(student, config)
 
-    info_path = directory / "run.json"
-    info = json.loads(info_path.read_text()) if info_path.is_file() else {}
     if resume and has_checkpoint(directory):
         load_checkpoint_(state, directory)
         if info.get("run_id"):  # forget metrics logged after the checkpoint: those steps are done again
@@ -204,6 +212,10 @@ def finish(store, teacher_loaded, student, built, config, name, directory, slice
         name=f"distilled {name}", kind="distilled", model_spec=teacher_loaded.spec.raw,
         weights_hash=teacher_loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=calibration,
         parent_id=parent, artifact_dir=str(out))
+    # The Pareto plots need a size for every candidate; without this record the student is "not plotted".
+    size = student_size(store, student, parent, recovered=bool(config.student_dir))
+    store.add_result("size", _provenance(teacher_loaded, plan_dict, None, None), size, job_id=job_id,
+                     candidate_id=candidate_id)
     result = {"candidate_id": candidate_id, "parent_id": parent, "student_dir": str(out), "slices": {}}
     if not evaluate_at_end or not slice_infos:
         return result
@@ -221,25 +233,43 @@ def finish(store, teacher_loaded, student, built, config, name, directory, slice
     return result
 
 
-def distill_job(ctx, config: dict, name: str, slices: list[str], budget: str = "fast", resume: bool = False) -> dict:
-    """Job: the Distill page's Start / Resume."""
+def student_size(store, student, parent_id: int, recovered: bool) -> dict:
+    """The student's weight bytes: a recovered candidate's own packed size (training keeps its shapes and its grid),
+    else the student's parameters at their dtype, tied weights counted once."""
+    parent_sizes = store.results("size", candidate_id=parent_id) if recovered else []
+    packed = parent_sizes[0]["payload"] if parent_sizes else {}
+    if packed.get("total_packed_bytes") is not None:
+        return {**packed, "source": "computed from the packed format of the recovered candidate (same grid, shapes)"}
+    dense = sum(p.numel() * p.element_size() for p in {id(p): p for p in student.parameters()}.values())
+    return {"total_packed_bytes": dense, "dense_bytes_before": dense,
+            "source": "dense weights of the student, computed from its parameters"}
+
+
+def distill_job(ctx, config: dict, name: str, slices: list[str] | None = None, budget: str | None = None,
+                resume: bool = False) -> dict:
+    """Job: the Distill page's Start / Resume (a Resume passes no slices: the run keeps its own)."""
     report = run_distill(DistillConfig.from_dict(config), name=name, slices=slices, budget=budget, resume=resume,
                          store=ctx.store, progress=ctx.progress, job_id=ctx.job_id)
     return {k: report.get(k) for k in ("run", "run_id", "step", "finished", "candidate_id", "student_dir")}
 
 
+def read_run(name: str) -> dict | None:
+    """One run's state on disk: config, store run id, step of the last checkpoint, whether the student was saved."""
+    run = run_dir(name)
+    if not (run / "config.json").is_file():
+        return None
+    info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
+    return {"name": name, "config": json.loads((run / "config.json").read_text()), "run_id": info.get("run_id"),
+            "dropped": info.get("dropped"), "checkpoint_step": checkpoint_step(run),
+            "student_params": info.get("student_params"), "device": info.get("device"),
+            "finished": (run / "student" / "config.json").is_file(), "jobs": info.get("jobs", [])}
+
+
 def list_runs() -> list[dict]:
-    """Runs on disk, newest first: name, config, step of the last checkpoint, whether the student was saved."""
-    root = shrink_home() / "distill"
-    out = []
-    for directory in sorted(root.glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True):
-        run = directory.parent
-        info = json.loads((run / "run.json").read_text()) if (run / "run.json").is_file() else {}
-        out.append({"name": run.name, "config": json.loads(directory.read_text()), "run_id": info.get("run_id"),
-                    "dropped": info.get("dropped"), "checkpoint_step": checkpoint_step(run),
-                    "student_params": info.get("student_params"), "device": info.get("device"),
-                    "finished": (run / "student" / "config.json").is_file(), "jobs": info.get("jobs", [])})
-    return out
+    """Runs on disk, newest first (see `read_run`)."""
+    paths = sorted((shrink_home() / "distill").glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
+    return [run for run in (read_run(p.parent.name) for p in paths if RUN_NAME.match(p.parent.name))
+            if run is not None]
 
 
 def teacher_config(spec: str, store=None):
@@ -254,6 +284,13 @@ def teacher_config(spec: str, store=None):
     if directory is None or not (directory / "config.json").is_file():
         return None
     return AutoConfig.from_pretrained(str(directory), local_files_only=True)
+
+
+def latest_job(store, run_name: str):
+    """The newest distill job of this run (any status), if any: after an app restart it still says why a run stopped."""
+    from .. import jobs
+
+    return next((j for j in jobs.list_jobs(store, "distill") if j.params.get("name") == run_name), None)
 
 
 def active_job(store, run_name: str):

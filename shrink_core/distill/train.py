@@ -194,6 +194,8 @@ def train_(state: TrainState, teacher, pool: torch.Tensor, heldout: torch.Tensor
         state.scheduler.step()
         state.step += 1
         done_here += 1
+        if device.type == "cuda":  # kernels run asynchronously: wait for them, or the time is not this step's
+            torch.cuda.synchronize(device)
         seconds = time.perf_counter() - started
         values = {"train_loss": terms["loss"].item(), "lr": lr, "grad_norm": float(grad_norm),
                   "tokens_per_s": tokens_per_step / seconds, **{f"train_{k}": v.item() for k, v in terms.items()

@@ -1,0 +1,148 @@
+"""The Distill page in a real browser, on the real SmolLM2 (a third of its blocks dropped, tiny batches): a run starts
+from the page, its loss curve moves, it survives a restart of the app and a `kill -9` of its worker (Resume from the
+last checkpoint), and the student lands on the Results page's Pareto plots with per-slice figures."""
+import contextlib
+import os
+import shutil
+import signal
+
+import pytest
+from selenium.webdriver.common.keys import Keys
+
+from shrink_core import jobs
+from shrink_core.distill.run import read_run
+from shrink_core.modelinfo import describe
+from shrink_core.slices import add_user_records, get_slice, load_rows
+from shrink_core.store import Store
+
+from .browser import CHROMEDRIVER, CHROMIUM, chromium, free_port, running_app, wait_for
+
+pytestmark = [
+    pytest.mark.browser,
+    pytest.mark.integration,
+    pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
+                       reason="Debian's chromium and chromium-driver are not installed (./run test installs them)"),
+]
+SPEC = "builtin:smollm2-135m"
+STEPS, CHECKPOINT_EVERY = 24, 8
+
+
+def body(driver) -> str:
+    return driver.find_element("tag name", "body").text
+
+
+def loss_points(driver) -> int:
+    """Markers on the first chart of the page (the loss curves: one per logged step and curve)."""
+    plots = driver.find_elements("css selector", ".js-plotly-plot")
+    return len(plots[0].find_elements("css selector", ".scatterlayer path.point")) if plots else 0
+
+
+def curve_moves(driver, what: str) -> None:
+    """The number of plotted points grows between two looks."""
+    first = wait_for(driver, loss_points, 120, f"a loss curve ({what})")
+    wait_for(driver, lambda d: loss_points(d) > first, 60, f"the loss curve to move ({what})")
+
+
+def logged_steps(store, name: str) -> list[int]:
+    run_id = read_run(name)["run_id"]
+    return [m["step"] for m in store.metrics(run_id) if m["key"] == "train_loss"] if run_id else [0]
+
+
+def type_into(driver, label: str, text: str) -> None:
+    box = wait_for(driver, lambda d: d.find_element("css selector", f'input[aria-label="{label}"]'), 30, label)
+    box.send_keys(Keys.CONTROL, "a")  # React inputs ignore clear(); select and type over
+    box.send_keys(text, Keys.ENTER)
+    wait_for(driver, lambda d: d.find_element("css selector", f'input[aria-label="{label}"]')
+             .get_attribute("value") == text, 30, f"{label} = {text}")
+
+
+def button(driver, text: str):
+    return wait_for(driver, lambda d: next((b for b in d.find_elements("tag name", "button") if b.text == text), None),
+                    60, f"the {text} button")
+
+
+def configure_and_start(driver, url: str) -> None:
+    driver.get(f"{url}/distill")
+    wait_for(driver, lambda d: "20 of 30" in body(d), 120, "the projected student (10 of 30 blocks dropped)")
+    for label, value in (("Steps", STEPS), ("Batch (sequences)", 2), ("Sequence length", 32)):
+        type_into(driver, label, str(value))
+    summary = next(e for e in driver.find_elements("css selector", "summary") if "checkpoints" in e.text)
+    summary.click()
+    type_into(driver, "Checkpoint every N steps", str(CHECKPOINT_EVERY))
+    # evaluate on the user's tiny slice only (seconds), not on `en`; each change reruns the page, so one step at a time
+    def chooser(d):
+        return next(e for e in d.find_elements("css selector", '[data-testid="stMultiSelect"]')
+                    if "Evaluate the student" in e.text)
+
+    def chips(d):  # the chosen values: the widget's text after its label (the option list lives elsewhere)
+        return [line for line in chooser(d).text.split("\n")[1:] if line.strip() and line != "Choose options"]
+
+    chooser(driver).find_element("css selector", "input").send_keys(Keys.BACKSPACE)
+    wait_for(driver, lambda d: chips(d) == [], 30, "en removed")
+    chooser(driver).find_element("css selector", "input").send_keys("user_notes")
+    wait_for(driver, lambda d: next((o for o in d.find_elements("css selector", '[role="option"]')
+                                     if o.text == "user_notes"), None), 30, "the user_notes option").click()
+    wait_for(driver, lambda d: chips(d) == ["user_notes"], 30, "user_notes chosen")
+    chooser(driver).find_element("css selector", "input").send_keys(Keys.ESCAPE)
+    button(driver, "Start distillation").click()
+
+
+def test_run_starts_moves_survives_restart_and_kill_and_reaches_the_pareto_plot(shrink_home, tmp_path):
+    store = Store()
+    store.save_model(describe(SPEC))  # the teacher's shape for the page, its size for the Pareto plot
+    rows = load_rows(get_slice("toy_en"), split=None)  # a user's own slice: six short paragraphs
+    add_user_records([{"text": row["text"]} for row in rows], "notes.jsonl")
+    port = free_port()
+    driver = chromium()
+    try:
+        with running_app(shrink_home, port) as url:
+            configure_and_start(driver, url)
+            curve_moves(driver, "right after Start")
+            assert "Traceback" not in body(driver)
+            job = jobs.list_jobs(store, "distill")[0]
+            assert job.params["config"]["steps"] == STEPS and job.params["slices"] == ["user_notes"]
+            assert job.params["config"]["drop_count"] == 10 and job.params["config"]["seq_len"] == 32
+        # The app is down; the worker runs in its own session and keeps training.
+        assert jobs.get(store, job.id).status == "running"
+        name = job.params["name"]
+        with running_app(shrink_home, port) as url:
+            driver.get(f"{url}/distill")
+            curve_moves(driver, "after the app restart")
+            assert "running;" in body(driver)
+
+            # kill -9 once a checkpoint is behind it and a few steps past it: Resume picks up from the checkpoint
+            wait_for(driver, lambda d: (read_run(name)["checkpoint_step"] or 0) >= CHECKPOINT_EVERY
+                     and max(logged_steps(store, name)) >= CHECKPOINT_EVERY + 2, 120,
+                     "a checkpoint and a few more steps")
+            os.kill(jobs.get(store, job.id).pid, signal.SIGKILL)
+            wait_for(driver, lambda d: "stopped at checkpoint step" in body(d) and "died before finishing" in body(d),
+                     60, "the page to notice the killed worker")
+            button(driver, "Resume").click()
+            wait_for(driver, lambda d: "finished;" in body(d), 240, "the resumed run to finish")
+            assert "Traceback" not in body(driver)
+            # steps redone after the checkpoint are logged once, and the run kept its own evaluation slice
+            assert logged_steps(store, name) == list(range(1, STEPS + 1))
+            student_id = next(c["id"] for c in store.candidates() if c["kind"] == "distilled")
+            assert [r["slice"] for r in store.results("eval", candidate_id=student_id)] == ["user_notes"]
+            driver.save_screenshot(str(tmp_path / "distill-page.png"))
+
+            student = f"distilled {name}"
+            driver.get(f"{url}/results")
+            labels = lambda d: {e.get_attribute("textContent") for e in  # noqa: E731
+                                d.find_elements("css selector", ".js-plotly-plot .scatterlayer .textpoint")}
+            wait_for(driver, lambda d: student in labels(d), 120, "the student on the Pareto plot")
+            notes = {e.get_attribute("textContent") for e in driver.find_elements("css selector", ".annotation-text")}
+            assert not any(student in n for n in notes if "not plotted" in n), notes
+            slices_plot = driver.find_elements("css selector", ".js-plotly-plot")[1]
+            titles = {e.get_attribute("textContent") for e in slices_plot.find_elements("css selector",
+                                                                                      ".annotation-text")}
+            legend = {e.get_attribute("textContent") for e in slices_plot.find_elements("css selector", ".legendtext")}
+            assert "user_notes" in titles and student in legend
+            assert len(slices_plot.find_elements("css selector", ".scatterlayer path.point")) >= 2  # teacher, student
+            driver.save_screenshot(str(tmp_path / "results-page.png"))
+    finally:
+        driver.quit()
+        for job in jobs.list_jobs(store, "distill"):  # never leave a worker behind a failed test
+            if job.active and job.pid:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(job.pid, signal.SIGKILL)
