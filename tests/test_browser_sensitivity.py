@@ -1,4 +1,4 @@
-"""The Sensitivity page in a real browser: a heatmap per slice, a cell click, protect top-k into the plan draft."""
+"""The Sensitivity page in a real browser: a heatmap per slice, protect top-k, and the rules on the Plan page."""
 import os
 import shutil
 
@@ -22,10 +22,14 @@ def test_heatmap_per_slice_and_protect_top_k(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("SHRINK_HOME", str(home))
+    from shrink_core.modelinfo import describe
     from shrink_core.models import load
     from shrink_core.sensitivity import run_scan
+    from shrink_core.store import Store
 
-    # a short real scan first (quick budget: 4 x 64 calibration tokens per slice), so the page has scores to show
+    # what the Model page stores on load (the Plan page checks plans against it), then a short real scan (quick
+    # budget: 4 x 64 calibration tokens per slice), so the page has scores to show
+    Store().save_model(describe("builtin:smollm2-135m"))
     run_scan(load("builtin:smollm2-135m"), ["en", "zh"], ["w3g64"], "fast", "quick")
     with running_app(home) as url:
         driver = chromium()
@@ -43,5 +47,17 @@ def test_heatmap_per_slice_and_protect_top_k(tmp_path, monkeypatch):
             driver.execute_script("arguments[0].scrollIntoView();", button)
             button.click()
             wait_for(driver, lambda d: "The plan draft now holds 10 rules" in body(d), 60, "the plan draft message")
+            # the rules land on the Plan page (same session, through the app's navigation), as editable plan text
+            link = wait_for(driver, lambda d: next((a for a in d.find_elements("css selector", "a[href]")
+                                                    if a.get_attribute("href").rstrip("/").endswith("/plan")), None),
+                            30, "the Plan page link")
+            driver.execute_script("arguments[0].click();", link)
+
+            def plan_text(d):
+                areas = [a for a in d.find_elements("tag name", "textarea") if a.get_attribute("aria-label") == "plan.yaml"]
+                return areas[0].get_attribute("value") if areas else ""
+            wait_for(driver, lambda d: plan_text(d).count("keep: true") >= 10, 90, "ten keep rules in the Plan's plan.yaml")
+            text = plan_text(driver)
+            assert "layers" in text and "Traceback" not in body(driver)  # module names (regex-escaped) in the rules
         finally:
             driver.quit()
