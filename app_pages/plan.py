@@ -78,7 +78,8 @@ cols[1].metric("Bits per weight", f"{packed * 8 / max(params, 1):.2f}")
 cols[2].metric("Modules changed", int((~table["keep"]).sum()))
 cols[4].metric("Projected decode", f"{projection.decode_ms_per_token:.3f} ms",
                help=f"ms per token at batch 1 on {hardware.name}: projected by the roofline model, not measured")
-settings_by_module = {r["module"]: r["setting"] for r in table.to_dict("records")}
+settings_by_module = {r["module"]: r["setting"] for r in table.to_dict("records")
+                      if not r["tied_to"]}  # a tied head is its owner's weight, scored there
 if scores:
     predictions = predict(settings_by_module, scores, scored_slices, metric)
     worst = max(predictions, key=lambda p: p.value)
@@ -167,8 +168,12 @@ else:
                                   format_func=lambda o: "worst slice" if o == "worst" else f"slice {o}")
     chosen_settings = form[3].multiselect("Settings", scored_settings, default=scored_settings, key="planner_settings")
     method = form[4].selectbox("Method", ["rtn", "gptq"], key="planner_method")
-    pinned = {r["module"]: "keep" for r in table.to_dict("records") if r["keep"] and r["kind"] in LINEAR_KINDS}
-    st.caption(f"Modules kept by the current plan stay kept ({len(pinned)} pinned). "
+    # kept linears stay kept; the embedding / lm_head only when a rule keeps it explicitly (presets leave it untouched)
+    pinned = {r["module"]: "keep" for r in table.to_dict("records") if r["keep"] and (
+        r["kind"] in LINEAR_KINDS or (r["kind"] in ("embedding", "lm_head") and pd.notna(r["rule"])
+                                      and not r["tied_to"] and any(k[0] == r["module"] for k in scores)))}
+    st.caption(f"Modules kept by the current plan stay kept ({len(pinned)} pinned). The embedding (with a tied "
+               "lm_head) is one decision when the scan scored it (exhaustive probes). "
                "Solver: exact mixed-integer program (HiGHS); its optimality gap is reported."
                + (f" The latency budget is projected, not measured: {projection.model}." if budget_kind == "ms/token"
                   else ""))

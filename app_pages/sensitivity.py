@@ -47,6 +47,7 @@ if records.empty:
 c1, c2, c3, c4 = st.columns(4)
 methods = sorted(records["method"].unique(), key=lambda m: m != "fast")  # the full fast view first
 view_method = c1.radio("Method", methods, horizontal=True, key="view_method")
+outside = records[(records["block"] == -1) & (records["method"] == "exhaustive")]  # embedding / untied lm_head
 records = records[records["method"] == view_method]
 view_setting = c2.selectbox("Setting", sorted(records["setting"].unique()), key="view_setting")
 metric = c3.radio("Metric", ["kl", "dnll"], horizontal=True, key="view_metric",
@@ -124,6 +125,12 @@ for column, action, protect in ((b1, "Protect top-k (keep them)", "keep"), (b2, 
         else:
             st.success(f"The plan draft now holds {len(top)} rules for these modules plus one for the rest; "
                        "edit it on the Plan page.")
+if not outside.empty:
+    st.dataframe(outside[outside["metric"] == metric].pivot_table(index=["module", "setting"], columns="slice",
+                                                                  values="value"), key="embedding_scores")
+    st.caption(f"{metric.upper()} per slice. Embedding (with a tied lm_head) and untied lm_head: always probed "
+               "exhaustively, one full forward per setting and slice (method 'exhaustive'); the planner chooses "
+               "their precision from these.")
 if state.plan_draft():
     with st.expander("Plan draft"):
         st.code(state.plan_draft(), language="yaml")

@@ -9,6 +9,7 @@ quality: fast-scan scores (`run_scan`, its fast budget) -> the planner's mixed-p
   at no more packed bytes than uniform W4 g128 / W3 g64, applied with the same method as the uniform plan; both are
   MEASURED per slice on the first --rows text rows of each slice (window 512), with bootstrap 95% intervals: ppl per
   plan, and the paired per-token NLL difference planner - uniform (negative = planner better).
+  The scan also probes the (tied) embedding exhaustively, so the planner chooses its precision like any module's.
 embedding: the same budgets with the (tied) embedding pinned to int8 per channel (RTN) by hand and the planner filling
   the block linears with the bytes that frees; the fp32 embedding is 113 MB of SmolLM2's ~160 MB at these sizes.
 """
@@ -104,7 +105,7 @@ def slice_figures(results: dict) -> dict:
             for s, r in results.items()}
 
 
-def scan_problem(loaded, args, slices):
+def scan_problem(loaded, args, slices, pinned: dict | None = None):
     """Fast-scan scores (reused from the store unless --fresh-scan) -> the planner's problem over the block linears."""
     from shrink_core.predict import score_table
     from shrink_core.sensitivity.scan import run_scan
@@ -115,8 +116,12 @@ def scan_problem(loaded, args, slices):
         store = Store(Path(home) / "shrink.db") if args.fresh_scan else Store()
         report = run_scan(loaded, slices, settings, "fast", args.scan_budget, store=store)
     emit({"part": "scan", "method": "fast", "budget": args.scan_budget, "settings": settings, "slices": slices,
-          "computed": report.computed, "reused": report.reused, "seconds": report.seconds, "metric": args.metric})
-    return build_problem(inventory(loaded.model), score_table(report.records, args.metric), slices, settings)
+          "computed": report.computed, "reused": report.reused, "seconds": report.seconds, "metric": args.metric,
+          "timings": {k: round(v, 2) for k, v in report.timings.items()},
+          "embedding_scores": {f"{r.module} {r.setting} {r.slice}": round(r.value, 5) for r in report.records
+                               if r.kind in ("embedding", "lm_head") and r.metric == args.metric}})
+    return build_problem(inventory(loaded.model), score_table(report.records, args.metric), slices, settings,
+                         pinned=pinned)
 
 
 def quality(loaded, args, slices) -> None:
@@ -125,6 +130,7 @@ def quality(loaded, args, slices) -> None:
     from shrink_core.presets import DEFAULT_RECIPE
 
     problem = scan_problem(loaded, args, slices)
+    linear_names = {r.name for r in block_linears(inventory(loaded.model))}
     budget = replace(BUDGETS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
     recipe = {**DEFAULT_RECIPE, "n_sequences": args.calib_n}
     calibration = calibration_from_recipe(loaded.tokenizer, recipe)
@@ -136,6 +142,7 @@ def quality(loaded, args, slices) -> None:
         planned_bytes = sum(r.packed_bytes for r in uniform_rows if r.name in problem.modules)
         solution = solve(problem, budget_bytes=planned_bytes, objective="worst")
         counts = {s: list(solution.choice.values()).count(s) for s in problem.settings}
+        embedding_choice = {m: solution.choice[m] for m in problem.modules if m not in linear_names}
         for method in args.methods.split(","):
             plans = {"uniform": load_plan(uniform_text(size, method)),
                      "planner": solution_plan(solution.choice, method=method)}
@@ -160,6 +167,7 @@ def quality(loaded, args, slices) -> None:
                   "calibration": recipe if method == "gptq" else None, "eval": eval_label,
                   "packed_bytes": sizes, "planner": {"status": solution.status, "gap": solution.gap,
                                                      "seconds": round(solution.seconds, 3), "settings": counts,
+                                                     "embedding": embedding_choice,
                                                      "predicted_" + args.metric: solution.predicted},
                   "uniform": slice_figures(results["uniform"]), "planned": slice_figures(results["planner"]),
                   "planner_minus_uniform": deltas, "worst_slice": worst,
@@ -168,22 +176,20 @@ def quality(loaded, args, slices) -> None:
 
 
 def embedding(loaded, args, slices) -> None:
-    from shrink_core.plan import Rule, WeightSpec, with_index
     from shrink_core.quant.apply import apply_plan_
+    from shrink_core.sensitivity.scan import embedding_rows
 
-    problem = scan_problem(loaded, args, slices)
+    pinned = {r.name: "w8" for r in embedding_rows(inventory(loaded.model))}  # by hand: int8 per channel (RTN)
+    problem = scan_problem(loaded, args, slices, pinned)
     budget = replace(BUDGETS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
-    embedding_rule = Rule(kind=("embedding",), weights=WeightSpec(bits=8, group_size=None, symmetric=True),
-                          note="pinned by hand: int8 per channel (RTN)")
     reference = measured(loaded.model, loaded.tokenizer, slices, budget)
     seen = {}  # the same plan at two budgets is measured once
     for size in args.sizes.split(","):
         uniform_bytes = sum(r.packed_bytes for r in resolve(loaded.model, load_plan(uniform_text(size, "rtn"))))
-        fixed = sum(r.packed_bytes for r in resolve(loaded.model, with_index(replace(
-            load_plan(uniform_text(size, "rtn")), rules=(embedding_rule,)))) if r.name not in problem.modules)
+        fixed = sum(r.packed_bytes for r in resolve(loaded.model, load_plan(uniform_text(size, "rtn")))
+                    if r.name not in problem.modules)  # the tied head: counted at the embedding
         solution = solve(problem, budget_bytes=uniform_bytes - fixed, objective="worst")
-        planned = solution_plan(solution.choice, method="rtn")
-        plan = with_index(replace(planned, rules=(embedding_rule,) + planned.rules))
+        plan = solution_plan(solution.choice, method="rtn")
         key = tuple(sorted(solution.choice.items()))
         if key not in seen:
             model = copy.deepcopy(loaded.model)

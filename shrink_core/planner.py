@@ -5,6 +5,10 @@ as a linear constraint (projected latency is linear: each module's own roofline 
 for KV cache, attention and launches; see `perf.roofline.module_step_seconds`), and for the worst-slice objective an epigraph variable t >= loss(slice) for every slice.
 HiGHS reports its own optimality gap, so the answer says how far from optimal it can be.
 
+The embedding (one decision with a head tied to it) and an untied lm_head are modules like the block linears when the
+scan scored them (exhaustive probes): their bytes come from the same `resolve`, and the plan names them like any
+other module, so apply quantizes them as chosen (round-to-nearest: calibrated methods apply to block linears only).
+
 Predicted loss is additive over modules (sensitivity of one module at a time); interactions between modules are
 not modelled, which is why a plan is then run for real and predicted vs measured is shown.
 """
@@ -216,15 +220,16 @@ def setting_bytes(rows, modules: list[str], settings: list[str]) -> np.ndarray:
     return out
 
 
-def _module_weights(row, setting: str):
+def _module_weights(row, setting: str, head_tied: bool):
     from .perf.workload import ModuleWeights, packed_bytes
 
     if setting == "keep":
         bits, group, symmetric = (8 * (row.bytes // row.params) if row.params else 32), None, True
     else:
         bits, group, symmetric = SETTINGS[setting]["bits"], SETTINGS[setting]["group_size"], SETTINGS[setting]["symmetric"]
+    streamed = row.kind != "embedding" or head_tied  # a tied head streams the shared weight; lookups read few rows
     return ModuleWeights(row.name, row.kind, row.shape, row.params, bits, group, symmetric,
-                         packed_bytes(row.shape, bits, group, symmetric), streamed=True)
+                         packed_bytes(row.shape, bits, group, symmetric), streamed=streamed)
 
 
 def setting_seconds(rows, modules: list[str], settings: list[str], hardware) -> np.ndarray:
@@ -232,7 +237,8 @@ def setting_seconds(rows, modules: list[str], settings: list[str], hardware) -> 
     from .perf.roofline import module_step_seconds
 
     by_name = {r.name: r for r in rows}
-    return np.array([[module_step_seconds(_module_weights(by_name[m], s), hardware) for s in settings]
+    owners = {r.tied_to for r in rows if r.tied_to}
+    return np.array([[module_step_seconds(_module_weights(by_name[m], s, m in owners), hardware) for s in settings]
                      for m in modules])
 
 
@@ -257,6 +263,7 @@ def latency_model(rows, summary: dict, hardware, planned: set[str], bits: dict |
     from .perf.roofline import EXTRA_LAUNCHES, basis, fixed_step_seconds, module_step_seconds
     from .perf.workload import workload_from_rows
 
+    planned = planned | {r.name for r in rows if r.tied_to in planned}  # a tied head is timed at its owner
     workload = workload_from_rows(rows, summary, bits)
     fixed = fixed_step_seconds(workload, hardware, 1, prompt_tokens + decode_tokens / 2)
     fixed += sum(module_step_seconds(m, hardware) for m in workload.modules if m.streamed and m.name not in planned)
@@ -267,7 +274,8 @@ def latency_model(rows, summary: dict, hardware, planned: set[str], bits: dict |
 
 def build_problem(rows, scores: dict[tuple[str, str, str], float], slices: list[str], settings: list[str],
                   pinned: dict[str, str] | None = None, allow_keep: bool = True, hardware=None) -> PlannerProblem:
-    """rows: inventory; scores[(module, setting, slice)] = predicted loss increase; pinned: module -> setting;
+    """rows: inventory; scores[(module, setting, slice)] = predicted loss increase, for block linears and, when
+    scanned, the embedding / untied lm_head (every scored module is a decision); pinned: module -> setting;
     hardware: a `perf.hardware.Hardware` row, for a projected-latency budget on that target."""
     pinned = pinned or {}
     modules = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 
-def tiny_llama(seed: int = 0, layers: int = 3, hidden: int = 64, vocab: int = 256):
+def tiny_llama(seed: int = 0, layers: int = 3, hidden: int = 64, vocab: int = 256, tied: bool = True):
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -14,7 +14,7 @@ def tiny_llama(seed: int = 0, layers: int = 3, hidden: int = 64, vocab: int = 25
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=512,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
     )
     torch.manual_seed(seed)
     model = LlamaForCausalLM(config)

@@ -115,3 +115,50 @@ def test_latency_budget_is_exact_and_matches_the_roofline(tiny_model):
     assert latency.total_ms(solution.projected_seconds) == pytest.approx(projected, rel=1e-6)
     with pytest.raises(PlannerError, match="No plan fits the latency budget"):
         solve(problem, budget_seconds=1e-9)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_embedding_is_a_planner_decision_with_exact_bytes_and_applies_as_chosen(tied):
+    """A tied embedding is one decision (the head follows it); an untied one and its lm_head are two. Bytes are the
+    packed format's; pins hold; the written plan quantizes the embedding exactly as chosen (RTN)."""
+    import torch
+
+    from shrink_core.quant.apply import apply_plan_
+    from shrink_core.quant.primitives import fake_quantize, packed_weight_bytes
+    from shrink_core.toy import tiny_llama
+
+    model = tiny_llama(tied=tied)
+    rows = inventory(model)
+    outside = [r for r in rows if r.kind in ("embedding", "lm_head") and not r.tied_to]
+    assert [r.kind for r in outside] == (["embedding"] if tied else ["embedding", "lm_head"])
+    rng = np.random.default_rng(0)
+    settings = ["w8", "w4g64", "w2g64"]
+    scores = {(r.name, s, sl): float(rng.random()) * {"w8": 1, "w4g64": 4, "w2g64": 30}[s]
+              for r in block_linears(rows) + outside for s in settings for sl in ("en", "fr")}
+    for r in outside:  # the embedding is far more sensitive below 8 bits: the planner must buy it w8
+        scores.update({(r.name, "w4g64", sl): 50.0 for sl in ("en", "fr")})
+        scores.update({(r.name, "w2g64", sl): 500.0 for sl in ("en", "fr")})
+    problem = build_problem(rows, scores, ["en", "fr"], settings)
+    for r in outside:
+        k = problem.modules.index(r.name)
+        assert problem.bytes[k, problem.settings.index("keep")] == r.bytes
+        assert problem.bytes[k, problem.settings.index("w8")] == packed_weight_bytes(r.shape, 8, None, True)["total"]
+        assert problem.bytes[k, problem.settings.index("w4g64")] == packed_weight_bytes(r.shape, 4, 64, False)["total"]
+    names = {r.name for r in outside}
+    budget = sum(problem.bytes[k, problem.settings.index("w8" if m in names else "w4g64")]
+                 for k, m in enumerate(problem.modules))  # room for int8 there, w4g64 (or a mix) elsewhere
+    solution = solve(problem, budget_bytes=budget)
+    assert all(solution.choice[r.name] == "w8" for r in outside)
+    before = {r.name: dict(model.named_modules())[r.name].weight.detach().clone() for r in outside}
+    plan = load_plan(dump_plan(solution_plan(solution.choice, method="gptq")))  # embedding: RTN whatever the method
+    resolved = {r.name: r for r in resolve(model, plan)}
+    assert sum(resolved[m].packed_bytes for m in solution.choice) == solution.total_bytes <= budget
+    if tied:
+        assert resolved["lm_head"].bits == 8 and resolved["lm_head"].packed_bytes == 0
+    apply_plan_(model, plan, torch.randint(0, 256, (2, 32)))
+    for r in outside:
+        after = dict(model.named_modules())[r.name].weight.detach()
+        assert torch.equal(after, fake_quantize(before[r.name], 8, None, True))
+    pinned = build_problem(rows, scores, ["en", "fr"], settings, pinned={outside[0].name: "keep"})
+    kept = solve(pinned, budget_bytes=budget + outside[0].bytes)
+    assert kept.choice[outside[0].name] == "keep"

@@ -17,8 +17,8 @@ from shrink_core.store import Store
 from shrink_core.toy import ByteTokenizer, tiny_llama
 
 
-def tiny_loaded(seed: int = 0) -> LoadedModel:
-    model = tiny_llama(seed=seed, vocab=258)
+def tiny_loaded(seed: int = 0, tied: bool = True) -> LoadedModel:
+    model = tiny_llama(seed=seed, vocab=258, tied=tied)
     return LoadedModel(ModelSpec("toy:tiny", "local", "toy"), model, ByteTokenizer(), Path("."), f"hash{seed}", 0.0,
                        False)
 
@@ -112,13 +112,16 @@ def test_sample_spreads_over_blocks_and_kinds(loaded):
 def test_fast_scan_records_agreement_and_store_reuse(loaded, shrink_home, monkeypatch):
     store = Store()
     report = run_scan(loaded, ["toy_en"], ["w8", "w2g64"], "fast", "quick", check=12, store=store)
-    assert len(report.records) == 21 * 2 * 2  # modules x settings x metrics
+    assert len(report.records) == (21 + 1) * 2 * 2  # (linears + the tied embedding) x settings x metrics
     record = report.records[0]
     assert (record.method, record.slice, record.metric) == ("fast", "toy_en", "kl") and record.block == 0
+    embedding = [r for r in report.records if r.kind == "embedding"]
+    assert {(r.module, r.block, r.method) for r in embedding} == {("model.embed_tokens", -1, "exhaustive")}
+    assert not [r for r in report.records if r.kind == "lm_head"]  # tied: one decision, at the embedding
     w2 = {r.module: r.value for r in report.records if r.setting == "w2g64" and r.metric == "kl"}
     w8 = {r.module: r.value for r in report.records if r.setting == "w8" and r.metric == "kl"}
     assert all(w2[m] > w8[m] > 0 for m in w2)
-    assert report.computed == 21 * 2 + 12 and report.reused == 0
+    assert report.computed == 21 * 2 + 12 + 2 and report.reused == 0
     assert {(a.slice, a.setting, a.metric) for a in report.agreement} == {("toy_en", "w8", "kl"),
                                                                         ("toy_en", "w8", "dnll")}
     assert all(-1 <= a.spearman <= 1 and a.modules == 12 for a in report.agreement)
@@ -130,11 +133,12 @@ def test_fast_scan_records_agreement_and_store_reuse(loaded, shrink_home, monkey
     monkeypatch.setattr("shrink_core.sensitivity.scan.fisher_stats", boom)
     monkeypatch.setattr("shrink_core.sensitivity.scan.probe", boom)
     again = run_scan(loaded, ["toy_en"], ["w8", "w2g64"], "fast", "quick", check=12, store=store)
-    assert again.computed == 0 and again.reused == 21 * 2 + 12
+    assert again.computed == 0 and again.reused == 21 * 2 + 12 + 2
     assert [(r.module, r.value) for r in again.records] == [(r.module, r.value) for r in report.records]
     other = tiny_loaded(seed=1)  # a different weights hash is never served from the first model's scores
     monkeypatch.undo()
-    assert run_scan(other, ["toy_en"], ["w8"], "fast", "quick", store=store).computed == 21
+    assert run_scan(other, ["toy_en"], ["w8"], "fast", "quick", store=store).computed == 21 + 1
+    assert run_scan(other, ["toy_en"], ["nm24"], "fast", "quick", store=store).computed == 21  # no masks on it
 
 
 def test_exhaustive_scan_probes_only_missing_modules(loaded, shrink_home):
@@ -242,3 +246,54 @@ def test_first_order_pass_adds_the_text_gradient_to_the_sampled_fisher(loaded):
     (kl, dnll), = fisher.estimate_slices(modules[name].weight, [both], name, SETTINGS["w3g64"])
     delta = SETTINGS["w3g64"].perturbed(modules[name].weight.detach()) - modules[name].weight.detach()
     assert dnll - kl == pytest.approx(float((data.gradient[name] * delta).sum()) / both.tokens, rel=1e-4)
+
+
+def test_embedding_probe_is_a_full_forward_and_an_untied_head_reuses_the_blocks():
+    """The tied embedding is probed from the token ids (input and head both perturbed, as the engine applies it);
+    an untied lm_head on the cached last-block output, bit for bit what a full recompute gives."""
+    from shrink_core.sensitivity.probe import kl_and_nll, log_probs
+
+    tied = tiny_loaded()
+    model = tied.model
+    cache = ProbeCache(model, eval_tokens(tied.tokenizer, "toy_en", 6, 32), chunk=4)
+    embed = model.get_input_embeddings()
+    before = embed.weight.detach().clone()
+    result = probe(cache, {"model.embed_tokens": embed}, {"model.embed_tokens": -1}, SETTINGS["w3g64"])
+    assert torch.equal(embed.weight, before) and model.lm_head.weight is embed.weight
+    with torch.inference_mode():
+        embed.weight.data = SETTINGS["w3g64"].perturbed(before)
+        logp = torch.log_softmax(model(cache.ids).logits[:, :-1].float(), -1)
+        embed.weight.data = before
+    kl, nll = kl_and_nll(cache.ref_logp, logp, cache.targets)
+    assert result.kl == pytest.approx(float(kl.double().mean()), rel=1e-4) and result.kl > 0
+    assert result.delta_nll == pytest.approx(float((nll - cache.ref_nll).double().mean()), rel=1e-3, abs=1e-6)
+
+    untied = tiny_loaded(tied=False).model
+    cache = ProbeCache(untied, eval_tokens(tied.tokenizer, "toy_en", 6, 32), chunk=4)
+    head, layers = untied.lm_head, len(untied.model.layers)
+    reused = probe(cache, {"lm_head": head}, {"lm_head": layers}, SETTINGS["w2g64"])
+    recomputed = probe(cache, {"lm_head": head}, {"lm_head": layers}, SETTINGS["w2g64"], reuse_prefix=False)
+    assert reused.kl == recomputed.kl > 0 and reused.delta_nll == recomputed.delta_nll
+    with torch.inference_mode():
+        assert torch.equal(cache.run_from(-1, 0, 4), cache.block_inputs[layers][:4])  # ids -> the cached output
+        assert torch.equal(log_probs(untied, cache.block_inputs[layers][:4]), cache.ref_logp[:4])
+
+
+def test_untied_embedding_and_head_are_two_exhaustive_decisions(shrink_home):
+    report = run_scan(tiny_loaded(tied=False), ["toy_en"], ["w4g64"], "fast", "quick", metrics=("kl",),
+                      store=Store())
+    outside = {(r.module, r.kind, r.block, r.method) for r in report.records if r.block == -1}
+    assert outside == {("model.embed_tokens", "embedding", -1, "exhaustive"), ("lm_head", "lm_head", -1, "exhaustive")}
+    assert all(r.value > 0 for r in report.records if r.block == -1)
+    only = run_scan(tiny_loaded(tied=False), ["toy_en"], ["w4g64"], "exhaustive", "quick", modules="lm_head",
+                    metrics=("kl",), store=Store())
+    assert [r.module for r in only.records] == ["lm_head"] and only.reused == 1  # served from the store
+
+
+def test_partial_last_group_is_scored_as_the_engine_applies_it():
+    from shrink_core.quant.primitives import fake_quantize
+
+    weight = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))  # 96 = 64 + 32: partial last group
+    perturbed = SETTINGS["w4g64"].perturbed(weight)
+    assert torch.equal(perturbed, fake_quantize(weight, 4, 64, False))
+    assert not torch.equal(perturbed, fake_quantize(weight, 4, None, False))  # not the old per-channel fallback

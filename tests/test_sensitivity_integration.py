@@ -13,7 +13,9 @@ pytestmark = pytest.mark.integration
 def test_cli_prints_one_record_per_module_setting_slice(shrink_home, capsys):
     assert main(["sensitivity", "--slices", "toy_en", "--settings", "w8,w3g64", "--budget", "quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
-    assert len(out["records"]) == 210 * 2
+    assert len(out["records"]) == (210 + 1) * 2  # block linears (fast) + the tied embedding (exhaustive)
+    embedding = [r for r in out["records"] if r["kind"] == "embedding"]
+    assert {(r["module"], r["method"], r["block"]) for r in embedding} == {("model.embed_tokens", "exhaustive", -1)}
     first = out["records"][0]
     assert set(first) == {"module", "block", "kind", "setting", "slice", "metric", "value", "method"}
     assert out["seconds"] > 0 and out["method"] == "fast"
@@ -22,7 +24,7 @@ def test_cli_prints_one_record_per_module_setting_slice(shrink_home, capsys):
     assert harsher >= 200  # 3-bit hurts more than 8-bit almost everywhere
     again = json.loads((main(["sensitivity", "--slices", "toy_en", "--settings", "w8", "--budget", "quick", "--json"]),
                         capsys.readouterr().out)[1])
-    assert again["computed"] == 0 and again["reused"] == 210
+    assert again["computed"] == 0 and again["reused"] == 210 + 1
 
 
 def test_cli_refuses_unknown_setting_in_one_sentence(shrink_home, capsys):
@@ -38,4 +40,7 @@ def test_page_job_stores_records(shrink_home):
     job = jobs.run_job(store, job_id, heartbeat=False)
     assert job.status == "done", job.error
     rows = store.results("sensitivity", model_spec="builtin:smollm2-135m", slice="toy_en", budget="quick")
-    assert len(rows) == 1 and len(rows[0]["payload"]["values"]) == 210 and rows[0]["job_id"] == job_id
+    by_method = {r["payload"]["method"]: r for r in rows}
+    assert len(rows) == 2 and len(by_method["fast"]["payload"]["values"]) == 210
+    assert list(by_method["exhaustive"]["payload"]["values"]) == ["model.embed_tokens"]
+    assert all(r["job_id"] == job_id for r in rows)

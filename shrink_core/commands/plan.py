@@ -70,7 +70,9 @@ def run(args) -> int:
                "solver": solution.solver, "planned_bytes": solution.total_bytes + everything_else,
                "average_bits_planned_modules": solution.average_bits, "predicted": solution.predicted,
                "metric": args.metric, "settings": dict(sorted(
-                   {s: list(solution.choice.values()).count(s) for s in set(solution.choice.values())}.items()))}
+                   {s: list(solution.choice.values()).count(s) for s in set(solution.choice.values())}.items())),
+               "embedding": {r.name: solution.choice[r.name] for r in rows
+                             if r.kind in ("embedding", "lm_head") and r.name in solution.choice}}
     if latency is not None:
         summary["projected_decode_ms"] = round(latency.total_ms(solution.projected_seconds), 4)
         summary["target"], summary["projection"] = latency.target, latency.basis

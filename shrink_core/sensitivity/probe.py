@@ -3,7 +3,9 @@
 The unperturbed run of a slice's probe tokens is done once: each block's input hidden states and the reference
 log-probabilities are cached, so a probe of a module in block b runs blocks b..L-1 and the head, never the prefix.
 Starting from block 0 on the cached embedding output is the full recompute; both paths run the very same ops, so
-they agree bit for bit (tests check it).
+they agree bit for bit (tests check it). The embedding and lm_head are probed the same way: the embedding (and a
+head tied to it) from the token ids, i.e. a full forward (block -1); an untied lm_head on the cached output of the
+last block (block L).
 """
 from __future__ import annotations
 
@@ -97,10 +99,11 @@ class ProbeCache:
                 "position_ids": positions,
                 "position_embeddings": decoder.rotary_emb(hidden, position_ids=positions),
             }
-            self.block_inputs = []  # [block] -> (n, T, hidden)
+            self.block_inputs = []  # [block] -> (n, T, hidden); [L] is the last block's output (the head's input)
             for layer in self.layers:
                 self.block_inputs.append(hidden)
                 hidden = torch.cat([layer(part, **self.kwargs) for part in hidden.split(chunk)])
+            self.block_inputs.append(hidden)
             self.ref_logp = torch.cat([log_probs(model, part) for part in hidden.split(chunk)])
             self.targets = ids[:, 1:]
             self.ref_nll = -self.ref_logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1).mean(-1)  # (n,)
@@ -111,8 +114,13 @@ class ProbeCache:
         return int(self.targets.numel())
 
     def run_from(self, block: int, start: int, stop: int) -> torch.Tensor:
-        """Hidden states after the last block for sequences [start, stop), starting at `block`'s cached input."""
-        hidden = self.block_inputs[block][start:stop]
+        """Hidden states after the last block for sequences [start, stop), starting at `block`'s cached input;
+        block -1 starts from the token ids (the embedding lookup), block L returns the cached last output."""
+        if block < 0:
+            hidden = self.model.get_decoder().embed_tokens(self.ids[start:stop])
+            block = 0
+        else:
+            hidden = self.block_inputs[block][start:stop]
         for layer in self.layers[block:]:
             hidden = layer(hidden, **self.kwargs)
         return hidden
@@ -128,10 +136,12 @@ class ProbeResult:
 
 def probe(cache: ProbeCache, modules: dict[str, torch.nn.Module], blocks: dict[str, int], setting: Setting,
           reuse_prefix: bool = True, stop_rel_error: float | None = None) -> ProbeResult:
-    """Perturb `modules` (name -> nn.Linear) together, score the probe set, restore the original weight tensors."""
+    """Perturb `modules` (name -> nn.Linear or nn.Embedding) together, score the probe set, restore the original
+    weight tensors. `blocks`: name -> block, -1 for the embedding, L for an untied lm_head."""
     started = time.perf_counter()
     originals = {name: m.weight.data for name, m in modules.items()}
-    first = min(blocks[name] for name in modules) if reuse_prefix else 0
+    first = min(blocks[name] for name in modules)
+    first = first if reuse_prefix else min(first, 0)
     kls, nlls = [], []
     try:
         with torch.inference_mode():

@@ -1,5 +1,7 @@
 """A sensitivity scan: modules x settings x slices -> flat records, stored and reused by (weights hash, setting,
-slice, budget, method, code version). The CLI calls `run_scan` inline; the Sensitivity page runs `sensitivity_job`
+slice, budget, method, code version). Block linears are scored by the chosen method; the embedding (with a head tied
+to it) and an untied lm_head are always probed exhaustively, one full forward per setting and slice (method
+"exhaustive" on their records), so the planner can choose their precision too. The CLI calls `run_scan` inline; the Sensitivity page runs `sensitivity_job`
 in a worker: same code path, same records."""
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import numpy as np
 from .. import __version__
 from ..errors import ShrinkError
 from ..inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
+
+EMBEDDING_KINDS = ("embedding", "lm_head")
 from ..modelinfo import device_label
 from ..slices import get_slice
 from ..store import Provenance, Store
@@ -162,26 +166,37 @@ def stored_agreement(store: Store, model_spec: str, weights_hash: str | None = N
 # ---------------------------------------------------------------- the scan
 
 
-def select_modules(rows: list[ModuleInfo], pattern: str | None) -> list[ModuleInfo]:
-    linears = block_linears(rows)
+def embedding_rows(rows: list[ModuleInfo]) -> list[ModuleInfo]:
+    """The embedding and lm_head decisions: a tied weight is one decision, made at its owner (the embedding)."""
+    return [r for r in rows if r.kind in EMBEDDING_KINDS and not r.tied_to]
+
+
+def select_modules(rows: list[ModuleInfo], pattern: str | None, embeddings: bool = True) -> list[ModuleInfo]:
+    candidates = block_linears(rows) + (embedding_rows(rows) if embeddings else [])
     if not pattern:
-        return linears
+        return candidates
     try:
-        chosen = [r for r in linears if re.search(pattern, r.name)]
+        chosen = [r for r in candidates if re.search(pattern, r.name)]
     except re.error as exc:
         raise ShrinkError(f"The module pattern {pattern!r} is not a valid regex ({exc}).") from None
     if not chosen:
-        raise ShrinkError(f"The module pattern {pattern!r} matches no block linear; try e.g. 'layers\\.3\\.'.")
+        raise ShrinkError(f"The module pattern {pattern!r} matches no block linear or embedding; try e.g. "
+                          "'layers\\.3\\.'.")
     return chosen
 
 
 class _Scanner:
     def __init__(self, loaded, store, budget: ScanBudget, report: ScanReport, job_id):
         self.loaded, self.store, self.budget, self.report, self.job_id = loaded, store, budget, report, job_id
-        self.rows = block_linears(inventory(loaded.model))
+        everything = inventory(loaded.model)
+        self.rows = block_linears(everything)
+        self.embeddings = embedding_rows(everything)
         named = dict(loaded.model.named_modules())
-        self.modules = {r.name: named[r.name] for r in self.rows}
-        self.blocks = {r.name: r.block for r in self.rows}
+        self.modules = {r.name: named[r.name] for r in self.rows}  # what the fast (Fisher) pass hooks
+        self.probed = {**self.modules, **{r.name: named[r.name] for r in self.embeddings}}
+        layers = len(loaded.model.get_decoder().layers)  # embedding: from the ids; untied head: after the blocks
+        self.blocks = {r.name: r.block for r in self.rows} | {
+            r.name: -1 if r.kind == "embedding" else layers for r in self.embeddings}
         self.cache: tuple[str, ProbeCache] | None = None
 
     def _probe_cache(self, slice_id: str) -> ProbeCache:
@@ -246,7 +261,7 @@ class _Scanner:
                 cache = self._probe_cache(slice_id)
                 started = time.perf_counter()
                 for i, r in enumerate(todo):
-                    result = probe(cache, {r.name: self.modules[r.name]}, self.blocks, s,
+                    result = probe(cache, {r.name: self.probed[r.name]}, self.blocks, s,
                                    stop_rel_error=self.budget.stop_rel_error)
                     values[r.name] = (result.kl, result.delta_nll)
                     tick((n + (i + 1) / len(todo)) / len(settings), f"{s.id}: probe {i + 1}/{len(todo)} ({r.name})")
@@ -264,17 +279,20 @@ def _records(rows, values, setting_id, slice_id, method, metrics) -> list[Record
     out = []
     for r in rows:
         if r.name in values:
+            block = -1 if r.block is None else r.block  # -1: embedding / lm_head, outside the blocks
             for metric in metrics:
                 value = values[r.name][METRICS.index(metric)]
-                out.append(Record(r.name, r.block, r.kind, setting_id, slice_id, metric, float(value), method))
+                out.append(Record(r.name, block, r.kind, setting_id, slice_id, metric, float(value), method))
     return out
 
 
 def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str = "fast", budget: str = "fast",
              modules: str | None = None, check: int = 0, metrics: tuple[str, ...] = METRICS,
-             store: Store | None = None, progress=None, job_id: int | None = None) -> ScanReport:
+             store: Store | None = None, progress=None, job_id: int | None = None,
+             embeddings: bool = True) -> ScanReport:
     """Score modules under settings on slices; `check` > 0 also samples that many modules exhaustively and stores the
-    fast-vs-exhaustive Spearman per slice (for W3 g64 when scanned, else the first setting)."""
+    fast-vs-exhaustive Spearman per slice (for W3 g64 when scanned, else the first setting). `embeddings`: also
+    probe the embedding / untied lm_head exhaustively under the quantization settings (whatever the method)."""
     progress = progress or (lambda fraction, message="": None)
     if method not in METHODS:
         raise ShrinkError(f"Unknown method '{method}'; use fast or exhaustive.")
@@ -288,7 +306,10 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     started = time.perf_counter()
     report = ScanReport(loaded.spec.raw, loaded.weights_hash, budget, method)
     scanner = _Scanner(loaded, store, scan_budget, report, job_id)
-    chosen = select_modules(scanner.rows, modules)
+    chosen = select_modules(scanner.rows + scanner.embeddings, modules, embeddings)
+    chosen_embeddings = [r for r in chosen if r.kind in EMBEDDING_KINDS]
+    chosen = [r for r in chosen if r.kind not in EMBEDDING_KINDS]
+    quantized = [s for s in settings if s.bits is not None]  # masks are not offered for embeddings
     check_setting = next((s for s in settings if s.id == "w3g64"), settings[0])
     checking = bool(check) and method == "fast"
     fast_values = {}
@@ -301,11 +322,18 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
         if method == "fast":
             values = fast_values[slice_id]
         else:
-            values = scanner.exhaustive(slice_id, settings, chosen, tick)
+            values = scanner.exhaustive(slice_id, settings, chosen, tick) if chosen else {s.id: {} for s in settings}
         for s in settings:
             report.records += _records(chosen, values[s.id], s.id, slice_id, method, metrics)
+        if chosen_embeddings and quantized:
+            started_embeddings = time.perf_counter()
+            exact = scanner.exhaustive(slice_id, quantized, chosen_embeddings,
+                                       lambda f, m: tick(f, f"embedding {m}"))
+            report.timings["embedding_s"] = report.timings.get("embedding_s", 0) + time.perf_counter() - started_embeddings
+            for s in quantized:
+                report.records += _records(chosen_embeddings, exact[s.id], s.id, slice_id, "exhaustive", metrics)
         if checking:
-            sample = sample_modules(scanner.rows, check)
+            sample = sample_modules(scanner.rows, check)  # block linears: the embedding is exhaustive already
             exact = scanner.exhaustive(slice_id, [check_setting], sample,
                                        lambda f, m: tick(f, f"agreement check {m}"))[check_setting.id]
             for metric_index, metric in enumerate(METRICS):

@@ -18,7 +18,7 @@ class Setting:
     group_size: int | None = None  # None = per output channel
     symmetric: bool = False
     prune: str | None = None  # "nm24" (2:4 magnitude) | "magnitude50" (50% unstructured magnitude)
-    version: int = 1
+    version: int = 2  # 2: a group that does not divide the row leaves a partial last group (was per-channel)
 
     def __post_init__(self):
         if (self.bits is None) == (self.prune is None):
@@ -26,9 +26,8 @@ class Setting:
 
     def perturbed(self, weight: torch.Tensor) -> torch.Tensor:
         """The weight as this setting leaves it (out, in); a new tensor, the argument is untouched."""
-        if self.bits is not None:
-            group = self.group_size if self.group_size and weight.shape[1] % self.group_size == 0 else None
-            return fake_quantize(weight, self.bits, group, self.symmetric)
+        if self.bits is not None:  # a partial last group is quantized as the engine applies it (primitives)
+            return fake_quantize(weight, self.bits, self.group_size, self.symmetric)
         if self.prune == "nm24":
             return weight * nm_mask(weight.abs(), 2, 4)
         return weight * magnitude_mask(weight, 0.5)
