@@ -10,10 +10,26 @@ import urllib.request
 from contextlib import contextmanager
 from pathlib import Path
 
+import shutil
+
+import pytest
+
 from shrink_core.paths import REPO_ROOT
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
+# every real-browser test module: `pytestmark = BROWSER_MARKS`
+BROWSER_MARKS = [
+    pytest.mark.browser,
+    pytest.mark.integration,
+    pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
+                       reason="Debian's chromium and chromium-driver are not installed (./run test installs them)"),
+]
+
+
+def body(driver) -> str:
+    """The page's visible text."""
+    return driver.find_element("tag name", "body").text
 
 
 def free_port() -> int:

@@ -1,18 +1,11 @@
 """End to end in a real browser: Debian's headless Chromium drives the running app."""
 import os
-import shutil
 
-import pytest
 from selenium.webdriver.common.keys import Keys
 
-from .browser import CHROMEDRIVER, CHROMIUM, chromium, running_app, wait_for
+from .browser import BROWSER_MARKS, chromium, running_app, wait_for
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.integration,
-    pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
-                       reason="Debian's chromium and chromium-driver are not installed (./run test installs them)"),
-]
+pytestmark = BROWSER_MARKS
 
 
 def grid_cells(driver):

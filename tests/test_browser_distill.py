@@ -3,10 +3,8 @@ from the page, its loss curve moves, it survives a restart of the app and a `kil
 last checkpoint), and the student lands on the Results page's Pareto plots with per-slice figures."""
 import contextlib
 import os
-import shutil
 import signal
 
-import pytest
 from selenium.webdriver.common.keys import Keys
 
 from shrink_core import jobs
@@ -15,20 +13,11 @@ from shrink_core.modelinfo import describe
 from shrink_core.slices import add_user_records, get_slice, load_rows
 from shrink_core.store import Store
 
-from .browser import CHROMEDRIVER, CHROMIUM, chromium, free_port, running_app, wait_for
+from .browser import BROWSER_MARKS, body, chromium, free_port, running_app, wait_for
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.integration,
-    pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
-                       reason="Debian's chromium and chromium-driver are not installed (./run test installs them)"),
-]
+pytestmark = BROWSER_MARKS
 SPEC = "builtin:smollm2-135m"
 STEPS, CHECKPOINT_EVERY = 24, 8
-
-
-def body(driver) -> str:
-    return driver.find_element("tag name", "body").text
 
 
 def loss_points(driver) -> int:

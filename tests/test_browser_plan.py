@@ -1,23 +1,11 @@
 """The Plan page in a real browser (issue 6, done when): protect two blocks, set a budget, run the planner, run the
 plan, and see predicted vs measured per slice."""
 import os
-import shutil
 
-import pytest
+from .browser import BROWSER_MARKS, body, chromium, running_app, wait_for
 
-from .browser import CHROMEDRIVER, CHROMIUM, chromium, running_app, wait_for
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.integration,
-    pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
-                       reason="Debian's chromium and chromium-driver are not installed (./run test installs them)"),
-]
+pytestmark = BROWSER_MARKS
 SPEC = "builtin:smollm2-135m"
-
-
-def body(driver) -> str:
-    return driver.find_element("tag name", "body").text
 
 
 def rules(driver) -> str:

@@ -1,21 +1,12 @@
 """End to end in a real browser: real candidates (SmolLM2 on toy slices) on the Results page's Pareto plot and compare
 table."""
-import shutil
-
-import pytest
-
 from shrink_core.eval_run import run_eval
 from shrink_core.modelinfo import describe
 from shrink_core.store import Store
 
-from .browser import CHROMEDRIVER, CHROMIUM, chromium, running_app, wait_for
+from .browser import BROWSER_MARKS, chromium, running_app, wait_for
 
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.integration,
-    pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
-                       reason="Debian's chromium and chromium-driver are not installed (./run test installs them)"),
-]
+pytestmark = BROWSER_MARKS
 SPEC = "builtin:smollm2-135m"
 W4_RTN = ("version: 1\nname: w4g64-rtn\nrules:\n  - kind: [q, k, v, o, gate, up, down]\n"
           "    weights: {bits: 4, group_size: 64, method: rtn}\n")

@@ -1,21 +1,9 @@
 """The Sensitivity page in a real browser: a heatmap per slice, protect top-k, and the rules on the Plan page."""
 import os
-import shutil
 
-import pytest
+from .browser import BROWSER_MARKS, body, chromium, running_app, wait_for
 
-from .browser import CHROMEDRIVER, CHROMIUM, chromium, running_app, wait_for
-
-pytestmark = [
-    pytest.mark.browser,
-    pytest.mark.integration,
-    pytest.mark.skipif(not (shutil.which(CHROMIUM) and shutil.which(CHROMEDRIVER)),
-                       reason="Debian's chromium and chromium-driver are not installed (./run test installs them)"),
-]
-
-
-def body(driver) -> str:
-    return driver.find_element("tag name", "body").text
+pytestmark = BROWSER_MARKS
 
 
 def test_heatmap_per_slice_and_protect_top_k(tmp_path, monkeypatch):
