@@ -57,6 +57,11 @@ except PlanError as exc:  # e.g. a rule that matches nothing on this model
 table = pd.DataFrame([r.row() for r in resolved])
 table["setting"] = [plan_edit.setting_of(r) for r in table.to_dict("records")]
 
+
+def tied(row: dict) -> bool:
+    """A tied head is its owner's weight. pandas holds "not tied" as NaN, which is truthy: test for a name."""
+    return isinstance(row["tied_to"], str)
+
 # ------------------------------------------------------------------ instant prediction
 records = stored_records(db, spec, described["weights_hash"])
 metric = st.radio("Predicted quality metric", ["kl", "dnll"], horizontal=True, key="predict_metric",
@@ -79,7 +84,7 @@ cols[2].metric("Modules changed", int((~table["keep"]).sum()))
 cols[4].metric("Projected decode", f"{projection.decode_ms_per_token:.3f} ms",
                help=f"ms per token at batch 1 on {hardware.name}: projected by the roofline model, not measured")
 settings_by_module = {r["module"]: r["setting"] for r in table.to_dict("records")
-                      if not r["tied_to"]}  # a tied head is its owner's weight, scored there
+                      if not tied(r)}  # a tied head is scored at its owner
 if scores:
     predictions = predict(settings_by_module, scores, scored_slices, metric)
     worst = max(predictions, key=lambda p: p.value)
@@ -171,7 +176,7 @@ else:
     # kept linears stay kept; the embedding / lm_head only when a rule keeps it explicitly (presets leave it untouched)
     pinned = {r["module"]: "keep" for r in table.to_dict("records") if r["keep"] and (
         r["kind"] in LINEAR_KINDS or (r["kind"] in ("embedding", "lm_head") and pd.notna(r["rule"])
-                                      and not r["tied_to"] and any(k[0] == r["module"] for k in scores)))}
+                                      and not tied(r) and any(k[0] == r["module"] for k in scores)))}
     st.caption(f"Modules kept by the current plan stay kept ({len(pinned)} pinned). The embedding (with a tied "
                "lm_head) is one decision when the scan scored it (exhaustive probes). "
                "Solver: exact mixed-integer program (HiGHS); its optimality gap is reported."
