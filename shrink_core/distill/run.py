@@ -149,8 +149,8 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
 
     if resume and has_checkpoint(directory):
         load_checkpoint_(state, directory)
-        if info.get("run_id"):  # forget metrics logged after the checkpoint: those steps are done again
-            store.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (info["run_id"], state.step))
+    if resume and info.get("run_id"):  # forget metrics logged after the checkpoint (all, without one): redone
+        store.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (info["run_id"], state.step))
     if not info.get("run_id"):
         info["run_id"] = store.create_run("distill", name, config.to_dict(), job_id)
     info.update({"name": name, "dropped": built["dropped"], "influence": built["influence"],
