@@ -33,6 +33,8 @@ def _teacher_config(model_spec: str):
 
 
 config = _teacher_config(spec)
+if config is None:  # not opened yet: don't keep that answer, or opening the model later would not be seen here
+    _teacher_config.clear()
 st.markdown(f"#### Teacher `{spec}`")
 source = st.radio("Student", ["From the teacher (drop blocks, prune width)", "A stored candidate (recovery)"],
                   horizontal=True, key="distill_source")
