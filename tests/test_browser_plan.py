@@ -76,6 +76,16 @@ def test_protect_budget_plan_run_and_compare(tmp_path, monkeypatch):
             assert "predicted ΔNLL" in headers and "measured ΔNLL" in headers
             cells = [c.get_attribute("textContent") for c in driver.find_elements("css selector", '[role="gridcell"]')]
             assert "en" in cells
+            # in the compare table, the en row carries a prediction (every changed block linear was scored)
+            grid = next(g for g in driver.find_elements("css selector", '[data-testid="stDataFrame"]')
+                        if "predicted ΔNLL" in [h.get_attribute("textContent") for h in
+                                                g.find_elements("css selector", '[role="columnheader"]')])
+            names = [h.get_attribute("textContent") for h in grid.find_elements("css selector", '[role="columnheader"]')]
+            rows = [[c.get_attribute("textContent") for c in r.find_elements("css selector", '[role="gridcell"]')]
+                    for r in grid.find_elements("css selector", '[role="row"]')]
+            en = next(r for r in rows if "en" in r)
+            offset = len(names) - len(en)  # header cells of columns the rows do not repeat (an index, if any)
+            assert float(en[names.index("predicted ΔNLL") - offset]) > 0, (names, en)
             assert "Traceback" not in body(driver)
             driver.save_screenshot(os.path.join(tmp_path, "plan.png"))
         finally:
