@@ -18,8 +18,13 @@ class Prediction:
 
 
 def score_table(records, metric: str) -> dict[tuple[str, str, str], float]:
-    """(module, setting, slice) -> value, from sensitivity records (`shrink_core.sensitivity.scan.Record`)."""
-    return {(r.module, r.setting, r.slice): float(r.value) for r in records if r.metric == metric}
+    """(module, setting, slice) -> value, from sensitivity records (`shrink_core.sensitivity.scan.Record`), listed
+    newest first as the store gives them: the newest scan of a key wins, not the oldest."""
+    table: dict[tuple[str, str, str], float] = {}
+    for r in records:
+        if r.metric == metric:
+            table.setdefault((r.module, r.setting, r.slice), float(r.value))
+    return table
 
 
 def predict(settings_by_module: dict[str, str], scores: dict[tuple[str, str, str], float], slices: list[str],

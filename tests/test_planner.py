@@ -162,3 +162,12 @@ def test_embedding_is_a_planner_decision_with_exact_bytes_and_applies_as_chosen(
     pinned = build_problem(rows, scores, ["en", "fr"], settings, pinned={outside[0].name: "keep"})
     kept = solve(pinned, budget_bytes=budget + outside[0].bytes)
     assert kept.choice[outside[0].name] == "keep"
+
+
+def test_score_table_keeps_the_newest_scan():
+    from shrink_core.predict import score_table
+    from shrink_core.sensitivity.scan import Record
+
+    newest = Record("m", 0, "q", "w4g64", "en", "kl", 0.5, "exhaustive")
+    older = Record("m", 0, "q", "w4g64", "en", "kl", 0.1, "fast")
+    assert score_table([newest, older], "kl") == {("m", "w4g64", "en"): 0.5}  # records come newest first
