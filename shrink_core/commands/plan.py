@@ -60,9 +60,9 @@ def run(args) -> int:
     latency = None if hardware is None else latency_model(rows, model_summary(loaded.model, rows), hardware,
                                                            set(problem.modules))  # the rest stays as loaded
     solution = solve(problem, objective=args.objective,
-                     budget_bytes=args.budget_mb * 1e6 - everything_else if args.budget_mb else None,
+                     budget_bytes=args.budget_mb * 1e6 - everything_else if args.budget_mb is not None else None,
                      average_bits=args.budget_bits,
-                     budget_seconds=args.budget_latency_ms / 1000 - latency.fixed_seconds if args.budget_latency_ms
+                     budget_seconds=args.budget_latency_ms / 1000 - latency.fixed_seconds if args.budget_latency_ms is not None
                      else None)
     plan = solution_plan(solution.choice, method=args.method, name=f"planner {args.objective}")
     Path(args.out).write_text(dump_plan(plan))
