@@ -14,8 +14,9 @@ st.title("Sensitivity")
 db = store()
 spec = state.model_spec()
 st.caption("How much does quantizing or pruning one module (all others untouched) change the model? "
-           "KL(reference || perturbed) and ΔNLL per token, per slice. **fast**: diagonal empirical Fisher from one "
-           "forward+backward per calibration batch (calibration rows only). **exhaustive**: each module perturbed and "
+           "KL(reference || perturbed) and ΔNLL per token, per slice. **fast**: diagonal Fisher (labels sampled from the "
+           "model) plus a first-order term from the text, one forward and two backwards per calibration batch "
+           "(calibration rows only); the embedding is always probed exhaustively. **exhaustive**: each module perturbed and "
            "measured on the slice's eval rows, reusing the unperturbed activations before its block.")
 
 with st.expander("Run a scan", expanded=not stored_records(db, spec)):
