@@ -112,7 +112,7 @@ with st.expander("Bulk edit: by kind and block range"):
         rule = {"kind": kinds, **plan_edit.weights_rule(setting, method)}
         if block_range != (0, blocks - 1) and not set(kinds) & {"embedding", "lm_head"}:
             rule["blocks"] = list(range(block_range[0], block_range[1] + 1))
-        refusal = plan_edit.try_apply(lambda: plan_edit.with_rules_first(state.plan_draft(), [rule]))
+        refusal = plan_edit.try_apply(lambda: plan_edit.with_rules_first(state.plan_draft(), [rule], rows=rows))
         if refusal:
             st.error(refusal)
         else:
@@ -138,7 +138,7 @@ with left:
     changes = plan_edit.table_edits(view, edited, method="rtn")
     if changes:
         refusal = plan_edit.try_apply(lambda: plan_edit.with_rules_first(
-            state.plan_draft(), changes, replace_names={c["name"] for c in changes}))
+            state.plan_draft(), changes, replace_names={c["name"] for c in changes}, rows=rows))
         if refusal:
             st.error(refusal)
         else:
@@ -197,7 +197,7 @@ else:
             st.error(str(exc))
         else:
             planned = plan_to_dict(solution_plan(solution.choice, method=method))["rules"]
-            plan_edit.push(plan_edit.without_shadowed(plan_edit.with_rules_first(state.plan_draft(), planned), rows))
+            plan_edit.push(plan_edit.with_rules_first(state.plan_draft(), planned, rows=rows))
             st.session_state["planner_result"] = {
                 "status": solution.status, "gap": solution.gap, "seconds": solution.seconds,
                 "predicted": solution.predicted, "bytes": solution.total_bytes + fixed_bytes,

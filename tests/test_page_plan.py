@@ -49,6 +49,15 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
     assert draft.index("keep: true") < draft.index("bits: 8") and "- 0" in draft
     at.button(key="plan_undo").click().run()
     assert "keep: true" not in at.session_state["plan_draft"]
+    # a bulk edit over every linear and every block shadows the preset's rule: the rule is dropped, the page lives on
+    at.multiselect(key="bulk_kinds").set_value(["q", "k", "v", "o", "gate", "up", "down"]).run()
+    slider = at.slider(key="bulk_blocks")
+    slider.set_value((slider.min, slider.max))
+    at.selectbox(key="bulk_setting").set_value("w8")
+    at.button(key="bulk_apply").click().run()
+    assert not at.exception and not at.error
+    assert at.session_state["plan_draft"].count("bits:") == 1 and "bits: 8" in at.session_state["plan_draft"]
+    at.button(key="plan_undo").click().run()
     # an invalid YAML edit is refused inline, and the draft is unchanged
     before = at.session_state["plan_draft"]
     at.text_area[0].set_value("version: 1\nrules:\n- kind: [q]\n  weights: {bits: 7}\n").run()

@@ -67,12 +67,14 @@ def undo() -> bool:
     return True
 
 
-def with_rules_first(yaml_text: str, new_rules: list[dict], replace_names: set[str] = frozenset()) -> str:
-    """New rules go first (first match wins); an older single-module rule for the same module is dropped."""
+def with_rules_first(yaml_text: str, new_rules: list[dict], replace_names: set[str] = frozenset(), rows=None) -> str:
+    """New rules go first (first match wins); an older single-module rule for the same module is dropped, and with
+    the model's `rows`, so is every older rule the new ones now shadow entirely (e.g. a bulk edit over all blocks)."""
     data = plan_to_dict(load_plan(yaml_text))
     kept = [r for r in data["rules"] if r.get("name") not in replace_names]
     data["rules"] = new_rules + kept
-    return dump_plan(load_plan(data))
+    text = dump_plan(load_plan(data))
+    return text if rows is None else without_shadowed(text, rows)
 
 
 def without_shadowed(yaml_text: str, rows) -> str:
