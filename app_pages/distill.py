@@ -1,11 +1,12 @@
 """Distill page: configure a student (size projected before starting), launch, watch live curves, cancel, resume."""
 import streamlit as st
 
-from shrink_core import jobs
+from shrink_core.runtime import jobs
 from shrink_core.distill import DistillConfig, projected_shape
 from shrink_core.distill.run import active_job, latest_job, list_runs, new_run_name, read_run, teacher_config
 from shrink_core.errors import ShrinkError
-from shrink_core.slices import CalibrationRecipe, list_slices
+from shrink_core.evaluation.calibration import CalibrationRecipe
+from shrink_core.evaluation.slices import list_slices
 from ui import curves, state
 from ui.data import store
 from ui.jobs import job_outcome, job_panel, show_job

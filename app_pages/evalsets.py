@@ -2,10 +2,10 @@
 import pandas as pd
 import streamlit as st
 
-from shrink_core import jobs
+from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
-from shrink_core.evaluate import BUDGETS
-from shrink_core.slices import add_user_slice, list_slices, load_rows
+from shrink_core.evaluation.evaluate import BUDGETS
+from shrink_core.evaluation.slices import add_user_slice, list_slices, load_rows
 from ui import charts, state
 from ui.data import store
 from ui.jobs import show_job
@@ -54,7 +54,7 @@ picked = left.multiselect("Slices to evaluate", list(by_id), default=["en", "fr"
 budget = right.radio("Budget", list(BUDGETS), horizontal=True, key="eval_budget",
                      help="fast: 120 text rows / 200 questions per slice; standard: 480 / 1000; full: everything.")
 if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked):
-    state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.eval_run:eval_job",
+    state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
                                          {"spec": spec, "slices": picked, "budget": budget}))
 show_job(state.job_id("eval"), f"Evaluating {spec}")
 

@@ -2,9 +2,9 @@
 import pandas as pd
 import streamlit as st
 
-from shrink_core import jobs
+from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
-from shrink_core.models import BUILTINS, DEFAULT_SPEC, ModelSpec
+from shrink_core.model.load import BUILTINS, DEFAULT_SPEC, ModelSpec
 from ui import charts, state
 from ui.data import store
 from ui.jobs import job_outcome, job_panel
@@ -25,7 +25,7 @@ with st.form("load_form", border=False):
 
 
 def start_load(spec: str) -> None:
-    job_id = jobs.submit(db, "describe", "shrink_core.modelinfo:describe_job",
+    job_id = jobs.submit(db, "describe", "shrink_core.model.describe:describe_job",
                          {"spec": spec, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
     state.set_job_id("model", job_id)
     state.set_model_spec(spec)

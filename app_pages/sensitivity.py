@@ -2,7 +2,7 @@
 import pandas as pd
 import streamlit as st
 
-from shrink_core import jobs
+from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.sensitivity import (METHOD_LABELS, SCAN_BUDGETS, SETTINGS, protect_plan_yaml, stored_agreement,
                                      stored_agreement_pairs, stored_records)

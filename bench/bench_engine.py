@@ -22,10 +22,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from shrink_core.models import load  # noqa: E402
+from shrink_core.model.load import load  # noqa: E402
 from shrink_core.plan import load_plan  # noqa: E402
-from shrink_core.quant.apply import apply_plan_  # noqa: E402
-from shrink_core.quant.calibration_data import calibration_from_recipe, slice_texts  # noqa: E402
+from shrink_core.compression.apply import apply_plan_  # noqa: E402
+from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens, slice_texts  # noqa: E402
 
 SLICES = ("en", "fr", "de", "es", "ru", "zh", "ja", "ar")
 LINEARS = "[q, k, v, o, gate, up, down]"
@@ -91,7 +91,7 @@ def main() -> None:
     mix = {k: float(v) for k, v in (part.split("=") for part in args.mix.split(","))}
     recipe = {"mix": mix, "n_sequences": args.calib_n, "seq_len": args.calib_len, "seed": 0}
     methods = args.quant_methods.split(",")
-    calibration = calibration_from_recipe(tokenizer, recipe)
+    calibration = calibration_tokens(tokenizer, CalibrationRecipe.from_dict(recipe))
     figures = {"model": args.model, "torch_threads": torch.get_num_threads(), "load_average_at_start": os.getloadavg(),
                "eval": f"{args.windows}x512 tokens "
                "of split=eval per slice", "calibration": {**recipe, "n_sequences": int(calibration.shape[0])}}
@@ -112,7 +112,7 @@ def main() -> None:
             figures[f"cpu_seconds_{method}_w4g64"] = round(reports[method].timings["total_cpu_s"], 2)
             figures[f"packed_bytes_{method}_w4g64"] = reports[method].totals["total_packed_bytes"]
             if "bytes" in parts and method == methods[-1]:
-                from shrink_core.export import write_packed_artifact
+                from shrink_core.compression.export import write_packed_artifact
 
                 with tempfile.TemporaryDirectory() as tmp:
                     size = write_packed_artifact(model, reports[method], Path(tmp) / "packed.safetensors")

@@ -21,7 +21,7 @@ def raw_forward_seconds(model, requests, max_tokens: int) -> float:
     """The same batches as the evaluator, through model(...) with full logits and nothing else."""
     import torch
 
-    from shrink_core.evaluate import _batches
+    from shrink_core.evaluation.evaluate import _batches
 
     started = time.perf_counter()
     with torch.inference_mode():
@@ -44,9 +44,9 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from shrink_core.evaluate import evaluate_slice, get_budget, select_items, text_requests
-    from shrink_core.models import load
-    from shrink_core.slices import get_slice, load_rows
+    from shrink_core.evaluation.evaluate import evaluate_slice, get_budget, select_items, text_requests
+    from shrink_core.model.load import load
+    from shrink_core.evaluation.slices import get_slice, load_rows
 
     load_started = time.perf_counter()
     loaded = load(args.model)

@@ -104,7 +104,7 @@ def timed(fn, calls: int = 50, repeats: int = 5) -> dict:
 
 def int4_pack(weight: torch.Tensor, group: int, high_first: bool = True):
     """The engine's asymmetric RTN grid -> tinygemm's packed int4 + (groups, out, 2) bf16 scales and zeros."""
-    from shrink_core.quant.primitives import quantize, scale_zero
+    from shrink_core.compression.primitives import quantize, scale_zero
 
     out, inp = weight.shape
     scale, zero = scale_zero(weight, 4, group, symmetric=False)  # (out, groups); w = (q - zero) * scale
@@ -119,7 +119,7 @@ def int4_pack(weight: torch.Tensor, group: int, high_first: bool = True):
 
 
 def int4_dequant(weight: torch.Tensor, group: int) -> torch.Tensor:
-    from shrink_core.quant.primitives import fake_quantize
+    from shrink_core.compression.primitives import fake_quantize
 
     return fake_quantize(weight.float(), 4, group, symmetric=False)
 
@@ -260,7 +260,7 @@ class Int4Linear(torch.nn.Module):
 
 
 def block_linear_names(model) -> list[str]:
-    from shrink_core.inventory import block_linears, inventory
+    from shrink_core.model.inventory import block_linears, inventory
 
     return [row.name for row in block_linears(inventory(model))]
 
@@ -339,8 +339,8 @@ def weight_mib(model) -> float:
 def part_model(spec: str, group: int, windows_count: int) -> None:
     import copy
 
-    from shrink_core.models import load
-    from shrink_core.quant.calibration_data import slice_texts, token_windows
+    from shrink_core.model.load import load
+    from shrink_core.evaluation.calibration import slice_texts, token_windows
 
     started = time.perf_counter()
     loaded = load(spec)
@@ -379,7 +379,7 @@ def part_train_raw(spec: str, keep_blocks: int, batch: int, seq_len: int, reps: 
     import copy
 
     from shrink_core.distill.train import kl_loss, next_token_loss
-    from shrink_core.models import load
+    from shrink_core.model.load import load
 
     loaded = load(spec)
     teacher = loaded.model.eval().to("cuda")

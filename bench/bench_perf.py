@@ -32,8 +32,8 @@ def main() -> None:
                         help="also time SmolLM2's 210 block GEMVs: fp32, aten int4, onnxruntime MatMulNBits (if installed)")
     args = parser.parse_args()
 
-    from shrink_core.models import load
-    from shrink_core.perf.candidate import from_plan
+    from shrink_core.model.load import load
+    from shrink_core.compression.candidate import from_plan
     from shrink_core.perf.hardware import get
     from shrink_core.perf.latency import measure_with_probes
     from shrink_core.perf.lowbit import lowbit_copy

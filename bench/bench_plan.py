@@ -31,12 +31,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from shrink_core.evaluate import BUDGETS, evaluate  # noqa: E402
-from shrink_core.inventory import block_linears, inventory  # noqa: E402
-from shrink_core.metrics import bootstrap_ratio_ci  # noqa: E402
+from shrink_core.evaluation.evaluate import BUDGETS, evaluate  # noqa: E402
+from shrink_core.model.inventory import block_linears, inventory  # noqa: E402
+from shrink_core.evaluation.stats import bootstrap_ratio_ci  # noqa: E402
 from shrink_core.plan import load_plan, resolve  # noqa: E402
-from shrink_core.planner import SETTINGS, build_problem, greedy, solution_plan, solve  # noqa: E402
-from shrink_core.slices import get_slice  # noqa: E402
+from shrink_core.plan.planner import SETTINGS, build_problem, greedy, solution_plan, solve  # noqa: E402
+from shrink_core.evaluation.slices import get_slice  # noqa: E402
 
 LINEARS = "[q, k, v, o, gate, up, down]"
 
@@ -107,9 +107,9 @@ def slice_figures(results: dict) -> dict:
 
 def scan_problem(loaded, args, slices, pinned: dict | None = None):
     """Fast-scan scores (reused from the store unless --fresh-scan) -> the planner's problem over the block linears."""
-    from shrink_core.predict import score_table
+    from shrink_core.plan.predict import score_table
     from shrink_core.sensitivity.scan import run_scan
-    from shrink_core.store import Store
+    from shrink_core.results.store import Store
 
     settings = args.settings.split(",")
     with tempfile.TemporaryDirectory() as home:
@@ -125,15 +125,15 @@ def scan_problem(loaded, args, slices, pinned: dict | None = None):
 
 
 def quality(loaded, args, slices) -> None:
-    from shrink_core.quant.apply import apply_plan_
-    from shrink_core.quant.calibration_data import calibration_from_recipe
-    from shrink_core.presets import DEFAULT_RECIPE
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+    from shrink_core.plan.presets import DEFAULT_RECIPE
 
     problem = scan_problem(loaded, args, slices)
     linear_names = {r.name for r in block_linears(inventory(loaded.model))}
     budget = replace(BUDGETS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
     recipe = {**DEFAULT_RECIPE, "n_sequences": args.calib_n}
-    calibration = calibration_from_recipe(loaded.tokenizer, recipe)
+    calibration = calibration_tokens(loaded.tokenizer, CalibrationRecipe.from_dict(recipe))
     eval_label = f"first {args.rows} text rows per slice, window 512 (fast budget otherwise), measured on CPU"
     reference = measured(loaded.model, loaded.tokenizer, slices, budget)
     emit({"part": "reference", "eval": eval_label, "reference": slice_figures(reference)})
@@ -176,7 +176,7 @@ def quality(loaded, args, slices) -> None:
 
 
 def embedding(loaded, args, slices) -> None:
-    from shrink_core.quant.apply import apply_plan_
+    from shrink_core.compression.apply import apply_plan_
     from shrink_core.sensitivity.scan import embedding_rows
 
     pinned = {r.name: "w8" for r in embedding_rows(inventory(loaded.model))}  # by hand: int8 per channel (RTN)
@@ -218,7 +218,7 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=40, help="text rows per slice in the measured evaluation")
     parser.add_argument("--calib-n", type=int, default=16, help="GPTQ calibration sequences of 512 tokens")
     args = parser.parse_args()
-    from shrink_core.models import load
+    from shrink_core.model.load import load
 
     loaded = load(args.model)
     slices = args.slices.split(",")

@@ -29,7 +29,7 @@ def emit(part: str, **figures) -> dict:
 def prefix_part(loaded, slice_id: str, count: int) -> dict:
     import torch
 
-    from shrink_core.inventory import block_linears, inventory
+    from shrink_core.model.inventory import block_linears, inventory
     from shrink_core.sensitivity import SCAN_BUDGETS, ProbeCache, get_setting, probe, sample_modules
     from shrink_core.sensitivity.probe import eval_tokens
 
@@ -99,9 +99,9 @@ def main() -> int:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ["SHRINK_HOME"] = os.environ.get("BENCH_HOME") or tempfile.mkdtemp(prefix="bench-sens-")  # reuse probes
     os.environ.setdefault("SHRINK_MODEL_CACHE", str(Path.home() / ".cache" / "shrink" / "models"))
-    from shrink_core.models import load
+    from shrink_core.model.load import load
     from shrink_core.sensitivity import run_scan
-    from shrink_core.store import Store
+    from shrink_core.results.store import Store
 
     slices = args.slices.split(",")
     parts = args.parts.split(",")

@@ -1,5 +1,5 @@
 import sys
 
-from .cli import main
+from shrink_core.cli.entry import main
 
 sys.exit(main())

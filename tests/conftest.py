@@ -11,7 +11,7 @@ os.environ.setdefault("SHRINK_MODEL_CACHE", os.path.join(_home, "models"))
 
 @pytest.fixture
 def tiny_model():
-    from shrink_core.toy import tiny_llama
+    from shrink_core.model.toy import tiny_llama
 
     return tiny_llama()
 
@@ -27,6 +27,6 @@ def shrink_home(tmp_path, monkeypatch):
 @pytest.fixture(scope="session")
 def smollm2():
     """The real built-in model, loaded once per test session (from the fp32 cache after the first run)."""
-    from shrink_core.models import load
+    from shrink_core.model.load import load
 
     return load("builtin:smollm2-135m")

@@ -7,11 +7,11 @@ import signal
 
 from selenium.webdriver.common.keys import Keys
 
-from shrink_core import jobs
+from shrink_core.runtime import jobs
 from shrink_core.distill.run import read_run
-from shrink_core.modelinfo import describe
-from shrink_core.slices import add_user_records, get_slice, load_rows
-from shrink_core.store import Store
+from shrink_core.model.describe import describe
+from shrink_core.evaluation.slices import add_user_records, get_slice, load_rows
+from shrink_core.results.store import Store
 
 from .browser import BROWSER_MARKS, body, chromium, free_port, running_app, wait_for
 

@@ -28,10 +28,10 @@ def test_protect_budget_plan_run_and_compare(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("SHRINK_HOME", str(home))
-    from shrink_core.modelinfo import describe
-    from shrink_core.models import load
+    from shrink_core.model.describe import describe
+    from shrink_core.model.load import load
     from shrink_core.sensitivity import run_scan
-    from shrink_core.store import Store
+    from shrink_core.results.store import Store
 
     # what the Model and Sensitivity pages would have stored: the inventory and a small real fast scan (one slice,
     # two settings, quick budget), so the page has scores to predict from and to plan with

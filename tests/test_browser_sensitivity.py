@@ -10,10 +10,10 @@ def test_heatmap_per_slice_and_protect_top_k(tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
     monkeypatch.setenv("SHRINK_HOME", str(home))
-    from shrink_core.modelinfo import describe
-    from shrink_core.models import load
+    from shrink_core.model.describe import describe
+    from shrink_core.model.load import load
     from shrink_core.sensitivity import run_scan
-    from shrink_core.store import Store
+    from shrink_core.results.store import Store
 
     # what the Model page stores on load (the Plan page checks plans against it), then a short real scan (quick
     # budget: 4 x 64 calibration tokens per slice), so the page has scores to show

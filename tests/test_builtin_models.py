@@ -4,8 +4,8 @@ import time
 import pytest
 import torch
 
-from shrink_core.inventory import block_linears, inventory, summary
-from shrink_core.models import load
+from shrink_core.model.inventory import block_linears, inventory, summary
+from shrink_core.model.load import load
 
 pytestmark = pytest.mark.integration
 

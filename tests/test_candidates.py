@@ -6,9 +6,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shrink_core import candidates as cands
+from shrink_core.results import candidates as cands
 from shrink_core.errors import ShrinkError
-from shrink_core.store import Provenance, Store
+from shrink_core.results.store import Provenance, Store
 
 SPEC = "toy:tiny"
 ITEMS = 40
@@ -178,7 +178,7 @@ def test_compare_pairs_on_the_same_items(seeded):
 
 
 def test_plan_diff_layer_by_layer(tiny_model):
-    from shrink_core.inventory import inventory
+    from shrink_core.model.inventory import inventory
 
     rows = [r.row() for r in inventory(tiny_model)]
     diff = cands.plan_diff(rows, {"w4": W4, "w4-keep0": W4_KEEP0, "reference": None})

@@ -9,13 +9,13 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shrink_core import candidates as cands
-from shrink_core import jobs
+from shrink_core.results import candidates as cands
+from shrink_core.runtime import jobs
 from shrink_core.distill import DistillConfig
 from shrink_core.distill.run import read_run, run_dir, run_distill
 from shrink_core.distill.toy import save_toy_teacher
 from shrink_core.errors import ShrinkError
-from shrink_core.store import Store
+from shrink_core.results.store import Store
 
 TARGET = "shrink_core.distill.run:distill_job"
 
@@ -102,8 +102,8 @@ def test_a_resumed_run_keeps_its_own_evaluation_slices(shrink_home, tmp_path):
 
 
 def test_cli_distill_drops_listed_blocks_and_writes_a_loadable_student(shrink_home, tmp_path, capsys):
-    from shrink_core.cli import main
-    from shrink_core.models import load
+    from shrink_core.cli.entry import main
+    from shrink_core.model.load import load
 
     teacher = save_toy_teacher(tmp_path / "teacher")
     code = main(["distill", "--teacher", str(teacher), "--drop-blocks", "1,2", "--steps", "3", "--mix", "toy_en",

@@ -5,10 +5,10 @@ import numpy as np
 import pytest
 import torch
 
-from shrink_core import metrics
-from shrink_core.evaluate import BUDGETS, Request, compare, evaluate, get_budget, score, select_items
-from shrink_core.slices import get_slice
-from shrink_core.toy import ByteTokenizer, tiny_llama
+from shrink_core.evaluation import stats as metrics
+from shrink_core.evaluation.evaluate import BUDGETS, Request, compare, evaluate, get_budget, score, select_items
+from shrink_core.evaluation.slices import get_slice
+from shrink_core.model.toy import ByteTokenizer, tiny_llama
 
 
 @pytest.fixture(scope="module")

@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from shrink_core.export import PACKED_FILE, llama_cpp_tensor_types, llm_compressor_recipe, save_candidate
+from shrink_core.compression.export import PACKED_FILE, llama_cpp_tensor_types, llm_compressor_recipe, save_candidate
 from shrink_core.plan import dump_plan, load_plan, resolve
-from shrink_core.quant.apply import apply_plan_
-from shrink_core.toy import tiny_llama
+from shrink_core.compression.apply import apply_plan_
+from shrink_core.model.toy import tiny_llama
 
 
 def tiny_tokenizer():
@@ -23,7 +23,7 @@ def tiny_tokenizer():
 
 @pytest.mark.parametrize("preset", ["w4g64", "mlp50"])
 def test_apply_save_load_round_trip_gives_identical_logits(preset, tmp_path, shrink_home):
-    from shrink_core.models import load
+    from shrink_core.model.load import load
 
     model, tokens = tiny_llama(), torch.randint(0, 256, (2, 24))
     plan = load_plan(f"preset:{preset}")
@@ -48,8 +48,8 @@ def test_apply_save_load_round_trip_gives_identical_logits(preset, tmp_path, shr
 def test_packed_codes_decode_to_the_model_weights(tmp_path):
     from safetensors.torch import load_file
 
-    from shrink_core.export import write_packed_artifact
-    from shrink_core.quant.primitives import dequantize, unpack
+    from shrink_core.compression.export import write_packed_artifact
+    from shrink_core.compression.primitives import dequantize, unpack
 
     model = tiny_llama()
     report = apply_plan_(model, load_plan("preset:w3g64"), torch.randint(0, 256, (4, 32)))
@@ -66,8 +66,8 @@ def test_partial_last_group_packs_as_accounted(tmp_path):
     """W4 g128 with 64-wide inputs (q..up: one partial group per row): the artifact holds ceil(in / 128) scales."""
     from safetensors.torch import load_file
 
-    from shrink_core.export import write_packed_artifact
-    from shrink_core.quant.primitives import dequantize, unpack
+    from shrink_core.compression.export import write_packed_artifact
+    from shrink_core.compression.primitives import dequantize, unpack
 
     model = tiny_llama()
     report = apply_plan_(model, load_plan("preset:w4g128"), torch.randint(0, 256, (4, 32)))
@@ -123,8 +123,8 @@ rules:
 def test_cli_apply_writes_a_reloadable_candidate(smollm2, tmp_path, shrink_home):
     import copy
 
-    from shrink_core.cli import main
-    from shrink_core.models import load
+    from shrink_core.cli.entry import main
+    from shrink_core.model.load import load
 
     out = tmp_path / "w8"
     assert main(["apply", "--model", "builtin:smollm2-135m", "--plan", "preset:w8", "--out", str(out), "--json"]) == 0

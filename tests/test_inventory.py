@@ -1,4 +1,4 @@
-from shrink_core.inventory import LINEAR_KINDS, block_linears, inventory, summary
+from shrink_core.model.inventory import LINEAR_KINDS, block_linears, inventory, summary
 
 
 def test_tiny_inventory(tiny_model):
@@ -24,7 +24,7 @@ def test_summary(tiny_model):
 
 
 def test_untied_model_counts_lm_head(tiny_model):
-    from shrink_core.toy import tiny_llama
+    from shrink_core.model.toy import tiny_llama
 
     model = tiny_llama()
     model.lm_head.weight = __import__("torch").nn.Parameter(model.lm_head.weight.detach().clone())

@@ -3,10 +3,10 @@ import os
 import signal
 import time
 
-from shrink_core import jobs
-from shrink_core.store import Store
+from shrink_core.runtime import jobs
+from shrink_core.results.store import Store
 
-TICK = "shrink_core.diagnostics:tick_job"
+TICK = "shrink_core.runtime.diagnostics:tick_job"
 
 
 def wait_until(predicate, timeout=30.0):

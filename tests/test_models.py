@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from shrink_core.errors import ModelLoadError
-from shrink_core.models import ModelSpec, check_safetensors, load
+from shrink_core.model.load import ModelSpec, check_safetensors, load
 
 
 def one_sentence(exc: Exception) -> str:

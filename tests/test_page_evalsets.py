@@ -2,9 +2,9 @@
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from shrink_core import jobs
+from shrink_core.runtime import jobs
 from shrink_core.paths import REPO_ROOT
-from shrink_core.store import Store
+from shrink_core.results.store import Store
 
 PAGE = str(REPO_ROOT / "app_pages" / "evalsets.py")
 
@@ -20,7 +20,7 @@ def test_lists_slices_and_invites_a_baseline(shrink_home):
 @pytest.mark.integration
 def test_baseline_job_results_show_with_intervals(shrink_home):
     store = Store()
-    job_id = jobs.submit(store, "eval", "shrink_core.eval_run:eval_job",
+    job_id = jobs.submit(store, "eval", "shrink_core.results.eval_run:eval_job",
                          {"spec": "builtin:smollm2-135m", "slices": ["toy_en", "toy_mc"], "budget": "fast"}, spawn=False)
     assert jobs.run_job(store, job_id, heartbeat=False).status == "done"
     at = AppTest.from_file(PAGE, default_timeout=60).run()

@@ -2,9 +2,9 @@
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from shrink_core import jobs
+from shrink_core.runtime import jobs
 from shrink_core.paths import REPO_ROOT
-from shrink_core.store import Store
+from shrink_core.results.store import Store
 
 PAGE = str(REPO_ROOT / "app_pages" / "model.py")
 

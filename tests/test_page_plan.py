@@ -2,10 +2,10 @@
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from shrink_core.inventory import inventory
+from shrink_core.model.inventory import inventory
 from shrink_core.paths import REPO_ROOT
-from shrink_core.store import Provenance, Store
-from shrink_core.toy import tiny_llama
+from shrink_core.results.store import Provenance, Store
+from shrink_core.model.toy import tiny_llama
 
 PAGE = str(REPO_ROOT / "app_pages" / "plan.py")
 SPEC = "builtin:smollm2-135m"  # the page's default spec; the stored inventory is the tiny model's
@@ -13,7 +13,7 @@ SPEC = "builtin:smollm2-135m"  # the page's default spec; the stored inventory i
 
 @pytest.fixture
 def stored_tiny(shrink_home):
-    from shrink_core.inventory import summary
+    from shrink_core.model.inventory import summary
 
     model = tiny_llama(hidden=128)  # group 128 must divide the input features, as on real models
     rows = inventory(model)

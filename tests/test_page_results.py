@@ -4,7 +4,7 @@ import json
 from streamlit.testing.v1 import AppTest
 
 from shrink_core.paths import REPO_ROOT
-from shrink_core.store import Store
+from shrink_core.results.store import Store
 
 from .test_candidates import seed_store
 

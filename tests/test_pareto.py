@@ -1,7 +1,7 @@
 """Pure Pareto math: dominance, the frontier, the worst slice, the weighted mix, the acceptance line."""
 import pytest
 
-from shrink_core import pareto
+from shrink_core.results import pareto
 from shrink_core.errors import ShrinkError
 
 # Candidates with known dominance (x = MB, y = worst-slice ppl ratio, lower is better on both):

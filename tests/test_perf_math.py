@@ -41,7 +41,7 @@ def test_memory_report_uses_the_workload_shape():
 
 
 def test_packed_bytes_matches_the_engine_layout():
-    primitives = pytest.importorskip("shrink_core.quant.primitives")
+    primitives = pytest.importorskip("shrink_core.compression.primitives")
     for shape, bits, group, symmetric in [((576, 1536), 4, 64, False), ((192, 576), 3, 32, True), ((10, 70), 8, None, True)]:
         assert packed_bytes(shape, bits, group, symmetric) == primitives.packed_weight_bytes(shape, bits, group, symmetric)["total"]
     assert packed_bytes((4, 8), 32, None, True) == 128

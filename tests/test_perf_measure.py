@@ -96,8 +96,8 @@ def test_measured_latency_carries_device_runtime_runs(tiny_model):
 
 
 def test_full_report_labels_every_figure(tiny_model):
-    pytest.importorskip("shrink_core.quant.apply")
-    from shrink_core.perf.candidate import from_plan
+    pytest.importorskip("shrink_core.compression.apply")
+    from shrink_core.compression.candidate import from_plan
     from shrink_core.perf.report import measure
 
     candidate = from_plan(tiny_model, "preset:w4g64")
@@ -120,7 +120,7 @@ def test_full_report_labels_every_figure(tiny_model):
 
 
 def test_cli_lists_targets_and_refuses_a_bad_one(capsys):
-    from shrink_core.cli import main
+    from shrink_core.cli.entry import main
 
     assert main(["measure", "--list-targets"]) == 0
     names = [row["name"] for row in json.loads(capsys.readouterr().out)]
@@ -130,7 +130,7 @@ def test_cli_lists_targets_and_refuses_a_bad_one(capsys):
     assert len(err) == 1 and err[0].startswith("error: Unknown target 'tpu-v9'")
     assert main(["measure", "--runs", "0"]) == 1
     assert "--runs must be at least 1" in capsys.readouterr().err
-    if importlib.util.find_spec("shrink_core.plan"):  # a bad plan is refused before the model loads
+    if importlib.util.find_spec("shrink_core.plan.spec"):  # a bad plan is refused before the model loads
         assert main(["measure", "--plan", "preset:nope"]) == 1
         assert "Unknown plan preset 'nope'" in capsys.readouterr().err
 
@@ -146,8 +146,8 @@ def one_thread():
 
 @pytest.mark.integration
 def test_measure_real_model_w4(smollm2, one_thread):
-    pytest.importorskip("shrink_core.quant.apply")
-    from shrink_core.perf.candidate import from_plan
+    pytest.importorskip("shrink_core.compression.apply")
+    from shrink_core.compression.candidate import from_plan
     from shrink_core.perf.report import measure
 
     candidate = from_plan(smollm2.model, "preset:w4g64")
@@ -179,7 +179,7 @@ def test_bandwidth_probe_reads_every_linear_weight(tiny_model):
 
 def test_same_depth_toy_keeps_depth_and_shrinks_width():
     from shrink_core.perf.latency import same_depth_toy
-    from shrink_core.toy import tiny_llama
+    from shrink_core.model.toy import tiny_llama
 
     source = tiny_llama(layers=5, hidden=128)
     toy = same_depth_toy(source)

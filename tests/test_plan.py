@@ -4,8 +4,8 @@ import json
 import pytest
 
 from shrink_core.plan import PlanError, Rule, dump_plan, load_plan, resolve
-from shrink_core.presets import preset_names
-from shrink_core.toy import tiny_llama
+from shrink_core.plan.presets import preset_names
+from shrink_core.model.toy import tiny_llama
 
 W4 = "{bits: 4, group_size: 32, method: rtn}"
 
@@ -103,7 +103,7 @@ def test_first_match_wins_with_fullmatch_and_blocks(tiny_model):
 
 
 def _info(name):
-    from shrink_core.inventory import ModuleInfo
+    from shrink_core.model.inventory import ModuleInfo
 
     return ModuleInfo(name, 0, "up", (128, 64), 0, 0, "float32")
 

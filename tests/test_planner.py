@@ -4,9 +4,9 @@ import itertools
 import numpy as np
 import pytest
 
-from shrink_core.inventory import block_linears, inventory
+from shrink_core.model.inventory import block_linears, inventory
 from shrink_core.plan import dump_plan, load_plan, resolve
-from shrink_core.planner import PlannerError, PlannerProblem, build_problem, greedy, solution_plan, solve
+from shrink_core.plan.planner import PlannerError, PlannerProblem, build_problem, greedy, solution_plan, solve
 
 
 def random_problem(seed=0, modules=6, settings=3, slices=3):
@@ -87,11 +87,11 @@ def test_plan_from_solution_resolves_exactly(tiny_model):
 
 def test_latency_budget_is_exact_and_matches_the_roofline(tiny_model):
     """Per-module projected seconds are linear; the chosen plan's projected total is the roofline's own figure."""
-    from shrink_core.inventory import summary
+    from shrink_core.model.inventory import summary
     from shrink_core.perf.hardware import get
     from shrink_core.perf.roofline import project
     from shrink_core.perf.workload import QuantSpec, describe_model
-    from shrink_core.planner import SETTINGS, latency_model
+    from shrink_core.plan.planner import SETTINGS, latency_model
 
     hardware = get("raspberry-pi-5")  # int4/int8 kernels there: w4g64 and w8 are faster, w3g64 is read as fp32
     rows = inventory(tiny_model)
@@ -123,9 +123,9 @@ def test_embedding_is_a_planner_decision_with_exact_bytes_and_applies_as_chosen(
     packed format's; pins hold; the written plan quantizes the embedding exactly as chosen (RTN)."""
     import torch
 
-    from shrink_core.quant.apply import apply_plan_
-    from shrink_core.quant.primitives import fake_quantize, packed_weight_bytes
-    from shrink_core.toy import tiny_llama
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.compression.primitives import fake_quantize, packed_weight_bytes
+    from shrink_core.model.toy import tiny_llama
 
     model = tiny_llama(tied=tied)
     rows = inventory(model)
@@ -165,7 +165,7 @@ def test_embedding_is_a_planner_decision_with_exact_bytes_and_applies_as_chosen(
 
 
 def test_score_table_keeps_the_newest_scan():
-    from shrink_core.predict import score_table
+    from shrink_core.plan.predict import score_table
     from shrink_core.sensitivity.scan import Record
 
     newest = Record("m", 0, "q", "w4g64", "en", "kl", 0.5, "exhaustive")

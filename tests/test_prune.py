@@ -3,10 +3,10 @@ import pytest
 import torch
 
 from shrink_core.plan import load_plan
-from shrink_core.prune import kept_channels, magnitude_mask, mask_for, nm_mask, row_mask, wanda_scores
-from shrink_core.quant.apply import apply_plan_
-from shrink_core.quant.obs import obs_compress
-from shrink_core.toy import tiny_llama
+from shrink_core.compression.prune import kept_channels, magnitude_mask, mask_for, nm_mask, row_mask, wanda_scores
+from shrink_core.compression.apply import apply_plan_
+from shrink_core.compression.obs import obs_compress
+from shrink_core.model.toy import tiny_llama
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])

@@ -4,8 +4,8 @@ import torch
 
 from shrink_core.errors import ShrinkError
 from shrink_core.plan import load_plan
-from shrink_core.quant.apply import apply_plan_
-from shrink_core.toy import tiny_llama
+from shrink_core.compression.apply import apply_plan_
+from shrink_core.model.toy import tiny_llama
 
 LINEARS = "[q, k, v, o, gate, up, down]"
 
@@ -49,7 +49,7 @@ def test_gptq_beats_rtn_on_layer_output_error():
 
 def test_partial_last_group_with_gptq_and_rtn():
     """hidden 96, group 64: q..up have a group of 64 and one of 32; GPTQ keeps every weight on its group's grid."""
-    from shrink_core.quant.primitives import quantize, dequantize
+    from shrink_core.compression.primitives import quantize, dequantize
 
     torch.manual_seed(0)
     calibration = torch.randint(0, 256, (8, 32))

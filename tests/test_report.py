@@ -9,8 +9,8 @@ import pytest
 
 from shrink_core.errors import ShrinkError
 from shrink_core.paths import REPO_ROOT
-from shrink_core.report import View, build_report, render_html, write_png, write_report
-from shrink_core.store import Store
+from shrink_core.results.report import View, build_report, render_html, write_png, write_report
+from shrink_core.results.store import Store
 
 from .browser import CHROMEDRIVER, CHROMIUM, chromium, wait_for
 from .test_candidates import seed_store
@@ -93,7 +93,7 @@ def test_exported_html_renders_offline(store, tmp_path):
 @pytest.mark.browser
 @has_chromium
 def test_png_of_the_main_figure(store, tmp_path):
-    from shrink_core.report import figures
+    from shrink_core.results.report import figures
 
     main, _ = figures(build_report(store, View(limit=1.05)))
     path = write_png(main, tmp_path / "pareto.png", width=900, height=500)
@@ -131,7 +131,7 @@ def test_cli_report_and_candidates(store, shrink_home, tmp_path):
 
 
 def test_report_never_imports_streamlit():
-    code = ("import sys, shrink_core.report, shrink_core.commands.report, ui.pareto_charts; "
+    code = ("import sys, shrink_core.results.report, shrink_core.cli.report, shrink_core.results.figures; "
             "assert 'streamlit' not in sys.modules, 'streamlit imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr

@@ -6,15 +6,15 @@ import pytest
 import torch
 
 from shrink_core.errors import ShrinkError
-from shrink_core.inventory import block_linears, inventory
-from shrink_core.models import LoadedModel, ModelSpec
+from shrink_core.model.inventory import block_linears, inventory
+from shrink_core.model.load import LoadedModel, ModelSpec
 from shrink_core.plan import load_plan
 from shrink_core.sensitivity import (SETTINGS, ProbeCache, probe, protect_plan_yaml, run_scan, sample_modules,
                                      spearman, stored_agreement, stored_records)
 from shrink_core.sensitivity import fisher
 from shrink_core.sensitivity.probe import calib_tokens, eval_tokens
-from shrink_core.store import Store
-from shrink_core.toy import ByteTokenizer, tiny_llama
+from shrink_core.results.store import Store
+from shrink_core.model.toy import ByteTokenizer, tiny_llama
 
 
 def tiny_loaded(seed: int = 0, tied: bool = True) -> LoadedModel:
@@ -174,7 +174,7 @@ def test_protect_plan_is_valid_and_selects_exactly_the_top_modules(loaded):
 def test_cli_choices_match_the_library():
     import argparse
 
-    from shrink_core.commands import sensitivity as command
+    from shrink_core.cli import sensitivity as command
     from shrink_core.sensitivity import METHODS, SCAN_BUDGETS
 
     sub = argparse.ArgumentParser().add_subparsers()
@@ -291,7 +291,7 @@ def test_untied_embedding_and_head_are_two_exhaustive_decisions(shrink_home):
 
 
 def test_partial_last_group_is_scored_as_the_engine_applies_it():
-    from shrink_core.quant.primitives import fake_quantize
+    from shrink_core.compression.primitives import fake_quantize
 
     weight = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))  # 96 = 64 + 32: partial last group
     perturbed = SETTINGS["w4g64"].perturbed(weight)

@@ -4,9 +4,10 @@ import json
 
 import pytest
 
-from shrink_core import slices
-from shrink_core.slices import CalibrationRecipe, SliceError, add_user_slice, calibration_tokens, get_slice, list_slices
-from shrink_core.toy import ByteTokenizer
+from shrink_core.evaluation import slices
+from shrink_core.evaluation.calibration import CalibrationError, CalibrationRecipe, calibration_tokens
+from shrink_core.evaluation.slices import SliceError, add_user_slice, get_slice, list_slices
+from shrink_core.model.toy import ByteTokenizer
 
 NATURAL = {"en", "fr", "de", "es", "ru", "zh", "ja", "ar", "hi", "it", "nl", "pt", "pl"}
 
@@ -114,7 +115,11 @@ def test_calibration_mix_is_exact_and_reproducible():
 
 
 def test_bad_mix():
-    with pytest.raises(SliceError, match="not a number"):
+    with pytest.raises(CalibrationError, match="not a number"):
         CalibrationRecipe.parse("en=lots")
-    with pytest.raises(SliceError, match="positive"):
+    with pytest.raises(CalibrationError, match="positive"):
         CalibrationRecipe((("en", 0.0),))
+    with pytest.raises(CalibrationError, match="not a number"):
+        CalibrationRecipe.from_dict({"mix": {"en": "abc"}})
+    with pytest.raises(CalibrationError, match="unknown keys"):
+        CalibrationRecipe.from_dict({"mix": {"en": 1}, "samples": 3})

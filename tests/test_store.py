@@ -3,7 +3,7 @@ import sqlite3
 import pytest
 
 from shrink_core.errors import ShrinkError
-from shrink_core.store import SCHEMA_VERSION, Provenance, Store
+from shrink_core.results.store import SCHEMA_VERSION, Provenance, Store
 
 
 def test_fresh_store_is_migrated_and_in_wal_mode(shrink_home):
@@ -61,7 +61,7 @@ def test_two_connections_write_concurrently(shrink_home):
 
 
 def test_v1_database_is_migrated_in_place(shrink_home):
-    from shrink_core.store import MIGRATIONS
+    from shrink_core.results.store import MIGRATIONS
 
     shrink_home.mkdir(parents=True, exist_ok=True)
     conn = sqlite3.connect(shrink_home / "shrink.db")

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import streamlit as st
 
-from shrink_core import jobs
-from shrink_core.jobs import log_path
+from shrink_core.runtime import jobs
+from shrink_core.runtime.jobs import log_path
 
 from .data import store
 

@@ -10,7 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict
-from shrink_core.planner import SETTINGS
+from shrink_core.plan.planner import SETTINGS
 
 SETTING_CHOICES = ["keep", "fp16"] + list(SETTINGS)
 PRUNE_CHOICES = {"none": None, "50% unstructured": {"structure": "unstructured", "amount": 0.5, "criterion": "magnitude"},
@@ -80,7 +80,7 @@ def with_rules_first(yaml_text: str, new_rules: list[dict], replace_names: set[s
 def without_shadowed(yaml_text: str, rows) -> str:
     """Drops rules that decide no module any more (first match wins), e.g. the preset rule under the planner's rules;
     `resolve` refuses such rules, so keeping them would break the draft."""
-    from shrink_core.quant.resolve import first_match
+    from shrink_core.plan.resolve import first_match
 
     plan = load_plan(yaml_text)
     plannable = [r for r in rows if r.kind != "norm"]

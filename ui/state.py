@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from shrink_core.models import DEFAULT_SPEC
+from shrink_core.model.load import DEFAULT_SPEC
 
 
 def model_spec() -> str:

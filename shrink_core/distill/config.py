@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
-from ..errors import ShrinkError
+from shrink_core.errors import ShrinkError
 
 CONFIG_VERSION = 1
 DEVICES = ("cpu", "cuda", "auto")
@@ -103,6 +103,6 @@ def parse_drop_blocks(text: str) -> tuple[tuple[int, ...], int]:
 
 
 def parse_mix(text: str) -> tuple[tuple[str, float], ...]:
-    from ..slices import CalibrationRecipe
+    from shrink_core.evaluation.calibration import CalibrationRecipe
 
     return CalibrationRecipe.parse(text).mix

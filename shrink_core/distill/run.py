@@ -13,14 +13,14 @@ from pathlib import Path
 
 import torch
 
-from .. import __version__
-from ..errors import ShrinkError
-from ..paths import shrink_home
-from ..slices import CalibrationRecipe, calibration_tokens
-from .config import DistillConfig
-from .student import (attach_straight_through_, block_influence, build_student, detach_straight_through_,
+from shrink_core import __version__
+from shrink_core.errors import ShrinkError
+from shrink_core.paths import shrink_home
+from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+from shrink_core.distill.config import DistillConfig
+from shrink_core.distill.student import (attach_straight_through_, block_influence, build_student, detach_straight_through_,
                       kept_blocks, lowest_influence, parameter_count)
-from .train import checkpoint_step, has_checkpoint, load_checkpoint_, make_state, train_
+from shrink_core.distill.train import checkpoint_step, has_checkpoint, load_checkpoint_, make_state, train_
 
 RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
 
@@ -60,8 +60,8 @@ def prepare_student(teacher_loaded, config: DistillConfig, progress=None) -> dic
     teacher = teacher_loaded.model
     influence = None
     if config.student_dir:
-        from ..models import load
-        from ..plan import load_plan
+        from shrink_core.model.load import load
+        from shrink_core.plan import load_plan
 
         candidate = load(config.student_dir)
         student = candidate.model
@@ -69,7 +69,7 @@ def prepare_student(teacher_loaded, config: DistillConfig, progress=None) -> dic
             param.requires_grad_(True)
         plan_path = Path(config.student_dir) / "plan.yaml"
         plan = load_plan(plan_path.read_text()) if plan_path.is_file() else None
-        from ..plan import plan_to_dict
+        from shrink_core.plan import plan_to_dict
 
         plan_dict = plan_to_dict(plan) if plan else None
         quantized = plan_dict is not None and any(
@@ -107,10 +107,10 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     slices / budget: what the student is evaluated on at the end; None means the run's own on resume (they are saved
     with the run, so a Resume from a fresh page or another shell ends like the run that was started), else en / fast.
     """
-    from ..evaluate import get_budget
-    from ..models import load
-    from ..slices import get_slice
-    from ..store import Store
+    from shrink_core.evaluation.evaluate import get_budget
+    from shrink_core.model.load import load
+    from shrink_core.evaluation.slices import get_slice
+    from shrink_core.results.store import Store
 
     progress = progress or (lambda f, m="": None)
     store = store or Store()
@@ -187,10 +187,10 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
 def finish(store, teacher_loaded, student, built, config, name, directory, slice_infos, budget, evaluate_at_end,
            progress, job_id) -> dict:
     """Save the student as a candidate directory, evaluate it against the teacher, store both with lineage."""
-    from ..eval_run import _provenance, _public, reference_candidate, reference_results
-    from ..evaluate import evaluate
-    from ..export import save_candidate
-    from ..plan import load_plan
+    from shrink_core.results.eval_run import _provenance, _public, reference_candidate, reference_results
+    from shrink_core.evaluation.evaluate import evaluate
+    from shrink_core.compression.export import save_candidate
+    from shrink_core.plan import load_plan
 
     base = built["plan"] or {"version": 1, "rules": [{"name": ".*", "keep": True}]}
     plan_dict = {**base, "name": f"distilled {name}",
@@ -288,13 +288,13 @@ def teacher_config(spec: str, store=None):
 
 def latest_job(store, run_name: str):
     """The newest distill job of this run (any status), if any: after an app restart it still says why a run stopped."""
-    from .. import jobs
+    from shrink_core.runtime import jobs
 
     return next((j for j in jobs.list_jobs(store, "distill") if j.params.get("name") == run_name), None)
 
 
 def active_job(store, run_name: str):
     """The queued or running distill job of this run, if any."""
-    from .. import jobs
+    from shrink_core.runtime import jobs
 
     return next((j for j in jobs.list_jobs(store, "distill") if j.active and j.params.get("name") == run_name), None)

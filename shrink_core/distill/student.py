@@ -9,7 +9,7 @@ import copy
 
 import torch
 
-from ..errors import ShrinkError
+from shrink_core.errors import ShrinkError
 
 
 def cosine_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
@@ -79,7 +79,7 @@ def build_student(teacher, drop_blocks: tuple[int, ...] = (), mlp_prune: float =
     student = copy.deepcopy(teacher)
     plan = student_plan(tuple(drop_blocks), mlp_prune)
     if plan is not None:
-        from ..quant.apply import apply_plan_
+        from shrink_core.compression.apply import apply_plan_
 
         apply_plan_(student, plan)
     for param in student.parameters():
@@ -99,7 +99,7 @@ def parameter_count(model) -> int:
 
 def projected_shape(config, drop_blocks: tuple[int, ...] | int = (), mlp_prune: float = 0.0) -> dict:
     """Parameter count and fp32 / bf16 bytes of a Llama student, computed from shapes alone (projected, not measured)."""
-    from ..prune import kept_channels
+    from shrink_core.compression.prune import kept_channels
 
     hidden, vocab = config.hidden_size, config.vocab_size
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
@@ -127,7 +127,7 @@ class FakeQuant(torch.nn.Module):
         self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        from ..quant.primitives import dequantize, quantize, scale_zero
+        from shrink_core.compression.primitives import dequantize, quantize, scale_zero
 
         with torch.no_grad():
             scale, zero = scale_zero(weight, self.bits, self.group_size, self.symmetric)  # (out, groups)
@@ -140,7 +140,7 @@ def attach_straight_through_(model, plan_dict: dict) -> int:
     """Fake-quantize every linear the candidate's plan quantized (by rule, on the student as it is); returns the count."""
     from torch.nn.utils import parametrize
 
-    from ..plan import load_plan, resolve
+    from shrink_core.plan import load_plan, resolve
 
     try:
         resolved = resolve(model, load_plan(plan_dict))

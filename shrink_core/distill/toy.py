@@ -19,7 +19,7 @@ def byte_tokenizer():
 
 def save_toy_teacher(directory, seed: int = 0, layers: int = 4, hidden: int = 64) -> Path:
     """Write tiny_llama(vocab=258) and the byte tokenizer to `directory`; returns it."""
-    from ..toy import tiny_llama
+    from shrink_core.model.toy import tiny_llama
 
     directory = Path(directory)
     model = tiny_llama(seed=seed, layers=layers, hidden=hidden, vocab=258)

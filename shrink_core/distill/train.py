@@ -18,7 +18,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from .config import DistillConfig
+from shrink_core.distill.config import DistillConfig
 
 CHECKPOINT = "checkpoint.pt"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from ..errors import ShrinkError
+from shrink_core.errors import ShrinkError
 
 DTYPES = ("fp32", "bf16", "fp16", "int8", "fp8")
 SPARSE_PATTERNS = ("2:4", "unstructured")

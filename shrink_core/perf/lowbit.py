@@ -10,8 +10,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass
 
-from ..inventory import inventory
-from .workload import QuantSpec
+from shrink_core.model.inventory import inventory
+from shrink_core.perf.workload import QuantSpec
 
 INT4_GROUPS = (32, 64, 128, 256)
 RUNTIME_NAME = "pytorch-eager + aten int4pack/int8pack weight-only (bf16 activations)"

@@ -6,8 +6,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from .hardware import Hardware
-from .workload import Workload
+from shrink_core.perf.hardware import Hardware
+from shrink_core.perf.workload import Workload
 
 RUNTIME_OVERHEAD_BYTES = 300 * 1024**2  # runtime, activations and allocator slack assumed on a target (projected)
 

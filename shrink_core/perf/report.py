@@ -4,14 +4,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .candidate import Candidate
-from .cost import CostEstimate, cost_estimate
-from .hardware import Hardware, get
-from .latency import Bandwidth, MeasuredLatency, StepOverhead, measure_with_probes, one_run
-from .lowbit import LowbitReport, lowbit_copy
-from .memory import MemoryReport, measure_peak_rss, memory_report
-from .roofline import Projection, calibrate, launch_overhead_from_step, project, relative_error
-from .workload import Workload, describe_model
+from shrink_core.perf.candidate import Candidate
+from shrink_core.perf.cost import CostEstimate, cost_estimate
+from shrink_core.perf.hardware import Hardware, get
+from shrink_core.perf.latency import Bandwidth, MeasuredLatency, StepOverhead, measure_with_probes, one_run
+from shrink_core.perf.lowbit import LowbitReport, lowbit_copy
+from shrink_core.perf.memory import MemoryReport, measure_peak_rss, memory_report
+from shrink_core.perf.roofline import Projection, calibrate, launch_overhead_from_step, project, relative_error
+from shrink_core.perf.workload import Workload, describe_model
 
 
 @dataclass(frozen=True)

@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from .hardware import Hardware
-from .workload import ModuleWeights, Workload
+from shrink_core.perf.hardware import Hardware
+from shrink_core.perf.workload import ModuleWeights, Workload
 
 FLOAT_WIDTH = {"fp32": 32, "bf16": 16, "fp16": 16, "fp8": 8, "int8": 8}
 INDEX_BITS = 16  # column index per kept value in a CSR-like unstructured sparse format

@@ -8,7 +8,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from ..inventory import LINEAR_KINDS, inventory
+from shrink_core.model.inventory import LINEAR_KINDS, inventory
 
 FLOAT_BITS = (16, 32)
 SPARSE_MIN_SHARE = 0.1  # fewer exact zeros than this is not sparsity (a dequantized Q8_0 embedding has ~1-3%)

@@ -4,7 +4,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from itertools import combinations
 
-from .scan import Record, spearman
+from shrink_core.sensitivity.scan import Record, spearman
 
 
 @dataclass(frozen=True)

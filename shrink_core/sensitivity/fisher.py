@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .settings import Setting
+from shrink_core.sensitivity.settings import Setting
 
 
 @dataclass(frozen=True)

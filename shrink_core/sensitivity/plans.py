@@ -5,9 +5,9 @@ import re
 
 import yaml
 
-from ..plan import load_plan
-from ..presets import BLOCK_LINEARS
-from .settings import get_setting
+from shrink_core.plan import load_plan
+from shrink_core.plan.presets import BLOCK_LINEARS
+from shrink_core.sensitivity.settings import get_setting
 
 
 def protect_plan_yaml(modules: list[tuple[str, float]], setting_id: str, slice_id: str, metric: str = "kl",

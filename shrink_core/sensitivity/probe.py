@@ -15,9 +15,10 @@ from dataclasses import dataclass
 
 import torch
 
-from ..evaluate import _softcap, select_items
-from ..slices import CalibrationRecipe, calibration_tokens, get_slice, load_rows
-from .settings import Setting
+from shrink_core.evaluation.evaluate import _softcap, select_items
+from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+from shrink_core.evaluation.slices import get_slice, load_rows
+from shrink_core.sensitivity.settings import Setting
 
 
 @dataclass(frozen=True)

@@ -11,17 +11,17 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from .. import __version__
-from ..errors import ShrinkError
-from ..inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
+from shrink_core import __version__
+from shrink_core.errors import ShrinkError
+from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
 
 EMBEDDING_KINDS = ("embedding", "lm_head")
-from ..modelinfo import device_label
-from ..slices import get_slice
-from ..store import Provenance, Store
-from .fisher import estimate_slices, fisher_stats
-from .probe import SCAN_BUDGETS, ProbeCache, ScanBudget, calib_tokens, eval_tokens, probe
-from .settings import Setting, get_setting
+from shrink_core.model.describe import device_label
+from shrink_core.evaluation.slices import get_slice
+from shrink_core.results.store import Provenance, Store
+from shrink_core.sensitivity.fisher import estimate_slices, fisher_stats
+from shrink_core.sensitivity.probe import SCAN_BUDGETS, ProbeCache, ScanBudget, calib_tokens, eval_tokens, probe
+from shrink_core.sensitivity.settings import Setting, get_setting
 
 METHODS = ("fast", "exhaustive")
 METRICS = ("kl", "dnll")
@@ -374,7 +374,7 @@ def stored_records(store: Store, model_spec: str, weights_hash: str | None = Non
 
 
 def _block_kind(name: str) -> tuple[int, str]:
-    from ..inventory import BLOCK_INDEX, LEAF_KINDS
+    from shrink_core.model.inventory import BLOCK_INDEX, LEAF_KINDS
 
     match = BLOCK_INDEX.search(name)
     return (int(match.group(1)) if match else -1), LEAF_KINDS.get(name.rsplit(".", 1)[-1], "linear")
@@ -383,7 +383,7 @@ def _block_kind(name: str) -> tuple[int, str]:
 def sensitivity_job(ctx, spec: str, slices: list[str], settings: list[str], method: str = "fast",
                     budget: str = "fast", check: int = 0) -> dict:
     """Job: the Sensitivity page's scan."""
-    from ..models import load
+    from shrink_core.model.load import load
 
     ctx.progress(0.01, "loading model")
     loaded = load(spec)

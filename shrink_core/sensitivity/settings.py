@@ -5,9 +5,9 @@ from dataclasses import dataclass
 
 import torch
 
-from ..errors import ShrinkError
-from ..prune import magnitude_mask, nm_mask
-from ..quant.primitives import fake_quantize
+from shrink_core.errors import ShrinkError
+from shrink_core.compression.prune import magnitude_mask, nm_mask
+from shrink_core.compression.primitives import fake_quantize
 
 
 @dataclass(frozen=True)

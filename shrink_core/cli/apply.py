@@ -1,0 +1,69 @@
+"""`apply`: compress a model with a plan and write the candidate (weights, plan.yaml, provenance, exports)."""
+from __future__ import annotations
+
+import json
+import sys
+
+from shrink_core.cli.entry import add_model_args, print_json
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("apply", help="apply a plan to a model and save the candidate")
+    add_model_args(parser)
+    parser.add_argument("--plan", required=True, help="preset:NAME, a .yaml/.json plan file, or YAML text")
+    parser.add_argument("--out", help="directory to write the candidate to (required unless --resolve-only)")
+    parser.add_argument("--calibration", default=None,
+                        help='calibration recipe as JSON, e.g. \'{"mix": {"en": 1}, "n_sequences": 16, "seq_len": 512, '
+                             '"seed": 0}\' (default: the plan\'s own recipe, else that one)')
+    parser.add_argument("--resolve-only", action="store_true", help="print the resolved table and stop")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from dataclasses import replace
+
+    from shrink_core.errors import ShrinkError
+    from shrink_core.compression.export import save_candidate, write_exports
+    from shrink_core.model.load import load
+    from shrink_core.plan import CalibrationRecipe, load_plan, resolve
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.evaluation.calibration import plan_calibration
+
+    plan = load_plan(args.plan)
+    if not args.out and not args.resolve_only:
+        raise ShrinkError("apply needs --out DIR to write the candidate to (or --resolve-only to just show the table).")
+    loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    resolved = resolve(loaded.model, plan)
+    if args.resolve_only:
+        print_json([r.row() for r in resolved])
+        return 0
+    if args.calibration:  # an explicit override becomes the plan's own recipe, so it is recorded with the result
+        try:
+            plan = replace(plan, calibration=CalibrationRecipe.from_dict(json.loads(args.calibration)))
+        except ValueError as exc:
+            raise ShrinkError(f"--calibration is not valid JSON ({exc}); give e.g. "
+                              '\'{"mix": {"en": 1}, "n_sequences": 16, "seq_len": 512, "seed": 0}\'.') from None
+    calibration, recipe = plan_calibration(plan, loaded.tokenizer)
+
+    def progress(fraction: float, message: str) -> None:
+        if not args.json:
+            print(f"\r[{fraction:5.0%}] {message:<40}", end="", file=sys.stderr, flush=True)
+
+    report = apply_plan_(loaded.model, plan, calibration, progress, recipe=recipe)
+    if not args.json:
+        print(file=sys.stderr)
+    provenance = {"model_spec": loaded.spec.raw, "weights_hash": loaded.weights_hash, "calibration": recipe}
+    out = save_candidate(loaded.model, loaded.tokenizer, plan, args.out, provenance, report)
+    exports = write_exports(resolved, out / "exports")
+    summary = {"out": str(out), "totals": report.totals, "timings_s": report.timings, "calibration": recipe,
+               "exports": {k: str(v) for k, v in exports.items()}, "notes": report.notes}
+    if args.json:
+        print_json({**summary, "modules": report.rows()})
+        return 0
+    t = report.totals
+    print(f"wrote {out}: packed {t['total_packed_bytes'] / 1e6:.1f} MB (was {t['dense_bytes_before'] / 1e6:.1f} MB), "
+          f"{report.timings['total_s']:.1f} s; exports in {out / 'exports'}")
+    for note in report.notes:
+        print(f"note: {note}")
+    return 0

@@ -1,0 +1,57 @@
+"""`python -m shrink_core COMMAND ...`: argument parsing and the one-sentence error contract."""
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import os
+import sys
+import traceback
+
+from shrink_core.errors import ShrinkError
+
+# Modules under shrink_core/commands/, in help order.
+COMMANDS = ["inspect", "eval", "slices", "sensitivity", "plan", "apply", "measure", "distill", "report", "candidates"]
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> None:  # argparse prints usage + message; keep it to one clear line
+        command = self.prog.replace("shrink_core", "python -m shrink_core", 1)
+        self.exit(2, f"error: {message}; see `{command} --help`.\n")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(prog="shrink_core", description="Explore how to shrink a language model without breaking it.")
+    parser.add_argument("--debug", action="store_true", help="show the full traceback on errors")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    for name in COMMANDS:
+        importlib.import_module(f"shrink_core.cli.{name}").add_parser(sub)
+    return parser
+
+
+def add_model_args(parser: argparse.ArgumentParser) -> None:
+    """The model-loading flags every command that takes --model shares."""
+    parser.add_argument("--model", default="builtin:smollm2-135m", help="builtin:NAME, a directory, a .gguf file or a Hub id")
+    parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (runs code from the file)")
+    parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+
+
+def print_json(payload) -> None:
+    json.dump(payload, sys.stdout, indent=1, default=str)
+    sys.stdout.write("\n")
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.run(args) or 0)
+    except ShrinkError as exc:
+        if args.debug:
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("error: interrupted.", file=sys.stderr)
+        return 130

@@ -1,0 +1,112 @@
+"""`measure`: memory, measured latency here (reference side by side), projected latency on a target, cost."""
+from __future__ import annotations
+
+from shrink_core.cli.entry import add_model_args, print_json
+from shrink_core.errors import ShrinkError
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("measure", help="measure memory and latency here; project latency and cost on a target")
+    add_model_args(parser)
+    parser.add_argument("--plan", help="plan to apply first: preset:NAME, a .yaml/.json file or YAML text")
+    parser.add_argument("--calibrated", action="store_true",
+                        help="run the plan's calibrated methods (gptq, ...) instead of rtn/magnitude stand-ins")
+    parser.add_argument("--target", default="h100-sxm", help="hardware row to project on (see --list-targets)")
+    parser.add_argument("--table", help="YAML/JSON hardware table replacing the built-in one")
+    parser.add_argument("--list-targets", action="store_true", help="print the hardware table and exit")
+    parser.add_argument("--batch", type=int, default=4, help="the larger batch size measured beside batch 1")
+    parser.add_argument("--prompt-tokens", type=int, default=64)
+    parser.add_argument("--decode-tokens", type=int, default=16)
+    parser.add_argument("--runs", type=int, default=5, help="timed runs per figure (median and spread reported)")
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch threads for this command and its timings (default 1: stable on a shared machine)")
+    parser.add_argument("--context", type=int, default=2048, help="context length for the KV-cache bytes")
+    parser.add_argument("--utilisation", type=float, default=0.5, help="share of paid hours serving, for cost")
+    parser.add_argument("--json", action="store_true", help="print the full report as JSON")
+    parser.set_defaults(run=run)
+
+
+def _check(args) -> None:
+    for name in ("batch", "prompt_tokens", "decode_tokens", "runs", "threads", "context"):
+        if getattr(args, name) < 1:
+            raise ShrinkError(f"--{name.replace('_', '-')} must be at least 1, not {getattr(args, name)}.")
+    if not 0 < args.utilisation <= 1:
+        raise ShrinkError(f"--utilisation must be a share in (0, 1], not {args.utilisation}.")
+
+
+def run(args) -> int:
+    from shrink_core.perf.hardware import DEFAULT_ROWS, get, load_table
+
+    table = load_table(args.table) if args.table else DEFAULT_ROWS
+    if args.list_targets:
+        print_json([row.to_dict() for row in table])
+        return 0
+    _check(args)
+    target = get(args.target, table)
+
+    plan = None
+    if args.plan:  # refuse a bad plan before the model loads
+        from shrink_core.plan import load_plan
+
+        plan = load_plan(args.plan)
+    import torch
+
+    torch.set_num_threads(args.threads)  # the command's entry point: preparation runs like the timings
+    from shrink_core.model.load import load
+    from shrink_core.compression.candidate import from_plan
+    from shrink_core.perf.candidate import reference
+    from shrink_core.perf.report import measure
+
+    loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    model = loaded.model.eval()
+    candidate = from_plan(model, plan, loaded.tokenizer, args.calibrated) if plan else reference(model)
+    batches = (1,) if args.batch == 1 else (1, args.batch)
+    report = measure(model, candidate, target, batches, args.prompt_tokens, args.decode_tokens, args.runs,
+                     args.warmup, args.threads, args.context, args.utilisation, table)
+    payload = {"spec": loaded.spec.raw, "weights_hash": loaded.weights_hash, "plan": args.plan, **report.to_dict()}
+    payload["result_id"] = _store(loaded, plan, payload)
+    if args.json:
+        print_json(payload)
+        return 0
+    _print_text(report)
+    return 0
+
+
+def _print_text(report) -> None:
+    memory = report.memory
+    print(f"{report.candidate}: weights {memory.weight_bytes / 1e6:.1f} MB ({memory.weight_source}), KV cache "
+          f"{memory.kv_cache_bytes / 1e6:.1f} MB at {memory.context} tokens x batch {memory.batch}; "
+          f"fits {report.fits['target']}: {report.fits['fits']}")
+    if memory.peak:
+        print(f"  peak resident (measured): {memory.peak.peak_rss_bytes / 1e6:.0f} MB")
+    for m in report.measured:
+        print(f"  measured  {m.candidate:<12} b{m.batch}: prefill {m.prefill_ms_per_token.median_ms:.3f} ms/token "
+              f"(spread {m.prefill_ms_per_token.spread:.0%}), decode {m.decode_ms_per_token.median_ms:.2f} ms/token "
+              f"(spread {m.decode_ms_per_token.spread:.0%}); {m.runtime}, {m.threads} threads, {m.runs} runs")
+    for p in report.projected:
+        print(f"  projected {p.target:<12} b{p.batch}: prefill {p.prefill_ms_per_token:.4f} ms/token, decode "
+              f"{p.decode_ms_per_token:.3f} ms/token ({p.decode_bound}-bound)")
+    for c in report.cost:
+        print(f"  cost ({c.basis}) {c.target} b{c.batch}: ${c.input_dollars_per_million:.4f}/M input, "
+              f"${c.output_dollars_per_million:.4f}/M output at {c.utilisation:.0%} utilisation")
+    for note in report.notes:
+        print(f"  note: {note}")
+
+
+def _store(loaded, plan, payload: dict) -> int:
+    """Keep the figures with the candidate they describe, so the Results page can plot them."""
+    from shrink_core import __version__
+    from shrink_core.results.eval_run import plan_kind, reference_candidate
+    from shrink_core.model.describe import device_label
+    from shrink_core.plan import plan_to_dict
+    from shrink_core.results.store import Provenance, Store
+
+    store = Store()
+    parent = reference_candidate(store, loaded)
+    plan_dict = plan_to_dict(plan) if plan else None
+    candidate_id = parent if plan is None else store.upsert_candidate(
+        name=plan.name or f"{loaded.spec.raw} + plan", kind=plan_kind(plan), model_spec=loaded.spec.raw,
+        weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, parent_id=parent)
+    provenance = Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), plan=plan_dict)
+    return store.add_result("measure", provenance, payload, candidate_id=candidate_id)

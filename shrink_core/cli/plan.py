@@ -1,0 +1,87 @@
+"""`plan`: the planner from the CLI: sensitivity scores (stored, or a fast scan) -> an exact per-module allocation
+under a packed-size, average-bits or projected-latency budget."""
+from __future__ import annotations
+
+from shrink_core.cli.entry import add_model_args, print_json
+from shrink_core.errors import ShrinkError
+
+
+def add_parser(sub) -> None:
+    parser = sub.add_parser("plan", help="allocate per-module settings under a memory, bits or projected-latency budget")
+    add_model_args(parser)
+    budget = parser.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-mb", type=float, help="packed size budget for the whole model, MB")
+    budget.add_argument("--budget-bits", type=float, help="average bits per weight over the planned modules")
+    budget.add_argument("--budget-latency-ms", type=float,
+                        help="projected decode ms/token (batch 1) on --target, from the roofline hardware model")
+    parser.add_argument("--target", help="hardware row for --budget-latency-ms (`measure --list-targets` prints the table)")
+    parser.add_argument("--objective", default="worst", help="worst (worst slice), or one slice id")
+    parser.add_argument("--slices", default="en,fr,zh,code")
+    parser.add_argument("--settings", default="w8,w4g64,w3g64,w2g64", help="settings the planner may choose")
+    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="quantization method in the plan")
+    parser.add_argument("--metric", default="kl", choices=["kl", "dnll"], help="predicted loss to minimise")
+    parser.add_argument("--out", required=True, help="where to write plan.yaml")
+    parser.add_argument("--json", action="store_true")
+    parser.set_defaults(run=run)
+
+
+def run(args) -> int:
+    from pathlib import Path
+
+    from shrink_core.model.inventory import inventory, summary as model_summary
+    from shrink_core.model.load import load
+    from shrink_core.plan import dump_plan, load_plan, resolve
+    from shrink_core.perf.hardware import DEFAULT_ROWS, get as get_hardware
+    from shrink_core.plan.planner import SETTINGS, build_problem, latency_model, solution_plan, solve
+    from shrink_core.plan.predict import score_table
+    from shrink_core.sensitivity.scan import run_scan
+    from shrink_core.sensitivity.settings import parse_settings
+    from shrink_core.evaluation.slices import parse_slice_list
+    from shrink_core.results.store import Store
+
+    slice_ids = [s.id for s in parse_slice_list(args.slices)]
+    setting_ids = [s.strip() for s in args.settings.split(",") if s.strip()]
+    unknown = [s for s in setting_ids if s not in SETTINGS]
+    if unknown:
+        raise ShrinkError(f"The planner cannot use setting '{unknown[0]}'; choose from {', '.join(SETTINGS)}.")
+    if args.budget_latency_ms is not None and not args.target:
+        raise ShrinkError("--budget-latency-ms needs --target, the hardware the latency is projected for; one of "
+                          f"{', '.join(r.name for r in DEFAULT_ROWS)}.")
+    hardware = get_hardware(args.target) if args.target else None
+    if args.objective != "worst" and args.objective not in slice_ids:
+        raise ShrinkError(f"The objective '{args.objective}' is not one of --slices; use worst or one of {args.slices}.")
+    loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    report = run_scan(loaded, slice_ids, [s.id for s in parse_settings(",".join(setting_ids))], method="fast",
+                      store=Store())  # reused from the store when this model, setting and slice were scanned
+    scores = score_table(report.records, args.metric)
+    rows = inventory(loaded.model)
+    problem = build_problem(rows, scores, slice_ids, setting_ids, hardware=hardware)
+    everything_else = sum(r.packed_bytes for r in resolve(rows, load_plan("preset:w8")) if r.name not in problem.modules)
+    latency = None if hardware is None else latency_model(rows, model_summary(loaded.model, rows), hardware,
+                                                           set(problem.modules))  # the rest stays as loaded
+    solution = solve(problem, objective=args.objective,
+                     budget_bytes=args.budget_mb * 1e6 - everything_else if args.budget_mb is not None else None,
+                     average_bits=args.budget_bits,
+                     budget_seconds=args.budget_latency_ms / 1000 - latency.fixed_seconds if args.budget_latency_ms is not None
+                     else None)
+    plan = solution_plan(solution.choice, method=args.method, name=f"planner {args.objective}")
+    Path(args.out).write_text(dump_plan(plan))
+    summary = {"out": args.out, "status": solution.status, "gap": solution.gap, "seconds": round(solution.seconds, 3),
+               "solver": solution.solver, "planned_bytes": solution.total_bytes + everything_else,
+               "average_bits_planned_modules": solution.average_bits, "predicted": solution.predicted,
+               "metric": args.metric, "settings": dict(sorted(
+                   {s: list(solution.choice.values()).count(s) for s in set(solution.choice.values())}.items())),
+               "embedding": {r.name: solution.choice[r.name] for r in rows
+                             if r.kind in ("embedding", "lm_head") and r.name in solution.choice}}
+    if latency is not None:
+        summary["projected_decode_ms"] = round(latency.total_ms(solution.projected_seconds), 4)
+        summary["target"], summary["projection"] = latency.target, latency.basis
+    if args.json:
+        print_json(summary)
+    else:
+        print(f"wrote {args.out}: {summary['status']} (gap {solution.gap:.1e}) in {solution.seconds:.2f} s, "
+              f"{summary['planned_bytes'] / 1e6:,.1f} MB; predicted {args.metric} per slice {solution.predicted}")
+        if latency is not None:
+            print(f"projected decode {summary['projected_decode_ms']:.3f} ms/token on {latency.target} "
+                  f"({latency.basis})")
+    return 0

@@ -1,0 +1,323 @@
+"""apply_plan_: the one place that changes a model for a plan (structured pruning, masks, quantization, simulation).
+
+Order: structured pruning (heads, MLP channels, then whole blocks) on the full-precision model; then block by block,
+with calibration inputs that already went through the compressed earlier blocks, masks and weight quantization;
+then embedding / lm_head (round-to-nearest); then activation / KV-cache simulation hooks. Quality runs see
+quantize-dequantize weights in the model's dtype; bytes are those of the packed format.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Callable
+
+import torch
+
+from shrink_core.errors import ShrinkError
+from shrink_core.plan import Plan, load_plan, resolve
+from shrink_core.compression.prune import (
+    channel_scores, head_scores, mask_for, prune_heads_, prune_mlp_channels_, remove_blocks_, sync_config_,
+)
+from shrink_core.compression import calibrate
+from shrink_core.compression.obs import clip_search, obs_compress
+from shrink_core.compression.primitives import dequantize, quantize, scale_zero
+from shrink_core.plan.resolve import DTYPE_BYTES, ResolvedModule, sparse_bytes, weight_bytes
+from shrink_core.compression.simulate import attach_simulation_
+
+Progress = Callable[[float, str], None]
+
+
+@dataclass(frozen=True)
+class QuantState:
+    """What the packed format stores besides the codes (which are recomputed from the dequantized weight)."""
+
+    bits: int
+    group_size: int | None
+    symmetric: bool
+    scale: torch.Tensor  # (out, groups) float32 holding float16 values
+    zero: torch.Tensor  # (out, groups) integer-valued
+
+
+@dataclass(frozen=True)
+class ModuleReport:
+    name: str
+    block: int | None
+    kind: str
+    rule: int | None
+    action: str
+    bits: int | None  # weight bits (16 = float16, None = unchanged)
+    shape: tuple[int, ...]
+    new_shape: tuple[int, ...]
+    packed_bytes: int
+    sparse_bytes: int | None
+    sparse_format: str | None
+    density: float  # share of weights that are non-zero after pruning
+    seconds: float
+    note: str = ""
+
+    def row(self) -> dict:
+        row = asdict(self)
+        row["shape"] = "x".join(map(str, self.shape))
+        row["new_shape"] = "x".join(map(str, self.new_shape))
+        return row
+
+
+@dataclass
+class ApplyReport:
+    modules: list[ModuleReport]
+    totals: dict  # packed_bytes (modules), other_bytes (norms etc.), total_packed_bytes, dense_bytes_before, ...
+    timings: dict  # seconds per phase
+    calibration: dict | None  # recipe (mix, n_sequences, seq_len, seed) when calibration was used
+    quant_states: dict = field(default_factory=dict, repr=False)  # module name -> QuantState
+    current_names: dict = field(default_factory=dict)  # plan-time name -> name now (blocks renumbered after removal)
+    notes: list = field(default_factory=list)
+
+    def rows(self) -> list[dict]:
+        return [m.row() for m in self.modules]
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    return None
+
+
+def _label(row: ResolvedModule) -> str:
+    parts = []
+    if row.removed:
+        return "remove"
+    if row.prune:
+        parts.append(f"prune {row.prune.label()}")
+    if row.weights:
+        parts.append(row.weights.label())
+    return " + ".join(parts) or "keep"
+
+
+def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None) -> list[QuantState | None]:
+    """Mask and/or quantize the weights of `members` (modules sharing input and settings) in place.
+
+    Rows of a weight are independent given the Hessian, so modules reading the same input (q/k/v, gate/up) are
+    stacked and compressed in one pass; the result is the same as one module at a time, with fewer small steps.
+    """
+    weight = torch.cat([m.weight.data for m in members]) if len(members) > 1 else members[0].weight.data
+    weight, state = _compress_weight(weight, row, hessian)
+    states, start = [], 0
+    for module in members:
+        rows = slice(start, start + module.weight.shape[0])
+        start = rows.stop
+        module.weight.data = weight[rows].to(module.weight.dtype).contiguous()
+        states.append(None if state is None else QuantState(state.bits, state.group_size, state.symmetric,
+                                                            state.scale[rows], state.zero[rows]))
+    return states
+
+
+def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.Tensor | None):
+    """(new weight, QuantState or None) for one (possibly stacked) weight; hessian (in, in), or (in,) for Wanda."""
+    prune = row.prune if row.prune and row.prune.is_mask else None
+    spec = row.weights if row.weights and not row.weights.is_float else None
+    full = hessian if hessian is not None and hessian.dim() == 2 else None
+    sq_sum = None if hessian is None else (torch.diag(hessian) if hessian.dim() == 2 else hessian)
+    mask, state = None, None
+    if prune and prune.criterion == "sparsegpt" and full is not None:
+        use_obs_bits = spec is not None and spec.method == "gptq"
+        new, scale, zero, mask = obs_compress(
+            weight, full, bits=spec.bits if use_obs_bits else None, group_size=spec.group_size if spec else None,
+            symmetric=spec.symmetric if spec else False, sparsity=prune.amount if prune.structure != "nm" else None,
+            nm=(prune.n, prune.m) if prune.structure == "nm" else None)
+        weight = new
+        if use_obs_bits:
+            state, spec = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero), None
+    elif prune:
+        mask = mask_for(weight, prune, sq_sum if prune.criterion == "wanda" else None)
+        weight = weight * mask
+    if spec is not None and spec.method == "gptq" and full is not None:
+        scale, zero = clip_search(weight, sq_sum, spec.bits, spec.group_size, spec.symmetric)
+        weight, scale, zero, _ = obs_compress(weight, full, bits=spec.bits, group_size=spec.group_size,
+                                              symmetric=spec.symmetric, scale=scale, zero=zero, act_order=True,
+                                              mask=mask)
+        state = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero)
+    elif spec is not None:
+        scale, zero = scale_zero(weight, spec.bits, spec.group_size, spec.symmetric)
+        weight = dequantize(quantize(weight, scale, zero, spec.bits, spec.group_size), scale, zero, spec.group_size)
+        weight = weight if mask is None else weight * mask
+        state = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero)
+    elif row.weights is not None and row.weights.bits == 16:
+        weight = weight.half().float()
+    return weight, state
+
+
+def _stacks(rows: list[ResolvedModule]) -> list[list[ResolvedModule]]:
+    """Group a block's rows that read the same input and quantize the same way (GPTQ, no mask) for stacking."""
+    stacks: dict[tuple, list[ResolvedModule]] = {}
+    for row in rows:
+        stackable = _needs_hessian(row) == "full" and row.prune is None
+        key = (calibrate.INPUT_SOURCE[row.kind], row.weights) if stackable else (row.name,)
+        stacks.setdefault(key, []).append(row)
+    return list(stacks.values())
+
+
+@contextmanager
+def _single_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _needs_hessian(row: ResolvedModule) -> str | None:
+    """'full', 'diag' or None: the calibration statistic this module's action needs."""
+    if row.tied_to or row.removed or row.block is None:
+        return None
+    if (row.weights and row.weights.method == "gptq" and not row.weights.is_float) or (
+            row.prune and row.prune.criterion == "sparsegpt"):
+        return "full"
+    return "diag" if row.prune and row.prune.criterion == "wanda" else None
+
+
+def _structured_(model, resolved, modules, calibration, batch_size) -> list[str]:
+    """Heads and MLP channels, then whole blocks. Returns the config problems (non-uniform shapes)."""
+    by_block = {}
+    for row in resolved:
+        if row.prune and row.prune.structure in ("heads", "channels", "blocks") and row.block is not None:
+            by_block.setdefault((row.block, row.prune.structure), row.prune)
+    if not by_block:
+        return []
+    stats = None
+    if any(p.criterion == "activation" for p in by_block.values()):
+        stats = calibrate.input_sq_sums(model, calibration, batch_size=batch_size)
+    layers = list(model.model.layers)
+    for (block, structure), prune in sorted(by_block.items()):
+        layer = layers[block]
+        calibrated = prune.criterion == "activation"
+        if structure == "channels":
+            prune_mlp_channels_(layer.mlp, prune.amount,
+                                channel_scores(layer.mlp, stats[(block, "down")] if calibrated else None))
+        elif structure == "heads":
+            prune_heads_(layer.self_attn, prune.amount,
+                         head_scores(layer.self_attn, stats[(block, "o")] if calibrated else None))
+    removed = {block for block, structure in by_block if structure == "blocks"}
+    if removed:
+        remove_blocks_(model, removed)
+    return sync_config_(model)
+
+
+def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: Progress | None = None,
+                *, recipe: dict | None = None, batch_size: int = 8) -> ApplyReport:
+    """Compress `model` in place following `plan`; `calibration` is a LongTensor (n_sequences, seq_len)."""
+    progress = progress or _no_progress
+    plan = plan if isinstance(plan, Plan) else load_plan(plan)
+    started, cpu_started = time.perf_counter(), time.process_time()
+    resolved = resolve(model, plan)
+    if plan.needs_calibration and calibration is None:
+        raise ShrinkError("This plan uses a calibrated method (gptq, wanda, sparsegpt or activation), which needs "
+                          "calibration tokens; pass calibration=LongTensor(n_sequences, seq_len) or use rtn/magnitude.")
+    modules = dict(model.named_modules())
+    original_index = {id(layer): index for index, layer in enumerate(model.model.layers)}
+    original_names = {id(module): name for name, module in modules.items()}
+    other_bytes_before = _other_bytes(model, resolved, modules)
+    timings, notes, states, seconds = {}, [], {}, {}
+    with torch.no_grad():
+        progress(0.02, "structured pruning")
+        t0 = time.perf_counter()
+        notes += _structured_(model, resolved, modules, calibration, batch_size)
+        timings["structured_s"] = time.perf_counter() - t0
+        other_bytes = _other_bytes(model, resolved, modules)  # norms of removed blocks are gone
+        t0 = time.perf_counter()
+        block_rows: dict[int, list[ResolvedModule]] = {}
+        for row in resolved:
+            if row.block is not None and not row.removed and not row.tied_to:
+                block_rows.setdefault(row.block, []).append(row)
+        calibrated_blocks = {row.block for row in resolved if _needs_hessian(row)}
+        inputs = None
+        if calibrated_blocks:
+            progress(0.05, "capturing calibration inputs")
+            inputs = calibrate.first_block_inputs(model, calibration, batch_size)
+        last_calibrated = max(calibrated_blocks, default=-1)
+        kept_layers = list(model.model.layers)
+        for position, layer in enumerate(kept_layers):
+            block = original_index[id(layer)]
+            rows = block_rows.get(block, [])
+            hessians = {}
+            if block in calibrated_blocks:
+                needs = {}
+                for row in rows:
+                    need = _needs_hessian(row)
+                    if need:
+                        source = calibrate.INPUT_SOURCE[row.kind]
+                        needs[source] = "full" if "full" in (need, needs.get(source)) else "diag"
+                wanted = {calibrate.INPUT_SOURCE[r.kind]: modules[r.name] for r in rows
+                          if calibrate.INPUT_SOURCE[r.kind] in needs}
+                diagonal = {source for source, need in needs.items() if need == "diag"}
+                hessians, _ = calibrate.collect(layer, inputs, wanted, diagonal)
+            with _single_thread():  # the column loops are many small ops: thread hand-offs cost more than they give
+                for members in _stacks(rows):
+                    t1 = time.perf_counter()
+                    row = members[0]
+                    source = calibrate.INPUT_SOURCE.get(row.kind)
+                    hessian = hessians.get(source) if _needs_hessian(row) else None
+                    for member, state in zip(members, _compress_([modules[m.name] for m in members], row, hessian)):
+                        if state is not None:
+                            states[member.name] = state
+                        seconds[member.name] = (time.perf_counter() - t1) / len(members)
+            if inputs is not None and block < last_calibrated:
+                inputs = calibrate.run_block(layer, inputs)
+            progress(0.05 + 0.85 * (position + 1) / len(kept_layers), f"block {block} done")
+        for row in resolved:
+            if row.block is None and not row.tied_to and (row.weights or row.prune):
+                t1 = time.perf_counter()
+                state = _compress_([modules[row.name]], row, None)[0]
+                if state is not None:
+                    states[row.name] = state
+                seconds[row.name] = time.perf_counter() - t1
+        timings["compress_s"] = time.perf_counter() - t0
+        attached = attach_simulation_(model, resolved)
+        if attached:
+            notes.append(f"{attached} simulation hooks (activation / KV-cache quantization) are attached; they are "
+                         "simulated in float and are not saved with the weights.")
+    timings["total_s"] = time.perf_counter() - started
+    timings["total_cpu_s"] = time.process_time() - cpu_started  # all threads; robust to other load on the machine
+    progress(1.0, "applied")
+    reports = [_module_report(row, modules, seconds.get(row.name, 0.0)) for row in resolved]
+    packed = sum(r.packed_bytes for r in reports)
+    sparse = sum(r.sparse_bytes if r.sparse_bytes is not None else r.packed_bytes for r in reports)
+    totals = {
+        "dense_bytes_before": sum(row.dense_bytes for row in resolved) + other_bytes_before,
+        "packed_bytes": packed, "other_bytes": other_bytes, "total_packed_bytes": packed + other_bytes,
+        "total_packed_sparse_bytes": sparse + other_bytes,
+    }
+    recipe_out = None
+    if calibration is not None:
+        recipe_out = dict(recipe or {})
+        recipe_out.setdefault("n_sequences", int(calibration.shape[0]))
+        recipe_out.setdefault("seq_len", int(calibration.shape[1]))
+    renamed = {original_names[id(m)]: name for name, m in model.named_modules() if id(m) in original_names}
+    return ApplyReport(reports, totals, timings, recipe_out, quant_states=states, current_names=renamed, notes=notes)
+
+
+def _other_bytes(model, resolved, modules) -> int:
+    """Bytes of parameters no plan row covers (norms; rotary tables are buffers, not parameters), at their dtype."""
+    covered = set()
+    for row in resolved:
+        module = modules[row.name]
+        covered.update(id(p) for p in module.parameters(recurse=False))
+    return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in covered)
+
+
+def _module_report(row: ResolvedModule, modules, seconds: float) -> ModuleReport:
+    module = modules[row.name]
+    weight = module.weight
+    if row.removed:
+        shape, packed, density = (0, 0), 0, 0.0
+    else:
+        shape = tuple(weight.shape)
+        dtype_bytes = DTYPE_BYTES.get(str(weight.dtype).replace("torch.", ""), 4)
+        bias = getattr(module, "bias", None)
+        bias_bytes = 0 if bias is None else bias.numel() * bias.element_size()
+        packed = 0 if row.tied_to else weight_bytes(shape, row.weights, dtype_bytes) + bias_bytes
+        density = float((weight != 0).float().mean())
+    sparse, sparse_format = None, None
+    if row.prune and row.prune.is_mask and not row.tied_to:
+        sparse, sparse_format = sparse_bytes(shape, row.weights, row.prune, 4)
+    return ModuleReport(row.name, row.block, row.kind, row.rule, _label(row), row.bits, row.shape, shape, packed,
+                        sparse, sparse_format, density, seconds, row.note)

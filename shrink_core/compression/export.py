@@ -1,0 +1,198 @@
+"""Candidates on disk and exports for deployment tools.
+
+- `save_candidate`: the compressed model (fp32 safetensors of the quantize-dequantized weights, config, tokenizer),
+  `plan.yaml`, `provenance.json`, and when an ApplyReport is given, `packed/model.packed.safetensors`: the real packed
+  artifact (bit-packed integer codes, float16 scales, uint8 zeros) whose size the byte accounting predicts.
+- `llm_compressor_recipe`: an llm-compressor recipe (GPTQModifier / QuantizationModifier / SparseGPTModifier...).
+- `llama_cpp_tensor_types`: lines `REGEX=TYPE` for llama-quantize `--tensor-type` / `--tensor-type-file`.
+See docs/deploy-exports.md for what each export cannot express.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import re
+import shutil
+from pathlib import Path
+
+import torch
+import yaml
+
+from shrink_core import __version__
+from shrink_core.errors import ShrinkError
+from shrink_core.plan import Plan, dump_plan, plan_to_dict
+from shrink_core.compression.prune import sync_config_
+from shrink_core.compression.primitives import pack, quantize
+
+PACKED_FILE = "packed/model.packed.safetensors"
+
+
+def packed_tensors(model, report) -> tuple[dict[str, torch.Tensor], dict]:
+    """Tensors of the packed format and their layout metadata; a tied weight is written once."""
+    tensors, layout, written = {}, {}, set()
+    states = {report.current_names.get(n, n): s for n, s in report.quant_states.items()}
+    half = {report.current_names.get(m.name, m.name) for m in report.modules if m.bits == 16}
+    for name, module in model.named_modules():
+        for param_name, param in module.named_parameters(recurse=False):
+            if id(param) in written:
+                continue
+            written.add(id(param))
+            key = f"{name}.{param_name}" if name else param_name
+            state = states.get(name) if param_name == "weight" else None
+            if state is not None:
+                codes = quantize(param.data, state.scale, state.zero, state.bits, state.group_size)  # (out, in)
+                tensors[f"{key}.codes"] = pack(codes, state.bits)
+                tensors[f"{key}.scales"] = state.scale.half().contiguous()
+                if not state.symmetric:
+                    tensors[f"{key}.zeros"] = state.zero.to(torch.uint8).contiguous()
+                layout[key] = {"bits": state.bits, "group_size": state.group_size, "symmetric": state.symmetric,
+                               "shape": list(param.shape)}
+            elif name in half and param_name == "weight":
+                tensors[key] = param.data.half().contiguous()
+            else:
+                tensors[key] = param.data.contiguous()
+    return tensors, layout
+
+
+def write_packed_artifact(model, report, path: Path) -> int:
+    """Write the packed artifact (safetensors) and return its size in bytes."""
+    from safetensors.torch import save_file
+
+    tensors, layout = packed_tensors(model, report)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(path), metadata={"format": "shrink-packed-v1", "layout": json.dumps(layout)})
+    return path.stat().st_size
+
+
+def save_candidate(model, tokenizer, plan: Plan, out_dir, provenance: dict, report=None) -> Path:
+    """Write a reloadable candidate directory (see module docstring); returns its path."""
+    out_dir = Path(out_dir)
+    problems = sync_config_(model)
+    if problems:
+        raise ShrinkError(f"The pruned model cannot be saved: {problems[0]}")
+    tmp = out_dir.with_name(out_dir.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    if getattr(model, "hf_quantizer", None) is not None:  # a GGUF-loaded model refuses to save otherwise
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    (tmp / "plan.yaml").write_text(dump_plan(plan), encoding="utf-8")
+    record = {
+        "plan": plan_to_dict(plan),
+        "code_version": __version__,
+        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "torch": torch.__version__,
+        **provenance,
+    }
+    if report is not None:
+        packed_size = write_packed_artifact(model, report, tmp / PACKED_FILE)
+        record.update({
+            "calibration": report.calibration if report.calibration is not None else provenance.get("calibration"),
+            "bytes": {**report.totals, "packed_artifact_file_bytes": packed_size, "packed_artifact": PACKED_FILE},
+            "timings_s": report.timings,
+            "notes": report.notes,
+        })
+    (tmp / "provenance.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
+    shutil.rmtree(out_dir, ignore_errors=True)
+    tmp.rename(out_dir)
+    return out_dir
+
+
+# ---------------------------------------------------------------- deployment exports
+
+GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
+              "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+
+
+def gguf_tensor_name(row) -> str | None:
+    if row.kind == "embedding":
+        return "token_embd.weight"
+    if row.kind == "lm_head":
+        return "output.weight"
+    if row.block is not None and row.kind in GGUF_NAMES:
+        return f"blk.{row.block}.{GGUF_NAMES[row.kind]}.weight"
+    return None
+
+
+def ggml_type(weights) -> str:
+    """The closest llama.cpp type: legacy 32-wide blocks for group 32, K-quants (256 super-blocks) otherwise."""
+    if weights is None or weights.bits == 32:
+        return "f32"
+    if weights.bits == 16:
+        return "f16"
+    if weights.group_size == 32 and weights.bits in (4, 5):
+        return f"q{weights.bits}_{0 if weights.symmetric else 1}"
+    return {8: "q8_0", 6: "q6_K", 5: "q5_K", 4: "q4_K", 3: "q3_K", 2: "q2_K"}[weights.bits]
+
+
+def llama_cpp_tensor_types(resolved) -> str:
+    """`REGEX=TYPE` lines (one per tensor, anchored) for llama-quantize --tensor-type / --tensor-type-file."""
+    lines = ["# shrink plan -> llama-quantize overrides; one anchored regex per GGUF tensor",
+             "# approximate: llama.cpp block formats differ from the plan's group size (see docs/deploy-exports.md)"]
+    for row in resolved:
+        name = gguf_tensor_name(row)
+        if name is None or row.tied_to or row.removed:
+            continue
+        lines.append(f"^{re.escape(name)}$={ggml_type(row.weights)}")
+    return "\n".join(lines) + "\n"
+
+
+def _scheme_key(row):
+    w = row.weights
+    return None if w is None or w.is_float else (w.bits, w.group_size, w.symmetric, w.method)
+
+
+def llm_compressor_recipe(resolved) -> str:
+    """An llm-compressor recipe: one config group per weight scheme, explicit targets, everything else ignored."""
+    linear_rows = [r for r in resolved if r.kind != "embedding" and not r.removed]
+    schemes: dict[tuple, list[str]] = {}
+    for row in linear_rows:
+        key = _scheme_key(row)
+        if key is not None:
+            schemes.setdefault(key, []).append(row.name)
+    ignore = [f"re:^{re.escape(r.name)}$" if r.kind != "lm_head" else "lm_head"
+              for r in linear_rows if _scheme_key(r) is None]
+    stages = {}
+    for method, modifier in (("gptq", "GPTQModifier"), ("rtn", "QuantizationModifier")):
+        groups = {}
+        for key, names in schemes.items():
+            bits, group, symmetric, key_method = key
+            if key_method != method:
+                continue
+            weights = {"num_bits": bits, "type": "int", "symmetric": symmetric,
+                       "strategy": "channel" if group is None else "group"}
+            if group is not None:
+                weights["group_size"] = group
+            groups[f"group_{len(groups)}"] = {"targets": [f"re:^{re.escape(n)}$" for n in names], "weights": weights}
+        if groups:
+            stages[modifier] = {"ignore": ignore, "config_groups": groups}
+    sparsity = {}
+    for row in linear_rows:
+        if row.prune and row.prune.is_mask:
+            modifier = {"sparsegpt": "SparseGPTModifier", "wanda": "WandaPruningModifier"}.get(
+                row.prune.criterion, "MagnitudePruningModifier")
+            structure = f"{row.prune.n}:{row.prune.m}" if row.prune.structure == "nm" else "0:0"
+            amount = 1 - row.prune.n / row.prune.m if row.prune.structure == "nm" else row.prune.amount
+            entry = sparsity.setdefault((modifier, structure, round(amount, 4)), [])
+            entry.append(f"re:^{re.escape(row.name)}$")
+    recipe = {}
+    if sparsity:
+        recipe["sparsity_stage"] = {"sparsity_modifiers": {
+            modifier: {"sparsity": amount, "mask_structure": structure, "targets": targets}
+            for (modifier, structure, amount), targets in sparsity.items()}}
+    if stages:
+        recipe["quant_stage"] = {"quant_modifiers": stages}
+    header = "# shrink plan -> llm-compressor recipe (see docs/deploy-exports.md for what it cannot express)\n"
+    return header + yaml.safe_dump(recipe, sort_keys=False)
+
+
+def write_exports(resolved, out_dir) -> dict[str, Path]:
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    paths = {"llm_compressor": out_dir / "llm-compressor-recipe.yaml",
+             "llama_cpp": out_dir / "llama-cpp-tensor-types.txt"}
+    paths["llm_compressor"].write_text(llm_compressor_recipe(resolved), encoding="utf-8")
+    paths["llama_cpp"].write_text(llama_cpp_tensor_types(resolved), encoding="utf-8")
+    return paths

@@ -1,0 +1,123 @@
+"""GPTQ / SparseGPT: quantize and/or prune a weight column by column, feeding each column's error back into the
+columns not yet processed through the inverse Hessian of the layer's calibration inputs (H = X^T X).
+
+One routine covers GPTQ (quantize), SparseGPT (adaptive mask, optional quantization) and GPTQ on a fixed mask
+(Wanda or magnitude mask first, then quantize). With `act_order`, columns are visited by decreasing H_jj while the
+group parameters stay those of the original contiguous groups ("static groups"), so the packed format is unchanged.
+Pure: tensors in, tensors out.
+"""
+from __future__ import annotations
+
+import torch
+
+from shrink_core.compression.primitives import scale_zero, to_groups
+
+CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
+
+
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of H^-1 (in, in) after damping; also the mask of dead input features (in,)."""
+    hessian = hessian.clone().float()
+    dead = torch.diag(hessian) == 0
+    hessian[dead, dead] = 1
+    mean_diag = torch.diag(hessian).mean()
+    for attempt in range(6):
+        damped = hessian + torch.eye(hessian.shape[0]) * damp * (10**attempt) * mean_diag
+        factor, info = torch.linalg.cholesky_ex(damped)
+        if info == 0:
+            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            if info == 0:
+                return upper, dead
+    raise ValueError("the calibration Hessian is not positive definite even after damping")
+
+
+def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group_size: int | None,
+                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-group scale and zero (out, groups) whose clip ratio minimises the importance-weighted squared error.
+
+    importance (in,) is the diagonal of H (activation energy per input feature): an activation-aware range search.
+    """
+    grouped = to_groups(weight.float(), group_size)  # (out, groups, size), partial last group zero-padded
+    weights = to_groups(importance.float().reshape(1, -1), group_size)  # (1, groups, size): padding weighs 0
+    best_error = best_scale = best_zero = None
+    for ratio in CLIP_RATIOS:
+        scale, zero = scale_zero(weight, bits, group_size, symmetric, clip=ratio)  # (out, groups)
+        codes = torch.round(grouped / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
+        error = ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - grouped).pow(2).mul(weights).sum(-1)
+        if best_error is None:
+            best_error, best_scale, best_zero = error, scale, zero
+        else:
+            better = error < best_error
+            best_error = torch.where(better, error, best_error)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def obs_compress(
+    weight: torch.Tensor,  # (out, in)
+    hessian: torch.Tensor,  # (in, in)
+    *,
+    bits: int | None = None,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    scale: torch.Tensor | None = None,  # static group parameters (out, groups); default: min/max of the weight
+    zero: torch.Tensor | None = None,
+    act_order: bool = False,
+    sparsity: float | None = None,  # SparseGPT adaptive unstructured mask
+    nm: tuple[int, int] | None = None,  # SparseGPT adaptive N:M mask
+    mask: torch.Tensor | None = None,  # fixed keep-mask (out, in), e.g. from Wanda
+    block_size: int = 128,
+    damp: float = 0.01,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
+    """Returns (new weight (out, in), scale (out, groups) or None, zero (out, groups) or None, keep-mask (out, in))."""
+    W = weight.detach().float().clone()
+    rows, columns = W.shape
+    keep = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.clone()
+    if bits is not None and scale is None:
+        scale, zero = scale_zero(W * keep, bits, group_size, symmetric)
+    size = group_size or columns
+    order = torch.argsort(torch.diag(hessian), descending=True) if act_order and nm is None else None
+    if order is not None:
+        W, keep, hessian = W[:, order], keep[:, order], hessian[order][:, order]
+    hinv, dead = inverse_hessian_factor(hessian, damp)
+    W[:, dead] = 0
+    # (in,) original group per column; a partial last group (in % size columns) is in // size, as in `to_groups`
+    group_of = (order if order is not None else torch.arange(columns)) // size
+    top = 2**bits - 1 if bits else 0
+    for start in range(0, columns, block_size):
+        end = min(start + block_size, columns)
+        W1, hinv1 = W[:, start:end].clone(), hinv[start:end, start:end]
+        errors = torch.zeros_like(W1)
+        diag = torch.diag(hinv1)  # (count,)
+        if sparsity is not None:
+            saliency = W1.pow(2) / diag.pow(2).unsqueeze(0)  # (out, count)
+            threshold = torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)]
+            keep[:, start:end] = saliency > threshold
+        for i in range(end - start):
+            column = start + i
+            if nm is not None and i % nm[1] == 0:
+                n, m = nm
+                saliency = W1[:, i:i + m].pow(2) / diag[i:i + m].pow(2).unsqueeze(0)  # (out, m)
+                keep_block = torch.zeros_like(saliency, dtype=torch.bool)
+                keep_block.scatter_(1, torch.topk(saliency, n, dim=1).indices, True)
+                keep[:, column:column + m] = keep_block
+            w = W1[:, i]
+            if bits is None:
+                q = w * keep[:, column]
+            else:
+                g = int(group_of[column])
+                s, z = scale[:, g], zero[:, g]
+                q = w.div(s).add_(z).round_().clamp_(0, top).sub_(z).mul_(s)
+                if mask is not None or sparsity is not None or nm is not None:
+                    q.mul_(keep[:, column])
+            error = (w - q).div_(diag[i])
+            W1[:, i:].addr_(error, hinv1[i, i:], alpha=-1)
+            W1[:, i] = q
+            errors[:, i] = error
+        W[:, start:end] = W1
+        W[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1)
+    if order is not None:
+        inverse = torch.argsort(order)
+        W, keep = W[:, inverse], keep[:, inverse]
+    return W, scale, zero, keep

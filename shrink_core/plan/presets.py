@@ -1,0 +1,75 @@
+"""Built-in plans, usable wherever a plan is taken as `preset:NAME`.
+
+Embedding and lm_head are kept unless a preset says otherwise (they are tied in the built-in models, and the
+vocabulary matrix is the most sensitive one). Calibrated presets record their default calibration recipe.
+"""
+from __future__ import annotations
+
+from shrink_core.evaluation.calibration import CalibrationRecipe
+from shrink_core.plan.spec import Plan, PlanError, plan_from_dict
+
+BLOCK_LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
+DEFAULT_RECIPE = CalibrationRecipe().to_dict()  # the one default (evaluation/calibration.py says why)
+
+
+def _weights(bits: int, group, method: str = "gptq", symmetric: bool = False) -> dict:
+    return {"bits": bits, "group_size": group, "symmetric": symmetric, "method": method}
+
+
+PRESETS: dict[str, dict] = {
+    "w8": {
+        "description": "int8 per-channel symmetric, round-to-nearest, block linears; embedding/lm_head kept",
+        "rules": [{"kind": BLOCK_LINEARS, "weights": _weights(8, "channel", "rtn", True)}],
+    },
+    "w4g128": {
+        "description": "int4 group 128 asymmetric, GPTQ, block linears; embedding/lm_head kept",
+        "rules": [{"kind": BLOCK_LINEARS, "weights": _weights(4, 128)}],
+        "calibration": DEFAULT_RECIPE,
+    },
+    "w4g64": {
+        "description": "int4 group 64 asymmetric, GPTQ, block linears; embedding/lm_head kept",
+        "rules": [{"kind": BLOCK_LINEARS, "weights": _weights(4, 64)}],
+        "calibration": DEFAULT_RECIPE,
+    },
+    "w3g64": {
+        "description": "int3 group 64 asymmetric, GPTQ, block linears; embedding/lm_head kept",
+        "rules": [{"kind": BLOCK_LINEARS, "weights": _weights(3, 64)}],
+        "calibration": DEFAULT_RECIPE,
+    },
+    "w4g64-keep-ends": {
+        "description": "int4 group 64 GPTQ, but the first and last blocks, embedding and lm_head kept",
+        "rules": [
+            {"blocks": [0, -1], "kind": BLOCK_LINEARS, "keep": True},
+            {"kind": ["lm_head", "embedding"], "keep": True},
+            {"kind": BLOCK_LINEARS, "weights": _weights(4, 64)},
+        ],
+        "calibration": DEFAULT_RECIPE,
+    },
+    "nm24": {
+        "description": "2:4 semi-structured sparsity (SparseGPT), block linears",
+        "rules": [{"kind": BLOCK_LINEARS, "prune": {"structure": "nm", "n": 2, "m": 4, "criterion": "sparsegpt"}}],
+        "calibration": DEFAULT_RECIPE,
+    },
+    "prune50": {
+        "description": "50% unstructured sparsity (SparseGPT, calibrated), block linears",
+        "rules": [{"kind": BLOCK_LINEARS, "prune": {"structure": "unstructured", "amount": 0.5,
+                                                    "criterion": "sparsegpt"}}],
+        "calibration": DEFAULT_RECIPE,
+    },
+    "mlp50": {
+        "description": "remove 50% of MLP channels in every block (structured, calibrated by activations)",
+        "rules": [{"kind": ["gate", "up", "down"], "prune": {"structure": "channels", "amount": 0.5,
+                                                            "criterion": "activation"}}],
+        "calibration": DEFAULT_RECIPE,
+    },
+}
+
+
+def preset_names() -> list[str]:
+    return list(PRESETS)
+
+
+def preset(name: str) -> Plan:
+    if name not in PRESETS:
+        raise PlanError(f"Unknown plan preset '{name}'; choose one of: {', '.join(PRESETS)}.")
+    return plan_from_dict({"version": 1, "name": name, **PRESETS[name]})

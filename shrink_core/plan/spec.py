@@ -1,0 +1,292 @@
+"""Compression plans: frozen, versioned, strictly loaded; an ordered list of rules where the first match wins.
+
+A rule selects modules by kind, by block index and/or by a regex that must `re.fullmatch` the full module name, and says
+what to do with them: quantize weights, prune, simulate activation / KV-cache quantization, or keep them as they are.
+`resolve(model_or_inventory, plan)` turns a plan into the per-module table shown before anything runs.
+"""
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+import yaml
+
+from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.calibration import CalibrationRecipe
+from shrink_core.model.inventory import ALL_KINDS, ModuleInfo, inventory
+
+PLAN_VERSION = 1
+PLANNABLE_KINDS = tuple(k for k in ALL_KINDS if k != "norm")
+WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)  # 16 = float16 storage, 32 = unchanged float32
+GROUP_SIZES = (32, 64, 128, None)  # None = per output channel ("channel" in YAML)
+WEIGHT_METHODS = ("rtn", "gptq")  # gptq: Hessian error feedback from calibration activations
+CALIBRATED_METHODS = ("gptq",)
+PRUNE_STRUCTURES = ("unstructured", "nm", "heads", "channels", "blocks")
+MASK_CRITERIA = ("magnitude", "wanda", "sparsegpt")
+STRUCTURED_CRITERIA = ("magnitude", "activation")
+CALIBRATED_CRITERIA = ("wanda", "sparsegpt", "activation")
+NM_PATTERNS = ((2, 4), (4, 8), (1, 4), (2, 8))
+ACTIVATION_BITS = (8,)
+KV_CACHE_BITS = (2, 3, 4, 8)
+STRUCTURE_KINDS = {"heads": ("q", "k", "v", "o"), "channels": ("gate", "up", "down")}
+
+
+class PlanError(ShrinkError):
+    """A plan that cannot be loaded or does not fit the model."""
+
+
+def _check_keys(data, allowed: tuple[str, ...], where: str) -> dict:
+    if not isinstance(data, dict):
+        raise PlanError(f"{where} must be a mapping of keys to values, not {type(data).__name__}.")
+    unknown = [k for k in data if k not in allowed]
+    if unknown:
+        raise PlanError(f"Unknown key '{unknown[0]}' in {where}; allowed keys: {', '.join(allowed)}.")
+    return data
+
+
+def _keys(cls) -> tuple[str, ...]:
+    return tuple(f.name for f in fields(cls))
+
+
+@dataclass(frozen=True)
+class WeightSpec:
+    bits: int = 4
+    group_size: int | None = 64
+    symmetric: bool = False
+    method: str = "rtn"
+    where: str = field(default="weights", compare=False, repr=False)
+
+    def __post_init__(self):
+        if self.bits not in WEIGHT_BITS:
+            raise PlanError(f"{self.where}: bits {self.bits} is not supported; use one of 2, 3, 4, 5, 6, 8, 16 or 32.")
+        if self.group_size not in GROUP_SIZES:
+            raise PlanError(
+                f"{self.where}: group_size {self.group_size} is not supported; use 32, 64, 128 or 'channel'."
+            )
+        if self.method not in WEIGHT_METHODS:
+            raise PlanError(f"{self.where}: method '{self.method}' is unknown; use one of {', '.join(WEIGHT_METHODS)}.")
+        if not isinstance(self.symmetric, bool):
+            raise PlanError(f"{self.where}: symmetric must be true or false, not {self.symmetric!r}.")
+
+    @property
+    def is_float(self) -> bool:
+        return self.bits >= 16
+
+    def label(self) -> str:
+        if self.is_float:
+            return f"fp{self.bits}"
+        group = "channel" if self.group_size is None else f"g{self.group_size}"
+        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'} {self.method}"
+
+
+@dataclass(frozen=True)
+class PruneSpec:
+    structure: str = "unstructured"
+    amount: float | None = None  # share removed: weights (unstructured), heads or channels
+    n: int | None = None  # N:M: keep n of every m consecutive input weights
+    m: int | None = None
+    criterion: str = "magnitude"
+    where: str = field(default="prune", compare=False, repr=False)
+
+    def __post_init__(self):
+        w = self.where
+        if self.structure not in PRUNE_STRUCTURES:
+            raise PlanError(f"{w}: structure '{self.structure}' is unknown; use one of {', '.join(PRUNE_STRUCTURES)}.")
+        if self.structure == "nm":
+            if (self.n, self.m) not in NM_PATTERNS:
+                raise PlanError(f"{w}: N:M pattern {self.n}:{self.m} is not supported; use n: 2, m: 4 or n: 4, m: 8.")
+        elif self.n is not None or self.m is not None:
+            raise PlanError(f"{w}: n and m apply only to structure nm; remove them or set structure: nm.")
+        if self.structure in ("unstructured", "heads", "channels"):
+            if not isinstance(self.amount, (int, float)) or not 0 < self.amount < 1:
+                raise PlanError(f"{w}: amount must be a share between 0 and 1 (e.g. 0.5), not {self.amount!r}.")
+        elif self.amount is not None:
+            raise PlanError(f"{w}: amount does not apply to structure {self.structure}; remove it.")
+        allowed = MASK_CRITERIA if self.structure in ("unstructured", "nm") else STRUCTURED_CRITERIA
+        if self.structure == "blocks":
+            allowed = ("magnitude",)
+        if self.criterion not in allowed:
+            raise PlanError(
+                f"{w}: criterion '{self.criterion}' does not apply to structure {self.structure}; "
+                f"use one of {', '.join(allowed)}."
+            )
+
+    @property
+    def is_mask(self) -> bool:
+        return self.structure in ("unstructured", "nm")
+
+    @property
+    def calibrated(self) -> bool:
+        return self.criterion in CALIBRATED_CRITERIA
+
+    def label(self) -> str:
+        if self.structure == "nm":
+            return f"{self.n}:{self.m} {self.criterion}"
+        if self.structure == "blocks":
+            return "remove block"
+        return f"{self.structure} {self.amount:.0%} {self.criterion}"
+
+
+@dataclass(frozen=True)
+class Rule:
+    kind: tuple[str, ...] | None = None
+    name: str | None = None  # regex, re.fullmatch on the full module name
+    blocks: tuple[int, ...] | None = None  # block indices; negative counts from the end (-1 = last block)
+    keep: bool = False
+    weights: WeightSpec | None = None
+    prune: PruneSpec | None = None
+    activation_bits: int | None = None  # simulated int8 activations on the module's input
+    kv_cache_bits: int | None = None  # simulated KV-cache quantization on k/v outputs
+    note: str = ""
+    index: int = field(default=1, compare=False)  # 1-based position in the plan, for messages
+
+    def __post_init__(self):
+        where = f"rule {self.index}"
+        if self.kind is None and self.name is None and self.blocks is None:
+            raise PlanError(f"{where.capitalize()} selects nothing; give it a kind, a name pattern or blocks.")
+        for kind in self.kind or ():
+            if kind not in PLANNABLE_KINDS:
+                raise PlanError(f"Rule {self.index}: kind '{kind}' is unknown; use one of "
+                                f"{', '.join(PLANNABLE_KINDS)}.")
+        if self.name is not None:
+            try:
+                re.compile(self.name)
+            except re.error as exc:
+                raise PlanError(
+                    f"Rule {self.index}: name pattern {self.name!r} is not a valid regex ({exc}).") from None
+        acts = (self.weights, self.prune, self.activation_bits, self.kv_cache_bits)
+        if self.keep and any(a is not None for a in acts):
+            raise PlanError(f"Rule {self.index}: keep: true protects modules as they are, so it cannot also "
+                            "quantize, prune or simulate; split it into two rules.")
+        if not self.keep and all(a is None for a in acts):
+            raise PlanError(f"Rule {self.index} does nothing; give it weights, prune, activation_bits, "
+                            "kv_cache_bits or keep: true.")
+        if self.activation_bits not in (None,) + ACTIVATION_BITS:
+            raise PlanError(f"Rule {self.index}: activation_bits {self.activation_bits} is not supported; use 8.")
+        if self.kv_cache_bits not in (None,) + KV_CACHE_BITS:
+            raise PlanError(
+                f"Rule {self.index}: kv_cache_bits {self.kv_cache_bits} is not supported; use 2, 3, 4 or 8.")
+        if self.prune and self.prune.structure == "blocks" and self.weights is not None:
+            raise PlanError(f"Rule {self.index}: a removed block cannot also be quantized; drop its weights.")
+        family = STRUCTURE_KINDS.get(self.prune.structure) if self.prune else None
+        if family and (self.kind is None or not set(self.kind) <= set(family)):
+            raise PlanError(f"Rule {self.index}: {self.prune.structure} pruning needs kind limited to "
+                            f"{', '.join(family)}; set kind: [{', '.join(family)}].")
+
+    def selects(self, info: ModuleInfo, block_count: int) -> bool:
+        if self.kind is not None and info.kind not in self.kind:
+            return False
+        if self.blocks is not None:
+            wanted = {b % block_count for b in self.blocks} if block_count else set()
+            if info.block is None or info.block not in wanted:
+                return False
+        return self.name is None or re.fullmatch(self.name, info.name) is not None
+
+    def describe(self) -> str:
+        parts = [f"kind={','.join(self.kind)}" if self.kind else "",
+                 f"name={self.name!r}" if self.name is not None else "",
+                 f"blocks={list(self.blocks)}" if self.blocks is not None else ""]
+        return " ".join(p for p in parts if p)
+
+
+@dataclass(frozen=True)
+class Plan:
+    rules: tuple[Rule, ...]
+    version: int = PLAN_VERSION
+    name: str = ""
+    description: str = ""
+    calibration: CalibrationRecipe | None = None
+
+    def __post_init__(self):
+        if self.version != PLAN_VERSION:
+            raise PlanError(f"Plan version {self.version} is not supported; this code reads version {PLAN_VERSION}.")
+        if not self.rules:
+            raise PlanError("The plan has no rules; add at least one rule.")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return any((r.weights and r.weights.method in CALIBRATED_METHODS) or (r.prune and r.prune.calibrated)
+                   for r in self.rules)
+
+
+# ---------------------------------------------------------------- loading and dumping
+
+
+def _as_tuple(value, where: str, item_type) -> tuple | None:
+    if value is None:
+        return None
+    items = value if isinstance(value, list) else [value]
+    if not all(isinstance(i, item_type) and not isinstance(i, bool) for i in items):
+        raise PlanError(f"{where} must be a {item_type.__name__} or a list of them, not {value!r}.")
+    return tuple(items)
+
+
+def _rule_from_dict(data, index: int) -> Rule:
+    where = f"rule {index}"
+    data = dict(_check_keys(data, tuple(k for k in _keys(Rule) if k != "index"), where))
+    weights = data.pop("weights", None)
+    if weights is not None:
+        weights = dict(_check_keys(weights, ("bits", "group_size", "symmetric", "method"), f"{where} weights"))
+        if weights.get("group_size") in ("channel", "per-channel"):
+            weights["group_size"] = None
+        weights = WeightSpec(**weights, where=f"Rule {index} weights")
+    prune = data.pop("prune", None)
+    if prune is not None:
+        prune = PruneSpec(**_check_keys(prune, ("structure", "amount", "n", "m", "criterion"), f"{where} prune"),
+                          where=f"Rule {index} prune")
+    data["kind"] = _as_tuple(data.get("kind"), f"Rule {index} kind", str)
+    data["blocks"] = _as_tuple(data.get("blocks"), f"Rule {index} blocks", int)
+    return Rule(**data, weights=weights, prune=prune, index=index)
+
+
+def plan_from_dict(data) -> Plan:
+    data = dict(_check_keys(data, _keys(Plan), "the plan"))
+    if "version" not in data:
+        raise PlanError(f"The plan has no version; add `version: {PLAN_VERSION}` at the top.")
+    rules = data.pop("rules", None)
+    if not isinstance(rules, list):
+        raise PlanError("The plan needs `rules:`, a list of rules (first match wins).")
+    calibration = data.pop("calibration", None)
+    if calibration is not None:
+        try:
+            calibration = CalibrationRecipe.from_dict(calibration)
+        except ShrinkError as exc:
+            raise PlanError(f"The plan's {exc}") from None
+    return Plan(rules=tuple(_rule_from_dict(r, i + 1) for i, r in enumerate(rules)), calibration=calibration, **data)
+
+
+def _clean(obj):
+    if isinstance(obj, dict):
+        return {k: _clean(v) for k, v in obj.items() if v is not None and k not in ("where", "index")
+                and not (k in ("keep",) and v is False) and not (k == "note" and v == "")}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    return obj
+
+
+def plan_to_dict(plan: Plan) -> dict:
+    data = _clean(asdict(plan))
+    for rule, raw in zip(plan.rules, data["rules"]):
+        if rule.weights is not None and rule.weights.group_size is None:
+            raw["weights"]["group_size"] = "channel"
+    ordered = {"version": plan.version, "name": plan.name, "description": plan.description}
+    ordered.update({k: v for k, v in data.items() if k not in ordered})
+    return {k: v for k, v in ordered.items() if v not in ("", None)}
+
+
+def dump_plan(plan: Plan) -> str:
+    return yaml.safe_dump(plan_to_dict(plan), sort_keys=False, allow_unicode=True)
+
+
+def dump_plan_json(plan: Plan) -> str:
+    return json.dumps(plan_to_dict(plan), indent=1)
+
+
+# ---------------------------------------------------------------- resolve
+
+
+def with_index(plan: Plan) -> Plan:
+    """The plan with rule indices renumbered (after editing rules in code)."""
+    return replace(plan, rules=tuple(replace(r, index=i + 1) for i, r in enumerate(plan.rules)))

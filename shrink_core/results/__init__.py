@@ -1,0 +1,1 @@
+"""The store (SQLite), candidates with lineage, Pareto fronts, figures and the report."""

@@ -1,0 +1,127 @@
+"""One evaluation run, end to end: load, apply a plan (if any), evaluate against the reference, store.
+
+The CLI calls `run_eval` inline; the Eval sets page runs `eval_job` in a worker. Same code path, same records.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+from shrink_core import __version__
+from shrink_core.evaluation.calibration import plan_calibration
+from shrink_core.evaluation.evaluate import SliceResult, evaluate, get_budget
+from shrink_core.model.describe import device_label
+from shrink_core.model.load import load
+from shrink_core.evaluation.slices import get_slice
+from shrink_core.results.store import Provenance, Store
+
+
+def _result_from_payload(payload: dict) -> SliceResult:
+    data = dict(payload)
+    data["ppl_ci"] = tuple(data["ppl_ci"])
+    if data.get("accuracy_ci"):
+        data["accuracy_ci"] = tuple(data["accuracy_ci"])
+    return SliceResult(**data)
+
+
+def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, progress=None) -> dict[str, SliceResult]:
+    """The unplanned model's results, reused from the store when this exact model, code and budget ran before."""
+    out, missing = {}, []
+    for slice_id in slice_ids:
+        rows = store.results("eval", model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash, slice=slice_id,
+                             budget=budget)
+        rows = [r for r in rows if r["plan"] is None and r["code_version"] == __version__]
+        if rows:
+            out[slice_id] = _result_from_payload(rows[0]["payload"])
+        else:
+            missing.append(slice_id)
+    if missing:
+        candidate_id = reference_candidate(store, loaded)
+        fresh = evaluate(loaded.model, loaded.tokenizer, [get_slice(s) for s in missing], budget, progress=progress)
+        for result in fresh:
+            store.add_result("eval", _provenance(loaded, None, result.slice, budget), result.to_dict(with_items=True),
+                             candidate_id=candidate_id)
+            out[result.slice] = result
+    return out
+
+
+def reference_candidate(store: Store, loaded) -> int:
+    return store.upsert_candidate(name=f"{loaded.spec.raw} (reference)", kind="reference", model_spec=loaded.spec.raw,
+                                  weights_hash=loaded.weights_hash, code_version=__version__)
+
+
+def plan_kind(plan) -> str:
+    quantizes = any(r.weights is not None for r in plan.rules)
+    prunes = any(r.prune is not None for r in plan.rules)
+    return "mixed" if quantizes and prunes else "pruned" if prunes else "quantized"
+
+
+def _provenance(loaded, plan_dict, slice_id, budget) -> Provenance:
+    return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), plan=plan_dict,
+                      slice=slice_id, budget=budget)
+
+
+def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: str | None = None,
+             store: Store | None = None, progress=None, job_id: int | None = None, **load_flags) -> dict:
+    """Evaluate a model (and a plan applied to it) on slices; returns the JSON the CLI prints."""
+    progress = progress or (lambda fraction, message="": None)
+    get_budget(budget)
+    slices = [get_slice(s) for s in slice_ids]  # fail on a bad slice before loading anything
+    store = store or Store()
+    started = time.perf_counter()
+    progress(0.01, "loading model")
+    loaded = load(spec, **load_flags)
+    share = 0.5 if plan_text else 0.95
+    reference = reference_results(store, loaded, slice_ids, budget,
+                                  progress=lambda f, m="": progress(0.05 + share * f, f"reference {m}"))
+    report = {"model": loaded.spec.raw, "weights_hash": loaded.weights_hash, "budget": budget, "plan": None,
+              "device": device_label(), "code_version": __version__, "slices": {}}
+    if plan_text is None:
+        for s in slices:
+            report["slices"][s.id] = _public(reference[s.id])
+    else:
+        from shrink_core.plan import load_plan, plan_to_dict
+        from shrink_core.compression.apply import apply_plan_
+
+        plan = load_plan(plan_text)
+        candidate = copy.deepcopy(loaded.model)
+        calibration, recipe = plan_calibration(plan, loaded.tokenizer)
+        progress(0.55, "applying plan")
+        apply_report = apply_plan_(candidate, plan, calibration, recipe=recipe)
+        plan_dict = plan_to_dict(plan)
+        report["plan"] = plan_dict
+        report["size"] = dict(apply_report.totals)
+        candidate_id = store.upsert_candidate(
+            name=plan.name or f"{loaded.spec.raw} + plan", kind=plan_kind(plan), model_spec=loaded.spec.raw,
+            weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=recipe,
+            parent_id=reference_candidate(store, loaded))
+        report["candidate_id"] = candidate_id
+        # Packed size is computed from the plan's storage format (exact bytes), not measured memory.
+        store.add_result("size", _provenance(loaded, plan_dict, None, None),
+                         {"source": "computed from the packed format", **apply_report.totals}, job_id=job_id,
+                         candidate_id=candidate_id)
+        results = evaluate(candidate, loaded.tokenizer, slices, budget, reference=loaded.model,
+                           reference_results=reference,
+                           progress=lambda f, m="": progress(0.6 + 0.38 * f, f"candidate {m}"))
+        for result in results:
+            store.add_result("eval", _provenance(loaded, plan_dict, result.slice, budget),
+                             result.to_dict(with_items=True), job_id=job_id, candidate_id=candidate_id)
+            entry = _public(result)
+            entry["reference_ppl"] = reference[result.slice].ppl
+            if reference[result.slice].accuracy is not None:
+                entry["reference_accuracy"] = reference[result.slice].accuracy
+            report["slices"][result.slice] = entry
+    report["seconds"] = round(time.perf_counter() - started, 2)
+    progress(1.0, "done")
+    return report
+
+
+def _public(result: SliceResult) -> dict:
+    data = result.to_dict()
+    return {k: v for k, v in data.items() if v is not None and v != {}}
+
+
+def eval_job(ctx, spec: str, slices: list[str], budget: str = "fast", plan: str | None = None) -> dict:
+    """Job: the Eval sets page's "Run baseline" (and, with a plan, a candidate evaluation)."""
+    report = run_eval(spec, slices, budget, plan, store=ctx.store, progress=ctx.progress, job_id=ctx.job_id)
+    return {"slices": list(report["slices"]), "seconds": report["seconds"], "candidate_id": report.get("candidate_id")}

@@ -1,0 +1,346 @@
+"""Results views and the stakeholder report.
+
+A `View` says what to plot (x axis, quality metric, worst slice / one slice / weighted mix, target, budget, limit).
+`view_points` and `slice_points` turn the candidate tables into plot points (pure pandas over `shrink_core.results.pareto`);
+`render_html` writes one self-contained HTML file (plotly.js inlined, no network requests) and `write_png` renders
+the main figure to PNG with Debian's headless Chromium. The figure builders live in `ui/pareto_charts.py`, which
+imports plotly only (never streamlit), so the CLI and the page draw the same figures.
+"""
+from __future__ import annotations
+
+import html
+import json
+import shutil
+import subprocess
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from shrink_core import __version__
+from shrink_core.results import pareto
+from shrink_core.results.candidates import candidates_frame, export_files, slices_frame
+from shrink_core.errors import ShrinkError
+from shrink_core.results.store import Store
+
+X_COLUMNS = {"memory": "memory_bytes", "latency": "latency_ms", "projected": "projected_ms", "cost": "cost_per_million"}
+X_SOURCES = {"memory": "memory_source", "latency": "latency_source", "projected": "projected_source",
+             "cost": "cost_source"}
+DEFAULT_LIMITS = {"ppl_ratio": 1.05, "kl": None, "top1_agree": None, "accuracy": None, "flip_rate": None}
+CHROMIUM = "/usr/bin/chromium"
+
+
+@dataclass(frozen=True)
+class View:
+    x: str = "memory"  # memory | latency | projected | cost
+    y: str = "worst"  # worst | mix | a slice id
+    metric: str = "ppl_ratio"
+    target: str | None = None  # hardware row for projected latency and cost
+    budget: str | None = None
+    candidates: tuple[int, ...] | None = None  # None: every candidate
+    slices: tuple[str, ...] | None = None  # slices the worst / mix runs over; None: every slice the metric applies to
+    weights: tuple[tuple[str, float], ...] = ()  # for y = mix
+    limit: float | None = None  # acceptable when the y value is on the good side of this
+    batch: int = 1
+    version: int = 1
+
+    def __post_init__(self):
+        pareto.get_axis(self.x)
+        pareto.get_metric(self.metric)
+        if self.x in ("projected", "cost") and not self.target:
+            raise ShrinkError(f"The x axis '{self.x}' needs a hardware target (e.g. --target h100-sxm).")
+        if self.y == "mix" and not self.weights:
+            raise ShrinkError("A weighted mix needs slice weights, e.g. en=2,fr=1.")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return pareto.METRICS[self.metric].higher_is_better
+
+
+def _text(value, default: str) -> str:
+    return default if value is None or pd.isna(value) or value == "" else html.escape(str(value))
+
+
+def _hover(c: pd.Series, view: View, extra: str) -> str:
+    esc = html.escape
+    lines = [f"<b>{esc(str(c['name']))}</b> (#{c['id']}, {esc(c['kind'])})", extra,
+             f"plan: {esc(str(c['plan_summary']))[:300]}",
+             f"parent: {_text(c['parent_name'], '-')}; calibration: {esc(str(c['calibration']))}",
+             f"x: {_text(c[X_SOURCES[view.x]], 'missing')}",
+             f"budget {esc(str(view.budget))}; code {esc(str(c['code_version']))}; model {esc(str(c['model_spec']))}"]
+    return "<br>".join(line for line in lines if line)
+
+
+def _values(table: pd.DataFrame, candidate_id: int, metric: str, slices: list[str]) -> dict:
+    rows = table[(table["candidate_id"] == candidate_id) & table["slice"].isin(slices)]
+    return {r["slice"]: (None if pd.isna(r[metric]) else float(r[metric])) for _, r in rows.iterrows()}
+
+
+def _interval(table: pd.DataFrame, candidate_id: int, slice_id: str | None, metric: str):
+    if slice_id is None or metric not in ("ppl_ratio", "accuracy"):
+        return None, None
+    row = table[(table["candidate_id"] == candidate_id) & (table["slice"] == slice_id)]
+    if row.empty:
+        return None, None
+    low, high = ("ratio_low", "ratio_high") if metric == "ppl_ratio" else ("acc_low", "acc_high")
+    return row.iloc[0][low], row.iloc[0][high]
+
+
+def view_slices(table: pd.DataFrame, view: View) -> list[str]:
+    """The slices a view aggregates over: the chosen ones, else every slice the metric is defined on."""
+    if view.slices:
+        return list(view.slices)
+    data = table.dropna(subset=[view.metric]) if view.metric in table else table
+    if pareto.METRICS[view.metric].task_only:
+        data = data[data["slice_kind"] == "task"]
+    return sorted(data["slice"].unique())
+
+
+def _x_values(candidates: pd.DataFrame, view: View) -> pd.Series:
+    values = candidates[X_COLUMNS[view.x]].astype(float)
+    return values / 1e6 if view.x == "memory" else values
+
+
+def view_points(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> pd.DataFrame:
+    """One point per candidate: x, the aggregated y with its interval, frontier membership and acceptability."""
+    if view.candidates:
+        candidates = candidates[candidates["id"].isin(view.candidates)]
+    slices = view_slices(table, view)
+    xs = _x_values(candidates, view)
+    out = []
+    for (_, c), x in zip(candidates.iterrows(), xs):
+        values = _values(table, c["id"], view.metric, slices)
+        worst = None
+        if view.y == "worst":
+            worst, y = pareto.worst_slice(values, slices, view.higher_is_better)
+            detail = f"worst slice: {worst}" if worst else f"missing on some of: {', '.join(slices)}"
+        elif view.y == "mix":
+            y = pareto.weighted_mix(_values(table, c["id"], view.metric, [s for s, _ in view.weights]),
+                                    dict(view.weights))
+            detail = "weighted mix of " + ", ".join(f"{s}x{w:g}" for s, w in view.weights)
+        else:
+            y, worst = values.get(view.y), view.y
+            detail = f"slice {view.y}"
+        low, high = _interval(table, c["id"], worst, view.metric)
+        value = "missing" if y is None else f"{y:.4g}"
+        out.append({"candidate_id": c["id"], "name": c["name"], "kind": c["kind"], "x": x, "y": y, "y_low": low,
+                    "y_high": high, "worst_slice": worst,
+                    "hover": _hover(c, view, f"{pareto.METRICS[view.metric].label}: {value} ({detail})")})
+    points = pd.DataFrame(out, columns=["candidate_id", "name", "kind", "x", "y", "y_low", "y_high", "worst_slice",
+                                        "hover"])
+    return _mark(points, view)
+
+
+def slice_points(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> pd.DataFrame:
+    """One point per (candidate, slice) with a frontier per slice, for the small multiples."""
+    frames = []
+    for slice_id in view_slices(table, view):
+        one = View(**{**asdict(view), "y": slice_id, "slices": None, "weights": ()})
+        points = view_points(candidates, table, one)
+        points["slice"] = slice_id
+        frames.append(points)
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(
+        columns=["candidate_id", "name", "x", "y", "slice", "on_frontier", "acceptable", "hover"])
+
+
+def _mark(points: pd.DataFrame, view: View) -> pd.DataFrame:
+    points = points.copy()
+    points["x"] = points["x"].astype(float)
+    points["y"] = pd.to_numeric(points["y"], errors="coerce").astype(float)
+    points["y_low"] = pd.to_numeric(points["y_low"], errors="coerce").astype(float)
+    points["y_high"] = pd.to_numeric(points["y_high"], errors="coerce").astype(float)
+    points["on_frontier"] = pareto.frontier_mask(points["x"].tolist(), points["y"].tolist(), view.higher_is_better)
+    points["acceptable"] = [pareto.acceptable(y, view.limit, view.higher_is_better) for y in points["y"]]
+    return points
+
+
+def x_title(candidates: pd.DataFrame, view: View) -> str:
+    """The x axis title, saying how the figure was obtained."""
+    axis = pareto.AXES[view.x]
+    sources = sorted({str(s) for s in candidates[X_SOURCES[view.x]].dropna()})
+    if view.x == "latency":
+        devices = sorted({s.split(",")[0].removeprefix("measured on ") for s in sources})
+        how = f"measured on {', '.join(devices)}" if devices else "not measured yet"
+    elif view.x == "projected":
+        how = f"projected for {view.target}"
+    elif view.x == "cost":
+        how = f"{'measured' if any(s.startswith('measured') for s in sources) else 'projected'} for {view.target}"
+    else:
+        how = "; ".join(sources) or "no size recorded"
+    return f"{axis.label} ({axis.unit}), {how}"
+
+
+def y_title(table: pd.DataFrame, view: View) -> str:
+    label = pareto.METRICS[view.metric].label
+    devices = sorted({str(d).split(" (")[0] for d in table["device"].dropna()}) if len(table) else []
+    where = f"{view.budget} budget, measured on {', '.join(devices)}" if devices else f"{view.budget} budget"
+    if view.y == "worst":
+        return f"{label}, worst slice ({where})"
+    if view.y == "mix":
+        return f"{label}, weighted mix ({where})"
+    return f"{label} on {view.y} ({where})"
+
+
+def limit_label(view: View) -> str:
+    if view.limit is None:
+        return ""
+    if view.metric == "ppl_ratio":
+        return f"acceptable: perplexity within {view.limit - 1:+.0%} of reference"
+    return f"acceptable: {'>=' if view.higher_is_better else '<='} {view.limit:g}"
+
+
+def method_notes(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> list[str]:
+    notes = [f"Quality: {pareto.METRICS[view.metric].label}; {view.budget} budget; evaluated on "
+             f"{', '.join(sorted(table['device'].dropna().unique())) or 'no device'}; intervals are 95% bootstrap over "
+             "items (ratios to the reference: a paired bootstrap when both were scored on the same items).",
+             "Worst slice: a candidate missing any of the chosen slices has no worst-slice value and is not plotted.",
+             "Frontier: a candidate is on it when no other is at most as large/slow/costly and at least as good, "
+             "and strictly better on one of the two. It uses point values: where intervals overlap, the order is not "
+             "significant (see the paired tests under Compare)."]
+    for column, what in (("memory_source", "Size"), ("latency_source", "Latency"), ("projected_source", "Projection"),
+                         ("cost_source", "Cost")):
+        sources = sorted({str(s) for s in candidates[column].dropna()})
+        notes.append(f"{what}: " + ("; ".join(sources) if sources else "not recorded for these candidates (missing, "
+                                                                       "not zero)") + ".")
+    return notes
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass(frozen=True)
+class Report:
+    view: View
+    candidates: pd.DataFrame = field(repr=False)
+    table: pd.DataFrame = field(repr=False)
+    points: pd.DataFrame = field(repr=False)
+    per_slice: pd.DataFrame = field(repr=False)
+    created: float = 0.0
+
+
+def build_report(store: Store, view: View) -> Report:
+    from shrink_core.results.candidates import budgets
+
+    if view.budget is None:
+        found = budgets(store)
+        if not found:
+            raise ShrinkError("No evaluated candidates in the store yet; run `python -m shrink_core eval --plan ...` first.")
+        view = View(**{**asdict(view), "budget": found[0]})
+    candidates = candidates_frame(store, target=view.target, batch=view.batch)
+    table = slices_frame(store, view.budget)
+    if view.candidates:
+        unknown = set(view.candidates) - set(candidates["id"])
+        if unknown:
+            raise ShrinkError(f"No candidate with id {sorted(unknown)[0]}; see `python -m shrink_core candidates list`.")
+        candidates = candidates[candidates["id"].isin(view.candidates)]
+        table = table[table["candidate_id"].isin(view.candidates)]
+    if table.empty:
+        raise ShrinkError(f"None of these candidates has results at the '{view.budget}' budget.")
+    if view.y not in ("worst", "mix") and view.y not in set(table["slice"]):
+        raise ShrinkError(f"No results on slice '{view.y}'; choose one of: {', '.join(sorted(set(table['slice'])))}.")
+    return Report(view, candidates, table, view_points(candidates, table, view), slice_points(candidates, table, view),
+                  time.time())
+
+
+def figures(report: Report):
+    """(main figure, small multiples) for a report."""
+    from shrink_core.results.figures import pareto_figure, small_multiples
+
+    view = report.view
+    xt, yt = x_title(report.candidates, view), y_title(report.table, view)
+    main = pareto_figure(report.points, xt, yt, view.higher_is_better, view.limit, limit_label(view),
+                         title="Quality vs " + pareto.AXES[view.x].label)
+    multiples = small_multiples(report.per_slice, xt, pareto.METRICS[view.metric].label, view.higher_is_better,
+                                view.limit, title="Per slice: the same frontier on every slice")
+    return main, multiples
+
+
+PAGE_STYLE = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;
+color:#222}table{border-collapse:collapse;font-size:13px;margin:1em 0}td,th{border:1px solid #ddd;padding:3px 6px;
+text-align:right}th{background:#f4f4f4}td:first-child,th:first-child{text-align:left}pre{background:#f7f7f7;
+padding:1em;overflow-x:auto;font-size:12px}.note{color:#555}"""
+
+
+def _table_html(frame: pd.DataFrame) -> str:
+    frame = frame.astype(object).where(frame.notna(), "missing")
+    return frame.to_html(index=False, float_format=lambda v: f"{v:.4g}", border=0, escape=True)
+
+
+def render_html(report: Report, store: Store) -> str:
+    """One self-contained HTML page: interactive figures (plotly.js inlined), tables, plans, provenance, notes."""
+    main, multiples = figures(report)
+    config = {"displaylogo": False, "responsive": True}
+    main_html = main.to_html(full_html=False, include_plotlyjs=True, config=config, div_id="pareto-main")
+    multiples_html = multiples.to_html(full_html=False, include_plotlyjs=False, config=config,
+                                       div_id="pareto-slices")
+    columns = ["name", "slice", "items", "ppl", "ppl_low", "ppl_high", "ppl_ratio", "kl", "kl_p99", "top1_agree",
+               "accuracy", "flips_total"]
+    per_slice = report.table[columns].sort_values(["slice", "name"])
+    sizes = report.candidates[["id", "name", "kind", "memory_bytes", "latency_ms", "projected_ms", "cost_per_million",
+                               "memory_source", "latency_source"]]
+    plans, provenance = [], {}
+    for cid, name in zip(report.candidates["id"], report.candidates["name"]):
+        files = export_files(store, int(cid))
+        provenance[f"{cid}: {name}"] = json.loads(files["provenance.json"])
+        plans.append(f"<h3>{html.escape(str(name))} (#{cid})</h3><pre>"
+                     f"{html.escape(files.get('plan.yaml', '# reference: no plan, weights as loaded'), quote=False)}</pre>")
+    esc = html.escape
+    view = json.dumps(asdict(report.view))
+    notes = "".join(f"<li>{esc(n)}</li>" for n in method_notes(report.candidates, report.table, report.view))
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>shrink report</title><style>{PAGE_STYLE}</style></head><body>
+<h1>shrink: compression candidates</h1>
+<p class="note">Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(report.created))} by shrink {esc(__version__)};
+view {esc(view)}.</p>
+<h2>Pareto frontier</h2>{main_html}
+<h2>Per slice</h2>{multiples_html}
+<h2>Per-slice results</h2>{_table_html(per_slice)}
+<h2>Size, latency, cost</h2>{_table_html(sizes)}
+<h2>Method notes</h2><ul>{notes}</ul>
+<h2>Plans</h2>{''.join(plans)}
+<h2>Provenance</h2><pre>{esc(json.dumps(provenance, indent=1, default=str), quote=False)}</pre>
+</body></html>"""
+
+
+def figure_page(figure, width: int = 1200, height: int = 700) -> str:
+    """A page holding only `figure` at a fixed size, no mode bar: what the PNG export screenshots."""
+    figure = figure.update_layout(width=width, height=height)
+    return figure.to_html(full_html=True, include_plotlyjs=True, config={"staticPlot": True, "displayModeBar": False})
+
+
+def write_png(figure, path: Path | str, width: int = 1200, height: int = 700, timeout: float = 60) -> Path:
+    """The figure as a PNG for slides, rendered by headless Chromium from its self-contained HTML (no kaleido)."""
+    path = Path(path)
+    if not shutil.which(CHROMIUM):
+        raise ShrinkError(f"PNG export needs Debian's chromium at {CHROMIUM}; export the HTML report instead.")
+    with tempfile.TemporaryDirectory() as tmp:
+        page = Path(tmp) / "figure.html"
+        page.write_text(figure_page(figure, width, height), encoding="utf-8")
+        shot = Path(tmp) / "figure.png"
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                        "--disable-background-networking", f"--user-data-dir={tmp}/profile",
+                        f"--screenshot={shot}", f"--window-size={width},{height}", "--virtual-time-budget=10000",
+                        page.as_uri()], capture_output=True, timeout=timeout, check=False)
+        if not shot.exists() or shot.stat().st_size == 0:
+            raise ShrinkError("Chromium did not write the PNG; export the HTML report instead.")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(shot, path)
+    return path
+
+
+def write_report(store: Store, view: View, out: Path | str, png: Path | str | None = None) -> dict:
+    """Writes the HTML report (and optionally the main figure's PNG); returns what was written."""
+    report = build_report(store, view)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(report, store), encoding="utf-8")
+    written = {"html": str(out), "candidates": [int(i) for i in report.candidates["id"]],
+               "budget": report.view.budget, "frontier": [str(n) for n in report.points.loc[
+                   report.points["on_frontier"], "name"]],
+               "not_plotted": [str(n) for n in report.points.loc[
+                   report.points["x"].isna() | report.points["y"].isna(), "name"]]}
+    if png:
+        written["png"] = str(write_png(figures(report)[0], png))
+    return written

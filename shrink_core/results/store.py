@@ -1,0 +1,349 @@
+"""The experiment store: one SQLite database (WAL) under $SHRINK_HOME, with versioned migrations.
+
+Every result carries its provenance (model spec + weights hash, plan, slice, budget, code version, device),
+so a figure on any page can say where it came from.
+"""
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from shrink_core.paths import shrink_home
+
+# Append-only: migration i takes the schema from version i to i + 1. Never edit a released entry.
+MIGRATIONS = [
+    """
+    CREATE TABLE models (
+        id INTEGER PRIMARY KEY,
+        spec TEXT NOT NULL,
+        weights_hash TEXT NOT NULL,
+        source_dir TEXT,
+        summary_json TEXT NOT NULL,
+        modules_json TEXT NOT NULL,
+        load_seconds REAL,
+        from_cache INTEGER,
+        created REAL NOT NULL,
+        UNIQUE (spec, weights_hash)
+    );
+    CREATE TABLE plans (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        body TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE jobs (
+        id INTEGER PRIMARY KEY,
+        kind TEXT NOT NULL,
+        target TEXT NOT NULL,
+        params_json TEXT NOT NULL,
+        status TEXT NOT NULL CHECK (status IN ('queued', 'running', 'done', 'failed', 'cancelled')),
+        progress REAL NOT NULL DEFAULT 0,
+        message TEXT NOT NULL DEFAULT '',
+        eta_s REAL,
+        pid INTEGER,
+        heartbeat REAL,
+        cancel_requested REAL,
+        error TEXT,
+        result_json TEXT,
+        created REAL NOT NULL,
+        started REAL,
+        finished REAL
+    );
+    CREATE INDEX jobs_status ON jobs (status);
+    CREATE TABLE runs (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER REFERENCES jobs (id),
+        kind TEXT NOT NULL,
+        name TEXT NOT NULL,
+        params_json TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE TABLE metrics (
+        run_id INTEGER NOT NULL REFERENCES runs (id) ON DELETE CASCADE,
+        step INTEGER NOT NULL,
+        key TEXT NOT NULL,
+        value REAL NOT NULL,
+        t REAL NOT NULL
+    );
+    CREATE INDEX metrics_run ON metrics (run_id, key, step);
+    CREATE TABLE results (
+        id INTEGER PRIMARY KEY,
+        job_id INTEGER REFERENCES jobs (id),
+        kind TEXT NOT NULL,
+        model_spec TEXT NOT NULL,
+        weights_hash TEXT NOT NULL,
+        plan_json TEXT,
+        slice TEXT,
+        budget TEXT,
+        code_version TEXT NOT NULL,
+        device TEXT NOT NULL,
+        payload_json TEXT NOT NULL,
+        created REAL NOT NULL
+    );
+    CREATE INDEX results_lookup ON results (kind, model_spec, weights_hash, slice, budget);
+    """,
+    # v2: candidates (every evaluated model variant, with lineage) and results attached to them.
+    """
+    CREATE TABLE candidates (
+        id INTEGER PRIMARY KEY,
+        name TEXT NOT NULL,
+        kind TEXT NOT NULL CHECK (kind IN ('reference', 'quantized', 'pruned', 'mixed', 'distilled', 'planner',
+                                           'imported')),
+        parent_id INTEGER REFERENCES candidates (id),
+        model_spec TEXT NOT NULL,
+        weights_hash TEXT NOT NULL,
+        plan_json TEXT,
+        calibration_json TEXT,
+        artifact_dir TEXT,
+        code_version TEXT NOT NULL,
+        tags TEXT NOT NULL DEFAULT '',
+        notes TEXT NOT NULL DEFAULT '',
+        created REAL NOT NULL,
+        deleted REAL
+    );
+    CREATE UNIQUE INDEX candidates_identity ON candidates (model_spec, weights_hash, COALESCE(plan_json, ''))
+        WHERE deleted IS NULL;
+    ALTER TABLE results ADD COLUMN candidate_id INTEGER REFERENCES candidates (id);
+    CREATE INDEX results_candidate ON results (candidate_id, kind, slice);
+    """,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where a result came from; stored with every result."""
+
+    model_spec: str
+    weights_hash: str
+    code_version: str
+    device: str
+    plan: dict | None = None
+    slice: str | None = None
+    budget: str | None = None
+
+
+def default_path() -> Path:
+    return shrink_home() / "shrink.db"
+
+
+class Store:
+    """A thin, typed door to the database. Safe to open from many processes at once (WAL + busy timeout)."""
+
+    def __init__(self, path: Path | str | None = None):
+        self.path = Path(path) if path else default_path()
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        self.conn.row_factory = sqlite3.Row
+        self.conn.execute("PRAGMA journal_mode=WAL")
+        self.conn.execute("PRAGMA busy_timeout=30000")
+        self.conn.execute("PRAGMA foreign_keys=ON")
+        self._migrate()
+
+    def _migrate(self) -> None:
+        version = self.conn.execute("PRAGMA user_version").fetchone()[0]
+        if version > SCHEMA_VERSION:
+            from shrink_core.errors import ShrinkError
+
+            raise ShrinkError(
+                f"The store {self.path} has schema version {version}, newer than this code's {SCHEMA_VERSION}; "
+                "update shrink or point SHRINK_HOME elsewhere."
+            )
+        for index in range(version, SCHEMA_VERSION):
+            self.conn.execute("BEGIN IMMEDIATE")
+            try:
+                # Another process may have migrated while we waited for the lock.
+                if self.conn.execute("PRAGMA user_version").fetchone()[0] != index:
+                    self.conn.execute("ROLLBACK")
+                    continue
+                for statement in MIGRATIONS[index].split(";"):
+                    if statement.strip():
+                        self.conn.execute(statement)
+                self.conn.execute(f"PRAGMA user_version = {index + 1}")
+                self.conn.execute("COMMIT")
+            except Exception:
+                self.conn.execute("ROLLBACK")
+                raise
+
+    @property
+    def schema_version(self) -> int:
+        return self.conn.execute("PRAGMA user_version").fetchone()[0]
+
+    def close(self) -> None:
+        self.conn.close()
+
+    def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
+        return self.conn.execute(sql, params)
+
+    # ------------------------------------------------------------ models
+
+    def save_model(self, description: dict) -> int:
+        """Upsert a model description (summary + inventory) as produced by `modelinfo.describe`."""
+        self.conn.execute(
+            """INSERT INTO models (spec, weights_hash, source_dir, summary_json, modules_json, load_seconds,
+                                   from_cache, created)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (spec, weights_hash) DO UPDATE SET
+                   summary_json = excluded.summary_json, modules_json = excluded.modules_json,
+                   source_dir = excluded.source_dir, load_seconds = excluded.load_seconds,
+                   from_cache = excluded.from_cache, created = excluded.created""",
+            (
+                description["spec"],
+                description["weights_hash"],
+                description.get("source_dir"),
+                json.dumps(description["summary"]),
+                json.dumps(description["modules"]),
+                description.get("load_seconds"),
+                int(bool(description.get("from_cache"))),
+                time.time(),
+            ),
+        )
+        row = self.conn.execute(
+            "SELECT id FROM models WHERE spec = ? AND weights_hash = ?", (description["spec"], description["weights_hash"])
+        ).fetchone()
+        return row["id"]
+
+    def latest_model(self, spec: str) -> dict | None:
+        row = self.conn.execute(
+            "SELECT * FROM models WHERE spec = ? ORDER BY created DESC LIMIT 1", (spec,)
+        ).fetchone()
+        if row is None:
+            return None
+        return {
+            "id": row["id"],
+            "spec": row["spec"],
+            "weights_hash": row["weights_hash"],
+            "source_dir": row["source_dir"],
+            "summary": json.loads(row["summary_json"]),
+            "modules": json.loads(row["modules_json"]),
+            "load_seconds": row["load_seconds"],
+            "from_cache": bool(row["from_cache"]),
+            "created": row["created"],
+        }
+
+    def model_specs(self) -> list[str]:
+        return [r[0] for r in self.conn.execute("SELECT spec FROM models GROUP BY spec ORDER BY MAX(created) DESC")]
+
+    # ------------------------------------------------------------ plans
+
+    def save_plan(self, name: str, body: str) -> int:
+        cursor = self.conn.execute("INSERT INTO plans (name, body, created) VALUES (?, ?, ?)", (name, body, time.time()))
+        return cursor.lastrowid
+
+    def plans(self) -> list[dict]:
+        return [dict(r) for r in self.conn.execute("SELECT * FROM plans ORDER BY created DESC")]
+
+    # ------------------------------------------------------------ runs and metrics (live curves)
+
+    def create_run(self, kind: str, name: str, params: dict, job_id: int | None = None) -> int:
+        cursor = self.conn.execute(
+            "INSERT INTO runs (job_id, kind, name, params_json, created) VALUES (?, ?, ?, ?, ?)",
+            (job_id, kind, name, json.dumps(params), time.time()),
+        )
+        return cursor.lastrowid
+
+    def log_metrics(self, run_id: int, step: int, values: dict[str, float]) -> None:
+        now = time.time()
+        self.conn.executemany(
+            "INSERT INTO metrics (run_id, step, key, value, t) VALUES (?, ?, ?, ?, ?)",
+            [(run_id, step, key, float(value), now) for key, value in values.items()],
+        )
+
+    def metrics(self, run_id: int) -> list[dict]:
+        return [
+            dict(r)
+            for r in self.conn.execute("SELECT step, key, value, t FROM metrics WHERE run_id = ? ORDER BY step", (run_id,))
+        ]
+
+    # ------------------------------------------------------------ candidates
+
+    def upsert_candidate(self, *, name: str, kind: str, model_spec: str, weights_hash: str, code_version: str,
+                         plan: dict | None = None, calibration: dict | None = None, parent_id: int | None = None,
+                         artifact_dir: str | None = None) -> int:
+        """The candidate with this identity (model + plan), created if new; lineage is set on creation."""
+        plan_json = json.dumps(plan, sort_keys=True) if plan is not None else None
+        row = self.conn.execute(
+            "SELECT id FROM candidates WHERE model_spec = ? AND weights_hash = ? AND COALESCE(plan_json, '') = ?"
+            " AND deleted IS NULL",
+            (model_spec, weights_hash, plan_json or ""),
+        ).fetchone()
+        if row:
+            return row["id"]
+        cursor = self.conn.execute(
+            """INSERT INTO candidates (name, kind, parent_id, model_spec, weights_hash, plan_json, calibration_json,
+                                       artifact_dir, code_version, created)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (name, kind, parent_id, model_spec, weights_hash, plan_json,
+             json.dumps(calibration, sort_keys=True) if calibration is not None else None, artifact_dir, code_version,
+             time.time()),
+        )
+        return cursor.lastrowid
+
+    def candidates(self, include_deleted: bool = False) -> list[dict]:
+        sql = "SELECT * FROM candidates" + ("" if include_deleted else " WHERE deleted IS NULL") + " ORDER BY id"
+        out = []
+        for row in self.conn.execute(sql):
+            item = dict(row)
+            item["plan"] = json.loads(item.pop("plan_json")) if row["plan_json"] else None
+            item["calibration"] = json.loads(item.pop("calibration_json")) if row["calibration_json"] else None
+            out.append(item)
+        return out
+
+    def update_candidate(self, candidate_id: int, **fields) -> None:
+        allowed = {"name", "tags", "notes", "deleted"}
+        unknown = set(fields) - allowed
+        if unknown:
+            raise ValueError(f"cannot update candidate fields {sorted(unknown)}")
+        for key, value in fields.items():
+            self.conn.execute(f"UPDATE candidates SET {key} = ? WHERE id = ?", (value, candidate_id))
+
+    # ------------------------------------------------------------ results
+
+    def add_result(self, kind: str, provenance: Provenance, payload: dict, job_id: int | None = None,
+                   candidate_id: int | None = None) -> int:
+        cursor = self.conn.execute(
+            """INSERT INTO results (job_id, kind, model_spec, weights_hash, plan_json, slice, budget, code_version,
+                                    device, payload_json, created, candidate_id)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+            (
+                job_id,
+                kind,
+                provenance.model_spec,
+                provenance.weights_hash,
+                json.dumps(provenance.plan, sort_keys=True) if provenance.plan is not None else None,
+                provenance.slice,
+                provenance.budget,
+                provenance.code_version,
+                provenance.device,
+                json.dumps(payload),
+                time.time(),
+                candidate_id,
+            ),
+        )
+        return cursor.lastrowid
+
+    def results(self, kind: str | None = None, **where) -> list[dict]:
+        """Results, newest first, filtered by kind and any of model_spec, weights_hash, slice, budget, job_id."""
+        allowed = {"model_spec", "weights_hash", "slice", "budget", "job_id", "plan_json", "candidate_id"}
+        unknown = set(where) - allowed
+        if unknown:
+            raise ValueError(f"cannot filter results by {sorted(unknown)}")
+        clauses, params = [], []
+        if kind is not None:
+            clauses.append("kind = ?")
+            params.append(kind)
+        for key, value in where.items():
+            clauses.append(f"{key} = ?")
+            params.append(value)
+        sql = "SELECT * FROM results" + (" WHERE " + " AND ".join(clauses) if clauses else "") + " ORDER BY id DESC"
+        rows = []
+        for row in self.conn.execute(sql, params):
+            item = dict(row)
+            item["payload"] = json.loads(item.pop("payload_json"))
+            plan_json = item.pop("plan_json")
+            item["plan"] = json.loads(plan_json) if plan_json else None
+            rows.append(item)
+        return rows

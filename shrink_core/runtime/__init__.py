@@ -1,0 +1,1 @@
+"""Background jobs: the queue in the store, worker processes, liveness and cancellation."""
