@@ -6,8 +6,7 @@ from shrink_core.distill import DistillConfig, projected_shape
 from shrink_core.distill.run import active_job, latest_job, list_runs, new_run_name, read_run, teacher_config
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe
-from shrink_core.evaluation.slices import list_slices
-from ui import curves, state
+from ui import choices, curves, state
 from ui.data import store
 from ui.jobs import job_outcome, job_panel, show_job
 
@@ -94,9 +93,9 @@ with st.expander("Loss weights, checkpoints, device"):
     device = a.selectbox("Device", ["cpu", "auto", "cuda"], key="distill_device",
                          help="auto uses a CUDA GPU when torch sees one; the same code runs on both.")
     seed = b.number_input("Seed", 0, 2**31 - 1, 0, key="distill_seed")
-slice_ids = [s.id for s in list_slices()]
+slice_ids = choices.slice_ids()
 eval_slices = st.multiselect("Evaluate the student at the end on", slice_ids,
-                             default=[s for s in ("en",) if s in slice_ids], key="distill_slices")
+                             default=choices.defaults(("en",), slice_ids), key="distill_slices")
 
 if st.button("Start distillation", type="primary", key="distill_start"):
     try:

@@ -6,7 +6,7 @@ from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.evaluate import BUDGETS
 from shrink_core.evaluation.slices import add_user_slice, list_slices, load_rows
-from ui import charts, state
+from ui import charts, choices, state
 from ui.data import store
 from ui.jobs import show_job
 
@@ -50,7 +50,8 @@ with st.expander("Add your own slice (JSONL, JSON, CSV or TXT)"):
 
 st.markdown(f"#### Baseline of `{spec}`")
 left, right = st.columns([3, 1])
-picked = left.multiselect("Slices to evaluate", list(by_id), default=["en", "fr"], key="eval_slices")
+picked = left.multiselect("Slices to evaluate", list(by_id), default=choices.defaults(("en", "fr"), list(by_id)),
+                          key="eval_slices")
 budget = right.radio("Budget", list(BUDGETS), horizontal=True, key="eval_budget",
                      help="fast: 120 text rows / 200 questions per slice; standard: 480 / 1000; full: everything.")
 if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked):

@@ -10,11 +10,13 @@ from shrink_core.perf.hardware import DEFAULT_ROWS, get as get_hardware
 from shrink_core.perf.roofline import project
 from shrink_core.perf.workload import workload_from_rows
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
-from shrink_core.plan.planner import SETTINGS, build_problem, latency_model, solution_plan, solve
-from shrink_core.plan.predict import predict, score_table
+from shrink_core.plan.budget import PlannerBudget, plan_within_budget, quant_specs
+from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
+from shrink_core.plan.predict import predict, score_table, settings_by_module
+from shrink_core.results.prediction import predicted_vs_measured
 from shrink_core.sensitivity.scan import stored_records
 from shrink_core.plan.presets import PRESETS
-from ui import plan_edit, state
+from ui import choices, plan_edit, state
 from ui.data import store
 from ui.jobs import show_job
 
@@ -74,7 +76,7 @@ params = sum(r.params for r in rows)
 targets = [r.name for r in DEFAULT_ROWS]
 hardware = get_hardware(st.selectbox("Projection target (latency is projected for it, not measured)", targets,
                                      index=targets.index("h100-sxm"), key="plan_target"))
-specs = plan_edit.quant_specs(resolved)
+specs = quant_specs(resolved)
 projection = project(workload_from_rows(rows, described["summary"], specs), hardware)
 cols = st.columns(5)
 cols[0].metric("Packed size", f"{packed / 1e6:,.1f} MB", f"{(packed / described['summary']['bytes_fp32'] - 1):+.0%} vs fp32",
@@ -83,10 +85,9 @@ cols[1].metric("Bits per weight", f"{packed * 8 / max(params, 1):.2f}")
 cols[2].metric("Modules changed", int((~table["keep"]).sum()))
 cols[4].metric("Projected decode", f"{projection.decode_ms_per_token:.3f} ms",
                help=f"ms per token at batch 1 on {hardware.name}: projected by the roofline model, not measured")
-settings_by_module = {r["module"]: r["setting"] for r in table.to_dict("records")
-                      if not tied(r)}  # a tied head is scored at its owner
+by_module = settings_by_module(resolved)  # a tied head is scored at its owner
 if scores:
-    predictions = predict(settings_by_module, scores, scored_slices, metric)
+    predictions = predict(by_module, scores, scored_slices, metric)
     worst = max(predictions, key=lambda p: p.value)
     cols[3].metric(f"Predicted worst slice ({worst.slice})", f"+{worst.value:.4f}")
     st.dataframe(pd.DataFrame([p.__dict__ for p in predictions]), key="prediction_table", hide_index=True)
@@ -183,25 +184,22 @@ else:
                + (f" The latency budget is projected, not measured: {projection.model}." if budget_kind == "ms/token"
                   else ""))
     if st.button("Run planner", type="primary", key="run_planner", disabled=not chosen_settings):
+        kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
         try:
             problem = build_problem(rows, {k: v for k, v in scores.items() if k[1] in chosen_settings}, scored_slices,
                                     chosen_settings, pinned=pinned, hardware=hardware)
-            fixed_bytes = packed - int(table[table["module"].isin(problem.modules)]["packed_bytes"].sum())
-            latency = latency_model(rows, described["summary"], hardware, set(problem.modules),
-                                    {m: q for m, q in specs.items() if m not in problem.modules})
-            solution = solve(problem, objective=objective,
-                             budget_bytes=budget * 1e6 - fixed_bytes if budget_kind == "MB" else None,
-                             average_bits=budget if budget_kind == "bits/weight" else None,
-                             budget_seconds=budget / 1000 - latency.fixed_seconds if budget_kind == "ms/token" else None)
+            planned = plan_within_budget(problem, rows, described["summary"], PlannerBudget(kind, budget),
+                                         objective=objective, base_resolved=resolved, hardware=hardware)
         except ShrinkError as exc:
             st.error(str(exc))
         else:
-            planned = plan_to_dict(solution_plan(solution.choice, method=method))["rules"]
-            plan_edit.push(plan_edit.with_rules_first(state.plan_draft(), planned, rows=rows))
+            solution = planned.solution
+            rules = plan_to_dict(solution_plan(solution.choice, method=method))["rules"]
+            plan_edit.push(plan_edit.with_rules_first(state.plan_draft(), rules, rows=rows))
             st.session_state["planner_result"] = {
                 "status": solution.status, "gap": solution.gap, "seconds": solution.seconds,
-                "predicted": solution.predicted, "bytes": solution.total_bytes + fixed_bytes,
-                "projected_ms": latency.total_ms(solution.projected_seconds), "target": latency.target}
+                "predicted": solution.predicted, "bytes": planned.total_bytes,
+                "projected_ms": planned.projected_ms, "target": planned.target}
             st.rerun()
     result = st.session_state.get("planner_result")
     if result:
@@ -212,9 +210,9 @@ else:
 # ------------------------------------------------------------------ run the plan
 st.markdown("#### Run this plan")
 run_cols = st.columns([3, 1, 1])
-run_options = ["en", "fr", "zh", "code", "de", "es", "ru", "ja", "ar", "arc", "lambada"]
+run_options = choices.slice_ids()
 slices_to_run = run_cols[0].multiselect("Slices", run_options, key="run_slices",  # scored slices: predicted vs measured
-                                        default=[s for s in scored_slices if s in run_options] or run_options[:4])
+                                        default=choices.defaults(scored_slices, run_options, fallback=4))
 run_budget = run_cols[1].radio("Budget", ["fast", "standard"], key="run_budget")
 if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=not slices_to_run):
     state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
@@ -222,27 +220,9 @@ if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=
                                               "plan": state.plan_draft()}))
 job = show_job(state.job_id("plan_run"), "Applying and evaluating the plan")
 if job is not None and job.status == "done" and job.result.get("candidate_id"):
-    candidate = job.result["candidate_id"]
-    measured = {r["slice"]: r for r in db.results("eval", candidate_id=candidate)}
-    reference = {}
-    for slice_id in measured:
-        refs = [r for r in db.results("eval", model_spec=spec, slice=slice_id, budget=measured[slice_id]["budget"])
-                if r["plan"] is None]
-        if refs:
-            reference[slice_id] = refs[0]["payload"]
-    compare_rows = []
-    predicted = {p.slice: p.value for p in predict(settings_by_module, score_table(records, "dnll"),
-                                                   list(measured), "dnll")} if records else {}
-    for slice_id, r in measured.items():
-        p = r["payload"]
-        ref = reference.get(slice_id)
-        compare_rows.append({
-            "slice": slice_id, "ppl": p["ppl"], "ppl_ci": f"[{p['ppl_ci'][0]:.3f}, {p['ppl_ci'][1]:.3f}]",
-            "reference ppl": ref["ppl"] if ref else None,
-            "measured ΔNLL": p["nll"] - ref["nll"] if ref else None,
-            "predicted ΔNLL": predicted.get(slice_id) if predicted.get(slice_id) else None,
-            "KL": p.get("kl"), "top-1 agree": p.get("top1_agree"),
-        })
+    compare_rows = predicted_vs_measured(db, spec, job.result["candidate_id"], resolved, records)
     st.dataframe(pd.DataFrame(compare_rows), key="predicted_vs_measured", hide_index=True)
-    st.caption(f"Measured on {next(iter(measured.values()))['device']} ({measured and next(iter(measured.values()))['budget']} "
-               "budget); stored as a candidate with its plan and lineage (see Results).")
+    if compare_rows:
+        st.caption(f"Measured on {compare_rows[0]['device']} ({compare_rows[0]['protocol']} protocol); predicted ΔNLL is "
+                   "the additive sum of the scan's one-module scores (empty where the plan's settings were not scanned). "
+                   "Stored as a candidate with its plan and lineage (see Results).")

@@ -6,7 +6,8 @@ from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.sensitivity import (METHOD_LABELS, SCAN_BUDGETS, SETTINGS, protect_plan_yaml, stored_agreement,
                                      stored_agreement_pairs, stored_records)
-from ui import heatmaps, state
+from shrink_core.plan.menu import SCAN_DEFAULT
+from ui import choices, heatmaps, state
 from ui.data import store
 from ui.jobs import show_job
 
@@ -21,9 +22,10 @@ st.caption("How much does quantizing or pruning one module (all others untouched
 
 with st.expander("Run a scan", expanded=not stored_records(db, spec)):
     left, middle, right = st.columns(3)
-    slices = left.multiselect("Slices", ["en", "fr", "zh", "code", "long", "de", "es", "ru", "ja"],
-                              default=["en", "fr", "zh"], key="sens_slices")
-    settings = middle.multiselect("Settings", list(SETTINGS), default=["w4g64", "w3g64"], key="sens_settings",
+    scannable = choices.slice_ids("text")  # the scan scores running text: built-in and user text slices
+    slices = left.multiselect("Slices", scannable, default=choices.defaults(("en", "fr", "zh"), scannable),
+                              key="sens_slices")
+    settings = middle.multiselect("Settings", list(SETTINGS), default=list(SCAN_DEFAULT), key="sens_settings",
                                   format_func=lambda s: f"{s}: {SETTINGS[s].label}")
     method = right.radio("Method", ["fast", "exhaustive"], horizontal=True, key="sens_method",
                          help="exhaustive probes every module one by one: minutes per slice and setting.")

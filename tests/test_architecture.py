@@ -97,3 +97,28 @@ def test_readme_layout_matches_the_subpackages():
     packages = [p.name for p in CORE.iterdir() if (p / "__init__.py").exists()]
     assert sorted(named) == sorted(packages)
     assert named == [layer for layer in LAYERS if layer != "base"]  # listed in dependency order
+
+
+def _class_definitions(name: str) -> list[str]:
+    return [str(p.relative_to(ROOT)) for p in CORE.rglob("*.py")
+            for node in ast.walk(ast.parse(p.read_text())) if isinstance(node, ast.ClassDef) and node.name == name]
+
+
+def test_one_definition_each_of_the_recipe_the_menu_and_the_weight_format():
+    assert _class_definitions("CalibrationRecipe") == ["shrink_core/evaluation/calibration.py"]
+    assert _class_definitions("Setting") == ["shrink_core/plan/menu.py"]
+    assert _class_definitions("WeightSpec") == ["shrink_core/plan/spec.py"]
+    # byte counts of the packed format live in one module; everything else imports them
+    definers = [str(p.relative_to(ROOT)) for p in CORE.rglob("*.py") for node in ast.walk(ast.parse(p.read_text()))
+                if isinstance(node, ast.FunctionDef) and node.name == "packed_weight_bytes"]
+    assert definers == ["shrink_core/plan/format.py"]
+
+
+def test_the_cli_starts_without_torch():
+    import subprocess
+    import sys
+
+    code = ("import sys; from shrink_core.cli.entry import build_parser; build_parser(); "
+            "print('torch' in sys.modules, 'streamlit' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.split() == ["False", "False"]

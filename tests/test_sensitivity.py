@@ -12,6 +12,7 @@ from shrink_core.plan import load_plan
 from shrink_core.sensitivity import (SETTINGS, ProbeCache, probe, protect_plan_yaml, run_scan, sample_modules,
                                      spearman, stored_agreement, stored_records)
 from shrink_core.sensitivity import fisher
+from shrink_core.sensitivity.settings import perturbed
 from shrink_core.sensitivity.probe import calib_tokens, eval_tokens
 from shrink_core.results.store import Store
 from shrink_core.model.toy import ByteTokenizer, tiny_llama
@@ -37,10 +38,10 @@ def linears(model):
 def test_settings_perturb_as_named(tiny_model):
     weight = tiny_model.model.layers[0].mlp.up_proj.weight.detach()
     before = weight.clone()
-    nm = SETTINGS["nm24"].perturbed(weight)
+    nm = perturbed(SETTINGS["nm24"], weight)
     assert ((nm.reshape(-1, 4) != 0).sum(-1) <= 2).all()
-    assert (SETTINGS["prune50"].perturbed(weight) == 0).float().mean() == pytest.approx(0.5, abs=0.01)
-    w2, w8 = SETTINGS["w2g64"].perturbed(weight), SETTINGS["w8"].perturbed(weight)
+    assert (perturbed(SETTINGS["prune50"], weight) == 0).float().mean() == pytest.approx(0.5, abs=0.01)
+    w2, w8 = perturbed(SETTINGS["w2g64"], weight), perturbed(SETTINGS["w8"], weight)
     assert (w2 - weight).abs().mean() > 10 * (w8 - weight).abs().mean() > 0
     assert torch.equal(weight, before)  # pure: the argument is untouched
 
@@ -244,7 +245,7 @@ def test_first_order_pass_adds_the_text_gradient_to_the_sampled_fisher(loaded):
         assert torch.allclose(both.gradient[name], data.gradient[name], rtol=1e-4, atol=1e-7)
     name = "model.layers.2.mlp.down_proj"
     (kl, dnll), = fisher.estimate_slices(modules[name].weight, [both], name, SETTINGS["w3g64"])
-    delta = SETTINGS["w3g64"].perturbed(modules[name].weight.detach()) - modules[name].weight.detach()
+    delta = perturbed(SETTINGS["w3g64"], modules[name].weight.detach()) - modules[name].weight.detach()
     assert dnll - kl == pytest.approx(float((data.gradient[name] * delta).sum()) / both.tokens, rel=1e-4)
 
 
@@ -261,7 +262,7 @@ def test_embedding_probe_is_a_full_forward_and_an_untied_head_reuses_the_blocks(
     result = probe(cache, {"model.embed_tokens": embed}, {"model.embed_tokens": -1}, SETTINGS["w3g64"])
     assert torch.equal(embed.weight, before) and model.lm_head.weight is embed.weight
     with torch.inference_mode():
-        embed.weight.data = SETTINGS["w3g64"].perturbed(before)
+        embed.weight.data = perturbed(SETTINGS["w3g64"], before)
         logp = torch.log_softmax(model(cache.ids).logits[:, :-1].float(), -1)
         embed.weight.data = before
     kl, nll = kl_and_nll(cache.ref_logp, logp, cache.targets)
@@ -294,6 +295,6 @@ def test_partial_last_group_is_scored_as_the_engine_applies_it():
     from shrink_core.compression.primitives import fake_quantize
 
     weight = torch.randn(8, 96, generator=torch.Generator().manual_seed(0))  # 96 = 64 + 32: partial last group
-    perturbed = SETTINGS["w4g64"].perturbed(weight)
-    assert torch.equal(perturbed, fake_quantize(weight, 4, 64, False))
-    assert not torch.equal(perturbed, fake_quantize(weight, 4, None, False))  # not the old per-channel fallback
+    scored = perturbed(SETTINGS["w4g64"], weight)
+    assert torch.equal(scored, fake_quantize(weight, 4, 64, False))
+    assert not torch.equal(scored, fake_quantize(weight, 4, None, False))  # not the old per-channel fallback

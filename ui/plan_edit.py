@@ -10,6 +10,7 @@ import pandas as pd
 import streamlit as st
 
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict
+from shrink_core.plan.menu import setting_name
 from shrink_core.plan.planner import SETTINGS
 
 SETTING_CHOICES = ["keep", "fp16"] + list(SETTINGS)
@@ -18,24 +19,9 @@ PRUNE_CHOICES = {"none": None, "50% unstructured": {"structure": "unstructured",
 
 
 def setting_of(row: dict) -> str:
-    """The table's name for a resolved module's weight setting."""
-    if row["keep"] or row["bits"] in (None, 32):
-        return "keep"
-    if row["bits"] == 16:
-        return "fp16"
-    for name, spec in SETTINGS.items():
-        group = "channel" if spec["group_size"] is None else spec["group_size"]
-        if spec["bits"] == row["bits"] and group == row["group"] and spec["symmetric"] == bool(row["symmetric"]):
-            return name
-    return f"custom ({row['bits']}-bit, group {row['group']})"
-
-
-def quant_specs(resolved) -> dict:
-    """module -> perf QuantSpec of the resolved plan's integer-quantized modules (the roofline's input)."""
-    from shrink_core.perf.workload import QuantSpec
-
-    return {r.name: QuantSpec(r.bits, r.group_size, r.weights.symmetric) for r in resolved
-            if r.weights is not None and not r.weights.is_float and not r.keep and not r.removed}
+    """The table's name for a resolved module's weight setting (the menu's own naming)."""
+    group = None if row["group"] in (None, "channel") else row["group"]
+    return setting_name(row["bits"], group, bool(row["symmetric"]), bool(row["keep"]))
 
 
 def weights_rule(setting: str, method: str) -> dict:

@@ -2,6 +2,7 @@
 under a packed-size, average-bits or projected-latency budget."""
 from __future__ import annotations
 
+from shrink_core.plan.menu import PLANNER_DEFAULT, QUANT_SETTINGS
 from shrink_core.cli.entry import add_model_args, print_json
 from shrink_core.errors import ShrinkError
 
@@ -17,7 +18,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--target", help="hardware row for --budget-latency-ms (`measure --list-targets` prints the table)")
     parser.add_argument("--objective", default="worst", help="worst (worst slice), or one slice id")
     parser.add_argument("--slices", default="en,fr,zh,code")
-    parser.add_argument("--settings", default="w8,w4g64,w3g64,w2g64", help="settings the planner may choose")
+    parser.add_argument("--settings", default=",".join(PLANNER_DEFAULT),
+                        help=f"settings the planner may choose, from: {', '.join(QUANT_SETTINGS)}")
     parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="quantization method in the plan")
     parser.add_argument("--metric", default="kl", choices=["kl", "dnll"], help="predicted loss to minimise")
     parser.add_argument("--out", required=True, help="where to write plan.yaml")
@@ -30,9 +32,10 @@ def run(args) -> int:
 
     from shrink_core.model.inventory import inventory, summary as model_summary
     from shrink_core.model.load import load
-    from shrink_core.plan import dump_plan, load_plan, resolve
+    from shrink_core.plan import dump_plan
     from shrink_core.perf.hardware import DEFAULT_ROWS, get as get_hardware
-    from shrink_core.plan.planner import SETTINGS, build_problem, latency_model, solution_plan, solve
+    from shrink_core.plan.budget import PlannerBudget, plan_within_budget
+    from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
     from shrink_core.plan.predict import score_table
     from shrink_core.sensitivity.scan import run_scan
     from shrink_core.sensitivity.settings import parse_settings
@@ -56,32 +59,29 @@ def run(args) -> int:
     scores = score_table(report.records, args.metric)
     rows = inventory(loaded.model)
     problem = build_problem(rows, scores, slice_ids, setting_ids, hardware=hardware)
-    everything_else = sum(r.packed_bytes for r in resolve(rows, load_plan("preset:w8")) if r.name not in problem.modules)
-    latency = None if hardware is None else latency_model(rows, model_summary(loaded.model, rows), hardware,
-                                                           set(problem.modules))  # the rest stays as loaded
-    solution = solve(problem, objective=args.objective,
-                     budget_bytes=args.budget_mb * 1e6 - everything_else if args.budget_mb is not None else None,
-                     average_bits=args.budget_bits,
-                     budget_seconds=args.budget_latency_ms / 1000 - latency.fixed_seconds if args.budget_latency_ms is not None
-                     else None)
+    kind, value = next((k, v) for k, v in (("size_mb", args.budget_mb), ("bits_per_weight", args.budget_bits),
+                                            ("latency_ms", args.budget_latency_ms)) if v is not None)
+    planned = plan_within_budget(problem, rows, model_summary(loaded.model, rows), PlannerBudget(kind, value),
+                                 objective=args.objective, hardware=hardware)  # the rest stays as loaded
+    solution = planned.solution
     plan = solution_plan(solution.choice, method=args.method, name=f"planner {args.objective}")
     Path(args.out).write_text(dump_plan(plan))
     summary = {"out": args.out, "status": solution.status, "gap": solution.gap, "seconds": round(solution.seconds, 3),
-               "solver": solution.solver, "planned_bytes": solution.total_bytes + everything_else,
+               "solver": solution.solver, "planned_bytes": planned.total_bytes,
                "average_bits_planned_modules": solution.average_bits, "predicted": solution.predicted,
                "metric": args.metric, "settings": dict(sorted(
                    {s: list(solution.choice.values()).count(s) for s in set(solution.choice.values())}.items())),
                "embedding": {r.name: solution.choice[r.name] for r in rows
                              if r.kind in ("embedding", "lm_head") and r.name in solution.choice}}
-    if latency is not None:
-        summary["projected_decode_ms"] = round(latency.total_ms(solution.projected_seconds), 4)
-        summary["target"], summary["projection"] = latency.target, latency.basis
+    if planned.projected_ms is not None:
+        summary["projected_decode_ms"] = round(planned.projected_ms, 4)
+        summary["target"], summary["projection"] = planned.target, planned.basis
     if args.json:
         print_json(summary)
     else:
         print(f"wrote {args.out}: {summary['status']} (gap {solution.gap:.1e}) in {solution.seconds:.2f} s, "
               f"{summary['planned_bytes'] / 1e6:,.1f} MB; predicted {args.metric} per slice {solution.predicted}")
-        if latency is not None:
-            print(f"projected decode {summary['projected_decode_ms']:.3f} ms/token on {latency.target} "
-                  f"({latency.basis})")
+        if planned.projected_ms is not None:
+            print(f"projected decode {summary['projected_decode_ms']:.3f} ms/token on {planned.target} "
+                  f"({planned.basis})")
     return 0

@@ -2,14 +2,14 @@
 from __future__ import annotations
 
 from shrink_core.cli.entry import add_model_args, print_json
+from shrink_core.plan.menu import MENU, SCAN_DEFAULT  # torch-free, so every CLI start stays fast
 
 
 def add_parser(sub) -> None:
-    # choices spelled here: importing shrink_core.sensitivity would pull torch into every CLI start
     parser = sub.add_parser("sensitivity", help="score every block linear under settings, per slice (fast or exhaustive)")
     add_model_args(parser)
     parser.add_argument("--slices", default="en", help="comma-separated slice ids (see `slices list`)")
-    parser.add_argument("--settings", default="w4g64,w3g64", help="comma-separated, from: w8, w4g64, w3g64, w2g64, nm24, prune50")
+    parser.add_argument("--settings", default=",".join(SCAN_DEFAULT), help=f"comma-separated, from: {', '.join(MENU)}")
     parser.add_argument("--method", default="fast", choices=["fast", "exhaustive"])
     parser.add_argument("--budget", default="fast", choices=["quick", "fast", "standard"],
                         help="probe/calibration sequences x length (quick 4x64, fast 8x128, standard 16x256)")

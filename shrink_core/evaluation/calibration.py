@@ -10,12 +10,14 @@ import hashlib
 import json
 import random
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.slices import get_slice, load_rows
 from shrink_core.paths import REPO_ROOT
+
+if TYPE_CHECKING:
+    import torch
 
 RECIPE_VERSION = 1
 # Multilingual by default: calibrated on English alone, GPTQ beat RTN on en but lost to it on ru, zh, ja and ar
@@ -138,6 +140,8 @@ def allocate(recipe: CalibrationRecipe) -> dict[str, int]:
 
 def calibration_tokens(tokenizer, recipe: CalibrationRecipe) -> torch.Tensor:
     """(n_sequences, seq_len) token ids drawn from the calib split of each slice in proportion to its weight."""
+    import torch  # lazily: recipes are parsed by every CLI start, which stays torch-free
+
     rng = random.Random(recipe.seed)
     eos = tokenizer.eos_token_id
     sequences = []
@@ -178,6 +182,8 @@ def slice_texts(slice_name: str, split: str) -> list[str]:
 
 def token_windows(tokenizer, texts: list[str], n_sequences: int, seq_len: int, seed: int = 0) -> torch.Tensor:
     """Concatenate texts (shuffled by seed) and cut n_sequences windows of seq_len tokens: (n, seq_len)."""
+    import torch
+
     order = list(texts)
     random.Random(seed).shuffle(order)
     eos = tokenizer.eos_token_id

@@ -20,17 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from shrink_core.errors import ShrinkError
+from shrink_core.plan.menu import QUANT_SETTINGS
 from shrink_core.plan.spec import Plan, Rule, WeightSpec, with_index
 
-# Setting name -> weight spec. "keep" leaves the module as loaded (its loss is 0 by definition).
-SETTINGS = {
-    "w8": dict(bits=8, group_size=None, symmetric=True),
-    "w6g64": dict(bits=6, group_size=64, symmetric=False),
-    "w4g128": dict(bits=4, group_size=128, symmetric=False),
-    "w4g64": dict(bits=4, group_size=64, symmetric=False),
-    "w3g64": dict(bits=3, group_size=64, symmetric=False),
-    "w2g64": dict(bits=2, group_size=64, symmetric=False),
-}
+# The planner's choices besides "keep" (which leaves the module as loaded; its loss is 0 by definition).
+SETTINGS = QUANT_SETTINGS
 
 
 class PlannerError(ShrinkError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shrink_core.plan.menu import setting_name
 
 
 @dataclass(frozen=True)
@@ -44,3 +45,9 @@ def predict(settings_by_module: dict[str, str], scores: dict[tuple[str, str, str
                 unscored += 1
         out.append(Prediction(slice_id, metric, total, scored, unscored))
     return out
+
+
+def settings_by_module(resolved) -> dict[str, str]:
+    """module -> menu setting name for a resolved plan; a tied head is scored at its owner, so it is left out."""
+    return {r.name: setting_name(r.bits, r.group_size, r.weights.symmetric if r.weights else False, r.keep)
+            for r in resolved if not r.tied_to}

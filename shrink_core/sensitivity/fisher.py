@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
-from shrink_core.sensitivity.settings import Setting
+from shrink_core.sensitivity.settings import Setting, perturbed
 
 
 @dataclass(frozen=True)
@@ -104,7 +104,7 @@ def estimate_slices(weight: torch.Tensor, stats: list[FisherStats], name: str, s
     """(kl, dnll) for one module under `setting` from several slices' statistics; the weight error is computed once."""
     with torch.no_grad():
         weight = weight.detach()
-        delta = (setting.perturbed(weight) - weight).reshape(-1)  # (out * in,)
+        delta = (perturbed(setting, weight) - weight).reshape(-1)  # (out * in,)
         squared = delta * delta
         out = []
         for stat in stats:

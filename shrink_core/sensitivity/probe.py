@@ -18,7 +18,7 @@ import torch
 from shrink_core.evaluation.evaluate import _softcap, select_items
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
 from shrink_core.evaluation.slices import get_slice, load_rows
-from shrink_core.sensitivity.settings import Setting
+from shrink_core.sensitivity.settings import Setting, perturbed
 
 
 @dataclass(frozen=True)
@@ -147,7 +147,7 @@ def probe(cache: ProbeCache, modules: dict[str, torch.nn.Module], blocks: dict[s
     try:
         with torch.inference_mode():
             for name, module in modules.items():
-                module.weight.data = setting.perturbed(originals[name])
+                module.weight.data = perturbed(setting, originals[name])
             n = cache.ids.shape[0]
             for start in range(0, n, cache.chunk):
                 stop = min(n, start + cache.chunk)

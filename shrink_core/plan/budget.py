@@ -1,0 +1,70 @@
+"""The planner's budget arithmetic, one function for the Plan page and the `plan` command.
+
+"Budget" here always means the planner's limit on the compressed model: packed megabytes, average bits per weight
+over the planned modules, or projected decode ms/token on a hardware row. (How many tokens an evaluation scores is
+its protocol, `evaluation/protocol.py`; how much a scan probes is its scan depth.)
+
+Modules the planner does not decide keep what a base plan gives them (the Plan page's draft); without a base plan,
+they stay as loaded. Their bytes and projected time are taken off the budget before the solver sees it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from shrink_core.errors import ShrinkError
+from shrink_core.plan.planner import PlannerProblem, PlannerSolution, latency_model, solve
+
+BUDGET_KINDS = {"size_mb": "MB (packed)", "bits_per_weight": "bits/weight (planned modules)",
+                "latency_ms": "ms/token (projected)"}
+
+
+@dataclass(frozen=True)
+class PlannerBudget:
+    kind: str  # one of BUDGET_KINDS
+    value: float
+
+    def __post_init__(self):
+        if self.kind not in BUDGET_KINDS:
+            raise ShrinkError(f"Unknown budget kind '{self.kind}'; use one of {', '.join(BUDGET_KINDS)}.")
+        if not isinstance(self.value, (int, float)) or isinstance(self.value, bool) or self.value < 0:
+            raise ShrinkError(f"A planner budget must be a number >= 0, not {self.value!r}.")
+
+
+@dataclass(frozen=True)
+class BudgetedPlan:
+    solution: PlannerSolution
+    total_bytes: int  # the whole model's packed bytes: planned modules plus everything else
+    fixed_bytes: int  # the modules the planner did not decide
+    projected_ms: float | None  # whole-model projected decode ms/token on `target` (None without a target)
+    target: str | None
+    basis: str | None  # what the projection rests on
+
+
+def quant_specs(resolved) -> dict:
+    """module -> perf QuantSpec of a resolved plan's integer-quantized modules (the roofline's input)."""
+    from shrink_core.perf.workload import QuantSpec
+
+    return {r.name: QuantSpec(r.bits, r.group_size, r.weights.symmetric) for r in resolved
+            if r.weights is not None and not r.weights.is_float and not r.keep and not r.removed}
+
+
+def plan_within_budget(problem: PlannerProblem, rows, summary: dict, budget: PlannerBudget, *, objective: str = "worst",
+                       base_resolved=None, hardware=None) -> BudgetedPlan:
+    """Solve `problem` under `budget`; rows/summary: the model's inventory; base_resolved: the resolved base plan."""
+    planned = set(problem.modules)
+    base = {r.name: r for r in base_resolved} if base_resolved is not None else {}
+    fixed_bytes = int(sum(base[r.name].packed_bytes if r.name in base else r.bytes  # a tied head: 0, at its owner
+                          for r in rows if r.name not in planned))
+    if budget.kind == "latency_ms" and hardware is None:
+        raise ShrinkError("A latency budget needs a hardware target to project on; pick one (`measure --list-targets`).")
+    latency = None
+    if hardware is not None:
+        others = {m: q for m, q in quant_specs(base_resolved or []).items() if m not in planned}
+        latency = latency_model(rows, summary, hardware, planned, others)
+    solution = solve(problem, objective=objective,
+                     budget_bytes=budget.value * 1e6 - fixed_bytes if budget.kind == "size_mb" else None,
+                     average_bits=budget.value if budget.kind == "bits_per_weight" else None,
+                     budget_seconds=(budget.value / 1000 - latency.fixed_seconds) if budget.kind == "latency_ms" else None)
+    projected = latency.total_ms(solution.projected_seconds) if latency and solution.projected_seconds is not None else None
+    return BudgetedPlan(solution, solution.total_bytes + fixed_bytes, fixed_bytes, projected,
+                        latency.target if latency else None, latency.basis if latency else None)
