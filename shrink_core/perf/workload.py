@@ -172,9 +172,24 @@ def workload_from_rows(rows, summary: dict, bits: dict | None = None, name: str 
     heads = summary["attention_heads"]
     return Workload(
         name=name or summary.get("architecture", "model"), layers=summary["blocks"], hidden=summary["hidden_size"],
-        heads=heads, kv_heads=summary.get("kv_heads") or heads, head_dim=summary["hidden_size"] // heads,
+        heads=heads, kv_heads=summary.get("kv_heads") or heads, head_dim=stored_head_dim(rows, summary),
         vocab=summary["vocab_size"], modules=tuple(modules), weight_source="computed from bits per module",
     )
+
+
+def stored_head_dim(rows, summary: dict) -> int:
+    """The attention head width of a stored model: the config's `head_dim` when the summary holds it, else a query
+    projection's outputs per head (summaries stored before it was recorded), else hidden_size // heads.
+
+    Not always hidden // heads: Gemma 3 270m has hidden 640, 4 heads of 256.
+    """
+    heads = summary["attention_heads"]
+    if summary.get("head_dim"):
+        return int(summary["head_dim"])
+    query = next((r for r in rows if r.kind == "q" and r.block is not None), None)
+    if query is not None and query.shape[0] % heads == 0:
+        return query.shape[0] // heads
+    return summary["hidden_size"] // heads
 
 
 def uniform_bits(model, bits: int = 4, group_size: int | None = 64, symmetric: bool = False) -> dict:
