@@ -318,6 +318,7 @@ def _module_report(row: ResolvedModule, modules, seconds: float) -> ModuleReport
         density = float((weight != 0).float().mean())
     sparse, sparse_format = None, None
     if row.prune and row.prune.is_mask and not row.tied_to:
-        sparse, sparse_format = sparse_bytes(shape, row.weights, row.prune, 4)
+        sparse, sparse_format = sparse_bytes(shape, row.weights, row.prune, dtype_bytes)
+        sparse += bias_bytes
     return ModuleReport(row.name, row.block, row.kind, row.rule, _label(row), row.bits, row.shape, shape, packed,
                         sparse, sparse_format, density, seconds, row.note)

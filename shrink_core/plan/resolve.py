@@ -195,7 +195,8 @@ def _resolve_one(info: ModuleInfo, rule: Rule | None, note: str, config) -> Reso
                                                 f"{weights.group_size} + {rest}")
     tied = info.tied_to is not None
     removed = bool(prune and prune.structure == "blocks")
-    bias = 0 if not info.params else max(info.params - math.prod(info.shape), 0) * dtype_bytes
+    # a bias (one value per output, at the model's dtype) follows the outputs structured pruning keeps
+    bias = new_shape[0] * dtype_bytes if info.params > math.prod(info.shape) else 0
     packed = 0 if tied or removed else weight_bytes(new_shape, weights, dtype_bytes) + bias
     sparse, sparse_format = (None, None)
     if prune and prune.is_mask and not tied:
