@@ -46,3 +46,26 @@ def test_plan_latency_model_counts_the_real_kv_cache(gemma3):
     model = latency_model(rows, summary(gemma3, rows), hardware, planned)
     expected = fixed_step_seconds(describe_model(gemma3), hardware, 1, 64 + 16 / 2)
     assert model.fixed_seconds == pytest.approx(expected, rel=1e-12)
+
+
+def test_gemma3_270m_config_gives_256_wide_heads():
+    """The real gemma3-270m config (from the converted built-in's cache; skipped when it is not there), on the meta
+    device: no weights are read."""
+    import glob
+    import os
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from shrink_core.model.inventory import inventory, summary
+    from shrink_core.perf.workload import workload_from_rows
+
+    found = glob.glob(os.path.join(os.environ["SHRINK_MODEL_CACHE"], "gemma-3-270m*", "config.json"))
+    if not found:
+        pytest.skip("the gemma3-270m built-in has not been converted on this machine")
+    config = AutoConfig.from_pretrained(os.path.dirname(found[0]))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    rows = inventory(model)
+    workload = workload_from_rows(rows, summary(model, rows))
+    assert (workload.hidden, workload.heads, workload.head_dim) == (640, 4, 256)
+    assert workload.kv_bytes_per_token(16) == 2 * 18 * 1 * 256 * 2  # K and V, 18 layers, one KV head, 2 bytes
