@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -22,7 +22,7 @@ from shrink_core.compression.prune import (
 from shrink_core.compression import calibrate
 from shrink_core.compression.obs import clip_search, obs_compress
 from shrink_core.compression.primitives import dequantize, quantize, scale_zero
-from shrink_core.plan.resolve import DTYPE_BYTES, ResolvedModule, sparse_bytes, weight_bytes
+from shrink_core.plan.resolve import DTYPE_BYTES, FALLBACK, ResolvedModule, sparse_bytes, weight_bytes
 from shrink_core.compression.simulate import attach_simulation_
 
 Progress = Callable[[float, str], None]
@@ -81,25 +81,40 @@ def _no_progress(fraction: float, message: str) -> None:
     return None
 
 
-def _label(row: ResolvedModule) -> str:
-    parts = []
+def _label(row: ResolvedModule, fallback: dict | None = None) -> str:
+    """What was done to the module; a calibrated method run without its statistics names what ran instead."""
+    parts, fallback = [], fallback or {}
     if row.removed:
         return "remove"
     if row.prune:
-        parts.append(f"prune {row.prune.label()}")
+        if "prune" in fallback:
+            parts.append(f"prune {replace(row.prune, criterion='magnitude').label()} "
+                         f"({FALLBACK} for {fallback['prune']})")
+        else:
+            parts.append(f"prune {row.prune.label()}")
     if row.weights:
-        parts.append(row.weights.label())
+        if "weights" in fallback:
+            parts.append(f"{replace(row.weights, method='rtn').label()} ({FALLBACK} for {fallback['weights']})")
+        else:
+            parts.append(row.weights.label())
     return " + ".join(parts) or "keep"
 
 
-def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None) -> list[QuantState | None]:
-    """Mask and/or quantize the weights of `members` (modules sharing input and settings) in place.
+def _fallback_done(fallback: dict) -> str:
+    done = [f"pruned by magnitude instead of {fallback['prune']}" if "prune" in fallback else "",
+            f"quantized by rtn instead of {fallback['weights']}" if "weights" in fallback else ""]
+    return " and ".join(d for d in done if d)
+
+
+def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None) -> tuple[list, dict]:
+    """Mask and/or quantize the weights of `members` (modules sharing input and settings) in place; returns the
+    QuantState (or None) per member and the fallbacks taken (see `_compress_weight`).
 
     Rows of a weight are independent given the Hessian, so modules reading the same input (q/k/v, gate/up) are
     stacked and compressed in one pass; the result is the same as one module at a time, with fewer small steps.
     """
     weight = torch.cat([m.weight.data for m in members]) if len(members) > 1 else members[0].weight.data
-    weight, state = _compress_weight(weight, row, hessian)
+    weight, state, fallback = _compress_weight(weight, row, hessian)
     states, start = [], 0
     for module in members:
         rows = slice(start, start + module.weight.shape[0])
@@ -107,17 +122,23 @@ def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None)
         module.weight.data = weight[rows].to(module.weight.dtype).contiguous()
         states.append(None if state is None else QuantState(state.bits, state.group_size, state.symmetric,
                                                             state.scale[rows], state.zero[rows]))
-    return states
+    return states, fallback
 
 
 def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.Tensor | None):
-    """(new weight, QuantState or None) for one (possibly stacked) weight; hessian (in, in), or (in,) for Wanda."""
+    """(new weight, QuantState or None, fallbacks) for one (possibly stacked) weight; hessian (in, in), or (in,) for
+    Wanda. Without the statistics a calibrated method needs (embedding and lm_head have none), pruning runs by
+    magnitude and quantization by rtn, and fallbacks says so: {"prune": "wanda"} / {"weights": "gptq"}."""
     prune = row.prune if row.prune and row.prune.is_mask else None
     spec = row.weights if row.weights and not row.weights.is_float else None
     full = hessian if hessian is not None and hessian.dim() == 2 else None
     sq_sum = None if hessian is None else (torch.diag(hessian) if hessian.dim() == 2 else hessian)
-    mask, state = None, None
-    if prune and prune.criterion == "sparsegpt" and full is not None:
+    mask, state, fallback = None, None, {}
+    if prune and (prune.criterion == "sparsegpt" and full is None or prune.criterion == "wanda" and sq_sum is None):
+        fallback["prune"], prune = prune.criterion, replace(prune, criterion="magnitude")
+    if spec is not None and spec.method == "gptq" and full is None:
+        fallback["weights"], spec = spec.method, replace(spec, method="rtn")
+    if prune and prune.criterion == "sparsegpt":
         use_obs_bits = spec is not None and spec.method == "gptq"
         new, scale, zero, mask = obs_compress(
             weight, full, bits=spec.bits if use_obs_bits else None, group_size=spec.group_size if spec else None,
@@ -129,7 +150,7 @@ def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.T
     elif prune:
         mask = mask_for(weight, prune, sq_sum if prune.criterion == "wanda" else None)
         weight = weight * mask
-    if spec is not None and spec.method == "gptq" and full is not None:
+    if spec is not None and spec.method == "gptq":
         scale, zero = clip_search(weight, sq_sum, spec.bits, spec.group_size, spec.symmetric)
         weight, scale, zero, _ = obs_compress(weight, full, bits=spec.bits, group_size=spec.group_size,
                                               symmetric=spec.symmetric, scale=scale, zero=zero, act_order=True,
@@ -142,7 +163,7 @@ def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.T
         state = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero)
     elif row.weights is not None and row.weights.bits == 16:
         weight = weight.half().float()
-    return weight, state
+    return weight, state, fallback
 
 
 def _stacks(rows: list[ResolvedModule]) -> list[list[ResolvedModule]]:
@@ -216,7 +237,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     original_index = {id(layer): index for index, layer in enumerate(model.model.layers)}
     original_names = {id(module): name for name, module in modules.items()}
     other_bytes_before = _other_bytes(model, resolved, modules)
-    timings, notes, states, seconds = {}, [], {}, {}
+    timings, notes, states, seconds, fallbacks = {}, [], {}, {}, {}
     with torch.no_grad():
         progress(0.02, "structured pruning")
         t0 = time.perf_counter()
@@ -256,9 +277,12 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                     row = members[0]
                     source = calibrate.INPUT_SOURCE.get(row.kind)
                     hessian = hessians.get(source) if _needs_hessian(row) else None
-                    for member, state in zip(members, _compress_([modules[m.name] for m in members], row, hessian)):
+                    member_states, fallback = _compress_([modules[m.name] for m in members], row, hessian)
+                    for member, state in zip(members, member_states):
                         if state is not None:
                             states[member.name] = state
+                        if fallback:
+                            fallbacks[member.name] = fallback
                         seconds[member.name] = (time.perf_counter() - t1) / len(members)
             if inputs is not None and block < last_calibrated:
                 inputs = calibrate.run_block(layer, inputs)
@@ -266,9 +290,11 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         for row in resolved:
             if row.block is None and not row.tied_to and (row.weights or row.prune):
                 t1 = time.perf_counter()
-                state = _compress_([modules[row.name]], row, None)[0]
+                (state,), fallback = _compress_([modules[row.name]], row, None)
                 if state is not None:
                     states[row.name] = state
+                if fallback:
+                    fallbacks[row.name] = fallback
                 seconds[row.name] = time.perf_counter() - t1
         timings["compress_s"] = time.perf_counter() - t0
         attached = attach_simulation_(model, resolved)
@@ -278,7 +304,13 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     timings["total_s"] = time.perf_counter() - started
     timings["total_cpu_s"] = time.process_time() - cpu_started  # all threads; robust to other load on the machine
     progress(1.0, "applied")
-    reports = [_module_report(row, modules, seconds.get(row.name, 0.0)) for row in resolved]
+    if fallbacks:
+        named = [f"{name}: {_fallback_done(fallback)}" for name, fallback in fallbacks.items()]
+        more = f" and {len(named) - 3} more" if len(named) > 3 else ""
+        notes.append(f"{len(named)} module(s) had no calibration statistics and fell back to a calibration-free "
+                     f"method ({'; '.join(named[:3])}{more}); their rows say so.")
+    reports = [_module_report(row, modules, seconds.get(row.name, 0.0), fallbacks.get(row.name))
+               for row in resolved]
     packed = sum(r.packed_bytes for r in reports)
     sparse = sum(r.sparse_bytes if r.sparse_bytes is not None else r.packed_bytes for r in reports)
     totals = {
@@ -304,7 +336,7 @@ def _other_bytes(model, resolved, modules) -> int:
     return sum(p.numel() * p.element_size() for p in model.parameters() if id(p) not in covered)
 
 
-def _module_report(row: ResolvedModule, modules, seconds: float) -> ModuleReport:
+def _module_report(row: ResolvedModule, modules, seconds: float, fallback: dict | None = None) -> ModuleReport:
     module = modules[row.name]
     weight = module.weight
     if row.removed:
@@ -318,6 +350,10 @@ def _module_report(row: ResolvedModule, modules, seconds: float) -> ModuleReport
         density = float((weight != 0).float().mean())
     sparse, sparse_format = None, None
     if row.prune and row.prune.is_mask and not row.tied_to:
-        sparse, sparse_format = sparse_bytes(shape, row.weights, row.prune, 4)
-    return ModuleReport(row.name, row.block, row.kind, row.rule, _label(row), row.bits, row.shape, shape, packed,
-                        sparse, sparse_format, density, seconds, row.note)
+        sparse, sparse_format = sparse_bytes(shape, row.weights, row.prune, dtype_bytes)
+        sparse += bias_bytes
+    note = row.note
+    if fallback and FALLBACK not in note:
+        note = (note + "; " if note else "") + f"{_fallback_done(fallback)} ({FALLBACK})"
+    return ModuleReport(row.name, row.block, row.kind, row.rule, _label(row, fallback), row.bits, row.shape, shape,
+                        packed, sparse, sparse_format, density, seconds, note)

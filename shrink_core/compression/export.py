@@ -31,7 +31,8 @@ def packed_tensors(model, report) -> tuple[dict[str, torch.Tensor], dict]:
     """Tensors of the packed format and their layout metadata; a tied weight is written once."""
     tensors, layout, written = {}, {}, set()
     states = {report.current_names.get(n, n): s for n, s in report.quant_states.items()}
-    half = {report.current_names.get(m.name, m.name) for m in report.modules if m.bits == 16}
+    float_bits = {report.current_names.get(m.name, m.name): m.bits for m in report.modules if m.bits in (16, 32)}
+    float_dtype = {16: torch.float16, 32: torch.float32}  # as the plan asks, whatever the model's dtype
     for name, module in model.named_modules():
         for param_name, param in module.named_parameters(recurse=False):
             if id(param) in written:
@@ -47,8 +48,8 @@ def packed_tensors(model, report) -> tuple[dict[str, torch.Tensor], dict]:
                     tensors[f"{key}.zeros"] = state.zero.to(torch.uint8).contiguous()
                 layout[key] = {"bits": state.bits, "group_size": state.group_size, "symmetric": state.symmetric,
                                "shape": list(param.shape)}
-            elif name in half and param_name == "weight":
-                tensors[key] = param.data.half().contiguous()
+            elif name in float_bits and param_name == "weight":
+                tensors[key] = param.data.to(float_dtype[float_bits[name]]).contiguous()
             else:
                 tensors[key] = param.data.contiguous()
     return tensors, layout

@@ -90,10 +90,13 @@ def obs_compress(
         W1, hinv1 = W[:, start:end].clone(), hinv[start:end, start:end]
         errors = torch.zeros_like(W1)
         diag = torch.diag(hinv1)  # (count,)
-        if sparsity is not None:
+        if sparsity is not None:  # drop exactly round(share * weights) of the block, the least salient
             saliency = W1.pow(2) / diag.pow(2).unsqueeze(0)  # (out, count)
-            threshold = torch.sort(saliency.flatten())[0][int(saliency.numel() * sparsity)]
-            keep[:, start:end] = saliency > threshold
+            block_keep = torch.ones(saliency.numel(), dtype=torch.bool)
+            drop = int(round(saliency.numel() * sparsity))
+            if drop:
+                block_keep[torch.topk(saliency.flatten(), drop, largest=False).indices] = False
+            keep[:, start:end] = block_keep.reshape(saliency.shape)
         for i in range(end - start):
             column = start + i
             if nm is not None and i % nm[1] == 0:

@@ -49,10 +49,17 @@ def nm_mask(scores: torch.Tensor, n: int, m: int) -> torch.Tensor:
 
 
 def mask_for(weight: torch.Tensor, prune, input_sq_sum: torch.Tensor | None = None) -> torch.Tensor:
-    """The keep-mask for a PruneSpec with criterion magnitude or wanda (needs input_sq_sum)."""
-    if prune.criterion == "wanda" and input_sq_sum is not None:
+    """The keep-mask for a PruneSpec with criterion magnitude or wanda (needs input_sq_sum).
+
+    A calibrated criterion without its statistics is refused: the caller decides (and says) what to do instead.
+    """
+    if prune.criterion == "wanda":
+        if input_sq_sum is None:
+            raise ValueError("wanda needs the input activation statistics (input_sq_sum); none were given.")
         scores = wanda_scores(weight, input_sq_sum)
         return nm_mask(scores, prune.n, prune.m) if prune.structure == "nm" else row_mask(scores, prune.amount)
+    if prune.criterion != "magnitude":
+        raise ValueError(f"mask_for computes magnitude and wanda masks, not {prune.criterion}.")
     if prune.structure == "nm":
         return nm_mask(weight.abs(), prune.n, prune.m)
     return magnitude_mask(weight, prune.amount)

@@ -100,6 +100,7 @@ def summary(model, rows: list[ModuleInfo]) -> dict:
         "hidden_size": getattr(text_config, "hidden_size", None),
         "attention_heads": getattr(text_config, "num_attention_heads", None),
         "kv_heads": getattr(text_config, "num_key_value_heads", None),
+        "head_dim": getattr(text_config, "head_dim", None),  # None: hidden_size // attention_heads
         "intermediate_size": getattr(text_config, "intermediate_size", None),
         "vocab_size": getattr(text_config, "vocab_size", None),
         "context_length": getattr(text_config, "max_position_embeddings", None),

@@ -40,6 +40,7 @@ class ModuleWeights:
     streamed: bool  # read in full by every forward step (linears, lm_head); embedding lookups read a few rows
     zero_share: float = 0.0  # share of exact zeros in the weight
     sparse_pattern: str | None = None  # "2:4" when every 4 consecutive inputs hold >= 2 zeros, "unstructured" else
+    bias_bytes: int = 0  # a bias, kept in the float dtype (counted in packed_bytes)
 
     @property
     def numel(self) -> int:
@@ -48,7 +49,9 @@ class ModuleWeights:
     @property
     def read_bytes(self) -> int:
         """Bytes one forward step reads from this module's stored format (a tied weight is read again)."""
-        return packed_bytes(self.shape, self.bits, self.group_size, self.symmetric) if self.streamed else 0
+        if not self.streamed:
+            return 0
+        return packed_bytes(self.shape, self.bits, self.group_size, self.symmetric) + self.bias_bytes
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,12 @@ def zero_pattern(weight) -> tuple[float, str | None]:
     return share, "unstructured"
 
 
+def _bias_bytes(row) -> int:
+    """Bytes of an inventory row's bias: the parameters beyond its weight, at the row's float width."""
+    extra = row.params - math.prod(row.shape)
+    return extra * (row.bytes // row.params) if row.params and extra > 0 else 0
+
+
 def _text_config(model):
     config = model.config
     return getattr(config, "text_config", None) or config
@@ -134,7 +143,8 @@ def describe_model(model, bits: dict | None = None, name: str = "", packed: dict
         width = spec.bits if spec else float_bits
         group = spec.group_size if spec else None
         symmetric = spec.symmetric if spec else True
-        stored = 0 if row.tied_to else packed_bytes(row.shape, width, group, symmetric)
+        bias = _bias_bytes(row)
+        stored = 0 if row.tied_to else packed_bytes(row.shape, width, group, symmetric) + bias
         if packed and row.name in packed:
             stored = int(packed[row.name])
         weight = model.get_submodule(row.name).weight.detach()
@@ -143,7 +153,7 @@ def describe_model(model, bits: dict | None = None, name: str = "", packed: dict
         modules.append(ModuleWeights(
             name=row.name, kind=row.kind, shape=row.shape, params=row.params, bits=width, group_size=group,
             symmetric=symmetric, packed_bytes=stored, streamed=row.kind in LINEAR_KINDS + ("lm_head",),
-            zero_share=share, sparse_pattern=pattern,
+            zero_share=share, sparse_pattern=pattern, bias_bytes=bias,
         ))
     source = "engine packed bytes" if packed else "computed from bits per module"
     return Workload(
@@ -166,15 +176,31 @@ def workload_from_rows(rows, summary: dict, bits: dict | None = None, name: str 
         spec = bits.get(row.name)
         width = spec.bits if spec else (8 * (row.bytes // row.params) if row.params else 32)
         group, symmetric = (spec.group_size, spec.symmetric) if spec else (None, True)
-        stored = 0 if row.tied_to else packed_bytes(row.shape, width, group, symmetric)
+        bias = _bias_bytes(row)
+        stored = 0 if row.tied_to else packed_bytes(row.shape, width, group, symmetric) + bias
         modules.append(ModuleWeights(row.name, row.kind, row.shape, row.params, width, group, symmetric, stored,
-                                     streamed=row.kind in LINEAR_KINDS + ("lm_head",)))
+                                     streamed=row.kind in LINEAR_KINDS + ("lm_head",), bias_bytes=bias))
     heads = summary["attention_heads"]
     return Workload(
         name=name or summary.get("architecture", "model"), layers=summary["blocks"], hidden=summary["hidden_size"],
-        heads=heads, kv_heads=summary.get("kv_heads") or heads, head_dim=summary["hidden_size"] // heads,
+        heads=heads, kv_heads=summary.get("kv_heads") or heads, head_dim=stored_head_dim(rows, summary),
         vocab=summary["vocab_size"], modules=tuple(modules), weight_source="computed from bits per module",
     )
+
+
+def stored_head_dim(rows, summary: dict) -> int:
+    """The attention head width of a stored model: the config's `head_dim` when the summary holds it, else a query
+    projection's outputs per head (summaries stored before it was recorded), else hidden_size // heads.
+
+    Not always hidden // heads: Gemma 3 270m has hidden 640, 4 heads of 256.
+    """
+    heads = summary["attention_heads"]
+    if summary.get("head_dim"):
+        return int(summary["head_dim"])
+    query = next((r for r in rows if r.kind == "q" and r.block is not None), None)
+    if query is not None and query.shape[0] % heads == 0:
+        return query.shape[0] // heads
+    return summary["hidden_size"] // heads
 
 
 def uniform_bits(model, bits: int = 4, group_size: int | None = 64, symmetric: bool = False) -> dict:

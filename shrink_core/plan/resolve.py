@@ -9,6 +9,7 @@ from shrink_core.plan.spec import Plan, PlanError, PruneSpec, Rule, WeightSpec
 from shrink_core.plan.format import kept_channels, kept_heads_per_group, packed_weight_bytes
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
+FALLBACK = "fallback: no calibration statistics"  # how a calibrated method run without its statistics is labelled
 METADATA_BYTES_PER_TENSOR = 96  # safetensors header entry (name, dtype, shape, offsets), an estimate
 
 
@@ -187,7 +188,11 @@ def _resolve_one(info: ModuleInfo, rule: Rule | None, note: str, config) -> Reso
     if prune and prune.structure == "heads" and info.kind in ("k", "v"):
         prune, note = None, "KV heads are kept; query heads are pruned evenly within each KV group"
     if weights and not weights.is_float and info.kind in ("embedding", "lm_head") and weights.method != "rtn":
-        note = (note + "; " if note else "") + f"{weights.method} applies to block linears; this uses rtn"
+        note = (note + "; " if note else "") + (f"{weights.method} applies to block linears; this uses rtn "
+                                                f"({FALLBACK})")
+    if prune and prune.criterion in ("wanda", "sparsegpt") and info.block is None and not info.tied_to:
+        note = (note + "; " if note else "") + (f"{prune.criterion} needs calibration statistics, collected for block "
+                                                f"linears only; this prunes by magnitude ({FALLBACK})")
     new_shape = _new_shape(info, prune, config)
     if weights and not weights.is_float and weights.group_size and new_shape[1] % weights.group_size:
         full, rest = divmod(new_shape[1], weights.group_size)
@@ -195,7 +200,8 @@ def _resolve_one(info: ModuleInfo, rule: Rule | None, note: str, config) -> Reso
                                                 f"{weights.group_size} + {rest}")
     tied = info.tied_to is not None
     removed = bool(prune and prune.structure == "blocks")
-    bias = 0 if not info.params else max(info.params - math.prod(info.shape), 0) * dtype_bytes
+    # a bias (one value per output, at the model's dtype) follows the outputs structured pruning keeps
+    bias = new_shape[0] * dtype_bytes if info.params > math.prod(info.shape) else 0
     packed = 0 if tied or removed else weight_bytes(new_shape, weights, dtype_bytes) + bias
     sparse, sparse_format = (None, None)
     if prune and prune.is_mask and not tied:

@@ -91,6 +91,7 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
         plan_dict = plan_to_dict(plan)
         report["plan"] = plan_dict
         report["size"] = dict(apply_report.totals)
+        report["apply_notes"] = list(apply_report.notes)  # e.g. a calibrated method that fell back
         candidate_id = store.upsert_candidate(
             name=plan.name or f"{loaded.spec.raw} + plan", kind=plan_kind(plan), model_spec=loaded.spec.raw,
             weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=recipe,
@@ -98,7 +99,8 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
         report["candidate_id"] = candidate_id
         # Packed size is computed from the plan's storage format (exact bytes), not measured memory.
         store.add_result("size", _provenance(loaded, plan_dict, None, None),
-                         {"source": "computed from the packed format", **apply_report.totals}, job_id=job_id,
+                         {"source": "computed from the packed format", **apply_report.totals,
+                          "notes": list(apply_report.notes)}, job_id=job_id,
                          candidate_id=candidate_id)
         results = evaluate(candidate, loaded.tokenizer, slices, budget, reference=loaded.model,
                            reference_results=reference,
