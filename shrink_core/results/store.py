@@ -109,6 +109,10 @@ MIGRATIONS = [
     ALTER TABLE results ADD COLUMN candidate_id INTEGER REFERENCES candidates (id);
     CREATE INDEX results_candidate ON results (candidate_id, kind, slice);
     """,
+    # v3: a job's worker is known by pid and process create time, so a pid reused by another process is not "alive".
+    """
+    ALTER TABLE jobs ADD COLUMN pid_created REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
