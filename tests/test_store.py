@@ -92,3 +92,32 @@ def test_candidates_have_identity_and_lineage(shrink_home):
     assert [c["id"] for c in store.candidates()] == [ref]
     with pytest.raises(ValueError):
         store.update_candidate(ref, model_spec="x")
+
+
+def test_concurrent_upserts_of_one_candidate_agree_on_one_row(shrink_home):
+    """Two writers that both looked before either inserted: one row, one id, no IntegrityError."""
+    import threading
+
+    Store().close()
+    blocker = Store()
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: both upserts read first, then queue up to write
+    ids, errors = [], []
+
+    def upsert():
+        try:
+            ids.append(Store().upsert_candidate(name="w4", kind="quantized", model_spec="m", weights_hash="h",
+                                                code_version="v", plan={"rules": [{"bits": 4}]}))
+        except Exception as exc:  # the race the test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upsert) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    import time
+
+    time.sleep(0.5)
+    blocker.execute("COMMIT")
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == [] and len(ids) == 2 and ids[0] == ids[1]
+    assert [c["id"] for c in Store().candidates()] == [ids[0]]

@@ -267,24 +267,23 @@ class Store:
     def upsert_candidate(self, *, name: str, kind: str, model_spec: str, weights_hash: str, code_version: str,
                          plan: dict | None = None, calibration: dict | None = None, parent_id: int | None = None,
                          artifact_dir: str | None = None) -> int:
-        """The candidate with this identity (model + plan), created if new; lineage is set on creation."""
+        """The candidate with this identity (model + plan), created if new; lineage is set on creation.
+
+        One statement: two writers upserting the same identity at once get the same row, never a duplicate or an
+        IntegrityError. An existing candidate keeps its name, kind, lineage and notes."""
         plan_json = json.dumps(plan, sort_keys=True) if plan is not None else None
-        row = self.conn.execute(
-            "SELECT id FROM candidates WHERE model_spec = ? AND weights_hash = ? AND COALESCE(plan_json, '') = ?"
-            " AND deleted IS NULL",
-            (model_spec, weights_hash, plan_json or ""),
-        ).fetchone()
-        if row:
-            return row["id"]
-        cursor = self.conn.execute(
+        rows = self.conn.execute(
             """INSERT INTO candidates (name, kind, parent_id, model_spec, weights_hash, plan_json, calibration_json,
                                        artifact_dir, code_version, created)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (model_spec, weights_hash, COALESCE(plan_json, '')) WHERE deleted IS NULL
+               DO UPDATE SET model_spec = candidates.model_spec
+               RETURNING id""",
             (name, kind, parent_id, model_spec, weights_hash, plan_json,
              json.dumps(calibration, sort_keys=True) if calibration is not None else None, artifact_dir, code_version,
              time.time()),
-        )
-        return cursor.lastrowid
+        ).fetchall()  # read to the end: the statement (and its write lock) ends here, not when garbage-collected
+        return rows[0]["id"]
 
     def candidates(self, include_deleted: bool = False) -> list[dict]:
         sql = "SELECT * FROM candidates" + ("" if include_deleted else " WHERE deleted IS NULL") + " ORDER BY id"
