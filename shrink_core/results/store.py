@@ -6,12 +6,16 @@ so a figure on any page can say where it came from.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shrink_core.errors import ShrinkError
 from shrink_core.paths import shrink_home
+
+STORE_ENV = "SHRINK_DB"  # a store file other than $SHRINK_HOME/shrink.db (e.g. a fresh one beside a corrupt one)
 
 # Append-only: migration i takes the schema from version i to i + 1. Never edit a released entry.
 MIGRATIONS = [
@@ -131,7 +135,35 @@ class Provenance:
 
 
 def default_path() -> Path:
-    return shrink_home() / "shrink.db"
+    """`$SHRINK_DB` if set, else `$SHRINK_HOME/shrink.db`."""
+    override = os.environ.get(STORE_ENV)
+    return Path(override).expanduser() if override else shrink_home() / "shrink.db"
+
+
+def fresh_path_beside(path: Path) -> Path:
+    """A name for a new store next to `path` that no file has yet: shrink.db -> shrink-20260101-120000.db."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = path.with_name(f"{path.stem}-{stamp}{path.suffix}"), 1
+    while candidate.exists() or candidate.with_name(candidate.name + "-wal").exists():
+        candidate, n = path.with_name(f"{path.stem}-{stamp}-{n}{path.suffix}"), n + 1
+    return candidate
+
+
+class StoreUnreadable(ShrinkError):
+    """The store file is not a readable SQLite database; it is never touched, a new store can start beside it."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason, self.fresh = path, reason, fresh_path_beside(path)
+        super().__init__(
+            f"The store {path} cannot be read ({reason}) and was left as it is; to start a new store beside it, "
+            f"run with {STORE_ENV}={self.fresh} (e.g. `{STORE_ENV}={self.fresh} python -m shrink_core ...`)."
+        )
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Not a database / malformed, as opposed to a busy or locked one (OperationalError is a DatabaseError too)."""
+    name = getattr(exc, "sqlite_errorname", "")
+    return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or (name == "" and type(exc) is sqlite3.DatabaseError)
 
 
 class Store:
@@ -142,16 +174,23 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA busy_timeout=30000")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            # Read the header and the schema before anything writes, so a damaged file is refused untouched.
+            self.conn.execute("PRAGMA user_version").fetchone()
+            self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            if _is_corruption(exc):
+                raise StoreUnreadable(self.path, str(exc)) from None
+            raise
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            from shrink_core.errors import ShrinkError
-
             raise ShrinkError(
                 f"The store {self.path} has schema version {version}, newer than this code's {SCHEMA_VERSION}; "
                 "update shrink or point SHRINK_HOME elsewhere."
