@@ -218,6 +218,11 @@ class Store:
     def close(self) -> None:
         self.conn.close()
 
+    def change_counter(self) -> tuple[int, int]:
+        """Changes whenever the store was written: by another connection (PRAGMA data_version) or by this one
+        (rows it changed). Equal counters mean nothing changed, so cached reads keyed on it are still right."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0], self.conn.total_changes
+
     def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
 
