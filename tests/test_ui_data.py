@@ -73,3 +73,24 @@ def test_unreadable_store_offers_a_new_one_beside_it_and_never_touches_it(shrink
     (fresh,) = [p for p in shrink_home.glob("shrink-*.db")]
     assert any(f"Started a new store at {fresh}" in s.value and "SHRINK_DB=" in s.value for s in at.success)
     assert damaged.read_bytes() == before and Store(fresh).candidates() == []
+
+
+def test_a_queued_job_shows_its_place_in_the_queue(shrink_home, monkeypatch):
+    import time
+
+    from shrink_core.runtime import jobs
+
+    monkeypatch.delenv("SHRINK_MAX_JOBS", raising=False)
+    store = Store()
+    tick = "shrink_core.runtime.diagnostics:tick_job"
+    running = jobs.submit(store, "tick", tick, {}, spawn=False)
+    me, created = jobs._process_identity()  # stands for a live worker holding the only slot
+    store.execute("UPDATE jobs SET status = 'running', started = ?, heartbeat = ?, pid = ?, pid_created = ? WHERE id = ?",
+                  (time.time(), time.time(), me, created, running))
+    queued = jobs.submit(store, "eval", tick, {}, spawn=False)
+    at = AppTest.from_file(str(REPO_ROOT / "app_pages" / "evalsets.py"), default_timeout=60)
+    at.session_state["job:eval"] = queued
+    at.run()
+    assert not at.exception, at.exception
+    texts = [p.proto.text for p in at.get("progress")]
+    assert any("Queued: position 1 in the queue; 1 of 1 job slot busy (set SHRINK_MAX_JOBS" in t for t in texts), texts
