@@ -26,14 +26,6 @@ def test_inline_run_reports_progress(shrink_home):
     assert job.status == "done" and job.progress == 1.0 and job.result == {"steps": 4}
 
 
-def test_worker_process_completes_two_jobs_at_once(shrink_home):
-    store = Store()
-    first = jobs.submit(store, "tick", TICK, {"steps": 5, "step_seconds": 0.05})
-    second = jobs.submit(store, "tick", TICK, {"steps": 3, "step_seconds": 0.05})
-    assert jobs.wait(store, first, timeout=60).status == "done"
-    assert jobs.wait(store, second, timeout=60).result == {"steps": 3}
-
-
 def test_failure_is_one_sentence_with_log(shrink_home):
     store = Store()
     job_id = jobs.submit(store, "tick", TICK, {"steps": 5, "step_seconds": 0.01, "fail_at": 2})
@@ -68,3 +60,97 @@ def test_only_library_targets_run(shrink_home):
 
     with pytest.raises(ValueError, match="shrink_core.module:function"):
         jobs.submit(Store(), "evil", "os:system", {"command": "true"})
+
+
+def test_worker_process_completes_two_jobs_at_once_when_allowed(shrink_home, monkeypatch):
+    monkeypatch.setenv("SHRINK_MAX_JOBS", "2")
+    store = Store()
+    first = jobs.submit(store, "tick", TICK, {"steps": 10, "step_seconds": 0.1})
+    second = jobs.submit(store, "tick", TICK, {"steps": 10, "step_seconds": 0.1})
+    wait_until(lambda: all(jobs.get(store, j).status == "running" for j in (first, second)))
+    assert jobs.wait(store, first, timeout=60).status == "done"
+    assert jobs.wait(store, second, timeout=60).status == "done"
+
+
+def test_only_max_jobs_run_at_once_the_rest_wait_in_order(shrink_home, monkeypatch):
+    monkeypatch.delenv("SHRINK_MAX_JOBS", raising=False)  # default: one at a time
+    store = Store()
+    ids = [jobs.submit(store, "tick", TICK, {"steps": 6, "step_seconds": 0.1}) for _ in range(3)]
+    wait_until(lambda: jobs.get(store, ids[0]).status == "running")
+    # Queued jobs say so, with their place in the queue (the worker writes it; the UI computes it live).
+    assert [jobs.queue_position(store, j) for j in ids] == [None, 1, 2]
+    assert "position 2 in the queue; 1 of 1 job slot busy" in jobs.queue_message(store, ids[2])
+    wait_until(lambda: "position 1" in jobs.get(store, ids[1]).message)
+    most_running = 0
+    while any(jobs.get(store, j).active for j in ids):
+        jobs.reap(store)
+        running = store.execute("SELECT COUNT(*) FROM jobs WHERE status = 'running'").fetchone()[0]
+        most_running = max(most_running, running)
+        time.sleep(0.05)
+    finished = [jobs.get(store, j) for j in ids]
+    assert [j.status for j in finished] == ["done"] * 3 and most_running == 1
+    assert finished[0].finished <= finished[1].started and finished[1].finished <= finished[2].started
+
+
+def test_a_queued_job_can_be_cancelled_before_it_starts(shrink_home, monkeypatch):
+    monkeypatch.delenv("SHRINK_MAX_JOBS", raising=False)
+    store = Store()
+    first = jobs.submit(store, "tick", TICK, {"steps": 40, "step_seconds": 0.1})
+    second = jobs.submit(store, "tick", TICK, {"steps": 2, "step_seconds": 0.0})
+    wait_until(lambda: jobs.get(store, first).status == "running")
+    assert jobs.cancel(store, second) is True
+    job = jobs.wait(store, second, timeout=30)
+    assert job.status == "cancelled" and job.started is None
+    assert jobs.cancel(store, second) is False  # nothing left to cancel: the caller sees the no-op
+    jobs.cancel(store, first)
+    assert jobs.wait(store, first, timeout=30).status == "cancelled"
+
+
+def test_a_bad_max_jobs_setting_is_one_sentence(shrink_home, monkeypatch):
+    import pytest
+
+    from shrink_core.errors import ShrinkError
+
+    monkeypatch.setenv("SHRINK_MAX_JOBS", "lots")
+    with pytest.raises(ShrinkError, match="SHRINK_MAX_JOBS must be a whole number of at least 1, got 'lots'"):
+        jobs.submit(Store(), "tick", TICK, {}, spawn=False)
+
+
+def test_an_ended_job_never_flips_back(shrink_home):
+    store = Store()
+    # Cancelled while queued: the worker that starts late leaves it cancelled and runs nothing.
+    job_id = jobs.submit(store, "tick", TICK, {"steps": 2, "step_seconds": 0.0}, spawn=False)
+    assert jobs._fail(store, job_id, "cancelled", "Cancelled by the user.") is True
+    job = jobs.run_job(store, job_id, heartbeat=False)
+    assert job.status == "cancelled" and job.started is None and job.result is None
+    # Failed while running (e.g. presumed hung by the reaper): finishing later does not make it done.
+    import threading
+
+    job_id = jobs.submit(store, "tick", TICK, {"steps": 30, "step_seconds": 0.05}, spawn=False)
+    runner = threading.Thread(target=jobs.run_job, args=(Store(), job_id), kwargs={"heartbeat": False})
+    runner.start()
+    wait_until(lambda: jobs.get(store, job_id).progress > 0)
+    assert jobs._fail(store, job_id, "failed", "presumed hung") is True
+    runner.join(timeout=30)
+    job = jobs.get(store, job_id)
+    assert job.status == "failed" and job.error == "presumed hung" and job.result is None
+    assert jobs._fail(store, job_id, "cancelled", "too late") is False  # the no-op is visible to the caller
+    assert jobs.get(store, job_id).status == "failed"
+
+
+def test_a_reused_pid_is_not_alive(shrink_home, monkeypatch):
+    """A job whose recorded worker is gone, its pid now taken by another live worker, is seen as dead."""
+    monkeypatch.setenv("SHRINK_MAX_JOBS", "2")
+    store = Store()
+    other = jobs.submit(store, "tick", TICK, {"steps": 500, "step_seconds": 0.05})
+    wait_until(lambda: jobs.get(store, other).status == "running")
+    live = jobs.get(store, other)
+    orphan = jobs.submit(store, "tick", TICK, {}, spawn=False)
+    # The orphan's worker had this pid too, but started 100 s earlier: a different process.
+    store.execute("UPDATE jobs SET status = 'running', started = ?, heartbeat = ?, pid = ?, pid_created = ? WHERE id = ?",
+                  (time.time(), time.time(), live.pid, live.pid_created - 100, orphan))
+    jobs.reap(store)
+    assert jobs.get(store, orphan).status == "failed" and "died" in jobs.get(store, orphan).error
+    assert jobs.get(store, other).status == "running"  # the same pid with its own create time is alive
+    jobs.cancel(store, other)
+    assert jobs.wait(store, other, timeout=30).status == "cancelled"

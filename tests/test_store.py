@@ -92,3 +92,62 @@ def test_candidates_have_identity_and_lineage(shrink_home):
     assert [c["id"] for c in store.candidates()] == [ref]
     with pytest.raises(ValueError):
         store.update_candidate(ref, model_spec="x")
+
+
+def test_concurrent_upserts_of_one_candidate_agree_on_one_row(shrink_home):
+    """Two writers that both looked before either inserted: one row, one id, no IntegrityError."""
+    import threading
+
+    Store().close()
+    blocker = Store()
+    blocker.execute("BEGIN IMMEDIATE")  # holds the write lock: both upserts read first, then queue up to write
+    ids, errors = [], []
+
+    def upsert():
+        try:
+            ids.append(Store().upsert_candidate(name="w4", kind="quantized", model_spec="m", weights_hash="h",
+                                                code_version="v", plan={"rules": [{"bits": 4}]}))
+        except Exception as exc:  # the race the test is about
+            errors.append(exc)
+
+    threads = [threading.Thread(target=upsert) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    import time
+
+    time.sleep(0.5)
+    blocker.execute("COMMIT")
+    for thread in threads:
+        thread.join(timeout=30)
+    assert errors == [] and len(ids) == 2 and ids[0] == ids[1]
+    assert [c["id"] for c in Store().candidates()] == [ids[0]]
+
+
+@pytest.mark.parametrize("damage", ["garbage", "truncated"])
+def test_unreadable_store_is_one_sentence_left_untouched_with_a_fresh_one_offered(shrink_home, damage, capsys,
+                                                                                  monkeypatch):
+    from shrink_core.cli.entry import main
+
+    path = shrink_home / "shrink.db"
+    if damage == "garbage":
+        shrink_home.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(b"this is not a database\n" * 400)
+    else:
+        store = Store()
+        for i in range(100):
+            store.save_plan(f"p{i}", "x" * 2000)
+        store.close()
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    before = path.read_bytes()
+    assert main(["candidates", "list"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert "\n" not in err and "Traceback" not in err
+    assert err.startswith(f"error: The store {path} cannot be read (")
+    fresh = err.split("run with SHRINK_DB=")[1].split(" ")[0]
+    assert fresh.startswith(str(shrink_home / "shrink-")) and fresh.endswith(".db")
+    assert path.read_bytes() == before  # never overwritten
+    # The offered command works: a new store beside the damaged one.
+    monkeypatch.setenv("SHRINK_DB", fresh)
+    assert main(["candidates", "list"]) == 0
+    assert "no candidates yet" in capsys.readouterr().out
+    assert path.read_bytes() == before and Store(fresh).schema_version == SCHEMA_VERSION

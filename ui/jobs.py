@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import streamlit as st
 
+from shrink_core.errors import ShrinkError
 from shrink_core.runtime import jobs
 from shrink_core.runtime.jobs import log_path
 
@@ -26,7 +27,13 @@ def job_panel(job_id: int, label: str) -> None:
     if job is None:
         return
     if job.active:
-        text = f"{label}: {job.message or job.status} ({job.progress:.0%}, {_eta(job.eta_s)})"
+        if job.status == "queued":  # waits for a free slot: say where it stands, not a made-up ETA
+            try:
+                text = f"{label}: {jobs.queue_message(db, job_id) or 'queued'}"
+            except ShrinkError as exc:
+                text = f"{label}: queued; {exc}"
+        else:
+            text = f"{label}: {job.message or job.status} ({job.progress:.0%}, {_eta(job.eta_s)})"
         st.progress(job.progress, text=text)
         if job.cancel_requested:
             st.caption("Cancelling...")

@@ -6,12 +6,16 @@ so a figure on any page can say where it came from.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from shrink_core.errors import ShrinkError
 from shrink_core.paths import shrink_home
+
+STORE_ENV = "SHRINK_DB"  # a store file other than $SHRINK_HOME/shrink.db (e.g. a fresh one beside a corrupt one)
 
 # Append-only: migration i takes the schema from version i to i + 1. Never edit a released entry.
 MIGRATIONS = [
@@ -109,6 +113,10 @@ MIGRATIONS = [
     ALTER TABLE results ADD COLUMN candidate_id INTEGER REFERENCES candidates (id);
     CREATE INDEX results_candidate ON results (candidate_id, kind, slice);
     """,
+    # v3: a job's worker is known by pid and process create time, so a pid reused by another process is not "alive".
+    """
+    ALTER TABLE jobs ADD COLUMN pid_created REAL;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -127,7 +135,35 @@ class Provenance:
 
 
 def default_path() -> Path:
-    return shrink_home() / "shrink.db"
+    """`$SHRINK_DB` if set, else `$SHRINK_HOME/shrink.db`."""
+    override = os.environ.get(STORE_ENV)
+    return Path(override).expanduser() if override else shrink_home() / "shrink.db"
+
+
+def fresh_path_beside(path: Path) -> Path:
+    """A name for a new store next to `path` that no file has yet: shrink.db -> shrink-20260101-120000.db."""
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    candidate, n = path.with_name(f"{path.stem}-{stamp}{path.suffix}"), 1
+    while candidate.exists() or candidate.with_name(candidate.name + "-wal").exists():
+        candidate, n = path.with_name(f"{path.stem}-{stamp}-{n}{path.suffix}"), n + 1
+    return candidate
+
+
+class StoreUnreadable(ShrinkError):
+    """The store file is not a readable SQLite database; it is never touched, a new store can start beside it."""
+
+    def __init__(self, path: Path, reason: str):
+        self.path, self.reason, self.fresh = path, reason, fresh_path_beside(path)
+        super().__init__(
+            f"The store {path} cannot be read ({reason}) and was left as it is; to start a new store beside it, "
+            f"run with {STORE_ENV}={self.fresh} (e.g. `{STORE_ENV}={self.fresh} python -m shrink_core ...`)."
+        )
+
+
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    """Not a database / malformed, as opposed to a busy or locked one (OperationalError is a DatabaseError too)."""
+    name = getattr(exc, "sqlite_errorname", "")
+    return name in ("SQLITE_NOTADB", "SQLITE_CORRUPT") or (name == "" and type(exc) is sqlite3.DatabaseError)
 
 
 class Store:
@@ -138,16 +174,23 @@ class Store:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.conn = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         self.conn.row_factory = sqlite3.Row
-        self.conn.execute("PRAGMA journal_mode=WAL")
-        self.conn.execute("PRAGMA busy_timeout=30000")
-        self.conn.execute("PRAGMA foreign_keys=ON")
-        self._migrate()
+        try:
+            # Read the header and the schema before anything writes, so a damaged file is refused untouched.
+            self.conn.execute("PRAGMA user_version").fetchone()
+            self.conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()
+            self.conn.execute("PRAGMA journal_mode=WAL")
+            self.conn.execute("PRAGMA busy_timeout=30000")
+            self.conn.execute("PRAGMA foreign_keys=ON")
+            self._migrate()
+        except sqlite3.DatabaseError as exc:
+            self.conn.close()
+            if _is_corruption(exc):
+                raise StoreUnreadable(self.path, str(exc)) from None
+            raise
 
     def _migrate(self) -> None:
         version = self.conn.execute("PRAGMA user_version").fetchone()[0]
         if version > SCHEMA_VERSION:
-            from shrink_core.errors import ShrinkError
-
             raise ShrinkError(
                 f"The store {self.path} has schema version {version}, newer than this code's {SCHEMA_VERSION}; "
                 "update shrink or point SHRINK_HOME elsewhere."
@@ -174,6 +217,11 @@ class Store:
 
     def close(self) -> None:
         self.conn.close()
+
+    def change_counter(self) -> tuple[int, int]:
+        """Changes whenever the store was written: by another connection (PRAGMA data_version) or by this one
+        (rows it changed). Equal counters mean nothing changed, so cached reads keyed on it are still right."""
+        return self.conn.execute("PRAGMA data_version").fetchone()[0], self.conn.total_changes
 
     def execute(self, sql: str, params: tuple | dict = ()) -> sqlite3.Cursor:
         return self.conn.execute(sql, params)
@@ -263,24 +311,23 @@ class Store:
     def upsert_candidate(self, *, name: str, kind: str, model_spec: str, weights_hash: str, code_version: str,
                          plan: dict | None = None, calibration: dict | None = None, parent_id: int | None = None,
                          artifact_dir: str | None = None) -> int:
-        """The candidate with this identity (model + plan), created if new; lineage is set on creation."""
+        """The candidate with this identity (model + plan), created if new; lineage is set on creation.
+
+        One statement: two writers upserting the same identity at once get the same row, never a duplicate or an
+        IntegrityError. An existing candidate keeps its name, kind, lineage and notes."""
         plan_json = json.dumps(plan, sort_keys=True) if plan is not None else None
-        row = self.conn.execute(
-            "SELECT id FROM candidates WHERE model_spec = ? AND weights_hash = ? AND COALESCE(plan_json, '') = ?"
-            " AND deleted IS NULL",
-            (model_spec, weights_hash, plan_json or ""),
-        ).fetchone()
-        if row:
-            return row["id"]
-        cursor = self.conn.execute(
+        rows = self.conn.execute(
             """INSERT INTO candidates (name, kind, parent_id, model_spec, weights_hash, plan_json, calibration_json,
                                        artifact_dir, code_version, created)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)""",
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+               ON CONFLICT (model_spec, weights_hash, COALESCE(plan_json, '')) WHERE deleted IS NULL
+               DO UPDATE SET model_spec = candidates.model_spec
+               RETURNING id""",
             (name, kind, parent_id, model_spec, weights_hash, plan_json,
              json.dumps(calibration, sort_keys=True) if calibration is not None else None, artifact_dir, code_version,
              time.time()),
-        )
-        return cursor.lastrowid
+        ).fetchall()  # read to the end: the statement (and its write lock) ends here, not when garbage-collected
+        return rows[0]["id"]
 
     def candidates(self, include_deleted: bool = False) -> list[dict]:
         sql = "SELECT * FROM candidates" + ("" if include_deleted else " WHERE deleted IS NULL") + " ORDER BY id"

@@ -3,6 +3,11 @@
 A job names its work as "shrink_core.module:function"; the function is called as `function(ctx, **params)`
 and returns a JSON-able dict. The worker survives a browser reload or an app restart. A worker that dies is
 noticed by `reap` (dead pid or stale heartbeat) and its job marked failed with the reason.
+
+Status moves one way, guarded in SQL: queued -> running -> done, and queued/running -> failed/cancelled; an update
+whose previous state does not match changes nothing and says so (returns False). At most `max_jobs()` jobs run at
+once (each loads a model); the others stay queued, in order, and their worker starts the work when a slot frees.
+A worker is known by its pid and its process create time, so a pid reused by another process is not "alive".
 """
 from __future__ import annotations
 
@@ -17,6 +22,8 @@ import time
 import traceback
 from dataclasses import dataclass
 
+import psutil
+
 from shrink_core.errors import JobCancelled, ShrinkError
 from shrink_core.paths import REPO_ROOT, shrink_home
 from shrink_core.results.store import Store
@@ -25,6 +32,10 @@ HEARTBEAT_S = 2.0
 STALE_AFTER_S = 30.0  # no heartbeat for this long while "running" means the worker is gone
 CANCEL_GRACE_S = 10.0  # after this, a cancelled worker that has not stopped by itself is terminated
 ACTIVE = ("queued", "running")
+QUEUE_POLL_S = 0.5  # how often a queued worker looks for a free slot
+MAX_JOBS_ENV = "SHRINK_MAX_JOBS"
+# Which states each status may be entered from; anything else is a no-op.
+ALLOWED_FROM = {"running": ("queued",), "done": ("running",), "failed": ACTIVE, "cancelled": ACTIVE}
 _children: list[subprocess.Popen] = []  # kept so finished workers are reaped, not left as zombies
 
 
@@ -45,6 +56,7 @@ class Job:
     started: float | None
     finished: float | None
     cancel_requested: float | None
+    pid_created: float | None = None
 
     @property
     def active(self) -> bool:
@@ -68,7 +80,73 @@ class Job:
             started=row["started"],
             finished=row["finished"],
             cancel_requested=row["cancel_requested"],
+            pid_created=row["pid_created"],
         )
+
+
+def max_jobs() -> int:
+    """How many jobs may run at once (each loads a model): $SHRINK_MAX_JOBS, default 1."""
+    raw = os.environ.get(MAX_JOBS_ENV, "1")
+    try:
+        value = int(raw)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ShrinkError(f"{MAX_JOBS_ENV} must be a whole number of at least 1, got {raw!r}.")
+    return value
+
+
+def queue_position(store: Store, job_id: int) -> int | None:
+    """1 for the next queued job to start, 2 for the one after...; None when the job is not queued."""
+    row = store.execute(
+        "SELECT (SELECT COUNT(*) FROM jobs AS q WHERE q.status = 'queued' AND q.id < jobs.id) + 1 AS position"
+        " FROM jobs WHERE id = ? AND status = 'queued'", (job_id,)).fetchone()
+    return row["position"] if row else None
+
+
+def queue_message(store: Store, job_id: int) -> str:
+    """What a queued job waits for, in one sentence (shown by the UI and written by the waiting worker)."""
+    position = queue_position(store, job_id)
+    if position is None:
+        return ""
+    cap = max_jobs()
+    running = store.execute("SELECT COUNT(*) FROM jobs WHERE status = 'running'").fetchone()[0]
+    return (f"Queued: position {position} in the queue; {running} of {cap} job slot{'s' if cap != 1 else ''} busy "
+            f"(set {MAX_JOBS_ENV} to run more at once).")
+
+
+def _transition(store: Store, job_id: int, status: str, **fields) -> bool:
+    """Move a job to `status` if its current status allows it; True if it moved, False if it was a no-op."""
+    allowed = ALLOWED_FROM[status]
+    sets = ", ".join(["status = ?"] + [f"{key} = ?" for key in fields])
+    cursor = store.execute(
+        f"UPDATE jobs SET {sets} WHERE id = ? AND status IN ({', '.join('?' for _ in allowed)})",
+        (status, *fields.values(), job_id, *allowed),
+    )
+    return cursor.rowcount == 1
+
+
+def _process_identity(pid: int | None = None) -> tuple[int, float | None]:
+    """(pid, create time) of a process; the create time is None if the process is already gone."""
+    pid = os.getpid() if pid is None else pid
+    try:
+        return pid, psutil.Process(pid).create_time()
+    except psutil.Error:
+        return pid, None
+
+
+def _claim(store: Store, job_id: int) -> bool:
+    """queued -> running for this process, only if a slot is free and no older job is still queued (one statement)."""
+    pid, created = _process_identity()
+    now = time.time()
+    cursor = store.execute(
+        """UPDATE jobs SET status = 'running', started = ?, heartbeat = ?, pid = ?, pid_created = ?, message = 'starting'
+           WHERE id = ? AND status = 'queued' AND cancel_requested IS NULL
+             AND (SELECT COUNT(*) FROM jobs WHERE status = 'running') < ?
+             AND NOT EXISTS (SELECT 1 FROM jobs AS older WHERE older.status = 'queued' AND older.id < ?)""",
+        (now, now, pid, created, job_id, max_jobs(), job_id),
+    )
+    return cursor.rowcount == 1
 
 
 def log_path(job_id: int):
@@ -84,8 +162,9 @@ def _check_target(target: str) -> None:
 
 
 def submit(store: Store, kind: str, target: str, params: dict, *, spawn: bool = True) -> int:
-    """Queue a job and start its worker process; returns the job id."""
+    """Queue a job and start its worker process (which waits for a free slot); returns the job id."""
     _check_target(target)
+    max_jobs()  # a bad $SHRINK_MAX_JOBS is the user's one sentence now, not a failed job later
     cursor = store.execute(
         "INSERT INTO jobs (kind, target, params_json, status, created) VALUES (?, ?, ?, 'queued', ?)",
         (kind, target, json.dumps(params), time.time()),
@@ -104,7 +183,8 @@ def submit(store: Store, kind: str, target: str, params: dict, *, spawn: bool = 
                 start_new_session=True,  # its own process group: cancel can stop it and its children
             )
         _children.append(child)
-        store.execute("UPDATE jobs SET pid = ? WHERE id = ? AND pid IS NULL", (child.pid, job_id))
+        pid, created = _process_identity(child.pid)
+        store.execute("UPDATE jobs SET pid = ?, pid_created = ? WHERE id = ? AND pid IS NULL", (pid, created, job_id))
     return job_id
 
 
@@ -122,32 +202,35 @@ def list_jobs(store: Store, kind: str | None = None, limit: int = 50) -> list[Jo
     return [Job.from_row(r) for r in rows]
 
 
-def cancel(store: Store, job_id: int) -> None:
-    """Ask a job to stop; the worker notices at its next progress call, or is terminated after a grace period."""
-    store.execute(
+def cancel(store: Store, job_id: int) -> bool:
+    """Ask a job to stop; the worker notices at its next progress call, or is terminated after a grace period.
+
+    False when there was nothing to cancel (the job already ended, or was already asked to stop)."""
+    cursor = store.execute(
         "UPDATE jobs SET cancel_requested = ? WHERE id = ? AND status IN ('queued', 'running') AND cancel_requested IS NULL",
         (time.time(), job_id),
     )
     reap(store)
+    return cursor.rowcount == 1
 
 
-def _alive(pid: int) -> bool:
+PID_TIME_TOLERANCE_S = 1.0  # create times are read in different processes; a reused pid starts later than this
+
+
+def _alive(pid: int, created: float | None) -> bool:
+    """Whether `pid` is still the process that was recorded (same create time), and has not finished."""
     try:
-        with open(f"/proc/{pid}/stat") as handle:
-            fields = handle.read().rsplit(")", 1)[1].split()
-        if fields[0] in ("Z", "X"):  # a zombie has finished; it only waits for its parent
+        process = psutil.Process(pid)
+        if process.status() in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD):  # finished; only waits for its parent
             return False
-        with open(f"/proc/{pid}/cmdline", "rb") as handle:
-            return b"shrink_core.runtime.worker" in handle.read()  # a recycled pid is not our worker
-    except (OSError, IndexError):
+        return created is None or abs(process.create_time() - created) <= PID_TIME_TOLERANCE_S
+    except psutil.Error:  # gone, or someone else's process
         return False
 
 
-def _fail(store: Store, job_id: int, status: str, reason: str) -> None:
-    store.execute(
-        "UPDATE jobs SET status = ?, error = ?, finished = ? WHERE id = ? AND status IN ('queued', 'running')",
-        (status, reason, time.time(), job_id),
-    )
+def _fail(store: Store, job_id: int, status: str, reason: str) -> bool:
+    """Mark an active job failed or cancelled; False (a no-op) when it had already ended."""
+    return _transition(store, job_id, status, error=reason, finished=time.time())
 
 
 def reap(store: Store) -> None:
@@ -159,7 +242,7 @@ def reap(store: Store) -> None:
     for row in store.execute("SELECT * FROM jobs WHERE status IN ('queued', 'running')").fetchall():
         job = Job.from_row(row)
         if job.cancel_requested and now - job.cancel_requested > CANCEL_GRACE_S:
-            if job.pid and _alive(job.pid):
+            if job.pid and _alive(job.pid, job.pid_created):
                 try:
                     os.killpg(job.pid, signal.SIGTERM)
                 except ProcessLookupError:
@@ -171,7 +254,7 @@ def reap(store: Store) -> None:
                 _fail(store, job.id, "failed", "The worker process never started; see the job log.")
             continue
         heartbeat = row["heartbeat"] or job.created
-        if not _alive(job.pid):
+        if not _alive(job.pid, job.pid_created):
             # The worker writes its final status itself; re-read in case it finished since our SELECT.
             fresh = get(store, job.id)
             if fresh and fresh.active:
@@ -194,10 +277,12 @@ class JobContext:
         fraction = min(max(float(fraction), 0.0), 1.0)
         elapsed = time.time() - self._started
         eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
-        self.store.execute(
-            "UPDATE jobs SET progress = ?, message = ?, eta_s = ?, heartbeat = ? WHERE id = ?",
+        cursor = self.store.execute(
+            "UPDATE jobs SET progress = ?, message = ?, eta_s = ?, heartbeat = ? WHERE id = ? AND status = 'running'",
             (fraction, message, eta, time.time(), self.job_id),
         )
+        if cursor.rowcount == 0:  # declared failed or cancelled meanwhile: it no longer holds a slot, so stop
+            raise JobCancelled()
         self.check_cancel()
 
     def check_cancel(self) -> None:
@@ -213,14 +298,38 @@ def _heartbeat(store_path: str, job_id: int, stop: threading.Event) -> None:
     store.close()
 
 
-def run_job(store: Store, job_id: int, heartbeat: bool = True) -> Job:
-    """Run a queued job in this process (the worker's body; tests call it inline)."""
+def _wait_for_slot(store: Store, job_id: int, poll: float = QUEUE_POLL_S) -> bool:
+    """Block while the job is queued behind others; True once it runs here, False if it ended or was cancelled."""
+    pid, created = _process_identity()
+    store.execute("UPDATE jobs SET pid = ?, pid_created = ? WHERE id = ? AND pid IS NULL", (pid, created, job_id))
+    while not _claim(store, job_id):
+        job = get(store, job_id)
+        if job is None or job.status != "queued":
+            return False
+        if job.cancel_requested:
+            _fail(store, job_id, "cancelled", "Cancelled by the user before it started.")
+            return False
+        store.execute("UPDATE jobs SET message = ?, heartbeat = ? WHERE id = ? AND status = 'queued'",
+                      (queue_message(store, job_id), time.time(), job_id))
+        reap(store)  # a dead worker holding a slot or a place in the queue must not block the rest forever
+        time.sleep(poll)
+    return True
+
+
+def run_job(store: Store, job_id: int, heartbeat: bool = True) -> Job | None:
+    """Run a queued job in this process once a slot is free (the worker's body; tests call it inline).
+
+    A job that is no longer queued (cancelled, failed, or already taken) is left as it is and returned."""
     row = store.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
+    if row is None:
+        return None
     job = Job.from_row(row)
-    store.execute(
-        "UPDATE jobs SET status = 'running', started = ?, heartbeat = ?, pid = ? WHERE id = ?",
-        (time.time(), time.time(), os.getpid(), job_id),
-    )
+    try:
+        if not _wait_for_slot(store, job_id):
+            return get(store, job_id)
+    except ShrinkError as exc:  # e.g. a bad $SHRINK_MAX_JOBS in the worker's environment
+        _fail(store, job_id, "failed", str(exc))
+        return get(store, job_id)
     stop = threading.Event()
     beat = threading.Thread(target=_heartbeat, args=(str(store.path), job_id, stop), daemon=True)
     if heartbeat:
@@ -231,11 +340,8 @@ def run_job(store: Store, job_id: int, heartbeat: bool = True) -> Job:
         function = getattr(importlib.import_module(module_name), function_name)
         ctx.check_cancel()
         result = function(ctx, **job.params)
-        store.execute(
-            "UPDATE jobs SET status = 'done', progress = 1, message = 'done', eta_s = 0, result_json = ?, finished = ?"
-            " WHERE id = ?",
-            (json.dumps(result or {}, default=str), time.time(), job_id),
-        )
+        _transition(store, job_id, "done", progress=1, message="done", eta_s=0,
+                    result_json=json.dumps(result or {}, default=str), finished=time.time())
     except JobCancelled:
         _fail(store, job_id, "cancelled", "Cancelled by the user.")
     except ShrinkError as exc:

@@ -13,7 +13,7 @@ def main() -> int:
     # SIGTERM from cancel: exit through normal cleanup so the store is left consistent.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     job = run_job(Store(store_path), job_id)
-    return 0 if job.status == "done" else 1
+    return 0 if job is not None and job.status == "done" else 1
 
 
 if __name__ == "__main__":
