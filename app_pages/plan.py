@@ -5,6 +5,7 @@ import streamlit as st
 
 from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.stats import format_interval
 from shrink_core.model.inventory import LINEAR_KINDS, modules_from_rows
 from shrink_core.perf.hardware import DEFAULT_ROWS, get as get_hardware
 from shrink_core.perf.roofline import project
@@ -237,7 +238,7 @@ if job is not None and job.status == "done" and job.result.get("candidate_id"):
         p = r["payload"]
         ref = reference.get(slice_id)
         compare_rows.append({
-            "slice": slice_id, "ppl": p["ppl"], "ppl_ci": f"[{p['ppl_ci'][0]:.3f}, {p['ppl_ci'][1]:.3f}]",
+            "slice": slice_id, "ppl": p["ppl"], "ppl_ci": format_interval(p.get("ppl_ci"), p["items"]),
             "reference ppl": ref["ppl"] if ref else None,
             "measured ΔNLL": p["nll"] - ref["nll"] if ref else None,
             "predicted ΔNLL": predicted.get(slice_id) if predicted.get(slice_id) else None,
