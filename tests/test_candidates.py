@@ -218,7 +218,8 @@ def _paired_store(store: Store, n_items: int, shifts: dict[str, float], stored_c
     ids = {}
     for name, kind in (("reference", "reference"), ("cand", "quantized")):
         cid = store.upsert_candidate(name=name, kind=kind, model_spec=SPEC, weights_hash="h0", code_version="test",
-                                     plan=None if kind == "reference" else W8 | {"name": name}, parent_id=ids.get("reference"))
+                                     plan=None if kind == "reference" else W8 | {"name": name},
+                                     parent_id=ids.get("reference"))
         ids[name] = cid
         for index, (slice_id, shift) in enumerate(shifts.items()):
             payload = _payload(slice_id, 20.0, index)

@@ -26,7 +26,7 @@ def run(args) -> int:
         return 0
     print(f"{report['model']} budget={report['budget']} ({report['seconds']:.1f} s on {report['device']})")
     for slice_id, r in report["slices"].items():
-        line = f"  {slice_id:<12} ppl {r['ppl']:.3f} {format_interval(r['ppl_ci'], r['items'])}"
+        line = f"  {slice_id:<12} ppl {r['ppl']:.3f} {format_interval(r.get('ppl_ci'), r['items'])}"
         if "bpb" in r:
             line += f"  bpb {r['bpb']:.4f}"
         if "accuracy" in r:

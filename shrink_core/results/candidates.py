@@ -280,7 +280,8 @@ def slices_frame(store: Store, budget: str | None = None, spec: str | None = Non
             out.append(SliceRow(
                 candidate_id=c["id"], name=c["name"], kind=c["kind"], slice=slice_id, slice_kind=p["kind"],
                 budget=run_budget, items=p["items"], tokens=p["tokens"], ppl=p["ppl"], ppl_low=ppl_ci[0],
-                ppl_high=ppl_ci[1], interval_note=too_few, reference_ppl=ref_ppl, ppl_ratio=ratio, ratio_low=low, ratio_high=high,
+                ppl_high=ppl_ci[1], interval_note=too_few, reference_ppl=ref_ppl, ppl_ratio=ratio, ratio_low=low,
+                ratio_high=high,
                 ratio_interval=interval,
                 kl=kl, kl_p99=kl_p99, top1_agree=top1, accuracy=p.get("accuracy"), acc_low=acc_ci[0],
                 acc_high=acc_ci[1], flips_total=flips.get("total"), flips_lost=flips.get("lost"),
