@@ -5,6 +5,7 @@ import streamlit as st
 from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.evaluate import BUDGETS
+from shrink_core.evaluation.stats import MIN_INTERVAL_ITEMS, interval_note
 from shrink_core.evaluation.slices import add_user_slice, list_slices, load_rows
 from ui import charts, choices, state
 from ui.data import store
@@ -69,16 +70,19 @@ for r in rows:  # newest first: keep the newest per (slice, budget)
 records = []
 for (slice_id, run_budget), r in latest.items():
     p = r["payload"]
+    too_few = interval_note(p["items"])  # no interval below the minimum, even one stored before there was one
+    ppl_ci, acc_ci = (None, None) if too_few else (p.get("ppl_ci"), p.get("accuracy_ci"))
     records.append({
         "slice": slice_id, "budget": run_budget, "items": p["items"], "tokens": p["tokens"], "ppl": p["ppl"],
-        "ppl_low": p["ppl_ci"][0], "ppl_high": p["ppl_ci"][1], "bpb": p.get("bpb"),
-        "accuracy": p.get("accuracy"), "acc_low": (p.get("accuracy_ci") or [None])[0],
-        "acc_high": (p.get("accuracy_ci") or [None, None])[1], "device": r["device"],
+        "ppl_low": (ppl_ci or [None])[0], "ppl_high": (ppl_ci or [None, None])[1], "bpb": p.get("bpb"),
+        "accuracy": p.get("accuracy"), "acc_low": (acc_ci or [None])[0],
+        "acc_high": (acc_ci or [None, None])[1], "interval": too_few or "95% bootstrap", "device": r["device"],
     })
 results = pd.DataFrame(records)
 shown_budget = st.radio("Show budget", sorted(results["budget"].unique()), horizontal=True, key="show_budget")
 view = results[results["budget"] == shown_budget]
-st.caption(f"Measured on {view['device'].iloc[0]}; intervals are 95% bootstrap over items (1,000 resamples).")
+st.caption(f"Measured on {view['device'].iloc[0]}; intervals are 95% bootstrap over items (1,000 resamples); "
+           f"none below {MIN_INTERVAL_ITEMS} items.")
 st.dataframe(view.drop(columns=["device"]), key="baseline_table", hide_index=True)
 text_view = view[view["accuracy"].isna()]
 task_view = view[view["accuracy"].notna()]

@@ -8,6 +8,7 @@ import streamlit as st
 from shrink_core.results import candidates as cands
 from shrink_core.results import pareto
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.stats import ALPHA
 from shrink_core.results.report import DEFAULT_LIMITS, View, build_report, figures, method_notes, render_html, write_png
 from ui.data import store
 
@@ -73,8 +74,8 @@ main, multiples = figures(report)
 st.plotly_chart(main, key="pareto_main", width="stretch")
 for note in method_notes(report.candidates, report.table, report.view):
     st.caption(note)
-points = report.points[["candidate_id", "name", "x", "y", "y_low", "y_high", "worst_slice", "on_frontier",
-                        "acceptable"]]
+points = report.points[["candidate_id", "name", "x", "y", "y_low", "y_high", "interval_note", "worst_slice",
+                        "on_frontier", "acceptable"]]
 st.dataframe(points, key="pareto_points", hide_index=True)
 
 st.markdown("#### Every slice")
@@ -87,8 +88,15 @@ chosen = st.multiselect("Candidates (2 to 5; the first is the baseline)", ids,
 if len(chosen) >= 2:
     compare = cands.compare_frame(db, [int(c) for c in chosen], budget)
     st.dataframe(compare, key="compare_table", hide_index=True)
-    st.caption("p-values: paired bootstrap over items for NLL, McNemar for accuracy; only when both were scored on "
-               "the same items. flips_vs_baseline: answers that changed between the two.")
+    st.caption("p-values: paired bootstrap over items for NLL (never below 1/(resamples + 1)), McNemar for "
+               "accuracy; only when both were scored on the same items. flips_vs_baseline: answers that changed "
+               "between the two. interval_note: why a slice has no interval.")
+    adjusted = compare.dropna(subset=["holm"]) if "holm" in compare else compare.iloc[:0]
+    if len(adjusted):
+        over = "; ".join(f"{name}: {how}" for name, how in
+                         adjusted.drop_duplicates("name")[["name", "holm"]].itertuples(index=False))
+        st.caption(f"nll_p and accuracy_p are raw; *_holm are Holm-adjusted over each candidate's tests on the "
+                   f"slices shown ({over}); significant = an adjusted p below {ALPHA:g}.")
     with_target = cands.candidates_frame(db, target=target).set_index("id").loc[chosen].reset_index()
     st.dataframe(with_target[["id", "name", "memory_bytes", "memory_source", "latency_ms", "latency_source",
                               "projected_ms", "projected_source", "cost_per_million", "cost_source"]],

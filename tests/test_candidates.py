@@ -206,3 +206,65 @@ def test_rename_tag_delete_and_export(seeded):
     assert "plan.yaml" not in cands.export_files(store, ids["reference"])
     with pytest.raises(ShrinkError, match="No candidate with id 999"):
         cands.rename(store, 999, "x")
+
+
+def _paired_store(store: Store, n_items: int, shifts: dict[str, float], stored_ci: bool = True) -> dict[str, int]:
+    """A reference and one candidate scored on the same `n_items` items of each slice; the candidate's per-token NLL
+    is the reference's plus `shift` plus a fixed symmetric spread (sd 1 nat/token), so its p-value is known."""
+    rng = np.random.default_rng(7)
+    half = rng.normal(0, 1, n_items // 2)
+    spread = np.concatenate([half, -half])
+    spread = spread / spread.std()
+    ids = {}
+    for name, kind in (("reference", "reference"), ("cand", "quantized")):
+        cid = store.upsert_candidate(name=name, kind=kind, model_spec=SPEC, weights_hash="h0", code_version="test",
+                                     plan=None if kind == "reference" else W8 | {"name": name},
+                                     parent_id=ids.get("reference"))
+        ids[name] = cid
+        for index, (slice_id, shift) in enumerate(shifts.items()):
+            payload = _payload(slice_id, 20.0, index)
+            nll = np.array(payload["per_item"]["nll"][:n_items])
+            if kind != "reference":
+                nll = nll + 10 * (shift + spread)  # 10 tokens per item
+            ppl = math.exp(nll.sum() / (10 * n_items))
+            payload.update(items=n_items, tokens=10 * n_items, nll=math.log(ppl), ppl=ppl,
+                           ppl_ci=[ppl * 0.9, ppl * 1.1] if stored_ci else None,  # as stored before the minimum
+                           per_item={"ids": payload["per_item"]["ids"][:n_items], "nll": nll.tolist(),
+                                     "tokens": [10] * n_items})
+            store.add_result("eval", Provenance(SPEC, "h0", "test", "cpu", slice=slice_id, budget="fast"), payload,
+                             candidate_id=cid)
+    return ids
+
+
+def test_compare_holm_adjusts_over_the_slices_shown(shrink_home):
+    store = Store()
+    ids = _paired_store(store, ITEMS, {"en": 0.35, "fr": 0.0, "de": 0.0})
+    table = cands.compare_frame(store, [ids["reference"], ids["cand"]], "fast").set_index(["name", "slice"])
+    en = table.loc[("cand", "en")]
+    assert 0.01 < en["nll_p"] < 0.05  # alone, en would look significant ...
+    assert en["nll_p_holm"] == pytest.approx(3 * en["nll_p"])  # ... but three slices were looked at
+    assert not en["significant"] and en["holm"] == "Holm-adjusted over 3 tests on 3 slices"
+    assert table.loc[("cand", "fr"), "nll_p"] == 1.0 and not table.loc[("cand", "fr"), "significant"]
+    assert pd.isna(table.loc[("reference", "en"), "nll_p_holm"])  # the baseline is not tested against itself
+    # the reference tests of the report run the same family
+    tests = cands.reference_tests(store, "fast").set_index("slice")
+    assert tests.loc["en", "nll_p_holm"] == pytest.approx(en["nll_p_holm"]) and not tests.loc["en", "significant"]
+
+
+def test_strong_differences_stay_significant_after_adjustment(seeded):
+    store, ids = seeded
+    table = cands.compare_frame(store, [ids["w8"], ids["en-star"]], "fast")
+    ar = table[(table["slice"] == "ar") & (table["name"] == "en-star")].iloc[0]
+    assert ar["nll_p"] > 0 and ar["nll_p_holm"] < 0.05 and ar["significant"]
+    assert ar["holm"] == "Holm-adjusted over 4 tests on 3 slices"  # NLL on en, ar, mc and accuracy on mc
+
+
+def test_no_interval_for_a_slice_of_few_items(shrink_home):
+    store = Store()
+    _paired_store(store, 4, {"en": 0.5})
+    table = cands.slices_frame(store, "fast").set_index("name")
+    for name in ("reference", "cand"):
+        assert pd.isna(table.loc[name, "ppl_low"]) and pd.isna(table.loc[name, "ppl_high"])  # stored one dropped
+        assert table.loc[name, "interval_note"] == "n=4 items: too few for an interval (fewer than 20)"
+    cand = table.loc["cand"]
+    assert pd.isna(cand["ratio_low"]) and cand["ratio_interval"].startswith("n=4 items: too few")

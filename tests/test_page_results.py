@@ -76,3 +76,19 @@ def test_accuracy_view_uses_task_slices_only(shrink_home):
     points = _frame(at, "on_frontier").set_index("name")
     assert points.loc["w4", "y"] == 0.55 and points.loc["w4", "worst_slice"] == "mc"
     assert points.loc["w8", "on_frontier"] and not points.loc["en-star", "on_frontier"]  # 0.5 at 150 MB vs w4's 0.55
+
+
+def test_compare_shows_raw_and_holm_adjusted_p_and_why_no_interval(shrink_home):
+    from .test_candidates import _paired_store
+
+    _paired_store(Store(), 4, {"en": 0.5, "fr": 0.0})
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    assert not at.exception, at.exception
+    note = "n=4 items: too few for an interval (fewer than 20)"
+    compare = _frame(at, "role").set_index(["name", "slice"])  # both candidates, picked by default
+    assert {"nll_p", "nll_p_holm"} <= set(compare.columns)
+    assert compare.loc[("cand", "fr"), "nll_p_holm"] >= compare.loc[("cand", "fr"), "nll_p"]
+    assert compare.loc[("cand", "en"), "interval_note"] == note
+    assert any("Holm-adjusted over 2 tests on 2 slices" in c.value for c in at.caption)
+    points = _frame(at, "on_frontier").set_index("name")
+    assert points.loc["cand", "interval_note"] == note

@@ -78,7 +78,7 @@ def test_predicted_vs_measured_pairs_the_candidate_with_its_reference(shrink_hom
     candidate = store.upsert_candidate(name="w8", kind="quantized", model_spec=spec, weights_hash="h", code_version="v",
                                        plan={"version": 1, "rules": []})
     measured = Provenance(spec, "h", "v", "cpu", plan={"version": 1, "rules": []}, slice="en", budget="fast")
-    store.add_result("eval", measured, {"nll": 2.25, "ppl": 9.49, "ppl_ci": [9.0, 10.0], "kl": 0.2},
+    store.add_result("eval", measured, {"nll": 2.25, "ppl": 9.49, "ppl_ci": [9.0, 10.0], "items": 30, "kl": 0.2},
                      candidate_id=candidate)
     resolved = resolve(rows, plan)
     linear = [r for r in resolved if r.kind == "q"]

@@ -5,12 +5,13 @@ import shutil
 import subprocess
 import sys
 
+import pandas as pd
 import pytest
 
 from shrink_core.errors import ShrinkError
 from shrink_core.paths import REPO_ROOT
-from shrink_core.results.report import View, build_report, render_html, write_png, write_report
-from shrink_core.results.store import Store
+from shrink_core.results.report import View, build_report, figures, render_html, write_png, write_report
+from shrink_core.results.store import Provenance, Store
 
 from .browser import CHROMEDRIVER, CHROMIUM, chromium, wait_for
 from .test_candidates import seed_store
@@ -135,3 +136,70 @@ def test_report_never_imports_streamlit():
             "assert 'streamlit' not in sys.modules, 'streamlit imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
+
+
+def _first_table(page: str) -> pd.DataFrame:
+    """The first HTML table in `page` as text cells (the standard library's parser: no lxml here)."""
+    from html.parser import HTMLParser
+
+    class Cells(HTMLParser):
+        def __init__(self):
+            super().__init__()
+            self.rows, self.cell, self.done = [], None, False
+
+        def handle_starttag(self, tag, attrs):
+            if not self.done and tag == "tr":
+                self.rows.append([])
+            elif not self.done and tag in ("td", "th"):
+                self.cell = ""
+
+        def handle_endtag(self, tag):
+            if tag in ("td", "th") and self.cell is not None:
+                self.rows[-1].append(self.cell.strip())
+                self.cell = None
+            elif tag == "table":
+                self.done = True
+
+        def handle_data(self, data):
+            if self.cell is not None:
+                self.cell += data
+
+    parser = Cells()
+    parser.feed(page)
+    return pd.DataFrame(parser.rows[1:], columns=parser.rows[0])
+
+
+def test_report_says_why_a_small_slice_has_no_interval(shrink_home):
+    from .test_candidates import _paired_store
+
+    store = Store()
+    ids = _paired_store(store, 4, {"en": 0.5})
+    for cid, size in ((ids["reference"], 4e8), (ids["cand"], 1e8)):  # plotted: both need an x
+        store.add_result("size", Provenance("toy:tiny", "h0", "test", "cpu"), {"total_packed_bytes": size},
+                         candidate_id=cid)
+    report = build_report(store, View())
+    note = "n=4 items: too few for an interval (fewer than 20)"
+    points = report.points.set_index("name")
+    assert pd.isna(points.loc["cand", "y_low"]) and points.loc["cand", "interval_note"] == note
+    assert note in points.loc["cand", "hover"]
+    page = render_html(report, store)
+    table = _first_table(page[page.index("<h2>Per-slice results</h2>"):]).set_index("name")
+    assert table.loc["cand", "ppl 95%"] == note and table.loc["cand", "ppl_ratio 95%"] == note  # where it would be
+    main = figures(report)[0]
+    assert any(note in (a.text or "") for a in main.layout.annotations)  # in place of the missing error bar
+
+
+def test_report_lists_raw_and_holm_adjusted_p_values(shrink_home):
+    from .test_candidates import _paired_store
+
+    store = Store()
+    _paired_store(store, 40, {"en": 0.35, "fr": 0.0, "de": 0.0})
+    report = build_report(store, View())
+    en = report.tests.set_index("slice").loc["en"]
+    assert en["nll_p"] < 0.05 < en["nll_p_holm"] and not en["significant"]
+    page = render_html(report, store)
+    section = page[page.index("<h2>Paired tests against the reference</h2>"):]
+    tests = _first_table(section)
+    assert {"nll_p", "nll_p_holm"} <= set(tests.columns)
+    assert set(tests["holm"]) == {"Holm-adjusted over 3 tests on 3 slices"}
+    assert "Holm-Bonferroni" in page[page.index("<h2>Method notes</h2>"):]

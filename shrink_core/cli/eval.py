@@ -15,6 +15,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
+    from shrink_core.evaluation.stats import format_interval
     from shrink_core.results.eval_run import run_eval
 
     ids = [s.strip() for s in args.slices.split(",") if s.strip()]
@@ -25,11 +26,11 @@ def run(args) -> int:
         return 0
     print(f"{report['model']} budget={report['budget']} ({report['seconds']:.1f} s on {report['device']})")
     for slice_id, r in report["slices"].items():
-        line = f"  {slice_id:<12} ppl {r['ppl']:.3f} [{r['ppl_ci'][0]:.3f}, {r['ppl_ci'][1]:.3f}]"
+        line = f"  {slice_id:<12} ppl {r['ppl']:.3f} {format_interval(r.get('ppl_ci'), r['items'])}"
         if "bpb" in r:
             line += f"  bpb {r['bpb']:.4f}"
         if "accuracy" in r:
-            line += f"  acc {r['accuracy']:.3f} [{r['accuracy_ci'][0]:.3f}, {r['accuracy_ci'][1]:.3f}]"
+            line += f"  acc {r['accuracy']:.3f} {format_interval(r.get('accuracy_ci'), r['items'])}"
         if "kl" in r:
             line += f"  KL {r['kl']:.4f} (p99 {r['kl_p99']:.3f})  top1 {r['top1_agree']:.3f}"
         if "flips" in r:

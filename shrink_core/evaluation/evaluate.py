@@ -238,7 +238,7 @@ class SliceResult:
     tokens: int
     nll: float  # mean NLL per scored token (nats)
     ppl: float
-    ppl_ci: tuple[float, float]
+    ppl_ci: tuple[float, float] | None  # None below stats.MIN_INTERVAL_ITEMS items
     bpb: float | None = None
     accuracy: float | None = None
     accuracy_ci: tuple[float, float] | None = None

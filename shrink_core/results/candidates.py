@@ -13,6 +13,7 @@ import numpy as np
 import pandas as pd
 
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.stats import ALPHA, holm_adjust, interval_note
 from shrink_core.results.store import Store
 
 
@@ -67,8 +68,9 @@ class SliceRow:
     items: int
     tokens: int
     ppl: float
-    ppl_low: float
-    ppl_high: float
+    ppl_low: float | None  # None (NaN in the frame) below stats.MIN_INTERVAL_ITEMS items
+    ppl_high: float | None
+    interval_note: str | None  # why there is no interval ("n=3 items: too few for an interval"), else None
     reference_ppl: float | None
     ppl_ratio: float | None
     ratio_low: float | None
@@ -227,18 +229,23 @@ def latest_eval(store: Store, candidate_id: int, budget: str | None = None) -> d
 def ratio_interval(payload: dict, reference: dict | None, is_reference: bool):
     """(low, high, how) of the ppl ratio to the reference: a paired bootstrap over items when both were scored on the
     same items and tokens (the usual case: far tighter than either interval alone), else the candidate's interval
-    over the reference's point value."""
+    over the reference's point value. Below stats.MIN_INTERVAL_ITEMS items: (None, None, the reason)."""
     if reference is None:
         return None, None, None
     if is_reference:
         return 1.0, 1.0, "the reference itself"
+    too_few = interval_note(payload["items"])
     mine, theirs = payload.get("per_item") or {}, reference.get("per_item") or {}
     if mine.get("ids") and mine.get("ids") == theirs.get("ids") and mine.get("tokens") == theirs.get("tokens"):
         from shrink_core.evaluation.stats import bootstrap_ratio_ci
 
         diff = np.array(mine["nll"], dtype=float) - np.array(theirs["nll"], dtype=float)
-        low, high = bootstrap_ratio_ci(diff, np.array(mine["tokens"], dtype=float), transform=np.exp)
-        return low, high, "95% paired bootstrap over items"
+        interval = bootstrap_ratio_ci(diff, np.array(mine["tokens"], dtype=float), transform=np.exp)
+        if interval is None:
+            return None, None, interval_note(len(diff))
+        return interval[0], interval[1], "95% paired bootstrap over items"
+    if too_few or not payload.get("ppl_ci"):
+        return None, None, too_few or "no interval recorded"
     ref_ppl = reference["ppl"]
     return (payload["ppl_ci"][0] / ref_ppl, payload["ppl_ci"][1] / ref_ppl,
             "candidate's 95% interval over the reference's point value (not paired: different items)")
@@ -267,11 +274,14 @@ def slices_frame(store: Store, budget: str | None = None, spec: str | None = Non
                 flips = {"total": 0, "lost": 0, "gained": 0} if has_accuracy else {}
             else:
                 kl, kl_p99, top1 = p.get("kl"), p.get("kl_p99"), p.get("top1_agree")
-            acc_ci = p.get("accuracy_ci") or (None, None)
+            too_few = interval_note(p["items"])  # also blanks intervals stored before there was a minimum
+            acc_ci = (None, None) if too_few else p.get("accuracy_ci") or (None, None)
+            ppl_ci = (None, None) if too_few else p.get("ppl_ci") or (None, None)
             out.append(SliceRow(
                 candidate_id=c["id"], name=c["name"], kind=c["kind"], slice=slice_id, slice_kind=p["kind"],
-                budget=run_budget, items=p["items"], tokens=p["tokens"], ppl=p["ppl"], ppl_low=p["ppl_ci"][0],
-                ppl_high=p["ppl_ci"][1], reference_ppl=ref_ppl, ppl_ratio=ratio, ratio_low=low, ratio_high=high,
+                budget=run_budget, items=p["items"], tokens=p["tokens"], ppl=p["ppl"], ppl_low=ppl_ci[0],
+                ppl_high=ppl_ci[1], interval_note=too_few, reference_ppl=ref_ppl, ppl_ratio=ratio, ratio_low=low,
+                ratio_high=high,
                 ratio_interval=interval,
                 kl=kl, kl_p99=kl_p99, top1_agree=top1, accuracy=p.get("accuracy"), acc_low=acc_ci[0],
                 acc_high=acc_ci[1], flips_total=flips.get("total"), flips_lost=flips.get("lost"),
@@ -349,18 +359,59 @@ def _slice_result(payload: dict):
     from shrink_core.evaluation.evaluate import SliceResult
 
     data = dict(payload)
-    data["ppl_ci"] = tuple(data["ppl_ci"])
+    data["ppl_ci"] = tuple(data["ppl_ci"]) if data.get("ppl_ci") else None
     if data.get("accuracy_ci"):
         data["accuracy_ci"] = tuple(data["accuracy_ci"])
     return SliceResult(**data)
 
 
+def _paired(base: dict, mine: dict) -> dict:
+    """Raw paired p-values and flips of `mine` against `base` (two stored eval payloads) on one slice, or why not."""
+    from shrink_core.evaluation.evaluate import compare
+
+    a, b = base.get("per_item") or {}, mine.get("per_item") or {}
+    if not (a.get("ids") and a.get("ids") == b.get("ids")):
+        return {"paired_test": "not paired: different items (budgets or code differ)"}
+    test = compare(_slice_result(base), _slice_result(mine))
+    return {"nll_p": test["nll_p"], "accuracy_p": test.get("accuracy_p"),
+            "flips_vs_baseline": (test.get("flips") or {}).get("total"), "paired_test": "paired over the same items"}
+
+
+def holm_over_slices(records: list[dict]) -> list[dict]:
+    """Adds Holm-adjusted p-values to paired-test records (dicts with candidate_id, slice, nll_p, accuracy_p).
+
+    The family is every test of one candidate against its baseline over the slices shown (NLL and accuracy alike),
+    so "significant" (an adjusted p below ALPHA on either test) is corrected for looking at many slices at once.
+    Adds nll_p_holm, accuracy_p_holm, significant and holm (what the adjustment ran over); raw p-values stay."""
+    keys = ("nll_p", "accuracy_p")
+    for cid in dict.fromkeys(r["candidate_id"] for r in records):
+        tests = [(r, k) for r in records if r["candidate_id"] == cid for k in keys if _is_p(r.get(k))]
+        if not tests:
+            continue
+        adjusted = holm_adjust([float(r[k]) for r, k in tests])
+        slices = {r["slice"] for r, _ in tests}
+        label = (f"Holm-adjusted over {len(tests)} test{'s' * (len(tests) > 1)} on {len(slices)} "
+                 f"slice{'s' * (len(slices) > 1)}")
+        for (record, key), value in zip(tests, adjusted):
+            record[f"{key}_holm"] = value
+        for record in {id(r): r for r, _ in tests}.values():
+            record["significant"] = any(record.get(f"{k}_holm") is not None and record[f"{k}_holm"] < ALPHA
+                                        for k in keys)
+            record["holm"] = label
+    return records
+
+
+def _is_p(value) -> bool:
+    return value is not None and value == value  # not missing, not NaN
+
+
 def compare_frame(store: Store, candidate_ids: list[int], budget: str) -> pd.DataFrame:
     """Per slice, one row per candidate: quality, delta against the first candidate, paired p-values and flips
-    between the two (when both were scored on the same items), KL tail; the first row of each slice is the baseline."""
+    between the two (when both were scored on the same items), KL tail; the first row of each slice is the baseline.
+    p-values come raw and Holm-adjusted over each candidate's tests on the slices shown (`holm_over_slices`);
+    `significant` uses the adjusted ones."""
     if not 2 <= len(candidate_ids) <= 5:
         raise ShrinkError(f"Compare takes 2 to 5 candidates, not {len(candidate_ids)}.")
-    from shrink_core.evaluation.evaluate import compare
 
     table = slices_frame(store, budget)
     names = {c["id"]: c["name"] for c in store.candidates()}
@@ -377,27 +428,46 @@ def compare_frame(store: Store, candidate_ids: list[int], budget: str) -> pd.Dat
                 out.append(record)
                 continue
             r = row.iloc[0]
-            record.update({k: r[k] for k in ("ppl", "ppl_low", "ppl_high", "ppl_ratio", "accuracy", "kl", "kl_p99",
-                                              "top1_agree", "flips_total")})
+            record.update({k: r[k] for k in ("ppl", "ppl_low", "ppl_high", "interval_note", "ppl_ratio", "accuracy",
+                                              "kl", "kl_p99", "top1_agree", "flips_total")})
             mine = evals[cid].get((slice_id, budget))
             if cid != base_id and base is not None and mine is not None:
                 record["delta_ppl"] = mine["payload"]["ppl"] - base["payload"]["ppl"]
                 if base["payload"].get("accuracy") is not None and mine["payload"].get("accuracy") is not None:
                     record["delta_accuracy"] = mine["payload"]["accuracy"] - base["payload"]["accuracy"]
-                a, b = base["payload"].get("per_item") or {}, mine["payload"].get("per_item") or {}
-                if a.get("ids") and a.get("ids") == b.get("ids"):
-                    test = compare(_slice_result(base["payload"]), _slice_result(mine["payload"]))
-                    record.update(nll_p=test["nll_p"], accuracy_p=test.get("accuracy_p"),
-                                  flips_vs_baseline=(test.get("flips") or {}).get("total"),
-                                  significant=bool(test["significant"]), paired_test="paired over the same items")
-                else:
-                    record["paired_test"] = "not paired: different items (budgets or code differ)"
+                record.update(_paired(base["payload"], mine["payload"]))
             out.append(record)
-    order = ["slice", "name", "role", "ppl_ratio", "delta_ppl", "nll_p", "accuracy", "delta_accuracy", "accuracy_p",
-             "flips_vs_baseline", "significant", "kl", "kl_p99", "top1_agree", "flips_total", "ppl", "ppl_low",
-             "ppl_high", "paired_test", "candidate_id"]
+    holm_over_slices(out)
+    order = ["slice", "name", "role", "ppl_ratio", "delta_ppl", "nll_p", "nll_p_holm", "accuracy", "delta_accuracy",
+             "accuracy_p", "accuracy_p_holm", "flips_vs_baseline", "significant", "holm", "kl", "kl_p99",
+             "top1_agree", "flips_total", "ppl", "ppl_low", "ppl_high", "interval_note", "paired_test", "candidate_id"]
     frame = pd.DataFrame(out)
     return frame[[c for c in order if c in frame.columns]]
+
+
+def reference_tests(store: Store, budget: str, candidate_ids: list[int] | None = None) -> pd.DataFrame:
+    """Per (candidate, slice): paired p-values against the candidate's own reference on the same items, raw and
+    Holm-adjusted over that candidate's slices (`holm_over_slices`). The reference itself has no row."""
+    candidates = store.candidates()
+    out = []
+    for c in candidates:
+        if c["kind"] == "reference" or (candidate_ids is not None and c["id"] not in candidate_ids):
+            continue
+        reference = _reference_for(candidates, c)
+        ref_eval = latest_eval(store, reference["id"], budget) if reference else {}
+        for (slice_id, run_budget), r in sorted(latest_eval(store, c["id"], budget).items()):
+            ref = ref_eval.get((slice_id, run_budget))
+            if ref is None:
+                continue
+            record = {"candidate_id": c["id"], "name": c["name"], "slice": slice_id,
+                      "ppl_ratio": r["payload"]["ppl"] / ref["payload"]["ppl"]}
+            record.update(_paired(ref["payload"], r["payload"]))
+            out.append(record)
+    holm_over_slices(out)
+    order = ["name", "slice", "ppl_ratio", "nll_p", "nll_p_holm", "accuracy_p", "accuracy_p_holm", "flips_vs_baseline",
+             "significant", "holm", "paired_test", "candidate_id"]
+    frame = pd.DataFrame(out, columns=[c for c in order if any(c in r for r in out)] or order)
+    return frame.rename(columns={"flips_vs_baseline": "flips_vs_reference"})
 
 
 # ---------------------------------------------------------------- what changed

@@ -18,7 +18,7 @@ from shrink_core.results.store import Provenance, Store
 
 def _result_from_payload(payload: dict) -> SliceResult:
     data = dict(payload)
-    data["ppl_ci"] = tuple(data["ppl_ci"])
+    data["ppl_ci"] = tuple(data["ppl_ci"]) if data.get("ppl_ci") else None  # None: too few items for one
     if data.get("accuracy_ci"):
         data["accuracy_ci"] = tuple(data["accuracy_ci"])
     return SliceResult(**data)

@@ -2,7 +2,7 @@
 
 No streamlit here (the report export in `shrink_core.results.report` builds the same figures outside the app). Points come
 from `shrink_core.results.report.view_points` / `slice_points`: candidate_id, name, x, y, y_low, y_high, on_frontier,
-acceptable, hover.
+acceptable, hover, and interval_note (why a point has no interval, shown in place of its error bar).
 """
 from __future__ import annotations
 
@@ -80,6 +80,12 @@ def pareto_figure(points: pd.DataFrame, x_title: str, y_title: str, higher_is_be
     if limit is not None and limit_label:
         fig.add_annotation(xref="paper", x=1, y=limit, text=limit_label, showarrow=False, xanchor="right",
                            yanchor="bottom", font=dict(color="rgb(46, 160, 67)"))
+    bare = shown[shown["interval_note"].notna()] if "interval_note" in shown else shown.iloc[:0]
+    if len(bare):  # say why a point has no error bar, where the bar would have been
+        fig.add_annotation(xref="paper", yref="paper", x=0, y=1.02, showarrow=False, xanchor="left", yanchor="bottom",
+                           text="no interval: " + "; ".join(f"{n} ({note})" for n, note in
+                                                            zip(bare["name"].astype(str), bare["interval_note"])),
+                           font=dict(size=11, color="gray"))
     missing = points[points["x"].isna() | points["y"].isna()]
     if len(missing):
         fig.add_annotation(xref="paper", yref="paper", x=1, y=1.02, showarrow=False, xanchor="right", yanchor="bottom",

@@ -5,6 +5,7 @@ Measured: the candidate's stored evaluation against the reference's, on the same
 """
 from __future__ import annotations
 
+from shrink_core.evaluation.stats import format_interval
 from shrink_core.plan.predict import predict, score_table, settings_by_module
 
 
@@ -30,10 +31,9 @@ def predicted_vs_measured(store, spec: str, candidate_id: int, resolved, records
     rows = []
     for slice_id, row in measured.items():
         payload, ref = row["payload"], reference.get(slice_id)
-        ci = payload.get("ppl_ci")
         rows.append({
             "slice": slice_id, "ppl": payload.get("ppl"),
-            "ppl_ci": f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else None,
+            "ppl_ci": format_interval(payload.get("ppl_ci"), payload.get("items", 0)),
             "reference ppl": ref.get("ppl") if ref else None,
             "measured ΔNLL": payload["nll"] - ref["nll"] if ref and "nll" in payload and "nll" in ref else None,
             "predicted ΔNLL": predicted.get(slice_id),

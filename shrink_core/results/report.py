@@ -21,8 +21,9 @@ import pandas as pd
 
 from shrink_core import __version__
 from shrink_core.results import pareto
-from shrink_core.results.candidates import candidates_frame, export_files, slices_frame
+from shrink_core.results.candidates import candidates_frame, export_files, reference_tests, slices_frame
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.stats import ALPHA, MIN_INTERVAL_ITEMS
 from shrink_core.results.store import Store
 
 X_COLUMNS = {"memory": "memory_bytes", "latency": "latency_ms", "projected": "projected_ms", "cost": "cost_per_million"}
@@ -79,13 +80,15 @@ def _values(table: pd.DataFrame, candidate_id: int, metric: str, slices: list[st
 
 
 def _interval(table: pd.DataFrame, candidate_id: int, slice_id: str | None, metric: str):
+    """(low, high, why there is none) of the y value on one slice."""
     if slice_id is None or metric not in ("ppl_ratio", "accuracy"):
-        return None, None
+        return None, None, None
     row = table[(table["candidate_id"] == candidate_id) & (table["slice"] == slice_id)]
     if row.empty:
-        return None, None
+        return None, None, None
     low, high = ("ratio_low", "ratio_high") if metric == "ppl_ratio" else ("acc_low", "acc_high")
-    return row.iloc[0][low], row.iloc[0][high]
+    note = row.iloc[0].get("interval_note")
+    return row.iloc[0][low], row.iloc[0][high], note if isinstance(note, str) else None
 
 
 def view_slices(table: pd.DataFrame, view: View) -> list[str]:
@@ -123,13 +126,15 @@ def view_points(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> pd
         else:
             y, worst = values.get(view.y), view.y
             detail = f"slice {view.y}"
-        low, high = _interval(table, c["id"], worst, view.metric)
+        low, high, note = _interval(table, c["id"], worst, view.metric)
         value = "missing" if y is None else f"{y:.4g}"
+        if note:
+            detail += f"; {note}"
         out.append({"candidate_id": c["id"], "name": c["name"], "kind": c["kind"], "x": x, "y": y, "y_low": low,
-                    "y_high": high, "worst_slice": worst,
+                    "y_high": high, "interval_note": note, "worst_slice": worst,
                     "hover": _hover(c, view, f"{pareto.METRICS[view.metric].label}: {value} ({detail})")})
-    points = pd.DataFrame(out, columns=["candidate_id", "name", "kind", "x", "y", "y_low", "y_high", "worst_slice",
-                                        "hover"])
+    points = pd.DataFrame(out, columns=["candidate_id", "name", "kind", "x", "y", "y_low", "y_high", "interval_note",
+                                        "worst_slice", "hover"])
     return _mark(points, view)
 
 
@@ -194,11 +199,17 @@ def limit_label(view: View) -> str:
 def method_notes(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> list[str]:
     notes = [f"Quality: {pareto.METRICS[view.metric].label}; {view.budget} budget; evaluated on "
              f"{', '.join(sorted(table['device'].dropna().unique())) or 'no device'}; intervals are 95% bootstrap over "
-             "items (ratios to the reference: a paired bootstrap when both were scored on the same items).",
+             "items (ratios to the reference: a paired bootstrap when both were scored on the same items). A slice "
+             f"scored on fewer than {MIN_INTERVAL_ITEMS} items gets no interval (its row says so): the bootstrap "
+             "cannot find the tails of so few.",
+             "Paired tests: a bootstrap over items for NLL, an exact McNemar test for accuracy, both against the "
+             f"candidate's reference on the same items. Significant: a p-value below {ALPHA:g} after a Holm-Bonferroni "
+             "adjustment over all of that candidate's tests on the slices shown; both raw and adjusted p-values are "
+             "listed. A bootstrap p-value is never below 1/(resamples + 1).",
              "Worst slice: a candidate missing any of the chosen slices has no worst-slice value and is not plotted.",
              "Frontier: a candidate is on it when no other is at most as large/slow/costly and at least as good, "
              "and strictly better on one of the two. It uses point values: where intervals overlap, the order is not "
-             "significant (see the paired tests under Compare)."]
+             "significant (see the paired tests)."]
     for column, what in (("memory_source", "Size"), ("latency_source", "Latency"), ("projected_source", "Projection"),
                          ("cost_source", "Cost")):
         sources = sorted({str(s) for s in candidates[column].dropna()})
@@ -218,6 +229,7 @@ class Report:
     points: pd.DataFrame = field(repr=False)
     per_slice: pd.DataFrame = field(repr=False)
     created: float = 0.0
+    tests: pd.DataFrame | None = field(default=None, repr=False)  # paired tests vs the reference, Holm-adjusted
 
 
 def build_report(store: Store, view: View) -> Report:
@@ -240,8 +252,9 @@ def build_report(store: Store, view: View) -> Report:
         raise ShrinkError(f"None of these candidates has results at the '{view.budget}' budget.")
     if view.y not in ("worst", "mix") and view.y not in set(table["slice"]):
         raise ShrinkError(f"No results on slice '{view.y}'; choose one of: {', '.join(sorted(set(table['slice'])))}.")
+    tests = reference_tests(store, view.budget, [int(i) for i in candidates["id"]])
     return Report(view, candidates, table, view_points(candidates, table, view), slice_points(candidates, table, view),
-                  time.time())
+                  time.time(), tests)
 
 
 def figures(report: Report):
@@ -255,6 +268,34 @@ def figures(report: Report):
     multiples = small_multiples(report.per_slice, xt, pareto.METRICS[view.metric].label, view.higher_is_better,
                                 view.limit, title="Per slice: the same frontier on every slice")
     return main, multiples
+
+
+def _interval_cell(row: pd.Series, low: str, high: str, value: str) -> str:
+    """"[low, high]", or why there is no interval where it would have been ("n=3 items: too few ...")."""
+    if isinstance(row.get("interval_note"), str):
+        return row["interval_note"]
+    if pd.isna(row[value]):
+        return "missing"
+    if pd.isna(row[low]) or pd.isna(row[high]):
+        return "no interval recorded"
+    return f"[{row[low]:.4g}, {row[high]:.4g}]"
+
+
+def interval_table(table: pd.DataFrame) -> pd.DataFrame:
+    """The per-slice table of the report: each 95% interval as one cell, or the reason there is none."""
+    frame = table.sort_values(["slice", "name"])
+    intervals = {"ppl 95%": ("ppl_low", "ppl_high", "ppl"), "ppl_ratio 95%": ("ratio_low", "ratio_high", "ppl_ratio"),
+                 "accuracy 95%": ("acc_low", "acc_high", "accuracy")}
+    out = frame[["name", "slice", "items", "ppl"]].copy()
+    out["ppl 95%"] = [_interval_cell(r, *intervals["ppl 95%"]) for _, r in frame.iterrows()]
+    out["ppl_ratio"] = frame["ppl_ratio"]
+    out["ppl_ratio 95%"] = [_interval_cell(r, *intervals["ppl_ratio 95%"]) for _, r in frame.iterrows()]
+    for column in ("kl", "kl_p99", "top1_agree", "accuracy"):
+        out[column] = frame[column]
+    out["accuracy 95%"] = [_interval_cell(r, *intervals["accuracy 95%"]) if pd.notna(r["accuracy"]) else "missing"
+                           for _, r in frame.iterrows()]
+    out["flips_total"] = frame["flips_total"]
+    return out
 
 
 PAGE_STYLE = """body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:2em auto;max-width:1200px;
@@ -275,9 +316,10 @@ def render_html(report: Report, store: Store) -> str:
     main_html = main.to_html(full_html=False, include_plotlyjs=True, config=config, div_id="pareto-main")
     multiples_html = multiples.to_html(full_html=False, include_plotlyjs=False, config=config,
                                        div_id="pareto-slices")
-    columns = ["name", "slice", "items", "ppl", "ppl_low", "ppl_high", "ppl_ratio", "kl", "kl_p99", "top1_agree",
-               "accuracy", "flips_total"]
-    per_slice = report.table[columns].sort_values(["slice", "name"])
+    per_slice = interval_table(report.table)
+    tests = report.tests if report.tests is not None else pd.DataFrame()
+    tests_html = (_table_html(tests.drop(columns=["candidate_id"], errors="ignore")) if len(tests) else
+                  "<p>No candidate has a reference scored on the same slices at this budget.</p>")
     sizes = report.candidates[["id", "name", "kind", "memory_bytes", "latency_ms", "projected_ms", "cost_per_million",
                                "memory_source", "latency_source"]]
     plans, provenance = [], {}
@@ -297,6 +339,9 @@ view {esc(view)}.</p>
 <h2>Pareto frontier</h2>{main_html}
 <h2>Per slice</h2>{multiples_html}
 <h2>Per-slice results</h2>{_table_html(per_slice)}
+<h2>Paired tests against the reference</h2>
+<p class="note">Raw p-values and Holm-adjusted ones (over each candidate's tests on the slices shown);
+significant = an adjusted p-value below {ALPHA:g}.</p>{tests_html}
 <h2>Size, latency, cost</h2>{_table_html(sizes)}
 <h2>Method notes</h2><ul>{notes}</ul>
 <h2>Plans</h2>{''.join(plans)}
