@@ -1,4 +1,5 @@
-"""One calibrated plan, one set of weights, one recorded recipe: apply, eval --plan (and the Plan page's run) and measure.
+"""One calibrated plan, one set of weights, one recorded recipe: apply, eval --plan (and the Plan page's run),
+measure.
 
 The plan is GPTQ on the tiny seeded Llama saved as a model directory with a byte-level tokenizer, and it names no
 recipe of its own, so every entry point has to arrive at the same default.
