@@ -1,13 +1,17 @@
 """The evaluation engine on the toy model and toy slices: exactness against a plain forward, determinism, statistics."""
+import gzip
+import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
 import torch
 
 from shrink_core.evaluation import stats as metrics
-from shrink_core.evaluation.evaluate import BUDGETS, Request, compare, evaluate, get_budget, score, select_items
-from shrink_core.evaluation.slices import get_slice
+from shrink_core.evaluation.evaluate import (BUDGETS, Request, compare, covered_bytes, evaluate, get_budget, score,
+                                             select_items)
+from shrink_core.evaluation.slices import SliceInfo, get_slice
 from shrink_core.model.toy import ByteTokenizer, tiny_llama
 
 
@@ -100,3 +104,57 @@ def test_statistics():
     b = np.array([True] * 10 + [False] * 30)
     assert metrics.mcnemar_p(a, b) < 0.001 and metrics.mcnemar_p(a, a) == 1.0
     assert metrics.flips(a, b) == {"lost": 20, "gained": 0, "total": 20}
+
+
+# ---------------------------------------------------------------- bits per byte of the text actually scored
+
+
+def byte_level_tokenizer():
+    """A fast (Rust) tokenizer with one token per UTF-8 byte plus <s>=256, </s>=257: tiny_llama(vocab=258) reads it,
+    and it has character offsets like the real models' tokenizers."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    from transformers.convert_slow_tokenizer import bytes_to_unicode
+
+    vocab = {char: byte for byte, char in bytes_to_unicode().items()} | {"<s>": 256, "</s>": 257}
+    tokenizer = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tokenizer, bos_token="<s>", eos_token="</s>")
+
+
+def long_slice(tmp_path, texts: list[str]) -> SliceInfo:
+    """A slice with the id of the long-documents slice (the one cut to one window), in a temporary file."""
+    path = tmp_path / "long.jsonl.gz"
+    with gzip.open(path, "wt", encoding="utf-8") as handle:
+        for i, text in enumerate(texts):
+            handle.write(json.dumps({"id": f"d{i}", "doc": f"d{i}", "split": "eval", "text": text}) + "\n")
+    return SliceInfo(id="long", title="long", kind="text", metric="ppl", languages=("en",), source=(), license="-",
+                     rows=len(texts), rows_calib=0, rows_eval=len(texts), tokens=0, path=path)
+
+
+@pytest.mark.parametrize("make_tokenizer", [ByteTokenizer, byte_level_tokenizer], ids=["decode", "offsets"])
+def test_long_document_bpb_divides_by_the_bytes_scored(tmp_path, toy, make_tokenizer):
+    model, _ = toy
+    tokenizer = make_tokenizer()
+    texts = ["The long road goes on and on. " * 10, "Another document, a little shorter. " * 7]  # 300 and 252 bytes
+    budget = replace(BUDGETS["fast"], long_window=64)  # BOS + 63 scored tokens of each document: 63 bytes each here
+    result = evaluate(model, tokenizer, [long_slice(tmp_path, texts)], budget)[0]
+    assert result.tokens == 2 * 63
+    nll_bits = result.nll * result.tokens / math.log(2)
+    assert result.bpb == pytest.approx(nll_bits / (2 * 63))
+    assert result.bpb > 4 * nll_bits / sum(len(t) for t in texts)  # what it was: the bytes of the whole documents
+
+
+def test_covered_bytes_follow_the_offsets_not_the_decoded_text():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "émile": 1, "beta": 2, "gamma": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words)
+    text = "émile  beta\n\ngamma beta"
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    assert covered_bytes(tokenizer, text, ids, 2) == len("émile  beta".encode())  # 12 bytes: two spaces, a 2-byte é
+    assert len(tokenizer.decode(ids[:2]).encode()) == 11  # the decoded prefix would lose a space
+    assert covered_bytes(tokenizer, text, ids, len(ids)) == len(text.encode())

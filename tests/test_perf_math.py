@@ -3,6 +3,7 @@ import math
 
 import pytest
 
+from shrink_core.compression.primitives import packed_weight_bytes
 from shrink_core.perf.cost import cost_estimate, dollars_per_million
 from shrink_core.perf.hardware import DEFAULT_ROWS, Hardware, HardwareTableError, get, load_table, table_from_rows
 from shrink_core.perf.memory import kv_cache_bytes, memory_report
@@ -41,9 +42,8 @@ def test_memory_report_uses_the_workload_shape():
 
 
 def test_packed_bytes_matches_the_engine_layout():
-    primitives = pytest.importorskip("shrink_core.compression.primitives")
     for shape, bits, group, symmetric in [((576, 1536), 4, 64, False), ((192, 576), 3, 32, True), ((10, 70), 8, None, True)]:
-        assert packed_bytes(shape, bits, group, symmetric) == primitives.packed_weight_bytes(shape, bits, group, symmetric)["total"]
+        assert packed_bytes(shape, bits, group, symmetric) == packed_weight_bytes(shape, bits, group, symmetric)["total"]
     assert packed_bytes((4, 8), 32, None, True) == 128
 
 

@@ -1,13 +1,14 @@
 """Perf code that runs models: workload description, the low-bit runtime, measured latency, the full report, CLI."""
-import importlib.util
 import json
 
 import pytest
 import torch
 
+from shrink_core.compression.candidate import from_plan
 from shrink_core.perf.hardware import get
 from shrink_core.perf.latency import measure_latency
 from shrink_core.perf.lowbit import lowbit_copy
+from shrink_core.perf.report import measure
 from shrink_core.perf.workload import QuantSpec, describe_model, uniform_bits
 
 
@@ -96,9 +97,6 @@ def test_measured_latency_carries_device_runtime_runs(tiny_model):
 
 
 def test_full_report_labels_every_figure(tiny_model):
-    pytest.importorskip("shrink_core.compression.apply")
-    from shrink_core.compression.candidate import from_plan
-    from shrink_core.perf.report import measure
 
     candidate = from_plan(tiny_model, "preset:w4g64")
     assert len(candidate.bits) == 21 and any("rtn" in n for n in candidate.notes)
@@ -130,9 +128,8 @@ def test_cli_lists_targets_and_refuses_a_bad_one(capsys):
     assert len(err) == 1 and err[0].startswith("error: Unknown target 'tpu-v9'")
     assert main(["measure", "--runs", "0"]) == 1
     assert "--runs must be at least 1" in capsys.readouterr().err
-    if importlib.util.find_spec("shrink_core.plan.spec"):  # a bad plan is refused before the model loads
-        assert main(["measure", "--plan", "preset:nope"]) == 1
-        assert "Unknown plan preset 'nope'" in capsys.readouterr().err
+    assert main(["measure", "--plan", "preset:nope"]) == 1  # a bad plan is refused before the model loads
+    assert "Unknown plan preset 'nope'" in capsys.readouterr().err
 
 
 @pytest.fixture
@@ -146,9 +143,6 @@ def one_thread():
 
 @pytest.mark.integration
 def test_measure_real_model_w4(smollm2, one_thread):
-    pytest.importorskip("shrink_core.compression.apply")
-    from shrink_core.compression.candidate import from_plan
-    from shrink_core.perf.report import measure
 
     candidate = from_plan(smollm2.model, "preset:w4g64")
     report = measure(smollm2.model, candidate, get("h100-sxm"), batches=(1,), prompt_tokens=16, decode_tokens=4,

@@ -65,7 +65,10 @@ def run(args) -> int:
     report = measure(model, candidate, target, batches, args.prompt_tokens, args.decode_tokens, args.runs,
                      args.warmup, args.threads, args.context, args.utilisation, table)
     payload = {"spec": loaded.spec.raw, "weights_hash": loaded.weights_hash, "plan": args.plan, **report.to_dict()}
-    payload["result_id"] = _store(loaded, plan, payload)
+    recipe = _recipe(plan)
+    payload["calibration"] = recipe if args.calibrated else None  # None: rtn/magnitude stand-ins, or no calibration
+    payload["figure_key"] = _key(loaded, plan, payload["calibration"], args, table)
+    payload["result_id"] = _store(loaded, plan, payload, recipe)
     if args.json:
         print_json(payload)
         return 0
@@ -94,7 +97,28 @@ def _print_text(report) -> None:
         print(f"  note: {note}")
 
 
-def _store(loaded, plan, payload: dict) -> int:
+def _recipe(plan) -> dict | None:
+    """The calibration recipe of the plan's calibrated weights, as every entry point records it (None: not needed)."""
+    from shrink_core.evaluation.calibration import recipe_for
+
+    return recipe_for(plan).to_dict() if plan is not None and plan.needs_calibration else None
+
+
+def _key(loaded, plan, calibration: dict | None, args, table) -> str:
+    """The figure key of a measurement: weights, plan, calibration, the workload and where it was measured."""
+    from shrink_core.evaluation.protocol import figure_key
+    from shrink_core.model.describe import device_label
+    from shrink_core.plan import plan_to_dict
+
+    protocol = {name: getattr(args, name) for name in ("target", "batch", "prompt_tokens", "decode_tokens", "runs",
+                                                        "warmup", "threads", "context", "utilisation")}
+    protocol.update(device=device_label(), table=[row.to_dict() for row in table])
+    return figure_key("measure", weights_hash=loaded.weights_hash, protocol=protocol,
+                      plan=plan_to_dict(plan) if plan else None, calibration=calibration,
+                      method=None if _recipe(plan) is None else "calibrated" if args.calibrated else "stand-ins")
+
+
+def _store(loaded, plan, payload: dict, recipe: dict | None = None) -> int:
     """Keep the figures with the candidate they describe, so the Results page can plot them."""
     from shrink_core import __version__
     from shrink_core.results.eval_run import plan_kind, reference_candidate
@@ -107,6 +131,7 @@ def _store(loaded, plan, payload: dict) -> int:
     plan_dict = plan_to_dict(plan) if plan else None
     candidate_id = parent if plan is None else store.upsert_candidate(
         name=plan.name or f"{loaded.spec.raw} + plan", kind=plan_kind(plan), model_spec=loaded.spec.raw,
-        weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, parent_id=parent)
+        weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=recipe,
+        parent_id=parent)
     provenance = Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), plan=plan_dict)
     return store.add_result("measure", provenance, payload, candidate_id=candidate_id)

@@ -187,7 +187,8 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
 def finish(store, teacher_loaded, student, built, config, name, directory, slice_infos, budget, evaluate_at_end,
            progress, job_id) -> dict:
     """Save the student as a candidate directory, evaluate it against the teacher, store both with lineage."""
-    from shrink_core.results.eval_run import _provenance, _public, reference_candidate, reference_results
+    from shrink_core.results.eval_run import (_provenance, _public, eval_payload, reference_candidate,
+                                              reference_results, size_key)
     from shrink_core.evaluation.evaluate import evaluate
     from shrink_core.compression.export import save_candidate
     from shrink_core.plan import load_plan
@@ -214,7 +215,8 @@ def finish(store, teacher_loaded, student, built, config, name, directory, slice
         parent_id=parent, artifact_dir=str(out))
     # The Pareto plots need a size for every candidate; without this record the student is "not plotted".
     size = student_size(store, student, parent, recovered=bool(config.student_dir))
-    store.add_result("size", _provenance(teacher_loaded, plan_dict, None, None), size, job_id=job_id,
+    store.add_result("size", _provenance(teacher_loaded, plan_dict, None, None),
+                     {**size, "figure_key": size_key(teacher_loaded, plan_dict)}, job_id=job_id,
                      candidate_id=candidate_id)
     result = {"candidate_id": candidate_id, "parent_id": parent, "student_dir": str(out), "slices": {}}
     if not evaluate_at_end or not slice_infos:
@@ -224,9 +226,10 @@ def finish(store, teacher_loaded, student, built, config, name, directory, slice
                                   progress=lambda f, m="": progress(0.87 + 0.05 * f, f"teacher {m}"))
     results = evaluate(student, teacher_loaded.tokenizer, slice_infos, budget, reference=teacher_loaded.model,
                        reference_results=reference, progress=lambda f, m="": progress(0.92 + 0.07 * f, f"student {m}"))
-    for item in results:
+    for info, item in zip(slice_infos, results):
         store.add_result("eval", _provenance(teacher_loaded, plan_dict, item.slice, budget),
-                         item.to_dict(with_items=True), job_id=job_id, candidate_id=candidate_id)
+                         eval_payload(teacher_loaded, info, item, budget, plan_dict, calibration), job_id=job_id,
+                         candidate_id=candidate_id)
         entry = _public(item)
         entry["teacher_ppl"] = reference[item.slice].ppl
         result["slices"][item.slice] = entry

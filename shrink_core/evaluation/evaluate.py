@@ -1,8 +1,9 @@
 """The evaluation runner: (model, slices, budget[, reference]) -> per-slice records with confidence intervals.
 
-Protocol (fixed, documented in docs/evaluation.md): items are chosen in sha256 order of their group key, so the same
-budget always scores the same tokens, and parallel languages score the same paragraphs. Logits are never stored:
-each batch is reduced on the fly to per-item NLL, top-1 hits and, against a reference, KL.
+Protocol (fixed, documented in docs/evaluation.md; budgets, version and figure keys in protocol.py): items are chosen
+in sha256 order of their group key, so the same budget always scores the same tokens, and parallel languages score the
+same paragraphs. Logits are never stored: each batch is reduced on the fly to per-item NLL, top-1 hits and, against a
+reference, KL. Bits per byte divide by the bytes of the text actually scored (a long document's first window).
 """
 from __future__ import annotations
 
@@ -12,34 +13,10 @@ from dataclasses import asdict, dataclass, field
 
 import numpy as np
 
-from shrink_core.evaluation import stats as metrics
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation import stats as metrics
+from shrink_core.evaluation.protocol import BUDGETS, LONG_BUCKETS, Budget, get_budget  # noqa: F401 (re-exported)
 from shrink_core.evaluation.slices import SliceInfo, load_rows
-
-
-@dataclass(frozen=True)
-class Budget:
-    name: str
-    text_rows: int | None  # rows of a text slice (parallel languages: the same groups in every language)
-    task_items: int | None  # questions of a task slice
-    long_docs: int | None  # documents of the long slice, and long-context questions
-    window: int  # tokens per window for text rows (longer rows are split with overlap)
-    long_window: int  # tokens of a long document scored in one window
-    max_batch_tokens: int = 1024  # measured: smaller batches stay in cache on a 2-core CPU (~15% faster than 4096)
-
-
-BUDGETS = {
-    "fast": Budget("fast", text_rows=120, task_items=200, long_docs=3, window=512, long_window=4096),
-    "standard": Budget("standard", text_rows=480, task_items=1000, long_docs=10, window=1024, long_window=8192),
-    "full": Budget("full", text_rows=None, task_items=None, long_docs=None, window=1024, long_window=8192),
-}
-LONG_BUCKETS = (0, 512, 1024, 2048, 4096, 8192)
-
-
-def get_budget(name: str) -> Budget:
-    if name not in BUDGETS:
-        raise ShrinkError(f"Unknown budget '{name}'; choose one of: {', '.join(BUDGETS)}.")
-    return BUDGETS[name]
 
 
 # ---------------------------------------------------------------- requests
@@ -256,6 +233,15 @@ class SliceResult:
             data.pop("per_item")
         return data
 
+    @staticmethod
+    def from_dict(payload: dict) -> SliceResult:
+        """A stored payload back as a result; what is stored beside the figures (key, calibration) is left out."""
+        data = {k: v for k, v in payload.items() if k in SliceResult.__dataclass_fields__}
+        data["ppl_ci"] = tuple(data["ppl_ci"]) if data.get("ppl_ci") else None  # none below the minimum items
+        if data.get("accuracy_ci"):
+            data["accuracy_ci"] = tuple(data["accuracy_ci"])
+        return SliceResult(**data)
+
 
 def _breakdown_key(rows: list[dict]) -> str | None:
     for key in ("perturbation", "format", "lang", "subtask", "domain", "subset"):
@@ -328,7 +314,7 @@ def evaluate_slice(model, tokenizer, info: SliceInfo, budget: Budget, reference=
         item_nll[request.item] += out.nll
         item_tokens[request.item] += out.tokens
     if info.kind != "task":
-        item_bytes = np.array([len(r["text"].encode("utf-8")) for r in rows], dtype=float)
+        item_bytes = scored_bytes(tokenizer, rows, budget.long_window if long_docs else None)
         result = _aggregate(info, budget, rows, item_nll, item_tokens, item_bytes, scored)
         if info.id == "long":
             result.breakdown.update(_position_buckets([s.token_nll for s in scored if s.token_nll is not None]))
@@ -337,6 +323,31 @@ def evaluate_slice(model, tokenizer, info: SliceInfo, budget: Budget, reference=
         return result
     correct, correct_norm = _task_correct(rows, requests, scored)
     return _aggregate(info, budget, rows, item_nll, item_tokens, None, scored, correct, correct_norm)
+
+
+def covered_bytes(tokenizer, text: str, ids: list[int], n: int) -> int:
+    """UTF-8 bytes of `text` covered by its first `n` tokens (`ids`: the text's tokens). A fast tokenizer's character
+    offsets give them to the character; otherwise the decoded prefix does (a decoder may normalise spaces). Either way
+    a cut inside a multi-byte character may count up to that character's bytes."""
+    if n >= len(ids):
+        return len(text.encode("utf-8"))
+    if n <= 0:
+        return 0
+    if getattr(tokenizer, "is_fast", False):
+        encoded = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        if list(encoded["input_ids"]) == list(ids):
+            return len(text[:encoded["offset_mapping"][n - 1][1]].encode("utf-8"))
+    return len(tokenizer.decode(ids[:n]).encode("utf-8"))
+
+
+def scored_bytes(tokenizer, rows: list[dict], window: int | None = None) -> np.ndarray:
+    """The bits-per-byte denominator per row: the bytes of the text scored. Text rows are scored whole (split into
+    windows); a long document (`window` given) only up to its first window, prefix included."""
+    if window is None:
+        return np.array([len(r["text"].encode("utf-8")) for r in rows], dtype=float)
+    room = window - len(_prefix(tokenizer))
+    return np.array([covered_bytes(tokenizer, r["text"], tokenizer.encode(r["text"], add_special_tokens=False), room)
+                     for r in rows], dtype=float)
 
 
 def _task_correct(rows, requests, scored) -> tuple[np.ndarray, np.ndarray | None]:

@@ -358,11 +358,7 @@ def export_files(store: Store, candidate_id: int) -> dict[str, str]:
 def _slice_result(payload: dict):
     from shrink_core.evaluation.evaluate import SliceResult
 
-    data = dict(payload)
-    data["ppl_ci"] = tuple(data["ppl_ci"]) if data.get("ppl_ci") else None
-    if data.get("accuracy_ci"):
-        data["accuracy_ci"] = tuple(data["accuracy_ci"])
-    return SliceResult(**data)
+    return SliceResult.from_dict(payload)  # a payload also carries its figure key and calibration
 
 
 def _paired(base: dict, mine: dict) -> dict:

@@ -1,6 +1,8 @@
 """One evaluation run, end to end: load, apply a plan (if any), evaluate against the reference, store.
 
 The CLI calls `run_eval` inline; the Eval sets page runs `eval_job` in a worker. Same code path, same records.
+Every stored result carries its figure key (evaluation/protocol.py) and the calibration recipe of its weights; a
+reference result is reused only when its key equals the key this code would write.
 """
 from __future__ import annotations
 
@@ -10,37 +12,46 @@ import time
 from shrink_core import __version__
 from shrink_core.evaluation.calibration import plan_calibration
 from shrink_core.evaluation.evaluate import SliceResult, evaluate, get_budget
+from shrink_core.evaluation.protocol import PROTOCOL_VERSION, eval_key, figure_key
 from shrink_core.model.describe import device_label
 from shrink_core.model.load import load
 from shrink_core.evaluation.slices import get_slice
 from shrink_core.results.store import Provenance, Store
 
 
-def _result_from_payload(payload: dict) -> SliceResult:
-    data = dict(payload)
-    data["ppl_ci"] = tuple(data["ppl_ci"]) if data.get("ppl_ci") else None  # None: too few items for one
-    if data.get("accuracy_ci"):
-        data["accuracy_ci"] = tuple(data["accuracy_ci"])
-    return SliceResult(**data)
+def eval_payload(loaded, info, result: SliceResult, budget: str, plan: dict | None = None,
+                 calibration: dict | None = None) -> dict:
+    """What is stored for one slice's result: its figures and per-item arrays, the calibration recipe that made the
+    weights (None: uncalibrated), and the key that a later run compares before reusing it."""
+    return {**result.to_dict(with_items=True), "calibration": calibration,
+            "figure_key": eval_key(loaded.weights_hash, info, budget, plan, calibration)}
+
+
+def size_key(loaded, plan: dict) -> str:
+    """The key of a packed-size record: the model's weights and the plan (bytes do not depend on calibration)."""
+    return figure_key("size", weights_hash=loaded.weights_hash, protocol={}, plan=plan)
 
 
 def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, progress=None) -> dict[str, SliceResult]:
-    """The unplanned model's results, reused from the store when this exact model, code and budget ran before."""
+    """The unplanned model's results, reused from the store only when their figure key equals today's (same weights,
+    slice content, budget and protocol version)."""
     out, missing = {}, []
     for slice_id in slice_ids:
+        key = eval_key(loaded.weights_hash, get_slice(slice_id), budget)
         rows = store.results("eval", model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash, slice=slice_id,
                              budget=budget)
-        rows = [r for r in rows if r["plan"] is None and r["code_version"] == __version__]
-        if rows:
-            out[slice_id] = _result_from_payload(rows[0]["payload"])
+        match = next((r for r in rows if r["plan"] is None and r["payload"].get("figure_key") == key), None)
+        if match is not None:
+            out[slice_id] = SliceResult.from_dict(match["payload"])
         else:
             missing.append(slice_id)
     if missing:
         candidate_id = reference_candidate(store, loaded)
-        fresh = evaluate(loaded.model, loaded.tokenizer, [get_slice(s) for s in missing], budget, progress=progress)
-        for result in fresh:
-            store.add_result("eval", _provenance(loaded, None, result.slice, budget), result.to_dict(with_items=True),
-                             candidate_id=candidate_id)
+        infos = [get_slice(s) for s in missing]
+        fresh = evaluate(loaded.model, loaded.tokenizer, infos, budget, progress=progress)
+        for info, result in zip(infos, fresh):
+            store.add_result("eval", _provenance(loaded, None, result.slice, budget),
+                             eval_payload(loaded, info, result, budget), candidate_id=candidate_id)
             out[result.slice] = result
     return out
 
@@ -75,21 +86,20 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
     reference = reference_results(store, loaded, slice_ids, budget,
                                   progress=lambda f, m="": progress(0.05 + share * f, f"reference {m}"))
     report = {"model": loaded.spec.raw, "weights_hash": loaded.weights_hash, "budget": budget, "plan": None,
-              "device": device_label(), "code_version": __version__, "slices": {}}
+              "device": device_label(), "code_version": __version__, "protocol_version": PROTOCOL_VERSION,
+              "slices": {}}
     if plan_text is None:
         for s in slices:
             report["slices"][s.id] = _public(reference[s.id])
     else:
         from shrink_core.plan import load_plan, plan_to_dict
-        from shrink_core.compression.apply import apply_plan_
 
         plan = load_plan(plan_text)
-        candidate = copy.deepcopy(loaded.model)
-        calibration, recipe = plan_calibration(plan, loaded.tokenizer)
         progress(0.55, "applying plan")
-        apply_report = apply_plan_(candidate, plan, calibration, recipe=recipe)
+        candidate, apply_report, recipe = plan_candidate(loaded, plan)
         plan_dict = plan_to_dict(plan)
         report["plan"] = plan_dict
+        report["calibration"] = recipe
         report["size"] = dict(apply_report.totals)
         report["apply_notes"] = list(apply_report.notes)  # e.g. a calibrated method that fell back
         candidate_id = store.upsert_candidate(
@@ -100,14 +110,15 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
         # Packed size is computed from the plan's storage format (exact bytes), not measured memory.
         store.add_result("size", _provenance(loaded, plan_dict, None, None),
                          {"source": "computed from the packed format", **apply_report.totals,
-                          "notes": list(apply_report.notes)}, job_id=job_id,
-                         candidate_id=candidate_id)
+                          "notes": list(apply_report.notes), "figure_key": size_key(loaded, plan_dict)},
+                         job_id=job_id, candidate_id=candidate_id)
         results = evaluate(candidate, loaded.tokenizer, slices, budget, reference=loaded.model,
                            reference_results=reference,
                            progress=lambda f, m="": progress(0.6 + 0.38 * f, f"candidate {m}"))
-        for result in results:
+        for info, result in zip(slices, results):
             store.add_result("eval", _provenance(loaded, plan_dict, result.slice, budget),
-                             result.to_dict(with_items=True), job_id=job_id, candidate_id=candidate_id)
+                             eval_payload(loaded, info, result, budget, plan_dict, recipe), job_id=job_id,
+                             candidate_id=candidate_id)
             entry = _public(result)
             entry["reference_ppl"] = reference[result.slice].ppl
             if reference[result.slice].accuracy is not None:
@@ -116,6 +127,16 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
     report["seconds"] = round(time.perf_counter() - started, 2)
     progress(1.0, "done")
     return report
+
+
+def plan_candidate(loaded, plan):
+    """(a copy of the model with `plan` applied, the apply report, the calibration recipe as recorded): the weights
+    of `eval --plan` and the Plan page's "Run this plan", calibrated exactly as `apply` and `measure` calibrate."""
+    from shrink_core.compression.apply import apply_plan_
+
+    candidate = copy.deepcopy(loaded.model)
+    calibration, recipe = plan_calibration(plan, loaded.tokenizer)
+    return candidate, apply_plan_(candidate, plan, calibration, recipe=recipe), recipe
 
 
 def _public(result: SliceResult) -> dict:

@@ -1,7 +1,8 @@
-"""A sensitivity scan: modules x settings x slices -> flat records, stored and reused by (weights hash, setting,
-slice, budget, method, code version). Block linears are scored by the chosen method; the embedding (with a head tied
-to it) and an untied lm_head are always probed exhaustively, one full forward per setting and slice (method
-"exhaustive" on their records), so the planner can choose their precision too. The CLI calls `run_scan` inline; the Sensitivity page runs `sensitivity_job`
+"""A sensitivity scan: modules x settings x slices -> flat records, stored and reused by their figure key (weights
+hash, setting, slice content, budget, method, protocol version: evaluation/protocol.py). Block linears are scored by
+the chosen method; the embedding (with a head tied to it) and an untied lm_head are always probed exhaustively, one
+full forward per setting and slice (method "exhaustive" on their records), so the planner can choose their precision
+too. The CLI calls `run_scan` inline; the Sensitivity page runs `sensitivity_job`
 in a worker: same code path, same records."""
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import numpy as np
 
 from shrink_core import __version__
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.protocol import figure_key
 from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
 
 EMBEDDING_KINDS = ("embedding", "lm_head")
@@ -129,16 +131,21 @@ def _provenance(loaded, slice_id: str, budget: str) -> Provenance:
     return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), slice=slice_id, budget=budget)
 
 
+def scores_key(weights_hash: str, slice_id: str, setting: Setting, method: str, budget: ScanBudget) -> str:
+    """The figure key of the scores of one (model, slice, setting, method, budget)."""
+    return figure_key("sensitivity", weights_hash=weights_hash, slice_info=get_slice(slice_id),
+                      protocol={"setting": asdict(setting), "budget": asdict(budget)}, method=method)
+
+
 def cached_values(store: Store, loaded, slice_id: str, setting: Setting, method: str,
                   budget: ScanBudget) -> dict[str, tuple[float, float]]:
-    """module -> (kl, dnll) already stored for this exact model, setting, slice, budget, method and code."""
+    """module -> (kl, dnll) already stored under the key this code would write for the same inputs."""
     out: dict[str, tuple[float, float]] = {}
+    key = scores_key(loaded.weights_hash, slice_id, setting, method, budget)
     for row in store.results("sensitivity", model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash,
                              slice=slice_id, budget=budget.name):
         p = row["payload"]
-        if (row["code_version"] == __version__ and p.get("type") == "scores" and p["method"] == method
-                and p["setting"] == setting.id and p["setting_version"] == setting.version
-                and p["budget_version"] == budget.version):
+        if p.get("type") == "scores" and p.get("figure_key") == key:
             for module, pair in p["values"].items():
                 out.setdefault(module, tuple(pair))  # newest first
     return out
@@ -147,7 +154,8 @@ def cached_values(store: Store, loaded, slice_id: str, setting: Setting, method:
 def _save_values(store, loaded, slice_id, setting, method, budget, values, seconds, tokens, job_id) -> None:
     payload = {"type": "scores", "method": method, "method_label": METHOD_LABELS[method], "setting": setting.id,
                "setting_label": setting.label, "setting_version": setting.version, "budget_version": budget.version,
-               "tokens": tokens, "seconds": round(seconds, 3), "values": {m: list(v) for m, v in values.items()}}
+               "tokens": tokens, "seconds": round(seconds, 3), "values": {m: list(v) for m, v in values.items()},
+               "figure_key": scores_key(loaded.weights_hash, slice_id, setting, method, budget)}
     store.add_result("sensitivity", _provenance(loaded, slice_id, budget.name), payload, job_id=job_id)
 
 
@@ -344,6 +352,8 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
                 report.agreement.append(agreement)
                 store.add_result("sensitivity", _provenance(loaded, slice_id, budget),
                                  {"type": "agreement", "agreement": asdict(agreement),
+                                  "figure_key": scores_key(loaded.weights_hash, slice_id, check_setting, "agreement",
+                                                           scan_budget),
                                   "sample": [r.name for r in sample],
                                   "pairs": [[r.name, e, m] for r, e, m in zip(sample, estimates, measured)]},
                                  job_id=job_id)
@@ -353,14 +363,29 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     return report
 
 
+def _current(row: dict, keys: dict) -> bool:
+    """Was this stored scores row written under the key this code would write for its inputs?"""
+    p = row["payload"]
+    inputs = (row["weights_hash"], row["slice"], p.get("setting"), p.get("method"), row["budget"])
+    if inputs not in keys:
+        try:
+            keys[inputs] = scores_key(row["weights_hash"], row["slice"], get_setting(p["setting"]), p["method"],
+                                      get_budget(row["budget"]))
+        except (ShrinkError, KeyError):  # a setting, slice or budget that no longer exists
+            keys[inputs] = None
+    return keys[inputs] is not None and p.get("figure_key") == keys[inputs]
+
+
 def stored_records(store: Store, model_spec: str, weights_hash: str | None = None) -> list[Record]:
-    """Every stored score of a model as records (newest value per module, setting, slice, method, budget)."""
+    """Every current stored score of a model as records (newest value per module, setting, slice, method, budget);
+    scores stored under another key (an older protocol, other slice content) are left out."""
     where = {"model_spec": model_spec, **({"weights_hash": weights_hash} if weights_hash else {})}
     seen: set = set()
     out = []
+    keys: dict = {}
     for row in store.results("sensitivity", **where):
         p = row["payload"]
-        if p.get("type") != "scores" or row["code_version"] != __version__:
+        if p.get("type") != "scores" or not _current(row, keys):
             continue
         for module, pair in p["values"].items():
             key = (module, p["setting"], row["slice"], p["method"], row["budget"])
