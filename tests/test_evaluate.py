@@ -50,10 +50,10 @@ def test_evaluate_toy_slices(toy):
     infos = [get_slice("toy_en"), get_slice("toy_mc"), get_slice("toy_exact")]
     results = {r.slice: r for r in evaluate(model, tokenizer, infos, "fast")}
     text = results["toy_en"]
-    assert math.isfinite(text.ppl) and text.ppl_ci[0] <= text.ppl <= text.ppl_ci[1]
+    assert math.isfinite(text.ppl) and text.ppl_ci is None  # 4 rows: too few items for an interval
     assert 0 < text.bpb < 20 and text.tokens > 0
     mc = results["toy_mc"]
-    assert 0 <= mc.accuracy <= 1 and mc.accuracy_ci[0] <= mc.accuracy <= mc.accuracy_ci[1]
+    assert 0 <= mc.accuracy <= 1 and mc.accuracy_ci is None
     assert len(mc.per_item["correct"]) == mc.items
     again = {r.slice: r for r in evaluate(model, tokenizer, infos, "fast")}
     assert again["toy_en"].to_dict() == text.to_dict()  # same budget, same tokens, same figures
@@ -91,11 +91,12 @@ def test_budgets():
 
 
 def test_statistics():
-    nll = np.array([10.0, 20.0, 30.0])
-    tokens = np.array([10, 10, 10])
+    nll = np.tile([10.0, 20.0, 30.0], 10)  # 30 items: enough for an interval
+    tokens = np.full(30, 10)
     assert metrics.perplexity(nll, tokens) == pytest.approx(math.exp(2.0))
     low, high = metrics.ppl_ci(nll, tokens)
     assert low < math.exp(2.0) < high
+    assert metrics.ppl_ci(nll[:3], tokens[:3]) is None
     assert metrics.bits_per_byte(np.array([math.log(2) * 8]), np.array([8])) == pytest.approx(1.0)
     same = np.arange(50, dtype=float)
     assert metrics.paired_bootstrap_p(same, same) == 1.0
