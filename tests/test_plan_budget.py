@@ -99,3 +99,23 @@ def test_pages_offer_the_users_own_slices(shrink_home):
     assert "my_notes" in at.multiselect(key="sens_slices").options
     at = AppTest.from_file(str(REPO_ROOT / "app_pages" / "evalsets.py"), default_timeout=60).run()
     assert "my_notes" in at.multiselect(key="eval_slices").options
+
+
+def test_eval_cli_prints_the_same_predicted_vs_measured_table(tmp_path, shrink_home, capsys):
+    import json
+
+    from shrink_core.cli.entry import main
+    from shrink_core.model.load import load
+    from shrink_core.sensitivity import run_scan
+    from tests.test_evaluate import byte_level_tokenizer
+
+    directory = tmp_path / "toy-model"
+    tiny_llama(vocab=258).save_pretrained(directory, safe_serialization=True)
+    byte_level_tokenizer().save_pretrained(directory)
+    run_scan(load(str(directory)), ["toy_en"], ["w4g64"], "fast", "quick", store=Store())
+    plan = tmp_path / "plan.yaml"
+    plan.write_text("version: 1\nrules:\n  - kind: [q, k, v, o, gate, up, down]\n"
+                    "    weights: {bits: 4, group_size: 64, symmetric: false, method: rtn}\n")
+    assert main(["eval", "--model", str(directory), "--slices", "toy_en", "--plan", str(plan), "--json"]) == 0
+    (row,) = json.loads(capsys.readouterr().out)["predicted_vs_measured"]
+    assert row["slice"] == "toy_en" and row["predicted ΔNLL"] is not None and row["measured ΔNLL"] is not None

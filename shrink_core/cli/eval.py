@@ -18,9 +18,18 @@ def run(args) -> int:
     from shrink_core.evaluation.stats import format_interval
     from shrink_core.results.eval_run import run_eval
 
+    from shrink_core.evaluation.slices import get_slice
+    from shrink_core.model.load import load
+    from shrink_core.results.store import Store
+
     ids = [s.strip() for s in args.slices.split(",") if s.strip()]
-    report = run_eval(args.model, ids, args.budget, args.plan, allow_pickle=args.allow_pickle,
-                      trust_remote_code=args.trust_remote_code)
+    for slice_id in ids:  # a bad slice fails before the model loads
+        get_slice(slice_id)
+    loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    store = Store()
+    report = run_eval(args.model, ids, args.budget, args.plan, store=store, loaded=loaded)
+    if args.plan and report.get("candidate_id"):
+        report["predicted_vs_measured"] = _predicted_vs_measured(store, loaded, args.plan, report["candidate_id"])
     if args.json:
         print_json(report)
         return 0
@@ -36,4 +45,19 @@ def run(args) -> int:
         if "flips" in r:
             line += f"  flips {r['flips']['total']}"
         print(line + f"  ({r['tokens']:,} tokens, {r['items']} items)")
+    for row in report.get("predicted_vs_measured", []):
+        predicted = "no scan score" if row["predicted ΔNLL"] is None else f"{row['predicted ΔNLL']:+.4f}"
+        measured = "no reference" if row["measured ΔNLL"] is None else f"{row['measured ΔNLL']:+.4f}"
+        print(f"  {row['slice']:<12} ΔNLL predicted {predicted} (additive scan scores), measured {measured} nats/token")
     return 0
+
+
+def _predicted_vs_measured(store, loaded, plan_text: str, candidate_id: int) -> list[dict]:
+    """The Plan page's table: predicted ΔNLL from the stored scan (empty without one) beside the measured figures."""
+    from shrink_core.plan import load_plan, resolve
+    from shrink_core.results.prediction import predicted_vs_measured
+    from shrink_core.sensitivity.scan import stored_records
+
+    records = stored_records(store, loaded.spec.raw, loaded.weights_hash)
+    return predicted_vs_measured(store, loaded.spec.raw, candidate_id, resolve(loaded.model, load_plan(plan_text)),
+                                 records)

@@ -73,15 +73,17 @@ def _provenance(loaded, plan_dict, slice_id, budget) -> Provenance:
 
 
 def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: str | None = None,
-             store: Store | None = None, progress=None, job_id: int | None = None, **load_flags) -> dict:
-    """Evaluate a model (and a plan applied to it) on slices; returns the JSON the CLI prints."""
+             store: Store | None = None, progress=None, job_id: int | None = None, loaded=None, **load_flags) -> dict:
+    """Evaluate a model (and a plan applied to it) on slices; returns the JSON the CLI prints.
+
+    loaded: the model already loaded from `spec` (the CLI keeps it for the predicted-vs-measured table)."""
     progress = progress or (lambda fraction, message="": None)
     get_budget(budget)
     slices = [get_slice(s) for s in slice_ids]  # fail on a bad slice before loading anything
     store = store or Store()
     started = time.perf_counter()
     progress(0.01, "loading model")
-    loaded = load(spec, **load_flags)
+    loaded = loaded or load(spec, **load_flags)
     share = 0.5 if plan_text else 0.95
     reference = reference_results(store, loaded, slice_ids, budget,
                                   progress=lambda f, m="": progress(0.05 + share * f, f"reference {m}"))
