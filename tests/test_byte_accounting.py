@@ -100,12 +100,13 @@ def test_fp32_rule_on_a_bf16_model_writes_float32(tmp_path):
 def test_projected_weight_bytes_count_biases(model_name):
     """The perf workload (Plan page roofline, memory) holds the same bytes as the resolved table."""
     from shrink_core.model.inventory import inventory, summary
-    from shrink_core.perf.workload import QuantSpec, describe_model, workload_from_rows
+    from shrink_core.formats import WeightFormat
+    from shrink_core.perf.workload import describe_model, workload_from_rows
 
     model = MODELS[model_name]()
     rows = inventory(model)
     resolved = resolve(model, load_plan("preset:w4g64"))
-    specs = {r.name: QuantSpec(r.bits, r.group_size, r.weights.symmetric) for r in resolved if r.weights}
+    specs = {r.name: WeightFormat(r.bits, r.group_size, r.weights.symmetric) for r in resolved if r.weights}
     expected = totals(resolved)["packed_bytes"]
     assert workload_from_rows(rows, summary(model, rows), specs).weight_bytes == expected
     norms = sum(r.bytes for r in rows if r.kind == "norm")

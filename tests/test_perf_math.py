@@ -3,12 +3,12 @@ import math
 
 import pytest
 
-from shrink_core.compression.primitives import packed_weight_bytes
 from shrink_core.perf.cost import cost_estimate, dollars_per_million
 from shrink_core.perf.hardware import DEFAULT_ROWS, Hardware, HardwareTableError, get, load_table, table_from_rows
 from shrink_core.perf.memory import kv_cache_bytes, memory_report
 from shrink_core.perf.roofline import calibrate, module_format, project, step_cost
-from shrink_core.perf.workload import ModuleWeights, Workload, packed_bytes
+from shrink_core.formats import WeightFormat, weight_bytes
+from shrink_core.perf.workload import ModuleWeights, Workload
 
 
 def _hw(**changes) -> Hardware:
@@ -21,7 +21,7 @@ def _hw(**changes) -> Hardware:
 
 def _module(bits=16, shape=(1000, 1000), pattern=None, share=0.0, group=None):
     return ModuleWeights("m", "up", shape, math.prod(shape), bits, group, False,
-                         packed_bytes(shape, bits, group, False), True, share, pattern)
+                         weight_bytes(shape, bits, group, False), True, share, pattern)
 
 
 def _workload(*modules, layers=1, ops=10):
@@ -41,10 +41,14 @@ def test_memory_report_uses_the_workload_shape():
     assert fits == {**fits, "fits": False, "kind": "projected"}
 
 
-def test_packed_bytes_matches_the_engine_layout():
-    for shape, bits, group, symmetric in [((576, 1536), 4, 64, False), ((192, 576), 3, 32, True), ((10, 70), 8, None, True)]:
-        assert packed_bytes(shape, bits, group, symmetric) == packed_weight_bytes(shape, bits, group, symmetric)["total"]
-    assert packed_bytes((4, 8), 32, None, True) == 128
+def test_stored_bytes_counted_by_hand():
+    # (576, 1536) int4 g64 asymmetric: 576 x 768 code bytes + 576 x 24 groups x (2-byte scale + 1-byte zero)
+    assert weight_bytes((576, 1536), 4, 64, False) == 442_368 + 13_824 * 3
+    # (192, 576) int3 g32 symmetric: 192 x 216 code bytes + 192 x 18 scales, no zeros
+    assert weight_bytes((192, 576), 3, 32, True) == 41_472 + 3_456 * 2
+    assert weight_bytes((10, 70), 8, None, True) == 700 + 10 * 2  # per output channel: one scale per row
+    assert weight_bytes((4, 8), 32, None, True) == 128 and weight_bytes((4, 8), 16, None, True) == 64
+    assert WeightFormat(4, 64).stored_bytes((576, 1536)) == weight_bytes((576, 1536), 4, 64, False)
 
 
 def test_decode_is_bytes_over_bandwidth_plus_launches():

@@ -9,7 +9,8 @@ from shrink_core.perf.hardware import get
 from shrink_core.perf.latency import measure_latency
 from shrink_core.perf.lowbit import lowbit_copy
 from shrink_core.perf.report import measure
-from shrink_core.perf.workload import QuantSpec, describe_model, uniform_bits
+from shrink_core.formats import WeightFormat
+from shrink_core.perf.workload import describe_model, uniform_bits
 
 
 def _rtn_int4(weight, group):
@@ -58,9 +59,9 @@ def test_lowbit_int4_matches_the_dequantized_reference(tiny_model):
 
 
 def test_lowbit_says_what_it_cannot_express(tiny_model):
-    bits = {"model.layers.0.mlp.up_proj": QuantSpec(3, 64), "model.layers.0.mlp.down_proj": QuantSpec(8, 64),
-            "model.layers.1.mlp.up_proj": QuantSpec(8, None, True), "model.embed_tokens": QuantSpec(4, 64),
-            "model.layers.2.mlp.up_proj": QuantSpec(8, None, False)}
+    bits = {"model.layers.0.mlp.up_proj": WeightFormat(3, 64), "model.layers.0.mlp.down_proj": WeightFormat(8, 64),
+            "model.layers.1.mlp.up_proj": WeightFormat(8, None, True), "model.embed_tokens": WeightFormat(4, 64),
+            "model.layers.2.mlp.up_proj": WeightFormat(8, None, False)}
     candidate, report = lowbit_copy(tiny_model, bits)
     reasons = dict(report.not_expressed)
     assert set(reasons) == {"model.layers.0.mlp.up_proj", "model.layers.0.mlp.down_proj", "model.embed_tokens",
@@ -73,7 +74,7 @@ def test_lowbit_says_what_it_cannot_express(tiny_model):
 
 def test_lowbit_keeps_a_partial_last_group_in_float(tiny_model):
     """The aten int4 kernel needs whole groups: a g128 module with 64 inputs stays float and says so."""
-    bits = {"model.layers.0.self_attn.q_proj": QuantSpec(4, 128), "model.layers.0.mlp.down_proj": QuantSpec(4, 128)}
+    bits = {"model.layers.0.self_attn.q_proj": WeightFormat(4, 128), "model.layers.0.mlp.down_proj": WeightFormat(4, 128)}
     candidate, report = lowbit_copy(tiny_model, bits)  # q: 64 inputs (partial group); down: 128 inputs (one group)
     reasons = dict(report.not_expressed)
     assert set(reasons) == {"model.layers.0.self_attn.q_proj"} and "divisible" in reasons["model.layers.0.self_attn.q_proj"]

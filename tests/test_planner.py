@@ -90,7 +90,8 @@ def test_latency_budget_is_exact_and_matches_the_roofline(tiny_model):
     from shrink_core.model.inventory import summary
     from shrink_core.perf.hardware import get
     from shrink_core.perf.roofline import project
-    from shrink_core.perf.workload import QuantSpec, describe_model
+    from shrink_core.formats import WeightFormat
+    from shrink_core.perf.workload import describe_model
     from shrink_core.plan.planner import SETTINGS, latency_model
 
     hardware = get("raspberry-pi-5")  # int4/int8 kernels there: w4g64 and w8 are faster, w3g64 is read as fp32
@@ -109,7 +110,7 @@ def test_latency_budget_is_exact_and_matches_the_roofline(tiny_model):
     budget = latency.fixed_seconds + problem.seconds[:, keep].sum() * 0.6 + problem.seconds[:, w4].sum() * 0.4
     solution = solve(problem, budget_seconds=budget - latency.fixed_seconds)
     assert solution.status == "optimal" and latency.fixed_seconds + solution.projected_seconds <= budget + 1e-12
-    chosen = {m: QuantSpec(SETTINGS[s]["bits"], SETTINGS[s]["group_size"], SETTINGS[s]["symmetric"])
+    chosen = {m: WeightFormat(SETTINGS[s]["bits"], SETTINGS[s]["group_size"], SETTINGS[s]["symmetric"])
               for m, s in solution.choice.items() if s != "keep"}
     projected = project(describe_model(tiny_model, chosen), hardware).decode_ms_per_token
     assert latency.total_ms(solution.projected_seconds) == pytest.approx(projected, rel=1e-6)

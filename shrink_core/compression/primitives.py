@@ -15,7 +15,7 @@ import math
 
 import torch
 
-from shrink_core.plan.format import SCALE_BYTES, ZERO_BYTES, group_count, packed_weight_bytes  # noqa: F401
+from shrink_core.formats import SCALE_BYTES, ZERO_BYTES, group_count, packed_weight_bytes  # noqa: F401
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8)
 MIN_SCALE = 2.0**-20  # keeps float16 scales non-zero for all-zero groups

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from shrink_core.plan.format import CHANNEL_ALIGN, kept_channels, kept_heads_per_group  # noqa: F401
+from shrink_core.formats import CHANNEL_ALIGN, kept_channels, kept_heads_per_group  # noqa: F401
 
 
 

@@ -8,12 +8,12 @@ from shrink_core.perf.lowbit import LowbitReport, lowbit_copy
 from shrink_core.perf.memory import MemoryReport, PeakMemory, kv_cache_bytes, measure_peak_rss, memory_report
 from shrink_core.perf.report import PerfReport, measure
 from shrink_core.perf.roofline import Projection, calibrate, project
-from shrink_core.perf.workload import ModuleWeights, QuantSpec, Workload, describe_model, uniform_bits
+from shrink_core.perf.workload import ModuleWeights, Workload, describe_model, uniform_bits
 
 __all__ = [
     "Candidate", "reference", "CostEstimate", "cost_estimate", "dollars_per_million", "DEFAULT_ROWS",
     "Hardware", "HardwareTableError", "get", "load_table", "table_from_rows", "Bandwidth", "MeasuredLatency", "Timing",
     "measure_bandwidth", "measure_latency", "LowbitReport", "lowbit_copy", "MemoryReport", "PeakMemory",
     "kv_cache_bytes", "measure_peak_rss", "memory_report", "PerfReport", "measure", "Projection", "calibrate",
-    "project", "ModuleWeights", "QuantSpec", "Workload", "describe_model", "uniform_bits",
+    "project", "ModuleWeights", "Workload", "describe_model", "uniform_bits",
 ]

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 class Candidate:
     name: str
     model: object  # the compressed model (quantize-dequantized floats, pruned shapes)
-    bits: dict  # module name -> QuantSpec for modules stored as integer codes
+    bits: dict  # module name -> WeightFormat for modules stored as integer codes
     packed: dict | None  # module name -> packed bytes from the engine's apply report
     sparse: dict  # module name -> "2:4" | "unstructured" for masked modules
     states: dict  # module name -> the engine's QuantState (scale, zero per group): the exact grid

@@ -11,7 +11,7 @@ import copy
 from dataclasses import dataclass
 
 from shrink_core.model.inventory import inventory
-from shrink_core.perf.workload import QuantSpec
+from shrink_core.formats import WeightFormat
 
 INT4_GROUPS = (32, 64, 128, 256)
 RUNTIME_NAME = "pytorch-eager + aten int4pack/int8pack weight-only (bf16 activations)"
@@ -124,7 +124,7 @@ class LowbitReport:
                 "max_weight_error": self.max_weight_error}
 
 
-def why_not(spec: QuantSpec, module, state=None) -> str | None:
+def why_not(spec: WeightFormat, module, state=None) -> str | None:
     """Why this runtime cannot run `module` with `spec` (and the engine's `state`) packed, or None when it can."""
     torch = _torch()
     if not isinstance(module, torch.nn.Linear):
@@ -145,7 +145,7 @@ def why_not(spec: QuantSpec, module, state=None) -> str | None:
 
 
 def lowbit_copy(model, bits: dict, states: dict | None = None):
-    """A copy of `model` whose linears named in `bits` (name -> QuantSpec) run packed; returns (model, LowbitReport).
+    """A copy of `model` whose linears named in `bits` (name -> WeightFormat) run packed; returns (model, LowbitReport).
 
     states: name -> the plan engine's QuantState (.scale, .zero per group), so the codes are exactly the engine's.
     """

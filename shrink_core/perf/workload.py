@@ -8,23 +8,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from shrink_core.formats import WeightFormat, weight_bytes
 from shrink_core.model.inventory import LINEAR_KINDS, inventory
 
-FLOAT_BITS = (16, 32)
 SPARSE_MIN_SHARE = 0.1  # fewer exact zeros than this is not sparsity (a dequantized Q8_0 embedding has ~1-3%)
-
-
-@dataclass(frozen=True)
-class QuantSpec:
-    """How one module's weight is stored: float (16/32 bits) or integer codes with per-group scales."""
-
-    bits: int
-    group_size: int | None = 64  # None = one group per output channel
-    symmetric: bool = False
-
-    def __post_init__(self):
-        if self.bits not in (2, 3, 4, 5, 6, 8, 16, 32):
-            raise ValueError(f"bits {self.bits} is not a supported weight width (2-8, 16 or 32).")
 
 
 @dataclass(frozen=True)
@@ -51,7 +38,7 @@ class ModuleWeights:
         """Bytes one forward step reads from this module's stored format (a tied weight is read again)."""
         if not self.streamed:
             return 0
-        return packed_bytes(self.shape, self.bits, self.group_size, self.symmetric) + self.bias_bytes
+        return weight_bytes(self.shape, self.bits, self.group_size, self.symmetric) + self.bias_bytes
 
 
 @dataclass(frozen=True)
@@ -92,16 +79,6 @@ class Workload:
                 "streamed_params": self.streamed_params}
 
 
-def packed_bytes(shape: tuple[int, ...], bits: int, group_size: int | None, symmetric: bool) -> int:
-    """Codes + float16 scales + uint8 zeros (asymmetric), the layout of `quant.primitives.packed_weight_bytes`."""
-    numel = math.prod(shape)
-    if bits in FLOAT_BITS:
-        return numel * bits // 8
-    rows, columns = shape[0], math.prod(shape[1:])
-    groups = rows * (1 if group_size is None else math.ceil(columns / group_size))
-    return rows * math.ceil(columns * bits / 8) + groups * 2 + (0 if symmetric else groups)
-
-
 def zero_pattern(weight) -> tuple[float, str | None]:
     """(share of exact zeros, "2:4" | "unstructured" | None) of a 2-D weight."""
     zeros = weight == 0
@@ -128,7 +105,7 @@ def describe_model(model, bits: dict | None = None, name: str = "", packed: dict
                    sparse: dict | None = None) -> Workload:
     """The workload of `model` as it is now (pruned shapes included).
 
-    bits: module name -> QuantSpec for modules stored as integer codes (others stay in the model's float dtype).
+    bits: module name -> WeightFormat for modules stored as integer codes (others stay in the model's float dtype).
     packed: module name -> packed bytes reported by the plan engine; when given it overrides the computed bytes.
     sparse: module name -> "2:4" | "unstructured" for masked modules. Float modules are also checked for zeros;
     quantized ones are not (a code equal to the zero point is an exact 0 without being pruned).
@@ -144,7 +121,7 @@ def describe_model(model, bits: dict | None = None, name: str = "", packed: dict
         group = spec.group_size if spec else None
         symmetric = spec.symmetric if spec else True
         bias = _bias_bytes(row)
-        stored = 0 if row.tied_to else packed_bytes(row.shape, width, group, symmetric) + bias
+        stored = 0 if row.tied_to else weight_bytes(row.shape, width, group, symmetric) + bias
         if packed and row.name in packed:
             stored = int(packed[row.name])
         weight = model.get_submodule(row.name).weight.detach()
@@ -166,7 +143,7 @@ def describe_model(model, bits: dict | None = None, name: str = "", packed: dict
 def workload_from_rows(rows, summary: dict, bits: dict | None = None, name: str = "") -> Workload:
     """The workload from a stored inventory and `inventory.summary` (no model at hand, as on the Plan page).
 
-    bits: module name -> QuantSpec, as in `describe_model`; no zero-pattern check (the weights are not here).
+    bits: module name -> WeightFormat, as in `describe_model`; no zero-pattern check (the weights are not here).
     """
     bits = bits or {}
     modules = []
@@ -177,7 +154,7 @@ def workload_from_rows(rows, summary: dict, bits: dict | None = None, name: str 
         width = spec.bits if spec else (8 * (row.bytes // row.params) if row.params else 32)
         group, symmetric = (spec.group_size, spec.symmetric) if spec else (None, True)
         bias = _bias_bytes(row)
-        stored = 0 if row.tied_to else packed_bytes(row.shape, width, group, symmetric) + bias
+        stored = 0 if row.tied_to else weight_bytes(row.shape, width, group, symmetric) + bias
         modules.append(ModuleWeights(row.name, row.kind, row.shape, row.params, width, group, symmetric, stored,
                                      streamed=row.kind in LINEAR_KINDS + ("lm_head",), bias_bytes=bias))
     heads = summary["attention_heads"]
@@ -204,6 +181,6 @@ def stored_head_dim(rows, summary: dict) -> int:
 
 
 def uniform_bits(model, bits: int = 4, group_size: int | None = 64, symmetric: bool = False) -> dict:
-    """QuantSpec for every block linear (embedding and lm_head kept), like the w4g64 preset."""
-    return {r.name: QuantSpec(bits, group_size, symmetric) for r in inventory(model)
+    """WeightFormat for every block linear (embedding and lm_head kept), like the w4g64 preset."""
+    return {r.name: WeightFormat(bits, group_size, symmetric) for r in inventory(model)
             if r.block is not None and r.kind in LINEAR_KINDS}

@@ -215,7 +215,8 @@ def setting_bytes(rows, modules: list[str], settings: list[str]) -> np.ndarray:
 
 
 def _module_weights(row, setting: str, head_tied: bool):
-    from shrink_core.perf.workload import ModuleWeights, packed_bytes
+    from shrink_core.formats import weight_bytes
+    from shrink_core.perf.workload import ModuleWeights
 
     if setting == "keep":
         bits, group, symmetric = (8 * (row.bytes // row.params) if row.params else 32), None, True
@@ -223,7 +224,7 @@ def _module_weights(row, setting: str, head_tied: bool):
         bits, group, symmetric = SETTINGS[setting]["bits"], SETTINGS[setting]["group_size"], SETTINGS[setting]["symmetric"]
     streamed = row.kind != "embedding" or head_tied  # a tied head streams the shared weight; lookups read few rows
     return ModuleWeights(row.name, row.kind, row.shape, row.params, bits, group, symmetric,
-                         packed_bytes(row.shape, bits, group, symmetric), streamed=streamed)
+                         weight_bytes(row.shape, bits, group, symmetric), streamed=streamed)
 
 
 def setting_seconds(rows, modules: list[str], settings: list[str], hardware) -> np.ndarray:
@@ -250,7 +251,7 @@ class LatencyModel:
 
 def latency_model(rows, summary: dict, hardware, planned: set[str], bits: dict | None = None,
                   prompt_tokens: int = 64, decode_tokens: int = 16) -> LatencyModel:
-    """rows, summary: the stored inventory and `inventory.summary`; bits: QuantSpec of unplanned quantized modules.
+    """rows, summary: the stored inventory and `inventory.summary`; bits: WeightFormat of unplanned quantized modules.
 
     Decode at batch 1 after prompt_tokens + decode_tokens / 2 of context, the point `perf.roofline.project` uses.
     """
