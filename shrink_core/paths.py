@@ -55,12 +55,16 @@ def check_writable(out: Path | str, what: str = "--out", directory: bool = False
     if path.exists() and path.is_dir() != directory:
         kind = "a folder" if path.is_dir() else "a file"
         raise ShrinkError(f"{what} {path} is {kind}; give {'a folder' if directory else 'a file name'} instead.")
-    existing = path.parent if replace or not path.exists() else path
-    while not existing.exists():
-        existing = existing.parent
-    if not existing.is_dir():
-        raise ShrinkError(f"{what} {path} cannot be created because {existing} is a file, not a folder.")
-    checks = [(existing, os.W_OK | os.X_OK)] + ([(path, os.W_OK | (os.X_OK if directory else 0))] if path.exists() else [])
+    checks = []
+    if path.exists():  # written in place (a file, or files into a folder), or removed when replaced
+        checks.append((path, os.W_OK | (os.X_OK if directory else 0)))
+    if replace or not path.exists():  # created, or written beside and renamed: its folder must take new entries
+        existing = path.parent
+        while not existing.exists():
+            existing = existing.parent
+        if not existing.is_dir():
+            raise ShrinkError(f"{what} {path} cannot be created because {existing} is a file, not a folder.")
+        checks.append((existing, os.W_OK | os.X_OK))
     for place, mode in checks:
         if not os.access(place, mode):
             raise ShrinkError(f"{what} {path} cannot be written: {place} is read-only for you; choose another place.")

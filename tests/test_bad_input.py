@@ -80,6 +80,14 @@ CLI_ROWS = [
                                        "--calibration", "{en: 1"), r"--calibration is not valid JSON", setup=("tiny",)),
     Row("plan-rule-name-not-a-string", ("apply", "--model", "tiny", "--plan", "plan5.yaml", "--out", "cand"),
         r"Rule 1: name must be a string, not 5", setup=("plan5", "tiny")),
+    Row("plan-rule-keep-not-true-or-false", ("apply", "--model", "tiny", "--out", "cand", "--plan",
+                                             "version: 1\nrules:\n  - {kind: q, keep: 'no'}\n"),
+        r"Rule 1: keep must be true or false, not 'no'", setup=("tiny",)),
+    Row("plan-name-not-a-string", ("apply", "--model", "tiny", "--out", "cand", "--plan",
+                                   "version: 1\nname: 2024\nrules:\n  - {kind: q, keep: true}\n"),
+        r"The plan's name must be a string, not 2024", setup=("tiny",)),
+    Row("apply-model-without-tokenizer", ("apply", "--model", "tiny", "--plan", "preset:w8", "--out", "cand"),
+        r"The model tiny has no tokenizer, which a saved candidate needs", allowed=("home",), setup=("tiny",)),
 ]
 
 
@@ -88,7 +96,10 @@ def _fingerprint(root: Path) -> dict[str, str]:
     seen = {}
     for path in sorted(root.rglob("*")):
         key = str(path.relative_to(root))
-        seen[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        try:
+            seen[key] = "dir" if path.is_dir() else hashlib.sha256(path.read_bytes()).hexdigest()
+        except FileNotFoundError:  # sqlite's -shm/-wal files come and go with the store's connections
+            continue
     return seen
 
 

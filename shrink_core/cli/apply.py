@@ -49,6 +49,9 @@ def run(args) -> int:
     if args.resolve_only:
         print_json([r.row() for r in resolved])
         return 0
+    if loaded.tokenizer is None:  # a candidate is saved with its tokenizer, so it can be evaluated and reloaded
+        raise ShrinkError(f"The model {args.model} has no tokenizer, which a saved candidate needs; use a model "
+                          "directory that includes its tokenizer files.")
     calibration, recipe = plan_calibration(plan, loaded.tokenizer)
 
     def progress(fraction: float, message: str) -> None:

@@ -262,7 +262,6 @@ def _load_dir(
 def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
