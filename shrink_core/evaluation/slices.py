@@ -82,9 +82,17 @@ def _read_manifest(directory: Path, user: bool) -> list[SliceInfo]:
     return infos
 
 
+def _checked_id(slice_id) -> str:
+    """A user slice id is a file name: one validator for every name that becomes a path (shrink_core.paths)."""
+    try:
+        return safe_name(slice_id, "slice id")
+    except ShrinkError as exc:
+        raise SliceError(str(exc)) from None
+
+
 def _data_path(directory: Path, slice_id: str) -> Path:
     """Where a user slice's rows live; the id is checked, and the path must stay inside the slices folder."""
-    return safe_join(directory / "data", f"{safe_name(slice_id, 'slice id')}.jsonl.gz")
+    return safe_join(directory / "data", f"{_checked_id(slice_id)}.jsonl.gz")
 
 
 def user_dir() -> Path:
@@ -278,11 +286,7 @@ def add_user_records(records: list, name: str, slice_id: str | None = None, titl
     if errors:
         more = " (and more)" if len(errors) >= MAX_ROW_ERRORS else ""
         raise SliceError("; ".join(errors) + more + ".")
-    slice_id = slice_id or slice_id_from(name)
-    try:
-        safe_name(slice_id, "slice id")
-    except ShrinkError as exc:
-        raise SliceError(str(exc)) from None
+    slice_id = _checked_id(slice_id or slice_id_from(name))
     if any(s.id == slice_id and not s.user for s in list_slices(include_toy=True)):
         raise SliceError(f"'{slice_id}' is the name of a built-in slice; choose another name.")
     rows = _normalise(records, kind, source=f"user:{Path(name).name}")
@@ -313,17 +317,14 @@ def add_user_records(records: list, name: str, slice_id: str | None = None, titl
 
 def remove_user_slice(slice_id: str) -> None:
     """Remove one user slice: its manifest entry and its rows. A built-in or unknown id is refused."""
-    try:
-        safe_name(slice_id, "slice id")
-    except ShrinkError as exc:
-        raise SliceError(str(exc)) from None
+    _checked_id(slice_id)
     directory = user_dir()
     manifest_path = directory / "manifest.json"
     manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"version": 1, "slices": []}
     if not any(s["id"] == slice_id for s in manifest["slices"]):
         if any(s.id == slice_id for s in list_slices(include_toy=True)):
             raise SliceError(f"'{slice_id}' is a built-in slice; only slices you added can be removed.")
-        mine = ", ".join(s["id"] for s in manifest["slices"]) or "none yet"
+        mine = ", ".join(s.id for s in list_slices() if s.user) or "none yet"
         raise SliceError(f"There is no user slice '{slice_id}' to remove; your slices: {mine}.")
     target = _data_path(directory, slice_id)
     manifest["slices"] = [s for s in manifest["slices"] if s["id"] != slice_id]
