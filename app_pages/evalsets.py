@@ -46,6 +46,8 @@ with st.expander("Add your own slice (JSONL, JSON, CSV or TXT)"):
             added = add_user_slice(upload.name, upload.getvalue(), slice_id=new_id.strip() or None)
         except ShrinkError as exc:
             st.error(str(exc))
+        except OSError as exc:
+            st.error(f"The slice could not be saved ({exc.strerror or exc}); check that $SHRINK_HOME is writable.")
         else:
             st.success(f"Added slice '{added.id}' with {added.rows} rows ({added.kind}).")
 

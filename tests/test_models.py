@@ -102,3 +102,61 @@ def test_hub_id_offline(monkeypatch, shrink_home):
         load("someorg/some-model-that-is-not-cached")
     text = one_sentence(info.value)
     assert "cannot reach" in text and "--model DIR" in text
+
+
+CHILD = """
+import os, sys, time
+from pathlib import Path
+from shrink_core.model.load import build_cache_dir
+
+target, log, go = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
+while not go.exists():  # both processes ask at the same moment
+    time.sleep(0.01)
+
+def build(tmp):
+    with open(log, "a") as handle:
+        handle.write(f"{os.getpid()}\\n")
+    (tmp / "model.safetensors").write_bytes(b"w" * 4096)
+    time.sleep(1.0)  # a slow conversion: the other process arrives while this one writes
+    (tmp / "config.json").write_text("{}")
+    return {"format": 1}
+
+print(build_cache_dir(target, build))
+"""
+
+
+def test_two_processes_converting_at_once_build_the_cache_once(tmp_path):
+    """Two loads of the same GGUF at the same time: one converts, the other waits and reuses its cache."""
+    import subprocess
+    import sys
+
+    from shrink_core.paths import REPO_ROOT
+
+    target, log, go = tmp_path / "model-abc", tmp_path / "builds.log", tmp_path / "go"
+    children = [subprocess.Popen([sys.executable, "-c", CHILD, str(target), str(log), str(go)], cwd=REPO_ROOT,
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    go.touch()
+    results = [child.communicate(timeout=60) for child in children]
+    assert [child.returncode for child in children] == [0, 0], [err for _, err in results]
+    assert sorted(out.strip() for out, _ in results) == ["False", "True"]  # one built, one found it built
+    assert len(log.read_text().splitlines()) == 1
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors", "shrink-cache.json"]
+    assert (target / "model.safetensors").stat().st_size == 4096
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["builds.log", "go", "model-abc", "model-abc.lock"]
+
+
+def test_a_failed_conversion_leaves_no_cache(tmp_path):
+    from shrink_core.model.load import build_cache_dir
+
+    target = tmp_path / "model-abc"
+    (tmp_path / "model-abc.partial-old").mkdir()  # left by a conversion that crashed
+
+    def broken(tmp):
+        (tmp / "model.safetensors").write_bytes(b"half")
+        raise ModelLoadError("The GGUF file x.gguf could not be read: bad tensor.")
+
+    with pytest.raises(ModelLoadError):
+        build_cache_dir(target, broken)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model-abc.lock"]
+    assert build_cache_dir(target, lambda tmp: (tmp / "config.json").write_text("{}") and {"format": 1}) is False
+    assert build_cache_dir(target, broken) is True  # complete now: never rebuilt

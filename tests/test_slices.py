@@ -123,3 +123,18 @@ def test_bad_mix():
         CalibrationRecipe.from_dict({"mix": {"en": "abc"}})
     with pytest.raises(CalibrationError, match="unknown keys"):
         CalibrationRecipe.from_dict({"mix": {"en": 1}, "samples": 3})
+
+
+def test_a_manifest_entry_that_leaves_the_folder_is_never_used(shrink_home):
+    """An older version let `--id ../../../x` into the user manifest; such an entry is neither listed nor followed."""
+    good = add_user_slice("good.txt", b"First paragraph.\n\nSecond paragraph.")
+    manifest_path = slices.user_dir() / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    manifest["slices"].append({**manifest["slices"][0], "id": "../../../outside"})
+    manifest_path.write_text(json.dumps(manifest))
+    outside = shrink_home.parent / "outside.jsonl.gz"
+    outside.write_bytes(b"not a slice")
+    assert [s.id for s in list_slices() if s.user] == [good.id]
+    with pytest.raises(SliceError, match="not valid"):
+        slices.remove_user_slice("../../../outside")
+    assert outside.read_bytes() == b"not a slice"

@@ -29,21 +29,29 @@ def run(args) -> int:
     from shrink_core.plan import CalibrationRecipe, load_plan, resolve
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.evaluation.calibration import plan_calibration
+    from shrink_core.paths import check_replaceable, check_writable
 
     plan = load_plan(args.plan)
     if not args.out and not args.resolve_only:
         raise ShrinkError("apply needs --out DIR to write the candidate to (or --resolve-only to just show the table).")
+    if args.calibration:  # an explicit override becomes the plan's own recipe, so it is recorded with the result
+        try:
+            data = json.loads(args.calibration)
+        except ValueError as exc:
+            raise ShrinkError(f"--calibration is not valid JSON ({exc}); give e.g. "
+                              '\'{"mix": {"en": 1}, "n_sequences": 16, "seq_len": 512, "seed": 0}\'.') from None
+        plan = replace(plan, calibration=CalibrationRecipe.from_dict(data))
+    if args.out and not args.resolve_only:  # checked before minutes of work, and nothing of the user's is replaced
+        out = check_writable(args.out, "--out", directory=True, replace=True)
+        check_replaceable(out, "--out", marker="provenance.json")
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     resolved = resolve(loaded.model, plan)
     if args.resolve_only:
         print_json([r.row() for r in resolved])
         return 0
-    if args.calibration:  # an explicit override becomes the plan's own recipe, so it is recorded with the result
-        try:
-            plan = replace(plan, calibration=CalibrationRecipe.from_dict(json.loads(args.calibration)))
-        except ValueError as exc:
-            raise ShrinkError(f"--calibration is not valid JSON ({exc}); give e.g. "
-                              '\'{"mix": {"en": 1}, "n_sequences": 16, "seq_len": 512, "seed": 0}\'.') from None
+    if loaded.tokenizer is None:  # a candidate is saved with its tokenizer, so it can be evaluated and reloaded
+        raise ShrinkError(f"The model {args.model} has no tokenizer, which a saved candidate needs; use a model "
+                          "directory that includes its tokenizer files.")
     calibration, recipe = plan_calibration(plan, loaded.tokenizer)
 
     def progress(fraction: float, message: str) -> None:

@@ -1,8 +1,6 @@
 """`candidates list | rename | tag | delete | export`: every evaluated candidate, with its lineage."""
 from __future__ import annotations
 
-from pathlib import Path
-
 from shrink_core.cli.entry import print_json
 
 
@@ -34,6 +32,7 @@ def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
 def run(args) -> int:
     from shrink_core.results import candidates
     from shrink_core.errors import ShrinkError
+    from shrink_core.paths import check_writable
     from shrink_core.results.store import Store
 
     store = Store()
@@ -64,9 +63,10 @@ def run(args) -> int:
         candidates.delete(store, args.id)
         print(f"deleted #{args.id} ('{name}'); its results stay in the store")
     else:
-        out = Path(args.out)
+        out = check_writable(args.out, "--out", directory=True)
+        files = candidates.export_files(store, args.id)
         out.mkdir(parents=True, exist_ok=True)
-        for filename, text in candidates.export_files(store, args.id).items():
+        for filename, text in files.items():
             path = out / f"candidate-{args.id}-{filename}"
             path.write_text(text, encoding="utf-8")
             print(path)

@@ -43,7 +43,10 @@ def run(args) -> int:
     from shrink_core.distill import DistillConfig, parse_drop_blocks, parse_mix
     from shrink_core.distill.run import run_distill
     from shrink_core.errors import ShrinkError
+    from shrink_core.paths import check_replaceable, check_writable
 
+    if args.out:  # checked before the run, so a finished student is never lost to a bad --out
+        check_replaceable(check_writable(args.out, "--out", directory=True, replace=True), "--out", "provenance.json")
     if args.resume and not args.name:
         raise ShrinkError("--resume needs --name RUN (see the run names under $SHRINK_HOME/distill/).")
     blocks, count = parse_drop_blocks(args.drop_blocks)

@@ -52,6 +52,12 @@ def main(argv: list[str] | None = None) -> int:
             traceback.print_exc()
         print(f"error: {exc}", file=sys.stderr)
         return 1
+    except OSError as exc:  # the disk said no (read-only, full, missing folder): what and where, not a traceback
+        if args.debug:
+            traceback.print_exc()
+        where = f" {exc.filename}" if exc.filename else ""
+        print(f"error: could not use{where}: {exc.strerror or exc}; check the path and its permissions.", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("error: interrupted.", file=sys.stderr)
         return 130

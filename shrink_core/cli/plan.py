@@ -40,8 +40,10 @@ def run(args) -> int:
     from shrink_core.sensitivity.scan import run_scan
     from shrink_core.sensitivity.settings import parse_settings
     from shrink_core.evaluation.slices import parse_slice_list
+    from shrink_core.paths import check_writable
     from shrink_core.results.store import Store
 
+    check_writable(args.out, "--out")
     slice_ids = [s.id for s in parse_slice_list(args.slices)]
     setting_ids = [s.strip() for s in args.settings.split(",") if s.strip()]
     unknown = [s for s in setting_ids if s not in SETTINGS]

@@ -46,8 +46,13 @@ def _weights(text: str | None) -> tuple[tuple[str, float], ...]:
 
 
 def run(args) -> int:
+    from shrink_core.paths import check_writable
     from shrink_core.results.report import DEFAULT_LIMITS, View, write_report
     from shrink_core.results.store import Store
+
+    check_writable(args.out, "--out")
+    if args.png:
+        check_writable(args.png, "--png")
 
     limit = args.limit if args.limit is not None else DEFAULT_LIMITS.get(args.metric)
     view = View(x=args.x, y=args.y, metric=args.metric, target=args.target, budget=args.budget,

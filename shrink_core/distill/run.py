@@ -7,7 +7,6 @@ budget, store run id, student blocks), checkpoint.pt (latest), student/ (the fin
 from __future__ import annotations
 
 import json
-import re
 import time
 from pathlib import Path
 
@@ -15,20 +14,15 @@ import torch
 
 from shrink_core import __version__
 from shrink_core.errors import ShrinkError
-from shrink_core.paths import shrink_home
+from shrink_core.paths import SAFE_NAME, safe_join, safe_name, shrink_home
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
 from shrink_core.distill.config import DistillConfig
 from shrink_core.distill.student import (attach_straight_through_, block_influence, build_student, detach_straight_through_,
                       kept_blocks, lowest_influence, parameter_count)
 from shrink_core.distill.train import checkpoint_step, has_checkpoint, load_checkpoint_, make_state, train_
 
-RUN_NAME = re.compile(r"^[A-Za-z0-9][\w.-]{0,63}$")
-
-
 def run_dir(name: str) -> Path:
-    if not RUN_NAME.match(name or ""):
-        raise ShrinkError(f"The run name '{name}' is not valid; use letters, digits, '.', '_' or '-' (at most 64).")
-    return shrink_home() / "distill" / name
+    return safe_join(shrink_home() / "distill", safe_name(name, "run name"))
 
 
 def new_run_name() -> str:
@@ -271,7 +265,7 @@ def read_run(name: str) -> dict | None:
 def list_runs() -> list[dict]:
     """Runs on disk, newest first (see `read_run`)."""
     paths = sorted((shrink_home() / "distill").glob("*/config.json"), key=lambda p: p.stat().st_mtime, reverse=True)
-    return [run for run in (read_run(p.parent.name) for p in paths if RUN_NAME.match(p.parent.name))
+    return [run for run in (read_run(p.parent.name) for p in paths if SAFE_NAME.fullmatch(p.parent.name))
             if run is not None]
 
 

@@ -14,7 +14,7 @@ from functools import lru_cache
 from pathlib import Path
 
 from shrink_core.errors import ShrinkError
-from shrink_core.paths import REPO_ROOT, shrink_home
+from shrink_core.paths import REPO_ROOT, SAFE_NAME, safe_join, safe_name, shrink_home
 
 BUILTIN_DIR = REPO_ROOT / "evalsets"
 TOY_DIR = REPO_ROOT / "evalsets" / "toy"
@@ -58,6 +58,8 @@ def _read_manifest(directory: Path, user: bool) -> list[SliceInfo]:
     manifest = json.loads(path.read_text())
     infos = []
     for entry in manifest["slices"]:
+        if user and not SAFE_NAME.fullmatch(str(entry.get("id"))):
+            continue  # written by an older version that let a name leave the folder; never read or write through it
         infos.append(
             SliceInfo(
                 id=entry["id"],
@@ -78,6 +80,19 @@ def _read_manifest(directory: Path, user: bool) -> list[SliceInfo]:
             )
         )
     return infos
+
+
+def _checked_id(slice_id) -> str:
+    """A user slice id is a file name: one validator for every name that becomes a path (shrink_core.paths)."""
+    try:
+        return safe_name(slice_id, "slice id")
+    except ShrinkError as exc:
+        raise SliceError(str(exc)) from None
+
+
+def _data_path(directory: Path, slice_id: str) -> Path:
+    """Where a user slice's rows live; the id is checked, and the path must stay inside the slices folder."""
+    return safe_join(directory / "data", f"{_checked_id(slice_id)}.jsonl.gz")
 
 
 def user_dir() -> Path:
@@ -271,12 +286,12 @@ def add_user_records(records: list, name: str, slice_id: str | None = None, titl
     if errors:
         more = " (and more)" if len(errors) >= MAX_ROW_ERRORS else ""
         raise SliceError("; ".join(errors) + more + ".")
-    slice_id = slice_id or slice_id_from(name)
+    slice_id = _checked_id(slice_id or slice_id_from(name))
     if any(s.id == slice_id and not s.user for s in list_slices(include_toy=True)):
         raise SliceError(f"'{slice_id}' is the name of a built-in slice; choose another name.")
     rows = _normalise(records, kind, source=f"user:{Path(name).name}")
     directory = user_dir()
-    target = directory / "data" / f"{slice_id}.jsonl.gz"
+    target = _data_path(directory, slice_id)
     payload = "".join(json.dumps(r, ensure_ascii=False, sort_keys=True) + "\n" for r in rows).encode()
     tmp = target.with_name(target.name + ".partial")
     with gzip.GzipFile(tmp, "wb", mtime=0) as handle:
@@ -301,14 +316,22 @@ def add_user_records(records: list, name: str, slice_id: str | None = None, titl
 
 
 def remove_user_slice(slice_id: str) -> None:
+    """Remove one user slice: its manifest entry and its rows. A built-in or unknown id is refused."""
+    _checked_id(slice_id)
     directory = user_dir()
     manifest_path = directory / "manifest.json"
-    if not manifest_path.is_file():
-        return
-    manifest = json.loads(manifest_path.read_text())
+    manifest = json.loads(manifest_path.read_text()) if manifest_path.is_file() else {"version": 1, "slices": []}
+    if not any(s["id"] == slice_id for s in manifest["slices"]):
+        if any(s.id == slice_id for s in list_slices(include_toy=True)):
+            raise SliceError(f"'{slice_id}' is a built-in slice; only slices you added can be removed.")
+        mine = ", ".join(s.id for s in list_slices() if s.user) or "none yet"
+        raise SliceError(f"There is no user slice '{slice_id}' to remove; your slices: {mine}.")
+    target = _data_path(directory, slice_id)
     manifest["slices"] = [s for s in manifest["slices"] if s["id"] != slice_id]
-    manifest_path.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
-    (directory / "data" / f"{slice_id}.jsonl.gz").unlink(missing_ok=True)
+    tmp_manifest = manifest_path.with_suffix(".partial")
+    tmp_manifest.write_text(json.dumps(manifest, indent=1, ensure_ascii=False))
+    tmp_manifest.replace(manifest_path)
+    target.unlink(missing_ok=True)
 
 
 def load_dataset_records(path_or_name: str, split: str = "train") -> list[dict]:

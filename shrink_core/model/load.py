@@ -15,10 +15,18 @@ import os
 import re
 import shutil
 import struct
+import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
+
+try:
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None
+    import msvcrt
 
 from shrink_core.errors import ModelLoadError
 from shrink_core.paths import model_cache_dir, shrink_home
@@ -56,11 +64,12 @@ class BuiltinModel:
             except ImportError as exc:
                 raise ModelLoadError(_missing_package(self)) from exc
             target = model_cache_dir() / "gguf" / gemma_pkg.MODEL_NAME
-            target.parent.mkdir(parents=True, exist_ok=True)
             if not target.is_file():
-                tmp = target.with_suffix(".partial")
-                gemma_pkg.assemble(tmp, overwrite=True)  # joins the 4 chunks and checks their sha256
-                tmp.rename(target)
+                with file_lock(target.with_name(target.name + ".lock")):
+                    if not target.is_file():  # another process may have assembled it while this one waited
+                        tmp = target.with_suffix(".partial")
+                        gemma_pkg.assemble(tmp, overwrite=True)  # joins the 4 chunks and checks their sha256
+                        os.replace(tmp, target)
             return target
         raise ModelLoadError(f"Built-in model '{self.name}' has no GGUF locator.")
 
@@ -174,9 +183,10 @@ def weights_hash(paths: list[Path]) -> str:
     key = "|".join(f"{p.resolve()}:{p.stat().st_size}:{p.stat().st_mtime_ns}" for p in sorted(paths))
     if key not in memo:
         memo[key] = _sha256_files(paths)
-        tmp = memo_path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(memo))
-        tmp.replace(memo_path)
+        handle, tmp = tempfile.mkstemp(prefix="weights-hashes.", suffix=".tmp", dir=memo_path.parent)
+        with os.fdopen(handle, "w") as out:  # a file of its own: two processes never replace each other's half
+            out.write(json.dumps(memo))
+        os.replace(tmp, memo_path)
     return memo[key]
 
 
@@ -252,23 +262,45 @@ def _load_dir(
 def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
+    verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its load report and bar would bury the one sentence below
+    hf_logging.disable_progress_bar()
     try:
-        model = AutoModelForCausalLM.from_pretrained(
+        model, info = AutoModelForCausalLM.from_pretrained(
             source,
             dtype=torch.float32,
             use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code,
             local_files_only=True,
+            output_loading_info=True,
         )
     except (OSError, ValueError, KeyError, RuntimeError) as exc:
         raise ModelLoadError(f"transformers could not load the model from {source}: {_first_line(exc)}") from exc
+    finally:
+        hf_logging.set_verbosity(verbosity)
+        if bar:
+            hf_logging.enable_progress_bar()
+    check_no_missing_weights(source, type(model).__name__, info.get("missing_keys") or ())
     try:
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, KeyError):
         tokenizer = None  # the inventory needs none; evaluation says so when it needs one
     model.eval()
     return model, tokenizer
+
+
+def check_no_missing_weights(source: str, model_class: str, missing) -> None:
+    """Refuse a model some of whose weights the checkpoint lacks: transformers would fill them with random values (an
+    encoder such as BERT "loaded as a causal LM" gets a random LM head) and every number measured on it would be noise."""
+    missing = sorted(missing)
+    if missing:
+        shown = ", ".join(missing[:3]) + (f" and {len(missing) - 3} more" if len(missing) > 3 else "")
+        raise ModelLoadError(
+            f"The checkpoint in {source} lacks {len(missing)} weights that {model_class} needs ({shown}), so they "
+            "would start from random values; give a causal language model checkpoint that holds all its weights."
+        )
 
 
 def _first_line(exc: BaseException) -> str:
@@ -310,40 +342,89 @@ def _load_hub(spec: ModelSpec, allow_pickle: bool, trust_remote_code: bool, prog
 # ---------------------------------------------------------------- GGUF -> fp32 safetensors cache
 
 
+CACHE_MARKER = "shrink-cache.json"  # written last: a folder without it is not a cache
+
+
+@contextmanager
+def file_lock(path: Path):
+    """Hold an exclusive lock on `path` (created if missing) while the block runs; the OS drops it if the process dies,
+    so a crashed conversion never blocks the next one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a+b") as handle:
+        if fcntl is not None:
+            fcntl.flock(handle.fileno(), fcntl.LOCK_EX)
+        else:  # Windows: msvcrt retries for 10 s, then raises; keep waiting like flock does
+            handle.seek(0)
+            while True:
+                try:
+                    msvcrt.locking(handle.fileno(), msvcrt.LK_LOCK, 1)
+                    break
+                except OSError:
+                    continue
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_UN)
+            else:
+                handle.seek(0)
+                msvcrt.locking(handle.fileno(), msvcrt.LK_UNLCK, 1)
+
+
+def build_cache_dir(target: Path, build: Callable[[Path], dict]) -> bool:
+    """Make `target` a complete cache folder once, however many processes ask at the same time; True if it was
+    already there. `build(tmp)` fills an empty folder beside `target` and returns the metadata written last as
+    CACHE_MARKER; the folder is then renamed into place, so a reader sees no cache or a whole one, never half."""
+    if (target / CACHE_MARKER).is_file():
+        return True
+    with file_lock(target.with_name(target.name + ".lock")):
+        if (target / CACHE_MARKER).is_file():  # another process built it while this one waited
+            return True
+        for stale in target.parent.iterdir():  # left by a conversion that crashed (the lock says none is running)
+            if stale.name.startswith(target.name + ".partial"):
+                shutil.rmtree(stale, ignore_errors=True)
+        tmp = Path(tempfile.mkdtemp(prefix=target.name + ".partial-", dir=target.parent))
+        try:
+            meta = build(tmp)
+            (tmp / CACHE_MARKER).write_text(json.dumps(meta, indent=1))
+            shutil.rmtree(target, ignore_errors=True)  # an incomplete folder (no marker) from an older version
+            os.replace(tmp, target)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    return False
+
+
 def _gguf_cache(gguf: Path, progress: Progress) -> tuple[Path, bool]:
     """Dequantize a GGUF file once into `$SHRINK_HOME/models/<name>-<key>/`; later loads read safetensors."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
     target = model_cache_dir() / f"{gguf.stem}-{key}"
-    if (target / "shrink-cache.json").is_file():
-        return target, True
-    progress(0.05, f"first load: dequantizing {gguf.name} to fp32 (cached afterwards)")
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-        progress(0.25, "dequantizing weights")
-        model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
-        raise ModelLoadError(f"The GGUF file {gguf} could not be read: {_first_line(exc)}") from exc
-    progress(0.7, "writing the fp32 cache")
-    # transformers refuses to save a GGUF-loaded model; the weights are plain fp32 tensors by now.
-    model.hf_quantizer = None
-    if hasattr(model.config, "quantization_config"):
-        del model.config.quantization_config
-    tmp = target.with_name(target.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    meta = {
-        "format": CACHE_FORMAT,
-        "source": str(gguf.resolve()),
-        "source_bytes": stat.st_size,
-        "source_sha256": _sha256_files([gguf]),
-        "created": time.time(),
-    }
-    (tmp / "shrink-cache.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(target, ignore_errors=True)
-    tmp.rename(target)  # atomic: a crash mid-write never leaves a half cache that looks complete
-    return target, False
+    def convert(tmp: Path) -> dict:
+        progress(0.05, f"first load: dequantizing {gguf.name} to fp32 (cached afterwards)")
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+            progress(0.25, "dequantizing weights")
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+        except (OSError, ValueError, KeyError, RuntimeError) as exc:
+            raise ModelLoadError(f"The GGUF file {gguf} could not be read: {_first_line(exc)}") from exc
+        progress(0.7, "writing the fp32 cache")
+        # transformers refuses to save a GGUF-loaded model; the weights are plain fp32 tensors by now.
+        model.hf_quantizer = None
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+        return {
+            "format": CACHE_FORMAT,
+            "source": str(gguf.resolve()),
+            "source_bytes": stat.st_size,
+            "source_sha256": _sha256_files([gguf]),
+            "created": time.time(),
+        }
+
+    return target, build_cache_dir(target, convert)

@@ -236,6 +236,12 @@ def _rule_from_dict(data, index: int) -> Rule:
     if prune is not None:
         prune = PruneSpec(**_check_keys(prune, ("structure", "amount", "n", "m", "criterion"), f"{where} prune"),
                           where=f"Rule {index} prune")
+    for key, kind, example in (("name", str, "name: 'model\\.layers\\.0\\..*'"), ("note", str, "note: why"),
+                               ("keep", bool, "keep: true")):
+        value = data.get(key)
+        if value is not None and not isinstance(value, kind):
+            raise PlanError(f"Rule {index}: {key} must be {'a string' if kind is str else 'true or false'}, "
+                            f"not {value!r}; write e.g. {example}.")
     data["kind"] = _as_tuple(data.get("kind"), f"Rule {index} kind", str)
     data["blocks"] = _as_tuple(data.get("blocks"), f"Rule {index} blocks", int)
     return Rule(**data, weights=weights, prune=prune, index=index)
@@ -248,6 +254,9 @@ def plan_from_dict(data) -> Plan:
     rules = data.pop("rules", None)
     if not isinstance(rules, list):
         raise PlanError("The plan needs `rules:`, a list of rules (first match wins).")
+    for key in ("name", "description"):
+        if key in data and not isinstance(data[key], str):
+            raise PlanError(f"The plan's {key} must be a string, not {data[key]!r}; put it in quotes.")
     calibration = data.pop("calibration", None)
     if calibration is not None:
         try:
