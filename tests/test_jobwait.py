@@ -52,3 +52,19 @@ def test_kill_workers_stops_only_the_workers_under_its_root(shrink_home, tmp_pat
     assert kill_workers(shrink_home) == [mine]
     assert not _worker_alive(mine) and _worker_alive(other)
     assert kill_workers(other_home) == [other] and workers_under(tmp_path) == []
+
+
+def test_wait_on_job_fails_at_once_on_a_failed_job_and_soon_after_a_done_one_the_page_never_shows(shrink_home):
+    from .browser import wait_on_job
+
+    store = Store()
+    failed = jobs.submit(store, "tick", TICK, {"steps": 5, "step_seconds": 0.01, "fail_at": 2})
+    started = time.time()
+    with pytest.raises(AssertionError, match=r"(?s)while waiting for the result: job \d+ \(tick\) is failed: .*"
+                                             r"asked to fail at step 2.*Traceback"):
+        wait_on_job(None, shrink_home, lambda d: False, "the result", kind="tick")  # no browser: the page never shows
+    done = jobs.submit(store, "tick", TICK, {"steps": 2, "step_seconds": 0.01})
+    with pytest.raises(AssertionError, match=r"ended done 2 s ago, but the page does not show the result"):
+        wait_on_job(None, shrink_home, lambda d: False, "the result", job_id=done, rerender_s=2)
+    assert time.time() - started < 60  # judged by the jobs' state, not a deadline
+    assert wait_on_job(None, shrink_home, lambda d: "shown", "the result", job_id=done) == "shown"
