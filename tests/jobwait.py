@@ -26,13 +26,17 @@ def job_rows(home, kind: str | None = None) -> list[dict]:
     path = store_path(home)
     if not path.exists():
         return []
-    with sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=30) as db:
+    db = sqlite3.connect(path, timeout=30)  # a plain reader: the store is in WAL mode, so it never blocks a writer
+    try:
         db.row_factory = sqlite3.Row
-        try:
-            rows = db.execute("SELECT * FROM jobs" + (" WHERE kind = ?" if kind else "") + " ORDER BY id DESC",
-                              (kind,) if kind else ()).fetchall()
-        except sqlite3.OperationalError:  # the store is being created; no jobs table yet
+        rows = db.execute("SELECT * FROM jobs" + (" WHERE kind = ?" if kind else "") + " ORDER BY id DESC",
+                          (kind,) if kind else ()).fetchall()
+    except sqlite3.OperationalError as exc:
+        if "no such table" in str(exc):  # the store is being created
             return []
+        raise
+    finally:
+        db.close()
     return [dict(row) for row in rows]
 
 
