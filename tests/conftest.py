@@ -2,6 +2,8 @@ import os
 
 import pytest
 
+from .jobwait import kill_workers
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests that use a throw-away SHRINK_HOME still share the converted built-in models.
@@ -18,10 +20,31 @@ def tiny_model():
 
 @pytest.fixture
 def shrink_home(tmp_path, monkeypatch):
-    """An empty SHRINK_HOME for tests that write state (store, caches)."""
+    """An empty SHRINK_HOME for tests that write state (store, caches); at teardown, every job worker whose store lies
+    under it is killed (with its process group), so no test leaves a worker running."""
     home = tmp_path / "shrink-home"
     monkeypatch.setenv("SHRINK_HOME", str(home))
-    return home
+    yield home
+    kill_workers(home)
+
+
+@pytest.fixture(scope="session")
+def _test_root(tmp_path_factory):
+    """This session's temporary root (every test's tmp_path lies under it); at the end, no worker under it survives."""
+    root = tmp_path_factory.getbasetemp()
+    yield root
+    kill_workers(root)
+
+
+@pytest.fixture(autouse=True)
+def _no_worker_outlives_its_test(_test_root, request):
+    """Guard: a job worker still running under this session's temporary root after a test (its fixtures torn down)
+    is killed, and the test errors at teardown, naming the pids."""
+    yield
+    left = kill_workers(_test_root)
+    if left:
+        pytest.fail(f"{request.node.nodeid} left job workers running (pids {left}); they were killed. Use the "
+                    "shrink_home fixture (it kills the workers under it at teardown).", pytrace=False)
 
 
 @pytest.fixture(scope="session")
@@ -30,3 +53,35 @@ def smollm2():
     from shrink_core.model.load import load
 
     return load("builtin:smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def _scanned_en_template(tmp_path_factory):
+    """A SHRINK_HOME made once per session: the default model's inventory (what the Model page stores on load) and a
+    small real fast scan of it (slice en; settings w4g64, w3g64; quick budget: 4 x 64 calibration tokens)."""
+    import sqlite3
+
+    from shrink_core.model.describe import describe
+    from shrink_core.model.load import load
+    from shrink_core.results.store import Store
+    from shrink_core.sensitivity import run_scan
+
+    home = tmp_path_factory.mktemp("scanned-en") / "shrink-home"
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SHRINK_HOME", str(home))
+        store = Store()
+        store.save_model(describe("builtin:smollm2-135m"))
+        run_scan(load("builtin:smollm2-135m"), ["en"], ["w4g64", "w3g64"], "fast", "quick", store=store)
+        store.close()
+    with sqlite3.connect(home / "shrink.db") as db:  # fold the write-ahead log in: the copy is one file
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    return home
+
+
+@pytest.fixture
+def scanned_en_home(shrink_home, _scanned_en_template):
+    """`shrink_home` holding a copy of the session's scanned-en store (see `_scanned_en_template`)."""
+    import shutil
+
+    shutil.copytree(_scanned_en_template, shrink_home, dirs_exist_ok=True)
+    return shrink_home

@@ -3,7 +3,7 @@ import os
 
 from selenium.webdriver.common.keys import Keys
 
-from .browser import BROWSER_MARKS, chromium, running_app, wait_for
+from .browser import BROWSER_MARKS, chromium, running_app, wait_for, wait_on_job
 
 pytestmark = BROWSER_MARKS
 
@@ -13,15 +13,13 @@ def grid_cells(driver):
     return [cell.get_attribute("textContent") for cell in driver.find_elements("css selector", '[role="gridcell"]')]
 
 
-def test_model_page_shows_the_inventory(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    with running_app(home) as url:
+def test_model_page_shows_the_inventory(shrink_home, tmp_path):
+    with running_app(shrink_home) as url:
         driver = chromium()
         try:
-            driver.get(url)
-            wait_for(driver, lambda d: "model.layers.0.self_attn.q_proj" in grid_cells(d), 300,
-                     "the inventory table of the default model")
+            driver.get(url)  # first visit: the page starts a job that loads the default model
+            wait_on_job(driver, shrink_home, lambda d: "model.layers.0.self_attn.q_proj" in grid_cells(d),
+                        "the inventory table of the default model", kind="describe")
             body = driver.find_element("tag name", "body").text
             assert "134,515,008 parameters" in body and "210 linear modules" in body
             assert "Weight size by module kind" in body
@@ -38,16 +36,14 @@ def test_model_page_shows_the_inventory(tmp_path):
             driver.quit()
 
 
-def test_malformed_upload_shows_the_row_and_page_keeps_working(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
+def test_malformed_upload_shows_the_row_and_page_keeps_working(shrink_home, tmp_path):
     bad = tmp_path / "quiz.jsonl"
     bad.write_text('{"context": "2+2=", "answer": " 4"}\n{"context": "Pick one", "choices": "a|b", "answer": 0}\n')
-    with running_app(home) as url:
+    with running_app(shrink_home) as url:
         driver = chromium()
         try:
             driver.get(f"{url}/evalsets")
-            wait_for(driver, lambda d: "Add your own slice" in d.find_element("tag name", "body").text, 120,
+            wait_for(driver, lambda d: "Add your own slice" in d.find_element("tag name", "body").text, 300,
                      "the Eval sets page")
             summary = wait_for(driver, lambda d: next((e for e in d.find_elements("css selector", "summary")
                                                       if "Add your own slice" in e.text), None), 30, "the upload expander")

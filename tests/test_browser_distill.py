@@ -1,7 +1,6 @@
 """The Distill page in a real browser, on the real SmolLM2 (a third of its blocks dropped, tiny batches): a run starts
 from the page, its loss curve moves, it survives a restart of the app and a `kill -9` of its worker (Resume from the
 last checkpoint), and the student lands on the Results page's Pareto plots with per-slice figures."""
-import contextlib
 import os
 import signal
 
@@ -13,7 +12,7 @@ from shrink_core.model.describe import describe
 from shrink_core.evaluation.slices import add_user_records, get_slice, load_rows
 from shrink_core.results.store import Store
 
-from .browser import BROWSER_MARKS, body, chromium, free_port, running_app, wait_for
+from .browser import BROWSER_MARKS, body, chromium, free_port, last_job_id, running_app, wait_for, wait_on_job
 
 pytestmark = BROWSER_MARKS
 SPEC = "builtin:smollm2-135m"
@@ -26,10 +25,11 @@ def loss_points(driver) -> int:
     return len(plots[0].find_elements("css selector", ".scatterlayer path.point")) if plots else 0
 
 
-def curve_moves(driver, what: str) -> None:
-    """The number of plotted points grows between two looks."""
-    first = wait_for(driver, loss_points, 120, f"a loss curve ({what})")
-    wait_for(driver, lambda d: loss_points(d) > first, 60, f"the loss curve to move ({what})")
+def curve_moves(driver, home, what: str) -> None:
+    """The number of plotted points grows between two looks, while the distill job runs (it must not end first)."""
+    first = wait_on_job(driver, home, loss_points, f"a loss curve ({what})", kind="distill", rerender_s=30)
+    wait_on_job(driver, home, lambda d: loss_points(d) > first, f"the loss curve to move ({what})", kind="distill",
+                rerender_s=30)
 
 
 def logged_steps(store, name: str) -> list[int]:
@@ -52,7 +52,7 @@ def button(driver, text: str):
 
 def configure_and_start(driver, url: str) -> None:
     driver.get(f"{url}/distill")
-    wait_for(driver, lambda d: "20 of 30" in body(d), 120, "the projected student (10 of 30 blocks dropped)")
+    wait_for(driver, lambda d: "20 of 30" in body(d), 300, "the projected student (10 of 30 blocks dropped)")
     for label, value in (("Steps", STEPS), ("Batch (sequences)", 2), ("Sequence length", 32)):
         type_into(driver, label, str(value))
     summary = next(e for e in driver.find_elements("css selector", "summary") if "checkpoints" in e.text)
@@ -86,7 +86,7 @@ def test_run_starts_moves_survives_restart_and_kill_and_reaches_the_pareto_plot(
     try:
         with running_app(shrink_home, port) as url:
             configure_and_start(driver, url)
-            curve_moves(driver, "right after Start")
+            curve_moves(driver, shrink_home, "right after Start")
             assert "Traceback" not in body(driver)
             job = jobs.list_jobs(store, "distill")[0]
             assert job.params["config"]["steps"] == STEPS and job.params["slices"] == ["user_notes"]
@@ -96,18 +96,20 @@ def test_run_starts_moves_survives_restart_and_kill_and_reaches_the_pareto_plot(
         name = job.params["name"]
         with running_app(shrink_home, port) as url:
             driver.get(f"{url}/distill")
-            curve_moves(driver, "after the app restart")
+            curve_moves(driver, shrink_home, "after the app restart")
             assert "running;" in body(driver)
 
             # kill -9 once a checkpoint is behind it and a few steps past it: Resume picks up from the checkpoint
-            wait_for(driver, lambda d: (read_run(name)["checkpoint_step"] or 0) >= CHECKPOINT_EVERY
-                     and max(logged_steps(store, name)) >= CHECKPOINT_EVERY + 2, 120,
-                     "a checkpoint and a few more steps")
+            wait_on_job(driver, shrink_home, lambda d: (read_run(name)["checkpoint_step"] or 0) >= CHECKPOINT_EVERY
+                        and max(logged_steps(store, name)) >= CHECKPOINT_EVERY + 2, "a checkpoint and a few more steps",
+                        job_id=job.id, rerender_s=30)
             os.kill(jobs.get(store, job.id).pid, signal.SIGKILL)
             wait_for(driver, lambda d: "stopped at checkpoint step" in body(d) and "died before finishing" in body(d),
                      60, "the page to notice the killed worker")
+            before = last_job_id(shrink_home)
             button(driver, "Resume").click()
-            wait_for(driver, lambda d: "finished;" in body(d), 240, "the resumed run to finish")
+            wait_on_job(driver, shrink_home, lambda d: "finished;" in body(d), "the resumed run to finish",
+                        kind="distill", after=before)
             assert "Traceback" not in body(driver)
             # steps redone after the checkpoint are logged once, and the run kept its own evaluation slice
             assert logged_steps(store, name) == list(range(1, STEPS + 1))
@@ -130,8 +132,4 @@ def test_run_starts_moves_survives_restart_and_kill_and_reaches_the_pareto_plot(
             assert len(slices_plot.find_elements("css selector", ".scatterlayer path.point")) >= 2  # teacher, student
             driver.save_screenshot(str(tmp_path / "results-page.png"))
     finally:
-        driver.quit()
-        for job in jobs.list_jobs(store, "distill"):  # never leave a worker behind a failed test
-            if job.active and job.pid:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(job.pid, signal.SIGKILL)
+        driver.quit()  # the shrink_home fixture kills a worker a failed test leaves behind

@@ -2,7 +2,7 @@
 plan, and see predicted vs measured per slice."""
 import os
 
-from .browser import BROWSER_MARKS, body, chromium, running_app, wait_for
+from .browser import BROWSER_MARKS, body, chromium, last_job_id, running_app, wait_for, wait_on_job
 
 pytestmark = BROWSER_MARKS
 SPEC = "builtin:smollm2-135m"
@@ -22,26 +22,17 @@ def click(driver, element) -> None:
     element.click()
 
 
-def test_protect_budget_plan_run_and_compare(tmp_path, monkeypatch):
+def test_protect_budget_plan_run_and_compare(scanned_en_home, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("SHRINK_HOME", str(home))
-    from shrink_core.model.describe import describe
-    from shrink_core.model.load import load
-    from shrink_core.sensitivity import run_scan
-    from shrink_core.results.store import Store
-
     # what the Model and Sensitivity pages would have stored: the inventory and a small real fast scan (one slice,
-    # two settings, quick budget), so the page has scores to predict from and to plan with
-    Store().save_model(describe(SPEC))
-    run_scan(load(SPEC), ["en"], ["w4g64", "w3g64"], "fast", "quick")
+    # two settings, quick budget), so the page has scores to predict from and to plan with; made once per session
+    home = scanned_en_home
     with running_app(home) as url:
         driver = chromium()
         try:
             driver.get(f"{url}/plan")
-            wait_for(driver, lambda d: "Per module" in body(d) and "Run planner" in body(d), 120, "the Plan page")
+            wait_for(driver, lambda d: "Per module" in body(d) and "Run planner" in body(d), 300, "the Plan page")
             # protect blocks 0 and 1: bulk edit, all block linears (the default kinds), blocks 0-1, setting keep
             expander = next(e for e in driver.find_elements("css selector", "summary") if "Bulk edit" in e.text)
             click(driver, expander)
@@ -62,15 +53,17 @@ def test_protect_budget_plan_run_and_compare(tmp_path, monkeypatch):
                      .get_attribute("value").startswith("200"), 30, "the budget value")
             click(driver, button(driver, "Run planner"))
             text = wait_for(driver, lambda d: next((line for line in body(d).splitlines()
-                                                    if line.startswith("Planner: optimal")), None), 60, "the planner")
+                                                    if line.startswith("Planner: optimal")), None), 180, "the planner")
             megabytes = float(text.split(" MB")[0].split()[-1].replace(",", ""))
             assert megabytes <= 200
             plan = rules(driver)
             assert "planner: keep" in plan and "planner: w" in plan
             assert "model\\.layers\\.1\\.mlp\\.down_proj" in plan.split("planner: keep")[0]  # protected: kept
             # run the plan (a background job: apply, evaluate en at the fast budget), then predicted vs measured
+            before = last_job_id(home)
             click(driver, button(driver, "Run this plan"))
-            wait_for(driver, lambda d: "stored as a candidate" in body(d), 170, "the plan run to finish")
+            wait_on_job(driver, home, lambda d: "stored as a candidate" in body(d), "the plan run's result", kind="eval",
+                        after=before)
             headers = [h.get_attribute("textContent") for h in driver.find_elements("css selector",
                                                                                   '[role="columnheader"]')]
             assert "predicted ΔNLL" in headers and "measured ΔNLL" in headers

@@ -32,7 +32,7 @@ def test_results_page_shows_real_candidates(shrink_home, tmp_path):
         driver = chromium()
         try:
             driver.get(f"{url}/results")
-            wait_for(driver, lambda d: {"w8", "w4g64-rtn"} <= plot_labels(d), 180, "both candidates on the Pareto plot")
+            wait_for(driver, lambda d: {"w8", "w4g64-rtn"} <= plot_labels(d), 300, "both candidates on the Pareto plot")
             body = driver.find_element("tag name", "body").text
             assert "Traceback" not in body
             titles = {e.get_attribute("textContent") for e in driver.find_elements("css selector", ".g-xtitle, .g-ytitle")}

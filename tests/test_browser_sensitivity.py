@@ -6,19 +6,16 @@ from .browser import BROWSER_MARKS, body, chromium, running_app, wait_for
 pytestmark = BROWSER_MARKS
 
 
-def test_heatmap_per_slice_and_protect_top_k(tmp_path, monkeypatch):
-    home = tmp_path / "home"
-    home.mkdir()
-    monkeypatch.setenv("SHRINK_HOME", str(home))
-    from shrink_core.model.describe import describe
+def test_heatmap_per_slice_and_protect_top_k(scanned_en_home, tmp_path):
     from shrink_core.model.load import load
     from shrink_core.sensitivity import run_scan
-    from shrink_core.results.store import Store
 
     # what the Model page stores on load (the Plan page checks plans against it), then a short real scan (quick
-    # budget: 4 x 64 calibration tokens per slice), so the page has scores to show
-    Store().save_model(describe("builtin:smollm2-135m"))
-    run_scan(load("builtin:smollm2-135m"), ["en", "zh"], ["w3g64"], "fast", "quick")
+    # budget: 4 x 64 calibration tokens per slice), so the page has scores to show: the session's scan of en (shared
+    # with the Plan test), and zh scanned here (en's records are reused)
+    home = scanned_en_home
+    report = run_scan(load("builtin:smollm2-135m"), ["en", "zh"], ["w3g64"], "fast", "quick")
+    assert report.reused > 0 and report.computed > 0  # en from the shared store, zh here
     with running_app(home) as url:
         driver = chromium()
         try:

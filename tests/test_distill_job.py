@@ -17,6 +17,8 @@ from shrink_core.distill.toy import save_toy_teacher
 from shrink_core.errors import ShrinkError
 from shrink_core.results.store import Store
 
+from .jobwait import HANG_S, job_row, log_tail, wait_job
+
 TARGET = "shrink_core.distill.run:distill_job"
 
 
@@ -31,21 +33,23 @@ def student_weights(name):
     return load_file(str(run_dir(name) / "student" / "model.safetensors"))
 
 
-def wait_until(predicate, timeout=120.0):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if predicate():
-            return
+def wait_while_running(home, job_id, predicate):
+    """Until `predicate` holds while the job runs; a job that ends first fails the test with its log tail."""
+    deadline = time.time() + HANG_S
+    while not predicate():
+        row = job_row(home, job_id)
+        if row["status"] not in ("queued", "running") or time.time() > deadline:
+            raise AssertionError(f"job {job_id} is {row['status']} ({row['error']}):\n{log_tail(home, job_id)}")
         time.sleep(0.1)
-    raise AssertionError("condition not reached in time")
 
 
 def test_job_runs_in_a_worker_logs_metrics_and_stores_a_distilled_candidate(shrink_home, tmp_path):
     teacher = save_toy_teacher(tmp_path / "teacher")
     store = Store()
     params = {"config": toy_config(teacher).to_dict(), "name": "w1", "slices": ["toy_en"], "budget": "fast"}
-    job = jobs.wait(store, jobs.submit(store, "distill", TARGET, params), timeout=300)
-    assert job.status == "done", job.error
+    job_id = jobs.submit(store, "distill", TARGET, params)
+    wait_job(shrink_home, job_id)  # fails with the job's error and log tail unless it is done
+    job = jobs.get(store, job_id)
     run_id = job.result["run_id"]
     keys = {m["key"] for m in store.metrics(run_id)}
     assert {"train_loss", "heldout_loss", "tokens_per_s", "lr"} <= keys
@@ -70,14 +74,15 @@ def test_killed_worker_resumes_to_the_same_weights_as_an_uninterrupted_run(shrin
     params = {"config": config.to_dict(), "name": "killed", "slices": [], "budget": "fast"}
     job_id = jobs.submit(store, "distill", TARGET, params)
     run_id = lambda: (read_run("killed") or {}).get("run_id")  # noqa: E731 (the store's run, once the worker made it)
-    wait_until(lambda: any(m["step"] >= 25 for m in store.metrics(run_id())) if run_id() else
-               jobs.get(store, job_id).status == "failed")
+    wait_while_running(shrink_home, job_id, lambda: bool(run_id()) and any(m["step"] >= 25
+                                                                          for m in store.metrics(run_id())))
     os.kill(jobs.get(store, job_id).pid, signal.SIGKILL)
-    assert jobs.wait(store, job_id, timeout=60).status == "failed"
+    assert jobs.wait(store, job_id, timeout=HANG_S).status == "failed"  # jobs.wait reaps: the store notes the death
     assert not (run_dir("killed") / "student").exists()
 
-    resumed = jobs.wait(store, jobs.submit(store, "distill", TARGET, {**params, "resume": True}), timeout=300)
-    assert resumed.status == "done", resumed.error
+    resumed_id = jobs.submit(store, "distill", TARGET, {**params, "resume": True})
+    wait_job(shrink_home, resumed_id)
+    resumed = jobs.get(store, resumed_id)
     expected, got = student_weights("straight"), student_weights("killed")
     assert expected.keys() == got.keys() and all(torch.equal(expected[k], got[k]) for k in expected)
     steps = [m["step"] for m in store.metrics(resumed.result["run_id"]) if m["key"] == "train_loss"]

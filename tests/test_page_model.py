@@ -2,9 +2,10 @@
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from shrink_core.runtime import jobs
 from shrink_core.paths import REPO_ROOT
 from shrink_core.results.store import Store
+
+from .jobwait import wait_job
 
 PAGE = str(REPO_ROOT / "app_pages" / "model.py")
 
@@ -32,7 +33,7 @@ def test_failed_load_shows_the_reason(shrink_home, tmp_path):
     at.text_input(key="model_spec_input").set_value(str(tmp_path / "empty"))
     at.button[0].click().run()
     job_id = at.session_state["job:model"]
-    assert jobs.wait(Store(), job_id, timeout=120).status == "failed"
+    wait_job(shrink_home, job_id, expect="failed")
     at.run()
     assert any("no config.json" in e.value for e in at.error)
 
@@ -42,7 +43,7 @@ def test_default_model_loads_in_background_and_shows_inventory(shrink_home):
     at = page().run()
     job_id = at.session_state["job:model"]  # opened on the default model with nothing stored: a load job starts
     assert job_id is not None
-    assert jobs.wait(Store(), job_id, timeout=300).status == "done"
+    wait_job(shrink_home, job_id)  # fails with the job's error and log tail unless it is done
     at.run()
     assert not at.exception
     assert any("134,515,008 parameters; 210 linear modules" in c.value for c in at.caption)
