@@ -224,5 +224,5 @@ if job is not None and job.status == "done" and job.result.get("candidate_id"):
     st.dataframe(pd.DataFrame(compare_rows), key="predicted_vs_measured", hide_index=True)
     if compare_rows:
         st.caption(f"Measured on {compare_rows[0]['device']} ({compare_rows[0]['protocol']} protocol); predicted ΔNLL is "
-                   "the additive sum of the scan's one-module scores (empty where the plan's settings were not scanned). "
-                   "Stored as a candidate with its plan and lineage (see Results).")
+                   "the additive sum of the scan's one-module scores (empty where the plan's settings were not scanned); "
+                   "stored as a candidate with its plan and lineage (see Results).")
