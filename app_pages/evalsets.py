@@ -2,11 +2,11 @@
 import pandas as pd
 import streamlit as st
 
-from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.evaluate import BUDGETS
-from shrink_core.evaluation.stats import MIN_INTERVAL_ITEMS, interval_note
 from shrink_core.evaluation.slices import add_user_slice, list_slices, load_rows
+from shrink_core.evaluation.stats import MIN_INTERVAL_ITEMS, interval_note
+from shrink_core.runtime import jobs
 from ui import charts, choices, state
 from ui.data import store
 from ui.jobs import show_job

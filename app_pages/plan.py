@@ -3,19 +3,20 @@ let the planner fill a budget, and run the plan to compare predicted with measur
 import pandas as pd
 import streamlit as st
 
-from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import LINEAR_KINDS, modules_from_rows
-from shrink_core.perf.hardware import DEFAULT_ROWS, get as get_hardware
+from shrink_core.perf.hardware import DEFAULT_ROWS
+from shrink_core.perf.hardware import get as get_hardware
 from shrink_core.perf.roofline import project
 from shrink_core.perf.workload import workload_from_rows
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
 from shrink_core.plan.budget import PlannerBudget, plan_within_budget, quant_specs
 from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
 from shrink_core.plan.predict import predict, score_table, settings_by_module
-from shrink_core.results.prediction import predicted_vs_measured
-from shrink_core.sensitivity.scan import stored_records
 from shrink_core.plan.presets import PRESETS
+from shrink_core.results.prediction import predicted_vs_measured
+from shrink_core.runtime import jobs
+from shrink_core.sensitivity.scan import stored_records
 from ui import choices, plan_edit, state
 from ui.data import store
 from ui.jobs import show_job

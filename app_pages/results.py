@@ -5,10 +5,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from shrink_core.results import candidates as cands
-from shrink_core.results import pareto
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.stats import ALPHA
+from shrink_core.results import candidates as cands
+from shrink_core.results import pareto
 from shrink_core.results.report import DEFAULT_LIMITS, View, build_report, figures, method_notes, render_html, write_png
 from ui.data import store
 

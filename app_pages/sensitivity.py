@@ -2,11 +2,18 @@
 import pandas as pd
 import streamlit as st
 
-from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
-from shrink_core.sensitivity import (METHOD_LABELS, SCAN_BUDGETS, SETTINGS, protect_plan_yaml, stored_agreement,
-                                     stored_agreement_pairs, stored_records)
 from shrink_core.plan.menu import SCAN_DEFAULT
+from shrink_core.runtime import jobs
+from shrink_core.sensitivity import (
+    METHOD_LABELS,
+    SCAN_BUDGETS,
+    SETTINGS,
+    protect_plan_yaml,
+    stored_agreement,
+    stored_agreement_pairs,
+    stored_records,
+)
 from ui import choices, heatmaps, state
 from ui.data import store
 from ui.jobs import show_job

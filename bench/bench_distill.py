@@ -106,10 +106,10 @@ def main() -> int:
     from shrink_core.distill.run import influence_tokens, resolve_device, training_data
     from shrink_core.distill.student import kept_blocks
     from shrink_core.distill.train import make_state, train_
-    from shrink_core.evaluation.evaluate import Budget, evaluate
-    from shrink_core.model.load import load
     from shrink_core.evaluation.calibration import CalibrationRecipe
+    from shrink_core.evaluation.evaluate import Budget, evaluate
     from shrink_core.evaluation.slices import get_slice
+    from shrink_core.model.load import load
 
     started = time.time()
     load_start = loadavg()

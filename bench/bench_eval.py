@@ -45,8 +45,8 @@ def main() -> None:
     import torch
 
     from shrink_core.evaluation.evaluate import evaluate_slice, get_budget, select_items, text_requests
-    from shrink_core.model.load import load
     from shrink_core.evaluation.slices import get_slice, load_rows
+    from shrink_core.model.load import load
 
     load_started = time.perf_counter()
     loaded = load(args.model)

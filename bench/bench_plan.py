@@ -32,11 +32,11 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 
 from shrink_core.evaluation.evaluate import BUDGETS, evaluate  # noqa: E402
-from shrink_core.model.inventory import block_linears, inventory  # noqa: E402
+from shrink_core.evaluation.slices import get_slice  # noqa: E402
 from shrink_core.evaluation.stats import bootstrap_ratio_ci  # noqa: E402
+from shrink_core.model.inventory import block_linears, inventory  # noqa: E402
 from shrink_core.plan import load_plan, resolve  # noqa: E402
 from shrink_core.plan.planner import SETTINGS, build_problem, greedy, solution_plan, solve  # noqa: E402
-from shrink_core.evaluation.slices import get_slice  # noqa: E402
 
 LINEARS = "[q, k, v, o, gate, up, down]"
 
@@ -108,8 +108,8 @@ def slice_figures(results: dict) -> dict:
 def scan_problem(loaded, args, slices, pinned: dict | None = None):
     """Fast-scan scores (reused from the store unless --fresh-scan) -> the planner's problem over the block linears."""
     from shrink_core.plan.predict import score_table
-    from shrink_core.sensitivity.scan import run_scan
     from shrink_core.results.store import Store
+    from shrink_core.sensitivity.scan import run_scan
 
     settings = args.settings.split(",")
     with tempfile.TemporaryDirectory() as home:

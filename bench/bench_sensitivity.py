@@ -21,7 +21,8 @@ SETTINGS = ["w8", "w4g64", "w3g64", "w2g64"]
 
 
 def emit(part: str, **figures) -> dict:
-    line = {"bench": "sensitivity", "part": part, "utc": time.strftime("%H:%M:%S", time.gmtime()), "load_avg": [round(x, 2) for x in os.getloadavg()], **figures}
+    line = {"bench": "sensitivity", "part": part, "utc": time.strftime("%H:%M:%S", time.gmtime()),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], **figures}
     print(json.dumps(line), flush=True)
     return line
 
@@ -100,8 +101,8 @@ def main() -> int:
     os.environ["SHRINK_HOME"] = os.environ.get("BENCH_HOME") or tempfile.mkdtemp(prefix="bench-sens-")  # reuse probes
     os.environ.setdefault("SHRINK_MODEL_CACHE", str(Path.home() / ".cache" / "shrink" / "models"))
     from shrink_core.model.load import load
-    from shrink_core.sensitivity import run_scan
     from shrink_core.results.store import Store
+    from shrink_core.sensitivity import run_scan
 
     slices = args.slices.split(",")
     parts = args.parts.split(",")

@@ -9,8 +9,7 @@ import pytest
 import torch
 
 from shrink_core.evaluation import stats as metrics
-from shrink_core.evaluation.evaluate import (BUDGETS, Request, compare, covered_bytes, evaluate, get_budget, score,
-                                             select_items)
+from shrink_core.evaluation.evaluate import BUDGETS, Request, compare, covered_bytes, evaluate, get_budget, score, select_items
 from shrink_core.evaluation.slices import SliceInfo, get_slice
 from shrink_core.model.toy import ByteTokenizer, tiny_llama
 

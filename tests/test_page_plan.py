@@ -3,9 +3,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from shrink_core.model.inventory import inventory
+from shrink_core.model.toy import tiny_llama
 from shrink_core.paths import REPO_ROOT
 from shrink_core.results.store import Provenance, Store
-from shrink_core.model.toy import tiny_llama
 
 PAGE = str(REPO_ROOT / "app_pages" / "plan.py")
 SPEC = "builtin:smollm2-135m"  # the page's default spec; the stored inventory is the tiny model's

@@ -3,9 +3,9 @@ import json
 
 import pytest
 
-from shrink_core.runtime import jobs
 from shrink_core.cli.entry import main
 from shrink_core.results.store import Store
+from shrink_core.runtime import jobs
 
 pytestmark = pytest.mark.integration
 

@@ -30,9 +30,9 @@ def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def run(args) -> int:
-    from shrink_core.results import candidates
     from shrink_core.errors import ShrinkError
     from shrink_core.paths import check_writable
+    from shrink_core.results import candidates
     from shrink_core.results.store import Store
 
     store = Store()

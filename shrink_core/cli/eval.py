@@ -15,11 +15,10 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from shrink_core.evaluation.stats import format_interval
-    from shrink_core.results.eval_run import run_eval
-
     from shrink_core.evaluation.slices import get_slice
+    from shrink_core.evaluation.stats import format_interval
     from shrink_core.model.load import load
+    from shrink_core.results.eval_run import run_eval
     from shrink_core.results.store import Store
 
     ids = [s.strip() for s in args.slices.split(",") if s.strip()]

@@ -24,10 +24,10 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import time
 
+    from shrink_core.evaluation.slices import parse_slice_list
     from shrink_core.model.load import load
     from shrink_core.sensitivity import run_scan
     from shrink_core.sensitivity.settings import parse_settings
-    from shrink_core.evaluation.slices import parse_slice_list
 
     started = time.perf_counter()
     slices = [s.id for s in parse_slice_list(args.slices)]

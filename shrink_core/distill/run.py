@@ -13,13 +13,21 @@ from pathlib import Path
 import torch
 
 from shrink_core import __version__
-from shrink_core.errors import ShrinkError
-from shrink_core.paths import SAFE_NAME, safe_join, safe_name, shrink_home
-from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
 from shrink_core.distill.config import DistillConfig
-from shrink_core.distill.student import (attach_straight_through_, block_influence, build_student, detach_straight_through_,
-                      kept_blocks, lowest_influence, parameter_count)
+from shrink_core.distill.student import (
+    attach_straight_through_,
+    block_influence,
+    build_student,
+    detach_straight_through_,
+    kept_blocks,
+    lowest_influence,
+    parameter_count,
+)
 from shrink_core.distill.train import checkpoint_step, has_checkpoint, load_checkpoint_, make_state, train_
+from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+from shrink_core.paths import SAFE_NAME, safe_join, safe_name, shrink_home
+
 
 def run_dir(name: str) -> Path:
     return safe_join(shrink_home() / "distill", safe_name(name, "run name"))
@@ -102,8 +110,8 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     with the run, so a Resume from a fresh page or another shell ends like the run that was started), else en / fast.
     """
     from shrink_core.evaluation.evaluate import get_budget
-    from shrink_core.model.load import load
     from shrink_core.evaluation.slices import get_slice
+    from shrink_core.model.load import load
     from shrink_core.results.store import Store
 
     progress = progress or (lambda f, m="": None)
@@ -181,11 +189,10 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
 def finish(store, teacher_loaded, student, built, config, name, directory, slice_infos, budget, evaluate_at_end,
            progress, job_id) -> dict:
     """Save the student as a candidate directory, evaluate it against the teacher, store both with lineage."""
-    from shrink_core.results.eval_run import (_provenance, _public, eval_payload, reference_candidate,
-                                              reference_results, size_key)
-    from shrink_core.evaluation.evaluate import evaluate
     from shrink_core.compression.export import save_candidate
+    from shrink_core.evaluation.evaluate import evaluate
     from shrink_core.plan import load_plan
+    from shrink_core.results.eval_run import _provenance, _public, eval_payload, reference_candidate, reference_results, size_key
 
     base = built["plan"] or {"version": 1, "rules": [{"name": ".*", "keep": True}]}
     plan_dict = {**base, "name": f"distilled {name}",

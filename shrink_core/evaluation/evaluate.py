@@ -18,7 +18,6 @@ from shrink_core.evaluation import stats as metrics
 from shrink_core.evaluation.protocol import BUDGETS, LONG_BUCKETS, Budget, get_budget  # noqa: F401 (re-exported)
 from shrink_core.evaluation.slices import SliceInfo, load_rows
 
-
 # ---------------------------------------------------------------- requests
 
 
@@ -413,7 +412,8 @@ def evaluate(model, tokenizer, slices: list[SliceInfo], budget: str | Budget = "
 def compare(a: SliceResult, b: SliceResult) -> dict:
     """Is b different from a on this slice? Paired over the same items."""
     if a.per_item["ids"] != b.per_item["ids"]:
-        raise ShrinkError(f"Results for '{a.slice}' were scored on different items (budgets differ?); rerun with the same budget.")
+        raise ShrinkError(f"Results for '{a.slice}' were scored on different items (budgets differ?); "
+                          "rerun with the same budget.")
     tokens = np.array(a.per_item["tokens"], dtype=float)
     per_token_a = np.array(a.per_item["nll"]) / np.maximum(tokens, 1)
     per_token_b = np.array(b.per_item["nll"]) / np.maximum(tokens, 1)

@@ -13,9 +13,9 @@ from shrink_core import __version__
 from shrink_core.evaluation.calibration import plan_calibration
 from shrink_core.evaluation.evaluate import SliceResult, evaluate, get_budget
 from shrink_core.evaluation.protocol import PROTOCOL_VERSION, eval_key, figure_key
+from shrink_core.evaluation.slices import get_slice
 from shrink_core.model.describe import device_label
 from shrink_core.model.load import load
-from shrink_core.evaluation.slices import get_slice
 from shrink_core.results.store import Provenance, Store
 
 

@@ -6,9 +6,21 @@ See docs/sensitivity.md. Public API: `run_scan`, `Record`, `Agreement`, `SETTING
 from shrink_core.sensitivity.compare import SliceComparison, compare_slices, top_modules
 from shrink_core.sensitivity.plans import protect_plan_yaml
 from shrink_core.sensitivity.probe import SCAN_BUDGETS, ProbeCache, ScanBudget, probe
-from shrink_core.sensitivity.scan import (METHOD_LABELS, METHODS, METRICS, Agreement, Record, ScanReport, run_scan, sample_modules,
-                   sensitivity_job, spearman, stored_agreement, stored_agreement_pairs,
-                   stored_records)
+from shrink_core.sensitivity.scan import (
+                   METHOD_LABELS,
+                   METHODS,
+                   METRICS,
+                   Agreement,
+                   Record,
+                   ScanReport,
+                   run_scan,
+                   sample_modules,
+                   sensitivity_job,
+                   spearman,
+                   stored_agreement,
+                   stored_agreement_pairs,
+                   stored_records,
+)
 from shrink_core.sensitivity.settings import SETTINGS, Setting, get_setting
 
 __all__ = ["SCAN_BUDGETS", "SETTINGS", "METHODS", "METHOD_LABELS", "METRICS", "Agreement", "ProbeCache", "Record",

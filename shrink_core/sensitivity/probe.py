@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from shrink_core.evaluation.evaluate import _softcap, select_items
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+from shrink_core.evaluation.evaluate import _softcap, select_items
 from shrink_core.evaluation.slices import get_slice, load_rows
 from shrink_core.sensitivity.settings import Setting, perturbed
 

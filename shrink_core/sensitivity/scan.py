@@ -15,15 +15,15 @@ import numpy as np
 from shrink_core import __version__
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.protocol import figure_key
-from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
-
-EMBEDDING_KINDS = ("embedding", "lm_head")
-from shrink_core.model.describe import device_label
 from shrink_core.evaluation.slices import get_slice
+from shrink_core.model.describe import device_label
+from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
 from shrink_core.results.store import Provenance, Store
 from shrink_core.sensitivity.fisher import estimate_slices, fisher_stats
 from shrink_core.sensitivity.probe import SCAN_BUDGETS, ProbeCache, ScanBudget, calib_tokens, eval_tokens, probe
 from shrink_core.sensitivity.settings import Setting, get_setting
+
+EMBEDDING_KINDS = ("embedding", "lm_head")
 
 METHODS = ("fast", "exhaustive")
 METRICS = ("kl", "dnll")
