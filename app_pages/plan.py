@@ -214,7 +214,7 @@ run_cols = st.columns([3, 1, 1])
 run_options = choices.slice_ids()
 slices_to_run = run_cols[0].multiselect("Slices", run_options, key="run_slices",  # scored slices: predicted vs measured
                                         default=choices.defaults(scored_slices, run_options, fallback=4))
-run_budget = run_cols[1].radio("Budget", ["fast", "standard"], key="run_budget")
+run_budget = run_cols[1].radio("Protocol", ["fast", "standard"], key="run_budget")
 if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=not slices_to_run):
     state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
                                              {"spec": spec, "slices": slices_to_run, "budget": run_budget,

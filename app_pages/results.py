@@ -38,7 +38,7 @@ ids = [int(i) for i in everyone["id"]]
 labels = {int(cid): f"#{cid} {name}" for cid, name in zip(everyone["id"], everyone["name"])}
 
 top = st.columns(4)
-budget = top[0].selectbox("Budget", found_budgets, key="res_budget")
+budget = top[0].selectbox("Protocol", found_budgets, key="res_budget")
 table = cands.slices_frame(db, budget)
 metric = top[1].selectbox("Quality (y)", list(pareto.METRICS), key="res_metric",
                           format_func=lambda m: pareto.METRICS[m].label)

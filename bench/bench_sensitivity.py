@@ -31,10 +31,10 @@ def prefix_part(loaded, slice_id: str, count: int) -> dict:
     import torch
 
     from shrink_core.model.inventory import block_linears, inventory
-    from shrink_core.sensitivity import SCAN_BUDGETS, ProbeCache, get_setting, probe, sample_modules
+    from shrink_core.sensitivity import SCAN_DEPTHS, ProbeCache, get_setting, probe, sample_modules
     from shrink_core.sensitivity.probe import eval_tokens
 
-    budget = SCAN_BUDGETS["fast"]
+    budget = SCAN_DEPTHS["fast"]
     rows = block_linears(inventory(loaded.model))
     named = dict(loaded.model.named_modules())
     cache = ProbeCache(loaded.model, eval_tokens(loaded.tokenizer, slice_id, budget.sequences, budget.seq_len),

@@ -185,14 +185,14 @@ def test_cli_choices_match_the_library():
     import argparse
 
     from shrink_core.cli import sensitivity as command
-    from shrink_core.sensitivity import METHODS, SCAN_BUDGETS
+    from shrink_core.sensitivity import METHODS, SCAN_DEPTHS
 
     sub = argparse.ArgumentParser().add_subparsers()
     command.add_parser(sub)
     parser = sub.choices["sensitivity"]
     options = {a.dest: a for a in parser._actions}
     assert list(options["method"].choices) == list(METHODS)
-    assert list(options["budget"].choices) == list(SCAN_BUDGETS)
+    assert list(options["budget"].choices) == list(SCAN_DEPTHS)
     assert all(s in options["settings"].help for s in SETTINGS)
 
 

@@ -109,7 +109,7 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     slices / budget: what the student is evaluated on at the end; None means the run's own on resume (they are saved
     with the run, so a Resume from a fresh page or another shell ends like the run that was started), else en / fast.
     """
-    from shrink_core.evaluation.evaluate import get_budget
+    from shrink_core.evaluation.evaluate import get_protocol
     from shrink_core.evaluation.slices import get_slice
     from shrink_core.model.load import load
     from shrink_core.results.store import Store
@@ -122,7 +122,7 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     info = json.loads(info_path.read_text()) if resume and info_path.is_file() else {}
     slices = list(slices) if slices is not None else info.get("slices", ["en"])
     budget = budget or info.get("budget", "fast")
-    get_budget(budget)
+    get_protocol(budget)
     slice_infos = [get_slice(s) for s in slices]
     if resume:
         if not (directory / "config.json").is_file():
