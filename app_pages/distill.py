@@ -1,11 +1,11 @@
 """Distill page: configure a student (size projected before starting), launch, watch live curves, cancel, resume."""
 import streamlit as st
 
-from shrink_core.runtime import jobs
 from shrink_core.distill import DistillConfig, projected_shape
 from shrink_core.distill.run import active_job, latest_job, list_runs, new_run_name, read_run, teacher_config
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe
+from shrink_core.runtime import jobs
 from ui import choices, curves, state
 from ui.data import store
 from ui.jobs import job_outcome, job_panel, show_job
@@ -143,8 +143,8 @@ st.caption(f"{status}; dropped blocks {run['dropped'] or 'none'}; student {run['
            f"state in $SHRINK_HOME/distill/{chosen}/")
 if run["finished"]:
     st.caption(f"The student is stored as the candidate 'distilled {chosen}': the Results page plots it per slice.")
-if not run["finished"] and running is None:
-    if st.button("Resume", key="distill_resume", help="Continue from the last checkpoint with the run's own config."):
+if not run["finished"] and running is None and st.button(
+        "Resume", key="distill_resume", help="Continue from the last checkpoint with the run's own config."):
         params = {"config": cfg, "name": chosen, "resume": True}  # the run keeps its own slices and budget
         state.set_job_id("distill", jobs.submit(db, "distill", TARGET, params))
         st.rerun()

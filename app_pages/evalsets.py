@@ -2,11 +2,11 @@
 import pandas as pd
 import streamlit as st
 
-from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
-from shrink_core.evaluation.evaluate import BUDGETS
-from shrink_core.evaluation.stats import MIN_INTERVAL_ITEMS, interval_note
+from shrink_core.evaluation.evaluate import PROTOCOLS
 from shrink_core.evaluation.slices import add_user_slice, list_slices, load_rows
+from shrink_core.evaluation.stats import MIN_INTERVAL_ITEMS, interval_note
+from shrink_core.runtime import jobs
 from ui import charts, choices, state
 from ui.data import store
 from ui.jobs import show_job
@@ -55,7 +55,7 @@ st.markdown(f"#### Baseline of `{spec}`")
 left, right = st.columns([3, 1])
 picked = left.multiselect("Slices to evaluate", list(by_id), default=choices.defaults(("en", "fr"), list(by_id)),
                           key="eval_slices")
-budget = right.radio("Budget", list(BUDGETS), horizontal=True, key="eval_budget",
+budget = right.radio("Protocol", list(PROTOCOLS), horizontal=True, key="eval_budget",
                      help="fast: 120 text rows / 200 questions per slice; standard: 480 / 1000; full: everything.")
 if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked):
     state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",

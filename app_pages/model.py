@@ -2,9 +2,9 @@
 import pandas as pd
 import streamlit as st
 
-from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.model.load import BUILTINS, DEFAULT_SPEC, ModelSpec
+from shrink_core.runtime import jobs
 from ui import charts, state
 from ui.data import store
 from ui.jobs import job_outcome, job_panel

@@ -3,19 +3,20 @@ let the planner fill a budget, and run the plan to compare predicted with measur
 import pandas as pd
 import streamlit as st
 
-from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import LINEAR_KINDS, modules_from_rows
-from shrink_core.perf.hardware import DEFAULT_ROWS, get as get_hardware
+from shrink_core.perf.hardware import DEFAULT_ROWS
+from shrink_core.perf.hardware import get as get_hardware
 from shrink_core.perf.roofline import project
 from shrink_core.perf.workload import workload_from_rows
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
 from shrink_core.plan.budget import PlannerBudget, plan_within_budget, quant_specs
 from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
 from shrink_core.plan.predict import predict, score_table, settings_by_module
-from shrink_core.results.prediction import predicted_vs_measured
-from shrink_core.sensitivity.scan import stored_records
 from shrink_core.plan.presets import PRESETS
+from shrink_core.results.prediction import predicted_vs_measured
+from shrink_core.runtime import jobs
+from shrink_core.sensitivity.scan import stored_records
 from ui import choices, plan_edit, state
 from ui.data import store
 from ui.jobs import show_job
@@ -213,7 +214,7 @@ run_cols = st.columns([3, 1, 1])
 run_options = choices.slice_ids()
 slices_to_run = run_cols[0].multiselect("Slices", run_options, key="run_slices",  # scored slices: predicted vs measured
                                         default=choices.defaults(scored_slices, run_options, fallback=4))
-run_budget = run_cols[1].radio("Budget", ["fast", "standard"], key="run_budget")
+run_budget = run_cols[1].radio("Protocol", ["fast", "standard"], key="run_budget")
 if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=not slices_to_run):
     state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
                                              {"spec": spec, "slices": slices_to_run, "budget": run_budget,

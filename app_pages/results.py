@@ -5,10 +5,10 @@ from pathlib import Path
 
 import streamlit as st
 
-from shrink_core.results import candidates as cands
-from shrink_core.results import pareto
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.stats import ALPHA
+from shrink_core.results import candidates as cands
+from shrink_core.results import pareto
 from shrink_core.results.report import DEFAULT_LIMITS, View, build_report, figures, method_notes, render_html, write_png
 from ui.data import store
 
@@ -38,7 +38,7 @@ ids = [int(i) for i in everyone["id"]]
 labels = {int(cid): f"#{cid} {name}" for cid, name in zip(everyone["id"], everyone["name"])}
 
 top = st.columns(4)
-budget = top[0].selectbox("Budget", found_budgets, key="res_budget")
+budget = top[0].selectbox("Protocol", found_budgets, key="res_budget")
 table = cands.slices_frame(db, budget)
 metric = top[1].selectbox("Quality (y)", list(pareto.METRICS), key="res_metric",
                           format_func=lambda m: pareto.METRICS[m].label)

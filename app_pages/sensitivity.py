@@ -2,11 +2,18 @@
 import pandas as pd
 import streamlit as st
 
-from shrink_core.runtime import jobs
 from shrink_core.errors import ShrinkError
-from shrink_core.sensitivity import (METHOD_LABELS, SCAN_BUDGETS, SETTINGS, protect_plan_yaml, stored_agreement,
-                                     stored_agreement_pairs, stored_records)
 from shrink_core.plan.menu import SCAN_DEFAULT
+from shrink_core.runtime import jobs
+from shrink_core.sensitivity import (
+    METHOD_LABELS,
+    SCAN_DEPTHS,
+    SETTINGS,
+    protect_plan_yaml,
+    stored_agreement,
+    stored_agreement_pairs,
+    stored_records,
+)
 from ui import choices, heatmaps, state
 from ui.data import store
 from ui.jobs import show_job
@@ -29,10 +36,10 @@ with st.expander("Run a scan", expanded=not stored_records(db, spec)):
                                   format_func=lambda s: f"{s}: {SETTINGS[s].label}")
     method = right.radio("Method", ["fast", "exhaustive"], horizontal=True, key="sens_method",
                          help="exhaustive probes every module one by one: minutes per slice and setting.")
-    budget = left.radio("Budget", list(SCAN_BUDGETS), index=1, horizontal=True, key="sens_budget",
-                        help=", ".join(f"{b.name}: {b.sequences}x{b.seq_len} tokens" for b in SCAN_BUDGETS.values()))
+    budget = left.radio("Scan depth", list(SCAN_DEPTHS), index=1, horizontal=True, key="sens_budget",
+                        help=", ".join(f"{b.name}: {b.sequences}x{b.seq_len} tokens" for b in SCAN_DEPTHS.values()))
     check = middle.number_input("Agreement check (modules probed exhaustively per slice)", 0, 210,
-                                SCAN_BUDGETS[budget].check_modules if method == "fast" else 0, key="sens_check",
+                                SCAN_DEPTHS[budget].check_modules if method == "fast" else 0, key="sens_check",
                                 disabled=method != "fast")
     if right.button("Run scan", type="primary", key="run_scan", disabled=not (slices and settings)):
         params = {"spec": spec, "slices": slices, "settings": settings, "method": method, "budget": budget,

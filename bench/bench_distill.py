@@ -106,10 +106,10 @@ def main() -> int:
     from shrink_core.distill.run import influence_tokens, resolve_device, training_data
     from shrink_core.distill.student import kept_blocks
     from shrink_core.distill.train import make_state, train_
-    from shrink_core.evaluation.evaluate import Budget, evaluate
-    from shrink_core.model.load import load
     from shrink_core.evaluation.calibration import CalibrationRecipe
+    from shrink_core.evaluation.evaluate import Protocol, evaluate
     from shrink_core.evaluation.slices import get_slice
+    from shrink_core.model.load import load
 
     started = time.time()
     load_start = loadavg()
@@ -147,7 +147,7 @@ def main() -> int:
     raw = train_step_seconds(student, probe, 3)
     raw_tps = tokens / statistics.median(raw)
 
-    budget = Budget("bench", text_rows=args.rows, task_items=2 * args.rows, long_docs=1, window=512, long_window=1024)
+    budget = Protocol("bench", text_rows=args.rows, task_items=2 * args.rows, long_docs=1, window=512, long_window=1024)
     slices = [get_slice(s) for s in args.slices.split(",")]
 
     def ppl(model, reference=None, reference_results=None):

@@ -22,10 +22,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
 
-from shrink_core.model.load import load  # noqa: E402
-from shrink_core.plan import load_plan  # noqa: E402
 from shrink_core.compression.apply import apply_plan_  # noqa: E402
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens, slice_texts  # noqa: E402
+from shrink_core.model.load import load  # noqa: E402
+from shrink_core.plan import load_plan  # noqa: E402
 
 SLICES = ("en", "fr", "de", "es", "ru", "zh", "ja", "ar")
 LINEARS = "[q, k, v, o, gate, up, down]"

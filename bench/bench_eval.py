@@ -44,14 +44,14 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from shrink_core.evaluation.evaluate import evaluate_slice, get_budget, select_items, text_requests
-    from shrink_core.model.load import load
+    from shrink_core.evaluation.evaluate import evaluate_slice, get_protocol, select_items, text_requests
     from shrink_core.evaluation.slices import get_slice, load_rows
+    from shrink_core.model.load import load
 
     load_started = time.perf_counter()
     loaded = load(args.model)
     load_s = time.perf_counter() - load_started
-    budget = get_budget(args.budget)
+    budget = get_protocol(args.budget)
     figures = {"model": args.model, "budget": args.budget, "threads": torch.get_num_threads(), "load_s": round(load_s, 2)}
     raw_total = eval_total = tokens_total = 0.0
     for slice_id in args.slices.split(","):
@@ -79,7 +79,7 @@ def main() -> None:
     env = dict(os.environ, SHRINK_HOME=tempfile.mkdtemp(), SHRINK_MODEL_CACHE=str(model_cache_dir()))
     started = time.perf_counter()
     cli = subprocess.run([sys.executable, "-m", "shrink_core", "eval", "--model", args.model, "--slices", args.slices,
-                          "--budget", args.budget, "--json"], capture_output=True, text=True, env=env)
+                          "--protocol", args.budget, "--json"], capture_output=True, text=True, env=env)
     figures["cli_eval_s"] = round(time.perf_counter() - started, 2)
     figures["cli_ok"] = cli.returncode == 0
     print(json.dumps(figures))

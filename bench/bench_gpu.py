@@ -4,7 +4,8 @@
 
 Prints one JSON line per figure (and appends it to --out), so a run cut short still leaves what it measured. Every
 kernel figure is measured on the GPU named in the `env` line with CUDA events: `eager_us` is the per-call time of 50
-back-to-back calls as PyTorch launches them (fewer for a slow kernel), `graph_us` the same calls replayed from a CUDA graph (launch overhead
+back-to-back calls as PyTorch launches them (fewer for a slow kernel), `graph_us` the same calls replayed from a
+CUDA graph (launch overhead
 removed: what the kernel itself costs). The median of 5 repeats is given. Kernels tried (all shipped in PyTorch):
 - bf16 dense `F.linear` (the baseline);
 - int4 weight-only, `aten._weight_int4pack_mm` (tinygemm), groups of 64 and 128, codes from the engine's RTN grid;
@@ -339,8 +340,8 @@ def weight_mib(model) -> float:
 def part_model(spec: str, group: int, windows_count: int) -> None:
     import copy
 
-    from shrink_core.model.load import load
     from shrink_core.evaluation.calibration import slice_texts, token_windows
+    from shrink_core.model.load import load
 
     started = time.perf_counter()
     loaded = load(spec)
@@ -363,7 +364,7 @@ def part_model(spec: str, group: int, windows_count: int) -> None:
         model = None
         try:
             model = build(name)
-            figures = {"weights_mib": weight_mib(model), "en_ppl_512x%d" % len(windows): round(perplexity(model, windows), 4)}
+            figures = {"weights_mib": weight_mib(model), f"en_ppl_512x{len(windows)}": round(perplexity(model, windows), 4)}
             figures.update(speed(model, vocab, batch=1))
             figures["batch8"] = speed(model, vocab, batch=8, decode=64)
             emit("model", candidate=name, runtime=f"pytorch-eager {torch.__version__}, bf16 activations", **figures)

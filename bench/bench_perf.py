@@ -32,15 +32,15 @@ def main() -> None:
                         help="also time SmolLM2's 210 block GEMVs: fp32, aten int4, onnxruntime MatMulNBits (if installed)")
     args = parser.parse_args()
 
-    from shrink_core.model.load import load
+    import torch
+
     from shrink_core.compression.candidate import from_plan
+    from shrink_core.model.load import load
     from shrink_core.perf.hardware import get
     from shrink_core.perf.latency import measure_with_probes
     from shrink_core.perf.lowbit import lowbit_copy
     from shrink_core.perf.roofline import calibrate, launch_overhead_from_step, project, relative_error
     from shrink_core.perf.workload import describe_model
-
-    import torch
 
     torch.set_num_threads(args.threads)  # preparation too: 2 threads on a busy 2-core machine stall every op
     started = time.time()
@@ -117,8 +117,8 @@ def main() -> None:
                                     "fp32_GFLOP_s": round(here.peak_flops["fp32"] / 1e9, 1),
                                     "launch_overhead_us": round(here.launch_overhead_s * 1e6, 2),
                                     "overlap": here.overlap,
-                                    "fitted_to": "reference b1 and b%d, last round; bandwidth and overhead measured"
-                                                 % args.batch},
+                                    "fitted_to": f"reference b1 and b{args.batch}, last round; bandwidth and overhead "
+                                                 "measured"},
         "projection_error_here": errors_of(here),
         "projection_error_here_overhead_fitted": errors_of(bandwidth_only),
         "projection_error_here_bandwidth_fitted_too": errors_of(free),
@@ -145,7 +145,7 @@ def kernels(threads: int, runs: int = 9) -> dict:
             x[w.shape[1]] @ w.t()
 
     def aten_int4():
-        for (n, k), p, s in zip(shapes, packed, scales):
+        for (_, k), p, s in zip(shapes, packed, scales):
             torch.ops.aten._weight_int4pack_mm_for_cpu(xb[k], p, 64, s)
 
     paths = {"fp32 eager": fp32, "aten int4 (bf16 act)": aten_int4}

@@ -31,12 +31,12 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from shrink_core.evaluation.evaluate import BUDGETS, evaluate  # noqa: E402
-from shrink_core.model.inventory import block_linears, inventory  # noqa: E402
+from shrink_core.evaluation.evaluate import PROTOCOLS, evaluate  # noqa: E402
+from shrink_core.evaluation.slices import get_slice  # noqa: E402
 from shrink_core.evaluation.stats import bootstrap_ratio_ci  # noqa: E402
+from shrink_core.model.inventory import block_linears, inventory  # noqa: E402
 from shrink_core.plan import load_plan, resolve  # noqa: E402
 from shrink_core.plan.planner import SETTINGS, build_problem, greedy, solution_plan, solve  # noqa: E402
-from shrink_core.evaluation.slices import get_slice  # noqa: E402
 
 LINEARS = "[q, k, v, o, gate, up, down]"
 
@@ -108,8 +108,8 @@ def slice_figures(results: dict) -> dict:
 def scan_problem(loaded, args, slices, pinned: dict | None = None):
     """Fast-scan scores (reused from the store unless --fresh-scan) -> the planner's problem over the block linears."""
     from shrink_core.plan.predict import score_table
-    from shrink_core.sensitivity.scan import run_scan
     from shrink_core.results.store import Store
+    from shrink_core.sensitivity.scan import run_scan
 
     settings = args.settings.split(",")
     with tempfile.TemporaryDirectory() as home:
@@ -131,7 +131,7 @@ def quality(loaded, args, slices) -> None:
 
     problem = scan_problem(loaded, args, slices)
     linear_names = {r.name for r in block_linears(inventory(loaded.model))}
-    budget = replace(BUDGETS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
+    budget = replace(PROTOCOLS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
     recipe = {**DEFAULT_RECIPE, "n_sequences": args.calib_n}
     calibration = calibration_tokens(loaded.tokenizer, CalibrationRecipe.from_dict(recipe))
     eval_label = f"first {args.rows} text rows per slice, window 512 (fast budget otherwise), measured on CPU"
@@ -181,7 +181,7 @@ def embedding(loaded, args, slices) -> None:
 
     pinned = {r.name: "w8" for r in embedding_rows(inventory(loaded.model))}  # by hand: int8 per channel (RTN)
     problem = scan_problem(loaded, args, slices, pinned)
-    budget = replace(BUDGETS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
+    budget = replace(PROTOCOLS["fast"], name=f"bench-{args.rows}", text_rows=args.rows)
     reference = measured(loaded.model, loaded.tokenizer, slices, budget)
     seen = {}  # the same plan at two budgets is measured once
     for size in args.sizes.split(","):

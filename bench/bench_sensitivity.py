@@ -21,7 +21,8 @@ SETTINGS = ["w8", "w4g64", "w3g64", "w2g64"]
 
 
 def emit(part: str, **figures) -> dict:
-    line = {"bench": "sensitivity", "part": part, "utc": time.strftime("%H:%M:%S", time.gmtime()), "load_avg": [round(x, 2) for x in os.getloadavg()], **figures}
+    line = {"bench": "sensitivity", "part": part, "utc": time.strftime("%H:%M:%S", time.gmtime()),
+            "load_avg": [round(x, 2) for x in os.getloadavg()], **figures}
     print(json.dumps(line), flush=True)
     return line
 
@@ -30,10 +31,10 @@ def prefix_part(loaded, slice_id: str, count: int) -> dict:
     import torch
 
     from shrink_core.model.inventory import block_linears, inventory
-    from shrink_core.sensitivity import SCAN_BUDGETS, ProbeCache, get_setting, probe, sample_modules
+    from shrink_core.sensitivity import SCAN_DEPTHS, ProbeCache, get_setting, probe, sample_modules
     from shrink_core.sensitivity.probe import eval_tokens
 
-    budget = SCAN_BUDGETS["fast"]
+    budget = SCAN_DEPTHS["fast"]
     rows = block_linears(inventory(loaded.model))
     named = dict(loaded.model.named_modules())
     cache = ProbeCache(loaded.model, eval_tokens(loaded.tokenizer, slice_id, budget.sequences, budget.seq_len),
@@ -100,8 +101,8 @@ def main() -> int:
     os.environ["SHRINK_HOME"] = os.environ.get("BENCH_HOME") or tempfile.mkdtemp(prefix="bench-sens-")  # reuse probes
     os.environ.setdefault("SHRINK_MODEL_CACHE", str(Path.home() / ".cache" / "shrink" / "models"))
     from shrink_core.model.load import load
-    from shrink_core.sensitivity import run_scan
     from shrink_core.results.store import Store
+    from shrink_core.sensitivity import run_scan
 
     slices = args.slices.split(",")
     parts = args.parts.split(",")

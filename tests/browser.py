@@ -47,7 +47,7 @@ def running_app(home: Path, port: int | None = None):
     restart; the shrink_home fixture kills those)."""
     port = port or free_port()
     env = dict(os.environ, SHRINK_HOME=str(home), HF_HUB_OFFLINE="1")
-    log = open(home.parent / f"streamlit-{port}.log", "wb")
+    log = open(home.parent / f"streamlit-{port}.log", "wb")  # noqa: SIM115 (the app writes to it until it stops)
     proc = subprocess.Popen(
         [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port), "--server.address", "localhost",
          "--server.headless", "true"],
@@ -62,7 +62,7 @@ def running_app(home: Path, port: int | None = None):
                 break
             except OSError:
                 if time.time() > deadline or proc.poll() is not None:
-                    raise RuntimeError(f"streamlit did not start; see {log.name}")
+                    raise RuntimeError(f"streamlit did not start; see {log.name}") from None
                 time.sleep(0.5)
         yield url
     finally:

@@ -6,11 +6,11 @@ import signal
 
 from selenium.webdriver.common.keys import Keys
 
-from shrink_core.runtime import jobs
 from shrink_core.distill.run import read_run
-from shrink_core.model.describe import describe
 from shrink_core.evaluation.slices import add_user_records, get_slice, load_rows
+from shrink_core.model.describe import describe
 from shrink_core.results.store import Store
+from shrink_core.runtime import jobs
 
 from .browser import BROWSER_MARKS, body, chromium, free_port, last_job_id, running_app, wait_for, wait_on_job
 

@@ -1,7 +1,7 @@
 """End to end in a real browser: real candidates (SmolLM2 on toy slices) on the Results page's Pareto plot and compare
 table."""
-from shrink_core.results.eval_run import run_eval
 from shrink_core.model.describe import describe
+from shrink_core.results.eval_run import run_eval
 from shrink_core.results.store import Store
 
 from .browser import BROWSER_MARKS, chromium, running_app, wait_for

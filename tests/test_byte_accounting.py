@@ -99,8 +99,8 @@ def test_fp32_rule_on_a_bf16_model_writes_float32(tmp_path):
 @pytest.mark.parametrize("model_name", list(MODELS))
 def test_projected_weight_bytes_count_biases(model_name):
     """The perf workload (Plan page roofline, memory) holds the same bytes as the resolved table."""
-    from shrink_core.model.inventory import inventory, summary
     from shrink_core.formats import WeightFormat
+    from shrink_core.model.inventory import inventory, summary
     from shrink_core.perf.workload import describe_model, workload_from_rows
 
     model = MODELS[model_name]()

@@ -6,8 +6,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from shrink_core.results import candidates as cands
 from shrink_core.errors import ShrinkError
+from shrink_core.results import candidates as cands
 from shrink_core.results.store import Provenance, Store
 
 SPEC = "toy:tiny"

@@ -25,7 +25,7 @@ def cli(*args, env=None):
          "one of the arguments --budget-mb --budget-bits --budget-latency-ms is required"),
         (["plan", "--budget-latency-ms", "40", "--out", "p.yaml"], 1, "--budget-latency-ms needs --target"),
         (["plan", "--budget-latency-ms", "40", "--target", "cray-1", "--out", "p.yaml"], 1, "Unknown target 'cray-1'"),
-        (["eval", "--slices", "en", "--budget", "huge"], 2, "invalid choice: 'huge'"),
+        (["eval", "--slices", "en", "--protocol", "huge"], 2, "invalid choice: 'huge'"),
     ],
 )
 def test_bad_input_is_one_line_on_stderr(args, code, words):

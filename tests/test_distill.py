@@ -5,7 +5,7 @@ import torch
 from shrink_core.distill import DistillConfig, block_influence, build_student, lowest_influence, projected_shape
 from shrink_core.distill.config import parse_drop_blocks
 from shrink_core.distill.student import kept_blocks, parameter_count
-from shrink_core.distill.train import (batch_indices, kl_loss, load_checkpoint_, lr_factor, make_state, train_)
+from shrink_core.distill.train import batch_indices, kl_loss, load_checkpoint_, lr_factor, make_state, train_
 from shrink_core.errors import ShrinkError
 from shrink_core.model.toy import tiny_llama
 
@@ -144,9 +144,9 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
 
 
 def test_quantized_student_trains_straight_through_and_ends_on_its_grid():
+    from shrink_core.compression.apply import apply_plan_
     from shrink_core.distill.student import attach_straight_through_, detach_straight_through_
     from shrink_core.plan import load_plan, plan_to_dict
-    from shrink_core.compression.apply import apply_plan_
 
     teacher = sharp_teacher(layers=2)
     student = tiny_llama(vocab=258, layers=2)

@@ -9,13 +9,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from shrink_core.results import candidates as cands
-from shrink_core.runtime import jobs
 from shrink_core.distill import DistillConfig
 from shrink_core.distill.run import read_run, run_dir, run_distill
 from shrink_core.distill.toy import save_toy_teacher
 from shrink_core.errors import ShrinkError
 from shrink_core.results.store import Store
+from shrink_core.runtime import jobs
 
 from .jobwait import HANG_S, job_row, log_tail, wait_job
 

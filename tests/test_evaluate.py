@@ -9,8 +9,16 @@ import pytest
 import torch
 
 from shrink_core.evaluation import stats as metrics
-from shrink_core.evaluation.evaluate import (BUDGETS, Request, compare, covered_bytes, evaluate, get_budget, score,
-                                             select_items)
+from shrink_core.evaluation.evaluate import (
+    PROTOCOLS,
+    Request,
+    compare,
+    covered_bytes,
+    evaluate,
+    get_protocol,
+    score,
+    select_items,
+)
 from shrink_core.evaluation.slices import SliceInfo, get_slice
 from shrink_core.model.toy import ByteTokenizer, tiny_llama
 
@@ -83,11 +91,11 @@ def test_selection_is_deterministic_and_keeps_groups():
 
 
 def test_budgets():
-    assert set(BUDGETS) == {"fast", "standard", "full"}
+    assert set(PROTOCOLS) == {"fast", "standard", "full"}
     from shrink_core.errors import ShrinkError
 
-    with pytest.raises(ShrinkError, match="Unknown budget 'quick'"):
-        get_budget("quick")
+    with pytest.raises(ShrinkError, match="Unknown evaluation protocol 'quick'"):
+        get_protocol("quick")
 
 
 def test_statistics():
@@ -139,7 +147,7 @@ def test_long_document_bpb_divides_by_the_bytes_scored(tmp_path, toy, make_token
     model, _ = toy
     tokenizer = make_tokenizer()
     texts = ["The long road goes on and on. " * 10, "Another document, a little shorter. " * 7]  # 300 and 252 bytes
-    budget = replace(BUDGETS["fast"], long_window=64)  # BOS + 63 scored tokens of each document: 63 bytes each here
+    budget = replace(PROTOCOLS["fast"], long_window=64)  # BOS + 63 scored tokens of each document: 63 bytes each here
     result = evaluate(model, tokenizer, [long_slice(tmp_path, texts)], budget)[0]
     assert result.tokens == 2 * 63
     nll_bits = result.nll * result.tokens / math.log(2)

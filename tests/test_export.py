@@ -5,10 +5,10 @@ import pytest
 import torch
 import yaml
 
-from shrink_core.compression.export import PACKED_FILE, llama_cpp_tensor_types, llm_compressor_recipe, save_candidate
-from shrink_core.plan import dump_plan, load_plan, resolve
 from shrink_core.compression.apply import apply_plan_
+from shrink_core.compression.export import PACKED_FILE, llama_cpp_tensor_types, llm_compressor_recipe, save_candidate
 from shrink_core.model.toy import tiny_llama
+from shrink_core.plan import dump_plan, load_plan, resolve
 
 
 def tiny_tokenizer():
@@ -99,7 +99,9 @@ version: 1
 rules:
   - {blocks: [0], kind: [q, k, v, o, gate, up, down], keep: true}
   - {kind: [q, k, v, o], weights: {bits: 4, group_size: 32, method: gptq}}
-  - {kind: [gate, up, down], weights: {bits: 8, group_size: channel, symmetric: true}, prune: {structure: nm, n: 2, m: 4, criterion: sparsegpt}}
+  - kind: [gate, up, down]
+    weights: {bits: 8, group_size: channel, symmetric: true}
+    prune: {structure: nm, n: 2, m: 4, criterion: sparsegpt}
 """)
     resolved = resolve(tiny_model, plan)
     recipe = yaml.safe_load(llm_compressor_recipe(resolved))

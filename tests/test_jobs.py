@@ -3,8 +3,8 @@ import os
 import signal
 import time
 
-from shrink_core.runtime import jobs
 from shrink_core.results.store import Store
+from shrink_core.runtime import jobs
 
 TICK = "shrink_core.runtime.diagnostics:tick_job"
 

@@ -58,7 +58,7 @@ def test_wait_on_job_fails_at_once_on_a_failed_job_and_soon_after_a_done_one_the
     from .browser import wait_on_job
 
     store = Store()
-    failed = jobs.submit(store, "tick", TICK, {"steps": 5, "step_seconds": 0.01, "fail_at": 2})
+    jobs.submit(store, "tick", TICK, {"steps": 5, "step_seconds": 0.01, "fail_at": 2})  # the page finds it by kind
     started = time.time()
     with pytest.raises(AssertionError, match=r"(?s)while waiting for the result: job \d+ \(tick\) is failed: .*"
                                              r"asked to fail at step 2.*Traceback"):

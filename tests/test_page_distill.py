@@ -1,14 +1,13 @@
 """The Distill page with AppTest: projected student size before starting, start a job, curves and Resume of a run."""
-import json
 
 from streamlit.testing.v1 import AppTest
 
-from shrink_core.runtime import jobs
 from shrink_core.distill import DistillConfig
 from shrink_core.distill.run import run_distill
 from shrink_core.distill.toy import save_toy_teacher
 from shrink_core.paths import REPO_ROOT
 from shrink_core.results.store import Store
+from shrink_core.runtime import jobs
 
 PAGE = str(REPO_ROOT / "app_pages" / "distill.py")
 

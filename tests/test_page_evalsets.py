@@ -3,9 +3,9 @@ import pandas as pd
 import pytest
 from streamlit.testing.v1 import AppTest
 
-from shrink_core.runtime import jobs
 from shrink_core.paths import REPO_ROOT
 from shrink_core.results.store import Store
+from shrink_core.runtime import jobs
 
 PAGE = str(REPO_ROOT / "app_pages" / "evalsets.py")
 

@@ -3,9 +3,9 @@ import pytest
 from streamlit.testing.v1 import AppTest
 
 from shrink_core.model.inventory import inventory
+from shrink_core.model.toy import tiny_llama
 from shrink_core.paths import REPO_ROOT
 from shrink_core.results.store import Provenance, Store
-from shrink_core.model.toy import tiny_llama
 
 PAGE = str(REPO_ROOT / "app_pages" / "plan.py")
 SPEC = "builtin:smollm2-135m"  # the page's default spec; the stored inventory is the tiny model's
@@ -69,14 +69,14 @@ def store_scores(rows):
     store = Store()
     linears = [r for r in rows if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up", "down")]
     from shrink_core import __version__
-    from shrink_core.sensitivity.probe import SCAN_BUDGETS
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS
     from shrink_core.sensitivity.scan import scores_key
     from shrink_core.sensitivity.settings import get_setting
 
     for slice_id in ("en", "zh"):  # stored as the sensitivity scan stores its scores, under its figure key
         for setting in ("w4g64", "w3g64"):
             values = {r.name: [(0.5 if r.block == 0 else 0.01) * (4 if setting == "w3g64" else 1)] * 2 for r in linears}
-            key = scores_key("tiny", slice_id, get_setting(setting), "fast", SCAN_BUDGETS["fast"])
+            key = scores_key("tiny", slice_id, get_setting(setting), "fast", SCAN_DEPTHS["fast"])
             store.add_result("sensitivity", Provenance(SPEC, "tiny", __version__, "cpu", slice=slice_id, budget="fast"),
                              {"type": "scores", "method": "fast", "setting": setting, "values": values,
                               "figure_key": key})

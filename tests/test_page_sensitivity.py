@@ -3,8 +3,8 @@ from streamlit.testing.v1 import AppTest
 
 from shrink_core.paths import REPO_ROOT
 from shrink_core.plan import load_plan
-from shrink_core.sensitivity import run_scan
 from shrink_core.results.store import Store
+from shrink_core.sensitivity import run_scan
 
 from .test_sensitivity import tiny_loaded
 

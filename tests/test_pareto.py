@@ -1,8 +1,8 @@
 """Pure Pareto math: dominance, the frontier, the worst slice, the weighted mix, the acceptance line."""
 import pytest
 
-from shrink_core.results import pareto
 from shrink_core.errors import ShrinkError
+from shrink_core.results import pareto
 
 # Candidates with known dominance (x = MB, y = worst-slice ppl ratio, lower is better on both):
 #   ref   (270, 1.00)  frontier: the best quality

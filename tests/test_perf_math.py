@@ -3,11 +3,11 @@ import math
 
 import pytest
 
+from shrink_core.formats import WeightFormat, weight_bytes
 from shrink_core.perf.cost import cost_estimate, dollars_per_million
 from shrink_core.perf.hardware import DEFAULT_ROWS, Hardware, HardwareTableError, get, load_table, table_from_rows
 from shrink_core.perf.memory import kv_cache_bytes, memory_report
 from shrink_core.perf.roofline import calibrate, module_format, project, step_cost
-from shrink_core.formats import WeightFormat, weight_bytes
 from shrink_core.perf.workload import ModuleWeights, Workload
 
 

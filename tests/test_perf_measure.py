@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from shrink_core.compression.candidate import from_plan
+from shrink_core.formats import WeightFormat
 from shrink_core.perf.hardware import get
 from shrink_core.perf.latency import measure_latency
 from shrink_core.perf.lowbit import lowbit_copy
 from shrink_core.perf.report import measure
-from shrink_core.formats import WeightFormat
 from shrink_core.perf.workload import describe_model, uniform_bits
 
 
@@ -173,8 +173,8 @@ def test_bandwidth_probe_reads_every_linear_weight(tiny_model):
 
 
 def test_same_depth_toy_keeps_depth_and_shrinks_width():
-    from shrink_core.perf.latency import same_depth_toy
     from shrink_core.model.toy import tiny_llama
+    from shrink_core.perf.latency import same_depth_toy
 
     source = tiny_llama(layers=5, hidden=128)
     toy = same_depth_toy(source)

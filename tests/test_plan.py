@@ -3,9 +3,9 @@ import json
 
 import pytest
 
+from shrink_core.model.toy import tiny_llama
 from shrink_core.plan import PlanError, Rule, dump_plan, load_plan, resolve
 from shrink_core.plan.presets import preset_names
-from shrink_core.model.toy import tiny_llama
 
 W4 = "{bits: 4, group_size: 32, method: rtn}"
 
@@ -35,7 +35,7 @@ def test_unknown_preset_names_the_choices():
 
 
 @pytest.mark.parametrize("rule, message", [
-    (f"{{kind: q, weights: {{bits: 7, group_size: 32}}}}",
+    ("{kind: q, weights: {bits: 7, group_size: 32}}",
      "Rule 1 weights: bits 7 is not supported; use one of 2, 3, 4, 5, 6, 8, 16 or 32."),
     ("{kind: q, weights: {bits: 4, group_size: 48}}",
      "Rule 1 weights: group_size 48 is not supported; use 32, 64, 128 or 'channel'."),

@@ -87,10 +87,10 @@ def test_plan_from_solution_resolves_exactly(tiny_model):
 
 def test_latency_budget_is_exact_and_matches_the_roofline(tiny_model):
     """Per-module projected seconds are linear; the chosen plan's projected total is the roofline's own figure."""
+    from shrink_core.formats import WeightFormat
     from shrink_core.model.inventory import summary
     from shrink_core.perf.hardware import get
     from shrink_core.perf.roofline import project
-    from shrink_core.formats import WeightFormat
     from shrink_core.perf.workload import describe_model
     from shrink_core.plan.planner import SETTINGS, latency_model
 

@@ -10,7 +10,7 @@ import pytest
 
 from shrink_core import __version__
 from shrink_core.evaluation import protocol
-from shrink_core.evaluation.protocol import BUDGETS, eval_key, figure_key
+from shrink_core.evaluation.protocol import PROTOCOLS, eval_key, figure_key
 from shrink_core.evaluation.slices import SliceInfo, get_slice
 from shrink_core.model.load import LoadedModel, ModelSpec
 from shrink_core.model.toy import ByteTokenizer, tiny_llama
@@ -36,7 +36,7 @@ def write_slice(path: Path, texts: list[str], mtime: int = 0) -> SliceInfo:
 def test_the_key_changes_with_every_input_and_only_with_them(tmp_path):
     info = write_slice(tmp_path / "a.jsonl.gz", ["one row", "two rows"])
     recipe = {"mix": {"en": 1.0}, "n_sequences": 16, "seq_len": 512, "seed": 0, "version": 1}
-    base = dict(weights_hash="h", info=info, budget=BUDGETS["fast"], plan={"rules": []}, calibration=recipe)
+    base = dict(weights_hash="h", info=info, budget=PROTOCOLS["fast"], plan={"rules": []}, calibration=recipe)
     key = eval_key(**base)
     assert key.startswith(f"eval/p{protocol.PROTOCOL_VERSION}.") and eval_key(**base) == key
     # the same rows in a file written at another time (gzip stamps its header): the same key
@@ -44,7 +44,7 @@ def test_the_key_changes_with_every_input_and_only_with_them(tmp_path):
     changed = [
         {"weights_hash": "h2"},
         {"info": write_slice(tmp_path / "c.jsonl.gz", ["one row", "two rows!"])},
-        {"budget": replace(BUDGETS["fast"], long_window=2048)},
+        {"budget": replace(PROTOCOLS["fast"], long_window=2048)},
         {"budget": "standard"},
         {"plan": {"rules": [{"kind": ["q"]}]}},
         {"plan": None},

@@ -2,11 +2,11 @@
 import pytest
 import torch
 
-from shrink_core.plan import load_plan, resolve
-from shrink_core.compression.prune import kept_channels, magnitude_mask, mask_for, nm_mask, row_mask, wanda_scores
 from shrink_core.compression.apply import apply_plan_
 from shrink_core.compression.obs import obs_compress
+from shrink_core.compression.prune import kept_channels, magnitude_mask, mask_for, nm_mask, row_mask, wanda_scores
 from shrink_core.model.toy import tiny_llama
+from shrink_core.plan import load_plan, resolve
 
 
 @pytest.mark.parametrize("n, m", [(2, 4), (4, 8)])
@@ -99,9 +99,8 @@ def test_mask_for_refuses_wanda_without_statistics():
 def test_calibrated_pruning_without_statistics_says_it_used_magnitude(criterion, tmp_path):
     """lm_head gets no calibration statistics (they are collected for block linears): it is pruned by magnitude,
     and the plan table, the report's row, its notes and the saved provenance all say so."""
-    from tests.test_export import tiny_tokenizer
-
     from shrink_core.compression.export import save_candidate
+    from tests.test_export import tiny_tokenizer
 
     model = tiny_llama(tied=False)
     head_before = model.lm_head.weight.detach().clone()

@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from shrink_core.errors import ShrinkError
-from shrink_core.plan import load_plan
 from shrink_core.compression.apply import apply_plan_
+from shrink_core.errors import ShrinkError
 from shrink_core.model.toy import tiny_llama
+from shrink_core.plan import load_plan
 
 LINEARS = "[q, k, v, o, gate, up, down]"
 
@@ -49,7 +49,7 @@ def test_gptq_beats_rtn_on_layer_output_error():
 
 def test_partial_last_group_with_gptq_and_rtn():
     """hidden 96, group 64: q..up have a group of 64 and one of 32; GPTQ keeps every weight on its group's grid."""
-    from shrink_core.compression.primitives import quantize, dequantize
+    from shrink_core.compression.primitives import dequantize, quantize
 
     torch.manual_seed(0)
     calibration = torch.randint(0, 256, (8, 32))
@@ -113,7 +113,7 @@ def test_simulation_hooks_change_outputs_and_are_reported():
     with torch.no_grad():
         reference = base(tokens).logits
     model = tiny_llama()
-    text = f"version: 1\nrules:\n  - {{kind: [k, v], kv_cache_bits: 2}}\n  - {{kind: [gate, up], activation_bits: 8}}\n"
+    text = "version: 1\nrules:\n  - {kind: [k, v], kv_cache_bits: 2}\n  - {kind: [gate, up], activation_bits: 8}\n"
     report = apply_plan_(model, load_plan(text))
     with torch.no_grad():
         simulated = model(tokens).logits

@@ -6,7 +6,14 @@ import pytest
 import torch
 
 from shrink_core.compression.primitives import (
-    WEIGHT_BITS, dequantize, fake_quantize, fake_quantize_activation, pack, packed_weight_bytes, quantize, scale_zero,
+    WEIGHT_BITS,
+    dequantize,
+    fake_quantize,
+    fake_quantize_activation,
+    pack,
+    packed_weight_bytes,
+    quantize,
+    scale_zero,
     unpack,
 )
 

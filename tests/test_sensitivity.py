@@ -8,14 +8,23 @@ import torch
 from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import block_linears, inventory
 from shrink_core.model.load import LoadedModel, ModelSpec
-from shrink_core.plan import load_plan
-from shrink_core.sensitivity import (SETTINGS, ProbeCache, probe, protect_plan_yaml, run_scan, sample_modules,
-                                     spearman, stored_agreement, stored_records)
-from shrink_core.sensitivity import fisher
-from shrink_core.sensitivity.settings import perturbed
-from shrink_core.sensitivity.probe import calib_tokens, eval_tokens
-from shrink_core.results.store import Store
 from shrink_core.model.toy import ByteTokenizer, tiny_llama
+from shrink_core.plan import load_plan
+from shrink_core.results.store import Store
+from shrink_core.sensitivity import (
+    SETTINGS,
+    ProbeCache,
+    fisher,
+    probe,
+    protect_plan_yaml,
+    run_scan,
+    sample_modules,
+    spearman,
+    stored_agreement,
+    stored_records,
+)
+from shrink_core.sensitivity.probe import calib_tokens, eval_tokens
+from shrink_core.sensitivity.settings import perturbed
 
 
 def tiny_loaded(seed: int = 0, tied: bool = True) -> LoadedModel:
@@ -176,14 +185,14 @@ def test_cli_choices_match_the_library():
     import argparse
 
     from shrink_core.cli import sensitivity as command
-    from shrink_core.sensitivity import METHODS, SCAN_BUDGETS
+    from shrink_core.sensitivity import METHODS, SCAN_DEPTHS
 
     sub = argparse.ArgumentParser().add_subparsers()
     command.add_parser(sub)
     parser = sub.choices["sensitivity"]
     options = {a.dest: a for a in parser._actions}
     assert list(options["method"].choices) == list(METHODS)
-    assert list(options["budget"].choices) == list(SCAN_BUDGETS)
+    assert list(options["budget"].choices) == list(SCAN_DEPTHS)
     assert all(s in options["settings"].help for s in SETTINGS)
 
 

@@ -3,15 +3,15 @@ import json
 
 import pytest
 
-from shrink_core.runtime import jobs
 from shrink_core.cli.entry import main
 from shrink_core.results.store import Store
+from shrink_core.runtime import jobs
 
 pytestmark = pytest.mark.integration
 
 
 def test_cli_prints_one_record_per_module_setting_slice(shrink_home, capsys):
-    assert main(["sensitivity", "--slices", "toy_en", "--settings", "w8,w3g64", "--budget", "quick", "--json"]) == 0
+    assert main(["sensitivity", "--slices", "toy_en", "--settings", "w8,w3g64", "--depth", "quick", "--json"]) == 0
     out = json.loads(capsys.readouterr().out)
     assert len(out["records"]) == (210 + 1) * 2  # block linears (fast) + the tied embedding (exhaustive)
     embedding = [r for r in out["records"] if r["kind"] == "embedding"]
@@ -22,7 +22,7 @@ def test_cli_prints_one_record_per_module_setting_slice(shrink_home, capsys):
     by = {(r["module"], r["setting"]): r["value"] for r in out["records"]}
     harsher = sum(by[(m, "w3g64")] > by[(m, "w8")] for m, s in by if s == "w8")
     assert harsher >= 200  # 3-bit hurts more than 8-bit almost everywhere
-    again = json.loads((main(["sensitivity", "--slices", "toy_en", "--settings", "w8", "--budget", "quick", "--json"]),
+    again = json.loads((main(["sensitivity", "--slices", "toy_en", "--settings", "w8", "--depth", "quick", "--json"]),
                         capsys.readouterr().out)[1])
     assert again["computed"] == 0 and again["reused"] == 210 + 1
 

@@ -1,5 +1,4 @@
 """Slices: the committed registry, user uploads with row-level validation, calibration mixes."""
-import gzip
 import json
 
 import pytest

@@ -70,7 +70,7 @@ def test_unreadable_store_offers_a_new_one_beside_it_and_never_touches_it(shrink
     button.click().run()
     assert not at.exception, at.exception
     assert not at.error and any("No evaluated candidates yet" in i.value for i in at.info)
-    (fresh,) = [p for p in shrink_home.glob("shrink-*.db")]
+    (fresh,) = list(shrink_home.glob("shrink-*.db"))
     assert any(f"Started a new store at {fresh}" in s.value and "SHRINK_DB=" in s.value for s in at.success)
     assert damaged.read_bytes() == before and Store(fresh).candidates() == []
 

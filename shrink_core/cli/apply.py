@@ -23,13 +23,13 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from dataclasses import replace
 
-    from shrink_core.errors import ShrinkError
-    from shrink_core.compression.export import save_candidate, write_exports
-    from shrink_core.model.load import load
-    from shrink_core.plan import CalibrationRecipe, load_plan, resolve
     from shrink_core.compression.apply import apply_plan_
+    from shrink_core.compression.export import save_candidate, write_exports
+    from shrink_core.errors import ShrinkError
     from shrink_core.evaluation.calibration import plan_calibration
+    from shrink_core.model.load import load
     from shrink_core.paths import check_replaceable, check_writable
+    from shrink_core.plan import CalibrationRecipe, load_plan, resolve
 
     plan = load_plan(args.plan)
     if not args.out and not args.resolve_only:

@@ -30,9 +30,9 @@ def _fmt(value, scale: float = 1.0, digits: int = 1) -> str:
 
 
 def run(args) -> int:
-    from shrink_core.results import candidates
     from shrink_core.errors import ShrinkError
     from shrink_core.paths import check_writable
+    from shrink_core.results import candidates
     from shrink_core.results.store import Store
 
     store = Store()
@@ -47,7 +47,7 @@ def run(args) -> int:
         for _, c in table.iterrows():
             parent = f"<- #{int(c['parent_id'])}" if c["parent_id"] == c["parent_id"] and c["parent_id"] is not None else ""
             print(f"#{c['id']:<4} {c['name'][:28]:<28} {c['kind']:<10} {parent:<7} {_fmt(c['memory_bytes'], 1e6)} MB  "
-                  f"latency {_fmt(c['latency_ms'], digits=2)} ms/token  budgets {c['budgets'] or '-'}  "
+                  f"latency {_fmt(c['latency_ms'], digits=2)} ms/token  protocols {c['budgets'] or '-'}  "
                   f"tags {c['tags'] or '-'}")
             print(f"      plan: {c['plan_summary']}; calibration: {c['calibration']}; code {c['code_version']}")
         return 0

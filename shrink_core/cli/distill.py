@@ -27,8 +27,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     parser.add_argument("--slices", help="slices the student is evaluated on at the end (default en; a resumed run "
                                          "keeps its own)")
-    parser.add_argument("--budget", choices=["fast", "standard", "full"],
-                        help="evaluation budget (default fast; a resumed run keeps its own)")
+    parser.add_argument("--protocol", choices=["fast", "standard", "full"],
+                        help="evaluation protocol (default fast; a resumed run keeps its own)")
     parser.add_argument("--name", help="run name (default: run-<time>); state lives in $SHRINK_HOME/distill/<name>/")
     parser.add_argument("--resume", action="store_true", help="continue the run --name from its last checkpoint")
     parser.add_argument("--out", help="also copy the finished student directory here")
@@ -62,7 +62,7 @@ def run(args) -> int:
             print(f"\r[{fraction:5.0%}] {message:<50}", end="", file=sys.stderr, flush=True)
 
     slices = [s.strip() for s in args.slices.split(",") if s.strip()] if args.slices is not None else None
-    report = run_distill(config, name=args.name, slices=slices, budget=args.budget, resume=args.resume,
+    report = run_distill(config, name=args.name, slices=slices, budget=args.protocol, resume=args.resume,
                          progress=progress)
     if not args.json:
         print(file=sys.stderr)

@@ -8,18 +8,18 @@ def add_parser(sub) -> None:
     parser = sub.add_parser("eval", help="evaluate a model (and optionally a plan) on evaluation slices")
     add_model_args(parser)
     parser.add_argument("--slices", default="en", help="comma-separated slice ids (see `slices list`)")
-    parser.add_argument("--budget", default="fast", choices=["fast", "standard", "full"])
+    parser.add_argument("--protocol", default="fast", choices=["fast", "standard", "full"],
+                        help="which tokens are scored (docs/evaluation.md); fixed per protocol")
     parser.add_argument("--plan", help="a plan file, YAML text or preset:NAME; compares against the unplanned model")
     parser.add_argument("--json", action="store_true", help="print JSON")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
-    from shrink_core.evaluation.stats import format_interval
-    from shrink_core.results.eval_run import run_eval
-
     from shrink_core.evaluation.slices import get_slice
+    from shrink_core.evaluation.stats import format_interval
     from shrink_core.model.load import load
+    from shrink_core.results.eval_run import run_eval
     from shrink_core.results.store import Store
 
     ids = [s.strip() for s in args.slices.split(",") if s.strip()]
@@ -27,13 +27,13 @@ def run(args) -> int:
         get_slice(slice_id)
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     store = Store()
-    report = run_eval(args.model, ids, args.budget, args.plan, store=store, loaded=loaded)
+    report = run_eval(args.model, ids, args.protocol, args.plan, store=store, loaded=loaded)
     if args.plan and report.get("candidate_id"):
         report["predicted_vs_measured"] = _predicted_vs_measured(store, loaded, args.plan, report["candidate_id"])
     if args.json:
         print_json(report)
         return 0
-    print(f"{report['model']} budget={report['budget']} ({report['seconds']:.1f} s on {report['device']})")
+    print(f"{report['model']} protocol={report['budget']} ({report['seconds']:.1f} s on {report['device']})")
     for slice_id, r in report["slices"].items():
         line = f"  {slice_id:<12} ppl {r['ppl']:.3f} {format_interval(r.get('ppl_ci'), r['items'])}"
         if "bpb" in r:

@@ -53,8 +53,8 @@ def run(args) -> int:
     import torch
 
     torch.set_num_threads(args.threads)  # the command's entry point: preparation runs like the timings
-    from shrink_core.model.load import load
     from shrink_core.compression.candidate import from_plan
+    from shrink_core.model.load import load
     from shrink_core.perf.candidate import reference
     from shrink_core.perf.report import measure
 
@@ -121,9 +121,9 @@ def _key(loaded, plan, calibration: dict | None, args, table) -> str:
 def _store(loaded, plan, payload: dict, recipe: dict | None = None) -> int:
     """Keep the figures with the candidate they describe, so the Results page can plot them."""
     from shrink_core import __version__
-    from shrink_core.results.eval_run import plan_kind, reference_candidate
     from shrink_core.model.describe import device_label
     from shrink_core.plan import plan_to_dict
+    from shrink_core.results.eval_run import plan_kind, reference_candidate
     from shrink_core.results.store import Provenance, Store
 
     store = Store()

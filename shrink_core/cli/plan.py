@@ -2,9 +2,9 @@
 under a packed-size, average-bits or projected-latency budget."""
 from __future__ import annotations
 
-from shrink_core.plan.menu import PLANNER_DEFAULT, QUANT_SETTINGS
 from shrink_core.cli.entry import add_model_args, print_json
 from shrink_core.errors import ShrinkError
+from shrink_core.plan.menu import PLANNER_DEFAULT, QUANT_SETTINGS
 
 
 def add_parser(sub) -> None:
@@ -30,18 +30,20 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from pathlib import Path
 
-    from shrink_core.model.inventory import inventory, summary as model_summary
+    from shrink_core.evaluation.slices import parse_slice_list
+    from shrink_core.model.inventory import inventory
+    from shrink_core.model.inventory import summary as model_summary
     from shrink_core.model.load import load
+    from shrink_core.paths import check_writable
+    from shrink_core.perf.hardware import DEFAULT_ROWS
+    from shrink_core.perf.hardware import get as get_hardware
     from shrink_core.plan import dump_plan
-    from shrink_core.perf.hardware import DEFAULT_ROWS, get as get_hardware
     from shrink_core.plan.budget import PlannerBudget, plan_within_budget
     from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
     from shrink_core.plan.predict import score_table
+    from shrink_core.results.store import Store
     from shrink_core.sensitivity.scan import run_scan
     from shrink_core.sensitivity.settings import parse_settings
-    from shrink_core.evaluation.slices import parse_slice_list
-    from shrink_core.paths import check_writable
-    from shrink_core.results.store import Store
 
     check_writable(args.out, "--out")
     slice_ids = [s.id for s in parse_slice_list(args.slices)]

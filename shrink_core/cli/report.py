@@ -15,7 +15,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--weights", help="slice weights for --y mix, e.g. en=2,fr=1")
     parser.add_argument("--slices", help="comma-separated slices the worst slice is taken over (default: all)")
     parser.add_argument("--target", help="hardware row for --x projected/cost (see `measure --list-targets`)")
-    parser.add_argument("--budget", help="evaluation budget to show (default: the most used)")
+    parser.add_argument("--protocol", help="evaluation protocol to show (default: the most used)")
     parser.add_argument("--limit", type=float,
                         help="acceptable y limit, e.g. 1.05 = worst slice within +5%% of reference (ppl_ratio default)")
     parser.add_argument("--png", help="also write the main figure as a PNG (rendered by headless Chromium)")
@@ -55,7 +55,7 @@ def run(args) -> int:
         check_writable(args.png, "--png")
 
     limit = args.limit if args.limit is not None else DEFAULT_LIMITS.get(args.metric)
-    view = View(x=args.x, y=args.y, metric=args.metric, target=args.target, budget=args.budget,
+    view = View(x=args.x, y=args.y, metric=args.metric, target=args.target, budget=args.protocol,
                 candidates=_ids(args.candidates),
                 slices=tuple(s.strip() for s in args.slices.split(",") if s.strip()) if args.slices else None,
                 weights=_weights(args.weights), limit=limit)
@@ -63,7 +63,7 @@ def run(args) -> int:
     if args.json:
         print_json(written)
         return 0
-    print(f"wrote {written['html']} ({len(written['candidates'])} candidates, {written['budget']} budget; "
+    print(f"wrote {written['html']} ({len(written['candidates'])} candidates, {written['budget']} protocol; "
           f"frontier: {', '.join(written['frontier']) or 'none'})")
     if written["not_plotted"]:
         print(f"not plotted (missing {args.x} or quality figure, shown as missing): {', '.join(written['not_plotted'])}")

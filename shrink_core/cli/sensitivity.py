@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--slices", default="en", help="comma-separated slice ids (see `slices list`)")
     parser.add_argument("--settings", default=",".join(SCAN_DEFAULT), help=f"comma-separated, from: {', '.join(MENU)}")
     parser.add_argument("--method", default="fast", choices=["fast", "exhaustive"])
-    parser.add_argument("--budget", default="fast", choices=["quick", "fast", "standard"],
+    parser.add_argument("--depth", default="fast", choices=["quick", "fast", "standard"],
                         help="probe/calibration sequences x length (quick 4x64, fast 8x128, standard 16x256)")
     parser.add_argument("--modules", help="regex on module names (searched), e.g. 'layers\\.(0|29)\\.'")
     parser.add_argument("--metric", default="kl", choices=["kl", "dnll", "both"])
@@ -24,23 +24,23 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     import time
 
+    from shrink_core.evaluation.slices import parse_slice_list
     from shrink_core.model.load import load
     from shrink_core.sensitivity import run_scan
     from shrink_core.sensitivity.settings import parse_settings
-    from shrink_core.evaluation.slices import parse_slice_list
 
     started = time.perf_counter()
     slices = [s.id for s in parse_slice_list(args.slices)]
     settings = [s.id for s in parse_settings(args.settings)]
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     metrics = ("kl", "dnll") if args.metric == "both" else (args.metric,)
-    report = run_scan(loaded, slices, settings, args.method, args.budget, args.modules, args.check, metrics)
+    report = run_scan(loaded, slices, settings, args.method, args.depth, args.modules, args.check, metrics)
     payload = report.to_dict()
     payload["seconds_with_load"] = round(time.perf_counter() - started, 3)
     if args.json:
         print_json(payload)
         return 0
-    print(f"{report.model} {args.method} budget={args.budget}: {len(report.records)} records in {report.seconds:.1f} s "
+    print(f"{report.model} {args.method} depth={args.depth}: {len(report.records)} records in {report.seconds:.1f} s "
           f"({report.computed} computed, {report.reused} reused from the store)")
     for slice_id in slices:
         for setting in settings:

@@ -8,22 +8,28 @@ quantize-dequantize weights in the model's dtype; bytes are those of the packed 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
-from typing import Callable
 
 import torch
 
-from shrink_core.errors import ShrinkError
-from shrink_core.plan import Plan, load_plan, resolve
-from shrink_core.compression.prune import (
-    channel_scores, head_scores, mask_for, prune_heads_, prune_mlp_channels_, remove_blocks_, sync_config_,
-)
 from shrink_core.compression import calibrate
 from shrink_core.compression.obs import clip_search, obs_compress
 from shrink_core.compression.primitives import dequantize, quantize, scale_zero
-from shrink_core.plan.resolve import DTYPE_BYTES, FALLBACK, ResolvedModule, sparse_bytes, weight_bytes
+from shrink_core.compression.prune import (
+    channel_scores,
+    head_scores,
+    mask_for,
+    prune_heads_,
+    prune_mlp_channels_,
+    remove_blocks_,
+    sync_config_,
+)
 from shrink_core.compression.simulate import attach_simulation_
+from shrink_core.errors import ShrinkError
+from shrink_core.plan import Plan, load_plan, resolve
+from shrink_core.plan.resolve import DTYPE_BYTES, FALLBACK, ResolvedModule, sparse_bytes, weight_bytes
 
 Progress = Callable[[float, str], None]
 

@@ -13,8 +13,8 @@ from dataclasses import replace
 from shrink_core.compression.apply import apply_plan_
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import plan_calibration
-from shrink_core.perf.candidate import Candidate
 from shrink_core.formats import WeightFormat
+from shrink_core.perf.candidate import Candidate
 from shrink_core.plan import load_plan
 
 

@@ -19,10 +19,10 @@ import torch
 import yaml
 
 from shrink_core import __version__
+from shrink_core.compression.primitives import pack, quantize
+from shrink_core.compression.prune import sync_config_
 from shrink_core.errors import ShrinkError
 from shrink_core.plan import Plan, dump_plan, plan_to_dict
-from shrink_core.compression.prune import sync_config_
-from shrink_core.compression.primitives import pack, quantize
 
 PACKED_FILE = "packed/model.packed.safetensors"
 
@@ -83,7 +83,7 @@ def save_candidate(model, tokenizer, plan: Plan, out_dir, provenance: dict, repo
     record = {
         "plan": plan_to_dict(plan),
         "code_version": __version__,
-        "created_utc": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "created_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
         "torch": torch.__version__,
         **provenance,
     }

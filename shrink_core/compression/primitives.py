@@ -11,8 +11,6 @@ so what a quality run measures is exactly what the packed artifact holds.
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from shrink_core.formats import SCALE_BYTES, ZERO_BYTES, group_count, packed_weight_bytes  # noqa: F401

@@ -10,8 +10,6 @@ import torch
 
 from shrink_core.formats import CHANNEL_ALIGN, kept_channels, kept_heads_per_group  # noqa: F401
 
-
-
 # ---------------------------------------------------------------- pure mask math
 
 

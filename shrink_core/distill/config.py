@@ -74,7 +74,7 @@ class DistillConfig:
         return data
 
     @staticmethod
-    def from_dict(data: dict) -> "DistillConfig":
+    def from_dict(data: dict) -> DistillConfig:
         allowed = {f.name for f in fields(DistillConfig)}
         unknown = sorted(set(data) - allowed)
         if unknown:

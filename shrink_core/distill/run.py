@@ -13,13 +13,21 @@ from pathlib import Path
 import torch
 
 from shrink_core import __version__
-from shrink_core.errors import ShrinkError
-from shrink_core.paths import SAFE_NAME, safe_join, safe_name, shrink_home
-from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
 from shrink_core.distill.config import DistillConfig
-from shrink_core.distill.student import (attach_straight_through_, block_influence, build_student, detach_straight_through_,
-                      kept_blocks, lowest_influence, parameter_count)
+from shrink_core.distill.student import (
+    attach_straight_through_,
+    block_influence,
+    build_student,
+    detach_straight_through_,
+    kept_blocks,
+    lowest_influence,
+    parameter_count,
+)
 from shrink_core.distill.train import checkpoint_step, has_checkpoint, load_checkpoint_, make_state, train_
+from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+from shrink_core.paths import SAFE_NAME, safe_join, safe_name, shrink_home
+
 
 def run_dir(name: str) -> Path:
     return safe_join(shrink_home() / "distill", safe_name(name, "run name"))
@@ -101,9 +109,9 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     slices / budget: what the student is evaluated on at the end; None means the run's own on resume (they are saved
     with the run, so a Resume from a fresh page or another shell ends like the run that was started), else en / fast.
     """
-    from shrink_core.evaluation.evaluate import get_budget
-    from shrink_core.model.load import load
+    from shrink_core.evaluation.evaluate import get_protocol
     from shrink_core.evaluation.slices import get_slice
+    from shrink_core.model.load import load
     from shrink_core.results.store import Store
 
     progress = progress or (lambda f, m="": None)
@@ -114,7 +122,7 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     info = json.loads(info_path.read_text()) if resume and info_path.is_file() else {}
     slices = list(slices) if slices is not None else info.get("slices", ["en"])
     budget = budget or info.get("budget", "fast")
-    get_budget(budget)
+    get_protocol(budget)
     slice_infos = [get_slice(s) for s in slices]
     if resume:
         if not (directory / "config.json").is_file():
@@ -181,11 +189,10 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
 def finish(store, teacher_loaded, student, built, config, name, directory, slice_infos, budget, evaluate_at_end,
            progress, job_id) -> dict:
     """Save the student as a candidate directory, evaluate it against the teacher, store both with lineage."""
-    from shrink_core.results.eval_run import (_provenance, _public, eval_payload, reference_candidate,
-                                              reference_results, size_key)
-    from shrink_core.evaluation.evaluate import evaluate
     from shrink_core.compression.export import save_candidate
+    from shrink_core.evaluation.evaluate import evaluate
     from shrink_core.plan import load_plan
+    from shrink_core.results.eval_run import _provenance, _public, eval_payload, reference_candidate, reference_results, size_key
 
     base = built["plan"] or {"version": 1, "rules": [{"name": ".*", "keep": True}]}
     plan_dict = {**base, "name": f"distilled {name}",

@@ -15,9 +15,8 @@ import numpy as np
 
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation import stats as metrics
-from shrink_core.evaluation.protocol import BUDGETS, LONG_BUCKETS, Budget, get_budget  # noqa: F401 (re-exported)
+from shrink_core.evaluation.protocol import LONG_BUCKETS, PROTOCOLS, Protocol, get_protocol  # noqa: F401 (re-exported)
 from shrink_core.evaluation.slices import SliceInfo, load_rows
-
 
 # ---------------------------------------------------------------- requests
 
@@ -250,7 +249,7 @@ def _breakdown_key(rows: list[dict]) -> str | None:
     return None
 
 
-def _aggregate(info: SliceInfo, budget: Budget, rows, item_nll, item_tokens, item_bytes, scored, correct=None,
+def _aggregate(info: SliceInfo, budget: Protocol, rows, item_nll, item_tokens, item_bytes, scored, correct=None,
                correct_norm=None) -> SliceResult:
     kls = [s.kl_values for s in scored if s.kl_values is not None]
     kl_all = np.concatenate(kls) if kls else None
@@ -287,7 +286,7 @@ def _aggregate(info: SliceInfo, budget: Budget, rows, item_nll, item_tokens, ite
     return result
 
 
-def evaluate_slice(model, tokenizer, info: SliceInfo, budget: Budget, reference=None, progress=None) -> SliceResult:
+def evaluate_slice(model, tokenizer, info: SliceInfo, budget: Protocol, reference=None, progress=None) -> SliceResult:
     if tokenizer is None:
         raise ShrinkError("This model has no tokenizer, so it cannot be evaluated; load a directory that includes one.")
     all_rows = load_rows(info, split="eval")
@@ -392,10 +391,10 @@ def _pair_gaps(rows, item_nll, item_tokens) -> dict:
     return out
 
 
-def evaluate(model, tokenizer, slices: list[SliceInfo], budget: str | Budget = "fast", reference=None,
+def evaluate(model, tokenizer, slices: list[SliceInfo], budget: str | Protocol = "fast", reference=None,
              reference_results: dict | None = None, progress=None) -> list[SliceResult]:
     """Evaluates each slice; with a reference model adds KL, top-1 agreement and flips against it."""
-    budget = get_budget(budget) if isinstance(budget, str) else budget
+    budget = get_protocol(budget) if isinstance(budget, str) else budget
     results = []
     for index, info in enumerate(slices):
         def sub(fraction, _i=index, _id=info.id):
@@ -413,7 +412,8 @@ def evaluate(model, tokenizer, slices: list[SliceInfo], budget: str | Budget = "
 def compare(a: SliceResult, b: SliceResult) -> dict:
     """Is b different from a on this slice? Paired over the same items."""
     if a.per_item["ids"] != b.per_item["ids"]:
-        raise ShrinkError(f"Results for '{a.slice}' were scored on different items (budgets differ?); rerun with the same budget.")
+        raise ShrinkError(f"Results for '{a.slice}' were scored on different items (budgets differ?); "
+                          "rerun with the same budget.")
     tokens = np.array(a.per_item["tokens"], dtype=float)
     per_token_a = np.array(a.per_item["nll"]) / np.maximum(tokens, 1)
     per_token_b = np.array(b.per_item["nll"]) / np.maximum(tokens, 1)

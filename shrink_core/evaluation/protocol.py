@@ -25,7 +25,7 @@ FIGURE_VERSIONS = {"eval": 1, "sensitivity": 1, "size": 1, "measure": 1}
 
 
 @dataclass(frozen=True)
-class Budget:
+class Protocol:
     name: str
     text_rows: int | None  # rows of a text slice (parallel languages: the same groups in every language)
     task_items: int | None  # questions of a task slice
@@ -35,21 +35,21 @@ class Budget:
     max_batch_tokens: int = 1024  # measured: smaller batches stay in cache on a 2-core CPU (~15% faster than 4096)
 
 
-BUDGETS = {
-    "fast": Budget("fast", text_rows=120, task_items=200, long_docs=3, window=512, long_window=4096),
-    "standard": Budget("standard", text_rows=480, task_items=1000, long_docs=10, window=1024, long_window=8192),
-    "full": Budget("full", text_rows=None, task_items=None, long_docs=None, window=1024, long_window=8192),
+PROTOCOLS = {
+    "fast": Protocol("fast", text_rows=120, task_items=200, long_docs=3, window=512, long_window=4096),
+    "standard": Protocol("standard", text_rows=480, task_items=1000, long_docs=10, window=1024, long_window=8192),
+    "full": Protocol("full", text_rows=None, task_items=None, long_docs=None, window=1024, long_window=8192),
 }
 LONG_BUCKETS = (0, 512, 1024, 2048, 4096, 8192)  # token positions of the long slice's perplexity-by-position
 
 
-def get_budget(name: str) -> Budget:
-    if name not in BUDGETS:
-        raise ShrinkError(f"Unknown budget '{name}'; choose one of: {', '.join(BUDGETS)}.")
-    return BUDGETS[name]
+def get_protocol(name: str) -> Protocol:
+    if name not in PROTOCOLS:
+        raise ShrinkError(f"Unknown evaluation protocol '{name}'; choose one of: {', '.join(PROTOCOLS)}.")
+    return PROTOCOLS[name]
 
 
-def eval_protocol(budget: Budget) -> dict:
+def eval_protocol(budget: Protocol) -> dict:
     """The parameters of the evaluation protocol that a budget fixes (the rest is code, under PROTOCOL_VERSION)."""
     return {"budget": asdict(budget), "long_buckets": list(LONG_BUCKETS)}
 
@@ -86,9 +86,9 @@ def figure_key(kind: str, *, weights_hash: str, protocol: dict, slice_info: Slic
     return f"{kind}/{version}/{hashlib.sha256(text.encode()).hexdigest()}"
 
 
-def eval_key(weights_hash: str, info: SliceInfo, budget: Budget | str, plan: dict | None = None,
+def eval_key(weights_hash: str, info: SliceInfo, budget: Protocol | str, plan: dict | None = None,
              calibration: dict | None = None) -> str:
     """The key of one slice's evaluation result: of the model itself (no plan), or of a plan applied to it."""
-    budget = get_budget(budget) if isinstance(budget, str) else budget
+    budget = get_protocol(budget) if isinstance(budget, str) else budget
     return figure_key("eval", weights_hash=weights_hash, protocol=eval_protocol(budget), slice_info=info, plan=plan,
                       calibration=calibration)

@@ -8,7 +8,6 @@ from __future__ import annotations
 import gzip
 import hashlib
 import json
-import random
 from dataclasses import asdict, dataclass
 from functools import lru_cache
 from pathlib import Path

@@ -53,7 +53,7 @@ def inventory(model) -> list[ModuleInfo]:
         kind = module_kind(name, module)
         if kind is None:
             continue
-        owned = [p for p in module.parameters(recurse=False)]
+        owned = list(module.parameters(recurse=False))
         tied_to = None
         params = 0
         nbytes = 0

@@ -17,10 +17,10 @@ import shutil
 import struct
 import tempfile
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 try:
     import fcntl
@@ -99,7 +99,7 @@ class ModelSpec:
     target: str  # builtin name, absolute path or Hub id
 
     @staticmethod
-    def parse(raw: str) -> "ModelSpec":
+    def parse(raw: str) -> ModelSpec:
         text = (raw or "").strip()
         if not text:
             raise ModelLoadError("The model spec is empty; give builtin:NAME, a local directory, a .gguf file or a Hub id.")

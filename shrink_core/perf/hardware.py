@@ -53,13 +53,16 @@ class Hardware:
             raise HardwareTableError(f"{where}: peak_flops must map dtypes ({', '.join(DTYPES)}) to FLOP/s.")
         for dtype, flops in self.peak_flops.items():
             if dtype not in DTYPES or not isinstance(flops, (int, float)) or flops <= 0:
-                raise HardwareTableError(f"{where}: peak_flops[{dtype!r}] = {flops!r} is not a positive FLOP/s for a known dtype.")
+                raise HardwareTableError(
+                    f"{where}: peak_flops[{dtype!r}] = {flops!r} is not a positive FLOP/s for a known dtype.")
         if self.float_dtype not in self.peak_flops:
             raise HardwareTableError(f"{where}: float_dtype {self.float_dtype!r} has no entry in peak_flops.")
         if not isinstance(self.launch_overhead_s, (int, float)) or not 0 <= self.launch_overhead_s < 0.01:
-            raise HardwareTableError(f"{where}: launch_overhead_s must be seconds between 0 and 0.01, not {self.launch_overhead_s!r}.")
+            raise HardwareTableError(
+                f"{where}: launch_overhead_s must be seconds between 0 and 0.01, not {self.launch_overhead_s!r}.")
         if self.price_per_hour is not None and (not isinstance(self.price_per_hour, (int, float)) or self.price_per_hour < 0):
-            raise HardwareTableError(f"{where}: price_per_hour must be a non-negative number or null, not {self.price_per_hour!r}.")
+            raise HardwareTableError(
+                f"{where}: price_per_hour must be a non-negative number or null, not {self.price_per_hour!r}.")
         if any(bits not in (2, 3, 4, 5, 6, 8) for bits in self.lowbit_weight_bits):
             raise HardwareTableError(f"{where}: lowbit_weight_bits {self.lowbit_weight_bits!r} holds a width outside 2-8.")
         if any(p not in SPARSE_PATTERNS for p in self.sparse_patterns):

@@ -1,17 +1,18 @@
 """A real low-bit CPU runtime: PyTorch eager with packed int4 / int8 weight-only linears (aten CPU kernels).
 
 int4: `aten._weight_int4pack_mm_for_cpu` (the kernel torchao's CPU int4 layout and gpt-fast call), groups of
-32/64/128/256 with a zero point (so symmetric and asymmetric grids both fit), bf16 activations. int8: `aten._weight_int8pack_mm`, per output channel, bf16 activations. Both ship in
-torch itself, so the default install measures them. What the runtime cannot express (other widths, other groupings,
-embeddings) stays in float and is listed in the report, never silently measured as something else.
+32/64/128/256 with a zero point (so symmetric and asymmetric grids both fit), bf16 activations. int8:
+`aten._weight_int8pack_mm`, per output channel, bf16 activations. Both ship in torch itself, so the default install
+measures them. What the runtime cannot express (other widths, other groupings, embeddings) stays in float and is
+listed in the report, never silently measured as something else.
 """
 from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
 
-from shrink_core.model.inventory import inventory
 from shrink_core.formats import WeightFormat
+from shrink_core.model.inventory import inventory
 
 INT4_GROUPS = (32, 64, 128, 256)
 RUNTIME_NAME = "pytorch-eager + aten int4pack/int8pack weight-only (bf16 activations)"

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import resource
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 from shrink_core.perf.hardware import Hardware
 from shrink_core.perf.workload import Workload

@@ -6,9 +6,24 @@ from shrink_core.evaluation.calibration import CalibrationRecipe
 from shrink_core.plan.io import load_plan
 from shrink_core.plan.presets import PRESETS, preset, preset_names
 from shrink_core.plan.resolve import ResolvedModule, resolve, resolve_rows, totals
-from shrink_core.plan.spec import (CALIBRATED_METHODS, GROUP_SIZES, PLAN_VERSION, PLANNABLE_KINDS, WEIGHT_BITS,
-                                   WEIGHT_METHODS, Plan, PlanError, PruneSpec, Rule, WeightSpec, dump_plan,
-                                   dump_plan_json, plan_from_dict, plan_to_dict, with_index)
+from shrink_core.plan.spec import (
+                                   CALIBRATED_METHODS,
+                                   GROUP_SIZES,
+                                   PLAN_VERSION,
+                                   PLANNABLE_KINDS,
+                                   WEIGHT_BITS,
+                                   WEIGHT_METHODS,
+                                   Plan,
+                                   PlanError,
+                                   PruneSpec,
+                                   Rule,
+                                   WeightSpec,
+                                   dump_plan,
+                                   dump_plan_json,
+                                   plan_from_dict,
+                                   plan_to_dict,
+                                   with_index,
+)
 
 __all__ = [
     "CalibrationRecipe", "load_plan", "PRESETS", "preset", "preset_names", "ResolvedModule", "resolve",

@@ -2,7 +2,8 @@
 
 An exact mixed-integer program (SciPy's HiGHS): one binary per (module, setting), one setting per module, the budget
 as a linear constraint (projected latency is linear: each module's own roofline time on the target, plus a fixed part
-for KV cache, attention and launches; see `perf.roofline.module_step_seconds`), and for the worst-slice objective an epigraph variable t >= loss(slice) for every slice.
+for KV cache, attention and launches; see `perf.roofline.module_step_seconds`), and for the worst-slice objective an
+epigraph variable t >= loss(slice) for every slice.
 HiGHS reports its own optimality gap, so the answer says how far from optimal it can be.
 
 The embedding (one decision with a head tied to it) and an untied lm_head are modules like the block linears when the

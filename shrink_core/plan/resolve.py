@@ -4,9 +4,9 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from shrink_core.formats import kept_channels, kept_heads_per_group, packed_weight_bytes
 from shrink_core.model.inventory import ModuleInfo, inventory
 from shrink_core.plan.spec import Plan, PlanError, PruneSpec, Rule, WeightSpec
-from shrink_core.formats import kept_channels, kept_heads_per_group, packed_weight_bytes
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "float64": 8}
 FALLBACK = "fallback: no calibration statistics"  # how a calibrated method run without its statistics is labelled

@@ -9,13 +9,12 @@ from __future__ import annotations
 import json
 import re
 from dataclasses import asdict, dataclass, field, fields, replace
-from pathlib import Path
 
 import yaml
 
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe
-from shrink_core.model.inventory import ALL_KINDS, ModuleInfo, inventory
+from shrink_core.model.inventory import ALL_KINDS, ModuleInfo
 
 PLAN_VERSION = 1
 PLANNABLE_KINDS = tuple(k for k in ALL_KINDS if k != "norm")

@@ -11,11 +11,11 @@ import time
 
 from shrink_core import __version__
 from shrink_core.evaluation.calibration import plan_calibration
-from shrink_core.evaluation.evaluate import SliceResult, evaluate, get_budget
+from shrink_core.evaluation.evaluate import SliceResult, evaluate, get_protocol
 from shrink_core.evaluation.protocol import PROTOCOL_VERSION, eval_key, figure_key
+from shrink_core.evaluation.slices import get_slice
 from shrink_core.model.describe import device_label
 from shrink_core.model.load import load
-from shrink_core.evaluation.slices import get_slice
 from shrink_core.results.store import Provenance, Store
 
 
@@ -78,7 +78,7 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
 
     loaded: the model already loaded from `spec` (the CLI keeps it for the predicted-vs-measured table)."""
     progress = progress or (lambda fraction, message="": None)
-    get_budget(budget)
+    get_protocol(budget)
     slices = [get_slice(s) for s in slice_ids]  # fail on a bad slice before loading anything
     store = store or Store()
     started = time.perf_counter()

@@ -20,10 +20,10 @@ from pathlib import Path
 import pandas as pd
 
 from shrink_core import __version__
-from shrink_core.results import pareto
-from shrink_core.results.candidates import candidates_frame, export_files, reference_tests, slices_frame
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.stats import ALPHA, MIN_INTERVAL_ITEMS
+from shrink_core.results import pareto
+from shrink_core.results.candidates import candidates_frame, export_files, reference_tests, slices_frame
 from shrink_core.results.store import Store
 
 X_COLUMNS = {"memory": "memory_bytes", "latency": "latency_ms", "projected": "projected_ms", "cost": "cost_per_million"}

@@ -63,7 +63,7 @@ class Job:
         return self.status in ACTIVE
 
     @staticmethod
-    def from_row(row) -> "Job":
+    def from_row(row) -> Job:
         return Job(
             id=row["id"],
             kind=row["kind"],

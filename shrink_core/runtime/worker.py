@@ -3,8 +3,8 @@ import os
 import signal
 import sys
 
-from shrink_core.runtime.jobs import run_job
 from shrink_core.results.store import Store
+from shrink_core.runtime.jobs import run_job
 
 
 def main() -> int:

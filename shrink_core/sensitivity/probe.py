@@ -15,14 +15,14 @@ from dataclasses import dataclass
 
 import torch
 
-from shrink_core.evaluation.evaluate import _softcap, select_items
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+from shrink_core.evaluation.evaluate import _softcap, select_items
 from shrink_core.evaluation.slices import get_slice, load_rows
 from shrink_core.sensitivity.settings import Setting, perturbed
 
 
 @dataclass(frozen=True)
-class ScanBudget:
+class ScanDepth:
     name: str
     sequences: int  # eval sequences of the probe set (exhaustive)
     seq_len: int
@@ -38,10 +38,10 @@ class ScanBudget:
             raise ValueError("budget sizes must be positive")
 
 
-SCAN_BUDGETS = {
-    "quick": ScanBudget("quick", sequences=4, seq_len=64, calib_sequences=4, calib_len=64, check_modules=12),
-    "fast": ScanBudget("fast", sequences=8, seq_len=128, calib_sequences=8, calib_len=128, check_modules=32),
-    "standard": ScanBudget("standard", sequences=16, seq_len=256, calib_sequences=16, calib_len=256,
+SCAN_DEPTHS = {
+    "quick": ScanDepth("quick", sequences=4, seq_len=64, calib_sequences=4, calib_len=64, check_modules=12),
+    "fast": ScanDepth("fast", sequences=8, seq_len=128, calib_sequences=8, calib_len=128, check_modules=32),
+    "standard": ScanDepth("standard", sequences=16, seq_len=256, calib_sequences=16, calib_len=256,
                            check_modules=48, stop_rel_error=0.05),
 }
 

@@ -15,15 +15,15 @@ import numpy as np
 from shrink_core import __version__
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.protocol import figure_key
-from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
-
-EMBEDDING_KINDS = ("embedding", "lm_head")
-from shrink_core.model.describe import device_label
 from shrink_core.evaluation.slices import get_slice
+from shrink_core.model.describe import device_label
+from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
 from shrink_core.results.store import Provenance, Store
 from shrink_core.sensitivity.fisher import estimate_slices, fisher_stats
-from shrink_core.sensitivity.probe import SCAN_BUDGETS, ProbeCache, ScanBudget, calib_tokens, eval_tokens, probe
+from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, ScanDepth, calib_tokens, eval_tokens, probe
 from shrink_core.sensitivity.settings import Setting, get_setting
+
+EMBEDDING_KINDS = ("embedding", "lm_head")
 
 METHODS = ("fast", "exhaustive")
 METRICS = ("kl", "dnll")
@@ -75,10 +75,10 @@ class ScanReport:
                 "records": [asdict(r) for r in self.records], "agreement": [asdict(a) for a in self.agreement]}
 
 
-def get_budget(name: str) -> ScanBudget:
-    if name not in SCAN_BUDGETS:
-        raise ShrinkError(f"Unknown sensitivity budget '{name}'; choose one of: {', '.join(SCAN_BUDGETS)}.")
-    return SCAN_BUDGETS[name]
+def get_protocol(name: str) -> ScanDepth:
+    if name not in SCAN_DEPTHS:
+        raise ShrinkError(f"Unknown scan depth '{name}'; choose one of: {', '.join(SCAN_DEPTHS)}.")
+    return SCAN_DEPTHS[name]
 
 
 # ---------------------------------------------------------------- pure helpers
@@ -131,14 +131,14 @@ def _provenance(loaded, slice_id: str, budget: str) -> Provenance:
     return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), slice=slice_id, budget=budget)
 
 
-def scores_key(weights_hash: str, slice_id: str, setting: Setting, method: str, budget: ScanBudget) -> str:
+def scores_key(weights_hash: str, slice_id: str, setting: Setting, method: str, budget: ScanDepth) -> str:
     """The figure key of the scores of one (model, slice, setting, method, budget)."""
     return figure_key("sensitivity", weights_hash=weights_hash, slice_info=get_slice(slice_id),
                       protocol={"setting": asdict(setting), "budget": asdict(budget)}, method=method)
 
 
 def cached_values(store: Store, loaded, slice_id: str, setting: Setting, method: str,
-                  budget: ScanBudget) -> dict[str, tuple[float, float]]:
+                  budget: ScanDepth) -> dict[str, tuple[float, float]]:
     """module -> (kl, dnll) already stored under the key this code would write for the same inputs."""
     out: dict[str, tuple[float, float]] = {}
     key = scores_key(loaded.weights_hash, slice_id, setting, method, budget)
@@ -194,7 +194,7 @@ def select_modules(rows: list[ModuleInfo], pattern: str | None, embeddings: bool
 
 
 class _Scanner:
-    def __init__(self, loaded, store, budget: ScanBudget, report: ScanReport, job_id):
+    def __init__(self, loaded, store, budget: ScanDepth, report: ScanReport, job_id):
         self.loaded, self.store, self.budget, self.report, self.job_id = loaded, store, budget, report, job_id
         everything = inventory(loaded.model)
         self.rows = block_linears(everything)
@@ -304,7 +304,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     progress = progress or (lambda fraction, message="": None)
     if method not in METHODS:
         raise ShrinkError(f"Unknown method '{method}'; use fast or exhaustive.")
-    scan_budget = get_budget(budget)
+    scan_budget = get_protocol(budget)
     settings = [get_setting(s) for s in setting_ids]
     for slice_id in slice_ids:
         get_slice(slice_id)
@@ -370,7 +370,7 @@ def _current(row: dict, keys: dict) -> bool:
     if inputs not in keys:
         try:
             keys[inputs] = scores_key(row["weights_hash"], row["slice"], get_setting(p["setting"]), p["method"],
-                                      get_budget(row["budget"]))
+                                      get_protocol(row["budget"]))
         except (ShrinkError, KeyError):  # a setting, slice or budget that no longer exists
             keys[inputs] = None
     return keys[inputs] is not None and p.get("figure_key") == keys[inputs]
