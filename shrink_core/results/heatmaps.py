@@ -101,7 +101,7 @@ def module_heatmap(records: pd.DataFrame, title: str, metric: str, blocks: list[
         margin=dict(t=80, b=10, l=60, r=10), clickmode="event+select", hovermode="closest", hoverdistance=-1,
         plot_bgcolor=MISSING_COLOR, dragmode=False,
         xaxis=dict(type="category", categoryorder="array", categoryarray=kinds, tickvals=kinds, ticktext=kinds,
-                   range=[-0.5, len(kinds) - 0.5], side="top", showgrid=False, fixedrange=True, title="module kind"),
+                   range=[-0.5, len(kinds) - 0.5], side="top", showgrid=False, fixedrange=True),
         yaxis=dict(tickvals=blocks, ticktext=[str(b) for b in blocks], range=_block_range(blocks),
                    autorange=False, showgrid=False, zeroline=False, fixedrange=True, title="block"),
     )
@@ -136,7 +136,7 @@ def layer_slice_heatmap(records: pd.DataFrame, title: str, metric: str, blocks: 
         title=dict(text=title, x=0, xanchor="left"), height=len(blocks) * ROW_PX + 130,
         margin=dict(t=80, b=10, l=60, r=10), plot_bgcolor=MISSING_COLOR,
         xaxis=dict(type="category", tickvals=slices, ticktext=slices, range=[-0.5, len(slices) - 0.5], side="top",
-                   showgrid=False, title="slice"),
+                   showgrid=False),
         yaxis=dict(tickvals=blocks, ticktext=[str(b) for b in blocks], range=_block_range(blocks),
                    autorange=False, showgrid=False, zeroline=False, title="block"),
     )
