@@ -84,10 +84,9 @@ clicks = {}  # slice -> the module whose cell is selected in its heatmap
 for tab, slice_id in zip(tabs, slice_ids):
     data = view[view["slice"] == slice_id]
     with tab:
-        # theme=None: the figure's own colours (the Streamlit theme repaints the low end of the scale)
         event = st.plotly_chart(heatmaps.module_heatmap(data, f"{slice_id}: {view_setting}, {view_method}", metric,
                                                         blocks, kinds),
-                                key=f"heat-{slice_id}", on_select="rerun", selection_mode="points", theme=None)
+                                key=f"heat-{slice_id}", on_select="rerun", selection_mode="points")
         st.caption(f"{slice_id}: {trust(slice_id)}." + (" Grey cells: modules this method did not probe."
                                                        if data["module"].nunique() < len(names) else ""))
         points = event["selection"]["points"] if event else []
@@ -95,7 +94,7 @@ for tab, slice_id in zip(tabs, slice_ids):
             clicks[slice_id] = names.get((int(points[0].get("y", -1)), points[0].get("x")))
 with layer_slice:
     st.plotly_chart(heatmaps.layer_slice_heatmap(view, f"Blocks x slices: {view_setting}", metric, blocks),
-                    key="heat-layers", theme=None)
+                    key="heat-layers")
     st.caption("Each cell sums the block's module scores (independent-perturbation approximation of the block).")
 with trust_tab:
     rows = []

@@ -79,6 +79,8 @@ def test_heatmaps_are_full_labelled_grids_with_missing_cells_missing(shrink_home
     assert axes["yaxis"]["tickvals"] == [0, 1, 2] and axes["yaxis"]["range"] == [2.5, -0.5]  # no padding rows
     title = heat["colorbar"]["title"]["text"]
     assert max(len(line) for line in title.split("<br>")) <= 12, title  # fits above a narrow colour bar
+    placeholders = {f"#0000{n:02d}" for n in range(1, 11)}  # Streamlit repaints these with theme colours
+    assert not any(color.lower() in placeholders for _, color in heat["colorscale"])
     hover = dict(zip(cells["customdata"], cells["text"]))
     down = "model.layers.1.mlp.down_proj"
     assert f"KL = {exact[down]:.6g} nats/token" in hover[down]  # the exact value and where it came from

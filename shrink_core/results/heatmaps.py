@@ -13,10 +13,14 @@ import math
 import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
+from plotly.colors import sequential
 
 KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down", "linear"]
 METRIC_NAMES = {"kl": "KL", "dnll": "ΔNLL"}
 METRIC_LABELS = {"kl": "KL(reference || perturbed), nats/token", "dnll": "ΔNLL, nats/token"}
+# Inferno, except its first colour: Streamlit's front end replaces #000001..#000010 (its chart colour placeholders)
+# with theme colours, which painted the lowest scores pink; #03020c looks the same and is left alone.
+COLORSCALE = [[i / (len(sequential.Inferno) - 1), c] for i, c in enumerate(["#03020c"] + sequential.Inferno[1:])]
 MISSING_COLOR = "#e9e9ee"  # the plot background: what a cell with no score shows
 ROW_PX = 22  # one block row; 30 blocks + title and axis labels fit a 1000 px tall window
 
@@ -85,7 +89,7 @@ def module_heatmap(records: pd.DataFrame, title: str, metric: str, blocks: list[
             points.append((kind, block, module, text))
     color = _log_color(z)
     fig = go.Figure(go.Heatmap(
-        z=_cells(color), x=kinds, y=blocks, colorscale="Inferno", colorbar=_colorbar(color, metric), hoverinfo="skip",
+        z=_cells(color), x=kinds, y=blocks, colorscale=COLORSCALE, colorbar=_colorbar(color, metric), hoverinfo="skip",
         xgap=1, ygap=1,
     ))
     kind_of, block_of, module_of, text_of = zip(*points) if points else ((), (), (), ())
@@ -129,7 +133,7 @@ def layer_slice_heatmap(records: pd.DataFrame, title: str, metric: str, blocks: 
                 row_text.append(f"block {block}, slice {slice_id}<br>not probed in this view")
         hover.append(row_text)
     color = _log_color(z)
-    fig = go.Figure(go.Heatmap(z=_cells(color), x=slices, y=blocks, colorscale="Inferno", text=hover, hoverongaps=True,
+    fig = go.Figure(go.Heatmap(z=_cells(color), x=slices, y=blocks, colorscale=COLORSCALE, text=hover, hoverongaps=True,
                                hovertemplate="%{text}<extra></extra>", colorbar=_colorbar(color, metric),
                                xgap=1, ygap=1))
     fig.update_layout(
