@@ -46,13 +46,16 @@ def _cells(color: np.ndarray) -> list[list[float | None]]:
 
 
 def _colorbar(z: np.ndarray, metric: str) -> dict:
-    """A colour bar in the metric's own units: ticks at powers of ten, a two-line title that fits its width."""
-    finite = z[np.isfinite(z)]
-    low, high = (math.floor(finite.min()), math.ceil(finite.max())) if finite.size else (-3, 0)
-    ticks = list(range(low, high + 1)) if high > low else [low]
+    """A colour bar in the metric's own units (ticks at powers of ten, and at 2x and 5x, or every digit, when few
+    decades are shown) under a two-line title that fits its width."""
+    finite = [v for row in z for v in row if v is not None and np.isfinite(v)]
+    low, high = (min(finite), max(finite)) if finite else (-3.0, 0.0)
+    steps = (1,) if high - low > 2 else (1, 2, 5) if high - low > 1 else range(1, 10)
+    ticks = [e + math.log10(m) for e in range(math.floor(low), math.ceil(high) + 1) for m in steps
+             if low <= e + math.log10(m) <= high]
     return dict(title=dict(text=f"|{METRIC_NAMES.get(metric, metric)}|<br>nats/token", side="top"),
-                tickvals=ticks, ticktext=[f"1e{t}" if t not in (0, 1) else ("1" if t == 0 else "10") for t in ticks],
-                thickness=14, len=1.0, y=0.5, yanchor="middle")
+                tickvals=ticks, ticktext=[f"{10 ** t:.2g}" for t in ticks], thickness=14, len=1.0, y=0.5,
+                yanchor="middle")
 
 
 def _block_range(blocks: list[int]) -> list[float] | None:
