@@ -33,8 +33,15 @@ with st.expander("Look inside a slice"):
     info = by_id[chosen]
     st.markdown(f"**{info.title}**: {info.description}")
     st.caption(f"Protocol: {info.protocol}  \nSource: {', '.join(info.source)}. License: {info.license}.")
-    examples = load_rows(info, "eval")[:3]
-    st.json(examples, expanded=False)
+    for number, row in enumerate(load_rows(info, "eval")[:3], 1):  # as text, line breaks kept (not JSON escapes)
+        with st.container(border=True):
+            content = {f: v for f, v in row.items() if f in ("text", "context", "choices", "answer")}
+            st.caption(f"Row {number}: " + ", ".join(f"{f} {v}" for f, v in row.items() if f not in content))
+            for field, value in content.items():
+                if isinstance(value, list):  # choices, numbered as `answer` counts them
+                    value = "\n".join(f"{i}. {v.strip()}" for i, v in enumerate(value))
+                st.markdown(f"**{field}**")
+                st.text(str(value))
 
 with st.expander("Add your own slice (JSONL, JSON, CSV or TXT)"):
     st.caption("Text rows need `text`; tasks need `context` and `answer`, plus `choices` (a list) for multiple choice. "

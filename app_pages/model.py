@@ -1,9 +1,12 @@
 """Model page: load a model from a spec and see its layer inventory."""
+import json
+from pathlib import Path
+
 import pandas as pd
 import streamlit as st
 
 from shrink_core.errors import ShrinkError
-from shrink_core.model.load import BUILTINS, DEFAULT_SPEC, ModelSpec
+from shrink_core.model.load import BUILTINS, DEFAULT_SPEC, ModelSpec, source_quantization
 from shrink_core.runtime import jobs
 from ui import charts, state
 from ui.data import store
@@ -25,10 +28,10 @@ with st.form("load_form", border=False):
 
 
 def start_load(spec: str) -> None:
+    """Loads in the background; the model in use (state.model_spec) changes only once the load succeeded."""
     job_id = jobs.submit(db, "describe", "shrink_core.model.describe:describe_job",
                          {"spec": spec, "allow_pickle": allow_pickle, "trust_remote_code": trust_remote_code})
     state.set_job_id("model", job_id)
-    state.set_model_spec(spec)
 
 
 if submitted:
@@ -50,7 +53,12 @@ if job_id is not None:
     if job and job.active:
         job_panel(job_id, f"Loading {job.params['spec']}")
         st.stop()
-    job_outcome(job_id)
+    if job and job.status == "done":
+        state.set_model_spec(job.params["spec"])  # the new model is in use from here on
+        state.set_job_id("model", None)
+        spec = state.model_spec()
+    else:
+        job_outcome(job_id)  # a failed load: its one sentence; the last model that loaded stays in use
 
 described = db.latest_model(spec)
 if described is None:
@@ -59,13 +67,30 @@ if described is None:
 
 summary = described["summary"]
 st.subheader(described["spec"])
-cols = st.columns(6)
-cols[0].metric("Architecture", summary["architecture"].replace("ForCausalLM", ""))
-cols[1].metric("Parameters", f"{summary['parameters'] / 1e6:,.1f} M")
-cols[2].metric("Blocks", summary["blocks"])
-cols[3].metric("Size fp32 / bf16", f"{summary['bytes_fp32'] / 1e6:,.0f} / {summary['bytes_bf16'] / 1e6:,.0f} MB")
-cols[4].metric("Vocabulary", f"{summary['vocab_size']:,}")
-cols[5].metric("Context length", f"{summary['context_length']:,}")
+source = source_quantization(described["spec"])
+fp32_mb, bf16_mb = summary["bytes_fp32"] / 1e6, summary["bytes_bf16"] / 1e6
+reference = f"fp32, dequantized from {source}" if source else "fp32 (the weights as loaded, upcast)"
+top = st.columns(4)
+top[0].metric("Architecture", summary["architecture"].replace("ForCausalLM", ""))
+top[1].metric("Parameters", f"{summary['parameters'] / 1e6:,.1f} M")
+top[2].metric("Blocks", summary["blocks"])
+top[3].metric("Reference", f"fp32 ← {source}" if source else "fp32",
+              help=f"Reference: {reference}. Every KL, ΔNLL and size saving is measured against this model"
+                   + (f"; it is the {source} GGUF's quantized weights expanded to fp32, not the original bf16 release."
+                      if source else "."))
+bottom = st.columns(4)
+bottom[0].metric("Size fp32", f"{fp32_mb:,.0f} MB", help=f"{summary['bytes_fp32']:,} bytes of weights in fp32")
+bottom[1].metric("Size bf16", f"{bf16_mb:,.0f} MB", help=f"{summary['bytes_bf16']:,} bytes of weights in bf16")
+bottom[2].metric("Vocabulary", f"{summary['vocab_size']:,}")
+bottom[3].metric("Context length", f"{summary['context_length']:,}")
+cache = Path(described.get("source_dir") or "/nonexistent") / "shrink-cache.json"
+if source and cache.is_file():  # the GGUF the reference came from: its size, as a saving against fp32 and bf16
+    gguf_mb = json.loads(cache.read_text())["source_bytes"] / 1e6
+    st.caption(f"Reference: {reference}. The {source} GGUF file is {gguf_mb:,.0f} MB: "
+               f"{1 - gguf_mb / fp32_mb:.0%} smaller than fp32 ({fp32_mb:,.0f} MB), "
+               f"{1 - gguf_mb / bf16_mb:.0%} smaller than bf16 ({bf16_mb:,.0f} MB).")
+else:
+    st.caption(f"Reference: {reference}. Sizes: {fp32_mb:,.0f} MB in fp32, {bf16_mb:,.0f} MB in bf16.")
 tied = ", ".join(summary["tied_modules"]) or "none"
 st.caption(
     f"{summary['parameters']:,} parameters; {summary['block_linears']} linear modules in blocks; tied weights: {tied} "

@@ -90,7 +90,10 @@ by_module = settings_by_module(resolved)  # a tied head is scored at its owner
 if scores:
     predictions = predict(by_module, scores, scored_slices, metric)
     worst = max(predictions, key=lambda p: p.value)
-    cols[3].metric(f"Predicted worst slice ({worst.slice})", f"+{worst.value:.4f}")
+    name = {"kl": "KL", "dnll": "ΔNLL"}[metric]
+    cols[3].metric(f"Predicted worst slice ({worst.slice}), nats/token", f"+{worst.value:.3f} {name}",
+                   help=f"+{worst.value:.4g} nats/token {name} on slice {worst.slice}: predicted from the stored scan, "
+                        "not measured")
     st.dataframe(pd.DataFrame([p.__dict__ for p in predictions]), key="prediction_table", hide_index=True)
     st.caption("Predicted: the sum of one-module-at-a-time sensitivity scores from the stored scan (additive; "
                "interactions between modules are not modelled). Modules whose setting has no score are counted as "

@@ -4,6 +4,7 @@ import streamlit as st
 
 from shrink_core.errors import ShrinkError
 from shrink_core.plan.menu import SCAN_DEFAULT
+from shrink_core.results import heatmaps
 from shrink_core.runtime import jobs
 from shrink_core.sensitivity import (
     METHOD_LABELS,
@@ -14,7 +15,7 @@ from shrink_core.sensitivity import (
     stored_agreement_pairs,
     stored_records,
 )
-from ui import choices, heatmaps, state
+from ui import choices, state
 from ui.data import store
 from ui.jobs import show_job
 
@@ -51,9 +52,14 @@ show_job(state.job_id("sensitivity"), f"Scanning {spec}")
 records = pd.DataFrame([r.__dict__ for r in stored_records(db, spec)])
 if records.empty:
     st.info("No sensitivity scores for this model yet: pick slices and settings and press Run scan. "
-            "Results are stored and reused for the same model, setting, slice and budget.")
+            "Results are stored and reused for the same model, setting, slice and depth.")
     st.stop()
 
+# one value per module, setting, slice, metric and method: the newest depth's (stored_records lists it first)
+records = records.drop_duplicates(["module", "setting", "slice", "metric", "method"])
+blocks, kinds = heatmaps.grid(records)  # the model's full block x kind grid, whichever method is viewed
+names = records[records["block"] >= 0].drop_duplicates(["block", "kind"]).set_index(["block", "kind"])["module"]
+all_records = records
 c1, c2, c3, c4 = st.columns(4)
 methods = sorted(records["method"].unique(), key=lambda m: m != "fast")  # the full fast view first
 view_method = c1.radio("Method", methods, horizontal=True, key="view_method")
@@ -75,32 +81,33 @@ def trust(slice_id: str) -> str:
     if found is None:
         return "estimated; not checked against exhaustive probes (run with an agreement check)"
     return (f"estimated; Spearman {found.spearman:.2f} vs exhaustive over {found.modules} modules "
-            f"({found.setting}, {found.budget} budget)")
+            f"({found.setting}, {found.budget} depth)")
 
 
 st.caption(f"Method: {METHOD_LABELS[view_method]}. CPU, fp32. Hover a cell for the exact value; click it for details.")
-per_slice, layer_slice, trust_tab = st.tabs(["Per slice", "Layer x slice", "How far to trust the fast view"])
-selected_module = None
-with per_slice:
-    columns = st.columns(min(len(slice_ids), 3) or 1)
-    for i, slice_id in enumerate(slice_ids):
-        data = view[view["slice"] == slice_id]
-        with columns[i % len(columns)]:
-            event = st.plotly_chart(heatmaps.module_heatmap(data, f"{slice_id}: {view_setting}", metric),
-                                    key=f"heat-{slice_id}", on_select="rerun", selection_mode="points")
-            st.caption(f"{slice_id}: {trust(slice_id)}.")
-            points = event["selection"]["points"] if event else []
-            if points:  # a clicked cell: its kind (x) and block (y) name the module
-                hit = data[(data["kind"] == points[0].get("x")) & (data["block"] == points[0].get("y"))]
-                selected_module = hit["module"].iloc[0] if len(hit) else None
+tabs = st.tabs([f"Slice {s}" for s in slice_ids] + ["Layer x slice", "How far to trust the fast view"])
+layer_slice, trust_tab = tabs[-2:]
+clicks = {}  # slice -> the module whose cell is selected in its heatmap
+for tab, slice_id in zip(tabs, slice_ids):
+    data = view[view["slice"] == slice_id]
+    with tab:
+        event = st.plotly_chart(heatmaps.module_heatmap(data, f"{slice_id}: {view_setting}, {view_method}", metric,
+                                                        blocks, kinds),
+                                key=f"heat-{slice_id}", on_select="rerun", selection_mode="points")
+        st.caption(f"{slice_id}: {trust(slice_id)}." + (" Grey cells: modules this method did not probe."
+                                                       if data["module"].nunique() < len(names) else ""))
+        points = event["selection"]["points"] if event else []
+        if points:  # a clicked cell: its kind (x) and block (y) name the module
+            clicks[slice_id] = names.get((int(points[0].get("y", -1)), points[0].get("x")))
 with layer_slice:
-    st.plotly_chart(heatmaps.layer_slice_heatmap(view, f"Blocks x slices: {view_setting}", metric), key="heat-layers")
+    st.plotly_chart(heatmaps.layer_slice_heatmap(view, f"Blocks x slices: {view_setting}", metric, blocks),
+                    key="heat-layers")
     st.caption("Each cell sums the block's module scores (independent-perturbation approximation of the block).")
 with trust_tab:
     rows = []
     for a in stored_agreement(db, spec):
         rows.append({"slice": a.slice, "setting": a.setting, "metric": a.metric, "spearman": round(a.spearman, 3),
-                     "modules": a.modules, "budget": a.budget})
+                     "modules": a.modules, "depth": a.budget})
     if rows:
         st.dataframe(pd.DataFrame(rows), hide_index=True, key="agreement_table")
         pairs = pd.DataFrame(stored_agreement_pairs(db, spec, slice_ids[0], view_setting))
@@ -111,10 +118,16 @@ with trust_tab:
         st.info("No agreement check yet: run a fast scan with an agreement check above 0.")
 
 modules = sorted(view["module"].unique(), key=lambda m: (int(view[view["module"] == m]["block"].iloc[0]), m))
-picked = st.selectbox("Module detail", modules, key="detail_module",
-                      index=modules.index(selected_module) if selected_module in modules else 0)
-detail = records[records["module"] == picked].pivot_table(index=["setting", "metric"], columns="slice",
-                                                          values="value").reset_index()
+detail_modules = [names[cell] for cell in sorted(names.index, key=lambda c: (c[0], kinds.index(c[1])))]  # the grid
+for slice_id in slice_ids:  # a new click moves "Module detail" to the clicked cell; later picks in the box stay
+    clicked = clicks.get(slice_id)
+    if clicked != st.session_state.get(f"clicked-{slice_id}"):
+        st.session_state[f"clicked-{slice_id}"] = clicked
+        if clicked in detail_modules:
+            st.session_state["detail_module"] = clicked
+picked = st.selectbox("Module detail", detail_modules, key="detail_module")
+detail = all_records[all_records["module"] == picked].pivot_table(index=["method", "setting", "metric"],
+                                                                  columns="slice", values="value").reset_index()
 st.dataframe(detail, hide_index=True, key="detail_table")
 
 st.markdown("#### Protect the most sensitive modules")

@@ -20,8 +20,8 @@ def test_heatmap_per_slice_and_protect_top_k(scanned_en_home, tmp_path):
         driver = chromium()
         try:
             driver.get(f"{url}/sensitivity")
-            wait_for(driver, lambda d: "en: w3g64" in body(d) and "zh: w3g64" in body(d), 120,
-                     "a heatmap for each slice")
+            wait_for(driver, lambda d: "en: w3g64" in body(d) and "Slice zh" in body(d), 120,
+                     "a heatmap for each slice, one tab each")
             plots = driver.find_elements("css selector", ".js-plotly-plot")
             assert len(plots) >= 2
             assert "Traceback" not in body(driver)

@@ -33,3 +33,17 @@ def test_baseline_job_results_show_with_intervals(shrink_home):
     # toy_en has 4 rows: too few for an interval, and the table says so where it would have been
     assert pd.isna(row["ppl_low"]) and row["interval"] == "n=4 items: too few for an interval (fewer than 20)"
     assert any("bootstrap" in c.value and "Measured on cpu" in c.value for c in at.caption)
+
+
+def test_slice_peek_shows_rows_as_text_with_their_line_breaks(shrink_home):
+    from shrink_core.evaluation.slices import list_slices, load_rows
+
+    first = load_rows(next(s for s in list_slices() if s.id == "arc"), "eval")[0]
+    assert "\n" in first["context"]  # the case at stake: a multi-line field
+    at = AppTest.from_file(PAGE, default_timeout=60).run()
+    at.selectbox(key="peek_slice").set_value("arc").run()
+    assert not at.exception
+    assert not at.json  # no raw JSON with \n escapes
+    shown = [t.value for t in at.text]
+    assert first["context"] in shown  # the real line break, not the two characters \ and n
+    assert any(first["choices"][first["answer"]].strip() in t for t in shown)

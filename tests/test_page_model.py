@@ -4,6 +4,7 @@ from streamlit.testing.v1 import AppTest
 
 from shrink_core.paths import REPO_ROOT
 from shrink_core.results.store import Store
+from shrink_core.runtime import jobs
 
 from .jobwait import wait_job
 
@@ -62,3 +63,31 @@ def _summary():
 def _modules():
     return [{"name": "model.layers.0.self_attn.q_proj", "block": 0, "kind": "q", "shape": "576x576", "params": 331776,
              "bytes": 1327104, "dtype": "float32", "tied_to": None}]
+
+
+def test_reference_names_its_source_quantization_and_the_size_cards_fit(shrink_home):
+    Store().save_model({"spec": "builtin:smollm2-135m", "weights_hash": "h", "summary": _summary(), "modules": _modules(),
+                        "load_seconds": 1.0, "from_cache": True})
+    at = page().run()
+    assert not at.exception
+    cards = {m.label: m.value for m in at.metric}
+    assert cards["Reference"] == "fp32 ← Q4_1"  # the built-in's GGUF is Q4_1 (general.file_type MOSTLY_Q4_1)
+    assert any("Reference: fp32, dequantized from Q4_1" in c.value for c in at.caption)
+    # one short value per card (a "538 / 269 MB" card was cut at 1400 px); 538,060,032 and 269,030,016 bytes
+    assert cards["Size fp32"] == "538 MB" and cards["Size bf16"] == "269 MB"
+
+
+def test_failed_hub_load_keeps_the_model_that_was_loaded(shrink_home):
+    Store().save_model({"spec": "builtin:smollm2-135m", "weights_hash": "h", "summary": _summary(), "modules": _modules(),
+                        "load_seconds": 1.0, "from_cache": True})
+    at = page()
+    at.session_state["model_spec"] = "builtin:smollm2-135m"  # the model in use
+    at.run()
+    at.text_input(key="model_spec_input").set_value("nosuch-org/nosuch-model")  # a Hub id; the Hub is offline
+    at.button[0].click().run()
+    assert jobs.wait(Store(), at.session_state["job:model"], timeout=120).status == "failed"
+    at.run()
+    assert not at.exception
+    assert at.error  # the reason, in one sentence
+    assert at.session_state["model_spec"] == "builtin:smollm2-135m"  # other pages keep using the loaded model
+    assert any("134,515,008" in c.value for c in at.caption)  # and this page still shows it

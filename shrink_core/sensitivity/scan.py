@@ -43,6 +43,7 @@ class Record:
     metric: str  # "kl" (mean KL(reference || perturbed) per token, nats) | "dnll" (mean NLL change per token)
     value: float
     method: str
+    budget: str = ""  # the scan budget (quick, fast, full); set on records read back from the store
 
 
 @dataclass(frozen=True)
@@ -394,7 +395,8 @@ def stored_records(store: Store, model_spec: str, weights_hash: str | None = Non
             seen.add(key)
             block, kind = _block_kind(module)
             for metric, value in zip(METRICS, pair):
-                out.append(Record(module, block, kind, p["setting"], row["slice"], metric, float(value), p["method"]))
+                out.append(Record(module, block, kind, p["setting"], row["slice"], metric, float(value), p["method"],
+                                  row["budget"]))
     return out
 
 
