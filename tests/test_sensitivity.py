@@ -192,7 +192,7 @@ def test_cli_choices_match_the_library():
     parser = sub.choices["sensitivity"]
     options = {a.dest: a for a in parser._actions}
     assert list(options["method"].choices) == list(METHODS)
-    assert list(options["budget"].choices) == list(SCAN_DEPTHS)
+    assert list(options["depth"].choices) == list(SCAN_DEPTHS)
     assert all(s in options["settings"].help for s in SETTINGS)
 
 

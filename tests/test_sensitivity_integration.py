@@ -17,7 +17,8 @@ def test_cli_prints_one_record_per_module_setting_slice(shrink_home, capsys):
     embedding = [r for r in out["records"] if r["kind"] == "embedding"]
     assert {(r["module"], r["method"], r["block"]) for r in embedding} == {("model.embed_tokens", "exhaustive", -1)}
     first = out["records"][0]
-    assert set(first) == {"module", "block", "kind", "setting", "slice", "metric", "value", "method"}
+    assert set(first) == {"module", "block", "kind", "setting", "slice", "metric", "value", "method", "depth"}
+    assert first["depth"] == "quick"
     assert out["seconds"] > 0 and out["method"] == "fast"
     by = {(r["module"], r["setting"]): r["value"] for r in out["records"]}
     harsher = sum(by[(m, "w3g64")] > by[(m, "w8")] for m, s in by if s == "w8")

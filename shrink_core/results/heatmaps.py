@@ -1,6 +1,7 @@
 """Sensitivity figures (Plotly only, no streamlit): the page and the report draw the same ones.
 
-Records are a DataFrame with columns module, block, kind, setting, slice, metric, value, method and, when known, budget.
+Records are a DataFrame with columns module, block, kind, setting, slice, metric, value, method and, when known,
+the scan depth.
 A module heatmap is a full block x kind grid: one row per block, one column per kind, every one labelled, the axes
 fixed to the grid (no padding rows), and cells that were not probed (an exhaustive scan samples modules) left blank
 and named as missing in the hover. Over the colours lies an invisible marker per cell, so a click selects a module
@@ -64,8 +65,8 @@ def _block_range(blocks: list[int]) -> list[float] | None:
 
 
 def _provenance(row: pd.Series) -> str:
-    budget = f", {row['budget']} depth" if isinstance(row.get("budget"), str) and row.get("budget") else ""
-    return f"{row['method']}, {row['setting']}, slice {row['slice']}{budget}"
+    depth = f", {row['depth']} depth" if isinstance(row.get("depth"), str) and row.get("depth") else ""
+    return f"{row['method']}, {row['setting']}, slice {row['slice']}{depth}"
 
 
 def module_heatmap(records: pd.DataFrame, title: str, metric: str, blocks: list[int] | None = None,

@@ -43,7 +43,7 @@ class Record:
     metric: str  # "kl" (mean KL(reference || perturbed) per token, nats) | "dnll" (mean NLL change per token)
     value: float
     method: str
-    budget: str = ""  # the scan budget (quick, fast, full); set on records read back from the store
+    depth: str = ""  # the scan depth (quick, fast, standard) the value was computed at
 
 
 @dataclass(frozen=True)
@@ -76,7 +76,7 @@ class ScanReport:
                 "records": [asdict(r) for r in self.records], "agreement": [asdict(a) for a in self.agreement]}
 
 
-def get_protocol(name: str) -> ScanDepth:
+def get_depth(name: str) -> ScanDepth:
     if name not in SCAN_DEPTHS:
         raise ShrinkError(f"Unknown scan depth '{name}'; choose one of: {', '.join(SCAN_DEPTHS)}.")
     return SCAN_DEPTHS[name]
@@ -284,14 +284,14 @@ class _Scanner:
         return out
 
 
-def _records(rows, values, setting_id, slice_id, method, metrics) -> list[Record]:
+def _records(rows, values, setting_id, slice_id, method, metrics, depth: str = "") -> list[Record]:
     out = []
     for r in rows:
         if r.name in values:
             block = -1 if r.block is None else r.block  # -1: embedding / lm_head, outside the blocks
             for metric in metrics:
                 value = values[r.name][METRICS.index(metric)]
-                out.append(Record(r.name, block, r.kind, setting_id, slice_id, metric, float(value), method))
+                out.append(Record(r.name, block, r.kind, setting_id, slice_id, metric, float(value), method, depth))
     return out
 
 
@@ -305,7 +305,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     progress = progress or (lambda fraction, message="": None)
     if method not in METHODS:
         raise ShrinkError(f"Unknown method '{method}'; use fast or exhaustive.")
-    scan_budget = get_protocol(budget)
+    scan_depth = get_depth(budget)
     settings = [get_setting(s) for s in setting_ids]
     for slice_id in slice_ids:
         get_slice(slice_id)
@@ -314,7 +314,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     store = store or Store()
     started = time.perf_counter()
     report = ScanReport(loaded.spec.raw, loaded.weights_hash, budget, method)
-    scanner = _Scanner(loaded, store, scan_budget, report, job_id)
+    scanner = _Scanner(loaded, store, scan_depth, report, job_id)
     chosen = select_modules(scanner.rows + scanner.embeddings, modules, embeddings)
     chosen_embeddings = [r for r in chosen if r.kind in EMBEDDING_KINDS]
     chosen = [r for r in chosen if r.kind not in EMBEDDING_KINDS]
@@ -333,14 +333,15 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
         else:
             values = scanner.exhaustive(slice_id, settings, chosen, tick) if chosen else {s.id: {} for s in settings}
         for s in settings:
-            report.records += _records(chosen, values[s.id], s.id, slice_id, method, metrics)
+            report.records += _records(chosen, values[s.id], s.id, slice_id, method, metrics, scan_depth.name)
         if chosen_embeddings and quantized:
             started_embeddings = time.perf_counter()
             exact = scanner.exhaustive(slice_id, quantized, chosen_embeddings,
                                        lambda f, m: tick(f, f"embedding {m}"))
             report.timings["embedding_s"] = report.timings.get("embedding_s", 0) + time.perf_counter() - started_embeddings
             for s in quantized:
-                report.records += _records(chosen_embeddings, exact[s.id], s.id, slice_id, "exhaustive", metrics)
+                report.records += _records(chosen_embeddings, exact[s.id], s.id, slice_id, "exhaustive", metrics,
+                                           scan_depth.name)
         if checking:
             sample = sample_modules(scanner.rows, check)  # block linears: the embedding is exhaustive already
             exact = scanner.exhaustive(slice_id, [check_setting], sample,
@@ -354,7 +355,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
                 store.add_result("sensitivity", _provenance(loaded, slice_id, budget),
                                  {"type": "agreement", "agreement": asdict(agreement),
                                   "figure_key": scores_key(loaded.weights_hash, slice_id, check_setting, "agreement",
-                                                           scan_budget),
+                                                           scan_depth),
                                   "sample": [r.name for r in sample],
                                   "pairs": [[r.name, e, m] for r, e, m in zip(sample, estimates, measured)]},
                                  job_id=job_id)
@@ -371,7 +372,7 @@ def _current(row: dict, keys: dict) -> bool:
     if inputs not in keys:
         try:
             keys[inputs] = scores_key(row["weights_hash"], row["slice"], get_setting(p["setting"]), p["method"],
-                                      get_protocol(row["budget"]))
+                                      get_depth(row["budget"]))
         except (ShrinkError, KeyError):  # a setting, slice or budget that no longer exists
             keys[inputs] = None
     return keys[inputs] is not None and p.get("figure_key") == keys[inputs]
