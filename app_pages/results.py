@@ -1,6 +1,5 @@
 """Results page: Pareto plots per slice, side-by-side comparison, candidate management and the stakeholder report."""
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import streamlit as st
@@ -19,6 +18,7 @@ from shrink_core.results.report import (
     method_notes,
     render_html,
     slice_choice,
+    view_sentence,
     write_png,
 )
 from ui.data import store
@@ -178,11 +178,11 @@ if st.button("Build report", key="res_build_report"):
         except ShrinkError as exc:
             st.session_state["res_report_png"] = None
             st.warning(str(exc))
-    st.session_state["res_report_view"] = asdict(report.view)
+    st.session_state["res_report_view"] = view_sentence(report.view)
 if st.session_state.get("res_report_html"):
     st.download_button("Download report.html", st.session_state["res_report_html"], file_name="shrink-report.html",
                        mime="text/html", key="res_download_html")
     if st.session_state.get("res_report_png"):
         st.download_button("Download the main figure (PNG)", st.session_state["res_report_png"],
                            file_name="pareto.png", mime="image/png", key="res_download_png")
-    st.caption(f"Report view: {st.session_state.get('res_report_view')}")
+    st.caption(f"Report view: {st.session_state.get('res_report_view')}.")

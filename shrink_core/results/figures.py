@@ -91,8 +91,9 @@ def pareto_figure(points: pd.DataFrame, x_title: str, y_title: str, higher_is_be
         fig.add_annotation(xref="paper", yref="paper", x=1, y=1.02, showarrow=False, xanchor="right", yanchor="bottom",
                            text="not plotted (missing figure): " + ", ".join(missing["name"].astype(str)),
                            font=dict(size=11, color="gray"))
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=520, legend=dict(orientation="h"),
-                      margin=dict(t=60, b=90, r=110), hoverlabel=dict(align="left"))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=540,
+                      legend=dict(orientation="h", yanchor="top", y=-0.2), margin=dict(t=60, b=120, r=110),
+                      hoverlabel=dict(align="left"))  # the legend below the x axis title, not over it
     if log_x:
         fig.update_xaxes(type="log")
     else:  # sizes, latencies and costs start at 0; with nothing to plot, 0..1 rather than plotly's -1..6

@@ -30,7 +30,7 @@ class Metric:
 
 
 METRICS = {
-    "ppl_ratio": Metric("ppl_ratio", "perplexity / reference", higher_is_better=False, unit="x reference",
+    "ppl_ratio": Metric("ppl_ratio", "perplexity / reference", higher_is_better=False, unit="ratio to reference",
                         default_limit=1.05),
     "kl": Metric("kl", "KL to reference (nats/token)", higher_is_better=False, unit="nats/token", default_limit=0.05),
     "top1_agree": Metric("top1_agree", "top-1 agreement with reference", higher_is_better=True,

@@ -79,7 +79,7 @@ def _hover(c: pd.Series, view: View, extra: str) -> str:
              f"plan: {esc(str(c['plan_summary']))[:300]}",
              f"parent: {_text(c['parent_name'], '-')}; calibration: {esc(str(c['calibration']))}",
              f"x: {_text(c[X_SOURCES[view.x]], 'missing')}",
-             f"budget {esc(str(view.budget))}; code {esc(str(c['code_version']))}; model {esc(str(c['model_spec']))}"]
+             f"{esc(str(view.budget))} protocol; code {esc(str(c['code_version']))}; model {esc(str(c['model_spec']))}"]
     return "<br>".join(line for line in lines if line)
 
 
@@ -206,7 +206,7 @@ def x_title(candidates: pd.DataFrame, view: View) -> str:
 def y_title(table: pd.DataFrame, view: View) -> str:
     label = pareto.METRICS[view.metric].label
     devices = sorted({str(d).split(" (")[0] for d in table["device"].dropna()}) if len(table) else []
-    where = f"{view.budget} budget, measured on {', '.join(devices)}" if devices else f"{view.budget} budget"
+    where = f"{view.budget} protocol, measured on {', '.join(devices)}" if devices else f"{view.budget} protocol"
     if view.y == "worst":
         return f"{label}, worst slice ({where})"
     if view.y == "mix":
@@ -241,7 +241,7 @@ def beyond_limits(table: pd.DataFrame, limits: dict[str, float | None] | None = 
 
 
 def method_notes(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> list[str]:
-    notes = [f"Quality: {pareto.METRICS[view.metric].label}; {view.budget} budget; evaluated on "
+    notes = [f"Quality: {pareto.METRICS[view.metric].label}; {view.budget} protocol; evaluated on "
              f"{', '.join(sorted(table['device'].dropna().unique())) or 'no device'}; intervals are 95% bootstrap over "
              "items (ratios to the reference: a paired bootstrap when both were scored on the same items). A slice "
              f"scored on fewer than {MIN_INTERVAL_ITEMS} items gets no interval (its row says so): the bootstrap "
@@ -258,6 +258,10 @@ def method_notes(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> l
              "significant (see the paired tests)."]
     for column, what in (("memory_source", "Size"), ("latency_source", "Latency"), ("projected_source", "Projection"),
                          ("cost_source", "Cost")):
+        if column in ("projected_source", "cost_source") and not view.target:
+            notes.append(f"{what}: for a hardware target; choose the x axis 'latency (projected)' or 'cost' "
+                         "(--x projected / cost --target NAME).")
+            continue
         sources = sorted({str(s) for s in candidates[column].dropna()})
         notes.append(f"{what}: " + ("; ".join(sources) if sources else "not recorded for these candidates (missing, "
                                                                        "not zero)") + ".")
@@ -295,7 +299,7 @@ def build_report(store: Store, view: View) -> Report:
         candidates = candidates[candidates["id"].isin(view.candidates)]
         table = table[table["candidate_id"].isin(view.candidates)]
     if table.empty:
-        raise ShrinkError(f"None of these candidates has results at the '{view.budget}' budget.")
+        raise ShrinkError(f"None of these candidates has results at the '{view.budget}' protocol.")
     if view.y not in ("worst", "mix") and view.y not in set(table["slice"]):
         raise ShrinkError(f"No results on slice '{view.y}'; choose one of: {', '.join(sorted(set(table['slice'])))}.")
     tests = reference_tests(store, view.budget, [int(i) for i in candidates["id"]])
@@ -365,7 +369,7 @@ def render_html(report: Report, store: Store) -> str:
     per_slice = interval_table(report.table)
     tests = report.tests if report.tests is not None else pd.DataFrame()
     tests_html = (_table_html(tests.drop(columns=["candidate_id"], errors="ignore")) if len(tests) else
-                  "<p>No candidate has a reference scored on the same slices at this budget.</p>")
+                  "<p>No candidate has a reference scored on the same slices with this protocol.</p>")
     sizes = report.candidates[["id", "name", "kind", "memory_bytes", "latency_ms", "projected_ms", "cost_per_million",
                                "memory_source", "latency_source", "projected_source"]].copy()
     sizes.insert(3, "weights (MB)", [_megabytes(b) for b in sizes.pop("memory_bytes")])
