@@ -5,7 +5,7 @@ import streamlit as st
 
 from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import LINEAR_KINDS, modules_from_rows
-from shrink_core.perf.hardware import DEFAULT_ROWS
+from shrink_core.perf.hardware import DEFAULT_ROWS, DEFAULT_TARGET
 from shrink_core.perf.hardware import get as get_hardware
 from shrink_core.perf.roofline import project
 from shrink_core.perf.workload import workload_from_rows
@@ -76,7 +76,7 @@ packed = int(table["packed_bytes"].sum())
 params = sum(r.params for r in rows)
 targets = [r.name for r in DEFAULT_ROWS]
 hardware = get_hardware(st.selectbox("Projection target (latency is projected for it, not measured)", targets,
-                                     index=targets.index("h100-sxm"), key="plan_target"))
+                                     index=targets.index(DEFAULT_TARGET), key="plan_target"))
 specs = quant_specs(resolved)
 projection = project(workload_from_rows(rows, described["summary"], specs), hardware)
 cols = st.columns(5)

@@ -1,15 +1,26 @@
 """Results page: Pareto plots per slice, side-by-side comparison, candidate management and the stakeholder report."""
 import tempfile
-from dataclasses import asdict
 from pathlib import Path
 
 import streamlit as st
 
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.stats import ALPHA
+from shrink_core.perf.hardware import DEFAULT_ROWS, DEFAULT_TARGET
 from shrink_core.results import candidates as cands
 from shrink_core.results import pareto
-from shrink_core.results.report import DEFAULT_LIMITS, View, build_report, figures, method_notes, render_html, write_png
+from shrink_core.results.report import (
+    PPL_NOTE,
+    View,
+    beyond_limits,
+    build_report,
+    figures,
+    method_notes,
+    render_html,
+    slice_choice,
+    view_sentence,
+    write_png,
+)
 from ui.data import store
 
 st.title("Results")
@@ -29,11 +40,7 @@ def _weights(text: str) -> tuple[tuple[str, float], ...]:
         raise ShrinkError(f"Slice weights look like en=2,fr=1, not '{text}'.") from None
 
 
-try:
-    from shrink_core.perf.hardware import DEFAULT_ROWS
-    known_targets = [row.name for row in DEFAULT_ROWS]
-except ImportError:
-    known_targets = []
+known_targets = [row.name for row in DEFAULT_ROWS]
 ids = [int(i) for i in everyone["id"]]
 labels = {int(cid): f"#{cid} {name}" for cid, name in zip(everyone["id"], everyone["name"])}
 
@@ -49,17 +56,27 @@ x = top[3].selectbox("Cost (x)", list(pareto.AXES), key="res_x", format_func=lam
     "memory": "memory (weights)", "latency": "latency (measured)", "projected": "latency (projected)",
     "cost": "cost per million tokens"}[a])
 more = st.columns(4)
-target = more[0].selectbox("Target (projected latency, cost)", sorted(set(cands.targets(db)) | set(known_targets)),
-                           key="res_target", disabled=x not in ("projected", "cost"))
-over = more[1].multiselect("Worst over slices", slice_ids, default=slice_ids, key=f"res_slices_{metric}",
-                           disabled=y != "worst")
+target_options = sorted(set(cands.targets(db)) | set(known_targets))
+target = more[0].selectbox("Target (projected latency, cost)", target_options, key="res_target",
+                           index=target_options.index(DEFAULT_TARGET), disabled=x not in ("projected", "cost"))
+choice = slice_choice(table, metric)  # by default, the slices every candidate shares
+over = more[1].multiselect("Worst over slices", slice_ids, default=list(choice.shared) or slice_ids,
+                           key=f"res_slices_{metric}_{budget}", disabled=y != "worst")
 weights_text = more[2].text_input("Mix weights", value=",".join(f"{s}=1" for s in slice_ids[:2]), key="res_weights",
                                   disabled=y != "mix")
-default_limit = DEFAULT_LIMITS.get(metric)
-use_limit = more[3].checkbox("Constraint line", value=default_limit is not None, key="res_use_limit")
-limit = more[3].number_input("Acceptable at", value=float(default_limit or 1.0), step=0.01, format="%.3f",
+chosen_metric = pareto.METRICS[metric]
+use_limit = more[3].checkbox("Constraint line", value=chosen_metric.default_limit is not None,
+                             key=f"res_use_limit_{metric}")
+limit = more[3].number_input(f"Acceptable at ({chosen_metric.unit})", value=float(
+    chosen_metric.default_limit if chosen_metric.default_limit is not None else 0.5), step=0.01, format="%.3f",
                              key=f"res_limit_{metric}", disabled=not use_limit,
-                             help="ppl ratio 1.05 = within +5% of the reference; accuracy: at least this")
+                             help="on the good side of this line is acceptable: "
+                                  + chosen_metric.describe_limit(chosen_metric.default_limit or 0.5))
+if y == "worst" and choice.left_out:
+    left_out = [s for s, _ in choice.left_out if s not in over]
+    if left_out:
+        st.info(pareto.SliceChoice(choice.shared, tuple((s, n) for s, n in choice.left_out if s in left_out)).note()
+                .capitalize() + ". Adding one drops every candidate without it from the plot.")
 
 try:
     view = View(x=x, y=y, metric=metric, target=target if x in ("projected", "cost") else None, budget=budget,
@@ -71,15 +88,25 @@ except ShrinkError as exc:
     st.stop()
 
 main, multiples = figures(report)
+if x == "latency" and report.candidates["latency_ms"].isna().all():
+    st.info("No candidate has a measured latency yet (`python -m shrink_core measure`); every candidate carries a "
+            "projected one: choose 'latency (projected)'.")
 st.plotly_chart(main, key="pareto_main", width="stretch")
 for note in method_notes(report.candidates, report.table, report.view):
     st.caption(note)
 points = report.points[["candidate_id", "name", "x", "y", "y_low", "y_high", "interval_note", "worst_slice",
                         "on_frontier", "acceptable"]]
 st.dataframe(points, key="pareto_points", hide_index=True)
+beyond = beyond_limits(report.table, {metric: limit if use_limit else None})
+if len(beyond):
+    st.warning(f"{beyond['name'].nunique()} candidate(s) beyond the acceptable limits on {len(beyond)} slice(s): "
+               + "; ".join(f"{r.name} on {r.slice}: {r.beyond}" for r in beyond.head(8).itertuples())
+               + (" ..." if len(beyond) > 8 else ""))
+    st.dataframe(beyond.drop(columns=["candidate_id"]), key="beyond_limits", hide_index=True)
 
 st.markdown("#### Every slice")
 st.plotly_chart(multiples, key="pareto_slices", width="stretch")
+st.caption(PPL_NOTE)
 
 st.markdown("#### Compare")
 chosen = st.multiselect("Candidates (2 to 5; the first is the baseline)", ids,
@@ -151,11 +178,11 @@ if st.button("Build report", key="res_build_report"):
         except ShrinkError as exc:
             st.session_state["res_report_png"] = None
             st.warning(str(exc))
-    st.session_state["res_report_view"] = asdict(report.view)
+    st.session_state["res_report_view"] = view_sentence(report.view)
 if st.session_state.get("res_report_html"):
     st.download_button("Download report.html", st.session_state["res_report_html"], file_name="shrink-report.html",
                        mime="text/html", key="res_download_html")
     if st.session_state.get("res_report_png"):
         st.download_button("Download the main figure (PNG)", st.session_state["res_report_png"],
                            file_name="pareto.png", mime="image/png", key="res_download_png")
-    st.caption(f"Report view: {st.session_state.get('res_report_view')}")
+    st.caption(f"Report view: {st.session_state.get('res_report_view')}.")

@@ -92,3 +92,22 @@ def test_unknown_metric_and_axis_are_one_sentence_errors():
         pareto.get_metric("bleu")
     with pytest.raises(ShrinkError, match="Unknown x axis 'speed'"):
         pareto.get_axis("speed")
+
+
+def test_default_worst_slice_set_is_what_every_candidate_shares():
+    from shrink_core.results.pareto import shared_slices
+
+    choice = shared_slices({"reference": {"en", "fr", "hi"}, "w8": {"en", "fr", "hi"}, "w4": {"en", "fr"},
+                            "not run here": set()})
+    assert choice.shared == ("en", "fr")
+    assert choice.note() == "not in the worst-slice set: hi (only reference, w8)"
+    assert shared_slices({"a": {"en"}, "b": {"fr"}}).shared == ()  # nothing in common: nothing shared
+    assert shared_slices({"a": {"en"}}).note() == ""
+
+
+def test_each_metric_has_its_own_limit_in_its_unit():
+    from shrink_core.results.pareto import METRICS
+
+    assert METRICS["kl"].default_limit == 0.05 and METRICS["top1_agree"].default_limit == 0.9
+    assert METRICS["kl"].describe_limit(0.05) == "KL to reference <= 0.05 nats/token"
+    assert METRICS["ppl_ratio"].describe_limit(1.05) == "perplexity within +5% of the reference"

@@ -65,9 +65,25 @@ def test_html_is_self_contained(store):
     assert not re.findall(r"https?://|@import|@font-face|url\(", rest)
     assert "Plotly.newPlot" in rest
     assert 'id="pareto-main"' in page and 'id="pareto-slices"' in page
-    for text in ("en-star", "int4 g64 asym rtn", "keep: true", "Method notes", "computed from the packed format",
-                 "perplexity within +5% of reference", '"lineage"'):
+    for text in ("en-star", "int4 g64 asym rtn", "-&gt; keep", "Method notes", "computed from the packed format",
+                 "perplexity within +5% of the reference", "Provenance"):
         assert text in page, text
+
+
+def test_report_reads_as_text_not_raw_json(store):
+    """Sizes in MB, plans as one readable rule per line, the view and provenance in words: no dicts, no raw bytes."""
+    report = build_report(store, View(limit=1.05))
+    page = render_html(report, store)
+    bundle = max(re.findall(r"<script[^>]*>(.*?)</script>", page, re.S), key=len)
+    text = re.sub(r"<script.*?</script>", "", page.replace(bundle, ""), flags=re.S)
+    assert not re.search(r"\{\s*(&quot;|&#x27;|\"|')", text), "a raw dict in the report"
+    assert "300000000" not in text and "1000000000" not in text  # byte counts are shown in MB
+    sizes = text.split("<h2>Size, latency, cost</h2>")[1].split("<h2>")[0]
+    assert "<th>weights (MB)</th>" in sizes
+    assert re.search(r"<td>w8</td>\s*<td>quantized</td>\s*<td>300</td>", sizes)  # 300 MB, not 300000000
+    plans = text.split("<h2>Plans</h2>")[1]
+    assert "<li>kind=up,down -&gt; int3 g64 asym rtn</li>" in plans  # one rule per line: what -> setting
+    assert "worst slice over the slices every candidate shares" in text  # the view in words
 
 
 @pytest.mark.browser
@@ -203,3 +219,24 @@ def test_report_lists_raw_and_holm_adjusted_p_values(shrink_home):
     assert {"nll_p", "nll_p_holm"} <= set(tests.columns)
     assert set(tests["holm"]) == {"Holm-adjusted over 3 tests on 3 slices"}
     assert "Holm-Bonferroni" in page[page.index("<h2>Method notes</h2>"):]
+
+
+def test_report_worst_slice_defaults_to_shared_slices_and_flags_rows_beyond_limits(store):
+    from shrink_core.results.report import beyond_limits
+
+    from .test_candidates import SPEC, _payload
+
+    ids = {c["name"]: c["id"] for c in store.candidates()}
+    for name, ppl in (("reference", 9.0), ("w8", 9.1)):  # only these two were also run on 'hi'
+        store.add_result("eval", Provenance(SPEC, "h0", "test", "cpu (test)", slice="hi", budget="fast"),
+                         _payload("hi", ppl, 99, kl=0.001), candidate_id=ids[name])
+    points = build_report(store, View(limit=1.05)).points.set_index("name")
+    assert points.loc["w4", "y"] == pytest.approx(1.05) and points.loc["w4", "on_frontier"]  # not dropped over 'hi'
+    report = build_report(store, View(limit=1.05))
+    beyond = beyond_limits(report.table).set_index(["name", "slice"])
+    assert "perplexity +60%" in beyond.loc[("en-star", "ar"), "beyond"]
+    top1 = "top-1 agreement with reference 0.5 (limit: top-1 agreement with reference >= 0.9 share of tokens)"
+    assert top1 in beyond.loc[("en-star", "en"), "beyond"]
+    assert ("w8", "en") not in beyond.index and "reference" not in set(beyond.reset_index()["name"])
+    page = render_html(report, store)
+    assert "candidate(s) beyond the acceptable limits" in page and "Perplexity is per token" in page

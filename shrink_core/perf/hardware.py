@@ -107,6 +107,7 @@ DEFAULT_ROWS = (
     Hardware("this-machine", "cpu", 24 * GIB, 20 * GB, {"fp32": 100e9, "bf16": 100e9}, "fp32", 20e-6, None, (4, 8), (),
              source="placeholder: run roofline.calibrate() on measurements taken here"),
 )
+DEFAULT_TARGET = "h100-sxm"  # the projection target every page and command starts with
 
 
 def table_from_rows(rows) -> tuple[Hardware, ...]:

@@ -100,20 +100,32 @@ def get_candidate(store: Store, candidate_id: int) -> dict:
     raise ShrinkError(f"No candidate with id {candidate_id}; see `python -m shrink_core candidates list`.")
 
 
-def plan_summary(plan: dict | None) -> str:
-    """One line per rule: what it selects and what it does; "unchanged (reference)" without a plan."""
-    if plan is None:
-        return "unchanged (reference)"
+def _rules(plan: dict) -> list[tuple[str, str]]:
+    """(what a rule selects, what it does) for each rule of a stored plan."""
     from shrink_core.plan import plan_from_dict
 
-    parts = []
+    out = []
     for rule in plan_from_dict(plan).rules:
         action = "keep" if rule.keep else " + ".join(
             a for a in (rule.weights.label() if rule.weights else "", rule.prune.label() if rule.prune else "",
                         f"act int{rule.activation_bits}" if rule.activation_bits else "",
                         f"kv int{rule.kv_cache_bits}" if rule.kv_cache_bits else "") if a)
-        parts.append(f"{rule.describe()}: {action}")
-    return "; ".join(parts)
+        out.append((rule.describe() or "every module", action))
+    return out
+
+
+def plan_summary(plan: dict | None) -> str:
+    """One line per rule: what it selects and what it does; "unchanged (reference)" without a plan."""
+    if plan is None:
+        return "unchanged (reference)"
+    return "; ".join(f"{what}: {action}" for what, action in _rules(plan))
+
+
+def plan_lines(plan: dict | None) -> list[str]:
+    """The plan as readable rules, one per line: "kind=q,k,v blocks=[0, 1] -> int4 g64 asym rtn"."""
+    if plan is None:
+        return ["unchanged (reference): weights as loaded"]
+    return [f"{what} -> {action}" for what, action in _rules(plan)] or ["no rules: weights as loaded"]
 
 
 def calibration_summary(calibration: dict | None) -> str:
@@ -177,13 +189,28 @@ def performance(store: Store, candidate: dict, target: str | None = None, batch:
                 fields.update(cost_per_million=float(c["output_dollars_per_million"]),
                               cost_source=f"{c.get('kind', 'projected')} for {target}, batch {c.get('batch')}, "
                                           f"${c.get('price_per_hour')}/h at {c.get('utilisation', 0):.0%} utilisation")
+    projections = store.results("projection", candidate_id=candidate["id"])
+    if target and projections:  # stored when the candidate was created: the roofline, never measured
+        payload = projections[0]["payload"]
+        projected = [p for p in payload.get("projected", []) if p.get("target") == target and p.get("batch") == batch]
+        if projected and "projected_ms" not in fields:
+            p = projected[0]
+            fields.update(projected_ms=float(p["decode_ms_per_token"]),
+                          projected_source=f"projected for {target} ({p.get('model', 'roofline')}), not measured")
+        costs = [c for c in payload.get("cost", []) if c.get("target") == target]
+        if costs and "cost_per_million" not in fields:
+            c = max(costs, key=lambda c: c.get("batch", 0))
+            fields.update(cost_per_million=float(c["output_dollars_per_million"]),
+                          cost_source=f"projected for {target} (roofline), batch {c.get('batch')}, "
+                                      f"${c.get('price_per_hour')}/h at {c.get('utilisation', 0):.0%} utilisation")
     return Performance(**fields)
 
 
 def targets(store: Store) -> list[str]:
-    """Hardware targets that any stored measurement projected onto."""
+    """Hardware targets that any stored measurement or creation-time projection projected onto."""
     found = {p.get("target") for r in store.results("measure")
              for p in r["payload"].get("latency", {}).get("projected", [])}
+    found |= {p.get("target") for r in store.results("projection") for p in r["payload"].get("projected", [])}
     return sorted(t for t in found if t)
 
 

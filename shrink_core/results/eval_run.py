@@ -57,8 +57,52 @@ def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, p
 
 
 def reference_candidate(store: Store, loaded) -> int:
-    return store.upsert_candidate(name=f"{loaded.spec.raw} (reference)", kind="reference", model_spec=loaded.spec.raw,
-                                  weights_hash=loaded.weights_hash, code_version=__version__)
+    candidate_id = store.upsert_candidate(name=f"{loaded.spec.raw} (reference)", kind="reference",
+                                          model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash,
+                                          code_version=__version__)
+    if not store.results("projection", candidate_id=candidate_id):
+        from shrink_core.perf.workload import describe_model
+
+        store_projection(store, loaded, candidate_id, describe_model(loaded.model, name="reference"))
+    return candidate_id
+
+
+def projection_payload(workload, rows=None, batch: int = 1) -> dict:
+    """The roofline's decode latency (and cost, where the row has a price) on every hardware row of the table:
+    projected, never measured; each entry carries the row it was projected for."""
+    from shrink_core.perf.cost import cost_estimate
+    from shrink_core.perf.hardware import DEFAULT_ROWS
+    from shrink_core.perf.roofline import project
+
+    projected, cost = [], []
+    for row in rows or DEFAULT_ROWS:
+        if row.name == "this-machine":  # a placeholder until `measure` calibrates it here
+            continue
+        p = project(workload, row, batch)
+        projected.append({**p.to_dict(), "hardware": row.to_dict()})
+        if row.price_per_hour is not None:
+            cost.append(cost_estimate(row.name, row.price_per_hour, p.prefill_tokens_per_s, p.decode_tokens_per_s,
+                                      batch, "projected").to_dict())
+    return {"source": "projected (roofline), not measured", "weight_source": workload.weight_source,
+            "projected": projected, "cost": cost}
+
+
+def candidate_workload(model, apply_report, name: str = ""):
+    """The workload of a planned model as the plan engine stored it (formats, packed bytes, sparse patterns)."""
+    from shrink_core.formats import WeightFormat
+    from shrink_core.perf.workload import describe_model
+
+    now = apply_report.current_names or {}
+    bits = {now.get(n, n): WeightFormat(q.bits, q.group_size, q.symmetric) for n, q in apply_report.quant_states.items()}
+    packed = {now.get(m.name, m.name): m.packed_bytes for m in apply_report.modules if m.new_shape != (0, 0)}
+    sparse = {now.get(m.name, m.name): "2:4" if m.sparse_format.startswith("2:4") else "unstructured"
+              for m in apply_report.modules if m.sparse_format}
+    return describe_model(model, bits, name, packed, sparse)
+
+
+def store_projection(store: Store, loaded, candidate_id: int, workload, plan_dict: dict | None = None) -> int:
+    return store.add_result("projection", _provenance(loaded, plan_dict, None, None), projection_payload(workload),
+                            candidate_id=candidate_id)
 
 
 def plan_kind(plan) -> str:
@@ -109,6 +153,8 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
             weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=recipe,
             parent_id=reference_candidate(store, loaded))
         report["candidate_id"] = candidate_id
+        store_projection(store, loaded, candidate_id, candidate_workload(candidate, apply_report, plan.name),
+                         plan_dict)
         # Packed size is computed from the plan's storage format (exact bytes), not measured memory.
         store.add_result("size", _provenance(loaded, plan_dict, None, None),
                          {"source": "computed from the packed format", **apply_report.totals,

@@ -91,10 +91,13 @@ def pareto_figure(points: pd.DataFrame, x_title: str, y_title: str, higher_is_be
         fig.add_annotation(xref="paper", yref="paper", x=1, y=1.02, showarrow=False, xanchor="right", yanchor="bottom",
                            text="not plotted (missing figure): " + ", ".join(missing["name"].astype(str)),
                            font=dict(size=11, color="gray"))
-    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=520, legend=dict(orientation="h"),
-                      margin=dict(t=60, b=90, r=110), hoverlabel=dict(align="left"))
+    fig.update_layout(title=title, xaxis_title=x_title, yaxis_title=y_title, height=540,
+                      legend=dict(orientation="h", yanchor="top", y=-0.2), margin=dict(t=60, b=120, r=110),
+                      hoverlabel=dict(align="left"))  # the legend below the x axis title, not over it
     if log_x:
         fig.update_xaxes(type="log")
+    else:  # sizes, latencies and costs start at 0; with nothing to plot, 0..1 rather than plotly's -1..6
+        fig.update_xaxes(rangemode="tozero", **({} if len(shown) else {"range": [0, 1]}))
     return fig
 
 
@@ -129,6 +132,7 @@ def small_multiples(points: pd.DataFrame, x_title: str, y_title: str, higher_is_
         ys = [v for v in data["y"].tolist() if math.isfinite(v)]
         _constraint(fig, limit, higher_is_better, ys, row=row, col=col)
     fig.update_layout(title=title, height=300 * rows + 110, margin=dict(t=80, b=90))
+    fig.update_xaxes(rangemode="tozero", **({} if points["x"].notna().any() else {"range": [0, 1]}))
     fig.add_annotation(xref="paper", yref="paper", x=0.5, y=0, yshift=-45, yanchor="top", showarrow=False,
                        text=f"x: {x_title}   y: {y_title}", font=dict(size=12))
     return fig

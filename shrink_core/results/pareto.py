@@ -19,14 +19,25 @@ class Metric:
     label: str
     higher_is_better: bool
     task_only: bool = False  # defined only on task slices (accuracy, flips)
+    unit: str = ""
+    default_limit: float | None = None  # the acceptable line this metric starts with (None: no default line)
+
+    def describe_limit(self, limit: float) -> str:
+        """"perplexity within +5% of the reference", "KL <= 0.05 nats/token": the limit in the metric's unit."""
+        if self.name == "ppl_ratio":
+            return f"perplexity within {limit - 1:+.0%} of the reference"
+        return f"{self.label.split(' (')[0]} {'>=' if self.higher_is_better else '<='} {limit:g} {self.unit}".strip()
 
 
 METRICS = {
-    "ppl_ratio": Metric("ppl_ratio", "perplexity / reference", higher_is_better=False),
-    "kl": Metric("kl", "KL to reference (nats/token)", higher_is_better=False),
-    "top1_agree": Metric("top1_agree", "top-1 agreement with reference", higher_is_better=True),
-    "accuracy": Metric("accuracy", "task accuracy", higher_is_better=True, task_only=True),
-    "flip_rate": Metric("flip_rate", "answers flipped vs reference (share)", higher_is_better=False, task_only=True),
+    "ppl_ratio": Metric("ppl_ratio", "perplexity / reference", higher_is_better=False, unit="ratio to reference",
+                        default_limit=1.05),
+    "kl": Metric("kl", "KL to reference (nats/token)", higher_is_better=False, unit="nats/token", default_limit=0.05),
+    "top1_agree": Metric("top1_agree", "top-1 agreement with reference", higher_is_better=True,
+                         unit="share of tokens", default_limit=0.9),
+    "accuracy": Metric("accuracy", "task accuracy", higher_is_better=True, task_only=True, unit="share correct"),
+    "flip_rate": Metric("flip_rate", "answers flipped vs reference (share)", higher_is_better=False, task_only=True,
+                        unit="share of answers", default_limit=0.05),
 }
 
 
@@ -123,3 +134,32 @@ def acceptable(value, limit: float | None, higher_is_better: bool) -> bool | Non
         return None
     return float(value) >= limit if higher_is_better else float(value) <= limit
 
+
+
+@dataclass(frozen=True)
+class SliceChoice:
+    """The default slice set of a worst-slice view: the slices every plotted candidate has a value on."""
+
+    shared: tuple[str, ...]
+    left_out: tuple[tuple[str, tuple[str, ...]], ...]  # (slice, the candidates that have it), for those not shared
+
+    def note(self) -> str:
+        """"not in the worst-slice set: hi (only w8)"; "" when every slice is shared."""
+        if not self.left_out:
+            return ""
+        return "not in the worst-slice set: " + "; ".join(
+            f"{slice_id} (only {', '.join(names)})" for slice_id, names in self.left_out)
+
+
+def shared_slices(coverage: dict[str, set]) -> SliceChoice:
+    """coverage: candidate name -> the slices it has a value on (candidates with none are not plotted and ignored).
+
+    A worst slice over a slice some candidate lacks drops that candidate from the plot, so the default set is the
+    intersection; the other slices are named with who has them. With no slice in common, nothing is shared."""
+    covered = {name: set(slices) for name, slices in coverage.items() if slices}
+    if not covered:
+        return SliceChoice((), ())
+    shared = set.intersection(*covered.values())
+    every = set.union(*covered.values())
+    left_out = tuple((s, tuple(sorted(n for n, have in covered.items() if s in have))) for s in sorted(every - shared))
+    return SliceChoice(tuple(sorted(shared)), left_out)

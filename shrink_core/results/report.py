@@ -9,7 +9,6 @@ imports plotly only (never streamlit), so the CLI and the page draw the same fig
 from __future__ import annotations
 
 import html
-import json
 import shutil
 import subprocess
 import tempfile
@@ -23,14 +22,24 @@ from shrink_core import __version__
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.stats import ALPHA, MIN_INTERVAL_ITEMS
 from shrink_core.results import pareto
-from shrink_core.results.candidates import candidates_frame, export_files, reference_tests, slices_frame
+from shrink_core.results.candidates import (
+    calibration_summary,
+    candidates_frame,
+    get_candidate,
+    plan_lines,
+    provenance,
+    reference_tests,
+    slices_frame,
+)
 from shrink_core.results.store import Store
 
 X_COLUMNS = {"memory": "memory_bytes", "latency": "latency_ms", "projected": "projected_ms", "cost": "cost_per_million"}
 X_SOURCES = {"memory": "memory_source", "latency": "latency_source", "projected": "projected_source",
              "cost": "cost_source"}
-DEFAULT_LIMITS = {"ppl_ratio": 1.05, "kl": None, "top1_agree": None, "accuracy": None, "flip_rate": None}
+DEFAULT_LIMITS = {name: metric.default_limit for name, metric in pareto.METRICS.items()}
 CHROMIUM = "/usr/bin/chromium"
+PPL_NOTE = ("Perplexity is per token: slices with different tokenizations (languages, code) are not comparable side by "
+            "side; compare ratios to the reference on the same slice (or bits per byte), not raw perplexities.")
 
 
 @dataclass(frozen=True)
@@ -70,7 +79,7 @@ def _hover(c: pd.Series, view: View, extra: str) -> str:
              f"plan: {esc(str(c['plan_summary']))[:300]}",
              f"parent: {_text(c['parent_name'], '-')}; calibration: {esc(str(c['calibration']))}",
              f"x: {_text(c[X_SOURCES[view.x]], 'missing')}",
-             f"budget {esc(str(view.budget))}; code {esc(str(c['code_version']))}; model {esc(str(c['model_spec']))}"]
+             f"{esc(str(view.budget))} protocol; code {esc(str(c['code_version']))}; model {esc(str(c['model_spec']))}"]
     return "<br>".join(line for line in lines if line)
 
 
@@ -91,14 +100,31 @@ def _interval(table: pd.DataFrame, candidate_id: int, slice_id: str | None, metr
     return row.iloc[0][low], row.iloc[0][high], note if isinstance(note, str) else None
 
 
-def view_slices(table: pd.DataFrame, view: View) -> list[str]:
-    """The slices a view aggregates over: the chosen ones, else every slice the metric is defined on."""
-    if view.slices:
-        return list(view.slices)
-    data = table.dropna(subset=[view.metric]) if view.metric in table else table
-    if pareto.METRICS[view.metric].task_only:
+def metric_slices(table: pd.DataFrame, metric: str) -> list[str]:
+    """Every slice the metric has a value on (task slices only for a task metric)."""
+    data = table.dropna(subset=[metric]) if metric in table else table
+    if pareto.METRICS[metric].task_only:
         data = data[data["slice_kind"] == "task"]
     return sorted(data["slice"].unique())
+
+
+def slice_choice(table: pd.DataFrame, metric: str) -> pareto.SliceChoice:
+    """The default worst-slice set (the slices every candidate with a value shares) and the slices left out."""
+    data = table[table["slice"].isin(metric_slices(table, metric))].dropna(subset=[metric])
+    coverage = {str(name): set(group["slice"]) for name, group in data.groupby("name")}
+    return pareto.shared_slices(coverage)
+
+
+def view_slices(table: pd.DataFrame, view: View) -> list[str]:
+    """The slices a view aggregates over: the chosen ones; for the worst slice by default the slices every candidate
+    shares (see `slice_choice`), else every slice the metric is defined on."""
+    if view.slices:
+        return list(view.slices)
+    if view.y == "worst":
+        shared = slice_choice(table, view.metric).shared
+        if shared:
+            return list(shared)
+    return metric_slices(table, view.metric)
 
 
 def _x_values(candidates: pd.DataFrame, view: View) -> pd.Series:
@@ -141,7 +167,7 @@ def view_points(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> pd
 def slice_points(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> pd.DataFrame:
     """One point per (candidate, slice) with a frontier per slice, for the small multiples."""
     frames = []
-    for slice_id in view_slices(table, view):
+    for slice_id in metric_slices(table, view.metric):
         one = View(**{**asdict(view), "y": slice_id, "slices": None, "weights": ()})
         points = view_points(candidates, table, one)
         points["slice"] = slice_id
@@ -180,7 +206,7 @@ def x_title(candidates: pd.DataFrame, view: View) -> str:
 def y_title(table: pd.DataFrame, view: View) -> str:
     label = pareto.METRICS[view.metric].label
     devices = sorted({str(d).split(" (")[0] for d in table["device"].dropna()}) if len(table) else []
-    where = f"{view.budget} budget, measured on {', '.join(devices)}" if devices else f"{view.budget} budget"
+    where = f"{view.budget} protocol, measured on {', '.join(devices)}" if devices else f"{view.budget} protocol"
     if view.y == "worst":
         return f"{label}, worst slice ({where})"
     if view.y == "mix":
@@ -191,13 +217,31 @@ def y_title(table: pd.DataFrame, view: View) -> str:
 def limit_label(view: View) -> str:
     if view.limit is None:
         return ""
-    if view.metric == "ppl_ratio":
-        return f"acceptable: perplexity within {view.limit - 1:+.0%} of reference"
-    return f"acceptable: {'>=' if view.higher_is_better else '<='} {view.limit:g}"
+    return "acceptable: " + pareto.METRICS[view.metric].describe_limit(view.limit)
+
+
+def _show(metric: str, value: float) -> str:
+    label = pareto.METRICS[metric].label.split(" (")[0]
+    return f"perplexity {value - 1:+.0%}" if metric == "ppl_ratio" else f"{label} {value:.3g}"
+
+
+def beyond_limits(table: pd.DataFrame, limits: dict[str, float | None] | None = None) -> pd.DataFrame:
+    """Rows of the per-slice table (references aside) on the wrong side of a metric's limit, one row per
+    (candidate, slice) with every metric it breaks; limits default to each metric's default limit."""
+    limits = {**DEFAULT_LIMITS, **(limits or {})}
+    out = []
+    for _, row in table[table["kind"] != "reference"].sort_values(["name", "slice"]).iterrows():
+        broken = [f"{_show(m, float(row[m]))} (limit: {pareto.METRICS[m].describe_limit(limit)})"
+                  for m, limit in limits.items() if m in row and limit is not None
+                  and pareto.acceptable(row[m], limit, pareto.METRICS[m].higher_is_better) is False]
+        if broken:
+            out.append({"candidate_id": row["candidate_id"], "name": row["name"], "slice": row["slice"],
+                        "beyond": "; ".join(broken)})
+    return pd.DataFrame(out, columns=["candidate_id", "name", "slice", "beyond"])
 
 
 def method_notes(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> list[str]:
-    notes = [f"Quality: {pareto.METRICS[view.metric].label}; {view.budget} budget; evaluated on "
+    notes = [f"Quality: {pareto.METRICS[view.metric].label}; {view.budget} protocol; evaluated on "
              f"{', '.join(sorted(table['device'].dropna().unique())) or 'no device'}; intervals are 95% bootstrap over "
              "items (ratios to the reference: a paired bootstrap when both were scored on the same items). A slice "
              f"scored on fewer than {MIN_INTERVAL_ITEMS} items gets no interval (its row says so): the bootstrap "
@@ -206,12 +250,18 @@ def method_notes(candidates: pd.DataFrame, table: pd.DataFrame, view: View) -> l
              f"candidate's reference on the same items. Significant: a p-value below {ALPHA:g} after a Holm-Bonferroni "
              "adjustment over all of that candidate's tests on the slices shown; both raw and adjusted p-values are "
              "listed. A bootstrap p-value is never below 1/(resamples + 1).",
-             "Worst slice: a candidate missing any of the chosen slices has no worst-slice value and is not plotted.",
+             "Worst slice: by default over the slices every candidate was evaluated on; a candidate missing any of "
+             "the chosen slices has no worst-slice value and is not plotted.",
+             PPL_NOTE,
              "Frontier: a candidate is on it when no other is at most as large/slow/costly and at least as good, "
              "and strictly better on one of the two. It uses point values: where intervals overlap, the order is not "
              "significant (see the paired tests)."]
     for column, what in (("memory_source", "Size"), ("latency_source", "Latency"), ("projected_source", "Projection"),
                          ("cost_source", "Cost")):
+        if column in ("projected_source", "cost_source") and not view.target:
+            notes.append(f"{what}: for a hardware target; choose the x axis 'latency (projected)' or 'cost' "
+                         "(--x projected / cost --target NAME).")
+            continue
         sources = sorted({str(s) for s in candidates[column].dropna()})
         notes.append(f"{what}: " + ("; ".join(sources) if sources else "not recorded for these candidates (missing, "
                                                                        "not zero)") + ".")
@@ -249,7 +299,7 @@ def build_report(store: Store, view: View) -> Report:
         candidates = candidates[candidates["id"].isin(view.candidates)]
         table = table[table["candidate_id"].isin(view.candidates)]
     if table.empty:
-        raise ShrinkError(f"None of these candidates has results at the '{view.budget}' budget.")
+        raise ShrinkError(f"None of these candidates has results at the '{view.budget}' protocol.")
     if view.y not in ("worst", "mix") and view.y not in set(table["slice"]):
         raise ShrinkError(f"No results on slice '{view.y}'; choose one of: {', '.join(sorted(set(table['slice'])))}.")
     tests = reference_tests(store, view.budget, [int(i) for i in candidates["id"]])
@@ -319,34 +369,75 @@ def render_html(report: Report, store: Store) -> str:
     per_slice = interval_table(report.table)
     tests = report.tests if report.tests is not None else pd.DataFrame()
     tests_html = (_table_html(tests.drop(columns=["candidate_id"], errors="ignore")) if len(tests) else
-                  "<p>No candidate has a reference scored on the same slices at this budget.</p>")
+                  "<p>No candidate has a reference scored on the same slices with this protocol.</p>")
     sizes = report.candidates[["id", "name", "kind", "memory_bytes", "latency_ms", "projected_ms", "cost_per_million",
-                               "memory_source", "latency_source"]]
-    plans, provenance = [], {}
+                               "memory_source", "latency_source", "projected_source"]].copy()
+    sizes.insert(3, "weights (MB)", [_megabytes(b) for b in sizes.pop("memory_bytes")])
+    sizes = sizes.rename(columns={"latency_ms": "measured ms/token", "projected_ms": "projected ms/token",
+                                  "cost_per_million": "$ per M output tokens"})
+    plans, sources = [], []
     for cid, name in zip(report.candidates["id"], report.candidates["name"]):
-        files = export_files(store, int(cid))
-        provenance[f"{cid}: {name}"] = json.loads(files["provenance.json"])
-        plans.append(f"<h3>{html.escape(str(name))} (#{cid})</h3><pre>"
-                     f"{html.escape(files.get('plan.yaml', '# reference: no plan, weights as loaded'), quote=False)}</pre>")
+        rules = "".join(f"<li>{html.escape(line)}</li>" for line in plan_lines(get_candidate(store, int(cid))["plan"]))
+        plans.append(f"<h3>{html.escape(str(name))} (#{cid})</h3><ul>{rules}</ul>")
+        sources.append(_provenance_row(provenance(store, int(cid))))
     esc = html.escape
-    view = json.dumps(asdict(report.view))
+    view = view_sentence(report.view)
     notes = "".join(f"<li>{esc(n)}</li>" for n in method_notes(report.candidates, report.table, report.view))
+    beyond = beyond_limits(report.table, {report.view.metric: report.view.limit})
+    beyond_html = (f"<p><b>{beyond['name'].nunique()} candidate(s) beyond the acceptable limits:</b></p>"
+                   + _table_html(beyond.drop(columns=["candidate_id"])) if len(beyond)
+                   else "<p>Every candidate is within the acceptable limits on every slice.</p>")
     return f"""<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>shrink report</title><style>{PAGE_STYLE}</style></head><body>
 <h1>shrink: compression candidates</h1>
 <p class="note">Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(report.created))} by shrink {esc(__version__)};
-view {esc(view)}.</p>
+{esc(view)}.</p>
 <h2>Pareto frontier</h2>{main_html}
 <h2>Per slice</h2>{multiples_html}
-<h2>Per-slice results</h2>{_table_html(per_slice)}
+<h2>Per-slice results</h2><p class="note">{esc(PPL_NOTE)}</p>{beyond_html}{_table_html(per_slice)}
 <h2>Paired tests against the reference</h2>
 <p class="note">Raw p-values and Holm-adjusted ones (over each candidate's tests on the slices shown);
 significant = an adjusted p-value below {ALPHA:g}.</p>{tests_html}
 <h2>Size, latency, cost</h2>{_table_html(sizes)}
 <h2>Method notes</h2><ul>{notes}</ul>
 <h2>Plans</h2>{''.join(plans)}
-<h2>Provenance</h2><pre>{esc(json.dumps(provenance, indent=1, default=str), quote=False)}</pre>
+<h2>Provenance</h2>{_table_html(pd.DataFrame(sources))}
 </body></html>"""
+
+
+def _megabytes(value) -> float | None:
+    return None if value is None or pd.isna(value) else round(float(value) / 1e6, 1)
+
+
+def view_sentence(view: View) -> str:
+    """The view in words: what is plotted against what, over which slices, with which limit."""
+    metric = pareto.METRICS[view.metric]
+    over = {"worst": "worst slice", "mix": "weighted mix of " + ", ".join(f"{s} x{w:g}" for s, w in view.weights)
+            }.get(view.y, f"slice {view.y}")
+    if view.y == "worst":
+        over += " over " + (", ".join(view.slices) if view.slices else "the slices every candidate shares")
+    axis = pareto.AXES[view.x]
+    parts = [f"{metric.label} ({over}) against {axis.label} ({axis.unit})", f"{view.budget} protocol"]
+    if view.target:
+        parts.append(f"target {view.target}")
+    parts.append("acceptable: " + metric.describe_limit(view.limit) if view.limit is not None else "no limit line")
+    return "; ".join(parts)
+
+
+def _provenance_row(record: dict) -> dict:
+    """One candidate's provenance as readable cells (no raw dicts)."""
+    c = record["candidate"]
+    kinds: dict[str, int] = {}
+    for r in record["results"]:
+        kinds[r["kind"]] = kinds.get(r["kind"], 0) + 1
+    devices = sorted({str(r["device"]) for r in record["results"] if r.get("device")})
+    return {"id": c["id"], "name": c["name"], "kind": c["kind"], "model": c["model_spec"],
+            "weights hash": str(c["weights_hash"])[:12], "code version": c["code_version"],
+            "lineage": " <- ".join(f"{p['name']} (#{p['id']})" for p in record["lineage"]) or "-",
+            "calibration": calibration_summary(record["calibration"]),
+            "results": ", ".join(f"{n} {k}" for k, n in sorted(kinds.items())) or "none",
+            "devices": ", ".join(devices) or "-",
+            "created": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(c["created"])) if c.get("created") else "-"}
 
 
 def figure_page(figure, width: int = 1200, height: int = 700) -> str:
