@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--plan", help="plan to apply first: preset:NAME, a .yaml/.json file or YAML text")
     parser.add_argument("--calibrated", action="store_true",
                         help="run the plan's calibrated methods (gptq, ...) instead of rtn/magnitude stand-ins")
-    parser.add_argument("--target", default="h100-sxm", help="hardware row to project on (see --list-targets)")
+    parser.add_argument("--target", help="hardware row to project on (see --list-targets; default: the one the pages "
+                        "start with, h100-sxm)")
     parser.add_argument("--table", help="YAML/JSON hardware table replacing the built-in one")
     parser.add_argument("--list-targets", action="store_true", help="print the hardware table and exit")
     parser.add_argument("--batch", type=int, default=4, help="the larger batch size measured beside batch 1")
@@ -36,12 +37,13 @@ def _check(args) -> None:
 
 
 def run(args) -> int:
-    from shrink_core.perf.hardware import DEFAULT_ROWS, get, load_table
+    from shrink_core.perf.hardware import DEFAULT_ROWS, DEFAULT_TARGET, get, load_table
 
     table = load_table(args.table) if args.table else DEFAULT_ROWS
     if args.list_targets:
         print_json([row.to_dict() for row in table])
         return 0
+    args.target = args.target or DEFAULT_TARGET  # recorded with the result, so the default is spelled out
     _check(args)
     target = get(args.target, table)
 

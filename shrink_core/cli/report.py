@@ -14,7 +14,8 @@ def add_parser(sub) -> None:
                         choices=["ppl_ratio", "kl", "top1_agree", "accuracy", "flip_rate"])
     parser.add_argument("--weights", help="slice weights for --y mix, e.g. en=2,fr=1")
     parser.add_argument("--slices", help="comma-separated slices the worst slice is taken over (default: all)")
-    parser.add_argument("--target", help="hardware row for --x projected/cost (see `measure --list-targets`)")
+    parser.add_argument("--target", help="hardware row for --x projected/cost (see `measure --list-targets`; default: "
+                        "the one the pages start with, h100-sxm)")
     parser.add_argument("--protocol", help="evaluation protocol to show (default: the most used)")
     parser.add_argument("--limit", type=float,
                         help="acceptable y limit, e.g. 1.05 = worst slice within +5%% of reference (ppl_ratio default)")
@@ -47,6 +48,7 @@ def _weights(text: str | None) -> tuple[tuple[str, float], ...]:
 
 def run(args) -> int:
     from shrink_core.paths import check_writable
+    from shrink_core.perf.hardware import DEFAULT_TARGET
     from shrink_core.results.report import DEFAULT_LIMITS, View, write_report
     from shrink_core.results.store import Store
 
@@ -55,7 +57,7 @@ def run(args) -> int:
         check_writable(args.png, "--png")
 
     limit = args.limit if args.limit is not None else DEFAULT_LIMITS.get(args.metric)
-    view = View(x=args.x, y=args.y, metric=args.metric, target=args.target, budget=args.protocol,
+    view = View(x=args.x, y=args.y, metric=args.metric, target=args.target or DEFAULT_TARGET, budget=args.protocol,
                 candidates=_ids(args.candidates),
                 slices=tuple(s.strip() for s in args.slices.split(",") if s.strip()) if args.slices else None,
                 weights=_weights(args.weights), limit=limit)
