@@ -132,8 +132,12 @@ def test_cli_report_and_candidates(store, shrink_home, tmp_path):
     assert result.returncode == 0, result.stderr
     written = json.loads(result.stdout)
     assert written["candidates"] == [1, 2, 3] and out.stat().st_size > 3_000_000
-    bad = _cli("report", "--out", str(out), "--x", "projected", home=shrink_home)
-    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "needs a hardware target" in bad.stderr
+    bad = _cli("report", "--out", str(out), "--x", "projected", "--target", "cray-1", home=shrink_home)
+    assert bad.returncode == 1 and bad.stderr.strip().count("\n") == 0 and "cray-1" in bad.stderr
+    # no --target: the pages' default target, named in the report (the figures there are projected, not measured)
+    projected = _cli("report", "--out", str(out), "--x", "projected", home=shrink_home)
+    assert projected.returncode == 0, projected.stderr
+    assert "projected for h100-sxm" in out.read_text()
     listing = _cli("candidates", "list", "--json", home=shrink_home)
     rows = {r["name"]: r for r in json.loads(listing.stdout)}
     assert rows["w4-keep0"]["memory_bytes"] is None and rows["w8"]["memory_bytes"] == 300_000_000

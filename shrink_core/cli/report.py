@@ -48,7 +48,7 @@ def _weights(text: str | None) -> tuple[tuple[str, float], ...]:
 
 def run(args) -> int:
     from shrink_core.paths import check_writable
-    from shrink_core.perf.hardware import DEFAULT_TARGET
+    from shrink_core.perf.hardware import DEFAULT_TARGET, get
     from shrink_core.results.report import DEFAULT_LIMITS, View, write_report
     from shrink_core.results.store import Store
 
@@ -57,7 +57,7 @@ def run(args) -> int:
         check_writable(args.png, "--png")
 
     limit = args.limit if args.limit is not None else DEFAULT_LIMITS.get(args.metric)
-    view = View(x=args.x, y=args.y, metric=args.metric, target=args.target or DEFAULT_TARGET, budget=args.protocol,
+    view = View(x=args.x, y=args.y, metric=args.metric, target=get(args.target or DEFAULT_TARGET).name, budget=args.protocol,
                 candidates=_ids(args.candidates),
                 slices=tuple(s.strip() for s in args.slices.split(",") if s.strip()) if args.slices else None,
                 weights=_weights(args.weights), limit=limit)
