@@ -314,8 +314,10 @@ def reap(store: Store) -> None:
 
 
 def _phase(message: str) -> str:
-    """A progress message without its numbers: "step 3/10" and "step 4/10" are one phase, "loading model" another."""
-    return " ".join("".join(c for c in message if not c.isdigit()).split())
+    """The phase a progress message belongs to: its text before the first ":", without numbers. "step 3/10" and
+    "step 4/10" are one phase, "en: gradients: batch 2" and "en: estimates: q_proj" too; "loading model" another."""
+    head = message.split(":", 1)[0]
+    return " ".join("".join(c for c in head if not c.isdigit()).split())
 
 
 class EtaEstimator:
@@ -350,13 +352,15 @@ class JobContext:
         self.job_id = job_id
         self._clock = clock
         self._eta = EtaEstimator(clock())
+        self._shown = 0.0
         self._logged: tuple[str, float] | None = None  # (phase, when) of the last line written to the log
 
     def progress(self, fraction: float, message: str = "") -> None:
         """Report progress in [0, 1]; raises JobCancelled if the user cancelled. Shown progress never goes back."""
         fraction = min(max(float(fraction), 0.0), 1.0)
         now = self._clock()
-        eta = self._eta.update(fraction, message, now)
+        self._shown = max(self._shown, fraction)  # as the store keeps it (MAX below)
+        eta = self._eta.update(self._shown, message, now)
         cursor = self.store.execute(
             "UPDATE jobs SET progress = MAX(progress, ?), message = ?, eta_s = ?, heartbeat = ?"
             " WHERE id = ? AND status = 'running'",
