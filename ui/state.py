@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from shrink_core.model.load import DEFAULT_SPEC
+from ui.data import store
 
 
 def model_spec() -> str:
@@ -28,8 +29,6 @@ def plan_draft() -> str | None:
     A new session (a browser reload) or another model starts from that model's draft saved in the store."""
     spec = model_spec()
     if st.session_state.get("plan_draft_spec") != spec:
-        from ui.data import store
-
         st.session_state["plan_draft"] = store().draft(spec)
         st.session_state["plan_draft_spec"] = spec
         st.session_state["plan_history"] = []  # undo steps belong to the draft they were taken on
