@@ -240,31 +240,33 @@ def _fail(store: Store, job_id: int, status: str, reason: str) -> bool:
     return _transition(store, job_id, status, error=reason, finished=time.time())
 
 
-def _signal(pid: int, sig: int) -> None:
-    """Signal the worker's process group (a worker leads its own), or the process alone where it leads none."""
+def _signal(pid: int, sig: int, group: bool) -> None:
     try:
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:  # gone already (or, for a group, no member left)
         pass
 
 
 def stop_process_group(pid: int, created: float | None, grace: float | None = None) -> str:
-    """SIGTERM the worker's process group, then SIGKILL whatever is left after `grace` seconds; says what it did."""
+    """SIGTERM the worker's process group (a worker leads its own), then SIGKILL whatever is left of it after
+    `grace` seconds, children included; says what it did."""
     if pid == os.getpid() or os.getpgid(0) == pid:  # a job run inline (tests): never stop this process
         return "it ran inside this process, which was left running"
     if not _alive(pid, created):
         return f"its process (pid {pid}) had already exited"
-    _signal(pid, signal.SIGTERM)
+    try:
+        group = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return f"its process (pid {pid}) had already exited"
+    _signal(pid, signal.SIGTERM, group)
     grace = KILL_GRACE_S if grace is None else grace
     deadline = time.time() + grace
     while time.time() < deadline:
         if not _alive(pid, created):
+            _signal(pid, signal.SIGKILL, group)  # a child that outlived its parent would still hold memory
             return f"its process group (pid {pid}) was stopped with SIGTERM"
         time.sleep(0.1)
-    _signal(pid, signal.SIGKILL)
+    _signal(pid, signal.SIGKILL, group)
     return f"its process group (pid {pid}) did not stop on SIGTERM within {grace:.0f} s and was killed (SIGKILL)"
 
 
