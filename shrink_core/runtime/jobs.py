@@ -263,7 +263,8 @@ def stop_process_group(pid: int, created: float | None, grace: float | None = No
     deadline = time.time() + grace
     while time.time() < deadline:
         if not _alive(pid, created):
-            _signal(pid, signal.SIGKILL, group)  # a child that outlived its parent would still hold memory
+            if group:  # a child that outlived its parent would still hold memory
+                _signal(pid, signal.SIGKILL, group)
             return f"its process group (pid {pid}) was stopped with SIGTERM"
         time.sleep(0.1)
     _signal(pid, signal.SIGKILL, group)
