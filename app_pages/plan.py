@@ -21,6 +21,7 @@ from ui import choices, plan_edit, state
 from ui.data import store
 from ui.jobs import show_job
 
+NO_CHANGE = "(no change)"
 st.title("Plan")
 db = store()
 spec = state.model_spec()
@@ -38,10 +39,11 @@ if state.plan_draft() is None:
 top = st.columns([2, 2, 1, 1])
 preset = top[0].selectbox("Start from a preset", ["(keep current)"] + list(PRESETS), key="plan_preset")
 if top[0].button("Use preset", key="use_preset", disabled=preset == "(keep current)"):
-    plan_edit.push(dump_plan(load_plan(f"preset:{preset}")))
+    plan_edit.push(dump_plan(load_plan(f"preset:{preset}")), keep_name=True)
 uploaded = top[1].file_uploader("Load a plan file", type=["yaml", "yml", "json"], key="plan_upload")
 if uploaded is not None and top[1].button("Load file", key="load_plan_file"):
-    refusal = plan_edit.try_apply(lambda: dump_plan(load_plan(uploaded.getvalue().decode("utf-8", "replace"))))
+    refusal = plan_edit.try_apply(lambda: dump_plan(load_plan(uploaded.getvalue().decode("utf-8", "replace"))),
+                                  keep_name=True)
     if refusal:
         st.error(refusal)
 if top[2].button("Undo", key="plan_undo", disabled=not st.session_state.get("plan_history")):
@@ -49,12 +51,22 @@ if top[2].button("Undo", key="plan_undo", disabled=not st.session_state.get("pla
 top[3].download_button("Save plan.yaml", state.plan_draft(), file_name="plan.yaml", key="save_plan")
 
 plan = load_plan(state.plan_draft())
+given = st.text_input("Plan name", plan.name, key=f"plan_name_{hash(state.plan_draft())}",
+                      help="After each edit the name says what the plan does; a name typed here stays until a "
+                           "preset or a file replaces the plan (empty it to go back to the derived name).")
+if given.strip() != plan.name:
+    st.session_state[plan_edit.USER_NAME] = given.strip() or None
+    refusal = plan_edit.try_apply(lambda: state.plan_draft(), rows)
+    if refusal:
+        st.error(refusal)
+    else:
+        st.rerun()
 try:
     resolved = resolve(rows, plan)
 except PlanError as exc:  # e.g. a rule that matches nothing on this model
     st.error(str(exc))
     if st.button("Reset to preset w4g64", key="reset_plan"):
-        plan_edit.push(dump_plan(load_plan("preset:w4g64")))
+        plan_edit.push(dump_plan(load_plan("preset:w4g64")), keep_name=True)
         st.rerun()
     st.stop()
 table = pd.DataFrame([r.row() for r in resolved])
@@ -72,7 +84,10 @@ metric = st.radio("Predicted quality metric", ["kl", "dnll"], horizontal=True, k
 scores = score_table(records, metric)
 scored_slices = sorted({s for _, _, s in scores})
 linears = table[table["kind"].isin(LINEAR_KINDS + ("embedding",))]
-packed = int(table["packed_bytes"].sum())
+# a masked module (2:4, unstructured) counts at its sparse format's bytes, which the format really stores
+stored = table["sparse_bytes"].where(table["sparse_bytes"].notna(), table["packed_bytes"])
+packed = int(stored.sum())
+sparse_formats = sorted({f for f in table["sparse_format"] if isinstance(f, str)})
 params = sum(r.params for r in rows)
 targets = [r.name for r in DEFAULT_ROWS]
 hardware = get_hardware(st.selectbox("Projection target (latency is projected for it, not measured)", targets,
@@ -81,7 +96,11 @@ specs = quant_specs(resolved)
 projection = project(workload_from_rows(rows, described["summary"], specs), hardware)
 cols = st.columns(5)
 cols[0].metric("Packed size", f"{packed / 1e6:,.1f} MB", f"{(packed / described['summary']['bytes_fp32'] - 1):+.0%} vs fp32",
-               delta_color="inverse")
+               delta_color="inverse", help="Pruned modules count as stored sparse: " + "; ".join(sparse_formats)
+               if sparse_formats else None)
+if sparse_formats:
+    st.caption(f"Packed size counts {int(table['sparse_bytes'].notna().sum())} pruned modules at their sparse format "
+               f"({'; '.join(sparse_formats)}), {int(table['packed_bytes'].sum()) / 1e6:,.1f} MB if stored dense.")
 cols[1].metric("Bits per weight", f"{packed * 8 / max(params, 1):.2f}")
 cols[2].metric("Modules changed", int((~table["keep"]).sum()))
 cols[4].metric("Projected decode", f"{projection.decode_ms_per_token:.3f} ms",
@@ -111,13 +130,14 @@ with st.expander("Bulk edit: by kind and block range"):
     kinds = form[0].multiselect("Kinds", list(LINEAR_KINDS[:-1]) + ["embedding", "lm_head"],
                                 default=list(LINEAR_KINDS[:-1]), key="bulk_kinds")  # whole blocks, by default
     block_range = form[1].slider("Blocks", 0, blocks - 1, (0, blocks - 1), key="bulk_blocks")
-    setting = form[2].selectbox("Setting", plan_edit.SETTING_CHOICES, index=0, key="bulk_setting")
+    setting = form[2].selectbox("Setting", [NO_CHANGE] + plan_edit.SETTING_CHOICES, index=0, key="bulk_setting")
     method = form[3].selectbox("Method", ["rtn", "gptq"], key="bulk_method")
-    if form[4].button("Apply", key="bulk_apply", disabled=not kinds):
+    if form[4].button("Apply", key="bulk_apply", disabled=not kinds or setting == NO_CHANGE,
+                      help="Choose a setting first: Apply changes the chosen modules to it."):
         rule = {"kind": kinds, **plan_edit.weights_rule(setting, method)}
         if block_range != (0, blocks - 1) and not set(kinds) & {"embedding", "lm_head"}:
             rule["blocks"] = list(range(block_range[0], block_range[1] + 1))
-        refusal = plan_edit.try_apply(lambda: plan_edit.with_rules_first(state.plan_draft(), [rule], rows=rows))
+        refusal = plan_edit.try_apply(lambda: plan_edit.with_rules_first(state.plan_draft(), [rule], rows=rows), rows)
         if refusal:
             st.error(refusal)
         else:
@@ -143,7 +163,7 @@ with left:
     changes = plan_edit.table_edits(view, edited, method="rtn")
     if changes:
         refusal = plan_edit.try_apply(lambda: plan_edit.with_rules_first(
-            state.plan_draft(), changes, replace_names={c["name"] for c in changes}, rows=rows))
+            state.plan_draft(), changes, replace_names={c["name"] for c in changes}, rows=rows), rows)
         if refusal:
             st.error(refusal)
         else:
@@ -154,7 +174,12 @@ with right:
     text = st.text_area("plan.yaml", state.plan_draft(), height=420, key=f"rules_text_{hash(state.plan_draft())}",
                         label_visibility="collapsed")
     if text != state.plan_draft():
-        refusal = plan_edit.try_apply(lambda: dump_plan(load_plan(text)))
+        try:  # a name changed in the YAML is the user's name for the plan
+            if load_plan(text).name != plan.name:
+                st.session_state[plan_edit.USER_NAME] = load_plan(text).name or None
+        except PlanError:
+            pass  # refused below, with the reason
+        refusal = plan_edit.try_apply(lambda: dump_plan(load_plan(text)), rows)
         if refusal:
             st.error(refusal)
         else:
@@ -182,7 +207,10 @@ else:
     pinned = {r["module"]: "keep" for r in table.to_dict("records") if r["keep"] and (
         r["kind"] in LINEAR_KINDS or (r["kind"] in ("embedding", "lm_head") and pd.notna(r["rule"])
                                       and not tied(r) and any(k[0] == r["module"] for k in scores)))}
-    st.caption(f"Modules kept by the current plan stay kept ({len(pinned)} pinned). The embedding (with a tied "
+    by_hand = plan_edit.hand_pinned(plan, resolved)  # their own rules decide them; the planner leaves them out
+    pinned = {m: s for m, s in pinned.items() if m not in by_hand}
+    st.caption(f"Modules kept by the current plan stay kept ({len(pinned)} pinned); modules with a rule of their own "
+               f"(edited in the table, protected on the Sensitivity page: {len(by_hand)}) keep it. The embedding (with a tied "
                "lm_head) is one decision when the scan scored it (exhaustive probes). "
                "Solver: exact mixed-integer program (HiGHS); its optimality gap is reported."
                + (f" The latency budget is projected, not measured: {projection.model}." if budget_kind == "ms/token"
@@ -190,7 +218,8 @@ else:
     if st.button("Run planner", type="primary", key="run_planner", disabled=not chosen_settings):
         kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
         try:
-            problem = build_problem(rows, {k: v for k, v in scores.items() if k[1] in chosen_settings}, scored_slices,
+            problem = build_problem(rows, {k: v for k, v in scores.items() if k[1] in chosen_settings
+                                           and k[0] not in by_hand}, scored_slices,
                                     chosen_settings, pinned=pinned, hardware=hardware)
             planned = plan_within_budget(problem, rows, described["summary"], PlannerBudget(kind, budget),
                                          objective=objective, base_resolved=resolved, hardware=hardware)
@@ -199,7 +228,7 @@ else:
         else:
             solution = planned.solution
             rules = plan_to_dict(solution_plan(solution.choice, method=method))["rules"]
-            plan_edit.push(plan_edit.with_rules_first(state.plan_draft(), rules, rows=rows))
+            plan_edit.push(plan_edit.with_rules_first(state.plan_draft(), rules, rows=rows), rows)
             st.session_state["planner_result"] = {
                 "status": solution.status, "gap": solution.gap, "seconds": solution.seconds,
                 "predicted": solution.predicted, "bytes": planned.total_bytes,

@@ -15,7 +15,7 @@ from shrink_core.sensitivity import (
     stored_agreement_pairs,
     stored_records,
 )
-from ui import choices, state
+from ui import choices, plan_edit, state
 from ui.data import store
 from ui.jobs import show_job
 
@@ -142,12 +142,13 @@ b1, b2 = st.columns(2)
 for column, action, protect in ((b1, "Protect top-k (keep them)", "keep"), (b2, "Send to plan (top-k at int8)", "w8")):
     if column.button(action, key=f"plan-{protect}"):
         try:
-            state.set_plan_draft(protect_plan_yaml(list(top.items()), view_setting, label, metric, protect))
+            # through the one undo history (Undo on the Plan page brings the previous draft back), saved for the model
+            plan_edit.push(protect_plan_yaml(list(top.items()), view_setting, label, metric, protect), keep_name=True)
         except ShrinkError as exc:
             st.error(str(exc))
         else:
             st.success(f"The plan draft now holds {len(top)} rules for these modules plus one for the rest; "
-                       "edit it on the Plan page.")
+                       "edit it on the Plan page (Undo there brings the previous draft back).")
 if not outside.empty:
     st.dataframe(outside[outside["metric"] == metric].pivot_table(index=["module", "setting"], columns="slice",
                                                                   values="value"), key="embedding_scores")

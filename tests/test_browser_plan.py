@@ -43,6 +43,12 @@ def test_protect_budget_plan_run_and_compare(scanned_en_home, tmp_path):
                 high.send_keys(Keys.ARROW_LEFT)
             wait_for(driver, lambda d: d.find_element("css selector", end).get_attribute("value") == "1", 30,
                      "blocks 0-1 on the slider")
+            setting = next(e for e in driver.find_elements("css selector", '[data-testid="stSelectbox"]')
+                           if e.text.split("\n")[0] == "Setting")  # "(no change)" until chosen: Apply is disabled
+            setting.find_element("css selector", "input").send_keys("keep")
+            wait_for(driver, lambda d: next((o for o in d.find_elements("css selector", '[role="option"]')
+                                             if o.text == "keep"), None), 30, "the keep option").click()
+            wait_for(driver, lambda d: button(d, "Apply").is_enabled(), 30, "Apply enabled")
             click(driver, button(driver, "Apply"))
             wait_for(driver, lambda d: "keep: true" in rules(d) and "- 1" in rules(d), 60, "a keep rule for blocks 0-1")
             # a budget: 200 MB packed (the two protected blocks stay fp32), then the planner
@@ -62,7 +68,7 @@ def test_protect_budget_plan_run_and_compare(scanned_en_home, tmp_path):
             # run the plan (a background job: apply, evaluate en at the fast budget), then predicted vs measured
             before = last_job_id(home)
             click(driver, button(driver, "Run this plan"))
-            wait_on_job(driver, home, lambda d: "stored as a candidate" in body(d), "the plan run's result", kind="eval",
+            wait_on_job(driver, home, lambda d: "stored as a candidate" in body(d).lower(), "the plan run's result", kind="eval",
                         after=before)
             headers = [h.get_attribute("textContent") for h in driver.find_elements("css selector",
                                                                                   '[role="columnheader"]')]

@@ -3,6 +3,8 @@ import os
 import signal
 import time
 
+import pytest
+
 from shrink_core.results.store import Store
 from shrink_core.runtime import jobs
 
@@ -154,3 +156,72 @@ def test_a_reused_pid_is_not_alive(shrink_home, monkeypatch):
     assert jobs.get(store, other).status == "running"  # the same pid with its own create time is alive
     jobs.cancel(store, other)
     assert jobs.wait(store, other, timeout=30).status == "cancelled"
+
+
+def running_job(store, kind="tick"):
+    job_id = jobs.submit(store, kind, TICK, {}, spawn=False)
+    assert jobs._claim(store, job_id)
+    return job_id
+
+
+def test_progress_shown_never_goes_backwards(shrink_home):
+    store = Store()
+    ctx = jobs.JobContext(store, running_job(store))
+    ctx.progress(0.84, "scanning")
+    ctx.progress(0.70, "scanning")  # e.g. a later stage restarts its own count
+    assert jobs.get(store, ctx.job_id).progress == 0.84
+
+
+def test_eta_comes_from_the_measured_rate_of_the_current_phase(shrink_home):
+    store = Store()
+    now = [0.0]
+    ctx = jobs.JobContext(store, running_job(store), clock=lambda: now[0])
+    eta = lambda: jobs.get(store, ctx.job_id).eta_s  # noqa: E731
+    ctx.progress(0.0, "loading model")
+    now[0] = 102.0  # the load took 102 s and made 5% of the job
+    ctx.progress(0.05, "step 1/20")
+    assert eta() is None  # a new phase: "estimating" until its own rate is measured
+    now[0] = 104.0
+    ctx.progress(0.06, "step 1/20")
+    assert eta() is None  # two seconds in: not enough to measure
+    for k in range(1, 6):  # then 5% a minute
+        now[0] = 102.0 + 60 * k
+        ctx.progress(0.05 + 0.05 * k, f"step {k + 1}/20")
+    # 70% left at 0.05 per 60 s is 840 s (the old guess from the job's start said 938 s)
+    assert eta() == pytest.approx(840, rel=1e-6)
+
+
+def test_log_tail_shows_the_jobs_progress_story(shrink_home):
+    store = Store()
+    job_id = jobs.submit(store, "tick", TICK, {"steps": 5, "step_seconds": 0.0, "fail_at": 3}, spawn=False)
+    job = jobs.run_job(store, job_id, heartbeat=False)
+    assert job.status == "failed"
+    tail = jobs.log_tail(job_id)
+    assert "step 1/5" in tail and tail.count("\n") < jobs.LOG_TAIL_LINES
+
+
+@pytest.mark.parametrize("ignores_sigterm", [False, True])
+def test_a_hung_worker_is_stopped_not_left_holding_memory(shrink_home, monkeypatch, ignores_sigterm):
+    import subprocess
+    import sys
+
+    monkeypatch.setattr(jobs, "KILL_GRACE_S", 1.0, raising=False)
+    store = Store()
+    job_id = running_job(store, kind="distill")
+    code = ("import signal, time\n" + ("signal.signal(signal.SIGTERM, signal.SIG_IGN)\n" if ignores_sigterm else "")
+            + "print('ready', flush=True)\ntime.sleep(600)\n")
+    worker = subprocess.Popen([sys.executable, "-c", code], start_new_session=True, stdout=subprocess.PIPE)
+    try:
+        assert worker.stdout.readline().strip() == b"ready"
+        pid, created = jobs._process_identity(worker.pid)
+        store.execute("UPDATE jobs SET pid = ?, pid_created = ?, heartbeat = ? WHERE id = ?",
+                      (pid, created, time.time() - 60, job_id))
+        jobs.reap(store)
+        assert worker.wait(timeout=15) is not None  # its process group was stopped
+        job = jobs.get(store, job_id)
+        assert job.status == "failed" and "presumed hung" in job.error
+        assert ("SIGKILL" if ignores_sigterm else "SIGTERM") in job.error
+        assert "Resume" in job.error  # a distill run continues from its checkpoint
+    finally:
+        if worker.poll() is None:
+            worker.kill()

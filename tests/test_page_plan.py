@@ -42,7 +42,7 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
     # bulk: keep blocks 0-1 of q and k
     at.multiselect(key="bulk_kinds").set_value(["q", "k"]).run()
     at.slider(key="bulk_blocks").set_value((0, 1))
-    at.selectbox(key="bulk_setting").set_value("keep")
+    at.selectbox(key="bulk_setting").set_value("keep").run()  # Apply is enabled once a setting is chosen
     at.button(key="bulk_apply").click().run()
     assert not at.exception
     draft = at.session_state["plan_draft"]
@@ -53,7 +53,7 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
     at.multiselect(key="bulk_kinds").set_value(["q", "k", "v", "o", "gate", "up", "down"]).run()
     slider = at.slider(key="bulk_blocks")
     slider.set_value((slider.min, slider.max))
-    at.selectbox(key="bulk_setting").set_value("w8")
+    at.selectbox(key="bulk_setting").set_value("w8").run()
     at.button(key="bulk_apply").click().run()
     assert not at.exception and not at.error
     assert at.session_state["plan_draft"].count("bits:") == 1 and "bits: 8" in at.session_state["plan_draft"]

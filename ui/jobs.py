@@ -5,14 +5,14 @@ import streamlit as st
 
 from shrink_core.errors import ShrinkError
 from shrink_core.runtime import jobs
-from shrink_core.runtime.jobs import log_path
+from shrink_core.runtime.jobs import log_path, log_tail
 
 from .data import store
 
 
 def _eta(seconds: float | None) -> str:
-    if seconds is None:
-        return "estimating time left"
+    if seconds is None:  # the job's ETA comes from its measured rate, once there is enough progress to measure
+        return "estimating"
     if seconds < 90:
         return f"about {seconds:.0f} s left"
     return f"about {seconds / 60:.0f} min left"
@@ -57,8 +57,8 @@ def job_outcome(job_id: int) -> None:
         return
     st.error(job.error or "The job failed.")
     if st.toggle("Show details", key=f"details-{job_id}"):
-        path = log_path(job_id)
-        st.code(path.read_text()[-4000:] if path.exists() else "(no log)", language="text")
+        st.caption(f"The last lines of {log_path(job_id)}:")
+        st.code(log_tail(job_id), language="text")
 
 
 def show_job(job_id: int | None, label: str):

@@ -4,6 +4,7 @@ from __future__ import annotations
 import streamlit as st
 
 from shrink_core.model.load import DEFAULT_SPEC
+from ui.data import store
 
 
 def model_spec() -> str:
@@ -23,9 +24,18 @@ def set_job_id(slot: str, job_id: int | None) -> None:
 
 
 def plan_draft() -> str | None:
-    """The plan being edited, as YAML text (what the plan file will say); pages hand plans to each other here."""
+    """The plan being edited, as YAML text (what the plan file will say); pages hand plans to each other here.
+
+    A new session (a browser reload) or another model starts from that model's draft saved in the store."""
+    spec = model_spec()
+    if st.session_state.get("plan_draft_spec") != spec:
+        st.session_state["plan_draft"] = store().draft(spec)
+        st.session_state["plan_draft_spec"] = spec
+        st.session_state["plan_history"] = []  # undo steps belong to the draft they were taken on
     return st.session_state.get("plan_draft")
 
 
 def set_plan_draft(yaml_text: str | None) -> None:
+    """Sets the draft without an undo step or saving it (the page's first default); edits go through plan_edit.push."""
+    plan_draft()  # load this model's saved draft first, so a later read does not replace what is set here
     st.session_state["plan_draft"] = yaml_text

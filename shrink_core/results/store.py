@@ -119,6 +119,7 @@ MIGRATIONS = [
     """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
+DRAFT_PREFIX = "draft:"  # the plans table holds each model's Plan page draft under this prefix + the model spec
 
 
 @dataclass(frozen=True)
@@ -282,7 +283,23 @@ class Store:
         return cursor.lastrowid
 
     def plans(self) -> list[dict]:
-        return [dict(r) for r in self.conn.execute("SELECT * FROM plans ORDER BY created DESC")]
+        """Saved plans (a model's working draft, named DRAFT_PREFIX + spec, is not one of them)."""
+        return [dict(r) for r in self.conn.execute("SELECT * FROM plans WHERE name NOT LIKE ? ORDER BY created DESC",
+                                                   (DRAFT_PREFIX + "%",))]
+
+    def save_draft(self, model_spec: str, body: str) -> None:
+        """Keep the Plan page's draft for `model_spec` (one row per spec), so a reload or a restart finds it."""
+        name = DRAFT_PREFIX + model_spec
+        with self.conn:  # one transaction: readers never see the spec without a draft
+            self.conn.execute("BEGIN IMMEDIATE")
+            self.conn.execute("DELETE FROM plans WHERE name = ?", (name,))
+            self.conn.execute("INSERT INTO plans (name, body, created) VALUES (?, ?, ?)", (name, body, time.time()))
+
+    def draft(self, model_spec: str) -> str | None:
+        """The last saved draft for `model_spec`, or None."""
+        row = self.conn.execute("SELECT body FROM plans WHERE name = ? ORDER BY id DESC LIMIT 1",
+                                (DRAFT_PREFIX + model_spec,)).fetchone()
+        return row["body"] if row else None
 
     # ------------------------------------------------------------ runs and metrics (live curves)
 

@@ -31,6 +31,13 @@ from shrink_core.results.store import Store
 HEARTBEAT_S = 2.0
 STALE_AFTER_S = 30.0  # no heartbeat for this long while "running" means the worker is gone
 CANCEL_GRACE_S = 10.0  # after this, a cancelled worker that has not stopped by itself is terminated
+KILL_GRACE_S = 5.0  # after SIGTERM, a process group still alive this long gets SIGKILL
+RESUMABLE_KINDS = {"distill": "press Resume on the Distill page to continue from its last checkpoint"}
+LOG_TAIL_LINES = 40
+LOG_EVERY_S = 10.0  # progress messages of one phase are written to the job's log at most this often
+ETA_MIN_PHASE_FRACTION = 0.05  # of the phase's remaining work done before an ETA is shown
+ETA_MIN_PHASE_S = 5.0  # and at least this long into the phase
+ETA_SMOOTHING = 0.3  # weight of the newest rate in the exponential average
 ACTIVE = ("queued", "running")
 QUEUE_POLL_S = 0.5  # how often a queued worker looks for a free slot
 MAX_JOBS_ENV = "SHRINK_MAX_JOBS"
@@ -233,6 +240,52 @@ def _fail(store: Store, job_id: int, status: str, reason: str) -> bool:
     return _transition(store, job_id, status, error=reason, finished=time.time())
 
 
+def _signal(pid: int, sig: int, group: bool) -> None:
+    try:
+        (os.killpg if group else os.kill)(pid, sig)
+    except ProcessLookupError:  # gone already (or, for a group, no member left)
+        pass
+
+
+def stop_process_group(pid: int, created: float | None, grace: float | None = None) -> str:
+    """SIGTERM the worker's process group (a worker leads its own), then SIGKILL whatever is left of it after
+    `grace` seconds, children included; says what it did."""
+    if pid == os.getpid() or os.getpgid(0) == pid:  # a job run inline (tests): never stop this process
+        return "it ran inside this process, which was left running"
+    if not _alive(pid, created):
+        return f"its process (pid {pid}) had already exited"
+    try:
+        group = os.getpgid(pid) == pid
+    except ProcessLookupError:
+        return f"its process (pid {pid}) had already exited"
+    _signal(pid, signal.SIGTERM, group)
+    grace = KILL_GRACE_S if grace is None else grace
+    deadline = time.time() + grace
+    while time.time() < deadline:
+        if not _alive(pid, created):
+            if group:  # a child that outlived its parent would still hold memory
+                _signal(pid, signal.SIGKILL, group)
+            return f"its process group (pid {pid}) was stopped with SIGTERM"
+        time.sleep(0.1)
+    _signal(pid, signal.SIGKILL, group)
+    return f"its process group (pid {pid}) did not stop on SIGTERM within {grace:.0f} s and was killed (SIGKILL)"
+
+
+def resume_hint(kind: str) -> str:
+    """How the user continues a job of this kind after it was stopped, or "" where it cannot resume."""
+    hint = RESUMABLE_KINDS.get(kind)
+    return f" It can resume: {hint}." if hint else ""
+
+
+def log_tail(job_id: int, lines: int = LOG_TAIL_LINES) -> str:
+    """The last `lines` lines of a job's log (its progress messages, warnings and any traceback)."""
+    path = log_path(job_id)
+    if not path.exists():
+        return "(no log yet)"
+    text = path.read_text(errors="replace").rstrip("\n")
+    return "\n".join(text.splitlines()[-lines:]) if text else "(the log is empty)"
+
+
 def reap(store: Store) -> None:
     """Mark jobs whose worker is gone as failed, and stop cancelled workers that overstay their grace period."""
     for child in list(_children):
@@ -261,28 +314,75 @@ def reap(store: Store) -> None:
                 _fail(store, job.id, "failed", f"The worker process (pid {job.pid}) died before finishing; see "
                                                f"{log_path(job.id)}.")
         elif now - heartbeat > STALE_AFTER_S and job.status == "running":
-            _fail(store, job.id, "failed", f"The worker stopped reporting for {now - heartbeat:.0f} s and was presumed hung.")
+            silent = now - heartbeat
+            if _fail(store, job.id, "failed", f"The worker stopped reporting for {silent:.0f} s and was presumed hung."):
+                # Marked failed first (it no longer holds a slot); then free its memory and record how.
+                stopped = stop_process_group(job.pid, job.pid_created)
+                store.execute("UPDATE jobs SET error = ? WHERE id = ?", (
+                    f"The worker stopped reporting for {silent:.0f} s and was presumed hung; {stopped} to free its "
+                    f"memory.{resume_hint(job.kind)} The last lines of its log are under Show details.", job.id))
+
+
+def _phase(message: str) -> str:
+    """The phase a progress message belongs to: its text before the first ":", without numbers. "step 3/10" and
+    "step 4/10" are one phase, "en: gradients: batch 2" and "en: estimates: q_proj" too; "loading model" another."""
+    head = message.split(":", 1)[0]
+    return " ".join("".join(c for c in head if not c.isdigit()).split())
+
+
+class EtaEstimator:
+    """Time left from measured rates: progress made since the current phase began over the time it took,
+    exponentially smoothed; None ("estimating") until the phase has made enough progress to measure."""
+
+    def __init__(self, now: float):
+        self.phase: str | None = None
+        self.phase_started = now
+        self.phase_fraction = 0.0
+        self.rate: float | None = None  # fraction per second, smoothed
+
+    def update(self, fraction: float, message: str, now: float) -> float | None:
+        phase = _phase(message)
+        if phase != self.phase:  # a new phase runs at its own speed: measure it afresh
+            self.phase, self.phase_started, self.phase_fraction, self.rate = phase, now, fraction, None
+            return None
+        done = fraction - self.phase_fraction
+        elapsed = now - self.phase_started
+        if elapsed < ETA_MIN_PHASE_S or done <= 0 or done < ETA_MIN_PHASE_FRACTION * (1 - self.phase_fraction):
+            return None
+        rate = done / elapsed
+        self.rate = rate if self.rate is None else ETA_SMOOTHING * rate + (1 - ETA_SMOOTHING) * self.rate
+        return (1 - fraction) / self.rate
 
 
 class JobContext:
     """What a job function gets: progress reporting with ETA, cancellation, and the store."""
 
-    def __init__(self, store: Store, job_id: int):
+    def __init__(self, store: Store, job_id: int, clock=time.time):
         self.store = store
         self.job_id = job_id
-        self._started = time.time()
+        self._clock = clock
+        self._eta = EtaEstimator(clock())
+        self._shown = 0.0
+        self._logged: tuple[str, float] | None = None  # (phase, when) of the last line written to the log
 
     def progress(self, fraction: float, message: str = "") -> None:
-        """Report progress in [0, 1]; raises JobCancelled if the user cancelled."""
+        """Report progress in [0, 1]; raises JobCancelled if the user cancelled. Shown progress never goes back."""
         fraction = min(max(float(fraction), 0.0), 1.0)
-        elapsed = time.time() - self._started
-        eta = elapsed * (1 - fraction) / fraction if fraction > 0.02 else None
+        now = self._clock()
+        self._shown = max(self._shown, fraction)  # as the store keeps it (MAX below)
+        eta = self._eta.update(self._shown, message, now)
         cursor = self.store.execute(
-            "UPDATE jobs SET progress = ?, message = ?, eta_s = ?, heartbeat = ? WHERE id = ? AND status = 'running'",
+            "UPDATE jobs SET progress = MAX(progress, ?), message = ?, eta_s = ?, heartbeat = ?"
+            " WHERE id = ? AND status = 'running'",
             (fraction, message, eta, time.time(), self.job_id),
         )
         if cursor.rowcount == 0:  # declared failed or cancelled meanwhile: it no longer holds a slot, so stop
             raise JobCancelled()
+        if message and (self._logged is None or self._logged[0] != _phase(message)
+                        or now - self._logged[1] >= LOG_EVERY_S):  # the story "Show details" tells, not every step
+            self._logged = (_phase(message), now)
+            with open(log_path(self.job_id), "a") as log:
+                log.write(f"{time.strftime('%H:%M:%S')} {fraction:4.0%} {message}\n")
         self.check_cancel()
 
     def check_cancel(self) -> None:
