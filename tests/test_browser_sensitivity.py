@@ -22,8 +22,9 @@ def test_heatmap_per_slice_and_protect_top_k(scanned_en_home, tmp_path):
             driver.get(f"{url}/sensitivity")
             wait_for(driver, lambda d: "en: w3g64" in body(d) and "Slice zh" in body(d), 120,
                      "a heatmap for each slice, one tab each")
-            plots = driver.find_elements("css selector", ".js-plotly-plot")
-            assert len(plots) >= 2
+            # the tab labels come before the charts draw (each tab's chart renders, hidden, behind its label)
+            wait_for(driver, lambda d: len(d.find_elements("css selector", ".js-plotly-plot")) >= 2, 120,
+                     "the en and zh heatmaps drawn")
             assert "Traceback" not in body(driver)
             driver.save_screenshot(os.path.join(tmp_path, "sensitivity.png"))
             button = wait_for(driver, lambda d: next((b for b in d.find_elements("tag name", "button")
