@@ -16,7 +16,7 @@ import pytest
 
 from shrink_core.paths import REPO_ROOT
 
-from .jobwait import ENDED, HANG_S, describe_job, job_row, job_rows
+from .jobwait import ENDED, HANG_S, describe_job, find_job, job_rows
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
@@ -151,11 +151,7 @@ def wait_on_job(driver, home, predicate, what: str, *, kind: str | None = None, 
             value = None
         if value:
             return value
-        if job_id is None:
-            rows = [r for r in job_rows(home, kind) if r["id"] > after]
-            row = rows[0] if rows else None
-        else:
-            row = job_row(home, job_id)
+        row = find_job(home, job_id, kind, after)
         if row is not None and row["status"] in ENDED:
             if expect and row["status"] != expect:
                 raise AssertionError(f"while waiting for {what}: {describe_job(home, row)}\n{_screenshot(driver)}")

@@ -44,6 +44,14 @@ def job_row(home, job_id: int) -> dict | None:
     return next((row for row in job_rows(home) if row["id"] == job_id), None)
 
 
+def find_job(home, job_id: int | None, kind: str | None, after: int) -> dict | None:
+    """The job `job_id`, or else the newest job of `kind` above id `after` (one a page submits); None until it exists."""
+    if job_id is not None:
+        return job_row(home, job_id)
+    rows = [r for r in job_rows(home, kind) if r["id"] > after]
+    return rows[0] if rows else None
+
+
 def log_tail(home, job_id: int, lines: int = 40) -> str:
     path = Path(home) / "logs" / f"job-{job_id}.log"
     if not path.exists():
@@ -75,11 +83,7 @@ def wait_job(home, job_id: int | None = None, *, kind: str | None = None, after:
     deadline = time.time() + timeout
     dead_since = None
     while True:
-        if job_id is None:
-            rows = [r for r in job_rows(home, kind) if r["id"] > after]
-            row = rows[0] if rows else None
-        else:
-            row = job_row(home, job_id)
+        row = find_job(home, job_id, kind, after)
         if row is not None and row["status"] in ENDED:
             break
         if row is not None and row["pid"] and not _worker_alive(row["pid"]):
