@@ -165,4 +165,4 @@ def wait_on_job(driver, home, predicate, what: str, *, kind: str | None = None, 
         if time.time() > deadline:
             state = describe_job(home, row) if row else f"no {kind or ''} job in the store"
             raise AssertionError(f"no sign of {what} within {timeout:.0f} s (a hang?): {state}\n{_screenshot(driver)}")
-        time.sleep(0.5)
+        time.sleep(2)  # each look lays out the whole page: polling faster takes CPU from the job it waits on

@@ -56,22 +56,27 @@ def smollm2():
 
 
 @pytest.fixture(scope="session")
-def _scanned_en_template(tmp_path_factory):
-    """A SHRINK_HOME made once per session: the default model's inventory (what the Model page stores on load) and a
-    small real fast scan of it (slice en; settings w4g64, w3g64; quick budget: 4 x 64 calibration tokens)."""
+def _scanned_template(tmp_path_factory):
+    """A SHRINK_HOME made once per session: the default model's inventory (what the Model page stores on load), a
+    user's own slice `user_notes` (six short paragraphs, uploaded as the Eval sets page would) and a small real fast
+    scan of it (settings w4g64, w3g64; quick depth). A flow that runs a plan evaluates the three notes in seconds,
+    where the built-in `en` would take minutes on 2 cores; the flows under test are the same."""
     import sqlite3
 
+    from shrink_core.evaluation.slices import add_user_records, get_slice, load_rows
     from shrink_core.model.describe import describe
     from shrink_core.model.load import load
     from shrink_core.results.store import Store
     from shrink_core.sensitivity import run_scan
 
-    home = tmp_path_factory.mktemp("scanned-en") / "shrink-home"
+    home = tmp_path_factory.mktemp("scanned") / "shrink-home"
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("SHRINK_HOME", str(home))
         store = Store()
         store.save_model(describe("builtin:smollm2-135m"))
-        run_scan(load("builtin:smollm2-135m"), ["en"], ["w4g64", "w3g64"], "fast", "quick", store=store)
+        notes = add_user_records([{"text": row["text"]} for row in load_rows(get_slice("toy_en"), split=None)],
+                                 "notes.jsonl")
+        run_scan(load("builtin:smollm2-135m"), [notes.id], ["w4g64", "w3g64"], "fast", "quick", store=store)
         store.close()
     with sqlite3.connect(home / "shrink.db") as db:  # fold the write-ahead log in: the copy is one file
         db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
@@ -79,9 +84,9 @@ def _scanned_en_template(tmp_path_factory):
 
 
 @pytest.fixture
-def scanned_en_home(shrink_home, _scanned_en_template):
-    """`shrink_home` holding a copy of the session's scanned-en store (see `_scanned_en_template`)."""
+def scanned_home(shrink_home, _scanned_template):
+    """`shrink_home` holding a copy of the session's scanned store (see `_scanned_template`)."""
     import shutil
 
-    shutil.copytree(_scanned_en_template, shrink_home, dirs_exist_ok=True)
+    shutil.copytree(_scanned_template, shrink_home, dirs_exist_ok=True)
     return shrink_home

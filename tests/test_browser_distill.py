@@ -16,7 +16,7 @@ from .browser import BROWSER_MARKS, body, chromium, free_port, last_job_id, runn
 
 pytestmark = BROWSER_MARKS
 SPEC = "builtin:smollm2-135m"
-STEPS, CHECKPOINT_EVERY = 24, 8
+STEPS, CHECKPOINT_EVERY = 18, 4
 
 
 def loss_points(driver) -> int:

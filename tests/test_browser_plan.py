@@ -22,12 +22,13 @@ def click(driver, element) -> None:
     element.click()
 
 
-def test_protect_budget_plan_run_and_compare(scanned_en_home, tmp_path):
+def test_protect_budget_plan_run_and_compare(scanned_home, tmp_path):
     from selenium.webdriver.common.keys import Keys
 
-    # what the Model and Sensitivity pages would have stored: the inventory and a small real fast scan (one slice,
-    # two settings, quick budget), so the page has scores to predict from and to plan with; made once per session
-    home = scanned_en_home
+    # what the Model, Eval sets and Sensitivity pages would have stored: the inventory, a user's slice of three short
+    # notes and a small real fast scan of it (two settings, quick depth), so the page has scores to predict from and
+    # to plan with; made once per session. The plan run evaluates the scanned slice (the run's default).
+    home = scanned_home
     with running_app(home) as url:
         driver = chromium()
         try:
@@ -65,7 +66,7 @@ def test_protect_budget_plan_run_and_compare(scanned_en_home, tmp_path):
             plan = rules(driver)
             assert "planner: keep" in plan and "planner: w" in plan
             assert "model\\.layers\\.1\\.mlp\\.down_proj" in plan.split("planner: keep")[0]  # protected: kept
-            # run the plan (a background job: apply, evaluate en at the fast budget), then predicted vs measured
+            # run the plan (a background job: apply, evaluate user_notes at the fast protocol), then predicted vs measured
             before = last_job_id(home)
             click(driver, button(driver, "Run this plan"))
             wait_on_job(driver, home, lambda d: "stored as a candidate" in body(d).lower(), "the plan run's result", kind="eval",
@@ -74,17 +75,17 @@ def test_protect_budget_plan_run_and_compare(scanned_en_home, tmp_path):
                                                                                   '[role="columnheader"]')]
             assert "predicted ΔNLL" in headers and "measured ΔNLL" in headers
             cells = [c.get_attribute("textContent") for c in driver.find_elements("css selector", '[role="gridcell"]')]
-            assert "en" in cells
-            # in the compare table, the en row carries a prediction (every changed block linear was scored)
+            assert "user_notes" in cells
+            # in the compare table, the user_notes row carries a prediction (every changed block linear was scored)
             grid = next(g for g in driver.find_elements("css selector", '[data-testid="stDataFrame"]')
                         if "predicted ΔNLL" in [h.get_attribute("textContent") for h in
                                                 g.find_elements("css selector", '[role="columnheader"]')])
             names = [h.get_attribute("textContent") for h in grid.find_elements("css selector", '[role="columnheader"]')]
             rows = [[c.get_attribute("textContent") for c in r.find_elements("css selector", '[role="gridcell"]')]
                     for r in grid.find_elements("css selector", '[role="row"]')]
-            en = next(r for r in rows if "en" in r)
-            offset = len(names) - len(en)  # header cells of columns the rows do not repeat (an index, if any)
-            assert float(en[names.index("predicted ΔNLL") - offset]) > 0, (names, en)
+            notes = next(r for r in rows if "user_notes" in r)
+            offset = len(names) - len(notes)  # header cells of columns the rows do not repeat (an index, if any)
+            assert float(notes[names.index("predicted ΔNLL") - offset]) > 0, (names, notes)
             assert "Traceback" not in body(driver)
             driver.save_screenshot(os.path.join(tmp_path, "plan.png"))
         finally:

@@ -6,25 +6,25 @@ from .browser import BROWSER_MARKS, body, chromium, running_app, wait_for
 pytestmark = BROWSER_MARKS
 
 
-def test_heatmap_per_slice_and_protect_top_k(scanned_en_home, tmp_path):
+def test_heatmap_per_slice_and_protect_top_k(scanned_home, tmp_path):
     from shrink_core.model.load import load
     from shrink_core.sensitivity import run_scan
 
     # what the Model page stores on load (the Plan page checks plans against it), then a short real scan (quick
-    # budget: 4 x 64 calibration tokens per slice), so the page has scores to show: the session's scan of en (shared
-    # with the Plan test), and zh scanned here (en's records are reused)
-    home = scanned_en_home
-    report = run_scan(load("builtin:smollm2-135m"), ["en", "zh"], ["w3g64"], "fast", "quick")
-    assert report.reused > 0 and report.computed > 0  # en from the shared store, zh here
+    # depth: 4 x 64 calibration tokens per slice), so the page has scores to show: the session's scan of the user's
+    # slice user_notes (shared with the Plan test), and the built-in zh scanned here (user_notes' records are reused)
+    home = scanned_home
+    report = run_scan(load("builtin:smollm2-135m"), ["user_notes", "zh"], ["w3g64"], "fast", "quick")
+    assert report.reused > 0 and report.computed > 0  # user_notes from the shared store, zh here
     with running_app(home) as url:
         driver = chromium()
         try:
             driver.get(f"{url}/sensitivity")
-            wait_for(driver, lambda d: "en: w3g64" in body(d) and "Slice zh" in body(d), 120,
+            wait_for(driver, lambda d: "user_notes: w3g64" in body(d) and "Slice zh" in body(d), 120,
                      "a heatmap for each slice, one tab each")
             # the tab labels come before the charts draw (each tab's chart renders, hidden, behind its label)
             wait_for(driver, lambda d: len(d.find_elements("css selector", ".js-plotly-plot")) >= 2, 120,
-                     "the en and zh heatmaps drawn")
+                     "the user_notes and zh heatmaps drawn")
             assert "Traceback" not in body(driver)
             driver.save_screenshot(os.path.join(tmp_path, "sensitivity.png"))
             button = wait_for(driver, lambda d: next((b for b in d.find_elements("tag name", "button")
