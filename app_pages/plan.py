@@ -227,7 +227,7 @@ else:
             st.error(str(exc))
         else:
             solution = planned.solution
-            rules = plan_to_dict(solution_plan(solution.choice, method=method))["rules"]
+            rules = plan_to_dict(solution_plan(solution.choice, rows, method=method))["rules"]
             plan_edit.push(plan_edit.with_rules_first(state.plan_draft(), rules, rows=rows), rows)
             st.session_state["planner_result"] = {
                 "status": solution.status, "gap": solution.gap, "seconds": solution.seconds,

@@ -145,7 +145,7 @@ def quality(loaded, args, slices) -> None:
         embedding_choice = {m: solution.choice[m] for m in problem.modules if m not in linear_names}
         for method in args.methods.split(","):
             plans = {"uniform": load_plan(uniform_text(size, method)),
-                     "planner": solution_plan(solution.choice, method=method)}
+                     "planner": solution_plan(solution.choice, inventory(loaded.model), method=method)}
             results, sizes, seconds = {}, {}, {}
             for label, plan in plans.items():
                 model = copy.deepcopy(loaded.model)
@@ -189,7 +189,7 @@ def embedding(loaded, args, slices) -> None:
         fixed = sum(r.packed_bytes for r in resolve(loaded.model, load_plan(uniform_text(size, "rtn")))
                     if r.name not in problem.modules)  # the tied head: counted at the embedding
         solution = solve(problem, budget_bytes=uniform_bytes - fixed, objective="worst")
-        plan = solution_plan(solution.choice, method="rtn")
+        plan = solution_plan(solution.choice, inventory(loaded.model), method="rtn")
         key = tuple(sorted(solution.choice.items()))
         if key not in seen:
             model = copy.deepcopy(loaded.model)

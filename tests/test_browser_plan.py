@@ -2,6 +2,8 @@
 plan, and see predicted vs measured per slice."""
 import os
 
+from shrink_core.plan import load_plan
+
 from .browser import BROWSER_MARKS, body, chromium, last_job_id, running_app, wait_for, wait_on_job
 
 pytestmark = BROWSER_MARKS
@@ -51,7 +53,8 @@ def test_protect_budget_plan_run_and_compare(scanned_home, tmp_path):
                                              if o.text == "keep"), None), 30, "the keep option").click()
             wait_for(driver, lambda d: button(d, "Apply").is_enabled(), 30, "Apply enabled")
             click(driver, button(driver, "Apply"))
-            wait_for(driver, lambda d: "keep: true" in rules(d) and "- 1" in rules(d), 60, "a keep rule for blocks 0-1")
+            wait_for(driver, lambda d: "keep: true" in rules(d) and "blocks: [0, 1]" in rules(d), 60,
+                     "a keep rule for blocks 0-1")
             # a budget: 200 MB packed (the two protected blocks stay fp32), then the planner
             box = driver.find_element("css selector", 'input[aria-label="Value"]')
             box.send_keys(Keys.CONTROL, "a")
@@ -64,8 +67,9 @@ def test_protect_budget_plan_run_and_compare(scanned_home, tmp_path):
             megabytes = float(text.split(" MB")[0].split()[-1].replace(",", ""))
             assert megabytes <= 200
             plan = rules(driver)
-            assert "planner: keep" in plan and "planner: w" in plan
-            assert "model\\.layers\\.1\\.mlp\\.down_proj" in plan.split("planner: keep")[0]  # protected: kept
+            assert "planner: keep" in plan and "planner: w" in plan and "|" not in plan  # rules by kind and blocks
+            kept = next(r for r in load_plan(plan).rules if r.note == "planner: keep" and "down" in (r.kind or ()))
+            assert kept.keep and {0, 1} <= set(kept.blocks)  # protected blocks 0-1: kept by the planner's rule
             # run the plan (a background job: apply, evaluate user_notes at the fast protocol), then predicted vs measured
             before = last_job_id(home)
             click(driver, button(driver, "Run this plan"))

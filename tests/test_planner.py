@@ -75,7 +75,7 @@ def test_plan_from_solution_resolves_exactly(tiny_model):
     problem = build_problem(rows, scores, ["en", "fr"], ["w8", "w4g64"], pinned={linears[0].name: "keep"})
     budget = problem.bytes[:, 1:].min(axis=1).sum() * 1.3
     solution = solve(problem, budget_bytes=budget)
-    plan = load_plan(dump_plan(solution_plan(solution.choice)))  # through YAML, as a user would save it
+    plan = load_plan(dump_plan(solution_plan(solution.choice, rows)))  # through YAML, as a user would save it
     resolved = {r.name: r for r in resolve(tiny_model, plan)}
     assert resolved[linears[0].name].keep
     for module, setting in solution.choice.items():
@@ -153,7 +153,7 @@ def test_embedding_is_a_planner_decision_with_exact_bytes_and_applies_as_chosen(
     solution = solve(problem, budget_bytes=budget)
     assert all(solution.choice[r.name] == "w8" for r in outside)
     before = {r.name: dict(model.named_modules())[r.name].weight.detach().clone() for r in outside}
-    plan = load_plan(dump_plan(solution_plan(solution.choice, method="gptq")))  # embedding: RTN whatever the method
+    plan = load_plan(dump_plan(solution_plan(solution.choice, rows, method="gptq")))  # embedding: RTN whatever the method
     resolved = {r.name: r for r in resolve(model, plan)}
     assert sum(resolved[m].packed_bytes for m in solution.choice) == solution.total_bytes <= budget
     if tied:
@@ -174,3 +174,43 @@ def test_score_table_keeps_the_newest_scan():
     newest = Record("m", 0, "q", "w4g64", "en", "kl", 0.5, "exhaustive")
     older = Record("m", 0, "q", "w4g64", "en", "kl", 0.1, "fast")
     assert score_table([newest, older], "kl") == {("m", "w4g64", "en"): 0.5}  # records come newest first
+
+
+def test_planner_rules_are_few_readable_and_exact():
+    """One rule per (setting, group of kinds sharing blocks), blocks written as ranges, no alternation over names; the
+    rules resolve to exactly the chosen setting of every module."""
+    from shrink_core.model.toy import tiny_llama
+
+    rows = inventory(tiny_llama(layers=6, tied=False))
+    choice = {}
+    for r in block_linears(rows):
+        choice[r.name] = ("keep" if r.block == 0 else "w8" if r.kind in ("q", "k") or r.block == 5
+                          else "w4g64" if r.kind != "down" else "w3g64")
+    choice["model.embed_tokens"] = "w8"
+    text = dump_plan(solution_plan(choice, rows))
+    assert "|" not in text and "\\." not in text  # no module names at all
+    assert "kind: [q, k, v, o, gate, up, down]\n  blocks: [0]\n  keep: true" in text
+    assert "kind: [q, k]\n  blocks: [1-5]" in text and "kind: [v, o, gate, up]\n  blocks: [1-4]" in text
+    assert "kind: [down]\n  blocks: [1-4]" in text and "kind: [embedding]" in text
+    plan = load_plan(text)
+    assert len(plan.rules) == 6  # keep; w3g64 down; w4g64 v,o,gate,up; w8: q,k / block 5's others / the embedding
+    resolved = {r.name: r for r in resolve(rows, plan)}
+    bits = {"keep": None, "w8": 8, "w4g64": 4, "w3g64": 3}
+    for module, setting in choice.items():
+        assert resolved[module].keep if setting == "keep" else resolved[module].bits == bits[setting], module
+    assert resolved["lm_head"].rule is None  # not chosen: no rule selects it
+
+
+def test_planner_names_modules_where_kind_and_block_do_not_single_them_out():
+    """Two experts' gate projections in one block, at different settings: a kind+blocks rule would take both, so the
+    planner names them (exactly, as a regex that matches that name only)."""
+    from shrink_core.model.inventory import ModuleInfo
+
+    rows = [ModuleInfo(f"model.layers.0.mlp.experts.{e}.gate_proj", 0, "gate", (8, 8), 64, 256, "float32")
+            for e in range(2)]
+    choice = {rows[0].name: "w8", rows[1].name: "w4g64"}
+    plan = load_plan(dump_plan(solution_plan(choice, rows)))
+    assert [r.name for r in plan.rules] == [r"model\.layers\.0\.mlp\.experts\.1\.gate_proj",
+                                             r"model\.layers\.0\.mlp\.experts\.0\.gate_proj"]
+    resolved = {r.name: r.bits for r in resolve(rows, plan)}
+    assert resolved == {rows[0].name: 8, rows[1].name: 4}

@@ -68,7 +68,7 @@ def run(args) -> int:
     planned = plan_within_budget(problem, rows, model_summary(loaded.model, rows), PlannerBudget(kind, value),
                                  objective=args.objective, hardware=hardware)  # the rest stays as loaded
     solution = planned.solution
-    plan = solution_plan(solution.choice, method=args.method, name=f"planner {args.objective}")
+    plan = solution_plan(solution.choice, rows, method=args.method, name=f"planner {args.objective}")
     Path(args.out).write_text(dump_plan(plan))
     summary = {"out": args.out, "status": solution.status, "gap": solution.gap, "seconds": round(solution.seconds, 3),
                "solver": solution.solver, "planned_bytes": planned.total_bytes,

@@ -179,21 +179,45 @@ def greedy(problem: PlannerProblem, budget_bytes: float) -> dict[str, str]:
     return {problem.modules[i]: problem.settings[current[i]] for i in range(m)}
 
 
-def solution_plan(choice: dict[str, str], method: str = "rtn", name: str = "planner") -> Plan:
-    """One rule per module (exact name, fullmatch), grouped where modules share a setting."""
+def solution_plan(choice: dict[str, str], rows, method: str = "rtn", name: str = "planner") -> Plan:
+    """The planner's choice as rules a person can read and edit: per setting, one rule per group of kinds that share
+    the same blocks (blocks as ranges), and one per other module kind. A rule is kept only if it selects exactly its
+    modules among `rows` (the whole inventory); where it would not (say two modules of one kind in a block), the
+    modules are named one by one."""
     import re
 
     by_setting: dict[str, list[str]] = {}
     for module, setting in choice.items():
         by_setting.setdefault(setting, []).append(module)
+    info = {r.name: r for r in rows}
+    block_count = max((r.block for r in rows if r.block is not None), default=-1) + 1
+    kind_order = {k: i for i, k in enumerate(dict.fromkeys(r.kind for r in rows))}
     rules = []
     for setting in sorted(by_setting, key=lambda s: (s != "keep", s)):
-        names = "|".join(re.escape(m) for m in sorted(by_setting[setting]))
-        if setting == "keep":
-            rules.append(Rule(name=f"(?:{names})", keep=True, note="planner: keep"))
-        else:
-            spec = WeightSpec(method=method, **SETTINGS[setting])
-            rules.append(Rule(name=f"(?:{names})", weights=spec, note=f"planner: {setting}"))
+        action = ({"keep": True} if setting == "keep" else
+                  {"weights": WeightSpec(method=method, **SETTINGS[setting])})
+        note = f"planner: {setting}"
+        blocks_of: dict[str, set[int]] = {}
+        others: dict[str, list[str]] = {}
+        for module in by_setting[setting]:
+            row = info[module]
+            if row.block is None:
+                others.setdefault(row.kind, []).append(module)
+            else:
+                blocks_of.setdefault(row.kind, set()).add(row.block)
+        groups: dict[tuple[int, ...], list[str]] = {}
+        for kind in sorted(blocks_of, key=kind_order.get):
+            groups.setdefault(tuple(sorted(blocks_of[kind])), []).append(kind)
+        candidates = [Rule(kind=tuple(kinds), blocks=blocks, note=note, **action) for blocks, kinds in groups.items()]
+        candidates += [Rule(kind=(kind,), note=note, **action) for kind in sorted(others, key=kind_order.get)]
+        for rule in candidates:
+            wanted = {m for m in by_setting[setting] if rule.kind and info[m].kind in rule.kind
+                      and (rule.blocks is None) == (info[m].block is None)
+                      and (rule.blocks is None or info[m].block in rule.blocks)}
+            if {r.name for r in rows if rule.selects(r, block_count)} == wanted:
+                rules.append(rule)
+            else:
+                rules.extend(Rule(name=re.escape(m), note=note, **action) for m in sorted(wanted))
     return with_index(Plan(rules=tuple(rules), name=name,
                            description="Mixed precision chosen by the planner (exact MILP over predicted loss)."))
 

@@ -222,6 +222,40 @@ def _as_tuple(value, where: str, item_type) -> tuple | None:
     return tuple(items)
 
 
+_RANGE = re.compile(r"\s*(\d+)\s*-\s*(\d+)\s*")
+
+
+def _blocks(value, where: str) -> tuple[int, ...] | None:
+    """Block indices as a person writes them: integers (negative counts from the end) and inclusive ranges such as
+    "2-29", alone or in a list."""
+    if value is None:
+        return None
+    out = []
+    for item in value if isinstance(value, list) else [value]:
+        match = _RANGE.fullmatch(item) if isinstance(item, str) else None
+        if match and int(match[1]) <= int(match[2]):
+            out.extend(range(int(match[1]), int(match[2]) + 1))
+        elif isinstance(item, int) and not isinstance(item, bool):
+            out.append(item)
+        else:
+            raise PlanError(f"{where} must be block indices or ranges such as 2-29 (first <= last), not {item!r}.")
+    return tuple(out)
+
+
+def compact_blocks(blocks) -> list:
+    """Blocks for a person to read: runs of three or more as "a-b" ranges (the form `_blocks` reads back)."""
+    if any(b < 0 for b in blocks):
+        return list(blocks)
+    out, ordered = [], sorted(set(blocks))
+    start = 0
+    for i in range(1, len(ordered) + 1):
+        if i == len(ordered) or ordered[i] != ordered[i - 1] + 1:
+            run = ordered[start:i]
+            out.extend([f"{run[0]}-{run[-1]}"] if len(run) >= 3 else run)
+            start = i
+    return out
+
+
 def _rule_from_dict(data, index: int) -> Rule:
     where = f"rule {index}"
     data = dict(_check_keys(data, tuple(k for k in _keys(Rule) if k != "index"), where))
@@ -242,7 +276,7 @@ def _rule_from_dict(data, index: int) -> Rule:
             raise PlanError(f"Rule {index}: {key} must be {'a string' if kind is str else 'true or false'}, "
                             f"not {value!r}; write e.g. {example}.")
     data["kind"] = _as_tuple(data.get("kind"), f"Rule {index} kind", str)
-    data["blocks"] = _as_tuple(data.get("blocks"), f"Rule {index} blocks", int)
+    data["blocks"] = _blocks(data.get("blocks"), f"Rule {index} blocks")
     return Rule(**data, weights=weights, prune=prune, index=index)
 
 
@@ -277,15 +311,49 @@ def _clean(obj):
 def plan_to_dict(plan: Plan) -> dict:
     data = _clean(asdict(plan))
     for rule, raw in zip(plan.rules, data["rules"]):
-        if rule.weights is not None and rule.weights.group_size is None:
-            raw["weights"]["group_size"] = "channel"
+        if rule.weights is not None:  # in the order a person reads them, per-channel spelled out
+            group = "channel" if rule.weights.group_size is None else rule.weights.group_size
+            raw["weights"] = {"bits": raw["weights"]["bits"], "group_size": group,
+                              **{k: v for k, v in raw["weights"].items() if k not in ("bits", "group_size")}}
+    if plan.calibration is not None:
+        data["calibration"] = plan.calibration.to_dict()  # the mix as a mapping, as a person writes it
     ordered = {"version": plan.version, "name": plan.name, "description": plan.description}
     ordered.update({k: v for k, v in data.items() if k not in ordered})
     return {k: v for k, v in ordered.items() if v not in ("", None)}
 
 
 def dump_plan(plan: Plan) -> str:
-    return yaml.safe_dump(plan_to_dict(plan), sort_keys=False, allow_unicode=True)
+    """The plan as YAML for a person: a rule's kinds, blocks (as ranges) and settings one short line each."""
+    data = plan_to_dict(plan)
+    for rule in data["rules"]:
+        if "blocks" in rule:
+            rule["blocks"] = _FlowList(compact_blocks(rule["blocks"]))
+        if "kind" in rule:
+            rule["kind"] = _FlowList(rule["kind"])
+        for key in ("weights", "prune"):
+            if key in rule:
+                rule[key] = _FlowDict(rule[key])
+    if "calibration" in data:
+        data["calibration"]["mix"] = _FlowDict(data["calibration"]["mix"])
+    return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=10_000)  # no folded lines
+
+
+class _FlowList(list):
+    """A list written inline: blocks: [0-1, 5]."""
+
+
+class _FlowDict(dict):
+    """A mapping written inline: weights: {bits: 4, group_size: 64}."""
+
+
+class _Dumper(yaml.SafeDumper):
+    pass
+
+
+_Dumper.add_representer(_FlowList, lambda dumper, data: dumper.represent_sequence("tag:yaml.org,2002:seq", data,
+                                                                                  flow_style=True))
+_Dumper.add_representer(_FlowDict, lambda dumper, data: dumper.represent_mapping("tag:yaml.org,2002:map", data.items(),
+                                                                                 flow_style=True))
 
 
 def dump_plan_json(plan: Plan) -> str:
