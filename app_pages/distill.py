@@ -111,6 +111,17 @@ if st.button("Start distillation", type="primary", key="distill_start"):
         params = {"config": run_config.to_dict(), "name": new_run_name(), "slices": eval_slices, "budget": "fast"}
         state.set_job_id("distill", jobs.submit(db, "distill", TARGET, params))
 
+def run_state(name: str, running: bool) -> None:
+    """The run's one-line state, re-read from its directory: a live run writes its student's shape after it starts."""
+    run = read_run(name) or {}
+    done_step, steps = run.get("checkpoint_step") or 0, run.get("config", {}).get("steps")
+    status = ("finished" if run.get("finished") else "running" if running else
+              f"stopped at checkpoint step {done_step} of {steps}" if done_step else "not started")
+    shape = (f"dropped blocks {run['dropped'] or 'none'}; student {run['student_params']:,} parameters"
+             if run.get("student_params") else "student being built (blocks to drop, parameters: shown once chosen)")
+    st.caption(f"{status}; {shape}; state in $SHRINK_HOME/distill/{name}/")
+
+
 st.markdown("#### Runs")
 job_id = state.job_id("distill")
 current = jobs.get(db, job_id) if job_id is not None else None
@@ -136,11 +147,10 @@ else:
     last = latest_job(db, chosen)  # after an app restart the session forgot its job; the store did not
     if last is not None:
         job_outcome(last.id)
-done_step = run["checkpoint_step"] or 0
-status = ("finished" if run["finished"] else "running" if running else
-          f"stopped at checkpoint step {done_step} of {cfg['steps']}" if run["checkpoint_step"] else "not started")
-st.caption(f"{status}; dropped blocks {run['dropped'] or 'none'}; student {run['student_params'] or 0:,} parameters; "
-           f"state in $SHRINK_HOME/distill/{chosen}/")
+if running is not None:  # re-read with the curves: a starting run writes its student's shape a little later
+    st.fragment(run_every=5.0)(run_state)(chosen, True)
+else:
+    run_state(chosen, False)
 if run["finished"]:
     st.caption(f"The student is stored as the candidate 'distilled {chosen}': the Results page plots it per slice.")
 if not run["finished"] and running is None and st.button(

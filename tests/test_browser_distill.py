@@ -2,6 +2,7 @@
 from the page, its loss curve moves, it survives a restart of the app and a `kill -9` of its worker (Resume from the
 last checkpoint), and the student lands on the Results page's Pareto plots with per-slice figures."""
 import os
+import re
 import signal
 
 from selenium.webdriver.common.keys import Keys
@@ -87,6 +88,10 @@ def test_run_starts_moves_survives_restart_and_kill_and_reaches_the_pareto_plot(
         with running_app(shrink_home, port) as url:
             configure_and_start(driver, url)
             curve_moves(driver, shrink_home, "right after Start")
+            # the run's state line follows the run: the student's shape, written once it is built, shows without a
+            # reload (it said "dropped blocks none; student 0 parameters" for as long as the page stayed open)
+            wait_for(driver, lambda d: re.search(r"running; dropped blocks \[[\d, ]+\]; student [1-9][\d,]* parameters",
+                                                 body(d)), 30, "the student's shape in the run's state line")
             assert "Traceback" not in body(driver)
             job = jobs.list_jobs(store, "distill")[0]
             assert job.params["config"]["steps"] == STEPS and job.params["slices"] == ["user_notes"]
