@@ -143,6 +143,28 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch
 
 
+def test_a_checkpoint_never_holds_a_step_whose_metrics_were_not_logged(tmp_path):
+    """A kill can land anywhere in a step; here, in the metrics callback of a checkpoint step (before it logs). The
+    checkpoint the run resumes from must not be past the last logged step, or that step's metrics are lost for good
+    (seen in the browser test: steps 1-7 and 9-18 logged, 8 missing)."""
+    from shrink_core.distill.train import checkpoint_step
+
+    cfg = config(steps=8, checkpoint_every=2)
+    pool, heldout = torch.randint(0, 256, (16, 32)), torch.randint(0, 256, (2, 32))
+    teacher, state = _fresh(cfg)
+    logged = []
+
+    def log_until_killed(step, values):
+        if step == 4:
+            raise KeyboardInterrupt("killed")
+        logged.append(step)
+
+    with pytest.raises(KeyboardInterrupt):
+        train_(state, teacher, pool, heldout, cfg, checkpoint_dir=tmp_path, on_metrics=log_until_killed)
+    assert logged == [1, 2, 3]
+    assert checkpoint_step(tmp_path) == 2  # resumes at 2: steps 3-4 are done (and logged) again
+
+
 def test_quantized_student_trains_straight_through_and_ends_on_its_grid():
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.distill.student import attach_straight_through_, detach_straight_through_

@@ -170,7 +170,8 @@ def train_(state: TrainState, teacher, pool: torch.Tensor, heldout: torch.Tensor
     """Train from state.step to config.steps (or until `stop_after` steps / the wall-clock `deadline`).
 
     `on_metrics(step, values)` is called after every step (train_loss, lr, tokens_per_s, and heldout_loss every
-    eval_every steps); it may raise (cancel) — the last checkpoint stays valid. pool/heldout: (n, seq_len) tokens.
+    eval_every steps), before that step's checkpoint; it may raise (cancel): the last checkpoint stays valid.
+    pool/heldout: (n, seq_len) tokens.
     """
     device = next(state.student.parameters()).device
     state.student.train()
@@ -202,9 +203,11 @@ def train_(state: TrainState, teacher, pool: torch.Tensor, heldout: torch.Tensor
                                                                 if k != "loss"}}
         if state.step % config.eval_every == 0 or state.step == config.steps:
             values["heldout_loss"] = heldout_loss(state.student, teacher, heldout.to(device), config)
-        if checkpoint_dir is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
-            save_checkpoint(state, checkpoint_dir, config)
+        # metrics before the checkpoint: a process killed between the two resumes from the previous checkpoint and
+        # logs this step again, where the other order resumed past a step whose metrics were never logged
         if on_metrics is not None:
             on_metrics(state.step, values)
+        if checkpoint_dir is not None and (state.step % config.checkpoint_every == 0 or state.step == config.steps):
+            save_checkpoint(state, checkpoint_dir, config)
     state.student.eval()
     return state
