@@ -115,7 +115,8 @@ def run_state(name: str, running: bool) -> None:
     """The run's one-line state, re-read from its directory: a live run writes its student's shape after it starts."""
     run = read_run(name) or {}
     done_step, steps = run.get("checkpoint_step") or 0, run.get("config", {}).get("steps")
-    status = ("finished" if run.get("finished") else "running" if running else
+    # running first: the student is saved before the job evaluates it, and "finished" means its figures are stored
+    status = ("running" if running else "finished" if run.get("finished") else
               f"stopped at checkpoint step {done_step} of {steps}" if done_step else "not started")
     shape = (f"dropped blocks {run['dropped'] or 'none'}; student {run['student_params']:,} parameters"
              if run.get("student_params") else "student being built (blocks to drop, parameters: shown once chosen)")
@@ -151,7 +152,7 @@ if running is not None:  # re-read with the curves: a starting run writes its st
     st.fragment(run_every=5.0)(run_state)(chosen, True)
 else:
     run_state(chosen, False)
-if run["finished"]:
+if run["finished"] and running is None:
     st.caption(f"The student is stored as the candidate 'distilled {chosen}': the Results page plots it per slice.")
 if not run["finished"] and running is None and st.button(
         "Resume", key="distill_resume", help="Continue from the last checkpoint with the run's own config."):
