@@ -57,3 +57,21 @@ def test_a_stopped_run_shows_its_curves_and_a_resume_button(shrink_home, tmp_pat
     assert job.params["resume"] is True and job.params["name"] == "half"
     assert "slices" not in job.params  # a resumed run keeps the slices it was started with
     jobs.cancel(Store(), job.id)
+
+
+def test_a_run_whose_job_still_evaluates_the_student_says_running(shrink_home, tmp_path):
+    """The student is saved before its job evaluates it: until the job ends the run is running, not finished (the
+    page said "finished" while the student's figures were not stored yet, and a test read them)."""
+    teacher = save_toy_teacher(tmp_path / "teacher", layers=4)
+    config = DistillConfig(teacher=str(teacher), drop_count=1, mix=(("toy_en", 1.0),), seq_len=32, batch_size=2,
+                           pool_sequences=8, heldout_sequences=2, steps=2, warmup_steps=1, checkpoint_every=2)
+    run_distill(config, name="saved", slices=[], evaluate_at_end=False)  # the student is on disk
+    job_id = jobs.submit(Store(), "distill", "shrink_core.distill.run:distill_job",
+                         {"config": config.to_dict(), "name": "saved", "slices": ["toy_en"]},
+                         spawn=False)  # its job has not ended (here: not started; a worker evaluating looks the same)
+    at = page(teacher)
+    assert not at.exception
+    state = next(c.value for c in at.caption if "state in $SHRINK_HOME/distill/saved/" in c.value)
+    assert state.startswith("running;"), state
+    assert not any("stored as the candidate" in c.value for c in at.caption)
+    jobs.cancel(Store(), job_id)
