@@ -42,14 +42,6 @@ def weights_rule(setting: str, method: str) -> dict:
     return {"weights": {**spec, "method": method}}
 
 
-def prune_label(prune) -> str:
-    if prune.structure == "nm":
-        return f"{prune.n}:{prune.m}"
-    if prune.structure == "blocks":
-        return "blocks removed"
-    return f"{prune.structure} {prune.amount:.0%}"
-
-
 def derived_name(resolved) -> str:
     """What the plan does, in a few words: e.g. "mixed w3g64/w4g64 rtn, 10 kept" or "w8 rtn, 2:4 on 7"."""
     modules = [r for r in resolved if r.kind != "norm" and not r.tied_to]
@@ -64,7 +56,7 @@ def derived_name(resolved) -> str:
     pruned: dict[str, int] = {}
     for r in modules:
         if r.prune is not None:
-            pruned[prune_label(r.prune)] = pruned.get(prune_label(r.prune), 0) + 1
+            pruned[r.prune.pattern()] = pruned.get(r.prune.pattern(), 0) + 1
     parts += [f"{label} on {count}" for label, count in sorted(pruned.items())]
     kept = sum(r.keep for r in modules if r.block is not None)
     if kept:

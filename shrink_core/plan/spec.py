@@ -120,12 +120,16 @@ class PruneSpec:
     def calibrated(self) -> bool:
         return self.criterion in CALIBRATED_CRITERIA
 
-    def label(self) -> str:
+    def pattern(self) -> str:
+        """What is removed, without how it is chosen: "2:4", "unstructured 50%", "blocks removed"."""
         if self.structure == "nm":
-            return f"{self.n}:{self.m} {self.criterion}"
+            return f"{self.n}:{self.m}"
         if self.structure == "blocks":
-            return "remove block"
-        return f"{self.structure} {self.amount:.0%} {self.criterion}"
+            return "blocks removed"
+        return f"{self.structure} {self.amount:.0%}"
+
+    def label(self) -> str:
+        return "remove block" if self.structure == "blocks" else f"{self.pattern()} {self.criterion}"
 
 
 @dataclass(frozen=True)
