@@ -197,27 +197,22 @@ def solution_plan(choice: dict[str, str], rows, method: str = "rtn", name: str =
         action = ({"keep": True} if setting == "keep" else
                   {"weights": WeightSpec(method=method, **SETTINGS[setting])})
         note = f"planner: {setting}"
-        blocks_of: dict[str, set[int]] = {}
-        others: dict[str, list[str]] = {}
+        in_blocks: dict[str, list[str]] = {}  # kind -> its modules in blocks at this setting
+        others: dict[str, list[str]] = {}  # kind -> its modules outside blocks (embedding, lm_head)
         for module in by_setting[setting]:
-            row = info[module]
-            if row.block is None:
-                others.setdefault(row.kind, []).append(module)
-            else:
-                blocks_of.setdefault(row.kind, set()).add(row.block)
-        groups: dict[tuple[int, ...], list[str]] = {}
-        for kind in sorted(blocks_of, key=kind_order.get):
-            groups.setdefault(tuple(sorted(blocks_of[kind])), []).append(kind)
-        candidates = [Rule(kind=tuple(kinds), blocks=blocks, note=note, **action) for blocks, kinds in groups.items()]
-        candidates += [Rule(kind=(kind,), note=note, **action) for kind in sorted(others, key=kind_order.get)]
-        for rule in candidates:
-            wanted = {m for m in by_setting[setting] if rule.kind and info[m].kind in rule.kind
-                      and (rule.blocks is None) == (info[m].block is None)
-                      and (rule.blocks is None or info[m].block in rule.blocks)}
-            if {r.name for r in rows if rule.selects(r, block_count)} == wanted:
+            (others if info[module].block is None else in_blocks).setdefault(info[module].kind, []).append(module)
+        groups: dict[tuple[int, ...], list[str]] = {}  # the same blocks -> the kinds that share them
+        for kind in sorted(in_blocks, key=kind_order.get):
+            groups.setdefault(tuple(sorted({info[m].block for m in in_blocks[kind]})), []).append(kind)
+        candidates = [(Rule(kind=tuple(kinds), blocks=blocks, note=note, **action),
+                       {m for k in kinds for m in in_blocks[k]}) for blocks, kinds in groups.items()]
+        candidates += [(Rule(kind=(kind,), note=note, **action), set(others[kind]))
+                       for kind in sorted(others, key=kind_order.get)]
+        for rule, members in candidates:
+            if {r.name for r in rows if rule.selects(r, block_count)} == members:
                 rules.append(rule)
             else:
-                rules.extend(Rule(name=re.escape(m), note=note, **action) for m in sorted(wanted))
+                rules.extend(Rule(name=re.escape(m), note=note, **action) for m in sorted(members))
     return with_index(Plan(rules=tuple(rules), name=name,
                            description="Mixed precision chosen by the planner (exact MILP over predicted loss)."))
 
