@@ -160,3 +160,32 @@ def test_a_failed_conversion_leaves_no_cache(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model-abc.lock"]
     assert build_cache_dir(target, lambda tmp: (tmp / "config.json").write_text("{}") and {"format": 1}) is False
     assert build_cache_dir(target, broken) is True  # complete now: never rebuilt
+
+
+def test_one_gguf_parse_shares_a_reader_that_reads_the_same_fields_and_tensors(tmp_path):
+    """The conversion parses the GGUF header once over a plain array; what it reads must equal gguf's own reader."""
+    import gguf
+    import numpy as np
+
+    from shrink_core.model.load import _one_gguf_parse
+
+    path = tmp_path / "tiny.gguf"
+    writer = gguf.GGUFWriter(str(path), "llama")
+    writer.add_array("tokenizer.ggml.tokens", [f"tok{i}" for i in range(300)])
+    writer.add_uint32("llama.block_count", 2)
+    writer.add_tensor("w", np.arange(64, dtype=np.float32).reshape(8, 8))
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+
+    reference = gguf.GGUFReader(str(path))
+    with _one_gguf_parse():
+        first, second = gguf.GGUFReader(str(path)), gguf.GGUFReader(path)
+        assert first is second
+        assert type(first.data) is np.ndarray  # not a memmap: the point of the plain reader
+        assert list(first.fields) == list(reference.fields)
+        assert first.fields["tokenizer.ggml.tokens"].contents() == [f"tok{i}" for i in range(300)]
+        assert [t.name for t in first.tensors] == ["w"]
+        assert np.array_equal(first.tensors[0].data, reference.tensors[0].data)
+    assert gguf.GGUFReader is type(reference)  # restored afterwards

@@ -418,6 +418,44 @@ def build_cache_dir(target: Path, build: Callable[[Path], dict]) -> bool:
     return False
 
 
+@contextmanager
+def _one_gguf_parse():
+    """While a GGUF file converts, every `gguf.GGUFReader(path)` returns one shared reader over a plain ndarray.
+
+    transformers parses the file's header three times (config, tokenizer, weights). gguf's reader walks it through
+    views of a numpy memmap, each paying memmap's Python-level `__array_finalize__`: for Gemma 3's 262,144-token vocabulary
+    one parse took 14.7 s, against 5.1 s over a plain ndarray view of the same mapping (same fields, same tensor
+    bytes). Readers only read, so sharing one is safe.
+    """
+    import gguf
+    import numpy as np
+
+    original = gguf.GGUFReader
+
+    class PlainReader(original):
+        @property
+        def data(self):
+            return self._plain
+
+        @data.setter
+        def data(self, value):
+            self._plain = np.asarray(value)  # an ndarray view of the mapping: no copy, no memmap subclass per view
+
+    readers: dict[tuple[str, str], object] = {}
+
+    def shared_reader(path, mode="r"):
+        key = (str(Path(path).resolve()), mode)
+        if key not in readers:
+            readers[key] = PlainReader(path, mode)
+        return readers[key]
+
+    gguf.GGUFReader = shared_reader
+    try:
+        yield
+    finally:
+        gguf.GGUFReader = original
+
+
 def _gguf_cache(gguf: Path, progress: Progress) -> tuple[Path, bool]:
     """Dequantize a GGUF file once into `$SHRINK_HOME/models/<name>-<key>/`; later loads read safetensors."""
     stat = gguf.stat()
@@ -430,9 +468,10 @@ def _gguf_cache(gguf: Path, progress: Progress) -> tuple[Path, bool]:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-            progress(0.25, "dequantizing weights")
-            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+            with _one_gguf_parse():
+                tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                progress(0.25, "dequantizing weights")
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelLoadError(f"The GGUF file {gguf} could not be read: {_first_line(exc)}") from exc
         progress(0.7, "writing the fp32 cache")
