@@ -1,5 +1,6 @@
 """Plan page: edit a compression plan per module or in bulk, see its size and predicted impact at once,
 let the planner fill a budget, and run the plan to compare predicted with measured."""
+import numpy as np
 import pandas as pd
 import streamlit as st
 
@@ -11,10 +12,11 @@ from shrink_core.perf.roofline import project
 from shrink_core.perf.workload import workload_from_rows
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
 from shrink_core.plan.budget import PlannerBudget, plan_within_budget, quant_specs
+from shrink_core.plan.interactions import features
 from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
 from shrink_core.plan.predict import predict, score_table, settings_by_module
 from shrink_core.plan.presets import PRESETS
-from shrink_core.results.prediction import predicted_vs_measured
+from shrink_core.results.prediction import fit_measured, plan_method, predicted_vs_measured
 from shrink_core.runtime import jobs
 from shrink_core.sensitivity.scan import stored_records
 from ui import choices, plan_edit, state
@@ -77,6 +79,45 @@ def tied(row: dict) -> bool:
     """A tied head is its owner's weight. pandas holds "not tied" as NaN, which is truthy: test for a name."""
     return isinstance(row["tied_to"], str)
 
+def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], metric: str):
+    """The prediction corrected by the plans measured so far (interaction model), with its interval and the error
+    of the newest measured plan; None when this plan or metric cannot have one."""
+    method = plan_method(resolved)
+    if metric != "kl" or method is None:
+        st.caption("Fitted prediction: shown for KL, on plans that quantize with one method and prune nothing.")
+        return None
+    measured_fit = fit_measured(db, spec, described["weights_hash"], rows, records, method)
+    model = measured_fit.model
+    if not model.fitted:
+        st.caption(f"Fitted prediction: no measured {method} plan of this model yet. Run a plan (below): each measured "
+                   "plan corrects the additive sum for how errors compound.")
+        return measured_fit
+    try:
+        x = np.array([features(by_module, scores, s) for s in slices])
+    except KeyError as exc:
+        st.caption(f"Fitted prediction: {exc.args[0]}; scan that setting to see it.")
+        return measured_fit
+    values = model.predict(x)
+    low, high = model.interval(x)
+    i = int(np.argmax(values))
+    interval = (f"95% interval {low[i]:.3f}-{high[i]:.3f}" if np.isfinite(low[i])
+                else f"no interval: {model.plans} measured plan(s), an interval needs 3")
+    fit_cols = st.columns(2)
+    fit_cols[0].metric(f"Fitted worst slice ({slices[i]}), nats/token", f"+{values[i]:.3f} KL", help=interval)
+    last = measured_fit.last
+    if last:
+        fit_cols[1].metric("Newest measured plan: prediction error", f"{last['error']:+.0%}",
+                           help=f"{last['candidate']}, slice {last['slice']}: predicted {last['predicted']:.4f} by the "
+                                f"fit on the {last['fitted_on_plans']} plan(s) measured before it, measured "
+                                f"{last['measured']:.4f} KL")
+    alphas = ", ".join(f"{k} x{v:.2f}" for k, v in model.to_dict()["alpha"].items())
+    st.caption(f"Fitted: KL = sum over bit-widths of alpha x the scan's scores + gamma x (their total)^2, fitted on "
+               f"{model.plans} measured {method} plans of this model ({model.observations} slice results): {alphas}; "
+               f"gamma {model.gamma:.3g}. {interval}, from the spread of each plan predicted by a fit without it. "
+               "Projected, not measured.")
+    return measured_fit
+
+
 # ------------------------------------------------------------------ instant prediction
 records = stored_records(db, spec, described["weights_hash"])
 metric = st.radio("Predicted quality metric", ["kl", "dnll"], horizontal=True, key="predict_metric",
@@ -118,6 +159,7 @@ if scores:
                "interactions between modules are not modelled). Modules whose setting has no score are counted as "
                "'unscored', not as zero loss. Sizes are computed from the packed format (exact bytes), not measured. "
                f"Latency is projected, not measured: batch-1 decode, {projection.model}; pruning is not counted.")
+    show_fitted_prediction(by_module, scores, scored_slices, metric)
 else:
     cols[3].metric("Predicted quality", "no scan yet")
     st.caption("Run a sensitivity scan (Sensitivity page) to see predicted quality per slice on every edit. "
@@ -215,12 +257,20 @@ else:
                "Solver: exact mixed-integer program (HiGHS); its optimality gap is reported."
                + (f" The latency budget is projected, not measured: {projection.model}." if budget_kind == "ms/token"
                   else ""))
+    planner_fit = fit_measured(db, spec, described["weights_hash"], rows, records, method)
+    can_fit = planner_fit.model.fitted and metric == "kl"
+    use_fit = st.checkbox(f"Correct the KL scores with the fit on {planner_fit.model.plans} measured {method} plan(s)",
+                          value=can_fit, disabled=not can_fit, key="planner_use_fit",
+                          help="Scales each bit-width's scores by its fitted alpha (errors at low bits compound), "
+                               "the part of the fitted model the exact solver can optimise. Needs the KL metric and "
+                               "measured plans (Run this plan, below).")
     if st.button("Run planner", type="primary", key="run_planner", disabled=not chosen_settings):
         kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
         try:
             problem = build_problem(rows, {k: v for k, v in scores.items() if k[1] in chosen_settings
                                            and k[0] not in by_hand}, scored_slices,
-                                    chosen_settings, pinned=pinned, hardware=hardware)
+                                    chosen_settings, pinned=pinned, hardware=hardware,
+                                    model=planner_fit.model if use_fit else None)
             planned = plan_within_budget(problem, rows, described["summary"], PlannerBudget(kind, budget),
                                          objective=objective, base_resolved=resolved, hardware=hardware)
         except ShrinkError as exc:
@@ -234,6 +284,27 @@ else:
                 "predicted": solution.predicted, "bytes": planned.total_bytes,
                 "projected_ms": planned.projected_ms, "target": planned.target}
             st.rerun()
+    loop_cols = st.columns([1, 1, 3])
+    loop_rounds = loop_cols[0].number_input("Closed-loop rounds", 1, 6, 3, key="loop_rounds")
+    if loop_cols[1].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
+                           help="Each round: the planner (scores corrected by the fit), the plan run for real on the "
+                                "scored slices (fast protocol, stored as a candidate), the fit updated. Stops when "
+                                "the measured worst slice stops improving, the planner repeats itself, or after 4 "
+                                "minutes."):
+        kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
+        state.set_job_id("plan_loop", jobs.submit(db, "plan_loop", "shrink_core.sensitivity.loop:plan_loop_job", {
+            "spec": spec, "slices": scored_slices, "settings": chosen_settings,
+            "budget": {"kind": kind, "value": budget}, "plan": state.plan_draft(), "method": method,
+            "objective": objective, "pinned": pinned, "exclude": sorted(by_hand),
+            "target": hardware.name if budget_kind == "ms/token" else None, "rounds": int(loop_rounds)}))
+    loop_job = show_job(state.job_id("plan_loop"), "Closed loop: plan, run, refit")
+    if loop_job is not None and loop_job.status == "done" and loop_job.result.get("rounds"):
+        st.dataframe(pd.DataFrame(loop_job.result["rounds"]), key="loop_rounds_table", hide_index=True)
+        last = loop_job.result["rounds"][-1]
+        st.caption(f"Each round is a candidate (Results page). Measured: KL on the scored slices, "
+                   f"{loop_job.result['eval_budget']} protocol, {loop_job.result['method']}; predicted: the fit on "
+                   f"the plans measured before that round. Last round's error {last['error']:+.0%}. "
+                   f"{loop_job.result['seconds']:.0f} s in all.")
     result = st.session_state.get("planner_result")
     if result:
         st.success(f"Planner: {result['status']} (gap {result['gap']:.1e}) in {result['seconds']:.2f} s; "

@@ -12,6 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
+from shrink_core.plan.edit import with_rules_first, without_shadowed  # noqa: F401 (the page calls them here)
 from shrink_core.plan.menu import setting_name
 from shrink_core.plan.planner import SETTINGS
 from shrink_core.plan.presets import PRESETS
@@ -118,30 +119,6 @@ def hand_pinned(plan, resolved) -> dict[str, str]:
         if rule is not None and rule.name is not None and not rule.note.startswith("planner"):
             pinned[r.name] = setting_name(r.bits, r.group_size, bool(r.weights and r.weights.symmetric), r.keep)
     return pinned
-
-
-def with_rules_first(yaml_text: str, new_rules: list[dict], replace_names: set[str] = frozenset(), rows=None) -> str:
-    """New rules go first (first match wins); an older single-module rule for the same module is dropped, and with
-    the model's `rows`, so is every older rule the new ones now shadow entirely (e.g. a bulk edit over all blocks)."""
-    data = plan_to_dict(load_plan(yaml_text))
-    kept = [r for r in data["rules"] if r.get("name") not in replace_names]
-    data["rules"] = new_rules + kept
-    text = dump_plan(load_plan(data))
-    return text if rows is None else without_shadowed(text, rows)
-
-
-def without_shadowed(yaml_text: str, rows) -> str:
-    """Drops rules that decide no module any more (first match wins), e.g. the preset rule under the planner's rules;
-    `resolve` refuses such rules, so keeping them would break the draft."""
-    from shrink_core.plan.resolve import first_match
-
-    plan = load_plan(yaml_text)
-    plannable = [r for r in rows if r.kind != "norm"]
-    block_count = max((r.block for r in plannable if r.block is not None), default=-1) + 1
-    used = {rule.index for rule in (first_match(plan.rules, info, block_count) for info in plannable) if rule}
-    data = plan_to_dict(plan)
-    data["rules"] = [d for rule, d in zip(plan.rules, data["rules"]) if rule.index in used]
-    return dump_plan(load_plan(data))
 
 
 def table_edits(before: pd.DataFrame, after: pd.DataFrame, method: str) -> list[dict]:

@@ -49,9 +49,13 @@ MENU: dict[str, Setting] = {
         Setting("w6g64", "int6 group 64 asymmetric (RTN)", bits=6, group_size=64),
         Setting("w4g128", "int4 group 128 asymmetric (RTN)", bits=4, group_size=128),
         Setting("w4g64", "int4 group 64 asymmetric (RTN)", bits=4, group_size=64),
+        Setting("w4g32", "int4 group 32 asymmetric (RTN)", bits=4, group_size=32),
         Setting("w3g128", "int3 group 128 asymmetric (RTN)", bits=3, group_size=128),
         Setting("w3g64", "int3 group 64 asymmetric (RTN)", bits=3, group_size=64),
+        Setting("w3g32", "int3 group 32 asymmetric (RTN)", bits=3, group_size=32),
+        Setting("w2g128", "int2 group 128 asymmetric (RTN)", bits=2, group_size=128),
         Setting("w2g64", "int2 group 64 asymmetric (RTN)", bits=2, group_size=64),
+        Setting("w2g32", "int2 group 32 asymmetric (RTN)", bits=2, group_size=32),
         Setting("nm24", "2:4 sparsity (magnitude)", prune="nm24"),
         Setting("prune50", "50% unstructured sparsity (magnitude)", prune="magnitude50"),
     )

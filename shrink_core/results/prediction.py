@@ -5,6 +5,8 @@ Measured: the candidate's stored evaluation against the reference's, on the same
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 from shrink_core.evaluation.stats import format_interval
 from shrink_core.plan.predict import predict, score_table, settings_by_module
 
@@ -41,3 +43,81 @@ def predicted_vs_measured(store, spec: str, candidate_id: int, resolved, records
             "protocol": row["budget"], "device": row.get("device"),
         })
     return rows
+
+
+def plan_method(resolved) -> str | None:
+    """The one quantization method of a plan's quantized modules ("rtn", "gptq"); None if it mixes methods, prunes,
+    or quantizes nothing (such a plan is not one the interaction model can be fitted on)."""
+    if any(r.prune for r in resolved):
+        return None
+    methods = {r.method for r in resolved if r.method}
+    return methods.pop() if len(methods) == 1 else None
+
+
+@dataclass(frozen=True)
+class MeasuredFit:
+    model: object  # plan.interactions.InteractionModel
+    observations: list  # one dict per (candidate, slice) fitted on
+    last: dict | None  # the newest measured plan's worst slice, predicted by a fit without that plan, and measured
+
+
+def measured_observations(store, spec: str, weights_hash: str, rows, records, method: str, metric: str = "kl"):
+    """(candidate id, per-bit-width score sums, measured value, what it is) for each measured slice of this model's
+    candidates whose plan uses `method` on menu settings only and whose slices have scores."""
+    from shrink_core.errors import ShrinkError
+    from shrink_core.plan.interactions import features
+    from shrink_core.plan.io import load_plan
+    from shrink_core.plan.menu import QUANT_SETTINGS
+    from shrink_core.plan.resolve import resolve
+
+    scores = score_table(records, metric)
+    for candidate in store.candidates():
+        if candidate["model_spec"] != spec or candidate["weights_hash"] != weights_hash or not candidate["plan"]:
+            continue
+        try:
+            resolved = resolve(rows, load_plan(candidate["plan"]))
+        except ShrinkError:  # a plan that does not fit this layout: no evidence about it
+            continue
+        choice = settings_by_module(resolved)
+        if plan_method(resolved) != method or any(s != "keep" and s not in QUANT_SETTINGS for s in choice.values()):
+            continue  # another method, or a format off the menu that no scan scored (fp16, custom)
+        for row in store.results("eval", candidate_id=candidate["id"]):
+            value = row["payload"].get(metric)
+            if value is None:
+                continue
+            try:
+                x = features(choice, scores, row["slice"])
+            except KeyError:  # a setting or slice the scan did not score
+                continue
+            yield candidate["id"], x, float(value), {"candidate": candidate["name"], "slice": row["slice"],
+                                                     "measured": float(value), "protocol": row["budget"]}
+
+
+def fit_measured(store, spec: str, weights_hash: str, rows, records, method: str, metric: str = "kl") -> MeasuredFit:
+    """The interaction model (`plan/interactions.py`) fitted on this model's measured candidates of one method.
+
+    Each measured slice of a candidate (`measured_observations`) is one observation: the scan's score sums per
+    bit-width against the measured KL. GPTQ candidates fit their own model: the same RTN scan scores, scaled to what
+    GPTQ measured. `last` is the closed loop's error: the newest plan predicted by the model fitted on the plans
+    measured before it."""
+    import numpy as np
+
+    from shrink_core.plan.interactions import InteractionModel, fit
+
+    found = list(measured_observations(store, spec, weights_hash, rows, records, method, metric))
+    if not found:
+        return MeasuredFit(InteractionModel.additive(), [], None)
+    ids = [f[0] for f in found]
+    x, y = np.array([f[1] for f in found]), np.array([f[2] for f in found])
+    used = [f[3] for f in found]
+    newest = max(ids)
+    mine = np.array([i == newest for i in ids])
+    before = fit(x[~mine], y[~mine], [i for i in ids if i != newest]) if (~mine).any() else InteractionModel.additive()
+    predicted = before.predict(x[mine])
+    worst = int(np.argmax(y[mine]))
+    newest_used = [u for u, i in zip(used, ids) if i == newest]
+    last = {"candidate": newest_used[worst]["candidate"], "slice": newest_used[worst]["slice"],
+            "predicted": float(predicted[worst]), "measured": float(y[mine][worst]),
+            "error": float((predicted[worst] - y[mine][worst]) / max(y[mine][worst], 1e-9)),
+            "fitted_on_plans": before.plans}
+    return MeasuredFit(fit(x, y, ids), used, last)

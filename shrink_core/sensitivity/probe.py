@@ -135,10 +135,13 @@ class ProbeResult:
     seconds: float
 
 
-def probe(cache: ProbeCache, modules: dict[str, torch.nn.Module], blocks: dict[str, int], setting: Setting,
-          reuse_prefix: bool = True, stop_rel_error: float | None = None) -> ProbeResult:
+def probe(cache: ProbeCache, modules: dict[str, torch.nn.Module], blocks: dict[str, int],
+          setting: Setting | dict[str, Setting], reuse_prefix: bool = True,
+          stop_rel_error: float | None = None) -> ProbeResult:
     """Perturb `modules` (name -> nn.Linear or nn.Embedding) together, score the probe set, restore the original
-    weight tensors. `blocks`: name -> block, -1 for the embedding, L for an untied lm_head."""
+    weight tensors. `blocks`: name -> block, -1 for the embedding, L for an untied lm_head. `setting`: one for all
+    modules, or one per module (a mixed-precision plan measured as a whole)."""
+    per_module = setting if isinstance(setting, dict) else dict.fromkeys(modules, setting)
     started = time.perf_counter()
     originals = {name: m.weight.data for name, m in modules.items()}
     first = min(blocks[name] for name in modules)
@@ -147,7 +150,7 @@ def probe(cache: ProbeCache, modules: dict[str, torch.nn.Module], blocks: dict[s
     try:
         with torch.inference_mode():
             for name, module in modules.items():
-                module.weight.data = perturbed(setting, originals[name])
+                module.weight.data = perturbed(per_module[name], originals[name])
             n = cache.ids.shape[0]
             for start in range(0, n, cache.chunk):
                 stop = min(n, start + cache.chunk)

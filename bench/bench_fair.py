@@ -1,0 +1,186 @@
+"""The planner against uniform quantization on equal terms: same bytes, same method, the embedding at the same setting
+on both sides, so the planner can only win by how it spreads bits over the block linears.
+
+  python bench/bench_fair.py --from bench/results/predict-DATE/plans.jsonl [--sizes w4g128,w4g64,w3g64,3.5]
+                             [--methods rtn,gptq] [--loop-rounds 3] [--sequences 24] [--seq-len 256]
+
+--from: a `bench_predict.py collect` file: its scan scores (fast scan, every quantizing menu setting, en fr zh code
+  arith) and its measured random plans, on which the interaction model is fitted (the same model weights are checked).
+Per size: uniform = every block linear at that setting; the planner gets the block linears' packed bytes of that
+  uniform plan (for "3.5": 3.5 bits per block-linear weight, against the largest uniform setting that fits).
+  Embedding (tied head) at --embedding on both sides. Three planner variants: additive scores; the fitted interaction
+  model; the fitted model plus a closed loop (plan, measure the plan whole with RTN on calibration text, refit, plan
+  again). Every plan is applied with the method (RTN or GPTQ with the default calibration recipe) and MEASURED on
+  --sequences x --seq-len tokens of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI
+  over sequences, and the paired CI of planner - uniform.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from shrink_core.plan.interactions import LoopState, closed_loop, features, fit  # noqa: E402
+from shrink_core.plan.menu import MENU, QUANT_SETTINGS  # noqa: E402
+
+
+def emit(figures: dict) -> None:
+    print(json.dumps({**figures, "load_average": [round(x, 2) for x in os.getloadavg()]}), flush=True)
+
+
+def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[float]:
+    rng = np.random.default_rng(seed)
+    means = values[rng.integers(0, len(values), size=(resamples, len(values)))].mean(axis=1)
+    return [round(float(np.percentile(means, 2.5)), 5), round(float(np.percentile(means, 97.5)), 5)]
+
+
+def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
+    """Mean KL(reference || model) per token of each sequence, for each model, on the same tokens."""
+    out = {label: [] for label in models}
+    with torch.inference_mode():
+        for part in ids.split(chunk):
+            ref = torch.log_softmax(reference(part).logits[:, :-1].float(), dim=-1)
+            for label, model in models.items():
+                logp = torch.log_softmax(model(part).logits[:, :-1].float(), dim=-1)
+                out[label].append((ref.exp() * (ref - logp)).sum(-1).clamp_min(0).mean(-1).double().numpy())
+    return {label: np.concatenate(parts) for label, parts in out.items()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--from", dest="source", required=True)
+    parser.add_argument("--sizes", default="w4g128,w4g64,w3g64,3.5")
+    parser.add_argument("--methods", default="rtn,gptq")
+    parser.add_argument("--embedding", default="w8", help="the embedding's setting on both sides (or keep)")
+    parser.add_argument("--variants", default="additive,fitted,loop")
+    parser.add_argument("--loop-rounds", type=int, default=3)
+    parser.add_argument("--sequences", type=int, default=24)
+    parser.add_argument("--seq-len", type=int, default=256)
+    args = parser.parse_args()
+
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+    from shrink_core.model.inventory import block_linears, inventory
+    from shrink_core.model.load import load
+    from shrink_core.plan.planner import build_problem, setting_bytes, solution_plan, solve
+    from shrink_core.sensitivity.probe import ProbeCache, calib_tokens, eval_tokens, probe
+    from shrink_core.sensitivity.scan import embedding_rows
+
+    lines = [json.loads(line) for line in Path(args.source).read_text().splitlines()]
+    header = lines[0]
+    measured_plans = lines[1:]
+    loaded = load(header["model"])
+    if loaded.weights_hash != header["weights_hash"]:
+        raise SystemExit(f"{args.source} was collected on other weights than {header['model']} has now.")
+    slices = list(header["slices"])
+    scores = {(m, s, sl): v for m, s, sl, v in header["scores_table"]}
+    rows = inventory(loaded.model)
+    linears = [r.name for r in block_linears(rows)]
+    embeddings = [r.name for r in embedding_rows(rows)]
+    linear_scores = {k: v for k, v in scores.items() if k[0] in set(linears)}
+    settings = list(QUANT_SETTINGS)
+    x = [r["features"][s] for r in measured_plans for s in slices]
+    y = [r["measured"][s] for r in measured_plans for s in slices]
+    ids = [r["index"] for r in measured_plans for s in slices]
+    fitted = fit(np.array(x), np.array(y), ids)
+    emit({"part": "model", "fitted_on_plans": fitted.plans, "model": fitted.to_dict(), "source": args.source})
+
+    by_name = {r.name: r for r in rows}
+    params = np.array([by_name[m].params for m in linears], dtype=float)
+    per_setting = setting_bytes(rows, linears, settings).sum(axis=0)  # uniform block-linear bytes per setting
+    embedding_choice = dict.fromkeys(embeddings, args.embedding)
+    modules = {m: loaded.model.get_submodule(m) for m in linears + embeddings}
+    blocks = {m: (by_name[m].block if by_name[m].block is not None else -1) for m in modules}
+    loop_caches = {s: ProbeCache(loaded.model, calib_tokens(loaded.tokenizer, s, 8, 256)) for s in slices}
+    eval_ids = {s: eval_tokens(loaded.tokenizer, s, args.sequences, args.seq_len) for s in slices}
+    calibration = calibration_tokens(loaded.tokenizer, CalibrationRecipe())
+
+    def loop_measure(choice):  # whole plan, RTN as scored, on calibration text (never the eval text)
+        full = {**choice, **embedding_choice}
+        per_module = {m: MENU[s] for m, s in full.items() if s != "keep"}
+        return {s: probe(loop_caches[s], {m: modules[m] for m in per_module}, blocks, per_module).kl for s in slices}
+
+    def rows_of(choice):
+        full = {**choice, **embedding_choice}
+        return {s: features(full, scores, s) for s in slices}
+
+    for size in args.sizes.split(","):
+        if size in QUANT_SETTINGS:
+            budget, uniform = float(per_setting[settings.index(size)]), size
+        else:
+            budget = float(size) * params.sum() / 8
+            fits = [s for s in settings if per_setting[settings.index(s)] <= budget]
+            uniform = max(fits, key=lambda s: per_setting[settings.index(s)])
+        size_label = f"uniform {size}" if size in QUANT_SETTINGS else f"{size} bits per weight (uniform: {uniform})"
+        choices, loop_rounds = {}, []
+
+        def plan_with(model, budget=budget):
+            problem = build_problem(rows, linear_scores, slices, settings, model=model)
+            return solve(problem, budget_bytes=budget, objective="worst").choice
+
+        started = time.perf_counter()
+        for variant in args.variants.split(","):
+            t0 = time.perf_counter()
+            if variant == "additive":
+                choices[variant] = plan_with(None)
+            elif variant == "fitted":
+                choices[variant] = plan_with(fitted)
+            elif variant == "loop":
+                state = LoopState(list(np.array(x)), list(y), list(ids))
+                rounds, _ = closed_loop(plan_with, loop_measure, rows_of, state=state, rounds=args.loop_rounds)
+                best = min(rounds, key=lambda r: r.worst_measured)
+                choices[variant] = best.choice
+                loop_rounds = [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
+                                "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
+                                "seconds": round(r.seconds, 1)} for r in rounds]
+            emit({"part": "plan", "size_of": size_label, "variant": variant, "seconds": round(time.perf_counter() - t0, 1),
+                  "settings": {s: list(choices[variant].values()).count(s) for s in settings
+                               if s in choices[variant].values()},
+                  "bytes": float(sum(setting_bytes(rows, [m], [choices[variant][m]])[0, 0] for m in linears)),
+                  "budget": budget, **({"rounds": loop_rounds} if variant == "loop" else {})})
+        plan_seconds = time.perf_counter() - started
+
+        for method in args.methods.split(","):
+            plans = {"uniform": solution_plan({**dict.fromkeys(linears, uniform), **embedding_choice}, rows, method,
+                                              f"uniform {uniform}")}
+            plans.update({f"planner-{v}": solution_plan({**c, **embedding_choice}, rows, method, f"planner {v}")
+                          for v, c in choices.items()})
+            models, applied = {}, {}
+            for label, plan in plans.items():
+                model = copy.deepcopy(loaded.model)
+                report = apply_plan_(model, plan, calibration if method == "gptq" else None)
+                models[label], applied[label] = model.eval(), report
+            kl = {s: per_sequence_kl(loaded.model, models, eval_ids[s]) for s in slices}
+            figures = {label: {s: {"kl": round(float(kl[s][label].mean()), 5), "ci95": bootstrap(kl[s][label])}
+                               for s in slices} for label in plans}
+            worst = {label: max(slices, key=lambda s: kl[s][label].mean()) for label in plans}
+            paired = {label: {s: {"diff": round(float((kl[s][label] - kl[s]["uniform"]).mean()), 5),
+                                  "ci95": bootstrap(kl[s][label] - kl[s]["uniform"])} for s in slices}
+                      for label in plans if label != "uniform"}
+            uniform_worst = float(kl[worst["uniform"]]["uniform"].mean())
+            emit({"part": "fair", "model": header["model"], "size_of": size_label, "method": method,
+                  "embedding": args.embedding, "eval": f"{args.sequences} x {args.seq_len} tokens of each slice's eval "
+                  "rows, KL(reference || plan) per token, measured on CPU",
+                  "packed_bytes": {label: r.totals["total_packed_bytes"] for label, r in applied.items()},
+                  "per_slice": figures, "worst_slice": {label: {"slice": s, "kl": figures[label][s]["kl"],
+                                                                "ci95": figures[label][s]["ci95"]}
+                                                        for label, s in worst.items()},
+                  "ratio_to_uniform_worst": {label: round(figures[label][worst[label]]["kl"] / uniform_worst, 4)
+                                             for label in plans if label != "uniform"},
+                  "paired_minus_uniform": paired, "planning_seconds": round(plan_seconds, 1)})
+            del models
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""A prediction of a whole plan's KL that accounts for interactions, fitted on measured plans.
+
+The scan scores one module at a time; their sum (`predict.predict`) is the additive prediction. Quantization errors
+compound: at 2-3 bits the sum underestimates what many modules do together, at 8 bits it overestimates nothing
+measurable. The fitted model keeps the scan's per-module scores and corrects them with a few numbers measured on whole
+plans:
+
+    KL(plan, slice) ~= sum_c alpha_c * S_c  +  gamma * S**2
+
+S_c is the sum of the scores of the modules the plan puts at bit-width c, S = sum_c S_c. alpha_c scales each
+bit-width's scores (errors at low bits compound), gamma is a rank-1 pairwise term: every pair of perturbed modules
+adds gamma * s_i * s_j, i.e. the cross terms of S**2. Coefficients are non-negative (more error never predicts less
+KL) and fitted by least squares on relative error, so a 0.01-KL plan counts as much as a 2-KL plan.
+The linear part is what the MILP planner can optimise exactly (scores scaled per bit-width); the quadratic part is
+monotone in S, and the closed loop (`closed_loop`) measures what the planner then chooses.
+Pure numpy/scipy: no torch, no model.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shrink_core.plan.menu import QUANT_SETTINGS
+
+BIT_CLASSES = tuple(sorted({spec["bits"] for spec in QUANT_SETTINGS.values()}, reverse=True))  # (8, 6, 4, 3, 2)
+
+
+def bit_class(setting: str) -> int | None:
+    """The bit-width a menu setting belongs to; None for keep (no error) and anything off the menu."""
+    spec = QUANT_SETTINGS.get(setting)
+    return None if spec is None else spec["bits"]
+
+
+def features(choice: dict[str, str], scores: dict[tuple[str, str, str], float], slice_id: str) -> np.ndarray:
+    """(len(BIT_CLASSES),) sums of the scan's scores per bit-width for one plan on one slice (keep adds nothing)."""
+    out = np.zeros(len(BIT_CLASSES))
+    for module, setting in choice.items():
+        bits = bit_class(setting)
+        if bits is None:
+            continue
+        value = scores.get((module, setting, slice_id))
+        if value is None:
+            raise KeyError(f"no score for {module} at {setting} on {slice_id}")
+        out[BIT_CLASSES.index(bits)] += max(value, 0.0)
+    return out
+
+
+def _design(x: np.ndarray) -> np.ndarray:
+    """Regressors per observation: the per-bit-width sums and the square of their total."""
+    x = np.atleast_2d(np.asarray(x, dtype=float))
+    return np.hstack([x, x.sum(axis=1, keepdims=True) ** 2])
+
+
+@dataclass(frozen=True)
+class InteractionModel:
+    alpha: tuple[float, ...]  # per BIT_CLASSES: scale of that bit-width's summed scores
+    gamma: float  # pairwise term on the squared total
+    observations: int  # (plan, slice) pairs fitted on
+    plans: int  # measured plans they come from
+    log_spread: float  # leave-one-plan-out RMS of log(measured / predicted): the interval's width
+    classes: tuple[int, ...] = BIT_CLASSES
+
+    @staticmethod
+    def additive() -> InteractionModel:
+        """The scan's plain sum: alpha 1, no pairwise term, no measured plan behind it (no interval)."""
+        return InteractionModel(tuple(1.0 for _ in BIT_CLASSES), 0.0, 0, 0, math.nan)
+
+    @property
+    def fitted(self) -> bool:
+        return self.plans > 0
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """Predicted KL for rows of per-bit-width sums (n, classes) -> (n,)."""
+        return _design(x) @ np.array([*self.alpha, self.gamma])
+
+    def interval(self, x: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
+        """An approximate 95% interval: the prediction times exp(+-z * the held-out log spread); NaN if not fitted."""
+        value = self.predict(x)
+        if not self.fitted or not math.isfinite(self.log_spread):
+            return np.full_like(value, np.nan), np.full_like(value, np.nan)
+        factor = math.exp(z * self.log_spread)
+        return value / factor, value * factor
+
+    def scale(self, setting: str) -> float:
+        """The factor the planner multiplies this setting's scores by (its bit-width's alpha; keep: 1)."""
+        bits = bit_class(setting)
+        return 1.0 if bits is None else self.alpha[self.classes.index(bits)]
+
+    def to_dict(self) -> dict:
+        return {"alpha": dict(zip([f"{c}-bit" for c in self.classes], self.alpha)), "gamma": self.gamma,
+                "observations": self.observations, "plans": self.plans, "log_spread": self.log_spread}
+
+
+def _solve(x: np.ndarray, y: np.ndarray, ridge: float) -> np.ndarray:
+    """Non-negative least squares on relative error. `ridge` pulls each alpha toward 1 (the scan's own score), so a
+    bit-width no measured plan used keeps its score as is, and a few plans move the alphas only as far as they show;
+    gamma is free: a single measured plan is explained by compounding (gamma) before any bit-width is rescaled."""
+    from scipy.optimize import nnls
+
+    weight = 1.0 / np.maximum(y, 1e-4)  # relative error: each observation counts by its own size
+    a = _design(x) * weight[:, None]
+    b = y * weight
+    k = len(BIT_CLASSES)
+    if ridge > 0:
+        a = np.vstack([a, np.hstack([np.sqrt(ridge) * np.eye(k), np.zeros((k, 1))])])
+        b = np.concatenate([b, np.sqrt(ridge) * np.ones(k)])
+    coef, _ = nnls(a, b)
+    return coef
+
+
+def fit(x: np.ndarray, y: np.ndarray, plan_ids: list, ridge: float = 0.05) -> InteractionModel:
+    """x: (n, classes) per-bit-width score sums; y: (n,) measured KL; plan_ids: which plan each row came from (the
+    held-out spread leaves whole plans out, since a plan's slices are not independent)."""
+    x, y = np.asarray(x, dtype=float), np.asarray(y, dtype=float)
+    if len(y) == 0:
+        return InteractionModel.additive()
+    coef = _solve(x, y, ridge)
+    ids = list(dict.fromkeys(plan_ids))
+    residuals = []
+    if len(ids) >= 3:
+        for held in ids:
+            keep = np.array([p != held for p in plan_ids])
+            c = _solve(x[keep], y[keep], ridge)
+            predicted = _design(x[~keep]) @ c
+            residuals += list(np.log(np.maximum(y[~keep], 1e-6) / np.maximum(predicted, 1e-6)))
+    spread = float(np.sqrt(np.mean(np.square(residuals)))) if residuals else math.nan
+    return InteractionModel(tuple(float(v) for v in coef[:-1]), float(coef[-1]), len(y), len(ids), spread)
+
+
+def r_squared(predicted, measured) -> float:
+    """1 - SS_res / SS_tot of the predictions as they are (not refitted to the measurements)."""
+    predicted, measured = np.asarray(predicted, dtype=float), np.asarray(measured, dtype=float)
+    total = float(((measured - measured.mean()) ** 2).sum())
+    return 1.0 - float(((measured - predicted) ** 2).sum()) / total if total > 0 else math.nan
+
+
+@dataclass(frozen=True)
+class Round:
+    """One closed-loop round: the plan the planner chose with the model of that round, and what it measured."""
+    index: int
+    choice: dict[str, str]
+    predicted: dict[str, float]  # slice -> KL the round's model predicted
+    measured: dict[str, float]  # slice -> KL measured
+    model: dict  # InteractionModel.to_dict() the round planned with
+    seconds: float
+
+    @property
+    def worst_predicted(self) -> float:
+        return max(self.predicted.values())
+
+    @property
+    def worst_measured(self) -> float:
+        return max(self.measured.values())
+
+    @property
+    def error(self) -> float:
+        """Relative error of the worst-slice prediction: (predicted - measured) / measured."""
+        return (self.worst_predicted - self.worst_measured) / max(self.worst_measured, 1e-9)
+
+
+@dataclass
+class LoopState:
+    """What the loop has measured so far: the fitting data of the next round's model."""
+    x: list = field(default_factory=list)
+    y: list = field(default_factory=list)
+    plan_ids: list = field(default_factory=list)
+
+    def add(self, plan_id, rows: np.ndarray, measured: list[float]) -> None:
+        self.x += list(rows)
+        self.y += list(measured)
+        self.plan_ids += [plan_id] * len(measured)
+
+
+def closed_loop(plan_with: Callable[[InteractionModel], dict[str, str]],
+                measure: Callable[[dict[str, str]], dict[str, float]],
+                rows_of: Callable[[dict[str, str]], dict[str, np.ndarray]],
+                state: LoopState | None = None, rounds: int = 4, time_budget_s: float = 240.0,
+                clock: Callable[[], float] | None = None,
+                on_round: Callable[[Round], None] | None = None) -> tuple[list[Round], InteractionModel]:
+    """Plan with the current model, measure the plan, refit on everything measured, plan again; stop after
+    `rounds`, when the time budget is spent, when the planner repeats a plan, or when the measured worst slice stops
+    improving. `state` may hold plans measured before (a warm start). Returns the rounds and the last model.
+
+    plan_with(model) -> module -> setting; measure(choice) -> slice -> measured KL;
+    rows_of(choice) -> slice -> per-bit-width score sums (`features`)."""
+    import time
+
+    clock = clock or time.perf_counter
+    state = state or LoopState()
+    started = clock()
+    model = fit(np.array(state.x), np.array(state.y), state.plan_ids) if state.y else InteractionModel.additive()
+    done: list[Round] = []
+    seen: set = set()
+    for index in range(rounds):
+        round_start = clock()
+        choice = plan_with(model)
+        key = tuple(sorted(choice.items()))
+        if key in seen:
+            break
+        seen.add(key)
+        rows = rows_of(choice)
+        slices = list(rows)
+        predicted = dict(zip(slices, (float(v) for v in model.predict(np.array([rows[s] for s in slices])))))
+        measured = measure(choice)
+        result = Round(index, choice, predicted, {s: float(measured[s]) for s in slices}, model.to_dict(),
+                       clock() - round_start)
+        done.append(result)
+        if on_round:
+            on_round(result)
+        state.add(("loop", index), np.array([rows[s] for s in slices]), [measured[s] for s in slices])
+        model = fit(np.array(state.x), np.array(state.y), state.plan_ids)
+        improving = len(done) < 2 or done[-1].worst_measured < min(r.worst_measured for r in done[:-1])
+        if not improving or clock() - started > time_budget_s:
+            break
+    return done, model

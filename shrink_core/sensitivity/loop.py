@@ -1,0 +1,115 @@
+"""The planner's closed loop, as a job: plan with the model fitted on what was measured, run the plan for real,
+refit, plan again (`plan/interactions.closed_loop`).
+
+Each round's plan is run exactly as "Run this plan" runs one (`results.eval_run.run_eval`: applied with its method,
+evaluated against the reference on the chosen slices, stored as a candidate), so every round shows on the Results
+page and feeds the fit of the Plan page's prediction. The fit starts from every measured plan of this model and
+method already in the store.
+"""
+from __future__ import annotations
+
+import time
+
+import numpy as np
+
+from shrink_core.errors import ShrinkError
+from shrink_core.model.inventory import modules_from_rows
+from shrink_core.plan import dump_plan, load_plan, plan_to_dict, resolve
+from shrink_core.plan.budget import PlannerBudget, plan_within_budget
+from shrink_core.plan.edit import with_rules_first
+from shrink_core.plan.interactions import LoopState, closed_loop, features
+from shrink_core.plan.planner import build_problem, solution_plan
+from shrink_core.plan.predict import score_table, settings_by_module
+from shrink_core.results.prediction import measured_observations
+from shrink_core.results.store import Store
+from shrink_core.sensitivity.scan import stored_records
+
+
+def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], budget: dict, plan: str,
+              method: str = "rtn", objective: str = "worst", pinned: dict | None = None,
+              exclude: list[str] | None = None, target: str | None = None, eval_budget: str = "fast",
+              rounds: int = 3, time_budget_s: float = 240.0, progress=None, job_id: int | None = None) -> dict:
+    """Rounds of plan -> run -> refit under one planner budget ({"kind": ..., "value": ...}); `plan` is the draft the
+    planner's rules go in front of, `pinned`/`exclude` what the Plan page pins or leaves to hand-written rules."""
+    from shrink_core.model.load import load
+    from shrink_core.perf.hardware import get as get_hardware
+    from shrink_core.results.eval_run import run_eval
+
+    progress = progress or (lambda fraction, message="": None)
+    described = store.latest_model(spec)
+    if described is None:
+        raise ShrinkError(f"Load `{spec}` on the Model page first: the loop plans against its modules.")
+    rows = modules_from_rows(described["modules"])
+    weights_hash = described["weights_hash"]
+    records = stored_records(store, spec, weights_hash)
+    excluded = set(exclude or [])
+    all_scores = score_table(records, "kl")  # every scored module: the fit sees the whole plan that is run
+    scores = {k: v for k, v in all_scores.items() if k[1] in settings and k[0] not in excluded}
+    if not scores:
+        raise ShrinkError("The closed loop needs KL sensitivity scores for these settings: run a scan first.")
+    hardware = get_hardware(target) if target else None
+    base_resolved = resolve(rows, load_plan(plan))
+    limit = PlannerBudget(budget["kind"], float(budget["value"]))
+    loaded = load(spec)
+    progress(0.02, "loaded the model")
+    started = time.perf_counter()
+    texts: dict[tuple, str] = {}
+
+    def plan_with(model) -> dict[str, str]:
+        problem = build_problem(rows, scores, slices, settings, pinned=pinned, hardware=hardware,
+                                model=model if model.fitted else None)
+        solution = plan_within_budget(problem, rows, described["summary"], limit, objective=objective,
+                                      base_resolved=base_resolved, hardware=hardware).solution
+        texts[tuple(sorted(solution.choice.items()))] = plan_to_dict(solution_plan(solution.choice, rows, method))["rules"]
+        return solution.choice
+
+    def whole_plan(choice) -> str:
+        """The planner's rules in front of the draft: the plan that is run, modules outside the planner included."""
+        return with_rules_first(plan, texts[tuple(sorted(choice.items()))], rows=rows)
+
+    def rows_of(choice):
+        every = settings_by_module(resolve(rows, load_plan(whole_plan(choice))))
+        try:
+            return {s: features(every, all_scores, s) for s in slices}
+        except KeyError as exc:
+            raise ShrinkError(f"The closed loop predicts the whole plan, but there is {exc.args[0]}; scan that "
+                              "setting on that slice, or change the draft's rule for that module.") from None
+
+    done: list[dict] = []
+
+    def measure(choice) -> dict[str, float]:
+        index = len(done)
+        data = plan_to_dict(load_plan(whole_plan(choice)))
+        data["name"] = f"closed loop round {index + 1} ({limit.kind} {limit.value:g}, {method})"
+        base = 0.05 + 0.9 * index / rounds
+
+        def step(fraction, message=""):
+            progress(base + 0.9 / rounds * fraction, f"round {index + 1}/{rounds}: {message}")
+
+        report = run_eval(spec, slices, eval_budget, dump_plan(load_plan(data)), store=store, progress=step,
+                          job_id=job_id, loaded=loaded)
+        done.append({"candidate_id": report["candidate_id"], "name": data["name"]})
+        return {s: report["slices"][s].get("kl", np.nan) for s in slices}
+
+    state = LoopState()  # warm start: every plan of this model and method measured before
+    for candidate_id, x, y, _ in measured_observations(store, spec, weights_hash, rows, records, method):
+        state.add(candidate_id, np.array([x]), [y])
+    loop_rounds, model = closed_loop(plan_with, measure, rows_of, state=state, rounds=rounds,
+                                     time_budget_s=time_budget_s)
+    out = []
+    for r, stored in zip(loop_rounds, done):
+        out.append({"round": r.index + 1, "candidate_id": stored["candidate_id"], "name": stored["name"],
+                    "predicted_worst": r.worst_predicted, "measured_worst": r.worst_measured,
+                    "error": r.error, "fitted_on_plans": r.model["plans"], "seconds": round(r.seconds, 1)})
+    progress(1.0, "done")
+    return {"rounds": out, "model": model.to_dict(), "seconds": round(time.perf_counter() - started, 1),
+            "eval_budget": eval_budget, "method": method}
+
+
+def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget: dict, plan: str, method: str = "rtn",
+                  objective: str = "worst", pinned: dict | None = None, exclude: list[str] | None = None,
+                  target: str | None = None, eval_budget: str = "fast", rounds: int = 3,
+                  time_budget_s: float = 240.0) -> dict:
+    """Job: the Plan page's "Plan, run, refit (closed loop)"."""
+    return plan_loop(ctx.store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
+                     eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id)

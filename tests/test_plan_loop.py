@@ -1,0 +1,31 @@
+"""The closed loop on the real model: each round's plan is run for real, stored as a candidate, and fitted on."""
+from shrink_core.model.inventory import modules_from_rows
+from shrink_core.plan import dump_plan, load_plan
+from shrink_core.results.prediction import fit_measured
+from shrink_core.results.store import Store
+from shrink_core.sensitivity.loop import plan_loop
+from shrink_core.sensitivity.scan import stored_records
+
+SPEC = "builtin:smollm2-135m"
+
+
+def test_each_round_is_a_measured_candidate_and_the_next_round_plans_with_its_fit(scanned_home):
+    store = Store()
+    described = store.latest_model(SPEC)
+    seen = []
+    result = plan_loop(store, SPEC, ["user_notes"], ["w4g64", "w3g64"], {"kind": "bits_per_weight", "value": 4.0},
+                       dump_plan(load_plan("preset:w4g64")), rounds=2, progress=lambda f, m="": seen.append(m))
+    rounds = result["rounds"]
+    assert 1 <= len(rounds) <= 2 and any(m.startswith("round 1/2") for m in seen)
+    for r in rounds:  # every round is a stored candidate whose measured KL is the round's measured worst slice
+        (row,) = store.results("eval", candidate_id=r["candidate_id"])
+        assert row["slice"] == "user_notes" and row["payload"]["kl"] == r["measured_worst"] > 0
+        assert r["name"].startswith(f"closed loop round {r['round']}")
+    assert rounds[0]["fitted_on_plans"] == 0  # nothing measured before: the first round plans on the scan's sums
+    if len(rounds) == 2:
+        assert rounds[1]["fitted_on_plans"] == 1
+    rows = modules_from_rows(described["modules"])
+    fitted = fit_measured(store, SPEC, described["weights_hash"], rows,
+                          stored_records(store, SPEC, described["weights_hash"]), "rtn")
+    assert fitted.model.plans == len(rounds)  # the Plan page's prediction now learns from the loop's rounds
+    assert result["model"]["plans"] == len(rounds)
