@@ -260,7 +260,7 @@ else:
     planner_fit = fit_measured(db, spec, described["weights_hash"], rows, records, method)
     can_fit = planner_fit.model.fitted and metric == "kl"
     use_fit = st.checkbox(f"Correct the KL scores with the fit on {planner_fit.model.plans} measured {method} plan(s)",
-                          value=can_fit, disabled=not can_fit, key="planner_use_fit",
+                          value=can_fit, disabled=not can_fit, key=f"planner_use_fit_{method}_{can_fit}",
                           help="Scales each bit-width's scores by its fitted alpha (errors at low bits compound), "
                                "the part of the fitted model the exact solver can optimise. Needs the KL metric and "
                                "measured plans (Run this plan, below).")

@@ -128,3 +128,40 @@ def test_predicted_worst_slice_names_its_metric_and_unit(stored_tiny):
     at.radio(key="predict_metric").set_value("dnll").run()
     card = next(m for m in at.metric if m.label.startswith("Predicted worst slice"))
     assert card.value.endswith(" ΔNLL"), card.value
+
+
+def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_tiny):
+    """Measured plans of the draft's method correct the additive sum: the page shows the fit, its interval, the newest
+    plan's error, and the planner can plan with it."""
+    store_scores(stored_tiny)
+    store = Store()
+    kinds = ["q", "k", "v", "o", "gate", "up", "down"]
+
+    def rule(bits, blocks=None):
+        return {"kind": kinds, **({"blocks": blocks} if blocks is not None else {}),
+                "weights": {"bits": bits, "group_size": 64, "symmetric": False, "method": "gptq"}}
+
+    measured = {"w4": ([rule(4)], 0.3), "w3": ([rule(3)], 1.9), "mixed": ([rule(3, [0]), rule(4)], 1.1),
+                "w3 front": ([rule(3, [1]), rule(4)], 0.5)}
+    for name, (rules, kl) in measured.items():
+        plan = {"version": 1, "name": name, "rules": rules}
+        cid = store.upsert_candidate(name=name, kind="quantized", model_spec=SPEC, weights_hash="tiny",
+                                     code_version="t", plan=plan)
+        for slice_id, factor in (("en", 1.0), ("zh", 1.2)):
+            store.add_result("eval", Provenance(SPEC, "tiny", "t", "cpu", plan=plan, slice=slice_id, budget="fast"),
+                             {"kl": kl * factor, "nll": 3.0}, candidate_id=cid)
+    at = page().run()
+    assert not at.exception, at.exception
+    card = next(m for m in at.metric if m.label.startswith("Fitted worst slice"))
+    assert card.value.startswith("+") and card.value.endswith(" KL") and "95% interval" in card.help
+    error = next(m for m in at.metric if m.label.startswith("Newest measured plan"))
+    assert "w3 front" in error.help and "3 plan(s) measured before it" in error.help
+    assert any("fitted on 4 measured gptq plans" in c.value for c in at.caption)
+    assert not at.checkbox(key="planner_use_fit_rtn_False").value  # the planner's method: no RTN plan measured
+    at.selectbox(key="planner_method").set_value("gptq").run()
+    assert at.checkbox(key="planner_use_fit_gptq_True").value  # on by default once plans of its method are measured
+    at.radio(key="planner_budget_kind").set_value("bits/weight").run()
+    at.number_input(key="planner_budget_bits/weight").set_value(4.0)
+    at.button(key="run_planner").click().run()
+    assert not at.exception, at.exception
+    assert at.session_state["planner_result"]["status"] == "optimal"
