@@ -147,3 +147,11 @@ def test_fit_measured_uses_this_models_plans_of_one_method_and_reports_the_newes
     assert gptq.last["fitted_on_plans"] == 0  # the only plan: predicted by the additive sum (0.21 for 0.1 measured)
     assert gptq.last["predicted"] == pytest.approx(0.21)
     assert not fit_measured(store, "toy", "h", rows, [], "rtn").model.fitted  # no scores: nothing to fit
+
+
+def test_closed_loop_leaves_out_a_slice_that_measured_no_kl():
+    scores = {("a", "w4g64", s): 0.1 for s in ("en", "arith")}
+    rounds, model = closed_loop(lambda m: {"a": "w4g64"}, lambda c: {"en": 0.2, "arith": float("nan")},
+                                lambda c: {s: features(c, scores, s) for s in ("en", "arith")}, rounds=2)
+    assert list(rounds[0].measured) == ["en"] and list(rounds[0].predicted) == ["en"]
+    assert model.observations == 1  # the NaN never reached the fit

@@ -202,9 +202,12 @@ def closed_loop(plan_with: Callable[[InteractionModel], dict[str, str]],
             break
         seen.add(key)
         rows = rows_of(choice)
-        slices = list(rows)
-        predicted = dict(zip(slices, (float(v) for v in model.predict(np.array([rows[s] for s in slices])))))
         measured = measure(choice)
+        # a slice whose evaluation gives no KL (NaN, missing) is neither predicted nor fitted on
+        slices = [s for s in rows if math.isfinite(float(measured.get(s, math.nan)))]
+        if not slices:
+            break
+        predicted = dict(zip(slices, (float(v) for v in model.predict(np.array([rows[s] for s in slices])))))
         result = Round(index, choice, predicted, {s: float(measured[s]) for s in slices}, model.to_dict(),
                        clock() - round_start)
         done.append(result)
