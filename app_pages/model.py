@@ -99,6 +99,12 @@ st.caption(
     f"{' from the fp32 cache' if described['from_cache'] else ''}; weights sha256 {described['weights_hash'][:12]}."
 )
 
+if summary.get("experts") or summary.get("fused_kinds"):
+    st.caption(f"Layout: {summary.get('experts') or 'no'} experts per MoE layer (one inventory row each, the router "
+               f"kept); fused kinds: {', '.join(summary.get('fused_kinds') or []) or 'none'} (one setting each).")
+if summary.get("uncovered"):  # module types the inventory does not know: said, never skipped silently
+    st.warning(summary["uncovered"])
+
 modules = pd.DataFrame(described["modules"])
 left, right = st.columns(2)
 left.plotly_chart(charts.size_by_kind(modules), key="size_by_kind")

@@ -45,7 +45,7 @@ def test_unknown_preset_names_the_choices():
      "Unknown key 'colour' in rule 1; allowed keys: kind, name, blocks, keep, weights, prune, activation_bits, "
      "kv_cache_bits, note."),
     ("{kind: q}", "Rule 1 does nothing; give it weights, prune, activation_bits, kv_cache_bits or keep: true."),
-    ("{kind: query, keep: true}", "Rule 1: kind 'query' is unknown; use one of embedding, q, k, v, o, gate, up, "
+    ("{kind: query, keep: true}", "Rule 1: kind 'query' is unknown; use one of embedding, q, k, v, qkv, o, gate, up, gate_up, "
      "down, linear, lm_head."),
     ("{kind: q, prune: {structure: nm, n: 3, m: 4}}",
      "Rule 1 prune: N:M pattern 3:4 is not supported; use n: 2, m: 4 or n: 4, m: 8."),

@@ -209,6 +209,55 @@ def test_sampled_label_fisher_is_seeded_and_has_no_first_order_term(loaded):
     assert kl > 0 and dnll == kl and dnll_data != kl_data
 
 
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_streamed_fisher_scores_equal_the_kept_statistics(family):
+    """fisher_scores reduces each batch at once and keeps nothing the size of the weights: same estimates (experts
+    included, whose tokens are a routed subset of each sequence)."""
+    from shrink_core.model.toy import tiny_family
+
+    model = tiny_family(family)
+    _, modules, _ = linears(model)
+    ids = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    settings = [SETTINGS["w4g64"], SETTINGS["w2g64"], SETTINGS["nm24"]]
+    stats = fisher.fisher_stats(model, ids, modules, batch=4, first_order=True)
+    streamed = fisher.fisher_scores(model, ids, modules, settings, batch=4)
+    assert fisher.stats_bytes(modules) == 8 * sum(m.weight.numel() for m in modules.values())
+    for s in settings:
+        for name, module in modules.items():
+            (kept,) = fisher.estimate_slices(module.weight, [stats], name, s)
+            # dNLL = first-order sum + KL: float32 sums of opposite signs, so its tolerance follows KL's size
+            assert streamed.values[s.id][name] == pytest.approx(kept, rel=1e-4, abs=1e-3 * kept[0]), (s.id, name)
+    assert all(v[0] > 0 for v in streamed.values["w2g64"].values())
+
+
+def test_probes_without_the_reference_cache_give_the_same_figures(monkeypatch):
+    import sys
+
+    probe_module = sys.modules["shrink_core.sensitivity.probe"]  # the package re-exports the function `probe`
+    model = tiny_loaded(tied=False).model
+    named = dict(model.named_modules())
+    ids = eval_tokens(ByteTokenizer(), "toy_en", 6, 32)
+    targets = {"model.embed_tokens": -1, "model.layers.1.self_attn.v_proj": 1, "lm_head": 3}
+    kept = ProbeCache(model, ids, chunk=4)
+    monkeypatch.setattr(probe_module, "REFERENCE_CACHE_BYTES", 0)
+    recomputed = ProbeCache(model, ids, chunk=4)
+    assert kept.ref_logp is not None and recomputed.ref_logp is None
+    assert torch.equal(kept.ref_nll, recomputed.ref_nll)
+    for name in targets:
+        a, b = (probe(c, {name: named[name]}, targets, SETTINGS["w3g64"]) for c in (kept, recomputed))  # noqa: B023
+        assert (a.kl, a.delta_nll) == (b.kl, b.delta_nll) and a.kl > 0, name
+
+
+def test_a_streamed_scan_gives_the_kept_scan_figures(shrink_home, monkeypatch):
+    kept = run_scan(tiny_loaded(), ["toy_en"], ["w2g64"], "fast", "quick", metrics=("kl",), store=Store())
+    monkeypatch.setattr("shrink_core.sensitivity.scan.STATS_BYTES_CAP", 0)
+    streamed = run_scan(tiny_loaded(), ["toy_en"], ["w2g64"], "fast", "quick", metrics=("kl",), store=Store(
+        shrink_home / "other.sqlite"))
+    assert streamed.timings["fisher_streamed"] and not kept.timings["fisher_streamed"]
+    assert [r.module for r in streamed.records] == [r.module for r in kept.records]
+    assert [r.value for r in streamed.records] == pytest.approx([r.value for r in kept.records], rel=1e-4)
+
+
 def test_fisher_estimate_tracks_exhaustive_kl_on_the_same_tokens(loaded):
     """The second-order estimate is the measured KL's Taylor term: right scale and right order across modules."""
     _, modules, blocks = linears(loaded.model)

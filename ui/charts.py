@@ -4,7 +4,7 @@ from __future__ import annotations
 import pandas as pd
 import plotly.express as px
 
-KIND_ORDER = ["embedding", "q", "k", "v", "o", "gate", "up", "down", "linear", "lm_head", "norm"]
+KIND_ORDER = ["embedding", "q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "linear", "lm_head", "norm"]
 
 
 def size_by_kind(modules: pd.DataFrame):

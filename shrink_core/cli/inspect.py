@@ -22,6 +22,8 @@ def run(args) -> int:
     print(f"{report['spec']}: {s['architecture']}, {s['parameters']:,} parameters, {s['blocks']} blocks, "
           f"{s['block_linears']} block linears, loaded in {report['load_seconds']:.1f} s"
           f"{' (cached)' if report['from_cache'] else ''}")
+    if s.get("uncovered"):
+        print(s["uncovered"])
     for row in report["modules"]:
         tied = f"  (tied to {row['tied_to']})" if row["tied_to"] else ""
         print(f"  {row['name']:<50} {row['kind']:<10} {row['shape']:>12} {row['params']:>12,}{tied}")

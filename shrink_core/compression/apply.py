@@ -24,10 +24,12 @@ from shrink_core.compression.prune import (
     prune_heads_,
     prune_mlp_channels_,
     remove_blocks_,
+    supports_structured,
     sync_config_,
 )
 from shrink_core.compression.simulate import attach_simulation_
 from shrink_core.errors import ShrinkError
+from shrink_core.model.arch import block_kwargs, decoder_layers
 from shrink_core.plan import Plan, load_plan, resolve
 from shrink_core.plan.resolve import DTYPE_BYTES, FALLBACK, ResolvedModule, sparse_bytes, weight_bytes
 
@@ -177,7 +179,7 @@ def _stacks(rows: list[ResolvedModule]) -> list[list[ResolvedModule]]:
     stacks: dict[tuple, list[ResolvedModule]] = {}
     for row in rows:
         stackable = _needs_hessian(row) == "full" and row.prune is None
-        key = (calibrate.INPUT_SOURCE[row.kind], row.weights) if stackable else (row.name,)
+        key = (calibrate.input_source(row.name, row.kind), row.weights) if stackable else (row.name,)
         stacks.setdefault(key, []).append(row)
     return list(stacks.values())
 
@@ -210,10 +212,15 @@ def _structured_(model, resolved, modules, calibration, batch_size) -> list[str]
             by_block.setdefault((row.block, row.prune.structure), row.prune)
     if not by_block:
         return []
+    layers = list(decoder_layers(model))
+    unsupported = {s for (b, s) in by_block if s != "blocks" and not supports_structured(layers[b])}
+    if unsupported:
+        raise ShrinkError(f"{' and '.join(sorted(unsupported))} pruning needs Llama-style blocks (separate q/k/v/o and "
+                          f"gate/up/down projections), which {type(model).__name__} does not have; prune whole blocks, "
+                          "or use unstructured or N:M pruning.")
     stats = None
     if any(p.criterion == "activation" for p in by_block.values()):
         stats = calibrate.input_sq_sums(model, calibration, batch_size=batch_size)
-    layers = list(model.model.layers)
     for (block, structure), prune in sorted(by_block.items()):
         layer = layers[block]
         calibrated = prune.criterion == "activation"
@@ -240,7 +247,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         raise ShrinkError("This plan uses a calibrated method (gptq, wanda, sparsegpt or activation), which needs "
                           "calibration tokens; pass calibration=LongTensor(n_sequences, seq_len) or use rtn/magnitude.")
     modules = dict(model.named_modules())
-    original_index = {id(layer): index for index, layer in enumerate(model.model.layers)}
+    original_index = {id(layer): index for index, layer in enumerate(decoder_layers(model))}
     original_names = {id(module): name for name, module in modules.items()}
     other_bytes_before = _other_bytes(model, resolved, modules)
     timings, notes, states, seconds, fallbacks = {}, [], {}, {}, {}
@@ -260,28 +267,31 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         if calibrated_blocks:
             progress(0.05, "capturing calibration inputs")
             inputs = calibrate.first_block_inputs(model, calibration, batch_size)
+            per_block = block_kwargs(model, calibration[:1])  # masks and rotary tables can differ per block
         last_calibrated = max(calibrated_blocks, default=-1)
-        kept_layers = list(model.model.layers)
+        kept_layers = list(decoder_layers(model))
         for position, layer in enumerate(kept_layers):
             block = original_index[id(layer)]
             rows = block_rows.get(block, [])
             hessians = {}
+            if inputs is not None:
+                inputs = [(hidden, per_block[position]) for hidden, _ in inputs]
             if block in calibrated_blocks:
                 needs = {}
                 for row in rows:
                     need = _needs_hessian(row)
                     if need:
-                        source = calibrate.INPUT_SOURCE[row.kind]
+                        source = calibrate.input_source(row.name, row.kind)
                         needs[source] = "full" if "full" in (need, needs.get(source)) else "diag"
-                wanted = {calibrate.INPUT_SOURCE[r.kind]: modules[r.name] for r in rows
-                          if calibrate.INPUT_SOURCE[r.kind] in needs}
+                wanted = {calibrate.input_source(r.name, r.kind): modules[r.name] for r in rows
+                          if calibrate.input_source(r.name, r.kind) in needs}
                 diagonal = {source for source, need in needs.items() if need == "diag"}
                 hessians, _ = calibrate.collect(layer, inputs, wanted, diagonal)
             with _single_thread():  # the column loops are many small ops: thread hand-offs cost more than they give
                 for members in _stacks(rows):
                     t1 = time.perf_counter()
                     row = members[0]
-                    source = calibrate.INPUT_SOURCE.get(row.kind)
+                    source = calibrate.input_source(row.name, row.kind)
                     hessian = hessians.get(source) if _needs_hessian(row) else None
                     member_states, fallback = _compress_([modules[m.name] for m in members], row, hessian)
                     for member, state in zip(members, member_states):

@@ -6,12 +6,18 @@ from __future__ import annotations
 
 import torch
 
-# Which modules share an input: q/k/v read the same tensor, and so do gate/up.
-INPUT_SOURCE = {"q": "attn", "k": "attn", "v": "attn", "o": "o", "gate": "mlp", "up": "mlp", "down": "down"}
+from shrink_core.model.arch import decoder_layers, first_block_input, run_layer
+
+# Which modules share an input: q/k/v (or a fused qkv) read the same tensor, and so do gate/up.
+INPUT_SOURCE = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "o": "o", "gate": "mlp", "up": "mlp",
+                "gate_up": "mlp", "down": "down"}
 
 
-class _Stop(Exception):
-    pass
+def input_source(name: str, kind: str) -> str:
+    """The input a module reads, unique within a block: its parent's path plus the source of its kind, so that each
+    expert of an MoE layer (and a shared expert) has its own statistics; an unknown kind reads its own input."""
+    parent = name.rsplit(".", 1)[0]
+    return f"{parent}:{INPUT_SOURCE[kind]}" if kind in INPUT_SOURCE else name
 
 
 def token_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
@@ -22,32 +28,11 @@ def token_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 def first_block_inputs(model, tokens: torch.Tensor, batch_size: int = 8) -> list[tuple[torch.Tensor, dict]]:
     """(hidden (batch, seq, hidden), layer kwargs) per batch, captured at the first decoder block."""
-    captured = []
-
-    def grab(module, args, kwargs):
-        hidden = args[0] if args else kwargs.pop("hidden_states")
-        layer_kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append((hidden, layer_kwargs))
-        raise _Stop
-
-    handle = model.model.layers[0].register_forward_pre_hook(grab, with_kwargs=True)
-    try:
-        for batch in token_batches(tokens, batch_size):
-            try:
-                model(input_ids=batch, use_cache=False)
-            except _Stop:
-                pass
-    finally:
-        handle.remove()
-    return captured
+    return [first_block_input(model, batch) for batch in token_batches(tokens, batch_size)]
 
 
 def run_block(layer, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
-    outputs = []
-    for hidden, kwargs in inputs:
-        out = layer(hidden, **kwargs)
-        outputs.append((out[0] if isinstance(out, tuple) else out, kwargs))
-    return outputs
+    return [(run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
 
 
 class HessianHooks:
@@ -87,7 +72,7 @@ def input_sq_sums(model, tokens: torch.Tensor, kinds: tuple[str, ...] = ("o", "d
     """Per block and kind, the sum of squared inputs per feature (in,): one full forward over the calibration set."""
     sums: dict[tuple[int, str], torch.Tensor] = {}
     handles = []
-    for block, layer in enumerate(model.model.layers):
+    for block, layer in enumerate(decoder_layers(model)):
         for kind in kinds:
             linear = layer.self_attn.o_proj if kind == "o" else layer.mlp.down_proj
 

@@ -22,6 +22,8 @@ from shrink_core import __version__
 from shrink_core.compression.primitives import pack, quantize
 from shrink_core.compression.prune import sync_config_
 from shrink_core.errors import ShrinkError
+from shrink_core.model.arch import native_state_dict
+from shrink_core.model.inventory import EXPERT_INDEX
 from shrink_core.plan import Plan, dump_plan, plan_to_dict
 
 PACKED_FILE = "packed/model.packed.safetensors"
@@ -77,7 +79,8 @@ def save_candidate(model, tokenizer, plan: Plan, out_dir, provenance: dict, repo
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
-    model.save_pretrained(tmp, safe_serialization=True)
+    # in the family's own layout (Conv1D, fused experts), so plain transformers loads it
+    model.save_pretrained(tmp, safe_serialization=True, state_dict=native_state_dict(model))
     tokenizer.save_pretrained(tmp)
     (tmp / "plan.yaml").write_text(dump_plan(plan), encoding="utf-8")
     record = {
@@ -103,8 +106,8 @@ def save_candidate(model, tokenizer, plan: Plan, out_dir, provenance: dict, repo
 
 # ---------------------------------------------------------------- deployment exports
 
-GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "o": "attn_output",
-              "gate": "ffn_gate", "up": "ffn_up", "down": "ffn_down"}
+GGUF_NAMES = {"q": "attn_q", "k": "attn_k", "v": "attn_v", "qkv": "attn_qkv", "o": "attn_output",
+              "gate": "ffn_gate", "up": "ffn_up", "gate_up": "ffn_up", "down": "ffn_down"}
 
 
 def gguf_tensor_name(row) -> str | None:
@@ -112,6 +115,8 @@ def gguf_tensor_name(row) -> str | None:
         return "token_embd.weight"
     if row.kind == "lm_head":
         return "output.weight"
+    if EXPERT_INDEX.search(row.name):
+        return None  # llama.cpp stores a layer's experts as one 3-D tensor: one type for all of them
     if row.block is not None and row.kind in GGUF_NAMES:
         return f"blk.{row.block}.{GGUF_NAMES[row.kind]}.weight"
     return None

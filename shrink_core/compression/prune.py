@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from shrink_core.formats import CHANNEL_ALIGN, kept_channels, kept_heads_per_group  # noqa: F401
+from shrink_core.model.arch import decoder_layers, set_decoder_layers
 
 # ---------------------------------------------------------------- pure mask math
 
@@ -122,16 +123,22 @@ def prune_heads_(attention, amount: float, scores: torch.Tensor) -> int:
     return heads.numel()
 
 
+def supports_structured(layer) -> bool:
+    """Head and channel pruning need separate q/k/v/o and gate/up/down projections (Llama-style blocks)."""
+    attention, mlp = getattr(layer, "self_attn", None), getattr(layer, "mlp", None)
+    return (all(hasattr(attention, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim"))
+            and all(isinstance(getattr(mlp, n, None), torch.nn.Linear) for n in ("gate_proj", "up_proj", "down_proj")))
+
+
 def remove_blocks_(model, blocks: set[int]) -> None:
     """Delete whole decoder blocks and renumber the rest (layer_idx drives the KV cache)."""
-    layers = model.model.layers
+    layers = decoder_layers(model)
     kept = [layer for index, layer in enumerate(layers) if index not in blocks]
-    model.model.layers = torch.nn.ModuleList(kept)
+    set_decoder_layers(model, torch.nn.ModuleList(kept))
     for index, layer in enumerate(kept):
-        if hasattr(layer.self_attn, "layer_idx"):
-            layer.self_attn.layer_idx = index
-        if hasattr(layer, "layer_idx"):
-            layer.layer_idx = index
+        for module in layer.modules():  # the block and its attention, whatever the family calls it
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = index
     config = model.config
     if getattr(config, "layer_types", None):
         config.layer_types = [t for index, t in enumerate(config.layer_types) if index not in blocks]
@@ -140,8 +147,10 @@ def remove_blocks_(model, blocks: set[int]) -> None:
 
 def sync_config_(model) -> list[str]:
     """Write the pruned shapes into the config; returns a problem sentence per non-uniform shape (cannot save)."""
-    config, layers = model.config, model.model.layers
+    config, layers = model.config, decoder_layers(model)
     problems = []
+    if not all(supports_structured(layer) for layer in layers):
+        return problems  # only blocks can have been removed: the layer count is already in the config
     widths = {layer.mlp.gate_proj.out_features for layer in layers}
     heads = {layer.self_attn.q_proj.out_features // layer.self_attn.head_dim for layer in layers}
     if len(widths) > 1:

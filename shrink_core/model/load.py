@@ -29,6 +29,8 @@ except ImportError:  # Windows
     import msvcrt
 
 from shrink_core.errors import ModelLoadError
+from shrink_core.model.arch import canonicalize_, uncovered_modules, uncovered_sentence
+from shrink_core.model.inventory import inventory
 from shrink_core.paths import model_cache_dir, shrink_home
 
 DEFAULT_SPEC = "builtin:smollm2-135m"
@@ -239,6 +241,9 @@ def load(
         loaded = _load_hub(spec, allow_pickle, trust_remote_code, progress)
     loaded.from_cache = from_cache
     loaded.notes = notes + loaded.notes
+    uncovered = uncovered_sentence(uncovered_modules(loaded.model, {row.name for row in inventory(loaded.model)}))
+    if uncovered:
+        loaded.notes.append(uncovered)  # never a silent skip: the Model page and `inspect` show the notes
     loaded.load_seconds = time.perf_counter() - started
     progress(1.0, "loaded")
     return loaded
@@ -310,6 +315,7 @@ def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool
         tokenizer = AutoTokenizer.from_pretrained(source, trust_remote_code=trust_remote_code, local_files_only=True)
     except (OSError, ValueError, KeyError):
         tokenizer = None  # the inventory needs none; evaluation says so when it needs one
+    canonicalize_(model)  # Conv1D -> Linear, fused experts -> one module each (model/arch.py)
     model.eval()
     return model, tokenizer
 

@@ -8,7 +8,8 @@ from __future__ import annotations
 from shrink_core.evaluation.calibration import CalibrationRecipe
 from shrink_core.plan.spec import Plan, PlanError, plan_from_dict
 
-BLOCK_LINEARS = ["q", "k", "v", "o", "gate", "up", "down"]
+# Every kind of block linear, fused ones (phi3's qkv / gate_up, GPT-2 and GPT-NeoX's qkv) included.
+BLOCK_LINEARS = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
 DEFAULT_RECIPE = CalibrationRecipe().to_dict()  # the one default (evaluation/calibration.py says why)
 
 

@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.colors import sequential
 
-KIND_ORDER = ["q", "k", "v", "o", "gate", "up", "down", "linear"]
+KIND_ORDER = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down", "linear"]
 METRIC_NAMES = {"kl": "KL", "dnll": "ΔNLL"}
 METRIC_LABELS = {"kl": "KL(reference || perturbed), nats/token", "dnll": "ΔNLL, nats/token"}
 # Inferno, except its first colour: Streamlit's front end replaces #000001..#000010 (its chart colour placeholders)

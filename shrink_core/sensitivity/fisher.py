@@ -38,32 +38,47 @@ def per_sequence_gradient(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     return torch.einsum("bto,bti->boi", g, x)
 
 
-def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], batch: int = 4,
-                 progress=None, labels: str = "sampled", seed: int = 0, first_order: bool = False) -> FisherStats:
-    """Accumulate F (and G) for `modules` over calibration ids (n, T); the model's weights are not changed.
-    labels="data": the text's next tokens for both (empirical Fisher); "sampled": one draw per position from the
-    model's own next-token distribution for F (the true Fisher, whose expectation is KL's Hessian), and with
-    `first_order` a second backward over the same forward with the text's labels for G."""
+def _to_sequences(values: torch.Tensor, tokens: torch.Tensor | None, shape: tuple[int, int]) -> torch.Tensor:
+    """(B, T, d) from the rows (N, d) of the flat positions `tokens` (others zero), so an expert's per-sequence
+    gradient is the same einsum as a dense module's."""
+    if tokens is None:
+        return values.reshape(shape[0], shape[1], -1)
+    out = values.new_zeros(shape[0] * shape[1], values.shape[-1])
+    out[tokens] = values
+    return out.reshape(shape[0], shape[1], -1)
+
+
+def stats_bytes(modules: dict[str, torch.nn.Module], first_order: bool = True) -> int:
+    """Bytes `fisher_stats` keeps for these modules: F (and G) in float32, one value per weight."""
+    return sum(m.weight.numel() for m in modules.values()) * 4 * (2 if first_order else 1)
+
+
+def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fisher, on_gradient, batch: int,
+            progress, labels: str, seed: int, first_order: bool) -> None:
+    """Forward and backward passes over `ids` in batches; per batch and module, on_fisher(name, sum_s G_s**2) and
+    on_gradient(name, sum_s G_s) (both (out, in) float32) receive that batch's contribution."""
     generator = torch.Generator().manual_seed(seed)
-    started = time.perf_counter()
-    fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
-    gather_gradient = labels == "data" or first_order
-    gradient = ({n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
-                if gather_gradient else {})
     phase = {"fisher": True, "gradient": labels == "data"}  # what the running backward accumulates
 
     def hook(name):
         def forward_hook(module, inputs, output):
             x = inputs[0].detach()
+            # 2-D input: an expert sees only the tokens routed to it, flattened over the batch (and OPT's MLP
+            # flattens all of them)
+            flat = x.dim() == 2
+            routed = getattr(module, "routed_tokens", None)
 
             def backward_hook(g):
                 g = g.detach()
+                x_, g_ = (_to_sequences(t, routed, phase["shape"]) for t in (x, g)) if flat else (x, g)
+                x_, g_ = x_.float(), g_.float()  # statistics in float32 whatever the model's dtype
                 if phase["fisher"]:
-                    per_sequence = per_sequence_gradient(x, g)  # (B, out, in)
-                    for one in per_sequence:  # in place: no (B, out, in) temporary for the squares
-                        fisher[name].addcmul_(one, one)
+                    squares = torch.zeros(g_.shape[-1], x_.shape[-1], device=g_.device)
+                    for one in per_sequence_gradient(x_, g_):  # in place: no (B, out, in) temporary for squares
+                        squares.addcmul_(one, one)
+                    on_fisher(name, squares)
                 if phase["gradient"]:
-                    gradient[name].add_(torch.einsum("bto,bti->oi", g, x))  # (out, in): summed over the batch
+                    on_gradient(name, torch.einsum("bto,bti->oi", g_, x_))  # (out, in): summed over the batch
             output.register_hook(backward_hook)
         return forward_hook
 
@@ -75,6 +90,7 @@ def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], 
         embed = model.get_input_embeddings()
         for done, start in enumerate(range(0, ids.shape[0], batch)):
             part = ids[start:start + batch]
+            phase["shape"] = tuple(part.shape)
             with torch.enable_grad():
                 inputs = embed(part).detach().requires_grad_(True)
                 logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1].float()
@@ -96,14 +112,65 @@ def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], 
             handle.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
+
+
+def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], batch: int = 4,
+                 progress=None, labels: str = "sampled", seed: int = 0, first_order: bool = False) -> FisherStats:
+    """Accumulate F (and G) for `modules` over calibration ids (n, T); the model's weights are not changed.
+    labels="data": the text's next tokens for both (empirical Fisher); "sampled": one draw per position from the
+    model's own next-token distribution for F (the true Fisher, whose expectation is KL's Hessian), and with
+    `first_order` a second backward over the same forward with the text's labels for G. Keeps 4 (8 with G) bytes
+    per weight of the modules: `fisher_scores` gives the same estimates without keeping them."""
+    started = time.perf_counter()
+    fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
+    gather_gradient = labels == "data" or first_order
+    gradient = ({n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
+                if gather_gradient else {})
+    _passes(model, ids, modules, lambda n, f: fisher[n].add_(f), lambda n, g: gradient[n].add_(g), batch, progress,
+            labels, seed, first_order)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     return FisherStats(fisher, gradient, tokens, time.perf_counter() - started, labels)
+
+
+@dataclass(frozen=True)
+class FisherScores:
+    values: dict[str, dict[str, tuple[float, float]]]  # setting id -> module -> (kl, dnll)
+    tokens: int
+    seconds: float
+
+
+def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], settings: list[Setting],
+                  batch: int = 4, progress=None, seed: int = 0, first_order: bool = True) -> FisherScores:
+    """The estimates of `estimate_slices(..., fisher_stats(...))` in bounded memory: each batch's F and G of a module
+    are reduced at once against every setting's weight error and dropped, so nothing the size of the weights
+    outlives a module's hook (the price: each setting's weight error is recomputed per batch and pass)."""
+    started = time.perf_counter()
+    sums = {s.id: {n: [0.0, 0.0] for n in modules} for s in settings}  # (sum F dW^2, sum G dW)
+
+    def errors(name):
+        weight = modules[name].weight.detach().float()
+        for s in settings:
+            yield s.id, perturbed(s, weight) - weight
+
+    def on_fisher(name, squares):
+        for setting_id, delta in errors(name):
+            sums[setting_id][name][0] += float(torch.dot(squares.reshape(-1), delta.reshape(-1).square()))
+
+    def on_gradient(name, gradient):
+        for setting_id, delta in errors(name):
+            sums[setting_id][name][1] += float(torch.dot(gradient.reshape(-1), delta.reshape(-1)))
+
+    _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, "sampled", seed, first_order)
+    tokens = ids.shape[0] * (ids.shape[1] - 1)
+    values = {sid: {n: (f / (2 * tokens), g / tokens + f / (2 * tokens)) for n, (f, g) in per.items()}
+              for sid, per in sums.items()}
+    return FisherScores(values, tokens, time.perf_counter() - started)
 
 
 def estimate_slices(weight: torch.Tensor, stats: list[FisherStats], name: str, setting: Setting) -> list[tuple[float, float]]:
     """(kl, dnll) for one module under `setting` from several slices' statistics; the weight error is computed once."""
     with torch.no_grad():
-        weight = weight.detach()
+        weight = weight.detach().float()
         delta = (perturbed(setting, weight) - weight).reshape(-1)  # (out * in,)
         squared = delta * delta
         out = []

@@ -18,6 +18,7 @@ import torch
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
 from shrink_core.evaluation.evaluate import _softcap, select_items
 from shrink_core.evaluation.slices import get_slice, load_rows
+from shrink_core.model.arch import block_kwargs, decoder_layers, final_hidden, first_block_input, run_layer
 from shrink_core.sensitivity.settings import Setting, perturbed
 
 
@@ -67,7 +68,7 @@ def calib_tokens(tokenizer, slice_id: str, sequences: int, seq_len: int) -> torc
 
 def log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
     """Final norm + head + log-softmax at every position but the last: (n, T - 1, vocab)."""
-    logits = model.get_output_embeddings()(model.get_decoder().norm(hidden[:, :-1])).float()
+    logits = model.get_output_embeddings()(final_hidden(model, hidden[:, :-1])).float()
     cap = _softcap(model)
     if cap:
         logits = torch.tanh(logits / cap) * cap
@@ -81,34 +82,46 @@ def kl_and_nll(ref_logp: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor
     return kl.mean(-1), nll.mean(-1)
 
 
+REFERENCE_CACHE_BYTES = 1 << 30
+
+
 class ProbeCache:
     """One slice's probe tokens through the unperturbed model: block inputs and reference log-probs, kept once."""
 
     def __init__(self, model, ids: torch.Tensor, chunk: int = 4):
-        from transformers.masking_utils import create_causal_mask
-
         self.model, self.ids, self.chunk = model, ids, chunk
-        decoder = model.get_decoder()
-        self.layers = list(decoder.layers)
+        self.layers = list(decoder_layers(model))
         started = time.perf_counter()
         with torch.inference_mode():
-            hidden = decoder.embed_tokens(ids)  # (n, T, hidden)
-            positions = torch.arange(ids.shape[1]).unsqueeze(0)
-            self.kwargs = {
-                "attention_mask": create_causal_mask(config=decoder.config, inputs_embeds=hidden[:1],
-                                                     attention_mask=None, cache=None, position_ids=positions),
-                "position_ids": positions,
-                "position_embeddings": decoder.rotary_emb(hidden, position_ids=positions),
-            }
+            # each block's keyword arguments (mask, positions, rotary tables) from one sequence: they broadcast over
+            # any chunk, since every probe sequence has the same length and no padding
+            self.kwargs = block_kwargs(model, ids[:1])
+            hidden = torch.cat([first_block_input(model, part)[0] for part in ids.split(chunk)])  # (n, T, hidden)
             self.block_inputs = []  # [block] -> (n, T, hidden); [L] is the last block's output (the head's input)
-            for layer in self.layers:
+            for layer, kwargs in zip(self.layers, self.kwargs):
                 self.block_inputs.append(hidden)
-                hidden = torch.cat([layer(part, **self.kwargs) for part in hidden.split(chunk)])
+                hidden = torch.cat([run_layer(layer, part, kwargs) for part in hidden.split(chunk)])
             self.block_inputs.append(hidden)
-            self.ref_logp = torch.cat([log_probs(model, part) for part in hidden.split(chunk)])
             self.targets = ids[:, 1:]
-            self.ref_nll = -self.ref_logp.gather(-1, self.targets.unsqueeze(-1)).squeeze(-1).mean(-1)  # (n,)
+            # full-vocabulary log-probs are kept only while small (Gemma 3's 262k vocabulary at `standard` would be
+            # 4.3 GB); otherwise each chunk's are recomputed from the cached last output: the same numbers
+            keep = ids.shape[0] * (ids.shape[1] - 1) * model.get_output_embeddings().weight.shape[0] * 4
+            parts, nll = [], []
+            for start in range(0, ids.shape[0], chunk):
+                logp = log_probs(model, hidden[start:start + chunk])
+                nll.append(-logp.gather(-1, self.targets[start:start + chunk].unsqueeze(-1)).squeeze(-1).mean(-1))
+                if keep <= REFERENCE_CACHE_BYTES:
+                    parts.append(logp)
+            self.ref_logp = torch.cat(parts) if parts else None
+            self.ref_nll = torch.cat(nll)  # (n,)
         self.seconds = time.perf_counter() - started
+
+    def reference(self, start: int, stop: int) -> torch.Tensor:
+        """The unperturbed log-probs of sequences [start, stop): kept, or from the cached last block output (the
+        head must hold its original weights when they are recomputed)."""
+        if self.ref_logp is not None:
+            return self.ref_logp[start:stop]
+        return log_probs(self.model, self.block_inputs[-1][start:stop])
 
     @property
     def tokens(self) -> int:
@@ -118,12 +131,12 @@ class ProbeCache:
         """Hidden states after the last block for sequences [start, stop), starting at `block`'s cached input;
         block -1 starts from the token ids (the embedding lookup), block L returns the cached last output."""
         if block < 0:
-            hidden = self.model.get_decoder().embed_tokens(self.ids[start:stop])
+            hidden = first_block_input(self.model, self.ids[start:stop])[0]
             block = 0
         else:
             hidden = self.block_inputs[block][start:stop]
-        for layer in self.layers[block:]:
-            hidden = layer(hidden, **self.kwargs)
+        for layer, kwargs in zip(self.layers[block:], self.kwargs[block:]):
+            hidden = run_layer(layer, hidden, kwargs)
         return hidden
 
 
@@ -149,13 +162,17 @@ def probe(cache: ProbeCache, modules: dict[str, torch.nn.Module], blocks: dict[s
     kls, nlls = [], []
     try:
         with torch.inference_mode():
-            for name, module in modules.items():
-                module.weight.data = perturbed(per_module[name], originals[name])
+            changed = {name: perturbed(per_module[name], originals[name]) for name in modules}
             n = cache.ids.shape[0]
             for start in range(0, n, cache.chunk):
                 stop = min(n, start + cache.chunk)
+                reference = cache.reference(start, stop)  # before the swap: a recomputed one needs the original head
+                for name, module in modules.items():
+                    module.weight.data = changed[name]
                 logp = log_probs(cache.model, cache.run_from(first, start, stop))
-                kl, nll = kl_and_nll(cache.ref_logp[start:stop], logp, cache.targets[start:stop])
+                for name, module in modules.items():
+                    module.weight.data = originals[name]
+                kl, nll = kl_and_nll(reference, logp, cache.targets[start:stop])
                 kls.append(kl)
                 nlls.append(nll - cache.ref_nll[start:stop])
                 if stop_rel_error and _settled(torch.cat(kls), stop_rel_error) and stop < n:

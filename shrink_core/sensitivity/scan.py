@@ -16,14 +16,16 @@ from shrink_core import __version__
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.protocol import figure_key
 from shrink_core.evaluation.slices import get_slice
+from shrink_core.model.arch import decoder_layers
 from shrink_core.model.describe import device_label
 from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
 from shrink_core.results.store import Provenance, Store
-from shrink_core.sensitivity.fisher import estimate_slices, fisher_stats
+from shrink_core.sensitivity.fisher import estimate_slices, fisher_scores, fisher_stats, stats_bytes
 from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, ScanDepth, calib_tokens, eval_tokens, probe
 from shrink_core.sensitivity.settings import Setting, get_setting
 
 EMBEDDING_KINDS = ("embedding", "lm_head")
+STATS_BYTES_CAP = 2 << 30  # above this, one slice's Fisher statistics are streamed, never kept (fisher.py)
 
 METHODS = ("fast", "exhaustive")
 METRICS = ("kl", "dnll")
@@ -203,7 +205,7 @@ class _Scanner:
         named = dict(loaded.model.named_modules())
         self.modules = {r.name: named[r.name] for r in self.rows}  # what the fast (Fisher) pass hooks
         self.probed = {**self.modules, **{r.name: named[r.name] for r in self.embeddings}}
-        layers = len(loaded.model.get_decoder().layers)  # embedding: from the ids; untied head: after the blocks
+        layers = len(decoder_layers(loaded.model))  # embedding: from the ids; untied head: after the blocks
         self.blocks = {r.name: r.block for r in self.rows} | {
             r.name: -1 if r.kind == "embedding" else layers for r in self.embeddings}
         self.cache: tuple[str, ProbeCache] | None = None
@@ -218,8 +220,7 @@ class _Scanner:
         return self.cache[1]
 
     def fast(self, slice_ids: list[str], settings: list[Setting], progress) -> dict[str, dict[str, dict]]:
-        """slice -> setting id -> module -> (kl, dnll), computing what the store does not have. Gradients are
-        gathered per slice first, so each setting's weight error is computed once and reused for every slice."""
+        """slice -> setting id -> module -> (kl, dnll), computing what the store does not have."""
         out: dict[str, dict[str, dict]] = {}
         missing: dict[str, list[Setting]] = {}
         for slice_id in slice_ids:
@@ -231,33 +232,39 @@ class _Scanner:
                     missing.setdefault(slice_id, []).append(s)
                 else:
                     self.report.reused += len(values)
-        stats = {}
-        for n, slice_id in enumerate(missing):
+        # One slice at a time, its statistics dropped before the next: memory does not grow with the slices. When
+        # one slice's F and G would pass STATS_BYTES_CAP they are not kept at all (fisher_scores streams them).
+        stream = stats_bytes(self.modules) > STATS_BYTES_CAP
+        self.report.timings["fisher_streamed"] = stream
+        for n, (slice_id, group) in enumerate(missing.items()):
             ids = calib_tokens(self.loaded.tokenizer, slice_id, self.budget.calib_sequences, self.budget.calib_len)
-            stats[slice_id] = fisher_stats(self.loaded.model, ids, self.modules, batch=self.budget.chunk * 2,
-                                           first_order=True,
-                                           progress=lambda f, m, _n=n, _id=slice_id: progress(
-                                               0.8 * (_n + f) / len(missing), f"{_id}: {m}"))
-            self.report.timings["gradients_s"] = self.report.timings.get("gradients_s", 0) + stats[slice_id].seconds
-        started = time.perf_counter()
-        pending = {(slice_id, s.id) for slice_id, group in missing.items() for s in group}
-        needed = [s for s in settings if any((slice_id, s.id) in pending for slice_id in missing)]
-        fresh: dict[tuple[str, str], dict] = {key: {} for key in pending}
-        for i, (name, module) in enumerate(self.modules.items()):
-            for s in needed:
-                slices = [slice_id for slice_id in missing if (slice_id, s.id) in pending]
-                pairs = estimate_slices(module.weight, [stats[x] for x in slices], name, s)
-                for slice_id, pair in zip(slices, pairs):
-                    fresh[(slice_id, s.id)][name] = pair
-            if i % 10 == 0:
-                progress(0.8 + 0.2 * i / len(self.modules), f"estimates: {name}")
-        self.report.timings["estimates_s"] = time.perf_counter() - started
-        for (slice_id, setting_id), values in fresh.items():
-            setting = get_setting(setting_id)
-            _save_values(self.store, self.loaded, slice_id, setting, "fast", self.budget, values,
-                         stats[slice_id].seconds, stats[slice_id].tokens, self.job_id)
-            out[slice_id][setting_id] = values
-            self.report.computed += len(values)
+
+            def tick(f, m, _n=n, _id=slice_id):
+                progress(0.95 * (_n + 0.9 * f) / len(missing), f"{_id}: {m}")
+
+            if stream:
+                scores = fisher_scores(self.loaded.model, ids, self.modules, group, batch=self.budget.chunk * 2,
+                                       progress=tick)
+                fresh, seconds, tokens = scores.values, scores.seconds, scores.tokens
+            else:
+                stats = fisher_stats(self.loaded.model, ids, self.modules, batch=self.budget.chunk * 2,
+                                     first_order=True, progress=tick)
+                started = time.perf_counter()
+                fresh = {s.id: {} for s in group}
+                for name, module in self.modules.items():
+                    for s in group:
+                        fresh[s.id][name] = estimate_slices(module.weight, [stats], name, s)[0]
+                self.report.timings["estimates_s"] = (self.report.timings.get("estimates_s", 0)
+                                                      + time.perf_counter() - started)
+                seconds, tokens = stats.seconds, stats.tokens
+                del stats
+            self.report.timings["gradients_s"] = self.report.timings.get("gradients_s", 0) + seconds
+            for setting in group:
+                values = fresh[setting.id]
+                _save_values(self.store, self.loaded, slice_id, setting, "fast", self.budget, values, seconds,
+                             tokens, self.job_id)
+                out[slice_id][setting.id] = values
+                self.report.computed += len(values)
         return out
 
     def exhaustive(self, slice_id: str, settings: list[Setting], rows: list[ModuleInfo], tick) -> dict[str, dict]:
