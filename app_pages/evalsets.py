@@ -6,10 +6,11 @@ from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.evaluate import PROTOCOLS
 from shrink_core.evaluation.slices import add_user_slice, list_slices, load_rows
 from shrink_core.evaluation.stats import MIN_INTERVAL_ITEMS, interval_note
+from shrink_core.results.eval_run import admit_eval
 from shrink_core.runtime import jobs
 from ui import charts, choices, state
 from ui.data import store
-from ui.jobs import show_job
+from ui.jobs import memory_admission, show_job
 
 st.title("Eval sets")
 db = store()
@@ -64,7 +65,9 @@ picked = left.multiselect("Slices to evaluate", list(by_id), default=choices.def
                           key="eval_slices")
 budget = right.radio("Protocol", list(PROTOCOLS), horizontal=True, key="eval_budget",
                      help="fast: 120 text rows / 200 questions per slice; standard: 480 / 1000; full: everything.")
-if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked):
+described = db.latest_model(spec)
+refused = memory_admission(lambda: admit_eval(described, None, budget, None), described)
+if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked or refused):
     state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
                                          {"spec": spec, "slices": picked, "budget": budget}))
 show_job(state.job_id("eval"), f"Evaluating {spec}")

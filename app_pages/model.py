@@ -1,12 +1,13 @@
 """Model page: load a model from a spec and see its layer inventory."""
 import json
+import re
 from pathlib import Path
 
 import pandas as pd
 import streamlit as st
 
 from shrink_core.errors import ShrinkError
-from shrink_core.model.load import BUILTINS, DEFAULT_SPEC, ModelSpec, source_quantization
+from shrink_core.model.load import BUILTINS, DEFAULT_SPEC, DTYPES, ModelSpec, source_quantization, with_dtype
 from shrink_core.runtime import jobs
 from ui import charts, state
 from ui.data import store
@@ -21,6 +22,9 @@ db = store()
 
 with st.form("load_form", border=False):
     spec_text = st.text_input("Model spec", value=state.model_spec(), key="model_spec_input")
+    dtype = st.selectbox("dtype", DTYPES, key="model_dtype",
+                         help="What the model runs in: auto is fp32 on the CPU, bf16 on a GPU. A non-default dtype "
+                              "becomes a #suffix of the spec, so its figures are kept apart from the fp32 ones.")
     with st.expander("Safety options"):
         allow_pickle = st.checkbox("Allow pickle checkpoints (can run code from the file)", key="allow_pickle")
         trust_remote_code = st.checkbox("Trust the model's own code (auto_map)", key="trust_remote_code")
@@ -36,7 +40,7 @@ def start_load(spec: str) -> None:
 
 if submitted:
     try:
-        spec = ModelSpec.parse(spec_text).raw  # cheap checks (path exists, builtin known) before any work starts
+        spec = ModelSpec.parse(with_dtype(spec_text, dtype)).raw  # cheap checks (path exists, builtin known) first
     except ShrinkError as exc:
         st.error(str(exc))
     else:
@@ -69,12 +73,15 @@ summary = described["summary"]
 st.subheader(described["spec"])
 source = source_quantization(described["spec"])
 fp32_mb, bf16_mb = summary["bytes_fp32"] / 1e6, summary["bytes_bf16"] / 1e6
-reference = f"fp32, dequantized from {source}" if source else "fp32 (the weights as loaded, upcast)"
+found = re.match(r"\w+ (fp32|bf16|fp16) ", described.get("device") or "")
+run_dtype = found.group(1) if found else "fp32"  # descriptions stored before the dtype choice ran in fp32
+reference = (f"fp32, dequantized from {source}" if source else "fp32 (the weights as loaded, upcast)") \
+    if run_dtype == "fp32" else f"{run_dtype} (the weights as loaded, cast to {run_dtype})"
 top = st.columns(4)
 top[0].metric("Architecture", summary["architecture"].replace("ForCausalLM", ""))
 top[1].metric("Parameters", f"{summary['parameters'] / 1e6:,.1f} M")
 top[2].metric("Blocks", summary["blocks"])
-top[3].metric("Reference", f"fp32 ← {source}" if source else "fp32",
+top[3].metric("Reference", f"{run_dtype} ← {source}" if source else run_dtype,
               help=f"Reference: {reference}. Every KL, ΔNLL and size saving is measured against this model"
                    + (f"; it is the {source} GGUF's quantized weights expanded to fp32, not the original bf16 release."
                       if source else "."))

@@ -16,12 +16,13 @@ from shrink_core.plan.interactions import features
 from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
 from shrink_core.plan.predict import predict, score_table, settings_by_module
 from shrink_core.plan.presets import PRESETS
+from shrink_core.results.eval_run import admit_eval
 from shrink_core.results.prediction import fit_measured, plan_method, predicted_vs_measured
 from shrink_core.runtime import jobs
 from shrink_core.sensitivity.scan import stored_records
 from ui import choices, plan_edit, state
 from ui.data import store
-from ui.jobs import show_job
+from ui.jobs import memory_admission, show_job
 
 NO_CHANGE = "(no change)"
 st.title("Plan")
@@ -318,7 +319,9 @@ run_options = choices.slice_ids()
 slices_to_run = run_cols[0].multiselect("Slices", run_options, key="run_slices",  # scored slices: predicted vs measured
                                         default=choices.defaults(scored_slices, run_options, fallback=4))
 run_budget = run_cols[1].radio("Protocol", ["fast", "standard"], key="run_budget")
-if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=not slices_to_run):
+described = db.latest_model(spec)
+refused = memory_admission(lambda: admit_eval(described, None, run_budget, state.plan_draft()), described)
+if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=not slices_to_run or refused):
     state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
                                              {"spec": spec, "slices": slices_to_run, "budget": run_budget,
                                               "plan": state.plan_draft()}))

@@ -3,6 +3,7 @@ import pandas as pd
 import streamlit as st
 
 from shrink_core.errors import ShrinkError
+from shrink_core.perf.footprint import facts_from_description
 from shrink_core.plan.menu import SCAN_DEFAULT
 from shrink_core.results import heatmaps
 from shrink_core.runtime import jobs
@@ -15,9 +16,10 @@ from shrink_core.sensitivity import (
     stored_agreement_pairs,
     stored_records,
 )
+from shrink_core.sensitivity.scan import admit_scan
 from ui import choices, plan_edit, state
 from ui.data import store
-from ui.jobs import show_job
+from ui.jobs import memory_admission, show_job
 
 st.title("Sensitivity")
 db = store()
@@ -42,7 +44,9 @@ with st.expander("Run a scan", expanded=not stored_records(db, spec)):
     check = middle.number_input("Agreement check (modules probed exhaustively per slice)", 0, 210,
                                 SCAN_DEPTHS[budget].check_modules if method == "fast" else 0, key="sens_check",
                                 disabled=method != "fast")
-    if right.button("Run scan", type="primary", key="run_scan", disabled=not (slices and settings)):
+    described = db.latest_model(spec)
+    refused = memory_admission(lambda: admit_scan(facts_from_description(described), method, budget), described)
+    if right.button("Run scan", type="primary", key="run_scan", disabled=not (slices and settings) or refused):
         params = {"spec": spec, "slices": slices, "settings": settings, "method": method, "budget": budget,
                   "check": int(check) if method == "fast" else 0}
         state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",

@@ -179,3 +179,12 @@ def test_an_unknown_module_type_is_named_in_one_sentence():
     sentence = summary(model, rows)["uncovered"]
     assert sentence == uncovered_sentence({"Adapter": ["model.layers.0.adapter"]})
     assert "Adapter (1, e.g. model.layers.0.adapter)" in sentence and sentence.endswith("kept.") and "\n" not in sentence
+
+
+def test_a_student_drops_blocks_in_every_family(family):
+    from shrink_core.distill.student import build_student
+
+    student, _ = build_student(tiny_family(family), (1,))
+    assert len(decoder_layers(student)) == 2 and student.config.num_hidden_layers == 2
+    with torch.no_grad():
+        assert torch.isfinite(student(CALIBRATION[:1], use_cache=True).logits).all()  # the KV cache renumbered

@@ -112,3 +112,23 @@ def test_a_click_on_a_cell_opens_its_module_detail(shrink_home):
     detail = at.dataframe[1].value  # agreement table, then the module detail
     row = detail[(detail["method"] == "fast") & (detail["metric"] == "kl")].iloc[0]
     assert row["toy_en"] == exact[down]
+
+
+def test_the_scan_button_shows_its_predicted_memory_and_refuses_what_will_not_fit(shrink_home, monkeypatch):
+    from shrink_core.model.inventory import inventory, summary
+
+    loaded = tiny_loaded()
+    rows = inventory(loaded.model)
+    Store().save_model({"spec": "toy:tiny", "source_dir": ".", "weights_hash": "hash0", "load_seconds": 0.1,
+                        "from_cache": False, "notes": [], "code_version": "x", "device": "cpu fp32 (test)",
+                        "summary": summary(loaded.model, rows), "modules": [r.row() for r in rows]})
+    at = AppTest.from_file(PAGE, default_timeout=60)
+    at.session_state["model_spec"] = "toy:tiny"
+    at.run()
+    assert any(c.value.startswith("Predicted peak memory: about 0.") for c in at.caption)
+    assert not at.button(key="run_scan").disabled
+    monkeypatch.setenv("SHRINK_MEMORY_LIMIT_GB", "0.2")
+    at.run()
+    (error,) = [e.value for e in at.error]
+    assert error.startswith("This fast scan would need about 0.") and "0.2 GB available" in error
+    assert at.button(key="run_scan").disabled

@@ -70,3 +70,22 @@ def show_job(job_id: int | None, label: str):
         job_panel(job_id, label)
     job_outcome(job_id)
     return job
+
+
+def memory_admission(predict, description: dict | None) -> bool:
+    """The job's predicted peak memory as a caption beside its button, or its one refusing sentence; True when
+    refused (the button is then disabled). `predict` returns a Footprint or raises ShrinkError."""
+    if description is None:
+        return False  # the model is not described yet (it is loading): nothing to predict from
+    from shrink_core.perf.footprint import available_bytes
+
+    try:
+        need = predict()
+    except ShrinkError as exc:
+        st.error(str(exc))
+        return True
+    available = available_bytes()
+    room = f" of {available / 1e9:.1f} GB available" if available else ""
+    st.caption(f"Predicted peak memory: {need.describe()}{room} (projected from the inventory and the settings; "
+               "perf/footprint.py).")
+    return False

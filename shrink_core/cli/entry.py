@@ -34,6 +34,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", default="builtin:smollm2-135m", help="builtin:NAME, a directory, a .gguf file or a Hub id")
     parser.add_argument("--allow-pickle", action="store_true", help="allow loading pickle checkpoints (runs code from the file)")
     parser.add_argument("--trust-remote-code", action="store_true", help="allow the model's own Python code to run")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
+                        help="the dtype the model runs in (auto: fp32 on the CPU, bf16 on a GPU); same as a #bf16 "
+                             "suffix on the spec")
 
 
 def print_json(payload) -> None:
@@ -45,6 +48,10 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
+    if getattr(args, "model", None) and getattr(args, "dtype", "auto") != "auto":
+        from shrink_core.model.load import with_dtype
+
+        args.model = with_dtype(args.model, args.dtype)  # the dtype is part of the spec: jobs and the store see it
     try:
         return int(args.run(args) or 0)
     except ShrinkError as exc:

@@ -15,6 +15,9 @@ def run(args) -> int:
     from shrink_core.model.describe import describe
 
     report = describe(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    from shrink_core.results.store import Store
+
+    Store().save_model(report)  # as the Model page does: later jobs predict their memory before loading the model
     if args.json:
         print_json(report)
         return 0

@@ -135,5 +135,5 @@ def _store(loaded, plan, payload: dict, recipe: dict | None = None) -> int:
         name=plan.name or f"{loaded.spec.raw} + plan", kind=plan_kind(plan), model_spec=loaded.spec.raw,
         weights_hash=loaded.weights_hash, code_version=__version__, plan=plan_dict, calibration=recipe,
         parent_id=parent)
-    provenance = Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), plan=plan_dict)
+    provenance = Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(loaded.model), plan=plan_dict)
     return store.add_result("measure", provenance, payload, candidate_id=candidate_id)

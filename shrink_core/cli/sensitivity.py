@@ -26,12 +26,18 @@ def run(args) -> int:
 
     from shrink_core.evaluation.slices import parse_slice_list
     from shrink_core.model.load import load
+    from shrink_core.perf import footprint
+    from shrink_core.results.store import Store
     from shrink_core.sensitivity import run_scan
+    from shrink_core.sensitivity.scan import admit_scan
     from shrink_core.sensitivity.settings import parse_settings
 
     started = time.perf_counter()
     slices = [s.id for s in parse_slice_list(args.slices)]
     settings = [s.id for s in parse_settings(args.settings)]
+    description = Store().latest_model(args.model)  # described before (inspect, Model page): refuse before loading
+    if description:
+        admit_scan(footprint.facts_from_description(description), args.method, args.depth)
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     metrics = ("kl", "dnll") if args.metric == "both" else (args.metric,)
     report = run_scan(loaded, slices, settings, args.method, args.depth, args.modules, args.check, metrics)

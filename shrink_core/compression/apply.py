@@ -16,7 +16,7 @@ import torch
 
 from shrink_core.compression import calibrate
 from shrink_core.compression.obs import clip_search, obs_compress
-from shrink_core.compression.primitives import dequantize, quantize, scale_zero
+from shrink_core.compression.primitives import dequantize, quantize, rtn_by_rows, scale_zero
 from shrink_core.compression.prune import (
     channel_scores,
     head_scores,
@@ -121,8 +121,13 @@ def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None)
     Rows of a weight are independent given the Hessian, so modules reading the same input (q/k/v, gate/up) are
     stacked and compressed in one pass; the result is the same as one module at a time, with fewer small steps.
     """
+    if len(members) == 1 and hessian is None and row.prune is None and row.weights and not row.weights.is_float:
+        module, spec = members[0], row.weights  # RTN (or a calibrated method without statistics: its fallback)
+        module.weight.data, scale, zero = rtn_by_rows(module.weight.data, spec.bits, spec.group_size, spec.symmetric)
+        fallback = {"weights": spec.method} if spec.method != "rtn" else {}
+        return [QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero)], fallback
     weight = torch.cat([m.weight.data for m in members]) if len(members) > 1 else members[0].weight.data
-    weight, state, fallback = _compress_weight(weight, row, hessian)
+    weight, state, fallback = _compress_weight(weight.float(), row, hessian)  # float32 math, stored back as it was
     states, start = [], 0
     for module in members:
         rows = slice(start, start + module.weight.shape[0])
@@ -263,18 +268,20 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
             if row.block is not None and not row.removed and not row.tied_to:
                 block_rows.setdefault(row.block, []).append(row)
         calibrated_blocks = {row.block for row in resolved if _needs_hessian(row)}
+        last_calibrated = max(calibrated_blocks, default=-1)
+        kept_layers = list(decoder_layers(model))
         inputs = None
         if calibrated_blocks:
             progress(0.05, "capturing calibration inputs")
             inputs = calibrate.first_block_inputs(model, calibration, batch_size)
-            per_block = block_kwargs(model, calibration[:1])  # masks and rotary tables can differ per block
-        last_calibrated = max(calibrated_blocks, default=-1)
-        kept_layers = list(decoder_layers(model))
+            # masks and rotary tables can differ per block; the forward stops after the last calibrated block
+            upto = max(p for p, layer in enumerate(kept_layers) if original_index[id(layer)] in calibrated_blocks)
+            per_block = block_kwargs(model, calibration[:1], upto=upto)
         for position, layer in enumerate(kept_layers):
             block = original_index[id(layer)]
             rows = block_rows.get(block, [])
             hessians = {}
-            if inputs is not None:
+            if inputs is not None and position < len(per_block):
                 inputs = [(hidden, per_block[position]) for hidden, _ in inputs]
             if block in calibrated_blocks:
                 needs = {}

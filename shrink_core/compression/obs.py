@@ -15,17 +15,26 @@ from shrink_core.compression.primitives import scale_zero, to_groups
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
-def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01) -> tuple[torch.Tensor, torch.Tensor]:
-    """Upper Cholesky factor of H^-1 (in, in) after damping; also the mask of dead input features (in,)."""
-    hessian = hessian.clone().float()
-    dead = torch.diag(hessian) == 0
-    hessian[dead, dead] = 1
-    mean_diag = torch.diag(hessian).mean()
+def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01,
+                           overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """Upper Cholesky factor of H^-1 (in, in) after damping; also the mask of dead input features (in,).
+
+    Memory: an (in, in) float32 matrix is 822 MB for Llama-3-8B's down_proj, so at most three live at once beside
+    the caller's (none of them the identity); `overwrite` damps the caller's own float32 H in place."""
+    hessian = hessian.float() if overwrite else hessian.float().clone()
+    diagonal = hessian.diagonal()  # a view: damping adds to it in place
+    dead = diagonal == 0
+    diagonal[dead] = 1
+    undamped = diagonal.clone()
+    mean_diag = undamped.mean()
     for attempt in range(6):
-        damped = hessian + torch.eye(hessian.shape[0]) * damp * (10**attempt) * mean_diag
-        factor, info = torch.linalg.cholesky_ex(damped)
+        diagonal.copy_(undamped + damp * (10**attempt) * mean_diag)
+        factor, info = torch.linalg.cholesky_ex(hessian)
         if info == 0:
-            upper, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(factor), upper=True)
+            inverse = torch.cholesky_inverse(factor)
+            del factor
+            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
             if info == 0:
                 return upper, dead
     raise ValueError("the calibration Hessian is not positive definite even after damping")
@@ -78,9 +87,10 @@ def obs_compress(
         scale, zero = scale_zero(W * keep, bits, group_size, symmetric)
     size = group_size or columns
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order and nm is None else None
-    if order is not None:
-        W, keep, hessian = W[:, order], keep[:, order], hessian[order][:, order]
-    hinv, dead = inverse_hessian_factor(hessian, damp)
+    if order is not None:  # the permuted H is a copy of our own: damped in place, no further copy
+        W, keep, hessian = W[:, order], keep[:, order], hessian.float().index_select(0, order).index_select(1, order)
+    hinv, dead = inverse_hessian_factor(hessian, damp, overwrite=order is not None)
+    del hessian
     W[:, dead] = 0
     # (in,) original group per column; a partial last group (in % size columns) is in // size, as in `to_groups`
     group_of = (order if order is not None else torch.arange(columns)) // size

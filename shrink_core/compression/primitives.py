@@ -72,6 +72,24 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symme
     return dequantize(quantize(weight, scale, zero, bits, group_size), scale, zero, group_size, weight.dtype)
 
 
+ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of the rows quantized at once: rows are independent
+
+
+def rtn_by_rows(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
+    """Round-to-nearest quantize-dequantize, a block of rows at a time in float32: (weight in its own dtype, scale,
+    zero). The same numbers as one pass over the whole matrix, without float32 copies of all of it."""
+    rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
+    out, scales, zeros = torch.empty_like(weight), [], []
+    for start in range(0, weight.shape[0], rows):
+        part = weight[start:start + rows].float()
+        scale, zero = scale_zero(part, bits, group_size, symmetric)
+        out[start:start + rows] = dequantize(quantize(part, scale, zero, bits, group_size), scale, zero,
+                                             group_size).to(weight.dtype)
+        scales.append(scale)
+        zeros.append(zero)
+    return out, torch.cat(scales), torch.cat(zeros)
+
+
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Bit-pack each row of codes (rows, cols) little-endian into uint8 (rows, ceil(cols * bits / 8))."""
     rows, columns = codes.shape

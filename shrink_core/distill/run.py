@@ -26,6 +26,7 @@ from shrink_core.distill.student import (
 from shrink_core.distill.train import checkpoint_step, has_checkpoint, load_checkpoint_, make_state, train_
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+from shrink_core.model.arch import decoder_layers
 from shrink_core.paths import SAFE_NAME, safe_join, safe_name, shrink_home
 
 
@@ -86,7 +87,7 @@ def prepare_student(teacher_loaded, config: DistillConfig, progress=None) -> dic
             influence = block_influence(teacher, influence_tokens(teacher_loaded.tokenizer, config))
             drop = lowest_influence(influence, config.drop_count)
         student, plan_dict = build_student(teacher, drop, config.mlp_prune)
-        kept = kept_blocks(len(teacher.model.layers), drop)
+        kept = kept_blocks(len(decoder_layers(teacher)), drop)
         straight_through = 0
     if student.config.vocab_size != teacher.config.vocab_size:
         raise ShrinkError("The student and the teacher have different vocabularies; logit distillation needs the same "

@@ -10,6 +10,7 @@ import copy
 import torch
 
 from shrink_core.errors import ShrinkError
+from shrink_core.model.arch import decoder_layers
 
 
 def cosine_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
@@ -19,7 +20,7 @@ def cosine_influence(h_in: torch.Tensor, h_out: torch.Tensor) -> torch.Tensor:
 
 def block_influence(model, tokens: torch.Tensor, batch_size: int = 4) -> list[float]:
     """Mean 1 - cos(input, output) of every decoder block over `tokens` (n, seq_len); one float per block."""
-    layers = list(model.model.layers)
+    layers = list(decoder_layers(model))
     sums = torch.zeros(len(layers), dtype=torch.float64)
     count = 0
     captured: dict[int, torch.Tensor] = {}
@@ -70,7 +71,7 @@ def student_plan(drop_blocks: tuple[int, ...], mlp_prune: float) -> dict | None:
 
 def build_student(teacher, drop_blocks: tuple[int, ...] = (), mlp_prune: float = 0.0):
     """A copy of the teacher with blocks removed and MLP channels pruned (weights kept from the teacher)."""
-    blocks = len(teacher.model.layers)
+    blocks = len(decoder_layers(teacher))
     bad = [b for b in drop_blocks if not 0 <= b < blocks]
     if bad:
         raise ShrinkError(f"Block {bad[0]} does not exist; the teacher has blocks 0 to {blocks - 1}.")

@@ -90,17 +90,24 @@ def first_block_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return captured["hidden"], captured["kwargs"]
 
 
-def block_kwargs(model, ids: torch.Tensor) -> list[dict]:
+def block_kwargs(model, ids: torch.Tensor, upto: int | None = None) -> list[dict]:
     """The keyword arguments each block gets in a forward over `ids`: a family may give blocks different masks or
-    rotary tables (Gemma's sliding-window and global layers), so they are taken per block, not from the first."""
+    rotary tables (Gemma's sliding-window and global layers), so they are taken per block, not from the first.
+    `upto`: only blocks [0, upto] (the forward stops there)."""
     captured: list[dict] = []
+    layers = decoder_layers(model)
+    last = len(layers) - 1 if upto is None else min(upto, len(layers) - 1)
 
     def grab(module, args, kwargs):
         captured.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
+        if len(captured) > last:
+            raise _Stop
 
-    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in decoder_layers(model)]
+    handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
     try:
         model(input_ids=ids, use_cache=False)
+    except _Stop:
+        pass
     finally:
         for handle in handles:
             handle.remove()

@@ -8,10 +8,18 @@ from shrink_core.model.inventory import inventory, summary
 from shrink_core.model.load import load
 
 
-def device_label() -> str:
+def device_label(model=None) -> str:
+    """Where and in what dtype figures were computed: part of every result's provenance, shown beside the figure."""
     import torch
 
-    return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})"
+    if model is None:
+        return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})"
+    weight = next(model.parameters())
+    dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weight.dtype, str(weight.dtype))
+    where = weight.device.type
+    detail = (torch.cuda.get_device_name(weight.device) if where == "cuda"
+              else f"{platform.machine()}, {torch.get_num_threads()} threads")
+    return f"{where} {dtype} ({detail}, torch {torch.__version__})"
 
 
 def describe(spec: str, *, allow_pickle: bool = False, trust_remote_code: bool = False, progress=None) -> dict:
@@ -26,7 +34,7 @@ def describe(spec: str, *, allow_pickle: bool = False, trust_remote_code: bool =
         "from_cache": loaded.from_cache,
         "notes": loaded.notes,
         "code_version": __version__,
-        "device": device_label(),
+        "device": device_label(loaded.model),
         "summary": summary(loaded.model, rows),
         "modules": [r.row() for r in rows],
     }

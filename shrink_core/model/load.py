@@ -29,8 +29,6 @@ except ImportError:  # Windows
     import msvcrt
 
 from shrink_core.errors import ModelLoadError
-from shrink_core.model.arch import canonicalize_, uncovered_modules, uncovered_sentence
-from shrink_core.model.inventory import inventory
 from shrink_core.paths import model_cache_dir, shrink_home
 
 DEFAULT_SPEC = "builtin:smollm2-135m"
@@ -117,15 +115,42 @@ def _missing_package(builtin: BuiltinModel) -> str:
     )
 
 
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def with_dtype(raw: str, dtype: str | None) -> str:
+    """The spec with its dtype suffix (`builtin:smollm2-135m#bf16`); "auto" or None leaves it as it is."""
+    if not dtype or dtype == "auto":
+        return raw
+    return f"{raw.rsplit('#', 1)[0] if '#' in raw else raw}#{dtype}"
+
+
+def resolve_dtype(dtype: str) -> str:
+    """auto: bf16 where a CUDA GPU runs the model, fp32 on the CPU (the reference every figure here is measured on)."""
+    if dtype != "auto":
+        return dtype
+    import torch
+
+    return "bf16" if torch.cuda.is_available() else "fp32"
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     raw: str
     kind: str  # "builtin" | "local" | "gguf" | "hub"
     target: str  # builtin name, absolute path or Hub id
+    dtype: str = "auto"  # the `#dtype` suffix: the dtype the model runs in (part of its identity in the store)
 
     @staticmethod
     def parse(raw: str) -> ModelSpec:
         text = (raw or "").strip()
+        if "#" in text:
+            base, dtype = text.rsplit("#", 1)
+            if dtype not in DTYPES:
+                raise ModelLoadError(f"Unknown dtype '{dtype}' after '#' in the model spec; use #bf16, #fp16 or "
+                                     "#fp32 (or nothing, for the default).")
+            spec = ModelSpec.parse(base)
+            return ModelSpec(text, spec.kind, spec.target, dtype)
         if not text:
             raise ModelLoadError("The model spec is empty; give builtin:NAME, a local directory, a .gguf file or a Hub id.")
         if text.startswith("builtin:"):
@@ -225,22 +250,28 @@ def load(
     trust_remote_code: bool = False,
     progress: Progress = _no_progress,
 ) -> LoadedModel:
-    """Load a model in fp32 on the CPU from a spec string."""
+    """Load a model on the CPU from a spec string, in fp32 unless its `#dtype` suffix asks for another."""
     spec = ModelSpec.parse(raw_spec)
+    dtype = resolve_dtype(spec.dtype)
     started = time.perf_counter()
     if spec.kind in ("builtin", "gguf"):
         gguf = BUILTINS[spec.target].gguf_path() if spec.kind == "builtin" else Path(spec.target)
         source_dir, from_cache = _gguf_cache(gguf, progress)
-        notes = ["GGUF weights dequantized to fp32: the dequantized model is the reference."]
-        loaded = _load_dir(spec, source_dir, allow_pickle=False, trust_remote_code=False, progress=progress)
+        notes = ["GGUF weights dequantized to fp32: the dequantized model is the reference."
+                 + ("" if dtype == "fp32" else f" It runs in {dtype}, cast from that fp32 copy.")]
+        loaded = _load_dir(spec, source_dir, allow_pickle=False, trust_remote_code=False, progress=progress,
+                           dtype=dtype)
     elif spec.kind == "local":
         from_cache, notes = False, []
-        loaded = _load_dir(spec, Path(spec.target), allow_pickle, trust_remote_code, progress)
+        loaded = _load_dir(spec, Path(spec.target), allow_pickle, trust_remote_code, progress, dtype=dtype)
     else:
         from_cache, notes = False, []
-        loaded = _load_hub(spec, allow_pickle, trust_remote_code, progress)
+        loaded = _load_hub(spec, allow_pickle, trust_remote_code, progress, dtype=dtype)
     loaded.from_cache = from_cache
     loaded.notes = notes + loaded.notes
+    from shrink_core.model.arch import uncovered_modules, uncovered_sentence
+    from shrink_core.model.inventory import inventory
+
     uncovered = uncovered_sentence(uncovered_modules(loaded.model, {row.name for row in inventory(loaded.model)}))
     if uncovered:
         loaded.notes.append(uncovered)  # never a silent skip: the Model page and `inspect` show the notes
@@ -256,7 +287,8 @@ def _weight_files(directory: Path) -> tuple[list[Path], list[Path]]:
 
 
 def _load_dir(
-    spec: ModelSpec, directory: Path, allow_pickle: bool, trust_remote_code: bool, progress: Progress
+    spec: ModelSpec, directory: Path, allow_pickle: bool, trust_remote_code: bool, progress: Progress,
+    dtype: str = "fp32",
 ) -> LoadedModel:
     if not (directory / "config.json").is_file():
         raise ModelLoadError(
@@ -280,17 +312,21 @@ def _load_dir(
             "only if you trust its source."
         )
     progress(0.6, "loading weights")
-    model, tokenizer = _from_pretrained(str(directory), bool(safes), trust_remote_code)
-    loaded = LoadedModel(spec, model, tokenizer, directory, weights_hash(safes or pickles), 0.0, False)
+    model, tokenizer = _from_pretrained(str(directory), bool(safes), trust_remote_code, dtype)
+    # the same files run in another dtype give other figures: the hash names what runs, not only the files
+    digest = weights_hash(safes or pickles) + ("" if dtype == "fp32" else f"+{dtype}")
+    loaded = LoadedModel(spec, model, tokenizer, directory, digest, 0.0, False)
     if tokenizer is None:
         loaded.notes.append(f"No tokenizer in {directory}: the inventory works, evaluation needs a tokenizer.")
     return loaded
 
 
-def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool):
+def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool, dtype: str = "fp32"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
+
+    from shrink_core.model.arch import canonicalize_
 
     verbosity, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report and bar would bury the one sentence below
@@ -298,7 +334,7 @@ def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype=torch.float32,
+            dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
             use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code,
             local_files_only=True,
@@ -337,7 +373,8 @@ def _first_line(exc: BaseException) -> str:
     return text[0] if text else type(exc).__name__
 
 
-def _load_hub(spec: ModelSpec, allow_pickle: bool, trust_remote_code: bool, progress: Progress) -> LoadedModel:
+def _load_hub(spec: ModelSpec, allow_pickle: bool, trust_remote_code: bool, progress: Progress,
+              dtype: str = "fp32") -> LoadedModel:
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled, RepositoryNotFoundError
 
@@ -365,7 +402,7 @@ def _load_hub(spec: ModelSpec, allow_pickle: bool, trust_remote_code: bool, prog
             if "connect" in str(exc).lower() or "resolve" in str(exc).lower():
                 raise ModelLoadError(offline_help) from None
             raise
-    return _load_dir(spec, Path(local), allow_pickle, trust_remote_code, progress)
+    return _load_dir(spec, Path(local), allow_pickle, trust_remote_code, progress, dtype)
 
 
 # ---------------------------------------------------------------- GGUF -> fp32 safetensors cache

@@ -112,8 +112,38 @@ def plan_kind(plan) -> str:
 
 
 def _provenance(loaded, plan_dict, slice_id, budget) -> Provenance:
-    return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), plan=plan_dict,
+    return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(loaded.model), plan=plan_dict,
                       slice=slice_id, budget=budget)
+
+
+def admit_eval(description: dict | None, loaded, budget: str, plan_text: str | None):
+    """Refuse, before any work, an evaluation that will not fit in memory (one sentence, what would fit)."""
+    from shrink_core.perf import footprint
+
+    if description is None and loaded is None:
+        return None  # a model never described here: nothing to predict from before loading it
+    facts = footprint.facts_from_description(description) if description else footprint.facts_from_model(
+        loaded.model)
+    batch = get_protocol(budget).max_batch_tokens
+    calibration = None
+    if plan_text:
+        from shrink_core.evaluation.calibration import recipe_for
+        from shrink_core.plan import load_plan
+
+        plan = load_plan(plan_text)
+        if plan.needs_calibration:
+            recipe = recipe_for(plan)
+            calibration = (recipe.n_sequences, recipe.seq_len)
+
+    def make(f):
+        need = footprint.evaluation(f, batch, reference=bool(plan_text))
+        if plan_text:  # the candidate is made beside the reference: the larger of the two phases counts
+            applying = footprint.apply(f, calibration)
+            applying.parts["reference weights"] = f.params * f.dtype_bytes
+            need = max(need, applying, key=lambda x: x.total)
+        return need
+
+    return footprint.admit(make, facts)
 
 
 def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: str | None = None,
@@ -126,13 +156,14 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
     slices = [get_slice(s) for s in slice_ids]  # fail on a bad slice before loading anything
     store = store or Store()
     started = time.perf_counter()
+    admit_eval(store.latest_model(spec) if loaded is None else None, loaded, budget, plan_text)
     progress(0.01, "loading model")
     loaded = loaded or load(spec, **load_flags)
     share = 0.5 if plan_text else 0.95
     reference = reference_results(store, loaded, slice_ids, budget,
                                   progress=lambda f, m="": progress(0.05 + share * f, f"reference {m}"))
     report = {"model": loaded.spec.raw, "weights_hash": loaded.weights_hash, "budget": budget, "plan": None,
-              "device": device_label(), "code_version": __version__, "protocol_version": PROTOCOL_VERSION,
+              "device": device_label(loaded.model), "code_version": __version__, "protocol_version": PROTOCOL_VERSION,
               "slices": {}}
     if plan_text is None:
         for s in slices:

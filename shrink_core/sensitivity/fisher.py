@@ -74,7 +74,8 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
                 x_, g_ = x_.float(), g_.float()  # statistics in float32 whatever the model's dtype
                 if phase["fisher"]:
                     squares = torch.zeros(g_.shape[-1], x_.shape[-1], device=g_.device)
-                    for one in per_sequence_gradient(x_, g_):  # in place: no (B, out, in) temporary for squares
+                    for b in range(x_.shape[0]):  # one sequence at a time: no (B, out, in) temporary
+                        one = g_[b].T @ x_[b]  # G_s (out, in)
                         squares.addcmul_(one, one)
                     on_fisher(name, squares)
                 if phase["gradient"]:

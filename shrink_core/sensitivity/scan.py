@@ -19,6 +19,7 @@ from shrink_core.evaluation.slices import get_slice
 from shrink_core.model.arch import decoder_layers
 from shrink_core.model.describe import device_label
 from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
+from shrink_core.perf import footprint
 from shrink_core.results.store import Provenance, Store
 from shrink_core.sensitivity.fisher import estimate_slices, fisher_scores, fisher_stats, stats_bytes
 from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, ScanDepth, calib_tokens, eval_tokens, probe
@@ -131,7 +132,8 @@ def sample_modules(rows: list[ModuleInfo], count: int) -> list[ModuleInfo]:
 
 
 def _provenance(loaded, slice_id: str, budget: str) -> Provenance:
-    return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(), slice=slice_id, budget=budget)
+    return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(loaded.model), slice=slice_id,
+                      budget=budget)
 
 
 def scores_key(weights_hash: str, slice_id: str, setting: Setting, method: str, budget: ScanDepth) -> str:
@@ -313,6 +315,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     if method not in METHODS:
         raise ShrinkError(f"Unknown method '{method}'; use fast or exhaustive.")
     scan_depth = get_depth(budget)
+    footprint_ = admit_scan(footprint.facts_from_model(loaded.model), method, budget)  # refuses what will not fit
     settings = [get_setting(s) for s in setting_ids]
     for slice_id in slice_ids:
         get_slice(slice_id)
@@ -321,6 +324,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     store = store or Store()
     started = time.perf_counter()
     report = ScanReport(loaded.spec.raw, loaded.weights_hash, budget, method)
+    report.timings["predicted_peak_bytes"] = footprint_.total  # beside the measured figures, for the record
     scanner = _Scanner(loaded, store, scan_depth, report, job_id)
     chosen = select_modules(scanner.rows + scanner.embeddings, modules, embeddings)
     chosen_embeddings = [r for r in chosen if r.kind in EMBEDDING_KINDS]
@@ -415,11 +419,21 @@ def _block_kind(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1), LEAF_KINDS.get(name.rsplit(".", 1)[-1], "linear")
 
 
+def admit_scan(facts, method: str, budget: str):
+    """The scan's predicted peak memory, or ShrinkError with one sentence when it will not fit."""
+    depth = get_depth(budget)
+    return footprint.admit(lambda f: footprint.scan(f, method, (depth.calib_sequences, depth.calib_len),
+                                                    (depth.sequences, depth.seq_len), depth.chunk), facts)
+
+
 def sensitivity_job(ctx, spec: str, slices: list[str], settings: list[str], method: str = "fast",
                     budget: str = "fast", check: int = 0) -> dict:
     """Job: the Sensitivity page's scan."""
     from shrink_core.model.load import load
 
+    description = ctx.store.latest_model(spec)
+    if description:  # refuse before loading anything when the scan will not fit in memory
+        admit_scan(footprint.facts_from_description(description), method, budget)
     ctx.progress(0.01, "loading model")
     loaded = load(spec)
     report = run_scan(loaded, slices, settings, method, budget, check=check, store=ctx.store,

@@ -1,0 +1,187 @@
+"""Peak memory of a job before it runs, from the model's inventory and the job's settings (pure math), and the one
+sentence that refuses a job that will not fit.
+
+A prediction is the sum of named parts, so the page can say what dominates:
+- process: Python, torch, transformers and a tokenizer (measured 0.39-0.46 GB on this machine);
+- weights: every parameter at the dtype the model runs in;
+- the job's working set: full-vocabulary logits of one batch (the largest transient of evaluation and of the fast
+  scan's backward pass), the probe cache (every block's input for the probe sequences), kept Fisher statistics (or
+  none, when streamed), GPTQ's Hessians and calibration activations, the float32 copy of the largest weight being
+  quantized.
+The factors on the logits and activations were fitted on bench/bench_scale.py's runs (docs/scale.md): 135M to 8B
+parameters, fp32 and bf16; the test checks the prediction against measured peak RSS on the built-in model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PROCESS_BYTES = 500 * 1000**2
+LOGITS_COPIES = 3.7  # logits float32 + log-softmax + the gathered / exp temporaries of one batch (fitted)
+BACKWARD_COPIES = 3.2  # logits float32 + softmax + their gradient in the Fisher pass (fitted)
+DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+STATS_BYTES_CAP = 2 << 30  # the fast scan streams its Fisher statistics above this (sensitivity/scan.py)
+REFERENCE_CACHE_BYTES = 1 << 30  # probe caches keep reference log-probs below this (sensitivity/probe.py)
+ROW_CHUNK_BYTES = 64 << 20  # rows quantized at once in float32 (compression/primitives.py)
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    params: int
+    dtype: str
+    hidden: int
+    intermediate: int
+    vocab: int
+    blocks: int
+    linear_params: int  # block linears
+    largest_linear: int  # elements of the largest block linear
+    largest_input: int  # the widest input of a block linear (a Hessian is input x input)
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES.get(self.dtype, 4)
+
+    @staticmethod
+    def from_inventory(summary: dict, modules: list[dict], dtype: str | None = None) -> ModelFacts:
+        """From a stored model description (summary + inventory rows, as the Model page keeps them)."""
+        linears = [m for m in modules if m.get("block") is not None and m["kind"] not in ("norm",)
+                   and m.get("block") == m.get("block")]
+        shapes = [tuple(int(x) for x in str(m["shape"]).split("x")) for m in linears]
+        return ModelFacts(
+            params=int(summary["parameters"]), dtype=dtype or str(summary.get("dtype") or "float32"),
+            hidden=int(summary.get("hidden_size") or 0), intermediate=int(summary.get("intermediate_size") or 0),
+            vocab=int(summary.get("vocab_size") or 0), blocks=int(summary.get("blocks") or 0),
+            linear_params=sum(a * b for a, b in shapes), largest_linear=max((a * b for a, b in shapes), default=0),
+            largest_input=max((b for _, b in shapes), default=0))
+
+
+@dataclass(frozen=True)
+class Footprint:
+    job: str
+    parts: dict[str, int]  # bytes per named part
+
+    @property
+    def total(self) -> int:
+        return sum(self.parts.values())
+
+    def describe(self) -> str:
+        top = max((k for k in self.parts if k != "process"), key=self.parts.get, default="weights")
+        return f"about {self.total / 1e9:.1f} GB at peak (of which {top}: {self.parts[top] / 1e9:.1f} GB)"
+
+    def to_dict(self) -> dict:
+        return {"kind": "projected", "job": self.job, "total_bytes": self.total, "parts": self.parts,
+                "from": "perf/footprint.py: inventory x dtype + the job's working set (factors fitted on "
+                        "bench/bench_scale.py)"}
+
+
+def _base(facts: ModelFacts) -> dict[str, int]:
+    return {"process": PROCESS_BYTES, "weights": facts.params * facts.dtype_bytes}
+
+
+def evaluation(facts: ModelFacts, max_batch_tokens: int = 1024, reference: bool = False) -> Footprint:
+    """An evaluation run (a candidate against its reference doubles the weights and the logits)."""
+    parts = _base(facts)
+    parts["logits"] = int(max_batch_tokens * facts.vocab * 4 * LOGITS_COPIES * (2 if reference else 1))
+    if reference:
+        parts["reference weights"] = facts.params * facts.dtype_bytes
+    return Footprint("evaluation", parts)
+
+
+def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: int = 8) -> Footprint:
+    """Applying a plan: the float32 copy of the largest (stacked) weight being quantized; with calibration, each block's
+    Hessians (input x input, float32, up to four inputs) and its calibration activations in and out."""
+    parts = _base(facts)
+    # float32 working copies: a block of rows for RTN, a whole stack (gate + up) for GPTQ
+    stack = max(facts.largest_linear, 2 * facts.intermediate * facts.hidden) if calibration else 0
+    parts["quantizing"] = max(stack * 4 * 3, ROW_CHUNK_BYTES * 6)
+    parts["allocator"] = int(0.6 * facts.linear_params * facts.dtype_bytes)  # freed, not yet returned (fitted)
+    if calibration:
+        sequences, length = calibration
+        widest = max(facts.largest_input, facts.hidden)
+        # a block's H for each input (three of hidden x hidden, one of the widest), and the inverse's working copies
+        parts["hessians"] = 4 * (3 * facts.hidden**2 + widest**2) + 4 * 3 * widest**2
+        parts["activations"] = 3 * sequences * length * facts.hidden * facts.dtype_bytes
+        parts["block forward"] = int(min(sequences, batch) * length * max(facts.intermediate, facts.hidden) * 4 * 3)
+    return Footprint("apply", parts)
+
+
+def scan(facts: ModelFacts, method: str, calib: tuple[int, int], probe: tuple[int, int], chunk: int) -> Footprint:
+    """A sensitivity scan on any number of slices (one at a time: an extra slice adds nothing that stays)."""
+    parts = _base(facts)
+    probe_sequences, probe_length = probe
+    parts["probe cache"] = (facts.blocks + 1) * probe_sequences * probe_length * facts.hidden * facts.dtype_bytes
+    reference = probe_sequences * (probe_length - 1) * facts.vocab * 4
+    parts["probe logits"] = int(chunk * probe_length * facts.vocab * 4 * LOGITS_COPIES) + (
+        reference if reference <= REFERENCE_CACHE_BYTES else 0)
+    # the embedding's probe holds a perturbed copy of it, made a block of rows at a time
+    parts["perturbed copy"] = facts.vocab * facts.hidden * facts.dtype_bytes + ROW_CHUNK_BYTES * 6
+    if method == "fast":  # the Fisher pass, then the probes: the larger of the two is the peak
+        sequences, length = calib
+        batch = min(sequences, chunk * 2)
+        kept = facts.linear_params * 8
+        fisher = {"fisher statistics": kept if kept <= STATS_BYTES_CAP else facts.largest_linear * 4 * 3,
+                  "backward logits": int(batch * length * facts.vocab * 4 * BACKWARD_COPIES),
+                  "backward activations": batch * length * facts.blocks * (6 * facts.hidden + 3 * facts.intermediate)
+                  * facts.dtype_bytes}
+        probes = ("probe cache", "probe logits", "perturbed copy")
+        if sum(fisher.values()) > sum(parts[k] for k in probes):
+            for key in probes:
+                del parts[key]
+            parts.update(fisher)
+    return Footprint(f"{method} scan", parts)
+
+
+def available_bytes() -> int | None:
+    """MemAvailable of this machine (Linux), capped by $SHRINK_MEMORY_LIMIT_GB where set (a share of a machine
+    others use too); None where neither is known (then nothing is refused)."""
+    import os
+
+    limit = os.environ.get("SHRINK_MEMORY_LIMIT_GB")
+    cap = int(float(limit) * 1e9) if limit else None
+    available = None
+    try:
+        with open("/proc/meminfo") as handle:
+            for line in handle:
+                if line.startswith("MemAvailable:"):
+                    available = int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return min(x for x in (available, cap) if x is not None) if (available or cap) else None
+
+
+def refusal(footprint: Footprint, available: int | None, alternative: Footprint | None = None,
+            alternative_label: str = "") -> str | None:
+    """One sentence when the job will not fit (None when it will): what it needs, what there is, what would fit."""
+    if available is None or footprint.total <= available:
+        return None
+    fits = ""
+    if alternative is not None and alternative.total <= available:
+        fits = f"; {alternative_label} would need {alternative.total / 1e9:.1f} GB and fits"
+    return (f"This {footprint.job} would need {footprint.describe()}, and this machine has "
+            f"{available / 1e9:.1f} GB available{fits or '; free memory or use a machine with more'}.")
+
+
+def facts_from_description(description: dict) -> ModelFacts:
+    return ModelFacts.from_inventory(description["summary"], description["modules"])
+
+
+def facts_from_model(model) -> ModelFacts:
+    from shrink_core.model.inventory import inventory, summary
+
+    rows = inventory(model)
+    return ModelFacts.from_inventory(summary(model, rows), [r.row() for r in rows])
+
+
+def admit(make, facts: ModelFacts, available: int | None = None) -> Footprint:
+    """The job's footprint, or ShrinkError with the one sentence when it will not fit (an fp32 model is offered bf16,
+    which halves the weights, when that would fit)."""
+    from dataclasses import replace
+
+    from shrink_core.errors import ShrinkError
+
+    footprint = make(facts)
+    alternative = make(replace(facts, dtype="bf16")) if facts.dtype_bytes == 4 else None
+    sentence = refusal(footprint, available_bytes() if available is None else available, alternative,
+                       "the model in bf16 (spec suffix #bf16)")
+    if sentence:
+        raise ShrinkError(sentence)
+    return footprint

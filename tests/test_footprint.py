@@ -1,0 +1,96 @@
+"""Peak memory predicted before a job runs: parts that add up, one refusing sentence that says what would fit, the
+refusal as a new user meets it (CLI, nothing stored), and the prediction against measured peak RSS on the built-in
+model."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shrink_core.errors import ShrinkError
+from shrink_core.perf import footprint
+from shrink_core.perf.footprint import ModelFacts
+
+ROOT = Path(__file__).resolve().parent.parent
+EIGHT_B = ModelFacts(params=8_030_261_248, dtype="bf16", hidden=4096, intermediate=14336, vocab=128256, blocks=32,
+                     linear_params=6_979_321_856, largest_linear=14336 * 4096, largest_input=14336)
+
+
+def test_parts_add_up_and_scale_with_the_dtype():
+    fp32 = ModelFacts(**{**EIGHT_B.__dict__, "dtype": "fp32"})
+    for make in (lambda f: footprint.evaluation(f), lambda f: footprint.apply(f, (16, 512)),
+                 lambda f: footprint.scan(f, "fast", (4, 64), (4, 64), 4)):
+        a, b = make(EIGHT_B), make(fp32)
+        assert a.total == sum(a.parts.values()) and b.parts["weights"] == 2 * a.parts["weights"]
+        assert a.to_dict()["kind"] == "projected"
+    scan = footprint.scan(EIGHT_B, "fast", (8, 128), (8, 128), 4)  # depth `fast`: the Fisher pass is the peak
+    assert scan.parts["fisher statistics"] < 1e9  # streamed: 56 GB of statistics are never kept
+    # an extra slice adds nothing that stays: the scan's footprint does not depend on the slice count at all
+    assert footprint.scan(EIGHT_B, "fast", (4, 64), (4, 64), 4).total < EIGHT_B.params * 2 * 1.3
+
+
+def test_a_job_that_will_not_fit_is_refused_in_one_sentence_that_says_what_fits():
+    fp32 = ModelFacts(**{**EIGHT_B.__dict__, "dtype": "fp32"})
+    with pytest.raises(ShrinkError) as caught:
+        footprint.admit(lambda f: footprint.evaluation(f), fp32, available=int(20e9))
+    sentence = str(caught.value)
+    assert sentence.startswith("This evaluation would need about 34.")
+    assert "this machine has 20.0 GB available; the model in bf16 (spec suffix #bf16) would need about" not in sentence
+    assert "the model in bf16 (spec suffix #bf16) would need 18." in sentence and sentence.endswith("and fits.")
+    with pytest.raises(ShrinkError, match=r"available; free memory or use a machine with more\.$"):
+        footprint.admit(lambda f: footprint.evaluation(f), fp32, available=int(4e9))
+    assert footprint.admit(lambda f: footprint.evaluation(f), EIGHT_B, available=int(40e9)).total < 40e9
+
+
+def test_the_cli_refuses_before_any_work_and_stores_nothing(tmp_path, shrink_home):
+    from shrink_core.model.toy import tiny_llama
+
+    from .test_export import tiny_tokenizer
+
+    tiny_llama().save_pretrained(tmp_path / "m")
+    tiny_tokenizer().save_pretrained(tmp_path / "m")
+    env = {**__import__("os").environ, "SHRINK_HOME": str(shrink_home), "SHRINK_MEMORY_LIMIT_GB": "0.3"}
+    run = subprocess.run([sys.executable, "-m", "shrink_core", "sensitivity", "--model", str(tmp_path / "m"),
+                          "--slices", "en", "--settings", "w4g64", "--method", "fast", "--depth", "quick"],
+                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 1
+    message = run.stderr.strip()
+    assert message.startswith("error: This fast scan would need about 0.") and message.count("\n") == 0
+    assert "this machine has 0.3 GB available" in message
+    from shrink_core.results.store import Store
+
+    assert Store(shrink_home / "store.sqlite").results("sensitivity") == []
+
+
+MEASURE = """
+import json, sys
+from shrink_core.model.load import load
+from shrink_core.perf import footprint
+from shrink_core.perf.memory import measure_peak_rss
+stage = sys.argv[1]
+loaded = load("builtin:smollm2-135m")  # a first load may convert the GGUF: the peak is measured from here on
+facts = footprint.facts_from_model(loaded.model)
+if stage == "eval":
+    from shrink_core.evaluation.evaluate import evaluate
+    from shrink_core.evaluation.protocol import Protocol
+    from shrink_core.evaluation.slices import get_slice
+    run = lambda: evaluate(loaded.model, loaded.tokenizer, [get_slice("en")], Protocol("t", 24, 24, 1, 512, 512))
+    predicted = footprint.evaluation(facts, 1024)
+elif stage == "scan":
+    from shrink_core.results.store import Store
+    from shrink_core.sensitivity.scan import run_scan
+    run = lambda: run_scan(loaded, ["en"], ["w4g64"], "fast", "quick", metrics=("kl",), store=Store())
+    predicted = footprint.scan(facts, "fast", (4, 64), (4, 64), 4)
+print(json.dumps({"predicted": predicted.total, "measured": measure_peak_rss(run).peak_rss_bytes}))
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("stage", ["eval", "scan"])
+def test_the_prediction_holds_on_the_builtin_model(stage, smollm2, shrink_home):
+    run = subprocess.run([sys.executable, "-c", MEASURE, stage], cwd=ROOT, capture_output=True, text=True,
+                         timeout=900, env={**__import__("os").environ, "SHRINK_HOME": str(shrink_home)})
+    assert run.returncode == 0, run.stderr[-2000:]
+    figures = json.loads(run.stdout.strip().splitlines()[-1])
+    assert 0.8 < figures["measured"] / figures["predicted"] < 1.25, figures
