@@ -8,18 +8,19 @@ Shapes (hidden, MLP width, blocks, heads / KV heads, vocabulary; `tiny` is a smo
 32, 32/8, 128256).
 Weights are seeded random (normal, std 0.02), built directly in bf16 (no fp32 copy); tokens are random ids below
 49152 (the SmolLM2 tokenizer's range, used for the text slices), so quality figures mean nothing here: only time and
-memory are measured. Each (shape, stage) runs in a fresh process, so its peak RSS is its own:
-  build  make the model in memory (every other stage starts with this; its time is not in theirs)
-  load   load a saved bf16 checkpoint through shrink's loader (safetensors, memory-mapped); skipped when the disk
-         cannot hold the checkpoint (said in the output)
-  rtn    int4 g64 RTN on every block linear
+memory are measured. One process per shape builds the model once and runs the stages in turn, each with its own peak
+RSS (VmHWM reset before it: the model's resident bytes are in every stage's peak):
+  build  make the model in memory (its time and peak are on every row: build_s, peak_of_build_gb)
+  load   load a saved bf16 checkpoint through shrink's loader (safetensors, memory-mapped), in a process of its
+         own; skipped when the disk cannot hold the checkpoint (said in the output)
+  rtn    int4 g64 RTN on every block linear (later stages then run on the quantized weights: same costs)
   gptq   int4 g64 GPTQ on the first --gptq-blocks blocks, --calib calibration tokens (sequences x length); the
          whole-model time is extrapolated per block (stated)
   scan   the fast scan at depth `quick` on one slice (en), one setting (w4g64): Fisher scores for every block
          linear (streamed above 2 GiB of statistics) and the embedding's exhaustive probe
   scan2  the same on two slices (en, fr): the memory an extra slice costs is scan2 - scan
   eval   the `fast` protocol's text rows of en (120 windows of up to 512 tokens)
-Figures: wall seconds, peak RSS (ru_maxrss) and the RSS after the build, in GB, with the load average. The last line
+Figures: wall seconds, peak RSS and the RSS before the stage, in GB, with the load average. The last line
 fits, per stage, time and peak memory against the parameter count (power law: exponent and constant).
 A model spec as a shape (`--shapes builtin:smollm2-135m`) runs the stages on that model as loaded (fp32).
 Run it alone (`flock /tmp/cpu.lock python bench/bench_scale.py ...`): the 8b shape needs about 17 GB of RAM.
@@ -121,25 +122,45 @@ def loaded_model(model, shape: str):
                        f"random-{shape}-{next(model.parameters()).dtype}", 0.0, False)
 
 
-def child(shape: str, stage: str, args) -> dict:
+def child(shape: str, stages: list[str], args) -> list[dict]:
+    """Build (or load) the model once, then run `stages` in order, each with its own peak RSS (VmHWM reset)."""
+    from shrink_core.perf.memory import measure_peak_rss, release_freed_memory
+
+    started = time.perf_counter()
+    base = {"shape": shape}
+    if "load" in stages or ":" in shape:  # a saved checkpoint, or a model spec (builtin:smollm2-135m, in fp32)
+        from shrink_core.model.load import load
+
+        model = load(shape if ":" in shape else f"{args.checkpoint}#bf16").model
+        base["load_s"] = round(time.perf_counter() - started, 2)
+    else:
+        model = build(shape, args.device)
+    params = sum(p.numel() for p in model.parameters())
+    base.update(params=params, bf16_gb=round(params * 2 / 1e9, 3), build_s=round(time.perf_counter() - started, 2),
+                rss_after_build_gb=round(rss_gb(), 3), peak_of_build_gb=round(peak_gb(), 3))
+    rows = []
+    for stage in stages:
+        release_freed_memory()
+        figures = {**base, "stage": stage}
+        t0 = time.perf_counter()
+        peak = measure_peak_rss(lambda f=figures, s=stage: f.update(_stage(model, shape, s, args)))
+        figures.update(stage_s=round(time.perf_counter() - t0, 2), rss_before_gb=round(peak.rss_before_bytes / 1e9, 3),
+                       peak_rss_gb=round(peak.peak_rss_bytes / 1e9, 3), peak_method=peak.method,
+                       rss_end_gb=round(rss_gb(), 3))
+        print(json.dumps(figures), flush=True)
+        rows.append(figures)
+    return rows
+
+
+def _stage(model, shape: str, stage: str, args) -> dict:
+    """One stage on the model (RTN and GPTQ change it in place: later stages see quantized random weights, which
+    costs them the same time and memory)."""
     import torch
 
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.plan import load_plan
 
-    started = time.perf_counter()
-    figures = {"shape": shape, "stage": stage}
-    if stage == "load" or ":" in shape:  # a saved checkpoint, or a model spec (builtin:smollm2-135m, in fp32)
-        from shrink_core.model.load import load
-
-        loaded = load(shape if ":" in shape else f"{args.checkpoint}#bf16")
-        model = loaded.model
-        figures["load_s"] = round(time.perf_counter() - started, 2)
-    else:
-        model = build(shape, args.device)
-    params = sum(p.numel() for p in model.parameters())
-    figures.update(params=params, bf16_gb=round(params * 2 / 1e9, 3), build_s=round(time.perf_counter() - started, 2),
-                   rss_after_build_gb=round(rss_gb(), 3), peak_after_build_gb=round(peak_gb(), 3))
+    figures = {"threads": torch.get_num_threads()}
     t0 = time.perf_counter()
     if stage == "rtn":
         report = apply_plan_(model, load_plan({"version": 1, "name": "rtn", "rules": [{"kind": [
@@ -174,8 +195,6 @@ def child(shape: str, stage: str, args) -> dict:
 
         (result,) = evaluate(model, tokenizer(), [get_slice("en")], "fast")
         figures.update(tokens=result.tokens)
-    figures.update(stage_s=round(time.perf_counter() - t0, 2), peak_rss_gb=round(peak_gb(), 3),
-                   rss_end_gb=round(rss_gb(), 3), threads=torch.get_num_threads())
     return figures
 
 
@@ -205,36 +224,39 @@ def main() -> None:
     parser.add_argument("--calib", default="16x512")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
-    parser.add_argument("--child", nargs=2, metavar=("SHAPE", "STAGE"), help=argparse.SUPPRESS)
+    parser.add_argument("--child", nargs=2, metavar=("SHAPE", "STAGES"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        print(json.dumps(child(*args.child, args)), flush=True)
+        child(args.child[0], args.child[1].split(","), args)  # prints one line per stage as it ends
         return
     rows = []
     for shape in args.shapes.split(","):
-        for stage in args.stages.split(","):
+        stages = args.stages.split(",")
+        groups = [[s] for s in stages if s == "load" and ":" not in shape] + [
+            [s for s in stages if s not in ("build", "load") or ":" in shape] or ["build"]]
+        for group in groups:
             extra = []
-            if stage == "load" and ":" not in shape:
+            if group == ["load"]:
                 checkpoint = Path(tempfile.gettempdir()) / f"shrink-scale-{shape}"
                 bytes_needed = _params(shape) * 2 * 1.05
                 if not (checkpoint / "config.json").is_file():
                     if shutil.disk_usage(checkpoint.parent).free < bytes_needed + (2 << 30):
-                        emit({"shape": shape, "stage": stage, "skipped": f"the disk has "
+                        emit({"shape": shape, "stage": "load", "skipped": f"the disk has "
                               f"{shutil.disk_usage(checkpoint.parent).free / 1e9:.1f} GB free, the checkpoint needs "
                               f"{bytes_needed / 1e9:.1f} GB"}, args.out)
                         continue
                     _save(shape, checkpoint)
                 extra = ["--checkpoint", str(checkpoint)]
-            run = subprocess.run([sys.executable, __file__, "--child", shape, stage, "--gptq-blocks",
+            run = subprocess.run([sys.executable, __file__, "--child", shape, ",".join(group), "--gptq-blocks",
                                   str(args.gptq_blocks), "--calib", args.calib, "--device", args.device, *extra],
                                  capture_output=True, text=True)
+            for line in run.stdout.strip().splitlines():
+                if line.startswith("{"):
+                    rows.append(json.loads(line))
+                    emit(rows[-1], args.out)
             if run.returncode != 0:
-                emit({"shape": shape, "stage": stage, "failed": run.stderr.strip().splitlines()[-1:]}, args.out)
-                continue
-            row = json.loads(run.stdout.strip().splitlines()[-1])
-            rows.append(row)
-            emit(row, args.out)
+                emit({"shape": shape, "stages": group, "failed": run.stderr.strip().splitlines()[-1:]}, args.out)
     emit({"fit": fit(rows)}, args.out)
 
 

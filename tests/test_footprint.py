@@ -94,3 +94,12 @@ def test_the_prediction_holds_on_the_builtin_model(stage, smollm2, shrink_home):
     assert run.returncode == 0, run.stderr[-2000:]
     figures = json.loads(run.stdout.strip().splitlines()[-1])
     assert 0.8 < figures["measured"] / figures["predicted"] < 1.25, figures
+
+
+def test_a_model_already_loaded_counts_as_resident_not_as_still_to_come():
+    make = footprint.evaluation  # 8B bf16: 16.1 GB of weights, about 1.9 GB of logits beside them
+    with pytest.raises(ShrinkError):
+        footprint.admit(make, EIGHT_B, available=int(2.5e9))
+    assert footprint.admit(make, EIGHT_B, available=int(2.5e9), loaded=True).total > 18e9
+    with pytest.raises(ShrinkError):
+        footprint.admit(make, EIGHT_B, available=int(1e9), loaded=True)

@@ -30,6 +30,7 @@ from shrink_core.compression.prune import (
 from shrink_core.compression.simulate import attach_simulation_
 from shrink_core.errors import ShrinkError
 from shrink_core.model.arch import block_kwargs, decoder_layers
+from shrink_core.perf.memory import release_freed_memory
 from shrink_core.plan import Plan, load_plan, resolve
 from shrink_core.plan.resolve import DTYPE_BYTES, FALLBACK, ResolvedModule, sparse_bytes, weight_bytes
 
@@ -309,6 +310,8 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                         seconds[member.name] = (time.perf_counter() - t1) / len(members)
             if inputs is not None and block < last_calibrated:
                 inputs = calibrate.run_block(layer, inputs)
+            if block in calibrated_blocks:
+                release_freed_memory()  # a block's Hessians and their inverses are gone: give the pages back
             progress(0.05 + 0.85 * (position + 1) / len(kept_layers), f"block {block} done")
         for row in resolved:
             if row.block is None and not row.tied_to and (row.weights or row.prune):

@@ -14,6 +14,7 @@ from __future__ import annotations
 import torch
 
 from shrink_core.formats import SCALE_BYTES, ZERO_BYTES, group_count, packed_weight_bytes  # noqa: F401
+from shrink_core.perf.footprint import ROW_CHUNK_BYTES  # float32 bytes of the rows quantized at once
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8)
 MIN_SCALE = 2.0**-20  # keeps float16 scales non-zero for all-zero groups
@@ -70,9 +71,6 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symme
     """Round-to-nearest quantize-dequantize in the weight's dtype."""
     scale, zero = scale_zero(weight, bits, group_size, symmetric)
     return dequantize(quantize(weight, scale, zero, bits, group_size), scale, zero, group_size, weight.dtype)
-
-
-ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of the rows quantized at once: rows are independent
 
 
 def rtn_by_rows(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):

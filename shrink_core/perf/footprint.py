@@ -19,9 +19,10 @@ PROCESS_BYTES = 500 * 1000**2
 LOGITS_COPIES = 3.7  # logits float32 + log-softmax + the gathered / exp temporaries of one batch (fitted)
 BACKWARD_COPIES = 3.2  # logits float32 + softmax + their gradient in the Fisher pass (fitted)
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
+# The memory limits the jobs keep to are defined here, once, and imported where they act:
 STATS_BYTES_CAP = 2 << 30  # the fast scan streams its Fisher statistics above this (sensitivity/scan.py)
 REFERENCE_CACHE_BYTES = 1 << 30  # probe caches keep reference log-probs below this (sensitivity/probe.py)
-ROW_CHUNK_BYTES = 64 << 20  # rows quantized at once in float32 (compression/primitives.py)
+ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of the rows quantized at once (compression/primitives.py)
 
 
 @dataclass(frozen=True)
@@ -93,7 +94,7 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
     # float32 working copies: a block of rows for RTN, a whole stack (gate + up) for GPTQ
     stack = max(facts.largest_linear, 2 * facts.intermediate * facts.hidden) if calibration else 0
     parts["quantizing"] = max(stack * 4 * 3, ROW_CHUNK_BYTES * 6)
-    parts["allocator"] = int(0.6 * facts.linear_params * facts.dtype_bytes)  # freed, not yet returned (fitted)
+    parts["allocator"] = int(0.4 * facts.linear_params * facts.dtype_bytes)  # scales and zeros, freed pages (fitted)
     if calibration:
         sequences, length = calibration
         widest = max(facts.largest_input, facts.hidden)
@@ -171,17 +172,20 @@ def facts_from_model(model) -> ModelFacts:
     return ModelFacts.from_inventory(summary(model, rows), [r.row() for r in rows])
 
 
-def admit(make, facts: ModelFacts, available: int | None = None) -> Footprint:
+def admit(make, facts: ModelFacts, available: int | None = None, loaded: bool = False) -> Footprint:
     """The job's footprint, or ShrinkError with the one sentence when it will not fit (an fp32 model is offered bf16,
-    which halves the weights, when that would fit)."""
+    which halves the weights, when that would fit). `loaded`: this process already holds the model, so its weights
+    and the process are resident, not still to come out of the available memory."""
     from dataclasses import replace
 
     from shrink_core.errors import ShrinkError
 
     footprint = make(facts)
     alternative = make(replace(facts, dtype="bf16")) if facts.dtype_bytes == 4 else None
-    sentence = refusal(footprint, available_bytes() if available is None else available, alternative,
-                       "the model in bf16 (spec suffix #bf16)")
+    available = available_bytes() if available is None else available
+    if loaded and available is not None:
+        available += footprint.parts["process"] + footprint.parts["weights"]
+    sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)")
     if sentence:
         raise ShrinkError(sentence)
     return footprint

@@ -87,3 +87,18 @@ def memory_report(workload: Workload, context: int, batch: int, kv_bits: int = 3
                   peak: PeakMemory | None = None) -> MemoryReport:
     kv = kv_cache_bytes(workload.layers, workload.kv_heads, workload.head_dim, context, batch, kv_bits)
     return MemoryReport(workload.weight_bytes, workload.weight_source, kv, context, batch, kv_bits, peak)
+
+
+def release_freed_memory() -> None:
+    """Hand memory freed by Python and torch back to the OS (glibc keeps freed heap pages otherwise, so a job's
+    resident memory would grow with every large temporary it ever made). A no-op where glibc is absent."""
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name) if name else None
+        if libc is not None and hasattr(libc, "malloc_trim"):
+            libc.malloc_trim(0)
+    except OSError:
+        pass

@@ -143,7 +143,7 @@ def admit_eval(description: dict | None, loaded, budget: str, plan_text: str | N
             need = max(need, applying, key=lambda x: x.total)
         return need
 
-    return footprint.admit(make, facts)
+    return footprint.admit(make, facts, loaded=description is None)
 
 
 def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: str | None = None,

@@ -19,6 +19,7 @@ from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_to
 from shrink_core.evaluation.evaluate import _softcap, select_items
 from shrink_core.evaluation.slices import get_slice, load_rows
 from shrink_core.model.arch import block_kwargs, decoder_layers, final_hidden, first_block_input, run_layer
+from shrink_core.perf.footprint import REFERENCE_CACHE_BYTES
 from shrink_core.sensitivity.settings import Setting, perturbed
 
 
@@ -80,9 +81,6 @@ def kl_and_nll(ref_logp: torch.Tensor, logp: torch.Tensor, targets: torch.Tensor
     kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)  # (n, T-1)
     nll = -logp.gather(-1, targets.unsqueeze(-1)).squeeze(-1)  # (n, T-1)
     return kl.mean(-1), nll.mean(-1)
-
-
-REFERENCE_CACHE_BYTES = 1 << 30
 
 
 class ProbeCache:

@@ -20,13 +20,14 @@ from shrink_core.model.arch import decoder_layers
 from shrink_core.model.describe import device_label
 from shrink_core.model.inventory import LINEAR_KINDS, ModuleInfo, block_linears, inventory
 from shrink_core.perf import footprint
+from shrink_core.perf.footprint import STATS_BYTES_CAP  # above it, a slice's statistics are streamed
+from shrink_core.perf.memory import release_freed_memory
 from shrink_core.results.store import Provenance, Store
 from shrink_core.sensitivity.fisher import estimate_slices, fisher_scores, fisher_stats, stats_bytes
 from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, ScanDepth, calib_tokens, eval_tokens, probe
 from shrink_core.sensitivity.settings import Setting, get_setting
 
 EMBEDDING_KINDS = ("embedding", "lm_head")
-STATS_BYTES_CAP = 2 << 30  # above this, one slice's Fisher statistics are streamed, never kept (fisher.py)
 
 METHODS = ("fast", "exhaustive")
 METRICS = ("kl", "dnll")
@@ -215,6 +216,7 @@ class _Scanner:
     def _probe_cache(self, slice_id: str) -> ProbeCache:
         if self.cache is None or self.cache[0] != slice_id:
             self.cache = None  # free the previous slice's activations first
+            release_freed_memory()
             ids = eval_tokens(self.loaded.tokenizer, slice_id, self.budget.sequences, self.budget.seq_len)
             cache = ProbeCache(self.loaded.model, ids, self.budget.chunk)
             self.report.timings["probe_cache_s"] = self.report.timings.get("probe_cache_s", 0) + cache.seconds
@@ -267,6 +269,7 @@ class _Scanner:
                              tokens, self.job_id)
                 out[slice_id][setting.id] = values
                 self.report.computed += len(values)
+            release_freed_memory()  # the next slice starts from the same resident size
         return out
 
     def exhaustive(self, slice_id: str, settings: list[Setting], rows: list[ModuleInfo], tick) -> dict[str, dict]:
@@ -315,7 +318,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     if method not in METHODS:
         raise ShrinkError(f"Unknown method '{method}'; use fast or exhaustive.")
     scan_depth = get_depth(budget)
-    footprint_ = admit_scan(footprint.facts_from_model(loaded.model), method, budget)  # refuses what will not fit
+    footprint_ = admit_scan(footprint.facts_from_model(loaded.model), method, budget, loaded=True)  # or refuses
     settings = [get_setting(s) for s in setting_ids]
     for slice_id in slice_ids:
         get_slice(slice_id)
@@ -419,11 +422,13 @@ def _block_kind(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1), LEAF_KINDS.get(name.rsplit(".", 1)[-1], "linear")
 
 
-def admit_scan(facts, method: str, budget: str):
-    """The scan's predicted peak memory, or ShrinkError with one sentence when it will not fit."""
+def admit_scan(facts, method: str, budget: str, loaded: bool = False):
+    """The scan's predicted peak memory, or ShrinkError with one sentence when it will not fit (`loaded`: the model
+    is already in this process)."""
     depth = get_depth(budget)
     return footprint.admit(lambda f: footprint.scan(f, method, (depth.calib_sequences, depth.calib_len),
-                                                    (depth.sequences, depth.seq_len), depth.chunk), facts)
+                                                    (depth.sequences, depth.seq_len), depth.chunk), facts,
+                           loaded=loaded)
 
 
 def sensitivity_job(ctx, spec: str, slices: list[str], settings: list[str], method: str = "fast",
