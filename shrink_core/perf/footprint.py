@@ -150,12 +150,13 @@ def available_bytes() -> int | None:
 
 
 def refusal(footprint: Footprint, available: int | None, alternative: Footprint | None = None,
-            alternative_label: str = "") -> str | None:
-    """One sentence when the job will not fit (None when it will): what it needs, what there is, what would fit."""
-    if available is None or footprint.total <= available:
+            alternative_label: str = "", resident: int = 0) -> str | None:
+    """One sentence when the job will not fit (None when it will): what it needs, what there is, what would fit.
+    `resident`: bytes of the footprint this process already holds (a loaded model), which `available` excludes."""
+    if available is None or footprint.total - resident <= available:
         return None
     fits = ""
-    if alternative is not None and alternative.total <= available:
+    if alternative is not None and alternative.total - resident <= available:  # reloading frees the resident model
         fits = f"; {alternative_label} would need {alternative.total / 1e9:.1f} GB and fits"
     return (f"This {footprint.job} would need {footprint.describe()}, and this machine has "
             f"{available / 1e9:.1f} GB available{fits or '; free memory or use a machine with more'}.")
@@ -183,9 +184,8 @@ def admit(make, facts: ModelFacts, available: int | None = None, loaded: bool = 
     footprint = make(facts)
     alternative = make(replace(facts, dtype="bf16")) if facts.dtype_bytes == 4 else None
     available = available_bytes() if available is None else available
-    if loaded and available is not None:
-        available += footprint.parts["process"] + footprint.parts["weights"]
-    sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)")
+    resident = footprint.parts["process"] + footprint.parts["weights"] if loaded else 0
+    sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)", resident)
     if sentence:
         raise ShrinkError(sentence)
     return footprint
