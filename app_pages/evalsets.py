@@ -70,11 +70,19 @@ refused = memory_admission(lambda: admit_eval(described, None, budget, None), de
 if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked or refused):
     state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
                                          {"spec": spec, "slices": picked, "budget": budget}))
-show_job(state.job_id("eval"), f"Evaluating {spec}")
+running = show_job(state.job_id("eval"), f"Evaluating {spec}")
+# Slices of a running baseline that are not stored yet: shown as pending rows, each replaced as soon as it is done.
+pending = ([s for s in running.params["slices"] if s not in running.parts]
+           if running is not None and running.active and running.params.get("plan") is None else [])
+pending_budget = running.params.get("budget", "fast") if pending else None
 
 rows = [r for r in db.results("eval", model_spec=spec) if r["plan"] is None]
 if not rows:
-    st.info("No baseline results for this model yet: pick slices and press Run baseline.")
+    if pending:
+        st.info(f"Running: each slice appears here as soon as it is done ({', '.join(pending)} pending).")
+    else:
+        st.info("No baseline results for this model yet: pick slices (English and one other language is a good "
+                "start) and press Run baseline. The baseline is what every compressed candidate is compared with.")
     st.stop()
 latest = {}
 for r in rows:  # newest first: keep the newest per (slice, budget)
@@ -89,18 +97,28 @@ for (slice_id, run_budget), r in latest.items():
         "ppl_low": (ppl_ci or [None])[0], "ppl_high": (ppl_ci or [None, None])[1], "bpb": p.get("bpb"),
         "accuracy": p.get("accuracy"), "acc_low": (acc_ci or [None])[0],
         "acc_high": (acc_ci or [None, None])[1], "interval": too_few or "95% bootstrap", "device": r["device"],
+        "status": "earlier run; rerunning" if slice_id in pending and run_budget == pending_budget else "done",
     })
+records += [{"slice": s, "budget": pending_budget, "status": "pending", "device": None} for s in pending
+            if (s, pending_budget) not in latest]
 results = pd.DataFrame(records)
 shown_budget = st.radio("Show budget", sorted(results["budget"].unique()), horizontal=True, key="show_budget")
 view = results[results["budget"] == shown_budget]
-st.caption(f"Measured on {view['device'].iloc[0]}; intervals are 95% bootstrap over items (1,000 resamples); "
-           f"none below {MIN_INTERVAL_ITEMS} items.")
+devices = ", ".join(sorted(set(view["device"].dropna()))) or "nothing yet"
+st.caption(f"Measured on {devices}; intervals are 95% bootstrap over items (1,000 resamples); "
+           f"none below {MIN_INTERVAL_ITEMS} items. Pending rows fill in as the running job finishes each slice.")
 st.dataframe(view.drop(columns=["device"]), key="baseline_table", hide_index=True)
-text_view = view[view["accuracy"].isna()]
-task_view = view[view["accuracy"].notna()]
+done = view[view["status"] != "pending"]
+text_view = done[done["accuracy"].isna()]
+task_view = done[done["accuracy"].notna()]
 if len(text_view):
-    st.plotly_chart(charts.slice_bars(text_view, "ppl", "ppl_low", "ppl_high", "Perplexity per slice (lower is better)"),
-                    key="ppl_chart")
+    st.plotly_chart(charts.slice_bars(text_view, "ppl", "ppl_low", "ppl_high", "Perplexity per slice (lower is better)",
+                                      f"perplexity (measured on {devices})"), key="ppl_chart")
+    st.caption("How to read: perplexity of the uncompressed model per slice; slices differ in language and tokenizer "
+               "fit, so compare a slice with itself across candidates, not slices with each other. Whiskers: the 95% "
+               "bootstrap interval over items.")
 if len(task_view):
-    st.plotly_chart(charts.slice_bars(task_view, "accuracy", "acc_low", "acc_high", "Task accuracy per slice"),
-                    key="acc_chart")
+    st.plotly_chart(charts.slice_bars(task_view, "accuracy", "acc_low", "acc_high", "Task accuracy per slice",
+                                      f"accuracy (measured on {devices})"), key="acc_chart")
+    st.caption("How to read: the share of task items answered right (the gold choice has the lowest NLL). Whiskers: "
+               "the 95% bootstrap interval; a candidate whose accuracy falls inside it is not distinguishable here.")

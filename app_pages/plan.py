@@ -12,6 +12,7 @@ from shrink_core.perf.roofline import project
 from shrink_core.perf.workload import workload_from_rows
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
 from shrink_core.plan.budget import PlannerBudget, plan_within_budget, quant_specs
+from shrink_core.plan.explain import explain
 from shrink_core.plan.interactions import features
 from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
 from shrink_core.plan.predict import predict, score_table, settings_by_module
@@ -64,10 +65,22 @@ if given.strip() != plan.name:
         st.error(refusal)
     else:
         st.rerun()
+
+
+def show_explanation(expanded: bool = False) -> None:
+    """What each rule of the draft decides on this model (first match wins) and why: shrink_core.plan.explain."""
+    found = explain(rows, plan)
+    with st.expander("Explain rules", expanded=expanded):
+        st.dataframe(pd.DataFrame(found.rows()), key="explain_rules", hide_index=True)
+        st.caption(f"{found.summary()} Modules are listed by name within a block, with the blocks as ranges; a rule "
+                   "decides only the modules no earlier rule selects.")
+
+
 try:
     resolved = resolve(rows, plan)
 except PlanError as exc:  # e.g. a rule that matches nothing on this model
     st.error(str(exc))
+    show_explanation(expanded=True)  # which rule is shadowed or selects nothing, and by what
     if st.button("Reset to preset w4g64", key="reset_plan"):
         plan_edit.push(dump_plan(load_plan("preset:w4g64")), keep_name=True)
         st.rerun()
@@ -227,6 +240,7 @@ with right:
             st.error(refusal)
         else:
             st.rerun()
+show_explanation()
 
 # ------------------------------------------------------------------ planner
 st.markdown("#### Planner")

@@ -51,12 +51,18 @@ with st.expander("Run a scan", expanded=not stored_records(db, spec)):
                   "check": int(check) if method == "fast" else 0}
         state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
                                                     params))
-show_job(state.job_id("sensitivity"), f"Scanning {spec}")
+running = show_job(state.job_id("sensitivity"), f"Scanning {spec}")
+scanning = [s for s in running.params["slices"] if s not in running.parts] if running and running.active else []
 
 records = pd.DataFrame([r.__dict__ for r in stored_records(db, spec)])
 if records.empty:
-    st.info("No sensitivity scores for this model yet: pick slices and settings and press Run scan. "
-            "Results are stored and reused for the same model, setting, slice and depth.")
+    if scanning:
+        st.info(f"Scanning: each slice's heatmap appears here as soon as that slice is done ({', '.join(scanning)} "
+                "pending).")
+    else:
+        st.info("No sensitivity scores for this model yet: pick slices and settings and press Run scan. "
+                "Results are stored and reused for the same model, setting, slice and depth; the heatmaps show "
+                "which layers break first, per slice, and feed the Plan page's planner.")
     st.stop()
 
 # one value per module, setting, slice, metric and method: the newest depth's (stored_records lists it first)
@@ -74,6 +80,7 @@ metric = c3.radio("Metric", ["kl", "dnll"], horizontal=True, key="view_metric",
                   format_func=lambda m: {"kl": "KL", "dnll": "ΔNLL"}[m])
 view = records[(records["setting"] == view_setting) & (records["metric"] == metric)]
 slice_ids = sorted(view["slice"].unique())
+pending = [s for s in scanning if s not in slice_ids]  # slices of the running scan with nothing stored yet
 agreement = {(a.slice, a.setting, a.metric): a for a in stored_agreement(db, spec)}
 
 
@@ -88,9 +95,14 @@ def trust(slice_id: str) -> str:
             f"({found.setting}, {found.budget} depth)")
 
 
-st.caption(f"Method: {METHOD_LABELS[view_method]}. CPU, fp32. Hover a cell for the exact value; click it for details.")
-tabs = st.tabs([f"Slice {s}" for s in slice_ids] + ["Layer x slice", "How far to trust the fast view"])
+st.caption(f"Method: {METHOD_LABELS[view_method]}. Computed on {', '.join(db.devices('sensitivity', spec))}. "
+           "Hover a cell for the exact value; click it for details.")
+tabs = st.tabs([f"Slice {s}" for s in slice_ids] + [f"Slice {s} (pending)" for s in pending]
+               + ["Layer x slice", "How far to trust the fast view"])
 layer_slice, trust_tab = tabs[-2:]
+for tab, slice_id in zip(tabs[len(slice_ids):], pending):
+    with tab:
+        st.info(f"{slice_id} is still being scanned; its heatmap appears here as soon as it is done.")
 clicks = {}  # slice -> the module whose cell is selected in its heatmap
 for tab, slice_id in zip(tabs, slice_ids):
     data = view[view["slice"] == slice_id]
@@ -98,8 +110,11 @@ for tab, slice_id in zip(tabs, slice_ids):
         event = st.plotly_chart(heatmaps.module_heatmap(data, f"{slice_id}: {view_setting}, {view_method}", metric,
                                                         blocks, kinds),
                                 key=f"heat-{slice_id}", on_select="rerun", selection_mode="points")
-        st.caption(f"{slice_id}: {trust(slice_id)}." + (" Grey cells: modules this method did not probe."
-                                                       if data["module"].nunique() < len(names) else ""))
+        st.caption(f"How to read: each cell is the damage ({'KL' if metric == 'kl' else 'ΔNLL'} per token on "
+                   f"{slice_id}) when only that module is set to {view_setting}; darker cells break the model first, "
+                   f"and a dark row is a fragile block. {slice_id}: {trust(slice_id)}."
+                   + (" Grey cells: modules this method did not probe." if data["module"].nunique() < len(names)
+                      else ""))
         points = event["selection"]["points"] if event else []
         if points:  # a clicked cell: its kind (x) and block (y) name the module
             clicks[slice_id] = names.get((int(points[0].get("y", -1)), points[0].get("x")))

@@ -19,6 +19,18 @@ def tiny_model():
 
 
 @pytest.fixture
+def toy_dir(tmp_path):
+    """A tiny Llama saved as a model directory (safetensors) with a byte-level fast tokenizer: a spec `load` takes."""
+    from shrink_core.model.toy import tiny_llama
+    from tests.test_evaluate import byte_level_tokenizer
+
+    directory = tmp_path / "toy-model"
+    tiny_llama(vocab=258).save_pretrained(directory, safe_serialization=True)
+    byte_level_tokenizer().save_pretrained(directory)
+    return directory
+
+
+@pytest.fixture
 def shrink_home(tmp_path, monkeypatch):
     """An empty SHRINK_HOME for tests that write state (store, caches); at teardown, every job worker whose store lies
     under it is killed (with its process group), so no test leaves a worker running."""

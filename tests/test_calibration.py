@@ -6,7 +6,6 @@ recipe of its own, so every entry point has to arrive at the same default.
 """
 import json
 
-import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -14,11 +13,9 @@ from shrink_core.cli.entry import main
 from shrink_core.compression.candidate import from_plan
 from shrink_core.evaluation.calibration import CalibrationRecipe
 from shrink_core.model.load import load
-from shrink_core.model.toy import tiny_llama
 from shrink_core.plan import load_plan
 from shrink_core.results.eval_run import plan_candidate, run_eval
 from shrink_core.results.store import Store
-from tests.test_evaluate import byte_level_tokenizer
 
 PLAN = """version: 1
 name: toy gptq
@@ -26,14 +23,6 @@ rules:
   - kind: [q, k, v, o, gate, up, down]
     weights: {bits: 4, group_size: 32, symmetric: false, method: gptq}
 """
-
-
-@pytest.fixture
-def toy_dir(tmp_path):
-    directory = tmp_path / "toy-model"
-    tiny_llama(vocab=258).save_pretrained(directory, safe_serialization=True)
-    byte_level_tokenizer().save_pretrained(directory)
-    return directory
 
 
 def test_one_plan_gives_the_same_weights_and_recipe_at_every_entry_point(toy_dir, tmp_path, shrink_home, capsys):

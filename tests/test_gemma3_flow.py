@@ -19,7 +19,7 @@ def cli(*args, home: Path) -> dict:
     run = subprocess.run([sys.executable, "-m", "shrink_core", *args, "--json"], cwd=ROOT, capture_output=True,
                          text=True, timeout=1800, env={**os.environ, "SHRINK_HOME": str(home)})
     assert run.returncode == 0, run.stderr[-3000:]
-    return json.loads(run.stdout)
+    return json.loads(run.stdout.strip().splitlines()[-1] if args[0] in ("eval", "sensitivity") else run.stdout)
 
 
 def test_gemma3_model_to_results(shrink_home, tmp_path):

@@ -165,3 +165,24 @@ def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_t
     at.button(key="run_planner").click().run()
     assert not at.exception, at.exception
     assert at.session_state["planner_result"]["status"] == "optimal"
+
+
+def explain_table(at):
+    return next(d.value for d in at.dataframe if list(d.value.columns) == ["rule", "action", "selector", "count",
+                                                                            "matched", "note"])
+
+
+def test_explain_rules_table(stored_tiny):
+    at = page().run()
+    assert not at.exception
+    assert any(e.label == "Explain rules" for e in at.expander)
+    table = explain_table(at).set_index("rule")
+    assert table.loc["1", "count"] == 21
+    assert table.loc["1", "matched"] == "q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj in blocks 0-2"
+    assert table.loc["none", "matched"] == "model.embed_tokens, lm_head" and table["count"].sum() == 23
+    # a rule that earlier rules shadow: the page refuses the plan and the opened table says by which rule
+    at.text_area[0].set_value("version: 1\nrules:\n- {kind: [q, k], keep: true}\n"
+                              "- {kind: [q], blocks: [1], keep: true}\n- {kind: [v], weights: {bits: 8}}\n").run()
+    assert any("matches only modules that earlier rules already decide" in e.value for e in at.error)
+    table = explain_table(at).set_index("rule")
+    assert table.loc["2", "count"] == 0 and "decided by earlier rule 1" in table.loc["2", "note"]

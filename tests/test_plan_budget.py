@@ -117,5 +117,7 @@ def test_eval_cli_prints_the_same_predicted_vs_measured_table(tmp_path, shrink_h
     plan.write_text("version: 1\nrules:\n  - kind: [q, k, v, o, gate, up, down]\n"
                     "    weights: {bits: 4, group_size: 64, symmetric: false, method: rtn}\n")
     assert main(["eval", "--model", str(directory), "--slices", "toy_en", "--plan", str(plan), "--json"]) == 0
-    (row,) = json.loads(capsys.readouterr().out)["predicted_vs_measured"]
+    part, report = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert part["part"] == "toy_en" and part["kl"] == report["slices"]["toy_en"]["kl"]  # streamed, then the report
+    (row,) = report["predicted_vs_measured"]
     assert row["slice"] == "toy_en" and row["predicted ΔNLL"] is not None and row["measured ΔNLL"] is not None

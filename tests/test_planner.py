@@ -214,3 +214,29 @@ def test_planner_names_modules_where_kind_and_block_do_not_single_them_out():
                                              r"model\.layers\.0\.mlp\.experts\.0\.gate_proj"]
     resolved = {r.name: r.bits for r in resolve(rows, plan)}
     assert resolved == {rows[0].name: 8, rows[1].name: 4}
+
+
+def test_planner_rules_for_experts_are_few_exact_and_name_no_module_one_by_one():
+    """Experts of one kind share a block, so kind+blocks cannot single them out: the planner writes one rule per
+    (place, kinds sharing blocks), experts differing only in their index in one rule, the block index left to
+    `blocks`; only a lone module is named. Each module resolves to its chosen setting."""
+    from shrink_core.model.toy import tiny_family
+
+    rows = inventory(tiny_family("qwen2_moe"))  # 4 experts and a shared expert per block
+    choice = {}
+    for r in block_linears(rows):
+        lone = r.expert == 3 and r.kind == "down" and r.block == 1
+        choice[r.name] = ("w8" if r.expert is None else "w4g64" if r.expert in (0, 2) else "w3g64" if lone
+                          else "keep")
+    plan = load_plan(dump_plan(solution_plan(choice, rows)))
+    assert len(plan.rules) == 7  # keep: expert 1; expert 3's gate+up; its down in blocks 0, 2 / the lone w3g64 /
+    # w4g64: experts 0 and 2 / w8: attention; the shared expert
+    names = [r.name for r in plan.rules if r.name is not None]
+    assert [n for n in names if "\\d+" not in n] == [r"model\.layers\.1\.mlp\.experts\.3\.down_proj"]
+    assert r"model\.layers\.\d+\.mlp\.experts\.(?:0|2)\..+" in names
+    assert all(n.count("|") <= 1 for n in names)  # an index alternation at most, never one over module names
+    bits = {"keep": None, "w8": 8, "w4g64": 4, "w3g64": 3}
+    resolved = {r.name: r for r in resolve(rows, plan)}
+    for module, setting in choice.items():
+        assert resolved[module].keep if setting == "keep" else resolved[module].bits == bits[setting], module
+    assert {r.name for r in resolved.values() if r.rule is None} == {"model.embed_tokens", "lm_head"}

@@ -2,26 +2,14 @@
 projected-latency and cost axes plot from the first run, labelled projected."""
 import math
 
-import pytest
-
-from shrink_core.model.toy import tiny_llama
 from shrink_core.perf.hardware import DEFAULT_TARGET
 from shrink_core.results import candidates as cands
 from shrink_core.results.eval_run import run_eval
 from shrink_core.results.figures import pareto_figure
 from shrink_core.results.report import View, build_report
 from shrink_core.results.store import Store
-from tests.test_evaluate import byte_level_tokenizer
 
 PLAN = "version: 1\nname: toy w4\nrules:\n  - kind: [q, k, v, o, gate, up, down]\n    weights: {bits: 4, group_size: 32}\n"
-
-
-@pytest.fixture
-def toy_dir(tmp_path):
-    directory = tmp_path / "toy-model"
-    tiny_llama(vocab=258).save_pretrained(directory, safe_serialization=True)
-    byte_level_tokenizer().save_pretrained(directory)
-    return directory
 
 
 def test_eval_stores_a_projection_with_every_candidate(toy_dir, shrink_home):

@@ -12,7 +12,9 @@ pytestmark = pytest.mark.integration
 
 def test_cli_prints_one_record_per_module_setting_slice(shrink_home, capsys):
     assert main(["sensitivity", "--slices", "toy_en", "--settings", "w8,w3g64", "--depth", "quick", "--json"]) == 0
-    out = json.loads(capsys.readouterr().out)
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0] == {"part": "toy_en", "records": (210 + 1) * 2, "seconds_so_far": lines[0]["seconds_so_far"]}
+    out = lines[-1]  # JSON lines: one per finished slice, then the whole report
     assert len(out["records"]) == (210 + 1) * 2  # block linears (fast) + the tied embedding (exhaustive)
     embedding = [r for r in out["records"] if r["kind"] == "embedding"]
     assert {(r["module"], r["method"], r["block"]) for r in embedding} == {("model.embed_tokens", "exhaustive", -1)}
@@ -24,7 +26,7 @@ def test_cli_prints_one_record_per_module_setting_slice(shrink_home, capsys):
     harsher = sum(by[(m, "w3g64")] > by[(m, "w8")] for m, s in by if s == "w8")
     assert harsher >= 200  # 3-bit hurts more than 8-bit almost everywhere
     again = json.loads((main(["sensitivity", "--slices", "toy_en", "--settings", "w8", "--depth", "quick", "--json"]),
-                        capsys.readouterr().out)[1])
+                        capsys.readouterr().out)[1].splitlines()[-1])
     assert again["computed"] == 0 and again["reused"] == 210 + 1
 
 

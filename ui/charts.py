@@ -30,10 +30,10 @@ def size_by_block(modules: pd.DataFrame):
     return fig
 
 
-def slice_bars(results: pd.DataFrame, value: str, low: str, high: str, title: str):
-    """One bar per slice with its 95% bootstrap interval as an error bar."""
+def slice_bars(results: pd.DataFrame, value: str, low: str, high: str, title: str, y_title: str | None = None):
+    """One bar per slice with its 95% bootstrap interval as an error bar; `y_title` says what was measured where."""
     data = results.sort_values(value)
     fig = px.bar(data, x="slice", y=value, title=title, hover_data=["items", "tokens", "budget"],
                  error_y=data[high] - data[value], error_y_minus=data[value] - data[low])
-    fig.update_layout(height=360, margin=dict(t=50, b=10))
+    fig.update_layout(height=360, margin=dict(t=50, b=10), yaxis_title=y_title or value)
     return fig

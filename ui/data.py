@@ -16,7 +16,7 @@ import streamlit as st
 
 from shrink_core.results.store import STORE_ENV, Store, StoreUnreadable, default_path
 
-CACHED_READS = ("results", "candidates", "latest_model", "model_specs", "plans", "metrics")
+CACHED_READS = ("results", "candidates", "latest_model", "model_specs", "plans", "metrics", "overview", "devices")
 
 
 @st.cache_resource(show_spinner=False)

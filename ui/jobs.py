@@ -9,6 +9,12 @@ from shrink_core.runtime.jobs import log_path, log_tail
 
 from .data import store
 
+PART_NOUNS = {"eval": "slices", "sensitivity": "slices", "plan_loop": "rounds"}
+
+
+def _parts_key(job_id: int) -> str:
+    return f"parts-shown:{job_id}"
+
 
 def _eta(seconds: float | None) -> str:
     if seconds is None:  # the job's ETA comes from its measured rate, once there is enough progress to measure
@@ -34,7 +40,10 @@ def job_panel(job_id: int, label: str) -> None:
                 text = f"{label}: queued; {exc}"
         else:
             text = f"{label}: {job.message or job.status} ({job.progress:.0%}, {_eta(job.eta_s)})"
-        st.progress(job.progress, text=text)
+        parts = job.parts_text(PART_NOUNS.get(job.kind, "parts"))
+        st.progress(job.progress, text=f"{text}. {parts}" if parts else text)
+        if len(job.parts) > st.session_state.get(_parts_key(job_id), len(job.parts)):
+            st.rerun(scope="app")  # a part was stored: the page shows it now, not when the whole job ends
         if job.cancel_requested:
             st.caption("Cancelling...")
         elif st.button("Cancel", key=f"cancel-{job_id}"):
@@ -48,14 +57,16 @@ def job_panel(job_id: int, label: str) -> None:
 
 
 def job_outcome(job_id: int) -> None:
-    """One sentence for a failed or cancelled job, with the log behind a toggle."""
+    """One sentence for a failed or cancelled job (and which of its parts it kept), with the log behind a toggle."""
     job = jobs.get(store(), job_id)
     if job is None or job.status == "done" or job.active:
         return
+    kept = job.parts_text(PART_NOUNS.get(job.kind, "parts"))
+    kept = f" {kept[0].upper()}{kept[1:]}; those are stored and shown." if job.parts else ""
     if job.status == "cancelled":
-        st.warning(job.error or "Cancelled.")
+        st.warning((job.error or "Cancelled.") + kept)
         return
-    st.error(job.error or "The job failed.")
+    st.error((job.error or "The job failed.") + kept)
     if st.toggle("Show details", key=f"details-{job_id}"):
         st.caption(f"The last lines of {log_path(job_id)}:")
         st.code(log_tail(job_id), language="text")
@@ -67,6 +78,7 @@ def show_job(job_id: int | None, label: str):
         return None
     job = jobs.get(store(), job_id)
     if job and job.active:
+        st.session_state[_parts_key(job_id)] = len(job.parts)  # what this run of the page shows already
         job_panel(job_id, label)
     job_outcome(job_id)
     return job

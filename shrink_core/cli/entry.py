@@ -44,6 +44,14 @@ def print_json(payload) -> None:
     sys.stdout.write("\n")
 
 
+def print_json_line(payload) -> None:
+    """One JSON object on one line, flushed: a multi-part command's `--json` streams a line per finished part and
+    ends with its summary line, so a reader acts on each part as it arrives (`json.loads` of the last line is the
+    whole report)."""
+    sys.stdout.write(json.dumps(payload, default=str) + "\n")
+    sys.stdout.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()

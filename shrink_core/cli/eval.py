@@ -1,7 +1,7 @@
 """`eval`: per-slice perplexity, bits per byte, task accuracy, with confidence intervals; against a plan, KL and flips."""
 from __future__ import annotations
 
-from shrink_core.cli.entry import add_model_args, print_json
+from shrink_core.cli.entry import add_model_args, print_json_line
 
 
 def add_parser(sub) -> None:
@@ -11,7 +11,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--protocol", default="fast", choices=["fast", "standard", "full"],
                         help="which tokens are scored (docs/evaluation.md); fixed per protocol")
     parser.add_argument("--plan", help="a plan file, YAML text or preset:NAME; compares against the unplanned model")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON lines: one per slice as it finishes, then the whole report on the last line")
     parser.set_defaults(run=run)
 
 
@@ -27,11 +28,16 @@ def run(args) -> int:
         get_slice(slice_id)
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     store = Store()
-    report = run_eval(args.model, ids, args.protocol, args.plan, store=store, loaded=loaded)
+
+    def part(slice_id, entry):
+        if args.json:
+            print_json_line({"part": slice_id, **entry})
+
+    report = run_eval(args.model, ids, args.protocol, args.plan, store=store, loaded=loaded, part=part)
     if args.plan and report.get("candidate_id"):
         report["predicted_vs_measured"] = _predicted_vs_measured(store, loaded, args.plan, report["candidate_id"])
     if args.json:
-        print_json(report)
+        print_json_line(report)
         return 0
     print(f"{report['model']} protocol={report['budget']} ({report['seconds']:.1f} s on {report['device']})")
     for slice_id, r in report["slices"].items():

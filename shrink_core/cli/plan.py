@@ -1,6 +1,9 @@
 """`plan`: the planner from the CLI: sensitivity scores (stored, or a fast scan) -> an exact per-module allocation
-under a packed-size, average-bits or projected-latency budget."""
+under a packed-size, average-bits or projected-latency budget. `plan explain`: what each rule of a plan decides on a
+model (first match wins), why, and what no rule matches."""
 from __future__ import annotations
+
+from functools import partial
 
 from shrink_core.cli.entry import add_model_args, print_json
 from shrink_core.errors import ShrinkError
@@ -10,7 +13,7 @@ from shrink_core.plan.menu import PLANNER_DEFAULT, QUANT_SETTINGS
 def add_parser(sub) -> None:
     parser = sub.add_parser("plan", help="allocate per-module settings under a memory, bits or projected-latency budget")
     add_model_args(parser)
-    budget = parser.add_mutually_exclusive_group(required=True)
+    budget = parser.add_mutually_exclusive_group()  # required unless a subcommand runs: checked in `run`
     budget.add_argument("--budget-mb", type=float, help="packed size budget for the whole model, MB")
     budget.add_argument("--budget-bits", type=float, help="average bits per weight over the planned modules")
     budget.add_argument("--budget-latency-ms", type=float,
@@ -22,12 +25,39 @@ def add_parser(sub) -> None:
                         help=f"settings the planner may choose, from: {', '.join(QUANT_SETTINGS)}")
     parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="quantization method in the plan")
     parser.add_argument("--metric", default="kl", choices=["kl", "dnll"], help="predicted loss to minimise")
-    parser.add_argument("--out", required=True, help="where to write plan.yaml")
+    parser.add_argument("--out", help="where to write plan.yaml (required)")
     parser.add_argument("--json", action="store_true")
-    parser.set_defaults(run=run)
+    parser.set_defaults(run=partial(run, parser=parser))
+    commands = parser.add_subparsers(dest="plan_command", metavar="{explain}")
+    explain = commands.add_parser("explain", help="what each rule of a plan selects on a model, and why")
+    add_model_args(explain)
+    explain.add_argument("--plan", required=True, help="preset:NAME, a .yaml/.json plan file, or YAML text")
+    explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
+    explain.set_defaults(run=run_explain)
 
 
-def run(args) -> int:
+def run_explain(args) -> int:
+    from shrink_core.model.inventory import inventory
+    from shrink_core.model.load import load
+    from shrink_core.plan import load_plan
+    from shrink_core.plan.explain import explain
+
+    plan = load_plan(args.plan)  # a plan that does not load is refused before the model loads
+    loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    explanation = explain(inventory(loaded.model), plan)
+    if args.json:
+        print_json(explanation.to_dict())
+    else:
+        print(explanation.to_text())
+    return 0
+
+
+def run(args, parser) -> int:
+    # argparse's own sentences: these were `required=True`, which would also bind `plan explain`
+    if args.out is None:
+        parser.error("the following arguments are required: --out")
+    if (args.budget_mb, args.budget_bits, args.budget_latency_ms) == (None, None, None):
+        parser.error("one of the arguments --budget-mb --budget-bits --budget-latency-ms is required")
     from pathlib import Path
 
     from shrink_core.evaluation.slices import parse_slice_list

@@ -1,7 +1,7 @@
 """`sensitivity`: per-module sensitivity (KL, dNLL) under quantization/pruning settings, per slice."""
 from __future__ import annotations
 
-from shrink_core.cli.entry import add_model_args, print_json
+from shrink_core.cli.entry import add_model_args, print_json_line
 from shrink_core.plan.menu import MENU, SCAN_DEFAULT  # torch-free, so every CLI start stays fast
 
 
@@ -17,7 +17,8 @@ def add_parser(sub) -> None:
     parser.add_argument("--metric", default="kl", choices=["kl", "dnll", "both"])
     parser.add_argument("--check", type=int, default=0,
                         help="fast only: also probe this many modules exhaustively and report the Spearman per slice")
-    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--json", action="store_true",
+                        help="print JSON lines: one per slice as it finishes, then the whole report on the last line")
     parser.set_defaults(run=run)
 
 
@@ -40,11 +41,21 @@ def run(args) -> int:
         admit_scan(footprint.facts_from_description(description), args.method, args.depth)
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     metrics = ("kl", "dnll") if args.metric == "both" else (args.metric,)
-    report = run_scan(loaded, slices, settings, args.method, args.depth, args.modules, args.check, metrics)
+
+    def part(slice_id, records):
+        if args.json:
+            print_json_line({"part": slice_id, "records": len(records),
+                             "seconds_so_far": round(time.perf_counter() - started, 3)})
+        else:
+            print(f"  {slice_id}: {len(records)} records stored ({time.perf_counter() - started:.0f} s so far)",
+                  flush=True)
+
+    report = run_scan(loaded, slices, settings, args.method, args.depth, args.modules, args.check, metrics,
+                      part=part)
     payload = report.to_dict()
     payload["seconds_with_load"] = round(time.perf_counter() - started, 3)
     if args.json:
-        print_json(payload)
+        print_json_line(payload)
         return 0
     print(f"{report.model} {args.method} depth={args.depth}: {len(report.records)} records in {report.seconds:.1f} s "
           f"({report.computed} computed, {report.reused} reused from the store)")

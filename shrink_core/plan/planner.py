@@ -16,7 +16,7 @@ not modelled, which is why a plan is then run for real and predicted vs measured
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -182,10 +182,8 @@ def greedy(problem: PlannerProblem, budget_bytes: float) -> dict[str, str]:
 def solution_plan(choice: dict[str, str], rows, method: str = "rtn", name: str = "planner") -> Plan:
     """The planner's choice as rules a person can read and edit: per setting, one rule per group of kinds that share
     the same blocks (blocks as ranges), and one per other module kind. A rule is kept only if it selects exactly its
-    modules among `rows` (the whole inventory); where it would not (say two modules of one kind in a block), the
-    modules are named one by one."""
-    import re
-
+    modules among `rows` (the whole inventory); where it would not (say several experts' projections of one kind in a
+    block), `_split_rules` writes as few exact rules as it can for those modules."""
     by_setting: dict[str, list[str]] = {}
     for module, setting in choice.items():
         by_setting.setdefault(setting, []).append(module)
@@ -212,9 +210,56 @@ def solution_plan(choice: dict[str, str], rows, method: str = "rtn", name: str =
             if {r.name for r in rows if rule.selects(r, block_count)} == members:
                 rules.append(rule)
             else:
-                rules.extend(Rule(name=re.escape(m), note=note, **action) for m in sorted(members))
+                rules.extend(_split_rules(members, rows, block_count, kind_order, Rule(kind=rule.kind, note=note,
+                                                                                        **action)))
     return with_index(Plan(rules=tuple(rules), name=name,
                            description="Mixed precision chosen by the planner (exact MILP over predicted loss)."))
+
+
+def _split_rules(members: set[str], rows, block_count: int, kind_order: dict, template: Rule) -> list[Rule]:
+    """Exact rules for modules that kind and blocks alone do not single out (several experts' projections of one kind
+    in a block): per place inside the block (`mlp.experts.0`), its kinds that share blocks; places that differ only in
+    one index (the expert) share a rule whose `name` spells that index, leaving the block index to `blocks`. Where
+    such a rule would still take another module, and for a lone module, the rule names the module."""
+    import re
+
+    from shrink_core.plan.explain import name_parts
+
+    kinds = {r.name: r.kind for r in rows}
+    order = {r.name: i for i, r in enumerate(rows)}
+    places: dict[tuple[str, str], dict[str, list[str]]] = {}  # (name before the block index, path after it)
+    outside = []
+    for module in sorted(members, key=order.get):
+        head, block, tail = name_parts(module)
+        if block is None:
+            outside.append(module)
+        else:
+            places.setdefault((head, tail.rpartition(".")[0]), {}).setdefault(kinds[module], []).append(module)
+    entries: dict[tuple, dict[str, list[str]]] = {}  # (head, kinds, blocks, path with its first index as #)
+    for (head, path), by_kind in places.items():
+        same_blocks: dict[tuple[int, ...], list[str]] = {}
+        for kind in sorted(by_kind, key=kind_order.get):
+            same_blocks.setdefault(tuple(sorted(name_parts(m)[1] for m in by_kind[kind])), []).append(kind)
+        skeleton = re.sub(r"\.\d+(?=\.|$)", ".#", path, count=1)
+        for blocks, kind_group in same_blocks.items():
+            entry = entries.setdefault((head, tuple(kind_group), blocks, skeleton), {})
+            entry[path] = [m for k in kind_group for m in by_kind[k]]
+    rules = []
+    for (head, kind_group, blocks, skeleton), paths in entries.items():
+        chosen = {m for modules in paths.values() for m in modules}
+        before, _, after = skeleton.partition("#")
+        indices = "|".join(p[len(before):len(p) - len(after)] for p in paths)
+        pattern = (re.escape(next(iter(paths))) if len(paths) == 1
+                   else f"{re.escape(before)}(?:{indices}){re.escape(after)}")
+        tries = [] if len(chosen) == 1 else [
+            replace(template, kind=kind_group, blocks=blocks),
+            replace(template, kind=kind_group, blocks=blocks, name=f"{re.escape(head)}\\d+{pattern}\\..+")]
+        exact = next((r for r in tries if {x.name for x in rows if r.selects(x, block_count)} == chosen), None)
+        if exact is not None:
+            rules.append(exact)
+        else:
+            rules.extend(replace(template, kind=None, name=re.escape(m)) for m in sorted(chosen, key=order.get))
+    return rules + [replace(template, kind=None, name=re.escape(m)) for m in outside]
 
 
 def setting_bytes(rows, modules: list[str], settings: list[str]) -> np.ndarray:

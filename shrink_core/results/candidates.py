@@ -101,17 +101,12 @@ def get_candidate(store: Store, candidate_id: int) -> dict:
 
 
 def _rules(plan: dict) -> list[tuple[str, str]]:
-    """(what a rule selects, what it does) for each rule of a stored plan."""
+    """(what a rule selects, what it does) for each rule of a stored plan, readable: blocks as ranges, a name
+    pattern that lists modules grouped by blocks (plan/explain.py), never one long alternation."""
     from shrink_core.plan import plan_from_dict
+    from shrink_core.plan.explain import action_text, selector_text
 
-    out = []
-    for rule in plan_from_dict(plan).rules:
-        action = "keep" if rule.keep else " + ".join(
-            a for a in (rule.weights.label() if rule.weights else "", rule.prune.label() if rule.prune else "",
-                        f"act int{rule.activation_bits}" if rule.activation_bits else "",
-                        f"kv int{rule.kv_cache_bits}" if rule.kv_cache_bits else "") if a)
-        out.append((rule.describe() or "every module", action))
-    return out
+    return [(selector_text(rule), action_text(rule)) for rule in plan_from_dict(plan).rules]
 
 
 def plan_summary(plan: dict | None) -> str:
@@ -122,7 +117,7 @@ def plan_summary(plan: dict | None) -> str:
 
 
 def plan_lines(plan: dict | None) -> list[str]:
-    """The plan as readable rules, one per line: "kind=q,k,v blocks=[0, 1] -> int4 g64 asym rtn"."""
+    """The plan as readable rules, one per line: "kind=q,k,v blocks=[0-5, 9] -> int4 g64 asym rtn"."""
     if plan is None:
         return ["unchanged (reference): weights as loaded"]
     return [f"{what} -> {action}" for what, action in _rules(plan)] or ["no rules: weights as loaded"]

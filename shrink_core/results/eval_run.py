@@ -32,9 +32,12 @@ def size_key(loaded, plan: dict) -> str:
     return figure_key("size", weights_hash=loaded.weights_hash, protocol={}, plan=plan)
 
 
-def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, progress=None) -> dict[str, SliceResult]:
+def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, progress=None,
+                      on_result=None, job_id: int | None = None) -> dict[str, SliceResult]:
     """The unplanned model's results, reused from the store only when their figure key equals today's (same weights,
-    slice content, budget and protocol version)."""
+    slice content, budget and protocol version). Each fresh slice is stored as soon as it is scored, and
+    `on_result(result)` is called per slice (reused ones first), so a page can show it while the rest run."""
+    on_result = on_result or (lambda result: None)
     out, missing = {}, []
     for slice_id in slice_ids:
         key = eval_key(loaded.weights_hash, get_slice(slice_id), budget)
@@ -43,17 +46,21 @@ def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, p
         match = next((r for r in rows if r["plan"] is None and r["payload"].get("figure_key") == key), None)
         if match is not None:
             out[slice_id] = SliceResult.from_dict(match["payload"])
+            on_result(out[slice_id])
         else:
             missing.append(slice_id)
-    if missing:
-        candidate_id = reference_candidate(store, loaded)
-        infos = [get_slice(s) for s in missing]
-        fresh = evaluate(loaded.model, loaded.tokenizer, infos, budget, progress=progress)
-        for info, result in zip(infos, fresh):
-            store.add_result("eval", _provenance(loaded, None, result.slice, budget),
-                             eval_payload(loaded, info, result, budget), candidate_id=candidate_id)
-            out[result.slice] = result
-    return out
+    candidate_id = reference_candidate(store, loaded) if missing else None
+    for index, slice_id in enumerate(missing):
+        def sub(fraction, message="", _i=index):
+            if progress:
+                progress((_i + fraction) / len(missing), message)
+        info = get_slice(slice_id)
+        result = evaluate(loaded.model, loaded.tokenizer, [info], budget, progress=sub)[0]
+        store.add_result("eval", _provenance(loaded, None, result.slice, budget),
+                         eval_payload(loaded, info, result, budget), candidate_id=candidate_id, job_id=job_id)
+        out[slice_id] = result
+        on_result(result)
+    return {s: out[s] for s in slice_ids}
 
 
 def reference_candidate(store: Store, loaded) -> int:
@@ -147,11 +154,16 @@ def admit_eval(description: dict | None, loaded, budget: str, plan_text: str | N
 
 
 def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: str | None = None,
-             store: Store | None = None, progress=None, job_id: int | None = None, loaded=None, **load_flags) -> dict:
+             store: Store | None = None, progress=None, job_id: int | None = None, loaded=None, part=None,
+             **load_flags) -> dict:
     """Evaluate a model (and a plan applied to it) on slices; returns the JSON the CLI prints.
 
+    Each slice's result is stored as soon as it is done and `part(slice_id, entry)` is called then, so pages and the
+    CLI's JSON lines show it while the others run, and a cancel keeps it. With a plan, each slice runs the reference
+    (unless stored) and then the candidate before the next slice starts.
     loaded: the model already loaded from `spec` (the CLI keeps it for the predicted-vs-measured table)."""
     progress = progress or (lambda fraction, message="": None)
+    part = part or (lambda slice_id, entry: None)
     get_protocol(budget)
     slices = [get_slice(s) for s in slice_ids]  # fail on a bad slice before loading anything
     store = store or Store()
@@ -159,20 +171,21 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
     admit_eval(store.latest_model(spec) if loaded is None else None, loaded, budget, plan_text)
     progress(0.01, "loading model")
     loaded = loaded or load(spec, **load_flags)
-    share = 0.5 if plan_text else 0.95
-    reference = reference_results(store, loaded, slice_ids, budget,
-                                  progress=lambda f, m="": progress(0.05 + share * f, f"reference {m}"))
     report = {"model": loaded.spec.raw, "weights_hash": loaded.weights_hash, "budget": budget, "plan": None,
               "device": device_label(loaded.model), "code_version": __version__, "protocol_version": PROTOCOL_VERSION,
               "slices": {}}
     if plan_text is None:
-        for s in slices:
-            report["slices"][s.id] = _public(reference[s.id])
+        def done(result):
+            report["slices"][result.slice] = _public(result)
+            part(result.slice, report["slices"][result.slice])
+
+        reference_results(store, loaded, slice_ids, budget, progress=lambda f, m="": progress(0.05 + 0.95 * f, m),
+                          on_result=done, job_id=job_id)
     else:
         from shrink_core.plan import load_plan, plan_to_dict
 
         plan = load_plan(plan_text)
-        progress(0.55, "applying plan")
+        progress(0.05, "applying plan")
         candidate, apply_report, recipe = plan_candidate(loaded, plan)
         plan_dict = plan_to_dict(plan)
         report["plan"] = plan_dict
@@ -191,18 +204,24 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
                          {"source": "computed from the packed format", **apply_report.totals,
                           "notes": list(apply_report.notes), "figure_key": size_key(loaded, plan_dict)},
                          job_id=job_id, candidate_id=candidate_id)
-        results = evaluate(candidate, loaded.tokenizer, slices, budget, reference=loaded.model,
-                           reference_results=reference,
-                           progress=lambda f, m="": progress(0.6 + 0.38 * f, f"candidate {m}"))
-        for info, result in zip(slices, results):
+        for index, info in enumerate(slices):
+            def span(fraction, message, _i=index):
+                progress(0.3 + 0.68 * (_i + fraction) / len(slices), message)
+
+            reference = reference_results(store, loaded, [info.id], budget, job_id=job_id,
+                                          progress=lambda f, m="": span(0.5 * f, f"reference {m}"))[info.id]
+            result = evaluate(candidate, loaded.tokenizer, [info], budget, reference=loaded.model,
+                              reference_results={info.id: reference},
+                              progress=lambda f, m="": span(0.5 + 0.5 * f, f"candidate {m}"))[0]
             store.add_result("eval", _provenance(loaded, plan_dict, result.slice, budget),
                              eval_payload(loaded, info, result, budget, plan_dict, recipe), job_id=job_id,
                              candidate_id=candidate_id)
             entry = _public(result)
-            entry["reference_ppl"] = reference[result.slice].ppl
-            if reference[result.slice].accuracy is not None:
-                entry["reference_accuracy"] = reference[result.slice].accuracy
+            entry["reference_ppl"] = reference.ppl
+            if reference.accuracy is not None:
+                entry["reference_accuracy"] = reference.accuracy
             report["slices"][result.slice] = entry
+            part(result.slice, entry)
     report["seconds"] = round(time.perf_counter() - started, 2)
     progress(1.0, "done")
     return report
@@ -225,5 +244,7 @@ def _public(result: SliceResult) -> dict:
 
 def eval_job(ctx, spec: str, slices: list[str], budget: str = "fast", plan: str | None = None) -> dict:
     """Job: the Eval sets page's "Run baseline" (and, with a plan, a candidate evaluation)."""
-    report = run_eval(spec, slices, budget, plan, store=ctx.store, progress=ctx.progress, job_id=ctx.job_id)
+    ctx.expect_parts(len(slices))
+    report = run_eval(spec, slices, budget, plan, store=ctx.store, progress=ctx.progress, job_id=ctx.job_id,
+                      part=lambda slice_id, entry: ctx.part_done(slice_id))
     return {"slices": list(report["slices"]), "seconds": report["seconds"], "candidate_id": report.get("candidate_id")}

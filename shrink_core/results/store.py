@@ -117,6 +117,11 @@ MIGRATIONS = [
     """
     ALTER TABLE jobs ADD COLUMN pid_created REAL;
     """,
+    # v4: a multi-part job (slices, candidates) records each part it finished and stored, so pages show it at once.
+    """
+    ALTER TABLE jobs ADD COLUMN parts_json TEXT NOT NULL DEFAULT '[]';
+    ALTER TABLE jobs ADD COLUMN parts_total INTEGER;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 DRAFT_PREFIX = "draft:"  # the plans table holds each model's Plan page draft under this prefix + the model spec
@@ -388,6 +393,29 @@ class Store:
             ),
         )
         return cursor.lastrowid
+
+    def overview(self, model_spec: str) -> dict:
+        """How far a model has come along the path (counts only, cheap enough for every page render): described,
+        baseline slices, scanned slices, a plan draft, candidates beyond the reference."""
+        def count(sql: str) -> int:
+            return self.conn.execute(sql, (model_spec,)).fetchone()[0]
+
+        return {
+            "described": bool(count("SELECT COUNT(*) FROM models WHERE spec = ?")),
+            "baseline_slices": count("SELECT COUNT(DISTINCT slice) FROM results WHERE kind = 'eval' AND model_spec = ?"
+                                     " AND plan_json IS NULL"),
+            "scanned_slices": count("SELECT COUNT(DISTINCT slice) FROM results WHERE kind = 'sensitivity'"
+                                    " AND model_spec = ?"),
+            "draft": self.draft(model_spec) is not None,
+            "candidates": count("SELECT COUNT(*) FROM candidates WHERE model_spec = ? AND kind != 'reference'"
+                                " AND deleted IS NULL"),
+        }
+
+    def devices(self, kind: str, model_spec: str) -> list[str]:
+        """The devices (with dtype) a model's results of one kind were computed on, for a page's provenance line."""
+        rows = self.conn.execute("SELECT DISTINCT device FROM results WHERE kind = ? AND model_spec = ? ORDER BY 1",
+                                 (kind, model_spec))
+        return [r[0] for r in rows]
 
     def results(self, kind: str | None = None, **where) -> list[dict]:
         """Results, newest first, filtered by kind and any of model_spec, weights_hash, slice, budget, job_id."""

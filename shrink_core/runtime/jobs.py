@@ -64,10 +64,19 @@ class Job:
     finished: float | None
     cancel_requested: float | None
     pid_created: float | None = None
+    parts: tuple[str, ...] = ()  # the parts (slices, candidates) finished and stored so far, in order
+    parts_total: int | None = None
 
     @property
     def active(self) -> bool:
         return self.status in ACTIVE
+
+    def parts_text(self, noun: str = "parts") -> str:
+        """"2 of 5 slices done (en, fr)", or "" for a job that does not report parts."""
+        if not self.parts_total:
+            return ""
+        done = f" ({', '.join(self.parts)})" if self.parts else ""
+        return f"{len(self.parts)} of {self.parts_total} {noun} done{done}"
 
     @staticmethod
     def from_row(row) -> Job:
@@ -88,6 +97,8 @@ class Job:
             finished=row["finished"],
             cancel_requested=row["cancel_requested"],
             pid_created=row["pid_created"],
+            parts=tuple(json.loads(row["parts_json"] or "[]")),
+            parts_total=row["parts_total"],
         )
 
 
@@ -384,6 +395,16 @@ class JobContext:
             with open(log_path(self.job_id), "a") as log:
                 log.write(f"{time.strftime('%H:%M:%S')} {fraction:4.0%} {message}\n")
         self.check_cancel()
+
+    def expect_parts(self, total: int) -> None:
+        """Say how many parts this job will store (a page shows "k of total done" and marks the rest pending)."""
+        self.store.execute("UPDATE jobs SET parts_total = ? WHERE id = ?", (int(total), self.job_id))
+
+    def part_done(self, name: str) -> None:
+        """Record a part whose results are already in the store: a page polling the job shows it at once, and a
+        cancel after this point keeps it."""
+        self.store.execute("UPDATE jobs SET parts_json = json_insert(parts_json, '$[#]', ?) WHERE id = ?",
+                           (name, self.job_id))
 
     def check_cancel(self) -> None:
         row = self.store.execute("SELECT cancel_requested FROM jobs WHERE id = ?", (self.job_id,)).fetchone()

@@ -28,14 +28,17 @@ from shrink_core.sensitivity.scan import stored_records
 def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], budget: dict, plan: str,
               method: str = "rtn", objective: str = "worst", pinned: dict | None = None,
               exclude: list[str] | None = None, target: str | None = None, eval_budget: str = "fast",
-              rounds: int = 3, time_budget_s: float = 240.0, progress=None, job_id: int | None = None) -> dict:
+              rounds: int = 3, time_budget_s: float = 240.0, progress=None, job_id: int | None = None,
+              part=None) -> dict:
     """Rounds of plan -> run -> refit under one planner budget ({"kind": ..., "value": ...}); `plan` is the draft the
-    planner's rules go in front of, `pinned`/`exclude` what the Plan page pins or leaves to hand-written rules."""
+    planner's rules go in front of, `pinned`/`exclude` what the Plan page pins or leaves to hand-written rules.
+    `part(name)` is called as each round's candidate is stored, so the Results page has it before the loop ends."""
     from shrink_core.model.load import load
     from shrink_core.perf.hardware import get as get_hardware
     from shrink_core.results.eval_run import run_eval
 
     progress = progress or (lambda fraction, message="": None)
+    part = part or (lambda name: None)
     described = store.latest_model(spec)
     if described is None:
         raise ShrinkError(f"Load `{spec}` on the Model page first: the loop plans against its modules.")
@@ -89,6 +92,7 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
         report = run_eval(spec, slices, eval_budget, dump_plan(load_plan(data)), store=store, progress=step,
                           job_id=job_id, loaded=loaded)
         done.append({"candidate_id": report["candidate_id"], "name": data["name"]})
+        part(f"round {index + 1}")
         return {s: report["slices"][s].get("kl", np.nan) for s in slices}
 
     state = LoopState()  # warm start: every plan of this model and method measured before
@@ -110,6 +114,8 @@ def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget
                   objective: str = "worst", pinned: dict | None = None, exclude: list[str] | None = None,
                   target: str | None = None, eval_budget: str = "fast", rounds: int = 3,
                   time_budget_s: float = 240.0) -> dict:
-    """Job: the Plan page's "Plan, run, refit (closed loop)"."""
+    """Job: the Plan page's "Plan, run, refit (closed loop)"; a round is a part (it may stop early on its budget)."""
+    ctx.expect_parts(rounds)
     return plan_loop(ctx.store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
-                     eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id)
+                     eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id,
+                     part=ctx.part_done)

@@ -310,11 +310,13 @@ def _records(rows, values, setting_id, slice_id, method, metrics, depth: str = "
 def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str = "fast", budget: str = "fast",
              modules: str | None = None, check: int = 0, metrics: tuple[str, ...] = METRICS,
              store: Store | None = None, progress=None, job_id: int | None = None,
-             embeddings: bool = True) -> ScanReport:
+             embeddings: bool = True, part=None) -> ScanReport:
     """Score modules under settings on slices; `check` > 0 also samples that many modules exhaustively and stores the
     fast-vs-exhaustive Spearman per slice (for W3 g64 when scanned, else the first setting). `embeddings`: also
-    probe the embedding / untied lm_head exhaustively under the quantization settings (whatever the method)."""
+    probe the embedding / untied lm_head exhaustively under the quantization settings (whatever the method).
+    `part(slice_id, records)` is called once a slice's figures are all stored."""
     progress = progress or (lambda fraction, message="": None)
+    part = part or (lambda slice_id, records: None)
     if method not in METHODS:
         raise ShrinkError(f"Unknown method '{method}'; use fast or exhaustive.")
     scan_depth = get_depth(budget)
@@ -335,15 +337,19 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     quantized = [s for s in settings if s.bits is not None]  # masks are not offered for embeddings
     check_setting = next((s for s in settings if s.id == "w3g64"), settings[0])
     checking = bool(check) and method == "fast"
-    fast_values = {}
-    if method == "fast":
-        fast_values = scanner.fast(slice_ids, settings, lambda f, m: progress((0.5 if checking else 1.0) * f, m))
+    # One slice at a time, everything for it (scores, embedding probes, agreement check) stored before the next
+    # starts: a page shows each slice's heatmap as soon as it is done, and a cancel keeps the finished slices.
+    probing = bool(chosen_embeddings and quantized) or checking
     for index, slice_id in enumerate(slice_ids):
-        def tick(fraction, message, _i=index, _id=slice_id):
-            start = 0.5 if checking else 0.0
-            progress(min(0.99, start + (1 - start) * (_i + fraction) / len(slice_ids)), f"{_id}: {message}")
+        start = 0.5 if method == "fast" and probing else 0.0
+
+        def tick(fraction, message, _i=index, _id=slice_id, _start=start):
+            progress(min(0.99, (_i + _start + (1 - _start) * fraction) / len(slice_ids)), f"{_id}: {message}")
         if method == "fast":
-            values = fast_values[slice_id]
+            share = start or 1.0
+            values = scanner.fast([slice_id], settings,
+                                  lambda f, m, _i=index, _s=share: progress(min(0.99, (_i + _s * f) / len(slice_ids)), m)
+                                  )[slice_id]
         else:
             values = scanner.exhaustive(slice_id, settings, chosen, tick) if chosen else {s.id: {} for s in settings}
         for s in settings:
@@ -374,6 +380,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
                                   "pairs": [[r.name, e, m] for r, e, m in zip(sample, estimates, measured)]},
                                  job_id=job_id)
         scanner.cache = None
+        part(slice_id, [r for r in report.records if r.slice == slice_id])
     report.seconds = round(time.perf_counter() - started, 3)
     progress(1.0, "done")
     return report
@@ -439,10 +446,12 @@ def sensitivity_job(ctx, spec: str, slices: list[str], settings: list[str], meth
     description = ctx.store.latest_model(spec)
     if description:  # refuse before loading anything when the scan will not fit in memory
         admit_scan(footprint.facts_from_description(description), method, budget)
+    ctx.expect_parts(len(slices))
     ctx.progress(0.01, "loading model")
     loaded = load(spec)
     report = run_scan(loaded, slices, settings, method, budget, check=check, store=ctx.store,
-                      progress=lambda f, m="": ctx.progress(0.05 + 0.95 * f, m), job_id=ctx.job_id)
+                      progress=lambda f, m="": ctx.progress(0.05 + 0.95 * f, m), job_id=ctx.job_id,
+                      part=lambda slice_id, records: ctx.part_done(slice_id))
     return {"records": len(report.records), "computed": report.computed, "reused": report.reused,
             "seconds": report.seconds}
 

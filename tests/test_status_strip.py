@@ -1,0 +1,38 @@
+"""The status strip every page shares: each step of the path a link with what is done, and the next step named."""
+from streamlit.testing.v1 import AppTest
+
+from shrink_core.paths import REPO_ROOT
+from shrink_core.results.overview import next_step, steps
+from shrink_core.results.store import Provenance, Store
+from tests.test_page_model import _modules, _summary
+
+APP = str(REPO_ROOT / "app.py")
+SPEC = "builtin:smollm2-135m"
+
+
+def test_steps_say_what_is_done_and_the_first_missing_one_is_next():
+    counts = {"described": True, "baseline_slices": 2, "scanned_slices": 0, "draft": False, "candidates": 0}
+    all_steps = steps(counts)
+    assert [(s.label, s.done, s.detail) for s in all_steps] == [
+        ("Model", True, "loaded"), ("Baseline", True, "2 slices"), ("Scan", False, "none yet"),
+        ("Plan", False, "no draft"), ("Candidates", False, "none yet")]
+    assert next_step(all_steps).key == "sensitivity"
+    assert next_step(steps({**counts, "scanned_slices": 1, "draft": True, "candidates": 1})) is None
+
+
+def test_the_strip_counts_what_the_store_holds_and_links_each_page(shrink_home):
+    store = Store()
+    store.save_model({"spec": SPEC, "weights_hash": "h", "summary": _summary(), "modules": _modules(),
+                      "load_seconds": 1.0, "from_cache": True})  # described: the Model page does not start a load
+    for slice_id in ("en", "fr"):
+        store.add_result("eval", Provenance(SPEC, "h", "0", "cpu fp32", slice=slice_id, budget="fast"), {"ppl": 9.0})
+    store.add_result("eval", Provenance(SPEC, "h", "0", "cpu fp32", plan={"rules": []}, slice="zh", budget="fast"),
+                     {"ppl": 9.5})  # a candidate's result is not a baseline slice
+    assert store.overview(SPEC) == {"described": True, "baseline_slices": 2, "scanned_slices": 0, "draft": False,
+                                    "candidates": 0}
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception, at.exception
+    links = [(e.proto.label, e.proto.page) for e in at.get("page_link")]
+    assert links == [("Model: loaded", ""), ("Baseline: 2 slices", "evalsets"), ("Scan: none yet", "sensitivity"),
+                     ("Plan: no draft", "plan"), ("Candidates: none yet", "results")]
+    assert any("next: Run a sensitivity scan" in c.value for c in at.caption)
