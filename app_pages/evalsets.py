@@ -113,12 +113,12 @@ text_view = done[done["accuracy"].isna()]
 task_view = done[done["accuracy"].notna()]
 if len(text_view):
     st.plotly_chart(charts.slice_bars(text_view, "ppl", "ppl_low", "ppl_high", "Perplexity per slice (lower is better)",
-                                      f"perplexity (measured on {devices})"), key="ppl_chart")
-    st.caption("How to read: perplexity of the uncompressed model per slice; slices differ in language and tokenizer "
-               "fit, so compare a slice with itself across candidates, not slices with each other. Whiskers: the 95% "
-               "bootstrap interval over items.")
+                                      "perplexity (measured)"), key="ppl_chart")
+    st.caption(f"How to read: perplexity of the uncompressed model per slice, measured on {devices}; slices differ "
+               "in language and tokenizer fit, so compare a slice with itself across candidates, not slices with "
+               "each other. Whiskers: the 95% bootstrap interval over items.")
 if len(task_view):
     st.plotly_chart(charts.slice_bars(task_view, "accuracy", "acc_low", "acc_high", "Task accuracy per slice",
-                                      f"accuracy (measured on {devices})"), key="acc_chart")
+                                      "accuracy (measured)"), key="acc_chart")
     st.caption("How to read: the share of task items answered right (the gold choice has the lowest NLL). Whiskers: "
                "the 95% bootstrap interval; a candidate whose accuracy falls inside it is not distinguishable here.")

@@ -8,10 +8,14 @@ import streamlit as st
 
 from shrink_core.errors import ShrinkError
 from shrink_core.model.load import BUILTINS, DEFAULT_SPEC, DTYPES, ModelSpec, source_quantization, with_dtype
+from shrink_core.perf.footprint import facts_from_description
 from shrink_core.runtime import jobs
+from shrink_core.sensitivity.scan import admit_scan
 from ui import charts, state
 from ui.data import store
-from ui.jobs import job_outcome, job_panel
+from ui.jobs import job_outcome, job_panel, memory_admission
+
+QUICK_START = {"slices": ["en", "fr"], "settings": ["w4g64", "w3g64"], "method": "fast", "budget": "quick", "check": 0}
 
 st.title("Model")
 st.caption(
@@ -111,6 +115,18 @@ if summary.get("experts") or summary.get("fused_kinds"):
                f"kept); fused kinds: {', '.join(summary.get('fused_kinds') or []) or 'none'} (one setting each).")
 if summary.get("uncovered"):  # module types the inventory does not know: said, never skipped silently
     st.warning(summary["uncovered"])
+
+if not db.overview(spec)["scanned_slices"]:  # the first run's one click from a loaded model to a heatmap
+    with st.container(border=True):
+        st.markdown("**Quick start: which layers break first, in English and in French?**")
+        st.caption(f"Scans en and fr at {', '.join(QUICK_START['settings'])} at the **quick** depth (4 sequences "
+                   "x 64 tokens per slice): a first look to orient by, not figures to decide on; rerun at the fast "
+                   "or standard depth on the Sensitivity page before planning.")
+        refused = memory_admission(lambda: admit_scan(facts_from_description(described), "fast", "quick"), described)
+        if st.button("Quick start: scan en and fr", type="primary", key="quick_start", disabled=refused):
+            state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
+                                                        {"spec": spec, **QUICK_START}))
+            st.switch_page("app_pages/sensitivity.py")  # the heatmaps appear there, slice by slice
 
 modules = pd.DataFrame(described["modules"])
 left, right = st.columns(2)

@@ -1,5 +1,6 @@
 """Results page: Pareto plots per slice, side-by-side comparison, candidate management and the stakeholder report."""
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import streamlit as st
@@ -19,8 +20,10 @@ from shrink_core.results.report import (
     render_html,
     slice_choice,
     view_sentence,
+    write_pdf,
     write_png,
 )
+from shrink_core.results.summary import summarize
 from ui.data import store
 
 st.title("Results")
@@ -168,20 +171,32 @@ for filename, text in cands.export_files(db, int(picked)).items():
                        key=f"res_export_{filename}")
 
 st.markdown("#### Report")
-st.caption("One HTML file with the frontier, the per-slice table, the plans, the provenance and the method notes; "
-           "plotly.js is inlined, so it opens with no server and no network.")
+st.caption("One HTML file that opens with a one-page summary (the recommended candidate and the runner-up by a stated "
+           "rule, where quality drops on each slice, the caveats), then the frontier, the per-slice table, the plans, "
+           "the provenance and the method notes; plotly.js is inlined, so it opens with no server and no network. The "
+           "PDF is the same page printed by headless Chromium, the summary on page 1.")
 if st.button("Build report", key="res_build_report"):
-    st.session_state["res_report_html"] = render_html(report, db)
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            st.session_state["res_report_png"] = write_png(main, Path(tmp) / "pareto.png").read_bytes()
-        except ShrinkError as exc:
-            st.session_state["res_report_png"] = None
-            st.warning(str(exc))
-    st.session_state["res_report_view"] = view_sentence(report.view)
+    # The summary states latency and cost, so the file is built for the chosen target even on a memory axis.
+    full = report if report.view.target else build_report(db, replace(view, target=target))
+    page = render_html(full, db)
+    st.session_state["res_report_html"] = page
+    with tempfile.TemporaryDirectory() as tmp, st.spinner("Rendering the PNG and the PDF in headless Chromium ..."):
+        for key, render in (("res_report_png", lambda: write_png(main, Path(tmp) / "pareto.png")),
+                            ("res_report_pdf", lambda: write_pdf(page, Path(tmp) / "report.pdf"))):
+            try:
+                st.session_state[key] = render().read_bytes()
+            except ShrinkError as exc:
+                st.session_state[key] = None
+                st.warning(str(exc))
+    st.session_state["res_report_view"] = view_sentence(full.view)
+    st.session_state["res_report_verdict"] = summarize(full).verdict
 if st.session_state.get("res_report_html"):
+    st.info(st.session_state.get("res_report_verdict"))
     st.download_button("Download report.html", st.session_state["res_report_html"], file_name="shrink-report.html",
                        mime="text/html", key="res_download_html")
+    if st.session_state.get("res_report_pdf"):
+        st.download_button("Download the report (PDF)", st.session_state["res_report_pdf"],
+                           file_name="shrink-report.pdf", mime="application/pdf", key="res_download_pdf")
     if st.session_state.get("res_report_png"):
         st.download_button("Download the main figure (PNG)", st.session_state["res_report_png"],
                            file_name="pareto.png", mime="image/png", key="res_download_png")

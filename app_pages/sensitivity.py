@@ -107,8 +107,10 @@ clicks = {}  # slice -> the module whose cell is selected in its heatmap
 for tab, slice_id in zip(tabs, slice_ids):
     data = view[view["slice"] == slice_id]
     with tab:
-        event = st.plotly_chart(heatmaps.module_heatmap(data, f"{slice_id}: {view_setting}, {view_method}", metric,
-                                                        blocks, kinds),
+        depths = ", ".join(sorted(set(data["depth"]))) or "unknown"
+        depth_label = f"{depths} depth" + (" (a first look)" if depths == "quick" else "")
+        event = st.plotly_chart(heatmaps.module_heatmap(data, f"{slice_id}: {view_setting}, {view_method}, "
+                                                        f"{depth_label}", metric, blocks, kinds),
                                 key=f"heat-{slice_id}", on_select="rerun", selection_mode="points")
         st.caption(f"How to read: each cell is the damage ({'KL' if metric == 'kl' else 'ΔNLL'} per token on "
                    f"{slice_id}) when only that module is set to {view_setting}; darker cells break the model first, "

@@ -152,7 +152,8 @@ def test_cli_report_and_candidates(store, shrink_home, tmp_path):
 
 
 def test_report_never_imports_streamlit():
-    code = ("import sys, shrink_core.results.report, shrink_core.cli.report, shrink_core.results.figures; "
+    code = ("import sys, shrink_core.results.report, shrink_core.cli.report, shrink_core.results.figures, "
+            "shrink_core.results.summary; "
             "assert 'streamlit' not in sys.modules, 'streamlit imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -244,3 +245,145 @@ def test_report_worst_slice_defaults_to_shared_slices_and_flags_rows_beyond_limi
     assert ("w8", "en") not in beyond.index and "reference" not in set(beyond.reset_index()["name"])
     page = render_html(report, store)
     assert "candidate(s) beyond the acceptable limits" in page and "Perplexity is per token" in page
+
+
+# ---------------------------------------------------------------- the summary (page 1) and the PDF
+
+
+def _measured_and_projected(store):
+    """w8 measured on a CPU (MEASURE), w4 carrying only the roofline projection stored at creation."""
+    from .test_candidates import MEASURE, SPEC, W4, W8
+
+    ids = {c["name"]: c["id"] for c in store.candidates()}
+    store.add_result("measure", Provenance(SPEC, "h0", "test", "cpu X", plan=W8), MEASURE, candidate_id=ids["w8"])
+    projection = {"source": "projected (roofline), not measured",
+                  "projected": [{"target": "h100-sxm", "batch": 1, "decode_ms_per_token": 0.05, "model": "roofline"}],
+                  "cost": [{"target": "h100-sxm", "batch": 4, "price_per_hour": 3.0, "utilisation": 0.5,
+                            "output_dollars_per_million": 0.07}]}
+    store.add_result("projection", Provenance(SPEC, "h0", "test", "cpu", plan=W4), projection, candidate_id=ids["w4"])
+
+
+def _band(table, name, slice_id):
+    row = table[(table["name"] == name) & (table["slice"] == slice_id)].iloc[0]
+    return f"95% interval {row['ratio_low'] - 1:+.1%} to {row['ratio_high'] - 1:+.1%}"
+
+
+def test_summary_recommends_the_smallest_within_the_limit_and_argues(store):
+    from shrink_core.results.summary import summarize
+
+    _measured_and_projected(store)
+    report = build_report(store, View(limit=1.05, target="h100-sxm"))
+    summary = summarize(report)
+    # w4 (150 MB, worst +5.0%) and w8 (300 MB, +2.0%) qualify; en-star is off the frontier, w4-keep0 has no size
+    assert (summary.recommended.name, summary.runner_up.name) == ("w4", "w8")
+    assert summary.verdict.startswith("Recommended: w4 (#3), the smallest") and "Runner-up: w8 (#2)" in summary.verdict
+    assert "on the Pareto frontier" in summary.rule and "smallest" in summary.rule
+    context = dict(summary.context)
+    assert context["Model"] == "toy:tiny" and context["Slices"] == "ar, en, mc (the worst of them counts)"
+    assert context["Limit"].startswith("perplexity within +5% of the reference") and "fast" in context["Protocol"]
+    w4, w8 = summary.recommended, summary.runner_up
+    assert w4.size == "150 MB, computed from the packed format"
+    assert w4.latency == "0.05 ms/token, projected for h100-sxm (roofline), not measured"  # projected, from what
+    assert w8.latency.startswith("21.5 ms/token, measured on cpu X, torch int8")  # measured, on what
+    assert w4.cost.startswith("$0.07 per million output tokens, projected for h100-sxm")
+    assert w4.quality == f"worst slice ar: perplexity +5.0% vs the reference ({_band(report.table, 'w4', 'ar')})"
+    # one line per slice of the view, worst first, the change with its interval and the runner-up's beside it
+    assert [line.split(" ")[0] for line in summary.slice_lines] == ["ar", "en", "mc"]
+    ar = summary.slice_lines[0]
+    assert ar.startswith("ar (40 items): quality drops for w4: perplexity +5.0% vs the reference")
+    assert _band(report.table, "w4", "ar") in ar and "the worst slice" in ar
+    assert f"runner-up w8: perplexity +2.0% vs the reference ({_band(report.table, 'w8', 'ar')})" in ar
+    assert summary.slice_lines[2].startswith("mc (40 items): no clear change for w4")  # its interval holds 0%
+    caveats = " ".join(summary.caveats)
+    assert "w4's worst slice has a 95% interval of" in caveats and "crosses the limit" in caveats  # 1.05 at the limit
+    assert "w4's latency is projected for h100-sxm (roofline), not measured" in caveats
+    assert "w4's cost is projected for h100-sxm" in caveats and "w8's latency" not in caveats
+    assert "Beyond the acceptable limits on some slice (see Per-slice results): en-star." in summary.caveats
+    assert "Not ranked, missing a weights or quality figure (never counted as zero): w4-keep0." in summary.caveats
+    page = render_html(report, store)
+    top = page[:page.index("<h2>Pareto frontier</h2>")]  # the summary comes before every detail
+    assert 'id="summary"' in top and "Recommended: w4 (#3)" in top and "Where quality drops for w4" in top
+    assert "<h2>Per-slice results</h2>" in page  # the details are still there
+
+
+def test_summary_recommends_nothing_when_nothing_is_within_the_limit(store):
+    from shrink_core.results.summary import summarize
+
+    report = build_report(store, View(limit=1.01))
+    summary = summarize(report)
+    assert summary.recommended is None and summary.runner_up is None
+    assert summary.verdict.startswith("No recommendation: no compressed candidate on the frontier is within the "
+                                      "limit (perplexity within +1% of the reference)")
+    assert summary.focus == "w8"  # the closest on the worst slice (+2.0%): how far off, per slice
+    assert "beyond the limit; the worst slice" in summary.slice_lines[0]
+    page = render_html(report, store)
+    top = page[:page.index("<h2>Pareto frontier</h2>")]
+    assert "No recommendation" in top and "Where quality drops for the closest, w8" in top
+    assert "Recommended:" not in top
+    unlimited = summarize(build_report(store, View(limit=None)))
+    assert unlimited.recommended is None and "this view has no limit" in unlimited.verdict
+    unmeasured = summarize(build_report(store, View(x="latency", limit=1.05)))  # nobody has a measured latency
+    assert unmeasured.recommended is None and "no compressed candidate has both a decode latency figure" in \
+        unmeasured.verdict
+
+
+def test_summary_says_a_small_slice_has_no_interval(shrink_home):
+    from shrink_core.results.summary import summarize
+
+    from .test_candidates import _paired_store
+
+    store = Store()
+    ids = _paired_store(store, 4, {"en": 0.5})
+    for cid, size in ((ids["reference"], 4e8), (ids["cand"], 1e8)):
+        store.add_result("size", Provenance("toy:tiny", "h0", "test", "cpu"), {"total_packed_bytes": size},
+                         candidate_id=cid)
+    summary = summarize(build_report(store, View(limit=3.0)))
+    assert summary.recommended.name == "cand" and summary.runner_up is None
+    assert "No runner-up" in summary.verdict
+    assert summary.recommended.latency == "not measured; no projection without a hardware target (--target)"
+    assert len(summary.slice_lines) == 1
+    assert "no interval: fewer than 20 items (n=4)" in summary.slice_lines[0]
+    assert "Slice en: no interval: fewer than 20 items (n=4); its figures are point estimates, a hint rather than " \
+           "evidence." in summary.caveats
+    assert "cand has no latency figure" in " ".join(summary.caveats)
+
+
+def test_chromium_failures_are_one_sentence(store, shrink_home, tmp_path, monkeypatch):
+    from shrink_core.results import report as report_module
+    from shrink_core.results.report import write_pdf
+
+    page = "<html><body>x</body></html>"
+    monkeypatch.setattr(report_module, "CHROMIUM", str(tmp_path / "no-chromium"))
+    with pytest.raises(ShrinkError, match="PDF export needs Debian's chromium at .*apt-get install chromium"):
+        write_pdf(page, tmp_path / "a.pdf")
+    for name, body, match in (("fails", "exit 3", "exited with status 3 without writing the PDF"),
+                              ("hangs", "sleep 60", "did not finish the PDF within 1 s")):
+        fake = tmp_path / name
+        fake.write_text(f"#!/bin/sh\n{body}\n")
+        fake.chmod(0o755)
+        monkeypatch.setattr(report_module, "CHROMIUM", str(fake))
+        with pytest.raises(ShrinkError, match=match) as caught:
+            write_pdf(page, tmp_path / "a.pdf", timeout=1)
+        assert "\n" not in str(caught.value) and not (tmp_path / "a.pdf").exists()
+    # the CLI: the HTML still written, then one line on stderr, no traceback
+    out = tmp_path / "r.html"
+    code = ("import sys; import shrink_core.results.report as r; r.CHROMIUM = '/nonexistent/chromium'; "
+            "from shrink_core.cli.entry import main; sys.exit(main(sys.argv[1:]))")
+    env = {**__import__("os").environ, "SHRINK_HOME": str(shrink_home)}
+    result = subprocess.run([sys.executable, "-c", code, "report", "--out", str(out), "--pdf"], capture_output=True,
+                            text=True, cwd=REPO_ROOT, env=env, timeout=300)
+    assert result.returncode == 1 and result.stderr.strip().count("\n") == 0, result.stderr
+    assert result.stderr.startswith("error: PDF export needs Debian's chromium") and out.exists()
+
+
+@pytest.mark.browser
+@has_chromium
+def test_cli_writes_the_pdf_beside_the_html(store, shrink_home, tmp_path):
+    out = tmp_path / "r.html"
+    result = _cli("report", "--out", str(out), "--pdf", home=shrink_home)  # no PATH: r.pdf beside r.html
+    assert result.returncode == 0, result.stderr
+    assert "Recommended: w4 (#3)" in result.stdout and f"wrote {tmp_path / 'r.pdf'}" in result.stdout
+    data = (tmp_path / "r.pdf").read_bytes()
+    assert data[:4] == b"%PDF" and len(data) > 20_000
+    pages = re.search(rb"/Type /Pages\s*/Count (\d+)", data)
+    assert pages and int(pages.group(1)) >= 2  # the summary breaks the page: the details follow on page 2 on

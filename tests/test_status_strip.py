@@ -36,3 +36,24 @@ def test_the_strip_counts_what_the_store_holds_and_links_each_page(shrink_home):
     assert links == [("Model: loaded", ""), ("Baseline: 2 slices", "evalsets"), ("Scan: none yet", "sensitivity"),
                      ("Plan: no draft", "plan"), ("Candidates: none yet", "results")]
     assert any("next: Run a sensitivity scan" in c.value for c in at.caption)
+
+
+def test_quick_start_submits_a_quick_scan_and_opens_the_sensitivity_page(shrink_home, monkeypatch):
+    """The first run's one click from the loaded model to a heatmap: a labelled quick-depth scan of en and fr."""
+    from shrink_core.runtime import jobs
+
+    submit = jobs.submit
+    monkeypatch.setattr(jobs, "submit", lambda *a, **k: submit(*a, **{**k, "spawn": False}))  # no worker here
+    store = Store()
+    store.save_model({"spec": SPEC, "weights_hash": "h", "summary": _summary(), "modules": _modules(),
+                      "load_seconds": 1.0, "from_cache": True})
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert any("Quick start: which layers break first" in m.value for m in at.markdown)
+    assert any("**quick** depth" in c.value and "not figures to decide on" in c.value for c in at.caption)
+    at.button(key="quick_start").click().run()
+    assert not at.exception, at.exception
+    job = jobs.get(store, at.session_state["job:sensitivity"])
+    assert job.kind == "sensitivity" and job.params == {"spec": SPEC, "slices": ["en", "fr"],
+                                                        "settings": ["w4g64", "w3g64"], "method": "fast",
+                                                        "budget": "quick", "check": 0}
+    assert at.title[0].value == "Sensitivity"  # switched to the page where the heatmaps appear

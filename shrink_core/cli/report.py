@@ -1,11 +1,15 @@
-"""`report`: the Pareto view, per-slice table, plans and provenance as one self-contained HTML file (+ a PNG)."""
+"""`report`: a one-page summary (recommendation, runner-up, per-slice drops, caveats), then the Pareto view, per-slice
+table, plans and provenance, as one self-contained HTML file (+ a PNG of the main figure, + the page as a PDF)."""
 from __future__ import annotations
+
+from pathlib import Path
 
 from shrink_core.cli.entry import print_json
 
 
 def add_parser(sub) -> None:
-    parser = sub.add_parser("report", help="export candidates' Pareto view to one self-contained HTML file")
+    parser = sub.add_parser("report", help="export a summary (recommended candidate, runner-up, caveats) and the "
+                                            "Pareto view to one self-contained HTML file (and a PDF)")
     parser.add_argument("--out", default="report.html", help="the HTML file to write")
     parser.add_argument("--candidates", help="comma-separated candidate ids (default: all; see `candidates list`)")
     parser.add_argument("--x", default="memory", choices=["memory", "latency", "projected", "cost"])
@@ -20,6 +24,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--limit", type=float,
                         help="acceptable y limit, e.g. 1.05 = worst slice within +5%% of reference (ppl_ratio default)")
     parser.add_argument("--png", help="also write the main figure as a PNG (rendered by headless Chromium)")
+    parser.add_argument("--pdf", nargs="?", const="", metavar="PATH",
+                        help="also write the report as a PDF, summary on page 1 (printed by headless Chromium); "
+                             "without PATH: beside the HTML, as --out with the suffix .pdf")
     parser.add_argument("--json", action="store_true", help="print what was written as JSON")
     parser.set_defaults(run=run)
 
@@ -47,6 +54,7 @@ def _weights(text: str | None) -> tuple[tuple[str, float], ...]:
 
 
 def run(args) -> int:
+    from shrink_core.errors import ShrinkError
     from shrink_core.paths import check_writable
     from shrink_core.perf.hardware import DEFAULT_TARGET, get
     from shrink_core.results.report import DEFAULT_LIMITS, View, write_report
@@ -55,20 +63,27 @@ def run(args) -> int:
     check_writable(args.out, "--out")
     if args.png:
         check_writable(args.png, "--png")
+    pdf = None if args.pdf is None else args.pdf or str(Path(args.out).with_suffix(".pdf"))
+    if pdf and Path(pdf).resolve() == Path(args.out).resolve():
+        raise ShrinkError(f"--pdf {pdf} is the HTML file itself (--out); give the PDF another name.")
+    if pdf:
+        check_writable(pdf, "--pdf")
 
     limit = args.limit if args.limit is not None else DEFAULT_LIMITS.get(args.metric)
     view = View(x=args.x, y=args.y, metric=args.metric, target=get(args.target or DEFAULT_TARGET).name, budget=args.protocol,
                 candidates=_ids(args.candidates),
                 slices=tuple(s.strip() for s in args.slices.split(",") if s.strip()) if args.slices else None,
                 weights=_weights(args.weights), limit=limit)
-    written = write_report(Store(), view, args.out, png=args.png)
+    written = write_report(Store(), view, args.out, png=args.png, pdf=pdf)
     if args.json:
         print_json(written)
         return 0
     print(f"wrote {written['html']} ({len(written['candidates'])} candidates, {written['budget']} protocol; "
           f"frontier: {', '.join(written['frontier']) or 'none'})")
+    print(written["verdict"])
     if written["not_plotted"]:
         print(f"not plotted (missing {args.x} or quality figure, shown as missing): {', '.join(written['not_plotted'])}")
-    if "png" in written:
-        print(f"wrote {written['png']}")
+    for kind in ("png", "pdf"):
+        if kind in written:
+            print(f"wrote {written[kind]}")
     return 0

@@ -2,14 +2,17 @@
 
 A `View` says what to plot (x axis, quality metric, worst slice / one slice / weighted mix, target, budget, limit).
 `view_points` and `slice_points` turn the candidate tables into plot points (pure pandas over `shrink_core.results.pareto`);
-`render_html` writes one self-contained HTML file (plotly.js inlined, no network requests) and `write_png` renders
-the main figure to PNG with Debian's headless Chromium. The figure builders live in `ui/pareto_charts.py`, which
+`render_html` writes one self-contained HTML file (plotly.js inlined, no network requests) that opens with the
+one-page argument of `shrink_core.results.summary`; `write_png` renders the main figure to PNG and `write_pdf` prints
+the page to PDF, both with Debian's headless Chromium. The figure builders live in `ui/pareto_charts.py`, which
 imports plotly only (never streamlit), so the CLI and the page draw the same figures.
 """
 from __future__ import annotations
 
 import html
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -360,7 +363,10 @@ def _table_html(frame: pd.DataFrame) -> str:
 
 
 def render_html(report: Report, store: Store) -> str:
-    """One self-contained HTML page: interactive figures (plotly.js inlined), tables, plans, provenance, notes."""
+    """One self-contained HTML page: the summary first, then interactive figures (plotly.js inlined), tables, plans,
+    provenance, notes."""
+    from shrink_core.results.summary import SUMMARY_STYLE, summarize, summary_html  # it imports this module
+
     main, multiples = figures(report)
     config = {"displaylogo": False, "responsive": True}
     main_html = main.to_html(full_html=False, include_plotlyjs=True, config=config, div_id="pareto-main")
@@ -388,10 +394,12 @@ def render_html(report: Report, store: Store) -> str:
                    + _table_html(beyond.drop(columns=["candidate_id"])) if len(beyond)
                    else "<p>Every candidate is within the acceptable limits on every slice.</p>")
     return f"""<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8"><title>shrink report</title><style>{PAGE_STYLE}</style></head><body>
+<html lang="en"><head><meta charset="utf-8"><title>shrink report</title><style>{PAGE_STYLE}{SUMMARY_STYLE}</style>
+</head><body>
 <h1>shrink: compression candidates</h1>
 <p class="note">Generated {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(report.created))} by shrink {esc(__version__)};
 {esc(view)}.</p>
+{summary_html(summarize(report))}
 <h2>Pareto frontier</h2>{main_html}
 <h2>Per slice</h2>{multiples_html}
 <h2>Per-slice results</h2><p class="note">{esc(PPL_NOTE)}</p>{beyond_html}{_table_html(per_slice)}
@@ -446,37 +454,73 @@ def figure_page(figure, width: int = 1200, height: int = 700) -> str:
     return figure.to_html(full_html=True, include_plotlyjs=True, config={"staticPlot": True, "displayModeBar": False})
 
 
-def write_png(figure, path: Path | str, width: int = 1200, height: int = 700, timeout: float = 60) -> Path:
-    """The figure as a PNG for slides, rendered by headless Chromium from its self-contained HTML (no kaleido)."""
+def _chromium(page: str, path: Path | str, what: str, output_flag: str, flags: list[str], timeout: float) -> Path:
+    """Loads `page` (self-contained HTML) in headless Chromium, which writes the PNG or PDF to the file given to
+    `output_flag`; copies it to `path`. Every failure is one ShrinkError sentence: what is wrong, how to fix it."""
     path = Path(path)
+    instead = "or share the HTML report instead"
     if not shutil.which(CHROMIUM):
-        raise ShrinkError(f"PNG export needs Debian's chromium at {CHROMIUM}; export the HTML report instead.")
+        raise ShrinkError(f"{what} export needs Debian's chromium at {CHROMIUM}; install it (apt-get install chromium) "
+                          f"{instead}.")
     with tempfile.TemporaryDirectory() as tmp:
-        page = Path(tmp) / "figure.html"
-        page.write_text(figure_page(figure, width, height), encoding="utf-8")
-        shot = Path(tmp) / "figure.png"
-        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
-                        "--disable-background-networking", f"--user-data-dir={tmp}/profile",
-                        f"--screenshot={shot}", f"--window-size={width},{height}", "--virtual-time-budget=10000",
-                        page.as_uri()], capture_output=True, timeout=timeout, check=False)
-        if not shot.exists() or shot.stat().st_size == 0:
-            raise ShrinkError("Chromium did not write the PNG; export the HTML report instead.")
+        source, out = Path(tmp) / "page.html", Path(tmp) / f"out.{what.lower()}"
+        source.write_text(page, encoding="utf-8")
+        command = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--hide-scrollbars",
+                   "--disable-background-networking", f"--user-data-dir={tmp}/profile", "--virtual-time-budget=10000",
+                   f"{output_flag}={out}", *flags, source.as_uri()]
+        try:  # its own session, so a hung Chromium is killed with the renderers it started
+            process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                       start_new_session=True)
+        except OSError as exc:
+            raise ShrinkError(f"Chromium at {CHROMIUM} could not start ({exc.strerror or exc}); reinstall it "
+                              f"(apt-get install --reinstall chromium) {instead}.") from None
+        try:
+            code = process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+            raise ShrinkError(f"Chromium did not finish the {what} within {timeout:g} s; retry when the machine is "
+                              f"less busy {instead}.") from None
+        if not out.exists() or out.stat().st_size == 0:
+            raise ShrinkError(f"Chromium exited with status {code} without writing the {what}; check that "
+                              f"`{CHROMIUM} --headless --no-sandbox --version` runs on this machine, {instead}.")
         path.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(shot, path)
+        shutil.copyfile(out, path)
     return path
 
 
-def write_report(store: Store, view: View, out: Path | str, png: Path | str | None = None) -> dict:
-    """Writes the HTML report (and optionally the main figure's PNG); returns what was written."""
+def write_png(figure, path: Path | str, width: int = 1200, height: int = 700, timeout: float = 60) -> Path:
+    """The figure as a PNG for slides, rendered by headless Chromium from its self-contained HTML (no kaleido)."""
+    return _chromium(figure_page(figure, width, height), path, "PNG", "--screenshot",
+                     [f"--window-size={width},{height}"], timeout)
+
+
+def write_pdf(page: str, path: Path | str, timeout: float = 120) -> Path:
+    """The report page as a PDF (the summary on page 1), printed by headless Chromium with no header or footer."""
+    return _chromium(page, path, "PDF", "--print-to-pdf", ["--no-pdf-header-footer"], timeout)
+
+
+def write_report(store: Store, view: View, out: Path | str, png: Path | str | None = None,
+                 pdf: Path | str | None = None) -> dict:
+    """Writes the HTML report (and optionally the main figure's PNG and the page as a PDF); returns what was written,
+    with the summary's recommendation and runner-up (None when nothing is within the limit)."""
+    from shrink_core.results.summary import summarize
+
     report = build_report(store, view)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(report, store), encoding="utf-8")
+    page = render_html(report, store)
+    out.write_text(page, encoding="utf-8")
+    summary = summarize(report)
     written = {"html": str(out), "candidates": [int(i) for i in report.candidates["id"]],
+               "recommended": summary.recommended.name if summary.recommended else None,
+               "runner_up": summary.runner_up.name if summary.runner_up else None, "verdict": summary.verdict,
                "budget": report.view.budget, "frontier": [str(n) for n in report.points.loc[
                    report.points["on_frontier"], "name"]],
                "not_plotted": [str(n) for n in report.points.loc[
                    report.points["x"].isna() | report.points["y"].isna(), "name"]]}
     if png:
         written["png"] = str(write_png(figures(report)[0], png))
+    if pdf:
+        written["pdf"] = str(write_pdf(page, pdf))
     return written

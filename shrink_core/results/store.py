@@ -401,7 +401,9 @@ class Store:
             return self.conn.execute(sql, (model_spec,)).fetchone()[0]
 
         return {
-            "described": bool(count("SELECT COUNT(*) FROM models WHERE spec = ?")),
+            # a job that loaded the model (a baseline, a scan) counts as loaded too, Model page visited or not
+            "described": bool(count("SELECT COUNT(*) FROM models WHERE spec = ?")
+                              or count("SELECT COUNT(*) FROM results WHERE model_spec = ?")),
             "baseline_slices": count("SELECT COUNT(DISTINCT slice) FROM results WHERE kind = 'eval' AND model_spec = ?"
                                      " AND plan_json IS NULL"),
             "scanned_slices": count("SELECT COUNT(DISTINCT slice) FROM results WHERE kind = 'sensitivity'"
