@@ -95,6 +95,12 @@ if x == "latency" and report.candidates["latency_ms"].isna().all():
     st.info("No candidate has a measured latency yet (`python -m shrink_core measure`); every candidate carries a "
             "projected one: choose 'latency (projected)'.")
 st.plotly_chart(main, key="pareto_main", width="stretch")
+better = "up" if chosen_metric.higher_is_better else "down"
+st.caption(f"How to read: each point is a candidate; further {better} and further left is better (less quality "
+           "lost, smaller, faster or cheaper). The line joins the frontier: a candidate off it is beaten on both axes "
+           "by one on it. Whiskers: the 95% bootstrap interval over items on the y value; two candidates whose "
+           "whiskers overlap are not distinguishable on these slices. Axis titles say whether a value was measured "
+           "(and where) or projected; hover a point for its provenance.")
 for note in method_notes(report.candidates, report.table, report.view):
     st.caption(note)
 points = report.points[["candidate_id", "name", "x", "y", "y_low", "y_high", "interval_note", "worst_slice",
@@ -109,7 +115,8 @@ if len(beyond):
 
 st.markdown("#### Every slice")
 st.plotly_chart(multiples, key="pareto_slices", width="stretch")
-st.caption(PPL_NOTE)
+st.caption("How to read: one panel per slice, the same candidates and x axis; compression error is rarely uniform, so "
+           "look for the slice where a candidate that looks fine on average falls away. " + PPL_NOTE)
 
 st.markdown("#### Compare")
 chosen = st.multiselect("Candidates (2 to 5; the first is the baseline)", ids,

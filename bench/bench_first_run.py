@@ -79,7 +79,7 @@ def main() -> None:
     load = os.getloadavg()
     print(json.dumps({"bench": "first_run", "seconds_since_app_start": seconds, "target_s": 180,
                       "met": seconds.get("first_heatmap", 1e9) <= 180, "fresh_model_cache": not args.keep_model_cache,
-                      "loadavg": [round(x, 2) for x in load], "cpus": os.cpu_count()}))
+                      "loadavg": [round(x, 2) for x in load], "cpus": os.cpu_count(), "home": str(home)}))
 
 
 if __name__ == "__main__":
