@@ -113,8 +113,8 @@ for tab, slice_id in zip(tabs, slice_ids):
                                                         f"{depth_label}", metric, blocks, kinds),
                                 key=f"heat-{slice_id}", on_select="rerun", selection_mode="points")
         st.caption(f"How to read: each cell is the damage ({'KL' if metric == 'kl' else 'ΔNLL'} per token on "
-                   f"{slice_id}) when only that module is set to {view_setting}; darker cells break the model first, "
-                   f"and a dark row is a fragile block. {slice_id}: {trust(slice_id)}."
+                   f"{slice_id}) when only that module is set to {view_setting}, on a log colour scale; the brightest "
+                   f"cells break the model first, and a bright row is a fragile block. {slice_id}: {trust(slice_id)}."
                    + (" Grey cells: modules this method did not probe." if data["module"].nunique() < len(names)
                       else ""))
         points = event["selection"]["points"] if event else []

@@ -15,9 +15,11 @@ def test_steps_say_what_is_done_and_the_first_missing_one_is_next():
     all_steps = steps(counts)
     assert [(s.label, s.done, s.detail) for s in all_steps] == [
         ("Model", True, "loaded"), ("Baseline", True, "2 slices"), ("Scan", False, "none yet"),
-        ("Plan", False, "no draft"), ("Candidates", False, "none yet")]
+        ("Plan", False, "none yet"), ("Candidates", False, "none yet")]
     assert next_step(all_steps).key == "sensitivity"
     assert next_step(steps({**counts, "scanned_slices": 1, "draft": True, "candidates": 1})) is None
+    ran = steps({**counts, "scanned_slices": 1, "candidates": 3})  # plans run from the CLI: no draft, yet planned
+    assert [(s.label, s.done, s.detail) for s in ran[3:]] == [("Plan", True, "plans run"), ("Candidates", True, "3")]
 
 
 def test_the_strip_counts_what_the_store_holds_and_links_each_page(shrink_home):
@@ -34,7 +36,7 @@ def test_the_strip_counts_what_the_store_holds_and_links_each_page(shrink_home):
     assert not at.exception, at.exception
     links = [(e.proto.label, e.proto.page) for e in at.get("page_link")]
     assert links == [("Model: loaded", ""), ("Baseline: 2 slices", "evalsets"), ("Scan: none yet", "sensitivity"),
-                     ("Plan: no draft", "plan"), ("Candidates: none yet", "results")]
+                     ("Plan: none yet", "plan"), ("Candidates: none yet", "results")]
     assert any("next: Run a sensitivity scan" in c.value for c in at.caption)
 
 

@@ -25,9 +25,10 @@ def steps(counts: dict) -> list[Step]:
              "Run a baseline on Eval sets: the uncompressed model's figures that every candidate is compared with."),
         Step("sensitivity", "Scan", scanned > 0, _count(scanned, "slice"),
              "Run a sensitivity scan: the heatmaps show which layers break first, per slice, and feed the planner."),
-        Step("plan", "Plan", counts["draft"], "draft saved" if counts["draft"] else "no draft",
+        Step("plan", "Plan", counts["draft"] or candidates > 0,
+             "draft saved" if counts["draft"] else "plans run" if candidates else "none yet",
              "Make a plan on the Plan page, by hand or with the planner under a size budget, and run it."),
-        Step("results", "Candidates", candidates > 0, _count(candidates, "candidate"),
+        Step("results", "Candidates", candidates > 0, str(candidates) if candidates else "none yet",
              "Compare candidates on the Results page: quality per slice against size, latency and cost."),
     ]
 
