@@ -100,7 +100,7 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
     if metric != "kl" or method is None:
         st.caption("Fitted prediction: shown for KL, on plans that quantize with one method and prune nothing.")
         return None
-    measured_fit = fit_measured(db, spec, described["weights_hash"], rows, records, method)
+    measured_fit = measured_fit_of(method)
     model = measured_fit.model
     if not model.fitted:
         st.caption(f"Fitted prediction: no measured {method} plan of this model yet. Run a plan (below): each measured "
@@ -134,6 +134,15 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
 
 # ------------------------------------------------------------------ instant prediction
 records = stored_records(db, spec, described["weights_hash"])
+_fits: dict = {}
+
+
+def measured_fit_of(method: str):
+    """The interaction model fitted on this model's measured plans of `method`: fitted once per page run, however
+    many sections ask (the fitted-prediction metrics and the planner's checkbox)."""
+    if method not in _fits:
+        _fits[method] = fit_measured(db, spec, described["weights_hash"], rows, records, method)
+    return _fits[method]
 metric = st.radio("Predicted quality metric", ["kl", "dnll"], horizontal=True, key="predict_metric",
                   format_func=lambda m: {"dnll": "ΔNLL (nats/token)", "kl": "KL"}[m])
 scores = score_table(records, metric)
@@ -272,7 +281,7 @@ else:
                "Solver: exact mixed-integer program (HiGHS); its optimality gap is reported."
                + (f" The latency budget is projected, not measured: {projection.model}." if budget_kind == "ms/token"
                   else ""))
-    planner_fit = fit_measured(db, spec, described["weights_hash"], rows, records, method)
+    planner_fit = measured_fit_of(method)
     can_fit = planner_fit.model.fitted and metric == "kl"
     use_fit = st.checkbox(f"Correct the KL scores with the fit on {planner_fit.model.plans} measured {method} plan(s)",
                           value=can_fit, disabled=not can_fit, key=f"planner_use_fit_{method}_{can_fit}",

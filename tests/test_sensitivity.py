@@ -359,13 +359,12 @@ def test_partial_last_group_is_scored_as_the_engine_applies_it():
 
 
 def test_perturbing_by_blocks_of_rows_gives_the_same_weight(monkeypatch):
-    import sys
+    from shrink_core.compression import primitives
 
-    settings_module = sys.modules["shrink_core.sensitivity.settings"]
     weight = torch.randn(300, 128, generator=torch.Generator().manual_seed(0))
     names = ("w4g64", "w3g32", "w8", "nm24", "prune50")
     whole = {(s, dtype): perturbed(SETTINGS[s], weight.to(dtype)) for s in names
              for dtype in (torch.float32, torch.bfloat16)}
-    monkeypatch.setattr(settings_module, "ROW_CHUNK_BYTES", 4 * 128 * 7)  # 7 rows at a time
+    monkeypatch.setattr(primitives, "ROW_CHUNK_BYTES", 4 * 128 * 7)  # 7 rows at a time
     for (setting, dtype), expected in whole.items():
         assert torch.equal(perturbed(SETTINGS[setting], weight.to(dtype)), expected), (setting, dtype)

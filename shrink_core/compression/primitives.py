@@ -73,18 +73,29 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symme
     return dequantize(quantize(weight, scale, zero, bits, group_size), scale, zero, group_size, weight.dtype)
 
 
+def by_row_blocks(weight: torch.Tensor, fn) -> torch.Tensor:
+    """`fn` (float32 rows -> float32 rows) applied a block of rows at a time, written back in the weight's dtype: a
+    128k x 4k embedding would otherwise need several float32 copies of itself (GBs) at once. Only for work that
+    treats each row on its own (quantization groups lie along a row)."""
+    rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
+    out = torch.empty_like(weight)
+    for start in range(0, weight.shape[0], rows):
+        out[start:start + rows] = fn(weight[start:start + rows].float()).to(weight.dtype)
+    return out
+
+
 def rtn_by_rows(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
     """Round-to-nearest quantize-dequantize, a block of rows at a time in float32: (weight in its own dtype, scale,
     zero). The same numbers as one pass over the whole matrix, without float32 copies of all of it."""
-    rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
-    out, scales, zeros = torch.empty_like(weight), [], []
-    for start in range(0, weight.shape[0], rows):
-        part = weight[start:start + rows].float()
+    scales, zeros = [], []
+
+    def rtn(part):
         scale, zero = scale_zero(part, bits, group_size, symmetric)
-        out[start:start + rows] = dequantize(quantize(part, scale, zero, bits, group_size), scale, zero,
-                                             group_size).to(weight.dtype)
         scales.append(scale)
         zeros.append(zero)
+        return dequantize(quantize(part, scale, zero, bits, group_size), scale, zero, group_size)
+
+    out = by_row_blocks(weight, rtn)
     return out, torch.cat(scales), torch.cat(zeros)
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from shrink_core.compression.primitives import ROW_CHUNK_BYTES, fake_quantize
+from shrink_core.compression.primitives import by_row_blocks, fake_quantize
 from shrink_core.compression.prune import magnitude_mask, nm_mask
 from shrink_core.plan.menu import MENU as SETTINGS
 from shrink_core.plan.menu import Setting, get_setting, parse_settings
@@ -15,17 +15,15 @@ __all__ = ["SETTINGS", "Setting", "get_setting", "parse_settings", "perturbed"]
 
 def perturbed(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
     """The weight as `setting` leaves it (out, in), in the weight's dtype; a new tensor, the argument is untouched.
-    Scales and rounding are computed in float32 whatever the model runs in, a block of rows at a time: a 128k x 4k
-    embedding would otherwise need several float32 copies of itself (GBs) for one perturbation."""
-    rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[-1]))
+    Scales and rounding are computed in float32 whatever the model runs in, a block of rows at a time where the
+    setting treats rows independently (`by_row_blocks`)."""
     row_independent = setting.bits is not None or setting.prune == "nm24"  # magnitude pruning ranks the whole matrix
-    if row_independent and weight.dim() == 2 and weight.shape[0] > rows:
-        out = torch.empty_like(weight)
-        for start in range(0, weight.shape[0], rows):
-            out[start:start + rows] = perturbed(setting, weight[start:start + rows])
-        return out
-    if weight.dtype != torch.float32:
-        return perturbed(setting, weight.float()).to(weight.dtype)
+    if row_independent and weight.dim() == 2:
+        return by_row_blocks(weight, lambda part: _perturbed32(setting, part))
+    return _perturbed32(setting, weight.float()).to(weight.dtype)
+
+
+def _perturbed32(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
     if setting.bits is not None:  # a partial last group is quantized as the engine applies it (primitives)
         return fake_quantize(weight, setting.bits, setting.group_size, setting.symmetric)
     if setting.prune == "nm24":
