@@ -95,3 +95,15 @@ def test_zero_group_and_activation_simulation():
     x = torch.randn(2, 5, 64)
     y = fake_quantize_activation(x, 8)
     assert y.shape == x.shape and 0 < float((y - x).abs().max()) <= float(x.abs().max()) / 127
+
+
+def test_rtn_by_blocks_of_rows_equals_one_pass_over_the_whole_matrix(monkeypatch):
+    from shrink_core.compression import primitives
+
+    weight = torch.randn(300, 128, generator=torch.Generator().manual_seed(1)).to(torch.bfloat16)
+    scale, zero = primitives.scale_zero(weight.float(), 4, 64, False)
+    whole = primitives.dequantize(primitives.quantize(weight.float(), scale, zero, 4, 64), scale, zero, 64)
+    monkeypatch.setattr(primitives, "ROW_CHUNK_BYTES", 4 * 128 * 7)  # 7 rows at a time: 43 blocks
+    out, scales, zeros = primitives.rtn_by_rows(weight, 4, 64, False)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, whole.to(torch.bfloat16))
+    assert torch.equal(scales, scale) and torch.equal(zeros, zero)
