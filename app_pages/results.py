@@ -17,12 +17,12 @@ from shrink_core.results.report import (
     build_report,
     figures,
     method_notes,
-    render_html,
     slice_choice,
     view_sentence,
     write_pdf,
     write_png,
 )
+from shrink_core.results.report_page import render_html
 from shrink_core.results.summary import summarize
 from ui.data import store
 

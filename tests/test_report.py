@@ -10,7 +10,8 @@ import pytest
 
 from shrink_core.errors import ShrinkError
 from shrink_core.paths import REPO_ROOT
-from shrink_core.results.report import View, build_report, figures, render_html, write_png, write_report
+from shrink_core.results.report import View, build_report, figures, write_png
+from shrink_core.results.report_page import render_html, write_report
 from shrink_core.results.store import Provenance, Store
 
 from .browser import CHROMEDRIVER, CHROMIUM, chromium, wait_for
@@ -153,7 +154,7 @@ def test_cli_report_and_candidates(store, shrink_home, tmp_path):
 
 def test_report_never_imports_streamlit():
     code = ("import sys, shrink_core.results.report, shrink_core.cli.report, shrink_core.results.figures, "
-            "shrink_core.results.summary; "
+            "shrink_core.results.summary, shrink_core.results.report_page; "
             "assert 'streamlit' not in sys.modules, 'streamlit imported'")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
     assert result.returncode == 0, result.stderr

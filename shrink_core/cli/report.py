@@ -57,7 +57,8 @@ def run(args) -> int:
     from shrink_core.errors import ShrinkError
     from shrink_core.paths import check_writable
     from shrink_core.perf.hardware import DEFAULT_TARGET, get
-    from shrink_core.results.report import DEFAULT_LIMITS, View, write_report
+    from shrink_core.results.report import DEFAULT_LIMITS, View
+    from shrink_core.results.report_page import write_report
     from shrink_core.results.store import Store
 
     check_writable(args.out, "--out")
