@@ -72,7 +72,7 @@ if st.button("Run baseline", type="primary", key="run_baseline", disabled=not pi
                                          {"spec": spec, "slices": picked, "budget": budget}))
 running = show_job(state.job_id("eval"), f"Evaluating {spec}")
 # Slices of a running baseline that are not stored yet: shown as pending rows, each replaced as soon as it is done.
-pending = ([s for s in running.params["slices"] if s not in running.parts]
+pending = ([s for s in running.params.get("slices", []) if s not in running.parts]
            if running is not None and running.active and running.params.get("plan") is None else [])
 pending_budget = running.params.get("budget", "fast") if pending else None
 

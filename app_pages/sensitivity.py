@@ -52,7 +52,8 @@ with st.expander("Run a scan", expanded=not stored_records(db, spec)):
         state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
                                                     params))
 running = show_job(state.job_id("sensitivity"), f"Scanning {spec}")
-scanning = [s for s in running.params["slices"] if s not in running.parts] if running and running.active else []
+scanning = ([s for s in running.params.get("slices", []) if s not in running.parts]
+            if running and running.active else [])
 
 records = pd.DataFrame([r.__dict__ for r in stored_records(db, spec)])
 if records.empty:
