@@ -400,14 +400,14 @@ class Store:
         def count(sql: str) -> int:
             return self.conn.execute(sql, (model_spec,)).fetchone()[0]
 
+        baseline = count("SELECT COUNT(DISTINCT slice) FROM results WHERE kind = 'eval' AND model_spec = ?"
+                         " AND plan_json IS NULL")
+        scanned = count("SELECT COUNT(DISTINCT slice) FROM results WHERE kind = 'sensitivity' AND model_spec = ?")
         return {
             # a job that loaded the model (a baseline, a scan) counts as loaded too, Model page visited or not
-            "described": bool(count("SELECT COUNT(*) FROM models WHERE spec = ?")
-                              or count("SELECT COUNT(*) FROM results WHERE model_spec = ?")),
-            "baseline_slices": count("SELECT COUNT(DISTINCT slice) FROM results WHERE kind = 'eval' AND model_spec = ?"
-                                     " AND plan_json IS NULL"),
-            "scanned_slices": count("SELECT COUNT(DISTINCT slice) FROM results WHERE kind = 'sensitivity'"
-                                    " AND model_spec = ?"),
+            "described": bool(count("SELECT COUNT(*) FROM models WHERE spec = ?") or baseline or scanned),
+            "baseline_slices": baseline,
+            "scanned_slices": scanned,
             "draft": self.draft(model_spec) is not None,
             "candidates": count("SELECT COUNT(*) FROM candidates WHERE model_spec = ? AND kind != 'reference'"
                                 " AND deleted IS NULL"),
