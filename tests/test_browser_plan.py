@@ -75,15 +75,19 @@ def test_protect_budget_plan_run_and_compare(scanned_home, tmp_path):
             click(driver, button(driver, "Run this plan"))
             wait_on_job(driver, home, lambda d: "stored as a candidate" in body(d).lower(), "the plan run's result", kind="eval",
                         after=before)
-            headers = [h.get_attribute("textContent") for h in driver.find_elements("css selector",
-                                                                                  '[role="columnheader"]')]
-            assert "predicted ΔNLL" in headers and "measured ΔNLL" in headers
-            cells = [c.get_attribute("textContent") for c in driver.find_elements("css selector", '[role="gridcell"]')]
+            # the compare table's grid fills its header cells after its first draw, a moment after the caption
+            # beside it is there: wait for them rather than read them once (CI caught the race under load)
+            def compare_grid(d):
+                return next((g for g in d.find_elements("css selector", '[data-testid="stDataFrame"]')
+                             if {"predicted ΔNLL", "measured ΔNLL"} <= {h.get_attribute("textContent") for h in
+                                                                       g.find_elements("css selector",
+                                                                                       '[role="columnheader"]')}),
+                            None)
+
+            grid = wait_for(driver, compare_grid, 60, "the predicted-vs-measured table's headers")
+            cells = [c.get_attribute("textContent") for c in grid.find_elements("css selector", '[role="gridcell"]')]
             assert "user_notes" in cells
             # in the compare table, the user_notes row carries a prediction (every changed block linear was scored)
-            grid = next(g for g in driver.find_elements("css selector", '[data-testid="stDataFrame"]')
-                        if "predicted ΔNLL" in [h.get_attribute("textContent") for h in
-                                                g.find_elements("css selector", '[role="columnheader"]')])
             names = [h.get_attribute("textContent") for h in grid.find_elements("css selector", '[role="columnheader"]')]
             rows = [[c.get_attribute("textContent") for c in r.find_elements("css selector", '[role="gridcell"]')]
                     for r in grid.find_elements("css selector", '[role="row"]')]
