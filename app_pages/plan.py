@@ -4,6 +4,7 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from shrink_core.compression.ggml.standard import STANDARD_MIXES, mix_name, standard_plan
 from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import LINEAR_KINDS, modules_from_rows
 from shrink_core.perf.hardware import DEFAULT_ROWS, DEFAULT_TARGET
@@ -41,9 +42,19 @@ if state.plan_draft() is None:
 
 # ------------------------------------------------------------------ source: presets, files, undo
 top = st.columns([2, 2, 1, 1])
-preset = top[0].selectbox("Start from a preset", ["(keep current)"] + list(PRESETS), key="plan_preset")
+MIXES = {mix_name(ftype, imatrix): (ftype, imatrix) for ftype in STANDARD_MIXES for imatrix in (False, True)}
+preset = top[0].selectbox("Start from a preset", ["(keep current)"] + list(PRESETS) + list(MIXES), key="plan_preset",
+                          help="The llama.cpp entries are llama-quantize's type per tensor for this model.")
 if top[0].button("Use preset", key="use_preset", disabled=preset == "(keep current)"):
-    plan_edit.push(dump_plan(load_plan(f"preset:{preset}")), keep_name=True)
+    if preset in MIXES:
+        try:
+            mix = dump_plan(standard_plan(rows, described["summary"], *MIXES[preset]))
+        except ShrinkError as exc:
+            st.error(str(exc))
+        else:
+            plan_edit.push(mix, keep_name=True)
+    else:
+        plan_edit.push(dump_plan(load_plan(f"preset:{preset}")), keep_name=True)
 uploaded = top[1].file_uploader("Load a plan file", type=["yaml", "yml", "json"], key="plan_upload")
 if uploaded is not None and top[1].button("Load file", key="load_plan_file"):
     refusal = plan_edit.try_apply(lambda: dump_plan(load_plan(uploaded.getvalue().decode("utf-8", "replace"))),
@@ -348,6 +359,14 @@ if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=
     state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
                                              {"spec": spec, "slices": slices_to_run, "budget": run_budget,
                                               "plan": state.plan_draft()}))
+mix_cols = st.columns([3, 1])
+mix_cols[0].caption(f"Compare with what you would otherwise ship: llama-quantize's {', '.join(STANDARD_MIXES)} for "
+                    "this model, each with and without an importance matrix, scored on the same slices and protocol "
+                    "(8 candidates on the Results page).")
+if mix_cols[1].button("Evaluate llama.cpp mixes", key="run_mixes", disabled=not slices_to_run or refused):
+    state.set_job_id("llama_mixes", jobs.submit(db, "llama_mixes", "shrink_core.results.eval_run:standard_mixes_job",
+                                                {"spec": spec, "slices": slices_to_run, "budget": run_budget}))
+show_job(state.job_id("llama_mixes"), "Evaluating llama.cpp's standard mixes")
 job = show_job(state.job_id("plan_run"), "Applying and evaluating the plan")
 if job is not None and job.status == "done" and job.result.get("candidate_id"):
     compare_rows = predicted_vs_measured(db, spec, job.result["candidate_id"], resolved, records)

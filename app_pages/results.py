@@ -135,8 +135,8 @@ if len(chosen) >= 2:
         st.caption(f"nll_p and accuracy_p are raw; *_holm are Holm-adjusted over each candidate's tests on the "
                    f"slices shown ({over}); significant = an adjusted p below {ALPHA:g}.")
     with_target = cands.candidates_frame(db, target=target).set_index("id").loc[chosen].reset_index()
-    st.dataframe(with_target[["id", "name", "memory_bytes", "memory_source", "latency_ms", "latency_source",
-                              "projected_ms", "projected_source", "cost_per_million", "cost_source"]],
+    st.dataframe(with_target[["id", "name", "weight_format", "memory_bytes", "memory_source", "latency_ms",
+                              "latency_source", "projected_ms", "projected_source", "cost_per_million", "cost_source"]],
                  key="compare_perf", hide_index=True)
     specs = set(everyone.set_index("id").loc[chosen, "model_spec"])
     spec = sorted(specs)[0]
@@ -156,8 +156,9 @@ else:
     st.info("Pick at least two candidates to compare.")
 
 st.markdown("#### Candidates")
-st.dataframe(everyone[["id", "name", "kind", "parent_name", "plan_summary", "calibration", "budgets", "code_version",
-                       "tags", "memory_bytes", "latency_ms", "notes"]], key="candidates_table", hide_index=True)
+st.dataframe(everyone[["id", "name", "kind", "parent_name", "weight_format", "plan_summary", "calibration", "budgets",
+                       "code_version", "tags", "memory_bytes", "latency_ms", "notes"]], key="candidates_table",
+             hide_index=True)
 picked = st.selectbox("Candidate", ids, key="res_manage", format_func=lambda c: labels.get(c, str(c)))
 row = everyone[everyone["id"] == picked].iloc[0]
 left, middle, right = st.columns(3)

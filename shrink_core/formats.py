@@ -10,11 +10,42 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
 INT_BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_BITS = (16, 32)  # stored as float16 / float32 (32 = unchanged)
 SCALE_BYTES = 2  # float16 scale per group
 ZERO_BYTES = 1  # uint8 zero point per group (asymmetric only)
 CHANNEL_ALIGN = 32  # kept MLP channels are a multiple of this (when the width allows), so groups still divide
+
+
+# llama.cpp's weight types a plan can choose, with the integer bits they are named by (their exact bits per weight, scales
+# included, follow from GGML_QUANT_SIZES: weights per block, bytes per block).
+GGML_TYPES = {"Q8_0": 8, "Q6_K": 6, "Q5_K": 5, "Q5_1": 5, "Q5_0": 5, "Q4_K": 4, "Q4_1": 4, "Q4_0": 4, "IQ4_XS": 4,
+              "IQ4_NL": 4, "Q3_K": 3, "Q2_K": 2}
+# What llama.cpp stores instead when a tensor's rows are not a multiple of a type's 256-wide super-block (its
+# llama_tensor_get_type fallback); the 32-wide types need rows that are a multiple of 32 (else float16 is kept).
+GGML_FALLBACK = {"Q4_K": "Q5_0", "Q5_K": "Q5_1", "Q6_K": "Q8_0", "Q2_K": "Q4_0", "Q3_K": "Q4_0", "IQ4_XS": "IQ4_NL"}
+
+
+def ggml_geometry(type_name: str) -> tuple[int, int]:
+    """(weights per block, bytes per block) of a llama.cpp type, as gguf-py defines it."""
+    return GGML_QUANT_SIZES[GGMLQuantizationType[type_name]]
+
+
+def ggml_row_type(type_name: str, columns: int) -> str:
+    """The type llama.cpp actually stores a tensor of this row width in: the type itself, its fallback, or F16."""
+    for candidate in (type_name, GGML_FALLBACK.get(type_name)):
+        if candidate is not None and columns % ggml_geometry(candidate)[0] == 0:
+            return candidate
+    return "F16"
+
+
+def ggml_weight_bytes(shape: tuple[int, ...], type_name: str) -> int:
+    """Exact bytes of a weight in a llama.cpp type (after the fallback its row width forces)."""
+    rows, columns = shape[0], math.prod(shape[1:])
+    block, size = ggml_geometry(ggml_row_type(type_name, columns))
+    return rows * columns // block * size
 
 
 def group_count(columns: int, group_size: int | None) -> int:
@@ -32,8 +63,12 @@ def packed_weight_bytes(shape: tuple[int, int], bits: int, group_size: int | Non
     return {"codes": codes, "scales": scales, "zeros": zeros, "total": codes + scales + zeros}
 
 
-def weight_bytes(shape: tuple[int, ...], bits: int, group_size: int | None, symmetric: bool) -> int:
-    """Stored bytes of a weight of `shape` in this format: float widths store every element, integer widths pack."""
+def weight_bytes(shape: tuple[int, ...], bits: int, group_size: int | None, symmetric: bool,
+                 ggml: str | None = None) -> int:
+    """Stored bytes of a weight of `shape` in this format: float widths store every element, integer widths pack,
+    llama.cpp types store their blocks."""
+    if ggml is not None:
+        return ggml_weight_bytes(shape, ggml)
     if bits in FLOAT_BITS:
         return math.prod(shape) * bits // 8
     return packed_weight_bytes((shape[0], math.prod(shape[1:])), bits, group_size, symmetric)["total"]
@@ -41,11 +76,13 @@ def weight_bytes(shape: tuple[int, ...], bits: int, group_size: int | None, symm
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one weight is stored: float (16/32 bits) or integer codes with per-group float16 scales (and uint8 zeros)."""
+    """How one weight is stored: float (16/32 bits), integer codes with per-group float16 scales (and uint8 zeros), or
+    a llama.cpp type's blocks (`ggml`; then bits is the type's nominal width, for the kernels' sake)."""
 
     bits: int
     group_size: int | None = 64  # None = one group per output channel
     symmetric: bool = False
+    ggml: str | None = None
 
     def __post_init__(self):
         if self.bits not in INT_BITS + FLOAT_BITS:
@@ -56,7 +93,7 @@ class WeightFormat:
         return self.bits in FLOAT_BITS
 
     def stored_bytes(self, shape: tuple[int, ...]) -> int:
-        return weight_bytes(shape, self.bits, self.group_size, self.symmetric)
+        return weight_bytes(shape, self.bits, self.group_size, self.symmetric, self.ggml)
 
 
 def kept_channels(width: int, amount: float) -> int:

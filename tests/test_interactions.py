@@ -19,7 +19,7 @@ def test_features_sum_scores_per_bit_width_and_keep_adds_nothing():
 def test_fit_recovers_a_model_it_can_express():
     rng = np.random.default_rng(0)
     x = rng.uniform(0, 0.5, size=(40, len(BIT_CLASSES)))
-    alpha = np.array([1.0, 1.1, 1.3, 1.8, 2.5])[:len(BIT_CLASSES)]
+    alpha = np.linspace(1.0, 2.5, len(BIT_CLASSES))  # one scale per bit-width class
     y = x @ alpha + 0.4 * x.sum(axis=1) ** 2
     model = fit(x, y, plan_ids=[i // 4 for i in range(40)], ridge=0.0)
     assert np.allclose(model.alpha, alpha, rtol=1e-6) and model.gamma == pytest.approx(0.4, rel=1e-6)
@@ -30,7 +30,7 @@ def test_fit_recovers_a_model_it_can_express():
 
 
 def test_the_additive_model_is_the_plain_sum_with_no_interval():
-    x = np.array([[0.1, 0.2, 0.3, 0.0, 0.4]])[:, :len(BIT_CLASSES)]
+    x = np.linspace(0.0, 0.4, len(BIT_CLASSES))[None, :]
     model = InteractionModel.additive()
     assert model.predict(x)[0] == pytest.approx(x.sum())
     assert not model.fitted and all(math.isnan(v) for v in np.concatenate(model.interval(x)))

@@ -30,7 +30,7 @@ PRUNE_CHOICES = {"none": None, "50% unstructured": {"structure": "unstructured",
 def setting_of(row: dict) -> str:
     """The table's name for a resolved module's weight setting (the menu's own naming)."""
     group = None if row["group"] in (None, "channel") else row["group"]
-    return setting_name(row["bits"], group, bool(row["symmetric"]), bool(row["keep"]))
+    return setting_name(row["bits"], group, bool(row["symmetric"]), bool(row["keep"]), row.get("ggml"))
 
 
 def weights_rule(setting: str, method: str) -> dict:
@@ -39,6 +39,8 @@ def weights_rule(setting: str, method: str) -> dict:
     if setting == "fp16":
         return {"weights": {"bits": 16}}
     spec = dict(SETTINGS[setting])
+    if "ggml" in spec:  # a llama.cpp type names its format; a calibrated method is its imatrix path
+        return {"weights": {"ggml": spec["ggml"], "method": "imatrix" if method in ("gptq", "imatrix") else "rtn"}}
     spec["group_size"] = "channel" if spec["group_size"] is None else spec["group_size"]
     return {"weights": {**spec, "method": method}}
 
@@ -47,7 +49,7 @@ def derived_name(resolved) -> str:
     """What the plan does, in a few words: e.g. "mixed w3g64/w4g64 rtn, 10 kept" or "w8 rtn, 2:4 on 7"."""
     modules = [r for r in resolved if r.kind != "norm" and not r.tied_to]
     quantized = [r for r in modules if r.weights is not None and not r.keep]
-    formats = sorted({setting_name(r.bits, r.group_size, r.weights.symmetric) for r in quantized},
+    formats = sorted({setting_name(r.bits, r.group_size, r.weights.symmetric, ggml=r.weights.ggml) for r in quantized},
                      key=lambda f: (len(f), f))
     methods = sorted({r.method for r in quantized if r.method})
     parts = []
@@ -117,7 +119,8 @@ def hand_pinned(plan, resolved) -> dict[str, str]:
     for r in resolved:
         rule = rules.get(r.rule)
         if rule is not None and rule.name is not None and not rule.note.startswith("planner"):
-            pinned[r.name] = setting_name(r.bits, r.group_size, bool(r.weights and r.weights.symmetric), r.keep)
+            pinned[r.name] = setting_name(r.bits, r.group_size, bool(r.weights and r.weights.symmetric), r.keep,
+                                         r.weights.ggml if r.weights else None)
     return pinned
 
 

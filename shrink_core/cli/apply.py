@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from shrink_core.cli.entry import add_model_args, print_json
+from shrink_core.cli.entry import add_model_args, print_json, stderr_progress
 
 
 def add_parser(sub) -> None:
@@ -54,11 +54,7 @@ def run(args) -> int:
                           "directory that includes its tokenizer files.")
     calibration, recipe = plan_calibration(plan, loaded.tokenizer)
 
-    def progress(fraction: float, message: str) -> None:
-        if not args.json:
-            print(f"\r[{fraction:5.0%}] {message:<40}", end="", file=sys.stderr, flush=True)
-
-    report = apply_plan_(loaded.model, plan, calibration, progress, recipe=recipe)
+    report = apply_plan_(loaded.model, plan, calibration, stderr_progress(args.json), recipe=recipe)
     if not args.json:
         print(file=sys.stderr)
     provenance = {"model_spec": loaded.spec.raw, "weights_hash": loaded.weights_hash, "calibration": recipe}

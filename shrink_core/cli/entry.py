@@ -11,7 +11,8 @@ import traceback
 from shrink_core.errors import ShrinkError
 
 # Modules under shrink_core/commands/, in help order.
-COMMANDS = ["inspect", "eval", "slices", "sensitivity", "plan", "apply", "measure", "distill", "report", "candidates"]
+COMMANDS = ["inspect", "eval", "slices", "sensitivity", "plan", "apply", "export", "measure", "distill", "report",
+            "candidates", "tools"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -27,6 +28,15 @@ def build_parser() -> argparse.ArgumentParser:
     for name in COMMANDS:
         importlib.import_module(f"shrink_core.cli.{name}").add_parser(sub)
     return parser
+
+
+def stderr_progress(quiet: bool):
+    """A progress callback that rewrites one line on stderr ("[ 42%] block 3 done"); silent when `quiet` (--json)."""
+    def progress(fraction: float, message: str) -> None:
+        if not quiet:
+            print(f"\r[{fraction:5.0%}] {message:<40}", end="", file=sys.stderr, flush=True)
+
+    return progress
 
 
 def add_model_args(parser: argparse.ArgumentParser) -> None:

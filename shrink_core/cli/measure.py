@@ -24,6 +24,12 @@ def add_parser(sub) -> None:
                         help="torch threads for this command and its timings (default 1: stable on a shared machine)")
     parser.add_argument("--context", type=int, default=2048, help="context length for the KV-cache bytes")
     parser.add_argument("--utilisation", type=float, default=0.5, help="share of paid hours serving, for cost")
+    parser.add_argument("--runtime", default="torch", choices=("torch", "llama.cpp"),
+                        help="torch (default): the model as loaded here; llama.cpp: benchmark --gguf with llama-bench "
+                             "(build it first with `tools llama-cpp`)")
+    parser.add_argument("--gguf", help="with --runtime llama.cpp: the GGUF file to benchmark")
+    parser.add_argument("--candidate", type=int,
+                        help="with --runtime llama.cpp: the candidate id (see `candidates list`) the figures belong to")
     parser.add_argument("--json", action="store_true", help="print the full report as JSON")
     parser.set_defaults(run=run)
 
@@ -45,6 +51,10 @@ def run(args) -> int:
         return 0
     args.target = args.target or DEFAULT_TARGET  # recorded with the result, so the default is spelled out
     _check(args)
+    if args.runtime == "llama.cpp":
+        return _run_llamacpp(args)
+    if args.gguf or args.candidate is not None:
+        raise ShrinkError("--gguf and --candidate go with --runtime llama.cpp; add it, or use --model and --plan.")
     target = get(args.target, table)
 
     plan = None
@@ -137,3 +147,61 @@ def _store(loaded, plan, payload: dict, recipe: dict | None = None) -> int:
         parent_id=parent)
     provenance = Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(loaded.model), plan=plan_dict)
     return store.add_result("measure", provenance, payload, candidate_id=candidate_id)
+
+
+# ---------------------------------------------------------------- --runtime llama.cpp
+
+def _run_llamacpp(args) -> int:
+    """llama-bench on a GGUF file, stored as a measured-latency result (of a candidate when --candidate is given)."""
+    import os
+    from pathlib import Path
+
+    from shrink_core import __version__
+    from shrink_core.evaluation.protocol import figure_key
+    from shrink_core.model.load import weights_hash
+    from shrink_core.perf import llamacpp
+    from shrink_core.results.candidates import get_candidate
+    from shrink_core.results.store import Provenance, Store
+
+    if not args.gguf:
+        raise ShrinkError("--runtime llama.cpp needs --gguf FILE, the GGUF file to benchmark.")
+    if args.plan:
+        raise ShrinkError("--plan does not apply to --runtime llama.cpp, which measures the --gguf file as it is; "
+                          "drop --plan.")
+    tools = llamacpp.require_tools(llamacpp.default_home())
+    store = Store()
+    candidate = get_candidate(store, args.candidate) if args.candidate is not None else None  # refused before the run
+    before = round(os.getloadavg()[0], 2)
+    figures = llamacpp.bench(tools, args.gguf, args.threads, args.prompt_tokens, args.decode_tokens, args.runs)
+    after = round(os.getloadavg()[0], 2)
+    gguf = Path(figures["file"]).resolve()
+    file_hash = weights_hash([gguf])  # memoised sha256 of the file: what the figures are about
+    label = (("reference" if candidate["kind"] == "reference" else candidate["name"]) if candidate else gguf.name)
+    entry = llamacpp.measured_entry(figures, label, (before, after))
+    payload = {
+        "spec": candidate["model_spec"] if candidate else str(gguf), "gguf": str(gguf), "gguf_sha256": file_hash,
+        "file_bytes": figures["file_bytes"], "runtime": entry["runtime"], "device": entry["device"],
+        "memory": {"weights": {"bytes": figures["file_bytes"], "source": "the GGUF file's size"}},
+        "latency": {"measured": [entry], "projected": []}, "llama_bench": figures, "plan": None, "calibration": None,
+    }
+    protocol = {"runtime": entry["runtime"], "gguf_sha256": file_hash, "threads": args.threads,
+                "prompt_tokens": args.prompt_tokens, "decode_tokens": args.decode_tokens, "runs": args.runs,
+                "device": entry["device"]}
+    provenance = (Provenance(candidate["model_spec"], candidate["weights_hash"], __version__, entry["device"],
+                             plan=candidate["plan"]) if candidate
+                  else Provenance(str(gguf), file_hash, __version__, entry["device"]))
+    payload["figure_key"] = figure_key("measure", weights_hash=provenance.weights_hash, protocol=protocol,
+                                       plan=provenance.plan)
+    payload["result_id"] = store.add_result("measure", provenance, payload,
+                                            candidate_id=candidate["id"] if candidate else None)
+    if args.json:
+        print_json(payload)
+        return 0
+    prompt, gen = figures["prompt"], figures["generation"]
+    print(f"{label}: {figures['file_bytes'] / 1e6:.1f} MB {figures['model_type']}; prompt {prompt['tokens_per_s']:.1f} "
+          f"± {prompt['tokens_per_s_stddev']:.1f} tokens/s ({prompt['tokens']} tokens), generation "
+          f"{gen['tokens_per_s']:.1f} ± {gen['tokens_per_s_stddev']:.1f} tokens/s ({gen['tokens']} tokens); "
+          f"{entry['runtime']}, {entry['device']}, {figures['repetitions']} runs")
+    where = f"candidate #{candidate['id']}" if candidate else "no candidate (give --candidate ID to attach it)"
+    print(f"  stored as result #{payload['result_id']} for {where}")
+    return 0

@@ -28,12 +28,19 @@ def add_parser(sub) -> None:
     parser.add_argument("--out", help="where to write plan.yaml (required)")
     parser.add_argument("--json", action="store_true")
     parser.set_defaults(run=partial(run, parser=parser))
-    commands = parser.add_subparsers(dest="plan_command", metavar="{explain}")
+    commands = parser.add_subparsers(dest="plan_command", metavar="{explain,llama-cpp}")
     explain = commands.add_parser("explain", help="what each rule of a plan selects on a model, and why")
     add_model_args(explain)
     explain.add_argument("--plan", required=True, help="preset:NAME, a .yaml/.json plan file, or YAML text")
     explain.add_argument("--json", action="store_true", help="print the explanation as JSON")
     explain.set_defaults(run=run_explain)
+    mix = commands.add_parser("llama-cpp", help="llama-quantize's standard mix (Q4_K_M, ...) for a model, as a plan")
+    add_model_args(mix)
+    mix.add_argument("--mix", required=True, help="the llama-quantize type, e.g. Q4_K_M, Q5_K_M, Q8_0, IQ4_XS")
+    mix.add_argument("--imatrix", action="store_true",
+                     help="quantize with an importance matrix from the plan's calibration mix")
+    mix.add_argument("--out", help="write the plan here (YAML); without it, print it")
+    mix.set_defaults(run=run_llama_cpp)
 
 
 def run_explain(args) -> int:
@@ -49,6 +56,31 @@ def run_explain(args) -> int:
         print_json(explanation.to_dict())
     else:
         print(explanation.to_text())
+    return 0
+
+
+def run_llama_cpp(args) -> int:
+    from pathlib import Path
+
+    from shrink_core.compression.ggml.mixes import FTYPES
+    from shrink_core.compression.ggml.standard import standard_plan
+    from shrink_core.model.inventory import inventory, summary
+    from shrink_core.model.load import load
+    from shrink_core.paths import check_writable
+    from shrink_core.plan import dump_plan
+
+    if args.mix not in FTYPES:  # before the model loads
+        raise ShrinkError(f"Unknown llama.cpp mix '{args.mix}'; use one of {', '.join(FTYPES)}.")
+    if args.out:
+        check_writable(args.out, "--out")
+    loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
+    rows = inventory(loaded.model)
+    text = dump_plan(standard_plan(rows, summary(loaded.model, rows), args.mix, args.imatrix))
+    if args.out:
+        Path(args.out).write_text(text, encoding="utf-8")
+        print(f"wrote {args.out}")
+    else:
+        print(text, end="")
     return 0
 
 

@@ -15,6 +15,7 @@ from dataclasses import asdict, dataclass, field, replace
 import torch
 
 from shrink_core.compression import calibrate
+from shrink_core.compression.ggml.types import quantize_dequantize
 from shrink_core.compression.obs import clip_search, obs_compress
 from shrink_core.compression.primitives import dequantize, quantize, rtn_by_rows, scale_zero
 from shrink_core.compression.prune import (
@@ -29,6 +30,7 @@ from shrink_core.compression.prune import (
 )
 from shrink_core.compression.simulate import attach_simulation_
 from shrink_core.errors import ShrinkError
+from shrink_core.formats import WeightFormat
 from shrink_core.model.arch import block_kwargs, decoder_layers
 from shrink_core.perf.memory import release_freed_memory
 from shrink_core.plan import Plan, load_plan, resolve
@@ -46,6 +48,9 @@ class QuantState:
     symmetric: bool
     scale: torch.Tensor  # (out, groups) float32 holding float16 values
     zero: torch.Tensor  # (out, groups) integer-valued
+
+    def weight_format(self) -> WeightFormat:
+        return WeightFormat(self.bits, self.group_size, self.symmetric)
 
 
 @dataclass(frozen=True)
@@ -80,6 +85,9 @@ class ApplyReport:
     calibration: dict | None  # recipe (mix, n_sequences, seq_len, seed) when calibration was used
     quant_states: dict = field(default_factory=dict, repr=False)  # module name -> QuantState
     current_names: dict = field(default_factory=dict)  # plan-time name -> name now (blocks renumbered after removal)
+    # module -> (per-input-column sum of squared inputs, tokens summed) for llama.cpp types quantized with an
+    # importance matrix: what an imatrix file holds, so llama-quantize can be given the same weighting
+    importance: dict = field(default_factory=dict, repr=False)
     notes: list = field(default_factory=list)
 
     def rows(self) -> list[dict]:
@@ -122,6 +130,11 @@ def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None)
     Rows of a weight are independent given the Hessian, so modules reading the same input (q/k/v, gate/up) are
     stacked and compressed in one pass; the result is the same as one module at a time, with fewer small steps.
     """
+    if row.weights and row.weights.ggml is not None:
+        (module,) = members  # llama.cpp types read a diagonal statistic at most: never stacked
+        weight, state, fallback = _compress_ggml(module.weight.data, row, hessian)
+        module.weight.data = weight
+        return [state], fallback
     if len(members) == 1 and hessian is None and row.prune is None and row.weights and not row.weights.is_float:
         module, spec = members[0], row.weights  # RTN (or a calibrated method without statistics: its fallback)
         module.weight.data, scale, zero = rtn_by_rows(module.weight.data, spec.bits, spec.group_size, spec.symmetric)
@@ -137,6 +150,25 @@ def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None)
         states.append(None if state is None else QuantState(state.bits, state.group_size, state.symmetric,
                                                             state.scale[rows], state.zero[rows]))
     return states, fallback
+
+
+def _compress_ggml(weight: torch.Tensor, row: ResolvedModule, hessian: torch.Tensor | None):
+    """A llama.cpp type: the mask (if any) first, then the type's blocks, weighted by the per-column sums of squared
+    inputs when the method is imatrix (llama.cpp's importance matrix is their mean: the same weighting up to a
+    factor). The weight is left exactly as the file holds it, so a masked weight is not re-masked: llama.cpp stores
+    it dense and its zeros come back as whatever the block can represent."""
+    spec, fallback = row.weights, {}
+    sq_sum = None if hessian is None else (torch.diag(hessian) if hessian.dim() == 2 else hessian)
+    if spec.method == "imatrix" and sq_sum is None:
+        fallback["weights"] = "imatrix"
+    if row.prune is not None and row.prune.is_mask:
+        prune = row.prune
+        if prune.criterion == "sparsegpt" or (prune.criterion == "wanda" and sq_sum is None):
+            fallback["prune"], prune = prune.criterion, replace(prune, criterion="magnitude")
+        weight = weight * mask_for(weight.float(), prune, sq_sum if prune.criterion == "wanda" else None)
+    importance = sq_sum if spec.method == "imatrix" else None
+    weight, state = quantize_dequantize(weight, spec.ggml, importance)
+    return weight, state, fallback
 
 
 def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.Tensor | None):
@@ -204,6 +236,9 @@ def _needs_hessian(row: ResolvedModule) -> str | None:
     """'full', 'diag' or None: the calibration statistic this module's action needs."""
     if row.tied_to or row.removed or row.block is None:
         return None
+    if row.weights and row.weights.ggml is not None:  # llama.cpp types read per-column sums of squares at most
+        calibrated = row.weights.method == "imatrix" or (row.prune and row.prune.calibrated)
+        return "diag" if calibrated else None
     if (row.weights and row.weights.method == "gptq" and not row.weights.is_float) or (
             row.prune and row.prune.criterion == "sparsegpt"):
         return "full"
@@ -256,7 +291,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     original_index = {id(layer): index for index, layer in enumerate(decoder_layers(model))}
     original_names = {id(module): name for name, module in modules.items()}
     other_bytes_before = _other_bytes(model, resolved, modules)
-    timings, notes, states, seconds, fallbacks = {}, [], {}, {}, {}
+    timings, notes, states, seconds, fallbacks, importance = {}, [], {}, {}, {}, {}
     with torch.no_grad():
         progress(0.02, "structured pruning")
         t0 = time.perf_counter()
@@ -302,6 +337,9 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                     source = calibrate.input_source(row.name, row.kind)
                     hessian = hessians.get(source) if _needs_hessian(row) else None
                     member_states, fallback = _compress_([modules[m.name] for m in members], row, hessian)
+                    if hessian is not None and row.weights and row.weights.ggml and row.weights.method == "imatrix":
+                        importance[row.name] = (hessian if hessian.dim() == 1 else torch.diag(hessian),
+                                                int(calibration.numel()))
                     for member, state in zip(members, member_states):
                         if state is not None:
                             states[member.name] = state
@@ -350,7 +388,8 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         recipe_out.setdefault("n_sequences", int(calibration.shape[0]))
         recipe_out.setdefault("seq_len", int(calibration.shape[1]))
     renamed = {original_names[id(m)]: name for name, m in model.named_modules() if id(m) in original_names}
-    return ApplyReport(reports, totals, timings, recipe_out, quant_states=states, current_names=renamed, notes=notes)
+    return ApplyReport(reports, totals, timings, recipe_out, quant_states=states, current_names=renamed, notes=notes,
+                       importance=importance)
 
 
 def _other_bytes(model, resolved, modules) -> int:

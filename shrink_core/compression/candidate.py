@@ -13,7 +13,6 @@ from dataclasses import replace
 from shrink_core.compression.apply import apply_plan_
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import plan_calibration
-from shrink_core.formats import WeightFormat
 from shrink_core.perf.candidate import Candidate
 from shrink_core.plan import load_plan
 
@@ -41,7 +40,7 @@ def from_plan(model, plan_text, tokenizer=None, calibrated: bool = False) -> Can
     candidate = copy.deepcopy(model)
     report = apply_plan_(candidate, plan, calibration)
     now = report.current_names or {}
-    bits = {now.get(name, name): WeightFormat(state.bits, state.group_size, state.symmetric)
+    bits = {now.get(name, name): state.weight_format()
             for name, state in report.quant_states.items()}
     states = {now.get(name, name): state for name, state in report.quant_states.items()}
     packed = {now.get(m.name, m.name): m.packed_bytes for m in report.modules if m.new_shape != (0, 0)}

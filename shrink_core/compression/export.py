@@ -19,6 +19,7 @@ import torch
 import yaml
 
 from shrink_core import __version__
+from shrink_core.compression.ggml.types import GgmlState
 from shrink_core.compression.primitives import pack, quantize
 from shrink_core.compression.prune import sync_config_
 from shrink_core.errors import ShrinkError
@@ -42,7 +43,13 @@ def packed_tensors(model, report) -> tuple[dict[str, torch.Tensor], dict]:
             written.add(id(param))
             key = f"{name}.{param_name}" if name else param_name
             state = states.get(name) if param_name == "weight" else None
-            if state is not None:
+            if isinstance(state, GgmlState):  # llama.cpp's block bytes, exactly as a GGUF file holds them
+                if state.data is None:
+                    tensors[key] = param.data.half().contiguous()
+                else:
+                    tensors[f"{key}.blocks"] = state.data.contiguous()
+                layout[key] = {"ggml": state.stored, "requested": state.requested, "shape": list(param.shape)}
+            elif state is not None:
                 codes = quantize(param.data, state.scale, state.zero, state.bits, state.group_size)  # (out, in)
                 tensors[f"{key}.codes"] = pack(codes, state.bits)
                 tensors[f"{key}.scales"] = state.scale.half().contiguous()
@@ -123,7 +130,10 @@ def gguf_tensor_name(row) -> str | None:
 
 
 def ggml_type(weights) -> str:
-    """The closest llama.cpp type: legacy 32-wide blocks for group 32, K-quants (256 super-blocks) otherwise."""
+    """The plan's llama.cpp type, or the closest one: legacy 32-wide blocks for group 32, K-quants (256 super-blocks)
+    otherwise."""
+    if weights is not None and weights.ggml is not None:
+        return weights.ggml.lower().replace("_k", "_K")  # ggml's spelling: q4_K, iq4_xs
     if weights is None or weights.bits == 32:
         return "f32"
     if weights.bits == 16:

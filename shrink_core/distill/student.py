@@ -157,6 +157,9 @@ def attach_straight_through_(model, plan_dict: dict) -> int:
             continue
         if not isinstance(module, torch.nn.Linear):
             continue
+        if weights.ggml is not None:
+            raise ShrinkError(f"{row.name}: training on llama.cpp's {weights.ggml} grid is not supported; distil to an "
+                              "integer format (bits, group_size) and choose llama.cpp types in a plan afterwards.")
         parametrize.register_parametrization(module, "weight",
                                              FakeQuant(weights.bits, weights.group_size, weights.symmetric))
         attached += 1

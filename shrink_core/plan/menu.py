@@ -8,6 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shrink_core.errors import ShrinkError
+from shrink_core.formats import GGML_TYPES, ggml_geometry
 
 
 @dataclass(frozen=True)
@@ -18,6 +19,7 @@ class Setting:
     group_size: int | None = None  # None = per output channel
     symmetric: bool = False
     prune: str | None = None  # "nm24" (2:4 magnitude) | "magnitude50" (50% unstructured magnitude)
+    ggml: str | None = None  # a llama.cpp type (bits is then its nominal width): its blocks, its reference quantizer
     version: int = 2  # 2: a group that does not divide the row leaves a partial last group (was per-channel)
 
     def __post_init__(self):
@@ -30,10 +32,14 @@ class Setting:
 
     def weights(self) -> dict:
         """The weight format as WeightSpec fields (quantizing settings only)."""
+        if self.ggml is not None:
+            return {"ggml": self.ggml, "bits": self.bits, "group_size": None, "symmetric": False}
         return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
 
     def plan_action(self) -> dict:
         """The plan-rule action that applies this setting (round-to-nearest, magnitude masks: what was measured)."""
+        if self.ggml is not None:
+            return {"weights": {"ggml": self.ggml, "method": "rtn"}}
         if self.bits is not None:
             return {"weights": {"bits": self.bits, "group_size": self.group_size or "channel",
                                 "symmetric": self.symmetric, "method": "rtn"}}
@@ -41,6 +47,10 @@ class Setting:
             return {"prune": {"structure": "nm", "n": 2, "m": 4, "criterion": "magnitude"}}
         return {"prune": {"structure": "unstructured", "amount": 0.5, "criterion": "magnitude"}}
 
+
+# llama.cpp's types on the menu (exact bits per weight on rows their blocks tile; other rows fall back, see formats)
+GGML_MENU = {name: ggml_geometry(name)[1] * 8 / ggml_geometry(name)[0]
+             for name in ("Q8_0", "Q6_K", "Q5_K", "Q5_0", "Q4_K", "Q4_0", "IQ4_XS", "Q3_K", "Q2_K")}
 
 MENU: dict[str, Setting] = {
     s.id: s
@@ -56,6 +66,9 @@ MENU: dict[str, Setting] = {
         Setting("w2g128", "int2 group 128 asymmetric (RTN)", bits=2, group_size=128),
         Setting("w2g64", "int2 group 64 asymmetric (RTN)", bits=2, group_size=64),
         Setting("w2g32", "int2 group 32 asymmetric (RTN)", bits=2, group_size=32),
+        *(Setting(name.lower(), f"{name} (llama.cpp, {bpw:.4g} bits/weight where rows allow)", bits=GGML_TYPES[name],
+                  ggml=name)
+          for name, bpw in GGML_MENU.items()),
         Setting("nm24", "2:4 sparsity (magnitude)", prune="nm24"),
         Setting("prune50", "50% unstructured sparsity (magnitude)", prune="magnitude50"),
     )
@@ -79,13 +92,17 @@ def parse_settings(text: str) -> list[Setting]:
     return [get_setting(i) for i in ids]
 
 
-def setting_name(bits: int | None, group_size: int | None, symmetric: bool, keep: bool = False) -> str:
+def setting_name(bits: int | None, group_size: int | None, symmetric: bool, keep: bool = False,
+                 ggml: str | None = None) -> str:
     """The menu's name for a weight format: "keep", "fp16", a setting id, or "custom (...)" off the menu."""
     if keep or bits in (None, 32):
         return "keep"
+    if ggml is not None:
+        return ggml.lower()  # every llama.cpp type a plan can name is a menu id (those off GGML_MENU score as custom)
     if bits == 16:
         return "fp16"
     for setting_id, spec in QUANT_SETTINGS.items():
-        if (spec["bits"], spec["group_size"], spec["symmetric"]) == (bits, group_size, bool(symmetric)):
+        if "ggml" not in spec and (spec["bits"], spec["group_size"], spec["symmetric"]) == (bits, group_size,
+                                                                                           bool(symmetric)):
             return setting_id
     return f"custom ({bits}-bit, group {'channel' if group_size is None else group_size})"

@@ -193,7 +193,7 @@ def solution_plan(choice: dict[str, str], rows, method: str = "rtn", name: str =
     rules = []
     for setting in sorted(by_setting, key=lambda s: (s != "keep", s)):
         action = ({"keep": True} if setting == "keep" else
-                  {"weights": WeightSpec(method=method, **SETTINGS[setting])})
+                  {"weights": WeightSpec(method=setting_method(setting, method), **SETTINGS[setting])})
         note = f"planner: {setting}"
         in_blocks: dict[str, list[str]] = {}  # kind -> its modules in blocks at this setting
         others: dict[str, list[str]] = {}  # kind -> its modules outside blocks (embedding, lm_head)
@@ -279,17 +279,27 @@ def setting_bytes(rows, modules: list[str], settings: list[str]) -> np.ndarray:
     return out
 
 
+def setting_method(setting: str, method: str) -> str:
+    """The plan method for a menu setting: llama.cpp types take their imatrix path where a calibrated method (gptq)
+    was asked for, and their reference quantizer otherwise."""
+    if "ggml" not in SETTINGS.get(setting, {}):
+        return method
+    return "imatrix" if method in ("gptq", "imatrix") else "rtn"
+
+
 def _module_weights(row, setting: str, head_tied: bool):
     from shrink_core.formats import weight_bytes
     from shrink_core.perf.workload import ModuleWeights
 
+    ggml = None
     if setting == "keep":
         bits, group, symmetric = (8 * (row.bytes // row.params) if row.params else 32), None, True
     else:
-        bits, group, symmetric = SETTINGS[setting]["bits"], SETTINGS[setting]["group_size"], SETTINGS[setting]["symmetric"]
+        spec = SETTINGS[setting]
+        bits, group, symmetric, ggml = spec["bits"], spec["group_size"], spec["symmetric"], spec.get("ggml")
     streamed = row.kind != "embedding" or head_tied  # a tied head streams the shared weight; lookups read few rows
     return ModuleWeights(row.name, row.kind, row.shape, row.params, bits, group, symmetric,
-                         weight_bytes(row.shape, bits, group, symmetric), streamed=streamed)
+                         weight_bytes(row.shape, bits, group, symmetric, ggml), streamed=streamed, ggml=ggml)
 
 
 def setting_seconds(rows, modules: list[str], settings: list[str], hardware) -> np.ndarray:

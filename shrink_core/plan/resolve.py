@@ -4,7 +4,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from shrink_core.formats import kept_channels, kept_heads_per_group, packed_weight_bytes
+from shrink_core.formats import ggml_row_type, ggml_weight_bytes, kept_channels, kept_heads_per_group, packed_weight_bytes
 from shrink_core.model.inventory import ModuleInfo, inventory
 from shrink_core.plan.spec import Plan, PlanError, PruneSpec, Rule, WeightSpec
 
@@ -57,6 +57,7 @@ class ResolvedModule:
             "module": self.name, "block": self.block, "kind": self.kind, "shape": "x".join(map(str, self.shape)),
             "rule": self.rule, "bits": self.bits, "group": group, "symmetric": self.weights.symmetric if self.weights
             and not self.weights.is_float else None, "method": self.method,
+            "ggml": self.weights.ggml if self.weights else None,
             "prune": self.prune.label() if self.prune else None, "keep": self.keep,
             "activation_bits": self.activation_bits, "kv_cache_bits": self.kv_cache_bits,
             "new_shape": "x".join(map(str, self.new_shape)), "dense_bytes": self.dense_bytes,
@@ -71,6 +72,8 @@ def first_match(rules: tuple[Rule, ...], info: ModuleInfo, block_count: int) -> 
 
 def weight_bytes(shape: tuple[int, ...], weights: WeightSpec | None, dtype_bytes: int) -> int:
     numel = math.prod(shape)
+    if weights is not None and weights.ggml is not None:
+        return ggml_weight_bytes(shape, weights.ggml)
     if weights is None or weights.bits == 32:
         return numel * dtype_bytes if weights is None else numel * 4
     if weights.bits == 16:
@@ -81,6 +84,8 @@ def weight_bytes(shape: tuple[int, ...], weights: WeightSpec | None, dtype_bytes
 def sparse_bytes(shape: tuple[int, ...], weights: WeightSpec | None, prune: PruneSpec, dtype_bytes: int):
     """Bytes of a masked module stored sparsely: kept values + index metadata + scales/zeros."""
     numel = math.prod(shape)
+    if weights is not None and weights.ggml is not None:  # llama.cpp has no sparse storage
+        return ggml_weight_bytes(shape, weights.ggml), f"dense {weights.ggml} blocks (llama.cpp stores no sparsity)"
     if prune.structure == "nm":
         kept = numel * prune.n // prune.m
         metadata, label = math.ceil(kept * math.log2(prune.m) / 8), f"{prune.n}:{prune.m} values + index metadata"
@@ -194,6 +199,10 @@ def _resolve_one(info: ModuleInfo, rule: Rule | None, note: str, config) -> Reso
         note = (note + "; " if note else "") + (f"{prune.criterion} needs calibration statistics, collected for block "
                                                 f"linears only; this prunes by magnitude ({FALLBACK})")
     new_shape = _new_shape(info, prune, config)
+    stored = ggml_row_type(weights.ggml, new_shape[1]) if weights and weights.ggml else None
+    if stored is not None and stored != weights.ggml:
+        note = (note + "; " if note else "") + (f"{weights.ggml} needs rows that are a multiple of its block; "
+                                                f"{new_shape[1]}-wide rows are stored as {stored}, as llama.cpp does")
     if weights and not weights.is_float and weights.group_size and new_shape[1] % weights.group_size:
         full, rest = divmod(new_shape[1], weights.group_size)
         note = (note + "; " if note else "") + (f"partial last group: {new_shape[1]} inputs = {full} x "

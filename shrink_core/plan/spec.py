@@ -14,14 +14,16 @@ import yaml
 
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe
+from shrink_core.formats import GGML_TYPES
 from shrink_core.model.inventory import ALL_KINDS, ModuleInfo
 
 PLAN_VERSION = 1
 PLANNABLE_KINDS = tuple(k for k in ALL_KINDS if k != "norm")
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)  # 16 = float16 storage, 32 = unchanged float32
 GROUP_SIZES = (32, 64, 128, None)  # None = per output channel ("channel" in YAML)
-WEIGHT_METHODS = ("rtn", "gptq")  # gptq: Hessian error feedback from calibration activations
-CALIBRATED_METHODS = ("gptq",)
+WEIGHT_METHODS = ("rtn", "gptq", "imatrix")  # gptq: Hessian error feedback from calibration activations
+GGML_METHODS = ("rtn", "imatrix")  # llama.cpp's quantizers: reference, or weighted by an importance matrix
+CALIBRATED_METHODS = ("gptq", "imatrix")
 PRUNE_STRUCTURES = ("unstructured", "nm", "heads", "channels", "blocks")
 MASK_CRITERIA = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED_CRITERIA = ("magnitude", "activation")
@@ -55,9 +57,22 @@ class WeightSpec:
     group_size: int | None = 64
     symmetric: bool = False
     method: str = "rtn"
+    # a llama.cpp type ("Q4_K"): the format is that type's blocks; bits becomes its nominal width, group_size None
+    ggml: str | None = None
     where: str = field(default="weights", compare=False, repr=False)
 
     def __post_init__(self):
+        if self.ggml is not None:
+            name = str(self.ggml).upper()
+            if name not in GGML_TYPES:
+                raise PlanError(f"{self.where}: llama.cpp type '{self.ggml}' is not supported; use one of "
+                                f"{', '.join(GGML_TYPES)}.")
+            if self.method not in GGML_METHODS:
+                raise PlanError(f"{self.where}: method '{self.method}' does not apply to llama.cpp type {name}; use "
+                                "rtn (llama.cpp's reference quantizer) or imatrix (weighted by an importance matrix).")
+            for key, value in (("ggml", name), ("bits", GGML_TYPES[name]), ("group_size", None), ("symmetric", False)):
+                object.__setattr__(self, key, value)
+            return
         if self.bits not in WEIGHT_BITS:
             raise PlanError(f"{self.where}: bits {self.bits} is not supported; use one of 2, 3, 4, 5, 6, 8, 16 or 32.")
         if self.group_size not in GROUP_SIZES:
@@ -66,14 +81,19 @@ class WeightSpec:
             )
         if self.method not in WEIGHT_METHODS:
             raise PlanError(f"{self.where}: method '{self.method}' is unknown; use one of {', '.join(WEIGHT_METHODS)}.")
+        if self.method == "imatrix":
+            raise PlanError(f"{self.where}: method imatrix applies to llama.cpp types only; add e.g. ggml: Q4_K, or "
+                            "use rtn or gptq.")
         if not isinstance(self.symmetric, bool):
             raise PlanError(f"{self.where}: symmetric must be true or false, not {self.symmetric!r}.")
 
     @property
     def is_float(self) -> bool:
-        return self.bits >= 16
+        return self.ggml is None and self.bits >= 16
 
     def label(self) -> str:
+        if self.ggml is not None:
+            return f"{self.ggml}{' imatrix' if self.method == 'imatrix' else ''} (llama.cpp)"
         if self.is_float:
             return f"fp{self.bits}"
         group = "channel" if self.group_size is None else f"g{self.group_size}"
@@ -265,7 +285,10 @@ def _rule_from_dict(data, index: int) -> Rule:
     data = dict(_check_keys(data, tuple(k for k in _keys(Rule) if k != "index"), where))
     weights = data.pop("weights", None)
     if weights is not None:
-        weights = dict(_check_keys(weights, ("bits", "group_size", "symmetric", "method"), f"{where} weights"))
+        weights = dict(_check_keys(weights, ("bits", "group_size", "symmetric", "method", "ggml"), f"{where} weights"))
+        if "ggml" in weights and {"bits", "group_size", "symmetric"} & set(weights):
+            raise PlanError(f"Rule {index} weights: ggml: {weights['ggml']} sets the format by itself; remove bits, "
+                            "group_size and symmetric.")
         if weights.get("group_size") in ("channel", "per-channel"):
             weights["group_size"] = None
         weights = WeightSpec(**weights, where=f"Rule {index} weights")
@@ -315,7 +338,9 @@ def _clean(obj):
 def plan_to_dict(plan: Plan) -> dict:
     data = _clean(asdict(plan))
     for rule, raw in zip(plan.rules, data["rules"]):
-        if rule.weights is not None:  # in the order a person reads them, per-channel spelled out
+        if rule.weights is not None and rule.weights.ggml is not None:  # the type names the format
+            raw["weights"] = {"ggml": rule.weights.ggml, "method": rule.weights.method}
+        elif rule.weights is not None:  # in the order a person reads them, per-channel spelled out
             group = "channel" if rule.weights.group_size is None else rule.weights.group_size
             raw["weights"] = {"bits": raw["weights"]["bits"], "group_size": group,
                               **{k: v for k, v in raw["weights"].items() if k not in ("bits", "group_size")}}

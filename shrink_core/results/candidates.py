@@ -41,6 +41,7 @@ class CandidateRow:
     model_spec: str
     weights_hash: str
     plan_summary: str
+    weight_format: str  # the formats the weights are stored in, and so which runtime can run them as scored
     calibration: str
     budgets: str
     code_version: str
@@ -121,6 +122,32 @@ def plan_lines(plan: dict | None) -> list[str]:
     if plan is None:
         return ["unchanged (reference): weights as loaded"]
     return [f"{what} -> {action}" for what, action in _rules(plan)] or ["no rules: weights as loaded"]
+
+
+def format_summary(plan: dict | None) -> str:
+    """The stored formats a plan's weights take, for a person choosing a runtime: "llama.cpp Q4_K, Q6_K (GGUF
+    blocks, quality scored on the exact file values)", "int4 g64 asym (engine packed)", "as loaded"."""
+    if plan is None:
+        return "as loaded"
+    ggml, ints, floats = set(), set(), set()
+    for rule in (plan.get("rules") or []):
+        weights = rule.get("weights") or {}
+        if weights.get("ggml"):
+            ggml.add(str(weights["ggml"]).upper())
+        elif weights.get("bits") in (16, 32):
+            floats.add(f"fp{weights['bits']}")
+        elif weights.get("bits"):
+            group = weights.get("group_size", 64)
+            ints.add(f"int{weights['bits']} {'channel' if group in (None, 'channel') else f'g{group}'} "
+                     f"{'sym' if weights.get('symmetric') else 'asym'}")
+    parts = []
+    if ggml:
+        parts.append(f"llama.cpp {', '.join(sorted(ggml))} (GGUF blocks; quality scored on the file's exact values)")
+    if ints:
+        parts.append(f"{', '.join(sorted(ints))} (engine packed; compressed-tensors for int4/int8)")
+    if floats:
+        parts.append(", ".join(sorted(floats)))
+    return "; ".join(parts) or "as loaded (no weight format changed)"
 
 
 def calibration_summary(calibration: dict | None) -> str:
@@ -225,6 +252,7 @@ def candidates_frame(store: Store, target: str | None = None, batch: int = 1, sp
         out.append(CandidateRow(
             id=c["id"], name=c["name"], kind=c["kind"], parent_id=c["parent_id"], parent_name=names.get(c["parent_id"]),
             model_spec=c["model_spec"], weights_hash=c["weights_hash"], plan_summary=plan_summary(c["plan"]),
+            weight_format=format_summary(c["plan"]),
             calibration=calibration_summary(c["calibration"]), budgets=", ".join(budgets),
             code_version=c["code_version"], tags=c["tags"], notes=c["notes"], created=c["created"], **asdict(perf)))
     columns = [f.name for f in CandidateRow.__dataclass_fields__.values()]

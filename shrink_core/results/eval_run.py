@@ -96,11 +96,10 @@ def projection_payload(workload, rows=None, batch: int = 1) -> dict:
 
 def candidate_workload(model, apply_report, name: str = ""):
     """The workload of a planned model as the plan engine stored it (formats, packed bytes, sparse patterns)."""
-    from shrink_core.formats import WeightFormat
     from shrink_core.perf.workload import describe_model
 
     now = apply_report.current_names or {}
-    bits = {now.get(n, n): WeightFormat(q.bits, q.group_size, q.symmetric) for n, q in apply_report.quant_states.items()}
+    bits = {now.get(n, n): q.weight_format() for n, q in apply_report.quant_states.items()}
     packed = {now.get(m.name, m.name): m.packed_bytes for m in apply_report.modules if m.new_shape != (0, 0)}
     sparse = {now.get(m.name, m.name): "2:4" if m.sparse_format.startswith("2:4") else "unstructured"
               for m in apply_report.modules if m.sparse_format}
@@ -248,3 +247,31 @@ def eval_job(ctx, spec: str, slices: list[str], budget: str = "fast", plan: str 
     report = run_eval(spec, slices, budget, plan, store=ctx.store, progress=ctx.progress, job_id=ctx.job_id,
                       part=lambda slice_id, entry: ctx.part_done(slice_id))
     return {"slices": list(report["slices"]), "seconds": report["seconds"], "candidate_id": report.get("candidate_id")}
+
+
+def standard_mixes_job(ctx, spec: str, slices: list[str], budget: str = "fast",
+                       mixes: list | None = None) -> dict:
+    """Job: llama-quantize's standard mixes for this model (each with and without an importance matrix by default),
+    each stored as a candidate scored on `slices`, so a user's plan is compared with what they would otherwise ship.
+    One part per mix; the model loads once."""
+    from shrink_core.compression.ggml.standard import STANDARD_MIXES, mix_name, standard_plan
+    from shrink_core.model.inventory import inventory, summary
+    from shrink_core.plan import dump_plan
+
+    mixes = [tuple(m) for m in (mixes or [(ftype, imatrix) for ftype in STANDARD_MIXES for imatrix in (False, True)])]
+    ctx.expect_parts(len(mixes))
+    loaded = load(spec)
+    rows = inventory(loaded.model)
+    facts = summary(loaded.model, rows)
+    done = []
+    for index, (ftype, imatrix) in enumerate(mixes):
+        name = mix_name(ftype, imatrix)
+
+        def step(fraction, message="", index=index, name=name):
+            ctx.progress((index + fraction) / len(mixes), f"{name}: {message}")
+
+        report = run_eval(spec, slices, budget, dump_plan(standard_plan(rows, facts, ftype, imatrix)),
+                          store=ctx.store, progress=step, job_id=ctx.job_id, loaded=loaded)
+        done.append({"mix": name, "candidate_id": report.get("candidate_id")})
+        ctx.part_done(name)
+    return {"mixes": done, "slices": slices}

@@ -83,8 +83,8 @@ def render_html(report: Report, store: Store) -> str:
     tests = report.tests if report.tests is not None else pd.DataFrame()
     tests_html = (_table_html(tests.drop(columns=["candidate_id"], errors="ignore")) if len(tests) else
                   "<p>No candidate has a reference scored on the same slices with this protocol.</p>")
-    sizes = report.candidates[["id", "name", "kind", "memory_bytes", "latency_ms", "projected_ms", "cost_per_million",
-                               "memory_source", "latency_source", "projected_source"]].copy()
+    sizes = report.candidates[["id", "name", "kind", "weight_format", "memory_bytes", "latency_ms", "projected_ms",
+                               "cost_per_million", "memory_source", "latency_source", "projected_source"]].copy()
     sizes.insert(3, "weights (MB)", [_megabytes(b) for b in sizes.pop("memory_bytes")])
     sizes = sizes.rename(columns={"latency_ms": "measured ms/token", "projected_ms": "projected ms/token",
                                   "cost_per_million": "$ per M output tokens"})

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from shrink_core.compression.ggml.types import quantize_dequantize
 from shrink_core.compression.primitives import by_row_blocks, fake_quantize
 from shrink_core.compression.prune import magnitude_mask, nm_mask
 from shrink_core.plan.menu import MENU as SETTINGS
@@ -24,6 +25,8 @@ def perturbed(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
 
 
 def _perturbed32(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
+    if setting.ggml is not None:  # llama.cpp's blocks (or the type its row width falls back to), reference quantizer
+        return quantize_dequantize(weight, setting.ggml)[0]
     if setting.bits is not None:  # a partial last group is quantized as the engine applies it (primitives)
         return fake_quantize(weight, setting.bits, setting.group_size, setting.symmetric)
     if setting.prune == "nm24":

@@ -1,0 +1,1 @@
+"""llama.cpp's weight types (GGML block formats) as engine settings: exact block bytes, quantize and dequantize."""
