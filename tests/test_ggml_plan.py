@@ -118,3 +118,24 @@ def test_fallback_agrees_with_the_llama_quantize_reproduction():
     for name in GGML_TYPES:
         for columns in (32, 64, 100, 256, 576, 640, 1536):
             assert ggml_row_type(name, columns) == fallback_type(name, columns), (name, columns)
+
+
+def test_the_mixes_job_stores_one_named_candidate_per_mix(toy_dir, shrink_home):
+    """The Plan page's "Evaluate llama.cpp mixes": one part per mix, each a candidate scored on the slices."""
+    from shrink_core.results.store import Store
+    from shrink_core.runtime import jobs
+
+    store = Store()
+    job_id = jobs.submit(store, "llama_mixes", "shrink_core.results.eval_run:standard_mixes_job",
+                         {"spec": str(toy_dir), "slices": ["toy_en"], "budget": "fast",
+                          "mixes": [["Q8_0", False], ["Q4_K_M", True]]}, spawn=False)
+    job = jobs.run_job(store, job_id, heartbeat=False)
+    assert job.status == "done", job.error
+    assert job.parts == ("llama.cpp Q8_0", "llama.cpp Q4_K_M imatrix") and job.parts_total == 2
+    by_name = {c["name"]: c for c in store.candidates()}
+    ids = {m["mix"]: m["candidate_id"] for m in job.result["mixes"]}
+    assert set(ids) <= set(by_name) and {by_name[n]["id"] for n in ids} == set(ids.values())
+    scored = {r["candidate_id"]: r for r in store.results("eval", job_id=job_id) if r["plan"]}
+    assert set(scored) == set(ids.values())  # each mix measured on the slice, stored with the job
+    weights = [r["weights"] for r in by_name["llama.cpp Q4_K_M imatrix"]["plan"]["rules"] if "weights" in r]
+    assert weights and all(w["method"] == "imatrix" and w["ggml"] for w in weights)

@@ -294,6 +294,15 @@ def test_bench_builtin_gguf_for_real():
 
 
 @needs_tools
+def test_bench_a_path_with_a_comma(tmp_path):
+    """llama-bench splits -m at commas (a list of models); a file named with one is still benchmarked, as itself."""
+    named = tmp_path / "planner (size, worst).gguf"
+    named.symlink_to(SMOLLM2_GGUF)
+    figures = llamacpp.bench(TOOLS, named, threads=1, prompt_tokens=8, gen_tokens=4, repetitions=1)
+    assert figures["generation"]["tokens_per_s"] > 0 and figures["file"] == str(named)
+
+
+@needs_tools
 def test_a_finished_build_is_found_not_rebuilt():
     messages = []
     tools = llamacpp.build_tools(REAL_HOME, lambda f, m: messages.append((f, m)))
@@ -344,3 +353,16 @@ def test_tools_status_names_the_build(monkeypatch, capsys):
     assert "llama.cpp b11312 (0c1e57098)" in capsys.readouterr().out
     assert entry.main(["tools", "llama-cpp"]) == 0  # found, not rebuilt
     assert str(TOOLS.bench) in capsys.readouterr().out
+
+
+def test_kld_base_tokens_reads_what_llama_perplexity_scored(tmp_path):
+    import struct
+
+    base = tmp_path / "reference.kld"
+    tokens = list(range(100, 112))  # 2 chunks of 6
+    base.write_bytes(b"_logits_" + struct.pack("<Iii", 6, 49152, 2) + struct.pack("<12i", *tokens) + b"\x00" * 64)
+    assert llamacpp.kld_base_tokens(base) == (6, [tokens[:6], tokens[6:]])
+    other = tmp_path / "other.kld"
+    other.write_bytes(b"GGUF" + b"\x00" * 32)
+    with pytest.raises(ShrinkError, match="not a llama-perplexity --kl-divergence-base file"):
+        llamacpp.kld_base_tokens(other)

@@ -186,3 +186,15 @@ def test_explain_rules_table(stored_tiny):
     assert any("matches only modules that earlier rules already decide" in e.value for e in at.error)
     table = explain_table(at).set_index("rule")
     assert table.loc["2", "count"] == 0 and "decided by earlier rule 1" in table.loc["2", "note"]
+
+
+def test_a_llama_cpp_mix_is_a_preset_with_its_types_and_exact_size(stored_tiny):
+    at = page().run()
+    w4_size = metric(at, "Packed size")
+    at.selectbox(key="plan_preset").set_value("llama.cpp Q4_K_M imatrix").run()
+    at.button(key="use_preset").click().run()
+    assert not at.exception and not at.error
+    draft = at.session_state["plan_draft"]
+    assert "ggml: Q" in draft and "method: imatrix" in draft and "llama-quantize Q4_K_M" in draft
+    assert metric(at, "Packed size") != w4_size
+    assert any(b.label == "Evaluate llama.cpp mixes" for b in at.button)

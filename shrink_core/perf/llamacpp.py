@@ -374,8 +374,13 @@ def bench(tools: ToolSet, gguf_path: Path | str, threads: int, prompt_tokens: in
     """llama-bench on one GGUF: prompt (pp) and generation (tg) tokens/s, mean and stddev over `repetitions`."""
     _positive(threads=threads, prompt_tokens=prompt_tokens, gen_tokens=gen_tokens, repetitions=repetitions)
     gguf = _check_gguf(gguf_path, "GGUF file")
-    cmd = bench_command(tools, gguf, threads, prompt_tokens, gen_tokens, repetitions)
-    result = parse_bench(run_tool("llama-bench", cmd, timeout_s)[0])  # the JSON is on stdout, logs on stderr
+    with tempfile.TemporaryDirectory(prefix="shrink-bench-") as tmp:
+        target = gguf
+        if "," in str(gguf):  # llama-bench reads -m as a comma-separated list of models: give it a path without one
+            target = Path(tmp) / "model.gguf"
+            target.symlink_to(gguf.resolve())
+        cmd = bench_command(tools, target, threads, prompt_tokens, gen_tokens, repetitions)
+        result = parse_bench(run_tool("llama-bench", cmd, timeout_s)[0])  # the JSON is on stdout, logs on stderr
     return {**result, "file": str(gguf), "file_bytes": gguf.stat().st_size, "build_id": tools.build_id,
             "command": cmd}
 
@@ -445,11 +450,13 @@ def parse_perplexity(text: str) -> tuple[float, float]:
 
 
 def kl_divergence(tools: ToolSet, reference_gguf: Path | str, candidate_gguf: Path | str, text_file: Path | str,
-                  ctx: int, threads: int | None = None, chunks: int | None = None, timeout_s: float = 3600) -> dict:
+                  ctx: int, threads: int | None = None, chunks: int | None = None, timeout_s: float = 3600,
+                  keep_base: Path | str | None = None) -> dict:
     """KL divergence of the candidate's next-token distributions from the reference's over `text_file`, scored on
     the second half of each `ctx`-token chunk (llama-perplexity's KL mode): mean KLD, top-1 agreement, perplexity.
     The reference's log-probabilities pass through a temporary file of about 2 bytes x vocabulary x ctx/2 per chunk
-    (6 MB per 128-token chunk at a 49k vocabulary); `chunks` caps how much of the text is used."""
+    (6 MB per 128-token chunk at a 49k vocabulary); `chunks` caps how much of the text is used. `keep_base`: copy
+    that file there, e.g. to read back the exact tokens scored (`kld_base_tokens`)."""
     _positive(ctx=ctx, threads=threads or 1, chunks=chunks or 1)
     reference = _check_gguf(reference_gguf, "reference GGUF")
     candidate = _check_gguf(candidate_gguf, "candidate GGUF")
@@ -471,9 +478,25 @@ def kl_divergence(tools: ToolSet, reference_gguf: Path | str, candidate_gguf: Pa
         scored = parse_kld("\n".join(run_tool("llama-perplexity (KL-divergence pass)",
                                                [str(tools.perplexity), "-m", str(candidate), "--kl-divergence-base",
                                                 str(base), "--kl-divergence", *common], timeout_s)))
+        if keep_base is not None:
+            shutil.copyfile(base, keep_base)
     return {**scored, "reference_ppl": reference_ppl[0], "reference_ppl_uncertainty": reference_ppl[1],
             "reference": str(reference), "candidate": str(candidate), "text_file": str(text),
             "build_id": tools.build_id}
+
+
+def kld_base_tokens(path: Path | str) -> tuple[int, list[list[int]]]:
+    """(n_ctx, the token ids of each chunk) from a `--kl-divergence-base` file: what llama-perplexity scored, so
+    another engine can score the very same tokens. Layout (perplexity.cpp): "_logits_", uint32 n_ctx, int32 n_vocab,
+    int32 n_chunk, then n_chunk x n_ctx int32 tokens, then the log-probabilities."""
+    import struct
+
+    with open(path, "rb") as f:
+        if f.read(8) != b"_logits_":
+            raise ShrinkError(f"{path} is not a llama-perplexity --kl-divergence-base file.")
+        n_ctx, _n_vocab, n_chunk = struct.unpack("<Iii", f.read(12))
+        flat = struct.unpack(f"<{n_ctx * n_chunk}i", f.read(4 * n_ctx * n_chunk))
+    return n_ctx, [list(flat[i * n_ctx:(i + 1) * n_ctx]) for i in range(n_chunk)]
 
 
 # ---------------------------------------------------------------- as a stored measurement
