@@ -1,0 +1,311 @@
+"""The project's methods and the peers side by side: the same windows, the same KL, exact bits per weight.
+
+  python bench/bench_peers.py [--model builtin:smollm2-135m] [--slices en,fr,de,es,ru,zh,ja,ar,hi]
+                              [--windows 16] [--seq-len 512] [--methods rtn-w4g64,q4_k,...] [--out DIR] [--quick]
+
+Every method quantizes all block linears (the embedding and the tied head stay fp32, as the peers keep them) of a
+fresh copy of the model; each slice's windows are `--windows` x `--seq-len` tokens of its EVAL rows
+(shrink_core.sensitivity.probe.eval_tokens, the fixed evaluation order). Per method x slice: mean KL(reference || q)
+per scored token (nats), the p99 of per-token KL, top-1 agreement with the reference, and a bootstrap 95% CI of the
+mean over windows; per method the exact bits per weight of the quantized modules (codes, scales and zeros as stored)
+and the wall seconds the quantization took. Logits go through the evaluation runner's own head path
+(shrink_core.evaluation.evaluate._scored_logprobs). A slice outside the default calibration mix (hi: UDHR) is reported
+with `calibrated: false`. --quick: 2 windows x 128 tokens, en and fr, rtn-w4g64 and q4_k (a smoke run).
+
+Methods: the project's RTN and GPTQ (w4g64, w3g64; GPTQ with the default calibration recipe), llama.cpp's types through
+the engine's bit-exact codecs with llama.cpp's reference quantizer (`q4_k`) and with an importance matrix from the
+calibration mix (`q4_k-imatrix`), HQQ (the `hqq` package, g64) and llm-compressor's GPTQ when installed
+(requirements-bench.txt, `./run bench-peers`); a peer that is not installed prints one `skipped` line.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import importlib.util
+import json
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from bench_fair import bootstrap  # noqa: E402
+
+SLICES = ("en", "fr", "de", "es", "ru", "zh", "ja", "ar", "hi")
+GGML_TYPES = ("Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q3_K", "IQ4_XS")
+INSTALL = "./run bench-peers (pip install -c requirements.txt -r requirements-bench.txt)"
+
+
+@dataclass(frozen=True)
+class Method:
+    name: str
+    family: str  # plan (the engine: project methods and llama.cpp types), hqq, llmcompressor
+    weights: dict | None = None  # the plan rule's weights (family plan)
+    bits: int | None = None  # hqq
+    group_size: int | None = None  # hqq
+
+
+def methods() -> dict[str, Method]:
+    """Every method, in the order a full run measures them: the project's, HQQ, llama.cpp's types, then with imatrix."""
+    out = [Method(f"{method}-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": method})
+           for method in ("rtn", "gptq") for bits in (4, 3)]
+    out += [Method(f"hqq-w{bits}g64", "hqq", bits=bits, group_size=64) for bits in (4, 3)]
+    out += [Method("llmcompressor-gptq-w4a16", "llmcompressor")]
+    out += [Method(f"{ggml.lower()}{suffix}", "plan", {"ggml": ggml, "method": method})
+            for method, suffix in (("rtn", ""), ("imatrix", "-imatrix")) for ggml in GGML_TYPES]
+    return {m.name: m for m in out}
+
+
+# ---------------------------------------------------------------- pure arithmetic (tests/test_bench_peers.py)
+
+
+def token_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token KL(ref || p), the definition of probe.kl_and_nll and bench_fair before their per-sequence mean, and
+    whether the two top-1 tokens agree: (n,), (n,) from log-probs (n, vocab)."""
+    kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)  # (n,)
+    return kl, ref_logp.argmax(-1) == logp.argmax(-1)
+
+
+def slice_figures(kl: np.ndarray, agree: np.ndarray) -> dict:
+    """kl, agree: (windows, scored tokens per window). Mean KL per token, its p99, top-1 agreement, and a bootstrap 95%
+    CI of the mean over windows (windows have equal length, so the mean of window means is the mean per token)."""
+    return {"kl": round(float(kl.mean()), 5), "kl_p99": round(float(np.percentile(kl, 99)), 5),
+            "top1_agree": round(float(agree.mean()), 5), "ci95": bootstrap(kl.mean(axis=1)),
+            "windows": int(kl.shape[0]), "tokens": int(kl.size)}
+
+
+def bits_per_weight(stored_bytes: int, params: int) -> float:
+    return round(stored_bytes * 8 / params, 5)
+
+
+def hqq_stored_bytes(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, meta_bytes: int = 2) -> int:
+    """What an HQQLinear holds: the bit-packed codes as packed (3-bit packs 10 codes per int32) and a float16 scale and
+    zero per group (HQQ keeps its meta-data in the compute dtype, float16 by default)."""
+    return codes.numel() * codes.element_size() + (scale.numel() + zero.numel()) * meta_bytes
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def installed(package: str) -> bool:
+    return importlib.util.find_spec(package) is not None
+
+
+def quantize_plan(model, method: Method, kinds: list[str], calibration) -> dict:
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.evaluation.calibration import CalibrationRecipe
+    from shrink_core.plan import plan_from_dict
+
+    data = {"version": 1, "name": method.name, "rules": [{"kind": kinds, "weights": method.weights}]}
+    plan = plan_from_dict(data)
+    if plan.needs_calibration:
+        data["calibration"] = CalibrationRecipe().to_dict()
+        plan = plan_from_dict(data)
+    started = time.perf_counter()
+    report = apply_plan_(model, plan, calibration() if plan.needs_calibration else None)
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "spec": plan.rules[0].weights, "engine_bytes": {m.name: m.packed_bytes
+                                                                                 for m in report.modules if m.bits}}
+
+
+def quantize_hqq(linears: dict[str, torch.nn.Module], method: Method) -> dict:
+    from hqq.core.quantize import Quantizer, hqq_base_quant_config
+
+    params = dict(hqq_base_quant_config(nbits=method.bits, group_size=method.group_size)["weight_quant_params"])
+    params.pop("view_as_float", None)
+    started = time.perf_counter()
+    stored = {}
+    with torch.no_grad():
+        for name, module in linears.items():
+            weight = module.weight.data
+            codes, meta = Quantizer.quantize(weight, **params, compute_dtype=torch.float16, device="cpu")
+            meta["scale"], meta["zero"] = meta["scale"].half(), meta["zero"].half()  # as HQQLinear stores them
+            stored[name] = hqq_stored_bytes(codes, meta["scale"], meta["zero"])
+            meta = {**meta, "scale": meta["scale"].float(), "zero": meta["zero"].float(),
+                    "compute_dtype": torch.float32}
+            module.weight.data = Quantizer.dequantize(codes, meta).reshape(weight.shape).to(weight.dtype)
+    return {"seconds": time.perf_counter() - started, "stored": stored}
+
+
+def exact_bytes(rows, result: dict) -> dict[str, int]:
+    """Stored bytes per quantized module from shrink_core.formats (the planner's numbers), or HQQ's tensors."""
+    from shrink_core.formats import weight_bytes
+
+    if "stored" in result:
+        return result["stored"]
+    spec = result["spec"]
+    out = {r.name: weight_bytes(r.shape, spec.bits, spec.group_size, spec.symmetric, spec.ggml) for r in rows}
+    if out != result["engine_bytes"]:
+        raise SystemExit(f"formats and the engine disagree on the bytes of {result['spec'].label()}")
+    return out
+
+
+def stored_types(rows, spec) -> dict[str, float] | None:
+    """llama.cpp types: the share of weights per type actually stored (rows too narrow for a K-quant fall back)."""
+    from shrink_core.formats import ggml_row_type
+
+    if spec is None or spec.ggml is None:
+        return None
+    total = sum(r.params for r in rows)
+    shares: dict[str, float] = {}
+    for r in rows:
+        stored = ggml_row_type(spec.ggml, r.shape[1])
+        shares[stored] = shares.get(stored, 0) + r.params / total
+    return {k: round(v, 4) for k, v in shares.items()}
+
+
+def quantized_copy(reference, method: Method, rows, calibration) -> tuple[object, dict]:
+    """A copy of the model with every block linear quantized by `method`, and what it cost: bits per weight, seconds."""
+    model = copy.deepcopy(reference)
+    if method.family == "hqq":
+        result = quantize_hqq({r.name: model.get_submodule(r.name) for r in rows}, method)
+        spec = None
+    else:
+        result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration)
+        spec = result["spec"]
+    stored = exact_bytes(rows, result)
+    if len(stored) != len(rows):
+        raise SystemExit(f"{method.name} quantized {len(stored)} modules, not the {len(rows)} block linears")
+    params = sum(r.params for r in rows)
+    return model.eval(), {"method": method.name, "bits_per_weight": bits_per_weight(sum(stored.values()), params),
+                          "quantize_seconds": round(result["seconds"], 1), "stored_as": stored_types(rows, spec)}
+
+
+# ---------------------------------------------------------------- measurement
+
+
+def flat_positions(windows: int, length: int) -> torch.Tensor:
+    """Every position but each window's last, in the (windows * length) flattening: the positions that predict."""
+    return (torch.arange(windows)[:, None] * length + torch.arange(length - 1)).reshape(-1)
+
+
+def final_hidden_states(model, ids: torch.Tensor, chunk: int) -> list[torch.Tensor]:
+    with torch.inference_mode():
+        return [model.get_decoder()(input_ids=part).last_hidden_state for part in ids.split(chunk)]
+
+
+def measure(reference, model, ids: torch.Tensor, ref_hidden: list[torch.Tensor], chunk: int) -> dict:
+    from shrink_core.evaluation.evaluate import _scored_logprobs
+
+    kl_parts, agree_parts = [], []
+    with torch.inference_mode():
+        for part, ref_part in zip(ids.split(chunk), ref_hidden):
+            positions = flat_positions(part.shape[0], part.shape[1])
+            hidden = model.get_decoder()(input_ids=part).last_hidden_state
+            kl, agree = token_kl(_scored_logprobs(reference, ref_part, positions),
+                                 _scored_logprobs(model, hidden, positions))
+            kl_parts.append(kl.double().numpy().reshape(part.shape[0], -1))
+            agree_parts.append(agree.numpy().reshape(part.shape[0], -1))
+    return slice_figures(np.concatenate(kl_parts), np.concatenate(agree_parts))
+
+
+def emit(figures: dict, handle) -> None:
+    line = json.dumps({**figures, "load_average": [round(x, 2) for x in os.getloadavg()]})
+    print(line, flush=True)
+    handle.write(line + "\n")
+    handle.flush()
+
+
+def skip_reason(method: Method) -> str | None:
+    if method.family == "hqq" and not installed("hqq"):
+        return f"the hqq package is not installed; install it with {INSTALL}"
+    if method.family == "llmcompressor":
+        if not installed("llmcompressor"):
+            return ("llmcompressor is not installed, and no release installs beside requirements.txt's pins "
+                    "(0.14.0.1 needs transformers<=5.17.0; older ones pyyaml<=6.0.3 or numpy<2); see "
+                    f"requirements-bench.txt; the bench's optional peers install with {INSTALL}")
+        return ("llmcompressor imports, but this bench has no runner for it yet: it could not be installed beside "
+                "requirements.txt to write and check one")
+    return None
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:smollm2-135m")
+    parser.add_argument("--slices", default=",".join(SLICES))
+    parser.add_argument("--windows", type=int, default=16)
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--methods", default=None, help="comma list (default: every method; peers not installed "
+                                                        "print a skipped line)")
+    parser.add_argument("--chunk", type=int, default=2, help="windows per forward")
+    parser.add_argument("--out", default=None, help="folder for peers.jsonl (default bench/results/peers-DATE)")
+    parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, en,fr, rtn-w4g64,q4_k")
+    args = parser.parse_args()
+    if args.quick:
+        args.windows, args.seq_len, args.slices, args.methods = 2, 128, "en,fr", args.methods or "rtn-w4g64,q4_k"
+    menu = methods()
+    chosen = (args.methods or ",".join(menu)).split(",")
+    unknown = [m for m in chosen if m not in menu]
+    if unknown:
+        raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(menu)}")
+
+    from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+    from shrink_core.model.inventory import block_linears, inventory
+    from shrink_core.model.load import load
+    from shrink_core.sensitivity.probe import eval_tokens
+
+    out_dir = Path(args.out or f"bench/results/peers-{time.strftime('%Y-%m-%d')}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    handle = (out_dir / "peers.jsonl").open("w")
+    loaded = load(args.model)
+    reference = loaded.model.eval()
+    rows = block_linears(inventory(reference))
+    kinds = list(dict.fromkeys(r.kind for r in rows))
+    params = sum(r.params for r in rows)
+    slices = args.slices.split(",")
+    mix = dict(CalibrationRecipe().mix)
+    ids = {s: eval_tokens(loaded.tokenizer, s, args.windows, args.seq_len) for s in slices}
+    started = time.perf_counter()
+    ref_hidden = {s: final_hidden_states(reference, ids[s], args.chunk) for s in slices}
+    emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "quantized_modules": len(rows),
+          "quantized_params": params, "kinds": kinds, "kept_fp32": "embedding and the tied head",
+          "eval": f"{args.windows} x {args.seq_len} tokens of each slice's eval rows (probe.eval_tokens); "
+                  "KL(reference || q) per scored token, nats; CPU fp32",
+          "slices": {s: {"calibrated": s in mix} for s in slices}, "calibration": CalibrationRecipe().to_dict(),
+          "reference_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads()},
+         handle)
+    calibration_cache: list = []
+
+    def calibration():
+        if not calibration_cache:
+            calibration_cache.append(calibration_tokens(loaded.tokenizer, CalibrationRecipe()))
+        return calibration_cache[0]
+
+    table, complete = [], False
+    try:  # an interrupted run (Ctrl+C) still ends with the table of the methods it measured
+        for name in chosen:
+            method = menu[name]
+            reason = skip_reason(method)
+            if reason:
+                emit({"method": name, "skipped": reason}, handle)
+                continue
+            model, common = quantized_copy(reference, method, rows, calibration)
+            per_slice = {}
+            for s in slices:
+                t0 = time.perf_counter()
+                figures = measure(reference, model, ids[s], ref_hidden[s], args.chunk)
+                per_slice[s] = figures
+                emit({"part": "slice", **common, "slice": s, "calibrated": s in mix, **figures,
+                      "eval_seconds": round(time.perf_counter() - t0, 1)}, handle)
+            worst = max(per_slice, key=lambda s: per_slice[s]["kl"])
+            table.append({**common, "kl": {s: f["kl"] for s, f in per_slice.items()},
+                          "kl_p99": {s: f["kl_p99"] for s, f in per_slice.items()},
+                          "top1_agree": {s: f["top1_agree"] for s, f in per_slice.items()},
+                          "worst": {"slice": worst, "kl": per_slice[worst]["kl"]}})
+            del model
+        complete = True
+    finally:
+        emit({"part": "table", "complete": complete, "model": args.model, "windows": args.windows,
+              "seq_len": args.seq_len, "slices": {s: {"calibrated": s in mix} for s in slices}, "rows": table}, handle)
+        handle.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,68 @@
+"""The peer benchmark's arithmetic on tiny inputs: per-token KL and top-1, p99 and the CI, bits per weight, positions."""
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from bench_peers import (  # noqa: E402
+    bits_per_weight,
+    flat_positions,
+    hqq_stored_bytes,
+    methods,
+    slice_figures,
+    token_kl,
+)
+
+from shrink_core.formats import ggml_weight_bytes, weight_bytes  # noqa: E402
+
+
+def test_token_kl_is_zero_on_itself_and_matches_the_closed_form():
+    ref = torch.log_softmax(torch.tensor([[2.0, 0.0, -1.0], [0.0, 0.0, 0.0]]), dim=-1)
+    other = torch.log_softmax(torch.tensor([[0.0, 2.0, -1.0], [1.0, 0.0, 0.0]]), dim=-1)
+    kl, agree = token_kl(ref, ref)
+    assert torch.allclose(kl, torch.zeros(2), atol=1e-7) and agree.all()
+    kl, agree = token_kl(ref, other)
+    expected = (ref.exp() * (ref - other)).sum(-1)
+    assert torch.allclose(kl, expected) and (kl > 0).all()
+    assert agree.tolist() == [False, True]  # token 0 vs 1 on the first; the uniform row's argmax is 0 on both
+
+
+def test_slice_figures_mean_p99_top1_and_ci():
+    kl = np.array([[0.0] * 98 + [1.0, 1.0], [0.0] * 100])  # two outlier tokens in 200: the p99 falls between
+    agree = np.array([[True] * 50 + [False] * 50, [True] * 100])
+    figures = slice_figures(kl, agree)
+    assert figures["kl"] == pytest.approx(0.01) and figures["top1_agree"] == pytest.approx(0.75)
+    assert figures["kl_p99"] == pytest.approx(0.01)  # position 197.01 of 200 sorted values: 0.01 of the way to 1
+    low, high = figures["ci95"]
+    assert 0 <= low <= figures["kl"] <= high <= 0.02  # the window means are 0.02 and 0
+    assert (figures["windows"], figures["tokens"]) == (2, 200)
+
+
+def test_bits_per_weight_count_scales_and_zeros():
+    shape = (576, 1536)
+    params = shape[0] * shape[1]
+    assert bits_per_weight(weight_bytes(shape, 4, 64, False), params) == 4.375  # + fp16 scale and uint8 zero per 64
+    assert bits_per_weight(weight_bytes(shape, 3, 64, False), params) == 3.375
+    assert bits_per_weight(ggml_weight_bytes(shape, "Q4_K"), params) == 4.5
+    assert bits_per_weight(ggml_weight_bytes((576, 576), "Q4_K"), 576 * 576) == 5.5  # stored as Q5_0
+
+
+def test_hqq_bytes_are_the_packed_codes_and_float16_meta():
+    codes = torch.zeros(64 * 16 // 2, dtype=torch.uint8)  # 4-bit: two codes per byte, (64 x 16) weights
+    meta = torch.zeros(16)  # one scale and one zero per 64-wide group
+    assert hqq_stored_bytes(codes, meta, meta) * 8 / (64 * 16) == 4.5
+
+
+def test_positions_skip_each_windows_last_token():
+    assert flat_positions(2, 4).tolist() == [0, 1, 2, 4, 5, 6]
+
+
+def test_the_method_menu_names_every_method_once():
+    menu = methods()
+    assert {"rtn-w4g64", "gptq-w3g64", "q4_k", "q4_k-imatrix", "iq4_xs-imatrix", "hqq-w3g64",
+            "llmcompressor-gptq-w4a16"} <= set(menu)
+    assert all(m.family in ("plan", "hqq", "llmcompressor") for m in menu.values())
