@@ -161,7 +161,9 @@ scored_slices = sorted({s for _, _, s in scores})
 linears = table[table["kind"].isin(LINEAR_KINDS + ("embedding",))]
 # a masked module (2:4, unstructured) counts at its sparse format's bytes, which the format really stores
 stored = table["sparse_bytes"].where(table["sparse_bytes"].notna(), table["packed_bytes"])
-packed = int(stored.sum())
+# plus what no rule covers (norms), stored as it is: the whole model's packed bytes, as `eval` and the budget count them
+covered = set(table["module"])
+packed = int(stored.sum()) + sum(r.bytes for r in rows if r.name not in covered and not r.tied_to)
 sparse_formats = sorted({f for f in table["sparse_format"] if isinstance(f, str)})
 params = sum(r.params for r in rows)
 targets = [r.name for r in DEFAULT_ROWS]
