@@ -11,7 +11,7 @@ from shrink_core.perf.hardware import DEFAULT_ROWS, DEFAULT_TARGET
 from shrink_core.perf.hardware import get as get_hardware
 from shrink_core.perf.roofline import project
 from shrink_core.perf.workload import workload_from_rows
-from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
+from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve, totals
 from shrink_core.plan.budget import PlannerBudget, plan_within_budget, quant_specs
 from shrink_core.plan.explain import explain
 from shrink_core.plan.interactions import features
@@ -159,11 +159,9 @@ metric = st.radio("Predicted quality metric", ["kl", "dnll"], horizontal=True, k
 scores = score_table(records, metric)
 scored_slices = sorted({s for _, _, s in scores})
 linears = table[table["kind"].isin(LINEAR_KINDS + ("embedding",))]
-# a masked module (2:4, unstructured) counts at its sparse format's bytes, which the format really stores
-stored = table["sparse_bytes"].where(table["sparse_bytes"].notna(), table["packed_bytes"])
-# plus what no rule covers (norms), stored as it is: the whole model's packed bytes, as `eval` and the budget count them
-covered = set(table["module"])
-packed = int(stored.sum()) + sum(r.bytes for r in rows if r.name not in covered and not r.tied_to)
+# the whole model as `eval` counts it: a masked module (2:4, unstructured) at its sparse format's bytes, which the
+# format really stores, plus what no rule covers (norms) as it is
+packed = totals(resolved, rows)["total_packed_sparse_bytes"]
 sparse_formats = sorted({f for f in table["sparse_format"] if isinstance(f, str)})
 params = sum(r.params for r in rows)
 targets = [r.name for r in DEFAULT_ROWS]

@@ -7,6 +7,7 @@ import torch
 
 from shrink_core.compression.apply import apply_plan_
 from shrink_core.compression.export import write_packed_artifact
+from shrink_core.model.inventory import inventory
 from shrink_core.model.toy import tiny_llama
 from shrink_core.plan import load_plan, resolve
 from shrink_core.plan.resolve import totals
@@ -53,9 +54,13 @@ def data_bytes(path) -> int:
 def test_resolved_report_and_artifact_bytes_agree(model_name, plan_name, tmp_path):
     model, plan = MODELS[model_name](), load_plan(PLANS[plan_name])
     predicted = totals(resolve(model, plan))
+    whole = totals(resolve(model, plan), inventory(model))  # the Plan page's "Packed size": the whole model
     report = apply_plan_(model, plan, torch.randint(0, 256, (2, 16)))
     t = report.totals
     assert t["packed_bytes"] == predicted["packed_bytes"]
+    assert whole["other_bytes"] == t["other_bytes"] > 0
+    assert (whole["total_packed_bytes"], whole["total_packed_sparse_bytes"]) == \
+        (t["total_packed_bytes"], t["total_packed_sparse_bytes"])
     assert t["total_packed_sparse_bytes"] - t["other_bytes"] == predicted["packed_sparse_bytes"]
     assert t["dense_bytes_before"] - t["other_bytes"] == predicted["dense_bytes"]  # no block removed: norms stay
     assert data_bytes_written(model, report, tmp_path) == t["total_packed_bytes"]

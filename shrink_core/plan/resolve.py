@@ -226,11 +226,18 @@ def _resolve_one(info: ModuleInfo, rule: Rule | None, note: str, config) -> Reso
     )
 
 
-def totals(resolved: list[ResolvedModule]) -> dict:
+def totals(resolved: list[ResolvedModule], rows: list[ModuleInfo] | None = None) -> dict:
+    """Byte totals of the planned modules; with the inventory `rows`, also what no rule covers (norms, stored as
+    they are; a tied module counts once, at its owner) and the whole model's totals, as `apply` reports them."""
     dense = sum(r.dense_bytes for r in resolved)
     packed = sum(r.packed_bytes for r in resolved)
     sparse = sum(r.sparse_bytes if r.sparse_bytes is not None else r.packed_bytes for r in resolved)
-    return {"dense_bytes": dense, "packed_bytes": packed, "packed_sparse_bytes": sparse}
+    out = {"dense_bytes": dense, "packed_bytes": packed, "packed_sparse_bytes": sparse}
+    if rows is not None:
+        covered = {r.name for r in resolved}
+        other = sum(r.bytes for r in rows if r.name not in covered and not r.tied_to)
+        out.update(other_bytes=other, total_packed_bytes=packed + other, total_packed_sparse_bytes=sparse + other)
+    return out
 
 
 def resolve(model_or_inventory, plan: Plan):
