@@ -18,6 +18,7 @@ from shrink_core.plan.interactions import features
 from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
 from shrink_core.plan.predict import predict, score_table, settings_by_module
 from shrink_core.plan.presets import PRESETS
+from shrink_core.plan.spec import INT_METHODS, METHOD_DESCRIPTIONS
 from shrink_core.results.eval_run import admit_eval
 from shrink_core.results.prediction import fit_measured, plan_method, predicted_vs_measured
 from shrink_core.runtime import jobs
@@ -27,6 +28,7 @@ from ui.data import store
 from ui.jobs import memory_admission, show_job
 
 NO_CHANGE = "(no change)"
+METHODS_HELP = "  \n".join(f"**{m}**: {METHOD_DESCRIPTIONS[m]}" for m in INT_METHODS)
 st.title("Plan")
 db = store()
 spec = state.model_spec()
@@ -207,7 +209,7 @@ with st.expander("Bulk edit: by kind and block range"):
                                 default=list(LINEAR_KINDS[:-1]), key="bulk_kinds")  # whole blocks, by default
     block_range = form[1].slider("Blocks", 0, blocks - 1, (0, blocks - 1), key="bulk_blocks")
     setting = form[2].selectbox("Setting", [NO_CHANGE] + plan_edit.SETTING_CHOICES, index=0, key="bulk_setting")
-    method = form[3].selectbox("Method", ["rtn", "gptq"], key="bulk_method")
+    method = form[3].selectbox("Method", list(INT_METHODS), key="bulk_method", help=METHODS_HELP)
     if form[4].button("Apply", key="bulk_apply", disabled=not kinds or setting == NO_CHANGE,
                       help="Choose a setting first: Apply changes the chosen modules to it."):
         rule = {"kind": kinds, **plan_edit.weights_rule(setting, method)}
@@ -231,7 +233,7 @@ with left:
         column_config={
             "setting": st.column_config.SelectboxColumn("setting", options=plan_edit.SETTING_CHOICES + sorted(
                 {s for s in view["setting"] if s.startswith("custom")})),
-            "method": st.column_config.SelectboxColumn("method", options=["rtn", "gptq"]),
+            "method": st.column_config.SelectboxColumn("method", options=list(INT_METHODS), help=METHODS_HELP),
             "prune": st.column_config.SelectboxColumn("prune", options=sorted(set(plan_edit.PRUNE_CHOICES) | set(view["prune"]))),
             "packed_bytes": st.column_config.NumberColumn("packed bytes", format="localized"),
         },
@@ -279,7 +281,7 @@ else:
     objective = form[2].selectbox("Objective", ["worst"] + scored_slices, key="planner_objective",
                                   format_func=lambda o: "worst slice" if o == "worst" else f"slice {o}")
     chosen_settings = form[3].multiselect("Settings", scored_settings, default=scored_settings, key="planner_settings")
-    method = form[4].selectbox("Method", ["rtn", "gptq"], key="planner_method")
+    method = form[4].selectbox("Method", list(INT_METHODS), key="planner_method", help=METHODS_HELP)
     # kept linears stay kept; the embedding / lm_head only when a rule keeps it explicitly (presets leave it untouched)
     pinned = {r["module"]: "keep" for r in table.to_dict("records") if r["keep"] and (
         r["kind"] in LINEAR_KINDS or (r["kind"] in ("embedding", "lm_head") and pd.notna(r["rule"])

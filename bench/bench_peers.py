@@ -2,6 +2,7 @@
 
   python bench/bench_peers.py [--model builtin:smollm2-135m] [--slices en,fr,de,es,ru,zh,ja,ar,hi]
                               [--windows 16] [--seq-len 512] [--methods rtn-w4g64,q4_k,...] [--out DIR] [--quick]
+                              [--calibration en=1] [--calib-sequences 64] [--calib-len 512]
 
 Every method quantizes all block linears (the embedding and the tied head stay fp32, as the peers keep them) of a
 fresh copy of the model; each slice's windows are `--windows` x `--seq-len` tokens of its EVAL rows
@@ -9,13 +10,15 @@ fresh copy of the model; each slice's windows are `--windows` x `--seq-len` toke
 per scored token (nats), the p99 of per-token KL, top-1 agreement with the reference, and a bootstrap 95% CI of the
 mean over windows; per method the exact bits per weight of the quantized modules (codes, scales and zeros as stored)
 and the wall seconds the quantization took. Logits go through the evaluation runner's own head path
-(shrink_core.evaluation.evaluate._scored_logprobs). A slice outside the default calibration mix (hi: UDHR) is reported
+(shrink_core.evaluation.evaluate._scored_logprobs). A slice outside the calibration mix (hi: UDHR) is reported
 with `calibrated: false`. --quick: 2 windows x 128 tokens, en and fr, rtn-w4g64 and q4_k (a smoke run).
 
-Methods: the project's RTN and GPTQ (w4g64, w3g64; GPTQ with the default calibration recipe), llama.cpp's types through
-the engine's bit-exact codecs with llama.cpp's reference quantizer (`q4_k`) and with an importance matrix from the
-calibration mix (`q4_k-imatrix`), HQQ (the `hqq` package, g64) and llm-compressor's GPTQ when installed
-(requirements-bench.txt, `./run bench-peers`); a peer that is not installed prints one `skipped` line.
+Methods: the project's RTN, GPTQ and GPTQ-seq (w4g64, w3g64), llama.cpp's types through the engine's bit-exact codecs
+with llama.cpp's reference quantizer (`q4_k`) and with an importance matrix from the calibration mix (`q4_k-imatrix`),
+HQQ (the `hqq` package, g64) and llm-compressor's GPTQ when installed (requirements-bench.txt, `./run bench-peers`);
+a peer that is not installed prints one `skipped` line. Every calibrated method (gptq, gptq-seq, imatrix) draws the
+same calibration tokens: the default recipe's mix, `--calib-sequences` x `--calib-len` tokens (default: the
+w4g64 preset's recipe), or the mix given with --calibration.
 """
 from __future__ import annotations
 
@@ -55,7 +58,7 @@ class Method:
 def methods() -> dict[str, Method]:
     """Every method, in the order a full run measures them: the project's, HQQ, llama.cpp's types, then with imatrix."""
     out = [Method(f"{method}-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": method})
-           for method in ("rtn", "gptq") for bits in (4, 3)]
+           for method in ("rtn", "gptq", "gptq-seq") for bits in (4, 3)]
     out += [Method(f"hqq-w{bits}g64", "hqq", bits=bits, group_size=64) for bits in (4, 3)]
     out += [Method("llmcompressor-gptq-w4a16", "llmcompressor")]
     out += [Method(f"{ggml.lower()}{suffix}", "plan", {"ggml": ggml, "method": method})
@@ -98,15 +101,14 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def quantize_plan(model, method: Method, kinds: list[str], calibration) -> dict:
+def quantize_plan(model, method: Method, kinds: list[str], calibration, recipe) -> dict:
     from shrink_core.compression.apply import apply_plan_
-    from shrink_core.evaluation.calibration import CalibrationRecipe
     from shrink_core.plan import plan_from_dict
 
     data = {"version": 1, "name": method.name, "rules": [{"kind": kinds, "weights": method.weights}]}
     plan = plan_from_dict(data)
     if plan.needs_calibration:
-        data["calibration"] = CalibrationRecipe().to_dict()
+        data["calibration"] = recipe.to_dict()
         plan = plan_from_dict(data)
     started = time.perf_counter()
     report = apply_plan_(model, plan, calibration() if plan.needs_calibration else None)
@@ -161,14 +163,14 @@ def stored_types(rows, spec) -> dict[str, float] | None:
     return {k: round(v, 4) for k, v in shares.items()}
 
 
-def quantized_copy(reference, method: Method, rows, calibration) -> tuple[object, dict]:
+def quantized_copy(reference, method: Method, rows, calibration, recipe) -> tuple[object, dict]:
     """A copy of the model with every block linear quantized by `method`, and what it cost: bits per weight, seconds."""
     model = copy.deepcopy(reference)
     if method.family == "hqq":
         result = quantize_hqq({r.name: model.get_submodule(r.name) for r in rows}, method)
         spec = None
     else:
-        result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration)
+        result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
         spec = result["spec"]
     stored = exact_bytes(rows, result)
     if len(stored) != len(rows):
@@ -234,6 +236,11 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--methods", default=None, help="comma list (default: every method; peers not installed "
                                                         "print a skipped line)")
+    parser.add_argument("--calibration", default=None,
+                        help="calibration mix for the calibrated methods, e.g. en=1 or en=0.5,fr=0.5 (default: the "
+                             "default recipe's multilingual mix)")
+    parser.add_argument("--calib-sequences", type=int, default=None, help="calibration windows (default: the w4g64 preset's)")
+    parser.add_argument("--calib-len", type=int, default=None, help="calibration window tokens (default: the w4g64 preset's)")
     parser.add_argument("--chunk", type=int, default=2, help="windows per forward")
     parser.add_argument("--out", default=None, help="folder for peers.jsonl (default bench/results/peers-DATE)")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, en,fr, rtn-w4g64,q4_k")
@@ -249,6 +256,7 @@ def main() -> None:
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
     from shrink_core.model.inventory import block_linears, inventory
     from shrink_core.model.load import load
+    from shrink_core.plan.presets import preset
     from shrink_core.sensitivity.probe import eval_tokens
 
     out_dir = Path(args.out or f"bench/results/peers-{time.strftime('%Y-%m-%d')}")
@@ -260,7 +268,10 @@ def main() -> None:
     kinds = list(dict.fromkeys(r.kind for r in rows))
     params = sum(r.params for r in rows)
     slices = args.slices.split(",")
-    mix = dict(CalibrationRecipe().mix)
+    default = preset("w4g64").calibration or CalibrationRecipe()  # the recipe the 4-bit preset calibrates with
+    recipe = CalibrationRecipe.parse(args.calibration or ",".join(f"{k}={v}" for k, v in default.mix),
+                                     args.calib_sequences or default.n_sequences, args.calib_len or default.seq_len)
+    mix = dict(recipe.mix)
     ids = {s: eval_tokens(loaded.tokenizer, s, args.windows, args.seq_len) for s in slices}
     started = time.perf_counter()
     ref_hidden = {s: final_hidden_states(reference, ids[s], args.chunk) for s in slices}
@@ -268,14 +279,14 @@ def main() -> None:
           "quantized_params": params, "kinds": kinds, "kept_fp32": "embedding and the tied head",
           "eval": f"{args.windows} x {args.seq_len} tokens of each slice's eval rows (probe.eval_tokens); "
                   "KL(reference || q) per scored token, nats; CPU fp32",
-          "slices": {s: {"calibrated": s in mix} for s in slices}, "calibration": CalibrationRecipe().to_dict(),
+          "slices": {s: {"calibrated": s in mix} for s in slices}, "calibration": recipe.to_dict(),
           "reference_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads()},
          handle)
     calibration_cache: list = []
 
     def calibration():
         if not calibration_cache:
-            calibration_cache.append(calibration_tokens(loaded.tokenizer, CalibrationRecipe()))
+            calibration_cache.append(calibration_tokens(loaded.tokenizer, recipe))
         return calibration_cache[0]
 
     table, complete = [], False
@@ -286,7 +297,7 @@ def main() -> None:
             if reason:
                 emit({"method": name, "skipped": reason}, handle)
                 continue
-            model, common = quantized_copy(reference, method, rows, calibration)
+            model, common = quantized_copy(reference, method, rows, calibration, recipe)
             per_slice = {}
             for s in slices:
                 t0 = time.perf_counter()

@@ -48,7 +48,7 @@ def test_a_bf16_model_compresses_with_float32_statistics(model_dir, shrink_home)
     assert stats.fisher["up"].dtype == stats.gradient["up"].dtype == torch.float32 and stats.fisher["up"].sum() > 0
     report = apply_plan_(model, load_plan("preset:w4g64"), ids)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16
-    assert {m.action for m in report.modules if m.block is not None} == {"int4 g64 asym gptq"}
+    assert {m.action for m in report.modules if m.block is not None} == {"int4 g64 asym gptq-seq"}
     with torch.no_grad():
         assert torch.isfinite(model(ids).logits.float()).all()
 

@@ -140,7 +140,7 @@ def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_t
 
     def rule(bits, blocks=None):
         return {"kind": kinds, **({"blocks": blocks} if blocks is not None else {}),
-                "weights": {"bits": bits, "group_size": 64, "symmetric": False, "method": "gptq"}}
+                "weights": {"bits": bits, "group_size": 64, "symmetric": False, "method": "gptq-seq"}}
 
     measured = {"w4": ([rule(4)], 0.3), "w3": ([rule(3)], 1.9), "mixed": ([rule(3, [0]), rule(4)], 1.1),
                 "w3 front": ([rule(3, [1]), rule(4)], 0.5)}
@@ -157,10 +157,10 @@ def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_t
     assert card.value.startswith("+") and card.value.endswith(" KL") and "95% interval" in card.help
     error = next(m for m in at.metric if m.label.startswith("Newest measured plan"))
     assert "w3 front" in error.help and "3 plan(s) measured before it" in error.help
-    assert any("fitted on 4 measured gptq plans" in c.value for c in at.caption)
+    assert any("fitted on 4 measured gptq-seq plans" in c.value for c in at.caption)
     assert not at.checkbox(key="planner_use_fit_rtn_False").value  # the planner's method: no RTN plan measured
-    at.selectbox(key="planner_method").set_value("gptq").run()
-    assert at.checkbox(key="planner_use_fit_gptq_True").value  # on by default once plans of its method are measured
+    at.selectbox(key="planner_method").set_value("gptq-seq").run()
+    assert at.checkbox(key="planner_use_fit_gptq-seq_True").value  # on by default once plans of its method are measured
     at.radio(key="planner_budget_kind").set_value("bits/weight").run()
     at.number_input(key="planner_budget_bits/weight").set_value(4.0)
     at.button(key="run_planner").click().run()
@@ -200,3 +200,18 @@ def test_a_llama_cpp_mix_is_a_preset_with_its_types_and_exact_size(stored_tiny):
     whole = totals(resolve(stored_tiny, load_plan(draft)), stored_tiny)["total_packed_bytes"]  # llama.cpp's blocks
     assert metric(at, "Packed size") == f"{whole / 1e6:,.1f} MB" != w4_size
     assert any(b.label == "Evaluate llama.cpp mixes" for b in at.button)
+
+
+def test_method_menu_lists_every_method_with_its_description(stored_tiny):
+    from shrink_core.plan.spec import INT_METHODS, METHOD_DESCRIPTIONS
+
+    at = page().run()
+    assert not at.exception
+    menu = at.selectbox(key="bulk_method")
+    assert list(menu.options) == ["rtn", "gptq", "gptq-seq"] == list(INT_METHODS)
+    assert all(f"**{m}**: {METHOD_DESCRIPTIONS[m]}" in menu.help for m in INT_METHODS)
+    # a bulk edit with the sequential method writes it into the plan
+    at.selectbox(key="bulk_setting").set_value("w4g64").run()
+    menu.set_value("gptq-seq").run()
+    at.button(key="bulk_apply").click().run()
+    assert not at.exception and "method: gptq-seq" in at.session_state["plan_draft"]

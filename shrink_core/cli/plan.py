@@ -8,6 +8,7 @@ from functools import partial
 from shrink_core.cli.entry import add_model_args, print_json
 from shrink_core.errors import ShrinkError
 from shrink_core.plan.menu import PLANNER_DEFAULT, QUANT_SETTINGS
+from shrink_core.plan.spec import INT_METHODS, METHOD_DESCRIPTIONS
 
 
 def add_parser(sub) -> None:
@@ -23,7 +24,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--slices", default="en,fr,zh,code")
     parser.add_argument("--settings", default=",".join(PLANNER_DEFAULT),
                         help=f"settings the planner may choose, from: {', '.join(QUANT_SETTINGS)}")
-    parser.add_argument("--method", default="rtn", choices=["rtn", "gptq"], help="quantization method in the plan")
+    parser.add_argument("--method", default="rtn", choices=list(INT_METHODS),
+                        help="quantization method in the plan: " + " ".join(f"{m}: {METHOD_DESCRIPTIONS[m]}"
+                                                                             for m in INT_METHODS))
     parser.add_argument("--metric", default="kl", choices=["kl", "dnll"], help="predicted loss to minimise")
     parser.add_argument("--out", help="where to write plan.yaml (required)")
     parser.add_argument("--json", action="store_true")

@@ -7,6 +7,7 @@ quantize-dequantize weights in the model's dtype; bytes are those of the packed 
 """
 from __future__ import annotations
 
+import copy
 import time
 from collections.abc import Callable
 from contextlib import contextmanager
@@ -16,7 +17,7 @@ import torch
 
 from shrink_core.compression import calibrate
 from shrink_core.compression.ggml.types import quantize_dequantize
-from shrink_core.compression.obs import clip_search, obs_compress
+from shrink_core.compression.obs import clip_search, obs_compress, output_target
 from shrink_core.compression.primitives import dequantize, quantize, rtn_by_rows, scale_zero
 from shrink_core.compression.prune import (
     channel_scores,
@@ -35,6 +36,7 @@ from shrink_core.model.arch import block_kwargs, decoder_layers
 from shrink_core.perf.memory import release_freed_memory
 from shrink_core.plan import Plan, load_plan, resolve
 from shrink_core.plan.resolve import DTYPE_BYTES, FALLBACK, ResolvedModule, sparse_bytes, weight_bytes
+from shrink_core.plan.spec import HESSIAN_METHODS, SEQUENTIAL_METHODS
 
 Progress = Callable[[float, str], None]
 
@@ -89,6 +91,7 @@ class ApplyReport:
     # importance matrix: what an imatrix file holds, so llama-quantize can be given the same weighting
     importance: dict = field(default_factory=dict, repr=False)
     notes: list = field(default_factory=list)
+    forward_dtype: str | None = None  # what the calibration forwards ran in (bfloat16 on AMX CPUs; None: none ran)
 
     def rows(self) -> list[dict]:
         return [m.row() for m in self.modules]
@@ -123,7 +126,8 @@ def _fallback_done(fallback: dict) -> str:
     return " and ".join(d for d in done if d)
 
 
-def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None) -> tuple[list, dict]:
+def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None,
+               cross: torch.Tensor | None = None) -> tuple[list, dict]:
     """Mask and/or quantize the weights of `members` (modules sharing input and settings) in place; returns the
     QuantState (or None) per member and the fallbacks taken (see `_compress_weight`).
 
@@ -141,7 +145,7 @@ def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None)
         fallback = {"weights": spec.method} if spec.method != "rtn" else {}
         return [QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero)], fallback
     weight = torch.cat([m.weight.data for m in members]) if len(members) > 1 else members[0].weight.data
-    weight, state, fallback = _compress_weight(weight.float(), row, hessian)  # float32 math, stored back as it was
+    weight, state, fallback = _compress_weight(weight.float(), row, hessian, cross)  # float32 math, stored as it was
     states, start = [], 0
     for module in members:
         rows = slice(start, start + module.weight.shape[0])
@@ -171,10 +175,12 @@ def _compress_ggml(weight: torch.Tensor, row: ResolvedModule, hessian: torch.Ten
     return weight, state, fallback
 
 
-def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.Tensor | None):
+def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.Tensor | None,
+                     cross: torch.Tensor | None = None):
     """(new weight, QuantState or None, fallbacks) for one (possibly stacked) weight; hessian (in, in), or (in,) for
-    Wanda. Without the statistics a calibrated method needs (embedding and lm_head have none), pruning runs by
-    magnitude and quantization by rtn, and fallbacks says so: {"prune": "wanda"} / {"weights": "gptq"}."""
+    Wanda; cross (in, in) X^T X_fp for a method fitted to the full-precision outputs (see `output_target`).
+    Without the statistics a calibrated method needs (embedding and lm_head have none), pruning runs by magnitude
+    and quantization by rtn, and fallbacks says so: {"prune": "wanda"} / {"weights": "gptq"}."""
     prune = row.prune if row.prune and row.prune.is_mask else None
     spec = row.weights if row.weights and not row.weights.is_float else None
     full = hessian if hessian is not None and hessian.dim() == 2 else None
@@ -182,10 +188,10 @@ def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.T
     mask, state, fallback = None, None, {}
     if prune and (prune.criterion == "sparsegpt" and full is None or prune.criterion == "wanda" and sq_sum is None):
         fallback["prune"], prune = prune.criterion, replace(prune, criterion="magnitude")
-    if spec is not None and spec.method == "gptq" and full is None:
+    if spec is not None and spec.method in HESSIAN_METHODS and full is None:
         fallback["weights"], spec = spec.method, replace(spec, method="rtn")
     if prune and prune.criterion == "sparsegpt":
-        use_obs_bits = spec is not None and spec.method == "gptq"
+        use_obs_bits = spec is not None and spec.method in HESSIAN_METHODS
         new, scale, zero, mask = obs_compress(
             weight, full, bits=spec.bits if use_obs_bits else None, group_size=spec.group_size if spec else None,
             symmetric=spec.symmetric if spec else False, sparsity=prune.amount if prune.structure != "nm" else None,
@@ -196,7 +202,10 @@ def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.T
     elif prune:
         mask = mask_for(weight, prune, sq_sum if prune.criterion == "wanda" else None)
         weight = weight * mask
-    if spec is not None and spec.method == "gptq":
+    if spec is not None and spec.method in HESSIAN_METHODS:
+        if cross is not None and spec.method in SEQUENTIAL_METHODS:
+            weight = output_target(weight, full, cross)
+            weight = weight if mask is None else weight * mask
         scale, zero = clip_search(weight, sq_sum, spec.bits, spec.group_size, spec.symmetric)
         weight, scale, zero, _ = obs_compress(weight, full, bits=spec.bits, group_size=spec.group_size,
                                               symmetric=spec.symmetric, scale=scale, zero=zero, act_order=True,
@@ -239,10 +248,87 @@ def _needs_hessian(row: ResolvedModule) -> str | None:
     if row.weights and row.weights.ggml is not None:  # llama.cpp types read per-column sums of squares at most
         calibrated = row.weights.method == "imatrix" or (row.prune and row.prune.calibrated)
         return "diag" if calibrated else None
-    if (row.weights and row.weights.method == "gptq" and not row.weights.is_float) or (
+    if (row.weights and row.weights.method in HESSIAN_METHODS and not row.weights.is_float) or (
             row.prune and row.prune.criterion == "sparsegpt"):
         return "full"
     return "diag" if row.prune and row.prune.criterion == "wanda" else None
+
+
+def _sequential(row: ResolvedModule) -> bool:
+    return bool(row.weights and row.weights.method in SEQUENTIAL_METHODS and _needs_hessian(row) == "full")
+
+
+@dataclass
+class _BlockContext:
+    """One block's compression: its calibration inputs (and the full-precision stream's, for sequential methods),
+    and where the results go."""
+
+    layer: torch.nn.Module
+    fp_layer: torch.nn.Module | None  # the block before compression (sequential methods only)
+    inputs: list | None
+    fp_inputs: list | None
+    modules: dict
+    calibration: torch.Tensor | None
+    states: dict
+    seconds: dict
+    fallbacks: dict
+    importance: dict
+    fp_outputs: list | None = None  # the full-precision block's outputs, when a sequential pass computed them
+
+    def calibrated_(self, rows: list[ResolvedModule]) -> None:
+        """Collect what each input source needs, then compress. With a sequential method in the block, sources are
+        taken one at a time in the order the block reads them, each after the ones before it are compressed."""
+        needs: dict[str, str] = {}
+        for row in rows:
+            need = _needs_hessian(row)
+            if need:
+                source = calibrate.input_source(row.name, row.kind)
+                needs[source] = "full" if "full" in (need, needs.get(source)) else "diag"
+        wanted = {calibrate.input_source(r.name, r.kind): self.modules[r.name] for r in rows
+                  if calibrate.input_source(r.name, r.kind) in needs}
+        stacks = _stacks(rows)
+        order = None
+        if self.fp_layer is not None and any(_sequential(r) for r in rows):
+            order = calibrate.call_order(self.layer, self.inputs, wanted)
+        if order is None:  # one pass over the block for every source
+            diagonal = {source for source, need in needs.items() if need == "diag"}
+            hessians, _ = calibrate.collect(self.layer, self.inputs, wanted, diagonal)
+            self.compress_(stacks, hessians)
+            return
+        fp_modules = dict(self.fp_layer.named_modules())
+        relative = {id(module): name for name, module in self.layer.named_modules()}
+        fp_captured, self.fp_outputs = calibrate.capture_inputs(
+            self.fp_layer, self.fp_inputs, {source: fp_modules[relative[id(m)]] for source, m in wanted.items()})
+        by_source: dict[str, list] = {}
+        for members in stacks:
+            row = members[0]
+            source = calibrate.input_source(row.name, row.kind) if _needs_hessian(row) else None
+            by_source.setdefault(source, []).append(members)
+        self.compress_(by_source.pop(None, []), {})  # calibration-free rows first: later sources see them done
+        for source in order:
+            module = wanted[source]
+            hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, module, fp_captured.pop(source),
+                                                        diagonal=needs[source] == "diag")
+            self.compress_(by_source.get(source, []), {source: hessian}, {source: cross})
+
+    def compress_(self, stacks: list, hessians: dict, crosses: dict | None = None) -> None:
+        with _single_thread():  # the column loops are many small ops: thread hand-offs cost more than they give
+            for members in stacks:
+                t1 = time.perf_counter()
+                row = members[0]
+                source = calibrate.input_source(row.name, row.kind)
+                hessian = hessians.get(source) if _needs_hessian(row) else None
+                cross = (crosses or {}).get(source) if _sequential(row) else None
+                member_states, fallback = _compress_([self.modules[m.name] for m in members], row, hessian, cross)
+                if hessian is not None and row.weights and row.weights.ggml and row.weights.method == "imatrix":
+                    self.importance[row.name] = (hessian if hessian.dim() == 1 else torch.diag(hessian),
+                                                 int(self.calibration.numel()))
+                for member, state in zip(members, member_states):
+                    if state is not None:
+                        self.states[member.name] = state
+                    if fallback:
+                        self.fallbacks[member.name] = fallback
+                    self.seconds[member.name] = (time.perf_counter() - t1) / len(members)
 
 
 def _structured_(model, resolved, modules, calibration, batch_size) -> list[str]:
@@ -292,7 +378,8 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     original_names = {id(module): name for name, module in modules.items()}
     other_bytes_before = _other_bytes(model, resolved, modules)
     timings, notes, states, seconds, fallbacks, importance = {}, [], {}, {}, {}, {}
-    with torch.no_grad():
+    fast = calibrate.fast_forward_dtype(model) if calibration is not None else None
+    with torch.no_grad(), calibrate.forward_dtype(fast):
         progress(0.02, "structured pruning")
         t0 = time.perf_counter()
         notes += _structured_(model, resolved, modules, calibration, batch_size)
@@ -306,48 +393,34 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         calibrated_blocks = {row.block for row in resolved if _needs_hessian(row)}
         last_calibrated = max(calibrated_blocks, default=-1)
         kept_layers = list(decoder_layers(model))
-        inputs = None
+        inputs = fp_inputs = None
         if calibrated_blocks:
             progress(0.05, "capturing calibration inputs")
             inputs = calibrate.first_block_inputs(model, calibration, batch_size)
             # masks and rotary tables can differ per block; the forward stops after the last calibrated block
             upto = max(p for p, layer in enumerate(kept_layers) if original_index[id(layer)] in calibrated_blocks)
             per_block = block_kwargs(model, calibration[:1], upto=upto)
+            if any(_sequential(row) for row in resolved):
+                fp_inputs = list(inputs)  # the full-precision stream: the same tensors until the first block changes
         for position, layer in enumerate(kept_layers):
             block = original_index[id(layer)]
             rows = block_rows.get(block, [])
-            hessians = {}
             if inputs is not None and position < len(per_block):
                 inputs = [(hidden, per_block[position]) for hidden, _ in inputs]
+                if fp_inputs is not None:
+                    fp_inputs = [(hidden, per_block[position]) for hidden, _ in fp_inputs]
+            fp_layer = copy.deepcopy(layer) if fp_inputs is not None and block <= last_calibrated else None
+            context = _BlockContext(layer, fp_layer, inputs, fp_inputs, modules, calibration, states, seconds,
+                                    fallbacks, importance)
             if block in calibrated_blocks:
-                needs = {}
-                for row in rows:
-                    need = _needs_hessian(row)
-                    if need:
-                        source = calibrate.input_source(row.name, row.kind)
-                        needs[source] = "full" if "full" in (need, needs.get(source)) else "diag"
-                wanted = {calibrate.input_source(r.name, r.kind): modules[r.name] for r in rows
-                          if calibrate.input_source(r.name, r.kind) in needs}
-                diagonal = {source for source, need in needs.items() if need == "diag"}
-                hessians, _ = calibrate.collect(layer, inputs, wanted, diagonal)
-            with _single_thread():  # the column loops are many small ops: thread hand-offs cost more than they give
-                for members in _stacks(rows):
-                    t1 = time.perf_counter()
-                    row = members[0]
-                    source = calibrate.input_source(row.name, row.kind)
-                    hessian = hessians.get(source) if _needs_hessian(row) else None
-                    member_states, fallback = _compress_([modules[m.name] for m in members], row, hessian)
-                    if hessian is not None and row.weights and row.weights.ggml and row.weights.method == "imatrix":
-                        importance[row.name] = (hessian if hessian.dim() == 1 else torch.diag(hessian),
-                                                int(calibration.numel()))
-                    for member, state in zip(members, member_states):
-                        if state is not None:
-                            states[member.name] = state
-                        if fallback:
-                            fallbacks[member.name] = fallback
-                        seconds[member.name] = (time.perf_counter() - t1) / len(members)
+                context.calibrated_(rows)
+            else:
+                context.compress_(_stacks(rows), {})
             if inputs is not None and block < last_calibrated:
                 inputs = calibrate.run_block(layer, inputs)
+                if fp_inputs is not None:
+                    fp_inputs = context.fp_outputs or calibrate.run_block(fp_layer, fp_inputs)
+            del fp_layer, context
             if block in calibrated_blocks:
                 release_freed_memory()  # a block's Hessians and their inverses are gone: give the pages back
             progress(0.05 + 0.85 * (position + 1) / len(kept_layers), f"block {block} done")
@@ -388,8 +461,9 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         recipe_out.setdefault("n_sequences", int(calibration.shape[0]))
         recipe_out.setdefault("seq_len", int(calibration.shape[1]))
     renamed = {original_names[id(m)]: name for name, m in model.named_modules() if id(m) in original_names}
+    forwards = None if calibration is None else str(fast or next(model.parameters()).dtype).replace("torch.", "")
     return ApplyReport(reports, totals, timings, recipe_out, quant_states=states, current_names=renamed, notes=notes,
-                       importance=importance)
+                       importance=importance, forward_dtype=forwards)
 
 
 def _other_bytes(model, resolved, modules) -> int:

@@ -4,6 +4,9 @@ Inputs (`hidden`) are kept per batch, with the keyword arguments the decoder lay
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
+from contextvars import ContextVar
+
 import torch
 
 from shrink_core.model.arch import decoder_layers, first_block_input, run_layer
@@ -11,6 +14,40 @@ from shrink_core.model.arch import decoder_layers, first_block_input, run_layer
 # Which modules share an input: q/k/v (or a fused qkv) read the same tensor, and so do gate/up.
 INPUT_SOURCE = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "o": "o", "gate": "mlp", "up": "mlp",
                 "gate_up": "mlp", "down": "down"}
+
+
+_FORWARD_DTYPE: ContextVar[torch.dtype | None] = ContextVar("calibration_forward_dtype", default=None)
+
+
+def fast_forward_dtype(model) -> torch.dtype | None:
+    """bfloat16 for the calibration forwards of a float32 model on a CPU with native bfloat16 matrix units (AMX):
+    there they run about 10x faster than float32 (a 4096 x 576 x 1536 matmul: 6.4 ms against 64 ms on this
+    project's 2-core CI machine). Statistics (X^T X) and all the quantization math stay float32; only the block
+    inputs are rounded to bfloat16, a relative 2^-9 that is far below calibration-sample noise. None elsewhere."""
+    parameter = next(model.parameters())
+    if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
+        return None
+    return torch.bfloat16 if torch.cpu._is_amx_tile_supported() and torch.cpu._is_avx512_bf16_supported() else None
+
+
+@contextmanager
+def forward_dtype(dtype: torch.dtype | None):
+    """Calibration forwards in this module run under autocast to `dtype` (None: as the model is)."""
+    token = _FORWARD_DTYPE.set(dtype)
+    try:
+        yield
+    finally:
+        _FORWARD_DTYPE.reset(token)
+
+
+def _autocast():
+    dtype = _FORWARD_DTYPE.get()
+    return torch.autocast("cpu", dtype=dtype, enabled=dtype is not None)
+
+
+def _exact():
+    """Statistics taken inside a forward stay float32 whatever the forwards run in."""
+    return torch.autocast("cpu", enabled=False)
 
 
 def input_source(name: str, kind: str) -> str:
@@ -28,11 +65,16 @@ def token_batches(tokens: torch.Tensor, batch_size: int) -> list[torch.Tensor]:
 
 def first_block_inputs(model, tokens: torch.Tensor, batch_size: int = 8) -> list[tuple[torch.Tensor, dict]]:
     """(hidden (batch, seq, hidden), layer kwargs) per batch, captured at the first decoder block."""
-    return [first_block_input(model, batch) for batch in token_batches(tokens, batch_size)]
+    with _autocast():
+        captured = [first_block_input(model, batch) for batch in token_batches(tokens, batch_size)]
+    return [(hidden.float() if hidden.dtype != torch.float32 and _FORWARD_DTYPE.get() else hidden, kwargs)
+            for hidden, kwargs in captured]
 
 
 def run_block(layer, inputs: list[tuple[torch.Tensor, dict]]) -> list[tuple[torch.Tensor, dict]]:
-    return [(run_layer(layer, hidden, kwargs), kwargs) for hidden, kwargs in inputs]
+    with _autocast():
+        outputs = [run_layer(layer, hidden, kwargs) for hidden, kwargs in inputs]
+    return [(out.to(hidden.dtype), kwargs) for out, (hidden, kwargs) in zip(outputs, inputs)]
 
 
 class HessianHooks:
@@ -48,7 +90,8 @@ class HessianHooks:
     def _hook(self, source: str, diagonal: bool):
         def hook(module, args, output):
             x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
-            update = x.pow(2).sum(dim=0) if diagonal else x.T @ x  # (in,) or (in, in)
+            with _exact():
+                update = x.pow(2).sum(dim=0) if diagonal else x.T @ x  # (in,) or (in, in)
             self.hessians[source] = self.hessians.get(source, 0) + update
             self.tokens[source] = self.tokens.get(source, 0) + x.shape[0]
         return hook
@@ -88,3 +131,71 @@ def input_sq_sums(model, tokens: torch.Tensor, kinds: tuple[str, ...] = ("o", "d
         for handle in handles:
             handle.remove()
     return sums
+
+
+class _Captured(Exception):
+    """Raised by a pre-hook once the module's input is taken: the rest of the block need not run."""
+
+
+def module_input(layer, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
+    """The input (tokens, in) `module` reads when `layer` runs on `hidden`; the block stops right there."""
+    captured = []
+
+    def grab(mod, args):
+        captured.append(args[0].reshape(-1, args[0].shape[-1]).float())
+        raise _Captured
+
+    handle = module.register_forward_pre_hook(grab)
+    try:
+        with _autocast():
+            run_layer(layer, hidden, kwargs)
+    except _Captured:
+        pass
+    finally:
+        handle.remove()
+    if not captured:
+        raise RuntimeError(f"{type(module).__name__} was not called by its block")
+    return captured[0]
+
+
+def call_order(layer, inputs, modules: dict[str, torch.nn.Module]) -> list[str] | None:
+    """The sources of `modules` in the order the block reads them (one batch, hooks only); None unless each is read
+    exactly once per forward (a routed expert may be skipped or read per token group: no stage-by-stage order)."""
+    order: list[str] = []
+    handles = [module.register_forward_pre_hook(lambda mod, args, source=source: order.append(source))
+               for source, module in modules.items()]
+    try:
+        run_block(layer, inputs[:1])
+    finally:
+        for handle in handles:
+            handle.remove()
+    return order if sorted(order) == sorted(modules) else None
+
+
+def capture_inputs(layer, inputs, modules: dict[str, torch.nn.Module]):
+    """Run a block over its inputs, keeping what each source's module reads, per batch: ({source: [(tokens, in)]},
+    outputs). One pass gives the full-precision side of every stage of a sequential method."""
+    captured: dict[str, list[torch.Tensor]] = {source: [] for source in modules}
+    handles = [module.register_forward_pre_hook(
+        lambda mod, args, source=source: captured[source].append(args[0].reshape(-1, args[0].shape[-1]).float()))
+        for source, module in modules.items()]
+    try:
+        outputs = run_block(layer, inputs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured, outputs
+
+
+def stage_statistics(layer, inputs, module, fp_inputs: list[torch.Tensor] | None, diagonal: bool = False):
+    """(H = X^T X, C = X^T X_fp) for one input source: X read by `module` in the block as compressed so far (on the
+    compressed model's inputs), X_fp (per batch, from `capture_inputs` on the full-precision block and inputs).
+    C is None without X_fp, where the two do not line up token by token, or for a `diagonal` statistic."""
+    hessian, cross = 0, None if diagonal or fp_inputs is None else 0
+    for index, (hidden, kwargs) in enumerate(inputs):
+        x = module_input(layer, module, hidden, kwargs)
+        hessian = hessian + (x.pow(2).sum(dim=0) if diagonal else x.T @ x)
+        if cross is not None:
+            x_fp = fp_inputs[index] if index < len(fp_inputs) else None
+            cross = cross + x.T @ x_fp if x_fp is not None and x_fp.shape == x.shape else None
+    return hessian, cross

@@ -26,6 +26,7 @@ from shrink_core.errors import ShrinkError
 from shrink_core.model.arch import native_state_dict
 from shrink_core.model.inventory import EXPERT_INDEX
 from shrink_core.plan import Plan, dump_plan, plan_to_dict
+from shrink_core.plan.spec import HESSIAN_METHODS
 
 PACKED_FILE = "packed/model.packed.safetensors"
 
@@ -103,6 +104,7 @@ def save_candidate(model, tokenizer, plan: Plan, out_dir, provenance: dict, repo
             "calibration": report.calibration if report.calibration is not None else provenance.get("calibration"),
             "bytes": {**report.totals, "packed_artifact_file_bytes": packed_size, "packed_artifact": PACKED_FILE},
             "timings_s": report.timings,
+            "calibration_forward_dtype": report.forward_dtype,
             "notes": report.notes,
         })
     (tmp / "provenance.json").write_text(json.dumps(record, indent=1, default=str), encoding="utf-8")
@@ -171,11 +173,11 @@ def llm_compressor_recipe(resolved) -> str:
     ignore = [f"re:^{re.escape(r.name)}$" if r.kind != "lm_head" else "lm_head"
               for r in linear_rows if _scheme_key(r) is None]
     stages = {}
-    for method, modifier in (("gptq", "GPTQModifier"), ("rtn", "QuantizationModifier")):
+    for methods, modifier in ((HESSIAN_METHODS, "GPTQModifier"), (("rtn",), "QuantizationModifier")):
         groups = {}
         for key, names in schemes.items():
             bits, group, symmetric, key_method = key
-            if key_method != method:
+            if key_method not in methods:
                 continue
             weights = {"num_bits": bits, "type": "int", "symmetric": symmetric,
                        "strategy": "channel" if group is None else "group"}

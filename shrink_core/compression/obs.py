@@ -134,3 +134,27 @@ def obs_compress(
         inverse = torch.argsort(order)
         W, keep = W[:, inverse], keep[:, inverse]
     return W, scale, zero, keep
+
+
+def output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:
+    """The weight (out, in) whose outputs on the compressed model's inputs X best match the full-precision layer's
+    outputs on the full-precision inputs X_fp: argmin_V ||X_fp W^T - X V^T||^2 + lam ||V - W||^2, i.e.
+    V^T = (H + lam I)^-1 (C + lam I) W^T with H = X^T X and C = X^T X_fp (in, in), lam GPTQ's damping. GPTQ on this
+    target under H then minimises the error against the full-precision model rather than against the layer's own,
+    already perturbed, inputs: error carried in from earlier layers is corrected where the weights can absorb it.
+    The ridge pulls towards W (not 0), so poorly covered directions keep the original weights; X = X_fp gives W."""
+    hessian = hessian.float().clone()
+    diagonal = hessian.diagonal()
+    dead = diagonal == 0
+    diagonal[dead] = 1
+    undamped = diagonal.clone()
+    weight_t = weight.float().T  # (in, out)
+    for attempt in range(6):
+        lam = damp * (10**attempt) * undamped.mean()
+        diagonal.copy_(undamped + lam)
+        factor, info = torch.linalg.cholesky_ex(hessian)
+        if info == 0:
+            target = torch.cholesky_solve(cross.float() @ weight_t + lam * weight_t, factor).T  # (out, in)
+            target[:, dead] = 0
+            return target.contiguous()
+    raise ValueError("the calibration Hessian is not positive definite even after damping")

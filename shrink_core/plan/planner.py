@@ -22,7 +22,7 @@ import numpy as np
 
 from shrink_core.errors import ShrinkError
 from shrink_core.plan.menu import QUANT_SETTINGS
-from shrink_core.plan.spec import Plan, Rule, WeightSpec, with_index
+from shrink_core.plan.spec import CALIBRATED_METHODS, Plan, Rule, WeightSpec, with_index
 
 # The planner's choices besides "keep" (which leaves the module as loaded; its loss is 0 by definition).
 SETTINGS = QUANT_SETTINGS
@@ -284,7 +284,7 @@ def setting_method(setting: str, method: str) -> str:
     was asked for, and their reference quantizer otherwise."""
     if "ggml" not in SETTINGS.get(setting, {}):
         return method
-    return "imatrix" if method in ("gptq", "imatrix") else "rtn"
+    return "imatrix" if method in CALIBRATED_METHODS else "rtn"
 
 
 def _module_weights(row, setting: str, head_tied: bool):

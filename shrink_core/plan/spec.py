@@ -21,9 +21,23 @@ PLAN_VERSION = 1
 PLANNABLE_KINDS = tuple(k for k in ALL_KINDS if k != "norm")
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8, 16, 32)  # 16 = float16 storage, 32 = unchanged float32
 GROUP_SIZES = (32, 64, 128, None)  # None = per output channel ("channel" in YAML)
-WEIGHT_METHODS = ("rtn", "gptq", "imatrix")  # gptq: Hessian error feedback from calibration activations
+# One line per method: the Plan page's menu and the CLI's help show them.
+METHOD_DESCRIPTIONS = {
+    "rtn": "round to nearest: min/max scale and zero per group; no calibration, seconds.",
+    "gptq": "GPTQ: each column's rounding error is fed forward through the inverse Hessian of the layer's "
+            "calibration inputs, with an activation-weighted clip search for the group ranges.",
+    "gptq-seq": "GPTQ fitted to the full-precision model: layer by layer within each block, on inputs that went "
+                "through the layers already quantized, towards the full-precision layer's outputs (corrects error "
+                "carried in from earlier layers; about 2x gptq's time).",
+    "imatrix": "llama.cpp types only: llama.cpp's quantizer weighted by an importance matrix (mean squared "
+               "activations from calibration).",
+}
+WEIGHT_METHODS = tuple(METHOD_DESCRIPTIONS)
 GGML_METHODS = ("rtn", "imatrix")  # llama.cpp's quantizers: reference, or weighted by an importance matrix
-CALIBRATED_METHODS = ("gptq", "imatrix")
+HESSIAN_METHODS = ("gptq", "gptq-seq")  # read the full X^T X of each layer's calibration inputs
+SEQUENTIAL_METHODS = ("gptq-seq",)  # also read X^T X_fp, layer by layer within a block
+CALIBRATED_METHODS = (*HESSIAN_METHODS, "imatrix")
+INT_METHODS = tuple(m for m in WEIGHT_METHODS if m not in GGML_METHODS or m == "rtn")  # the integer formats' menu
 PRUNE_STRUCTURES = ("unstructured", "nm", "heads", "channels", "blocks")
 MASK_CRITERIA = ("magnitude", "wanda", "sparsegpt")
 STRUCTURED_CRITERIA = ("magnitude", "activation")

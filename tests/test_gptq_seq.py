@@ -1,0 +1,89 @@
+"""gptq-seq: GPTQ layer by layer within a block, towards the full-precision layer's outputs (obs.output_target)."""
+import torch
+
+from shrink_core.compression import calibrate
+from shrink_core.compression.apply import apply_plan_
+from shrink_core.compression.obs import output_target
+from shrink_core.model.arch import decoder_layers
+from shrink_core.model.toy import tiny_llama
+from shrink_core.plan import load_plan
+
+LINEARS = "[q, k, v, o, gate, up, down]"
+
+
+def plan(method: str, bits: int = 3) -> str:
+    return f"version: 1\nrules:\n  - {{kind: {LINEARS}, weights: {{bits: {bits}, group_size: 32, method: {method}}}}}\n"
+
+
+def test_output_target_is_the_ridge_solution_towards_the_weight():
+    torch.manual_seed(0)
+    x = torch.randn(400, 24, dtype=torch.float64)
+    # the full-precision inputs: the compressed ones plus carried-in error, part of it a linear map of them
+    x_fp = x @ (torch.eye(24, dtype=torch.float64) + 0.1 * torch.randn(24, 24, dtype=torch.float64))
+    x_fp = x_fp + 0.02 * torch.randn_like(x)
+    weight = torch.randn(10, 24, dtype=torch.float64)
+    hessian, cross = x.T @ x, x.T @ x_fp
+    target = output_target(weight, hessian, cross, damp=0.01).double()
+    lam = 0.01 * hessian.diagonal().mean()
+    # the gradient of ||x_fp W^T - x V^T||^2 + lam ||V - W||^2 at V = target vanishes
+    gradient = -x.T @ (x_fp @ weight.T - x @ target.T) + lam * (target - weight).T
+    assert gradient.abs().max() < 1e-3 * (x.T @ x_fp @ weight.T).abs().max()
+    # it fits the full-precision outputs better than the weight itself does
+    assert (x_fp @ weight.T - x @ target.T).pow(2).sum() < 0.2 * (x_fp @ weight.T - x @ weight.T).pow(2).sum()
+    # where the inputs are the full-precision ones, the target is the weight
+    assert torch.allclose(output_target(weight, hessian, hessian).double(), weight, atol=1e-4)
+
+
+def test_call_order_follows_the_block_and_stage_statistics_line_up():
+    torch.manual_seed(0)
+    model = tiny_llama()
+    tokens = torch.randint(0, 256, (4, 32))
+    inputs = calibrate.first_block_inputs(model, tokens, batch_size=2)
+    layer = decoder_layers(model)[0]
+    wanted = {"mlp": layer.mlp.gate_proj, "down": layer.mlp.down_proj, "attn": layer.self_attn.q_proj,
+              "o": layer.self_attn.o_proj}
+    assert calibrate.call_order(layer, inputs, wanted) == ["attn", "o", "mlp", "down"]
+    captured, outputs = calibrate.capture_inputs(layer, inputs, {"down": layer.mlp.down_proj})
+    assert [x.shape for x in captured["down"]] == [(64, 128), (64, 128)]  # per batch: 2 x 32 tokens, intermediate
+    assert all(torch.equal(a, b) for (a, _), (b, _) in zip(outputs, calibrate.run_block(layer, inputs)))
+    hessian, cross = calibrate.stage_statistics(layer, inputs, layer.mlp.down_proj, captured["down"])
+    hessians, _ = calibrate.collect(layer, inputs, {"down": layer.mlp.down_proj})
+    assert torch.allclose(hessian, hessians["down"], rtol=1e-5, atol=1e-4) and torch.allclose(cross, hessian)
+    assert calibrate.stage_statistics(layer, inputs, layer.mlp.down_proj, captured["down"][:1])[1] is None
+
+
+def test_gptq_seq_equals_gptq_where_nothing_is_compressed_upstream_and_differs_after():
+    """Block 0's q/k/v read the model's own embeddings in both methods: the same Hessian, a target equal to the
+    weight, so the same weights. Its o_proj reads attention over quantized q/k/v: gptq-seq fits it towards the
+    full-precision output, so it differs, and the layer's error against the full-precision block output drops."""
+    torch.manual_seed(0)
+    calibration = torch.randint(0, 256, (16, 64))
+    reference = tiny_llama()
+    models = {}
+    for method in ("gptq", "gptq-seq"):
+        model = tiny_llama()
+        report = apply_plan_(model, load_plan(plan(method)), calibration)
+        assert not report.notes and all(m.action.endswith(method) for m in report.modules if m.bits)
+        models[method] = model
+    q = "model.layers.0.self_attn.q_proj"
+    modules = {method: dict(m.named_modules()) for method, m in models.items()}
+    assert torch.allclose(modules["gptq"][q].weight, modules["gptq-seq"][q].weight, atol=1e-5)
+    o = "model.layers.0.self_attn.o_proj"
+    assert not torch.allclose(modules["gptq"][o].weight, modules["gptq-seq"][o].weight)
+
+    def block_error(model):
+        inputs = calibrate.first_block_inputs(reference, calibration[:8], batch_size=8)
+        want = calibrate.run_block(decoder_layers(reference)[0], inputs)[0][0]
+        got = calibrate.run_block(decoder_layers(model)[0], inputs)[0][0]
+        return float((got - want).pow(2).mean())
+
+    assert block_error(models["gptq-seq"]) < block_error(models["gptq"])
+
+
+def test_gptq_seq_without_statistics_falls_back_and_says_so():
+    model = tiny_llama(tied=False)
+    text = "version: 1\nrules:\n  - {kind: [lm_head], weights: {bits: 4, group_size: 32, method: gptq-seq}}\n"
+    report = apply_plan_(model, load_plan(text), torch.randint(0, 256, (2, 16)))
+    head = next(m for m in report.modules if m.kind == "lm_head")
+    assert head.action == "int4 g32 asym rtn (fallback: no calibration statistics for gptq-seq)"
+
