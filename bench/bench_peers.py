@@ -3,6 +3,7 @@
   python bench/bench_peers.py [--model builtin:smollm2-135m] [--slices en,fr,de,es,ru,zh,ja,ar,hi]
                               [--windows 16] [--seq-len 512] [--methods rtn-w4g64,q4_k,...] [--out DIR] [--quick]
                               [--calibration en=1] [--calib-sequences 64] [--calib-len 512]
+  python bench/bench_peers.py --render DIR/peers.jsonl     # the markdown table of a run (also written as table.md)
 
 Every method quantizes all block linears (the embedding and the tied head stay fp32, as the peers keep them) of a
 fresh copy of the model; each slice's windows are `--windows` x `--seq-len` tokens of its EVAL rows
@@ -82,6 +83,32 @@ def slice_figures(kl: np.ndarray, agree: np.ndarray) -> dict:
     return {"kl": round(float(kl.mean()), 5), "kl_p99": round(float(np.percentile(kl, 99)), 5),
             "top1_agree": round(float(agree.mean()), 5), "ci95": bootstrap(kl.mean(axis=1)),
             "windows": int(kl.shape[0]), "tokens": int(kl.size)}
+
+
+def markdown_table(rows: list[dict], calibrated: dict[str, bool]) -> str:
+    """The per-language table (one row per method, a column per slice, the worst calibrated and overall slice) from
+    the `table` part's rows: KL mean, the slices outside the calibration mix marked with *."""
+    slices = list(calibrated)
+    head = ["method", "bits/weight", "quantize s"] + [s if calibrated[s] else f"{s}*" for s in slices]
+    head += ["worst calibrated", "worst"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for row in rows:
+        kl = row["kl"]
+        inside = {s: kl[s] for s in slices if calibrated[s] and s in kl}
+        worst_in = max(inside, key=inside.get) if inside else None
+        worst = max(kl, key=kl.get)
+        cells = [row["method"], f"{row['bits_per_weight']:.3f}", f"{row['quantize_seconds']:.0f}"]
+        cells += [f"{kl[s]:.3f}" if s in kl else "" for s in slices]
+        cells += [f"{inside[worst_in]:.3f} ({worst_in})" if worst_in else "", f"{kl[worst]:.3f} ({worst})"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def render(path: Path) -> str:
+    """The markdown table of a finished (or interrupted) run's peers.jsonl."""
+    table = [json.loads(line) for line in path.read_text().splitlines() if '"part": "table"' in line][-1]
+    calibrated = {s: v["calibrated"] for s, v in table["slices"].items()}
+    return markdown_table(table["rows"], calibrated)
 
 
 def bits_per_weight(stored_bytes: int, params: int) -> float:
@@ -243,8 +270,13 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=None, help="calibration window tokens (default: the w4g64 preset's)")
     parser.add_argument("--chunk", type=int, default=2, help="windows per forward")
     parser.add_argument("--out", default=None, help="folder for peers.jsonl (default bench/results/peers-DATE)")
+    parser.add_argument("--render", default=None, metavar="PEERS_JSONL",
+                        help="print the markdown table of a finished run's peers.jsonl and exit")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, en,fr, rtn-w4g64,q4_k")
     args = parser.parse_args()
+    if args.render:
+        print(render(Path(args.render)), end="")
+        return
     if args.quick:
         args.windows, args.seq_len, args.slices, args.methods = 2, 128, "en,fr", args.methods or "rtn-w4g64,q4_k"
     menu = methods()
@@ -316,6 +348,7 @@ def main() -> None:
         emit({"part": "table", "complete": complete, "model": args.model, "windows": args.windows,
               "seq_len": args.seq_len, "slices": {s: {"calibrated": s in mix} for s in slices}, "rows": table}, handle)
         handle.close()
+        (out_dir / "table.md").write_text(render(out_dir / "peers.jsonl"))
 
 
 if __name__ == "__main__":

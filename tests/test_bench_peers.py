@@ -12,6 +12,7 @@ from bench_peers import (  # noqa: E402
     bits_per_weight,
     flat_positions,
     hqq_stored_bytes,
+    markdown_table,
     methods,
     slice_figures,
     token_kl,
@@ -66,3 +67,13 @@ def test_the_method_menu_names_every_method_once():
     assert {"rtn-w4g64", "gptq-w3g64", "q4_k", "q4_k-imatrix", "iq4_xs-imatrix", "hqq-w3g64",
             "llmcompressor-gptq-w4a16"} <= set(menu)
     assert all(m.family in ("plan", "hqq", "llmcompressor") for m in menu.values())
+
+
+def test_markdown_table_marks_slices_outside_the_mix_and_names_both_worst_slices():
+    rows = [{"method": "a", "bits_per_weight": 4.375, "quantize_seconds": 161.2,
+             "kl": {"en": 0.07, "fr": 0.12, "hi": 0.19}},
+            {"method": "b", "bits_per_weight": 5.5, "quantize_seconds": 8.0, "kl": {"en": 0.3, "fr": 0.1, "hi": 0.2}}]
+    lines = markdown_table(rows, {"en": True, "fr": True, "hi": False}).splitlines()
+    assert lines[0] == "| method | bits/weight | quantize s | en | fr | hi* | worst calibrated | worst |"
+    assert lines[2] == "| a | 4.375 | 161 | 0.070 | 0.120 | 0.190 | 0.120 (fr) | 0.190 (hi) |"
+    assert lines[3] == "| b | 5.500 | 8 | 0.300 | 0.100 | 0.200 | 0.300 (en) | 0.300 (en) |"

@@ -103,3 +103,12 @@ def test_a_model_already_loaded_counts_as_resident_not_as_still_to_come():
     assert footprint.admit(make, EIGHT_B, available=int(2.5e9), loaded=True).total > 18e9
     with pytest.raises(ShrinkError):
         footprint.admit(make, EIGHT_B, available=int(1e9), loaded=True)
+
+
+def test_a_sequential_method_adds_its_full_precision_side():
+    plain, sequential = footprint.apply(EIGHT_B, (64, 512)), footprint.apply(EIGHT_B, (64, 512), sequential=True)
+    added = {k: v for k, v in sequential.parts.items() if k not in plain.parts}
+    tokens = 64 * 512
+    assert added == {"full-precision block": 6_979_321_856 // 32 * 2, "full-precision stream": tokens * 4096 * 2,
+                     "full-precision inputs": tokens * (3 * 4096 + 14336) * 4}
+    assert 3.4e9 < added["full-precision inputs"] < 3.6e9  # what gptq-seq keeps of an 8B block at 64 x 512 tokens

@@ -87,9 +87,12 @@ def evaluation(facts: ModelFacts, max_batch_tokens: int = 1024, reference: bool 
     return Footprint("evaluation", parts)
 
 
-def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: int = 8) -> Footprint:
+def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: int = 8,
+          sequential: bool = False) -> Footprint:
     """Applying a plan: the float32 copy of the largest (stacked) weight being quantized; with calibration, each block's
-    Hessians (input x input, float32, up to four inputs) and its calibration activations in and out."""
+    Hessians (input x input, float32, up to four inputs) and its calibration activations in and out. A sequential
+    method (gptq-seq) adds the full-precision side: a copy of the block, a second stream of block inputs, and the
+    float32 inputs of every block linear's source for the whole calibration set (compression/calibrate.py)."""
     parts = _base(facts)
     # float32 working copies: a block of rows for RTN, a whole stack (gate + up) for GPTQ
     stack = max(facts.largest_linear, 2 * facts.intermediate * facts.hidden) if calibration else 0
@@ -102,6 +105,10 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
         parts["hessians"] = 4 * (3 * facts.hidden**2 + widest**2) + 4 * 3 * widest**2
         parts["activations"] = 3 * sequences * length * facts.hidden * facts.dtype_bytes
         parts["block forward"] = int(min(sequences, batch) * length * max(facts.intermediate, facts.hidden) * 4 * 3)
+        if sequential:
+            parts["full-precision block"] = facts.linear_params // max(facts.blocks, 1) * facts.dtype_bytes
+            parts["full-precision stream"] = sequences * length * facts.hidden * facts.dtype_bytes
+            parts["full-precision inputs"] = sequences * length * (3 * facts.hidden + widest) * 4
     return Footprint("apply", parts)
 
 

@@ -131,20 +131,22 @@ def admit_eval(description: dict | None, loaded, budget: str, plan_text: str | N
     facts = footprint.facts_from_description(description) if description else footprint.facts_from_model(
         loaded.model)
     batch = get_protocol(budget).max_batch_tokens
-    calibration = None
+    calibration, sequential = None, False
     if plan_text:
         from shrink_core.evaluation.calibration import recipe_for
         from shrink_core.plan import load_plan
+        from shrink_core.plan.spec import SEQUENTIAL_METHODS
 
         plan = load_plan(plan_text)
         if plan.needs_calibration:
             recipe = recipe_for(plan)
             calibration = (recipe.n_sequences, recipe.seq_len)
+            sequential = any(r.weights is not None and r.weights.method in SEQUENTIAL_METHODS for r in plan.rules)
 
     def make(f):
         need = footprint.evaluation(f, batch, reference=bool(plan_text))
         if plan_text:  # the candidate is made beside the reference: the larger of the two phases counts
-            applying = footprint.apply(f, calibration)
+            applying = footprint.apply(f, calibration, sequential=sequential)
             applying.parts["reference weights"] = f.params * f.dtype_bytes
             need = max(need, applying, key=lambda x: x.total)
         return need
