@@ -3,7 +3,7 @@
   python bench/bench_peers.py [--model builtin:smollm2-135m] [--slices en,fr,de,es,ru,zh,ja,ar,hi]
                               [--windows 16] [--seq-len 512] [--methods rtn-w4g64,q4_k,...] [--out DIR] [--quick]
                               [--calibration en=1] [--calib-sequences 64] [--calib-len 512]
-  python bench/bench_peers.py --render DIR/peers.jsonl     # the markdown table of a run (also written as table.md)
+  python bench/bench_peers.py --render DIR/peers.jsonl ...  # the markdown table of runs (a run writes table.md)
 
 Every method quantizes all block linears (the embedding and the tied head stay fp32, as the peers keep them) of a
 fresh copy of the model; each slice's windows are `--windows` x `--seq-len` tokens of its EVAL rows
@@ -104,11 +104,23 @@ def markdown_table(rows: list[dict], calibrated: dict[str, bool]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def render(path: Path) -> str:
-    """The markdown table of a finished (or interrupted) run's peers.jsonl."""
-    table = [json.loads(line) for line in path.read_text().splitlines() if '"part": "table"' in line][-1]
-    calibrated = {s: v["calibrated"] for s, v in table["slices"].items()}
-    return markdown_table(table["rows"], calibrated)
+def render(*paths: Path) -> str:
+    """The markdown table of one or more runs' peers.jsonl, from their per-slice lines, so a run stopped before its
+    closing table (killed, or cut short to free the machine) still renders; a method's row needs every slice."""
+    rows: dict[str, dict] = {}
+    calibrated: dict[str, bool] = {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            part = json.loads(line)
+            if part.get("part") != "slice":
+                continue
+            calibrated.setdefault(part["slice"], part["calibrated"])
+            row = rows.setdefault(part["method"], {"method": part["method"], "kl": {},
+                                                   "bits_per_weight": part["bits_per_weight"],
+                                                   "quantize_seconds": part["quantize_seconds"]})
+            row["kl"][part["slice"]] = part["kl"]
+    complete = [row for row in rows.values() if set(row["kl"]) == set(calibrated)]
+    return markdown_table(complete, calibrated)
 
 
 def bits_per_weight(stored_bytes: int, params: int) -> float:
@@ -270,12 +282,12 @@ def main() -> None:
     parser.add_argument("--calib-len", type=int, default=None, help="calibration window tokens (default: the w4g64 preset's)")
     parser.add_argument("--chunk", type=int, default=2, help="windows per forward")
     parser.add_argument("--out", default=None, help="folder for peers.jsonl (default bench/results/peers-DATE)")
-    parser.add_argument("--render", default=None, metavar="PEERS_JSONL",
-                        help="print the markdown table of a finished run's peers.jsonl and exit")
+    parser.add_argument("--render", nargs="+", default=None, metavar="PEERS_JSONL",
+                        help="print the markdown table of one or more runs' peers.jsonl and exit")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, en,fr, rtn-w4g64,q4_k")
     args = parser.parse_args()
     if args.render:
-        print(render(Path(args.render)), end="")
+        print(render(*map(Path, args.render)), end="")
         return
     if args.quick:
         args.windows, args.seq_len, args.slices, args.methods = 2, 128, "en,fr", args.methods or "rtn-w4g64,q4_k"

@@ -32,7 +32,7 @@ def test_the_name_follows_the_content_unless_the_user_named_it(stored_tiny):  # 
     at.button(key="bulk_apply").click().run()
     assert not at.exception and not at.error
     plan = load_plan(at.session_state["plan_draft"])
-    assert plan.name == "mixed w3g64/w4g64 gptq/rtn, 14 kept"  # blocks 0 and 2 (7 linears each) are kept
+    assert plan.name == "mixed w3g64/w4g64 gptq-seq/rtn, 14 kept"  # blocks 0 and 2 (7 linears each) are kept
     assert "first and last blocks" not in plan.description  # the preset's description went with its name
     assert load_plan(Store().draft(SPEC)).name == plan.name  # what Results and the report will be handed
     next(t for t in at.text_input if t.label == "Plan name").set_value("my plan").run()
