@@ -34,7 +34,7 @@ def test_output_target_is_the_ridge_solution_towards_the_weight():
     assert torch.allclose(output_target(weight, hessian, hessian).double(), weight, atol=1e-4)
 
 
-def test_call_order_follows_the_block_and_stage_statistics_line_up():
+def test_capture_gives_the_read_order_and_stage_statistics_line_up():
     torch.manual_seed(0)
     model = tiny_llama()
     tokens = torch.randint(0, 256, (4, 32))
@@ -42,10 +42,12 @@ def test_call_order_follows_the_block_and_stage_statistics_line_up():
     layer = decoder_layers(model)[0]
     wanted = {"mlp": layer.mlp.gate_proj, "down": layer.mlp.down_proj, "attn": layer.self_attn.q_proj,
               "o": layer.self_attn.o_proj}
-    assert calibrate.call_order(layer, inputs, wanted) == ["attn", "o", "mlp", "down"]
-    captured, outputs = calibrate.capture_inputs(layer, inputs, {"down": layer.mlp.down_proj})
+    captured, outputs, order = calibrate.capture_inputs(layer, inputs, wanted)
+    assert order == ["attn", "o", "mlp", "down"]
     assert [x.shape for x in captured["down"]] == [(64, 128), (64, 128)]  # per batch: 2 x 32 tokens, intermediate
     assert all(torch.equal(a, b) for (a, _), (b, _) in zip(outputs, calibrate.run_block(layer, inputs)))
+    # a module the block never reads (as a routed expert may be skipped): no stage-by-stage order
+    assert calibrate.capture_inputs(layer, inputs, {**wanted, "unread": torch.nn.Linear(4, 4)})[2] is None
     hessian, cross = calibrate.stage_statistics(layer, inputs, layer.mlp.down_proj, captured["down"])
     hessians, _ = calibrate.collect(layer, inputs, {"down": layer.mlp.down_proj})
     assert torch.allclose(hessian, hessians["down"], rtol=1e-5, atol=1e-4) and torch.allclose(cross, hessian)

@@ -289,16 +289,17 @@ class _BlockContext:
         stacks = _stacks(rows)
         order = None
         if self.fp_layer is not None and any(_sequential(r) for r in rows):
-            order = calibrate.call_order(self.layer, self.inputs, wanted)
+            # the full-precision pass gives X_fp for every stage, the block's read order, and the stream's next inputs
+            fp_modules = dict(self.fp_layer.named_modules())
+            relative = {id(module): name for name, module in self.layer.named_modules()}
+            fp_captured, self.fp_outputs, order = calibrate.capture_inputs(
+                self.fp_layer, self.fp_inputs, {source: fp_modules[relative[id(m)]] for source, m in wanted.items()})
         if order is None:  # one pass over the block for every source
+            fp_captured = None  # a routed expert's X_fp does not line up with its X: nothing to fit to
             diagonal = {source for source, need in needs.items() if need == "diag"}
             hessians, _ = calibrate.collect(self.layer, self.inputs, wanted, diagonal)
             self.compress_(stacks, hessians)
             return
-        fp_modules = dict(self.fp_layer.named_modules())
-        relative = {id(module): name for name, module in self.layer.named_modules()}
-        fp_captured, self.fp_outputs = calibrate.capture_inputs(
-            self.fp_layer, self.fp_inputs, {source: fp_modules[relative[id(m)]] for source, m in wanted.items()})
         by_source: dict[str, list] = {}
         for members in stacks:
             row = members[0]

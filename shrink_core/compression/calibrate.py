@@ -50,6 +50,11 @@ def _exact():
     return torch.autocast("cpu", enabled=False)
 
 
+def _flat(x: torch.Tensor) -> torch.Tensor:
+    """A module's input as float32 (tokens, features)."""
+    return x.reshape(-1, x.shape[-1]).float()
+
+
 def input_source(name: str, kind: str) -> str:
     """The input a module reads, unique within a block: its parent's path plus the source of its kind, so that each
     expert of an MoE layer (and a shared expert) has its own statistics; an unknown kind reads its own input."""
@@ -89,7 +94,7 @@ class HessianHooks:
 
     def _hook(self, source: str, diagonal: bool):
         def hook(module, args, output):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+            x = _flat(args[0])  # (tokens, in)
             with _exact():
                 update = x.pow(2).sum(dim=0) if diagonal else x.T @ x  # (in,) or (in, in)
             self.hessians[source] = self.hessians.get(source, 0) + update
@@ -142,7 +147,7 @@ def module_input(layer, module: torch.nn.Module, hidden: torch.Tensor, kwargs: d
     captured = []
 
     def grab(mod, args):
-        captured.append(args[0].reshape(-1, args[0].shape[-1]).float())
+        captured.append(_flat(args[0]))
         raise _Captured
 
     handle = module.register_forward_pre_hook(grab)
@@ -158,33 +163,27 @@ def module_input(layer, module: torch.nn.Module, hidden: torch.Tensor, kwargs: d
     return captured[0]
 
 
-def call_order(layer, inputs, modules: dict[str, torch.nn.Module]) -> list[str] | None:
-    """The sources of `modules` in the order the block reads them (one batch, hooks only); None unless each is read
-    exactly once per forward (a routed expert may be skipped or read per token group: no stage-by-stage order)."""
-    order: list[str] = []
-    handles = [module.register_forward_pre_hook(lambda mod, args, source=source: order.append(source))
-               for source, module in modules.items()]
-    try:
-        run_block(layer, inputs[:1])
-    finally:
-        for handle in handles:
-            handle.remove()
-    return order if sorted(order) == sorted(modules) else None
-
-
 def capture_inputs(layer, inputs, modules: dict[str, torch.nn.Module]):
-    """Run a block over its inputs, keeping what each source's module reads, per batch: ({source: [(tokens, in)]},
-    outputs). One pass gives the full-precision side of every stage of a sequential method."""
+    """Run a block over its inputs, keeping what each source's module reads, per batch. Returns ({source: [(tokens,
+    in)]}, outputs, order): one pass gives the full-precision side of every stage of a sequential method, and the
+    order the block reads the sources in; order is None unless each is read exactly once per batch (a routed expert
+    may be skipped or read per token group: no stage-by-stage order there)."""
     captured: dict[str, list[torch.Tensor]] = {source: [] for source in modules}
-    handles = [module.register_forward_pre_hook(
-        lambda mod, args, source=source: captured[source].append(args[0].reshape(-1, args[0].shape[-1]).float()))
-        for source, module in modules.items()]
+    calls: list[str] = []
+
+    def grab(mod, args, source):
+        calls.append(source)
+        captured[source].append(_flat(args[0]))
+
+    handles = [module.register_forward_pre_hook(lambda mod, args, source=source: grab(mod, args, source))
+               for source, module in modules.items()]
     try:
         outputs = run_block(layer, inputs)
     finally:
         for handle in handles:
             handle.remove()
-    return captured, outputs
+    once = len(calls) == len(inputs) * len(modules) and all(len(x) == len(inputs) for x in captured.values())
+    return captured, outputs, calls[:len(modules)] if once else None
 
 
 def stage_statistics(layer, inputs, module, fp_inputs: list[torch.Tensor] | None, diagonal: bool = False):

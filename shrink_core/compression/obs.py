@@ -15,6 +15,21 @@ from shrink_core.compression.primitives import scale_zero, to_groups
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
 
+def _damped(hessian: torch.Tensor, damp: float):
+    """Damp a float32 H in place, more each time: yields (lam, dead) per attempt, lam = damp * 10^k * mean(diag H),
+    with dead input features (zero diagonal) set to 1 first. The callers factorize and stop at the first success."""
+    diagonal = hessian.diagonal()  # a view: damping adds to it in place
+    dead = diagonal == 0
+    diagonal[dead] = 1
+    undamped = diagonal.clone()
+    mean_diag = undamped.mean()
+    for attempt in range(6):
+        lam = damp * (10**attempt) * mean_diag
+        diagonal.copy_(undamped + lam)
+        yield lam, dead
+    raise ValueError("the calibration Hessian is not positive definite even after damping")
+
+
 def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01,
                            overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of H^-1 (in, in) after damping; also the mask of dead input features (in,).
@@ -22,13 +37,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01,
     Memory: an (in, in) float32 matrix is 822 MB for Llama-3-8B's down_proj, so at most three live at once beside
     the caller's (none of them the identity); `overwrite` damps the caller's own float32 H in place."""
     hessian = hessian.float() if overwrite else hessian.float().clone()
-    diagonal = hessian.diagonal()  # a view: damping adds to it in place
-    dead = diagonal == 0
-    diagonal[dead] = 1
-    undamped = diagonal.clone()
-    mean_diag = undamped.mean()
-    for attempt in range(6):
-        diagonal.copy_(undamped + damp * (10**attempt) * mean_diag)
+    for _, dead in _damped(hessian, damp):
         factor, info = torch.linalg.cholesky_ex(hessian)
         if info == 0:
             inverse = torch.cholesky_inverse(factor)
@@ -37,7 +46,6 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01,
             del inverse
             if info == 0:
                 return upper, dead
-    raise ValueError("the calibration Hessian is not positive definite even after damping")
 
 
 def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group_size: int | None,
@@ -144,17 +152,10 @@ def output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tens
     already perturbed, inputs: error carried in from earlier layers is corrected where the weights can absorb it.
     The ridge pulls towards W (not 0), so poorly covered directions keep the original weights; X = X_fp gives W."""
     hessian = hessian.float().clone()
-    diagonal = hessian.diagonal()
-    dead = diagonal == 0
-    diagonal[dead] = 1
-    undamped = diagonal.clone()
     weight_t = weight.float().T  # (in, out)
-    for attempt in range(6):
-        lam = damp * (10**attempt) * undamped.mean()
-        diagonal.copy_(undamped + lam)
+    for lam, dead in _damped(hessian, damp):
         factor, info = torch.linalg.cholesky_ex(hessian)
         if info == 0:
             target = torch.cholesky_solve(cross.float() @ weight_t + lam * weight_t, factor).T  # (out, in)
             target[:, dead] = 0
             return target.contiguous()
-    raise ValueError("the calibration Hessian is not positive definite even after damping")

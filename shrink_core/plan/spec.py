@@ -28,7 +28,7 @@ METHOD_DESCRIPTIONS = {
             "calibration inputs, with an activation-weighted clip search for the group ranges.",
     "gptq-seq": "GPTQ fitted to the full-precision model: layer by layer within each block, on inputs that went "
                 "through the layers already quantized, towards the full-precision layer's outputs (corrects error "
-                "carried in from earlier layers; about 2x gptq's time).",
+                "carried in from earlier layers; slower than gptq: docs/methods.md has the measured times).",
     "imatrix": "llama.cpp types only: llama.cpp's quantizer weighted by an importance matrix (mean squared "
                "activations from calibration).",
 }
