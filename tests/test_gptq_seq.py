@@ -89,3 +89,34 @@ def test_gptq_seq_without_statistics_falls_back_and_says_so():
     head = next(m for m in report.modules if m.kind == "lm_head")
     assert head.action == "int4 g32 asym rtn (fallback: no calibration statistics for gptq-seq)"
 
+
+
+def test_settled_attention_is_reused_and_changes_no_weight(monkeypatch):
+    """Once q/k/v/o are compressed, the MLP stages and the block's output pass reuse attention's recorded outputs
+    instead of recomputing them; the weights are bit for bit those of recomputing."""
+    torch.manual_seed(0)
+    calibration = torch.randint(0, 256, (8, 32))
+
+    def run():
+        model = tiny_llama()
+        calls = []
+        o_proj = decoder_layers(model)[0].self_attn.o_proj
+        # the full-precision copy of the block inherits the hook: count this module's calls only
+        o_proj.register_forward_hook(lambda module, args, output: calls.append(1) if module is o_proj else None)
+        apply_plan_(model, load_plan(plan("gptq-seq")), calibration, batch_size=4)
+        return model.state_dict(), len(calls)
+
+    reused, reused_calls = run()
+    monkeypatch.setattr(calibrate, "per_batch_order", lambda calls, batches: None)  # nothing settles
+    recomputed, recomputed_calls = run()
+    # one call from the one-sequence forward that gathers each block's arguments; then per batch (two) the mlp stage,
+    # the down stage and the output pass each run o_proj, unless attention is settled after the mlp stage
+    assert (reused_calls, recomputed_calls) == (1 + 2, 1 + 6)
+    assert all(torch.equal(reused[name], recomputed[name]) for name in recomputed)
+
+
+def test_children_order_needs_each_child_once_per_batch_in_one_order():
+    assert calibrate.per_batch_order(["norm", "attn", "mlp"] * 2, 2) == ["norm", "attn", "mlp"]
+    assert calibrate.per_batch_order(["norm", "attn", "mlp", "norm", "mlp", "attn"], 2) is None
+    assert calibrate.per_batch_order(["norm", "attn", "norm"], 1) is None  # a child called twice
+    assert calibrate.per_batch_order([], 2) is None

@@ -90,7 +90,7 @@ def test_report_progress_and_packed_totals(tmp_path):
     assert set(report.timings) >= {"structured_s", "compress_s", "total_s"}
     from shrink_core.compression.calibrate import fast_forward_dtype
 
-    forwards = str(fast_forward_dtype(model) or torch.float32).replace("torch.", "")  # bfloat16 where AMX has it
+    forwards = str(fast_forward_dtype(model) or torch.float32).replace("torch.", "")  # bfloat16 where the CPU has AVX512-BF16
     assert report.calibration == {"n_sequences": 4, "seq_len": 32} and report.forward_dtype == forwards
     assert len(report.quant_states) == 21
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import time
 from collections.abc import Callable
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, replace
 
 import torch
@@ -91,7 +91,7 @@ class ApplyReport:
     # importance matrix: what an imatrix file holds, so llama-quantize can be given the same weighting
     importance: dict = field(default_factory=dict, repr=False)
     notes: list = field(default_factory=list)
-    forward_dtype: str | None = None  # what the calibration forwards ran in (bfloat16 on AMX CPUs; None: none ran)
+    forward_dtype: str | None = None  # what the calibration forwards ran in (bfloat16 on CPUs with AVX512-BF16; None: none ran)
 
     def rows(self) -> list[dict]:
         return [m.row() for m in self.modules]
@@ -274,6 +274,7 @@ class _BlockContext:
     fallbacks: dict
     importance: dict
     fp_outputs: list | None = None  # the full-precision block's outputs, when a sequential pass computed them
+    settled: calibrate.SettledChildren | None = None  # children whose outputs a sequential pass kept
 
     def calibrated_(self, rows: list[ResolvedModule]) -> None:
         """Collect what each input source needs, then compress. With a sequential method in the block, sources are
@@ -292,8 +293,10 @@ class _BlockContext:
             # the full-precision pass gives X_fp for every stage, the block's read order, and the stream's next inputs
             fp_modules = dict(self.fp_layer.named_modules())
             relative = {id(module): name for name, module in self.layer.named_modules()}
-            fp_captured, self.fp_outputs, order = calibrate.capture_inputs(
-                self.fp_layer, self.fp_inputs, {source: fp_modules[relative[id(m)]] for source, m in wanted.items()})
+            with calibrate.recording_children(self.fp_layer) as calls:
+                fp_captured, self.fp_outputs, order = calibrate.capture_inputs(
+                    self.fp_layer, self.fp_inputs, {source: fp_modules[relative[id(m)]] for source, m in wanted.items()})
+            children = calibrate.per_batch_order(calls, len(self.fp_inputs))
         if order is None:  # one pass over the block for every source
             fp_captured = None  # a routed expert's X_fp does not line up with its X: nothing to fit to
             diagonal = {source for source, need in needs.items() if need == "diag"}
@@ -306,11 +309,19 @@ class _BlockContext:
             source = calibrate.input_source(row.name, row.kind) if _needs_hessian(row) else None
             by_source.setdefault(source, []).append(members)
         self.compress_(by_source.pop(None, []), {})  # calibration-free rows first: later sources see them done
-        for source in order:
-            module = wanted[source]
-            hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, module, fp_captured.pop(source),
-                                                        diagonal=needs[source] == "diag")
+        self.settled = calibrate.SettledChildren(self.layer, children or [])
+        for index, source in enumerate(order):
+            self.settled.settle([self.modules[m.name] for later in order[index:] for members in by_source.get(later, [])
+                                 for m in members])
+            with self.settled:
+                hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, wanted[source],
+                                                            fp_captured.pop(source), diagonal=needs[source] == "diag")
             self.compress_(by_source.get(source, []), {source: hessian}, {source: cross})
+
+    def next_inputs(self) -> list:
+        """The block's outputs on its (compressed-stream) inputs, reusing the outputs of children already settled."""
+        with self.settled or nullcontext():
+            return calibrate.run_block(self.layer, self.inputs)
 
     def compress_(self, stacks: list, hessians: dict, crosses: dict | None = None) -> None:
         with _single_thread():  # the column loops are many small ops: thread hand-offs cost more than they give
@@ -418,7 +429,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
             else:
                 context.compress_(_stacks(rows), {})
             if inputs is not None and block < last_calibrated:
-                inputs = calibrate.run_block(layer, inputs)
+                inputs = context.next_inputs()
                 if fp_inputs is not None:
                     fp_inputs = context.fp_outputs or calibrate.run_block(fp_layer, fp_inputs)
             del fp_layer, context

@@ -92,7 +92,8 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
     """Applying a plan: the float32 copy of the largest (stacked) weight being quantized; with calibration, each block's
     Hessians (input x input, float32, up to four inputs) and its calibration activations in and out. A sequential
     method (gptq-seq) adds the full-precision side: a copy of the block, a second stream of block inputs, and the
-    float32 inputs of every block linear's source for the whole calibration set (compression/calibrate.py)."""
+    float32 inputs of every block linear's source for the whole calibration set, and the settled attention's outputs
+    that the later stages reuse (compression/calibrate.py)."""
     parts = _base(facts)
     # float32 working copies: a block of rows for RTN, a whole stack (gate + up) for GPTQ
     stack = max(facts.largest_linear, 2 * facts.intermediate * facts.hidden) if calibration else 0
@@ -109,6 +110,7 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
             parts["full-precision block"] = facts.linear_params // max(facts.blocks, 1) * facts.dtype_bytes
             parts["full-precision stream"] = sequences * length * facts.hidden * facts.dtype_bytes
             parts["full-precision inputs"] = sequences * length * (3 * facts.hidden + widest) * 4
+            parts["settled attention outputs"] = sequences * length * facts.hidden * 4  # float32 at most
     return Footprint("apply", parts)
 
 
