@@ -104,20 +104,40 @@ def markdown_table(rows: list[dict], calibrated: dict[str, bool]) -> str:
     return "\n".join(lines) + "\n"
 
 
+CALIBRATED = ("gptq", "gptq-seq", "imatrix")
+
+
+def row_label(method: str, recipe: dict | None) -> str:
+    """A calibrated method's row names its calibration where a run used another than the default (the w4g64
+    preset's: 64 x 512 tokens of the default mix), so runs at other sizes render as rows of their own."""
+    from shrink_core.plan.presets import QUANT_RECIPE
+
+    spec = methods().get(method)
+    if recipe is None or spec is None or spec.weights is None or spec.weights.get("method") not in CALIBRATED:
+        return method
+    if recipe == QUANT_RECIPE:
+        return method
+    mix = "" if recipe.get("mix") == QUANT_RECIPE["mix"] else ", " + ",".join(f"{k}={v}" for k, v in recipe["mix"].items())
+    return f"{method} ({recipe['n_sequences']}x{recipe['seq_len']}{mix})"
+
+
 def render(*paths: Path) -> str:
     """The markdown table of one or more runs' peers.jsonl, from their per-slice lines, so a run stopped before its
     closing table (killed, or cut short to free the machine) still renders; a method's row needs every slice."""
     rows: dict[str, dict] = {}
     calibrated: dict[str, bool] = {}
     for path in paths:
+        recipe = None
         for line in path.read_text().splitlines():
             part = json.loads(line)
+            if part.get("part") == "setup":
+                recipe = part.get("calibration")
             if part.get("part") != "slice":
                 continue
             calibrated.setdefault(part["slice"], part["calibrated"])
-            row = rows.setdefault(part["method"], {"method": part["method"], "kl": {},
-                                                   "bits_per_weight": part["bits_per_weight"],
-                                                   "quantize_seconds": part["quantize_seconds"]})
+            label = row_label(part["method"], recipe)
+            row = rows.setdefault(label, {"method": label, "kl": {}, "bits_per_weight": part["bits_per_weight"],
+                                          "quantize_seconds": part["quantize_seconds"]})
             row["kl"][part["slice"]] = part["kl"]
     complete = [row for row in rows.values() if set(row["kl"]) == set(calibrated)]
     return markdown_table(complete, calibrated)

@@ -18,7 +18,8 @@ def shrink_home() -> Path:
 
 
 def model_cache_dir() -> Path:
-    """fp32 copies of GGUF models; `$SHRINK_MODEL_CACHE` lets several homes (tests) share one."""
+    """Dequantized copies of GGUF models (model/load.py `_gguf_cache`); `$SHRINK_MODEL_CACHE` lets several homes (tests)
+    share one."""
     override = os.environ.get("SHRINK_MODEL_CACHE")
     path = Path(override).expanduser() if override else shrink_home() / "models"
     path.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
 """The peer benchmark's arithmetic on tiny inputs: per-token KL and top-1, p99 and the CI, bits per weight, positions."""
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,8 @@ from bench_peers import (  # noqa: E402
     hqq_stored_bytes,
     markdown_table,
     methods,
+    render,
+    row_label,
     slice_figures,
     token_kl,
 )
@@ -77,3 +80,25 @@ def test_markdown_table_marks_slices_outside_the_mix_and_names_both_worst_slices
     assert lines[0] == "| method | bits/weight | quantize s | en | fr | hi* | worst calibrated | worst |"
     assert lines[2] == "| a | 4.375 | 161 | 0.070 | 0.120 | 0.190 | 0.120 (fr) | 0.190 (hi) |"
     assert lines[3] == "| b | 5.500 | 8 | 0.300 | 0.100 | 0.200 | 0.300 (en) | 0.300 (en) |"
+
+
+def test_a_run_at_another_calibration_renders_as_its_own_row(tmp_path):
+    from shrink_core.plan.presets import QUANT_RECIPE
+
+    def run(name: str, recipe: dict, kl: float) -> Path:
+        lines = [{"part": "setup", "calibration": recipe}]
+        lines += [{"part": "slice", "method": method, "slice": "en", "calibrated": True, "kl": kl,
+                   "bits_per_weight": 4.375, "quantize_seconds": 1.0} for method in ("gptq-seq-w4g64", "q5_0")]
+        path = tmp_path / name
+        path.write_text("\n".join(json.dumps(line) for line in lines))
+        return path
+
+    more = {**QUANT_RECIPE, "n_sequences": 128}
+    english = {**QUANT_RECIPE, "mix": {"en": 1.0}}
+    assert row_label("gptq-seq-w4g64", QUANT_RECIPE) == "gptq-seq-w4g64"
+    assert row_label("q5_0", more) == "q5_0"  # not calibrated: the recipe does not touch it
+    assert row_label("gptq-seq-w4g64", english) == "gptq-seq-w4g64 (64x512, en=1.0)"
+    table = render(run("a.jsonl", QUANT_RECIPE, 0.076), run("b.jsonl", more, 0.069)).splitlines()
+    assert [line.split(" | ")[0] for line in table[2:]] == [
+        "| gptq-seq-w4g64", "| q5_0", "| gptq-seq-w4g64 (128x512)"]
+    assert "| 0.076 |" in table[2] and "| 0.069 |" in table[4]

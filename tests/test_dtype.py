@@ -62,3 +62,21 @@ def test_the_cli_flag_becomes_the_spec_suffix(model_dir, shrink_home, capsys):
     report = json.loads(capsys.readouterr().out)
     assert report["spec"] == f"{model_dir}#bf16" and report["device"].startswith("cpu bf16")
     assert report["summary"]["dtype"] == "bfloat16"
+
+
+def test_a_gguf_converts_to_the_dtype_asked_for_and_keeps_its_first_copy(shrink_home, monkeypatch):
+    """A GGUF asked for in bf16 on a machine with no copy of it is dequantized straight to bf16 (no fp32 model in
+    memory); the same values as the fp32 copy cast, and the bf16 copy stays the one bf16 loads read (its hash)."""
+    from safetensors import safe_open
+
+    monkeypatch.setenv("SHRINK_MODEL_CACHE", str(shrink_home / "models"))  # not the copies other tests share
+    bf16 = load("builtin:smollm2-135m#bf16")
+    assert bf16.notes[0].startswith("GGUF weights dequantized to bf16, tensor by tensor")
+    files = list(bf16.source_dir.glob("*.safetensors"))
+    with safe_open(str(files[0]), "pt") as handle:
+        assert handle.get_slice(next(iter(handle.keys()))).get_dtype() == "BF16"
+    fp32 = load("builtin:smollm2-135m")  # makes the fp32 copy beside it
+    again = load("builtin:smollm2-135m#bf16")
+    assert again.weights_hash == bf16.weights_hash != fp32.weights_hash + "+bf16" and again.from_cache
+    cast = {name: tensor.to(torch.bfloat16) for name, tensor in fp32.model.state_dict().items()}
+    assert all(torch.equal(tensor, cast[name]) for name, tensor in again.model.state_dict().items())

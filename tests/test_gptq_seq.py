@@ -120,3 +120,12 @@ def test_children_order_needs_each_child_once_per_batch_in_one_order():
     assert calibrate.per_batch_order(["norm", "attn", "mlp", "norm", "mlp", "attn"], 2) is None
     assert calibrate.per_batch_order(["norm", "attn", "norm"], 1) is None  # a child called twice
     assert calibrate.per_batch_order([], 2) is None
+
+
+def test_settling_puts_back_a_forward_set_on_the_instance():
+    layer = decoder_layers(tiny_llama())[0]
+    own = layer.mlp.forward  # as accelerate's offload hooks set one on the instance
+    layer.mlp.forward = own
+    with calibrate.SettledChildren(layer, ["self_attn", "mlp"]):
+        assert layer.mlp.forward is not own and "forward" in vars(layer.self_attn)
+    assert vars(layer.mlp)["forward"] is own and "forward" not in vars(layer.self_attn)

@@ -283,11 +283,17 @@ class SettledChildren:
         return settled_forward
 
     def __enter__(self):
+        self._own = {}  # a forward set on the instance before (accelerate's offload hooks do that) comes back after
         for name in self.order:
             child = self.children[name]
+            self._own[name] = child.__dict__.get("forward")
             child.forward = self._wrap(name, child.forward)  # an instance attribute shadows the class's forward
         return self
 
     def __exit__(self, *exc):
         for name in self.order:
-            del self.children[name].forward
+            child = self.children[name]
+            if self._own[name] is None:
+                del child.forward
+            else:
+                child.forward = self._own[name]

