@@ -123,11 +123,12 @@ def row_label(method: str, recipe: dict | None) -> str:
 
 def render(*paths: Path) -> str:
     """The markdown table of one or more runs' peers.jsonl, from their per-slice lines, so a run stopped before its
-    closing table (killed, or cut short to free the machine) still renders; a method's row needs every slice."""
+    closing table (killed, or cut short to free the machine) still renders; a method's row needs every slice, and
+    the last file that measured a method (at the same calibration) gives its row."""
     rows: dict[str, dict] = {}
     calibrated: dict[str, bool] = {}
     for path in paths:
-        recipe = None
+        recipe, seen = None, set()
         for line in path.read_text().splitlines():
             part = json.loads(line)
             if part.get("part") == "setup":
@@ -136,9 +137,11 @@ def render(*paths: Path) -> str:
                 continue
             calibrated.setdefault(part["slice"], part["calibrated"])
             label = row_label(part["method"], recipe)
-            row = rows.setdefault(label, {"method": label, "kl": {}, "bits_per_weight": part["bits_per_weight"],
-                                          "quantize_seconds": part["quantize_seconds"]})
-            row["kl"][part["slice"]] = part["kl"]
+            if label not in seen:  # a later run of the same method and recipe replaces the earlier row whole
+                seen.add(label)
+                rows[label] = {"method": label, "kl": {}, "bits_per_weight": part["bits_per_weight"],
+                               "quantize_seconds": part["quantize_seconds"]}
+            rows[label]["kl"][part["slice"]] = part["kl"]
     complete = [row for row in rows.values() if set(row["kl"]) == set(calibrated)]
     return markdown_table(complete, calibrated)
 

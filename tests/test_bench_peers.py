@@ -102,3 +102,5 @@ def test_a_run_at_another_calibration_renders_as_its_own_row(tmp_path):
     assert [line.split(" | ")[0] for line in table[2:]] == [
         "| gptq-seq-w4g64", "| q5_0", "| gptq-seq-w4g64 (128x512)"]
     assert "| 0.076 |" in table[2] and "| 0.069 |" in table[4]
+    rerun = render(run("a.jsonl", QUANT_RECIPE, 0.076), run("c.jsonl", QUANT_RECIPE, 0.074)).splitlines()
+    assert len(rerun) == 4 and "| 0.074 |" in rerun[2]  # the later run of the same method and recipe
