@@ -142,7 +142,7 @@ def input_sq_sums(model, tokens: torch.Tensor, kinds: tuple[str, ...] = ("o", "d
             linear = layer.self_attn.o_proj if kind == "o" else layer.mlp.down_proj
 
             def hook(module, args, output, key=(block, kind)):
-                x = args[0].reshape(-1, args[0].shape[-1]).float()  # (tokens, in)
+                x = _flat(args[0])  # (tokens, in)
                 sums[key] = sums.get(key, 0) + x.pow(2).sum(dim=0)
 
             handles.append(linear.register_forward_hook(hook))
