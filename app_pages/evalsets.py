@@ -68,8 +68,9 @@ budget = right.radio("Protocol", list(PROTOCOLS), horizontal=True, key="eval_bud
 described = db.latest_model(spec)
 refused = memory_admission(lambda: admit_eval(described, None, budget, None), described)
 if st.button("Run baseline", type="primary", key="run_baseline", disabled=not picked or refused):
-    state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
-                                         {"spec": spec, "slices": picked, "budget": budget}))
+    state.set_job_id("eval", jobs.submit(db, "eval", "shrink_core.runtime.sweep:eval_job",
+                                         {"spec": spec, "slices": picked, "budget": budget,
+                                          **state.executor_params()}))
 running = show_job(state.job_id("eval"), f"Evaluating {spec}")
 # Slices of a running baseline that are not stored yet: shown as pending rows, each replaced as soon as it is done.
 pending = ([s for s in running.params.get("slices", []) if s not in running.parts]

@@ -13,6 +13,7 @@ from shrink_core.runtime import jobs
 from shrink_core.sensitivity.scan import admit_scan
 from ui import charts, state
 from ui.data import store
+from ui.executor import executor_panel
 from ui.jobs import job_outcome, job_panel, memory_admission
 
 QUICK_START = {"slices": ["en", "fr"], "settings": ["w4g64", "w3g64"], "method": "fast", "budget": "quick", "check": 0}
@@ -110,6 +111,8 @@ st.caption(
     f"{' from the fp32 cache' if described['from_cache'] else ''}; weights sha256 {described['weights_hash'][:12]}."
 )
 
+executor_panel()
+
 if summary.get("experts") or summary.get("fused_kinds"):
     st.caption(f"Layout: {summary.get('experts') or 'no'} experts per MoE layer (one inventory row each, the router "
                f"kept); fused kinds: {', '.join(summary.get('fused_kinds') or []) or 'none'} (one setting each).")
@@ -125,7 +128,8 @@ if not db.overview(spec)["scanned_slices"]:  # the first run's one click from a 
         refused = memory_admission(lambda: admit_scan(facts_from_description(described), "fast", "quick"), described)
         if st.button("Quick start: scan en and fr", type="primary", key="quick_start", disabled=refused):
             state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
-                                                        {"spec": spec, **QUICK_START}))
+                                                        {"spec": spec, **QUICK_START,
+                                                         **state.executor_params()}))
             st.switch_page("app_pages/sensitivity.py")  # the heatmaps appear there, slice by slice
 
 modules = pd.DataFrame(described["modules"])

@@ -333,7 +333,8 @@ else:
             "spec": spec, "slices": scored_slices, "settings": chosen_settings,
             "budget": {"kind": kind, "value": budget}, "plan": state.plan_draft(), "method": method,
             "objective": objective, "pinned": pinned, "exclude": sorted(by_hand),
-            "target": hardware.name if budget_kind == "ms/token" else None, "rounds": int(loop_rounds)}))
+            "target": hardware.name if budget_kind == "ms/token" else None, "rounds": int(loop_rounds),
+            **state.executor_params()}))
     loop_job = show_job(state.job_id("plan_loop"), "Closed loop: plan, run, refit")
     if loop_job is not None and loop_job.status == "done" and loop_job.result.get("rounds"):
         st.dataframe(pd.DataFrame(loop_job.result["rounds"]), key="loop_rounds_table", hide_index=True)
@@ -358,9 +359,9 @@ run_budget = run_cols[1].radio("Protocol", ["fast", "standard"], key="run_budget
 described = db.latest_model(spec)
 refused = memory_admission(lambda: admit_eval(described, None, run_budget, state.plan_draft()), described)
 if run_cols[2].button("Run this plan", type="primary", key="run_plan", disabled=not slices_to_run or refused):
-    state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.results.eval_run:eval_job",
+    state.set_job_id("plan_run", jobs.submit(db, "eval", "shrink_core.runtime.sweep:eval_job",
                                              {"spec": spec, "slices": slices_to_run, "budget": run_budget,
-                                              "plan": state.plan_draft()}))
+                                              "plan": state.plan_draft(), **state.executor_params()}))
 mix_cols = st.columns([3, 1])
 mix_cols[0].caption(f"Compare with what you would otherwise ship: llama-quantize's {', '.join(STANDARD_MIXES)} for "
                     "this model, each with and without an importance matrix, scored on the same slices and protocol "

@@ -24,10 +24,13 @@ from shrink_core.results.report import (
 )
 from shrink_core.results.report_page import render_html
 from shrink_core.results.summary import summarize
+from ui import state
 from ui.data import store
+from ui.sweep import sweep_panel
 
 st.title("Results")
 db = store()
+sweep_panel(state.model_spec())
 everyone = cands.candidates_frame(db)
 found_budgets = cands.budgets(db)
 if everyone.empty or not found_budgets:

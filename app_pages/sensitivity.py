@@ -48,7 +48,7 @@ with st.expander("Run a scan", expanded=not stored_records(db, spec)):
     refused = memory_admission(lambda: admit_scan(facts_from_description(described), method, budget), described)
     if right.button("Run scan", type="primary", key="run_scan", disabled=not (slices and settings) or refused):
         params = {"spec": spec, "slices": slices, "settings": settings, "method": method, "budget": budget,
-                  "check": int(check) if method == "fast" else 0}
+                  "check": int(check) if method == "fast" else 0, **state.executor_params()}
         state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
                                                     params))
 running = show_job(state.job_id("sensitivity"), f"Scanning {spec}")

@@ -1,4 +1,8 @@
 """The closed loop on the real model: each round's plan is run for real, stored as a candidate, and fitted on."""
+import sqlite3
+
+import pytest
+
 from shrink_core.model.inventory import modules_from_rows
 from shrink_core.plan import dump_plan, load_plan
 from shrink_core.results.prediction import fit_measured
@@ -29,3 +33,27 @@ def test_each_round_is_a_measured_candidate_and_the_next_round_plans_with_its_fi
                           stored_records(store, SPEC, described["weights_hash"]), "rtn")
     assert fitted.model.plans == len(rounds)  # the Plan page's prediction now learns from the loop's rounds
     assert result["model"]["plans"] == len(rounds)
+
+
+@pytest.mark.integration
+def test_a_round_verified_on_ray_measures_what_the_local_round_measures(scanned_home, tmp_path):
+    """The same first round (same fit, same plan) run on the local executor and as a one-plan sweep on Ray: the
+    same candidate plan and the same measured KL, to the bit."""
+    pytest.importorskip("ray", reason="the ray executor is optional; ./run test installs it")
+    store = Store()
+    copy = tmp_path / "copy.db"
+    with sqlite3.connect(copy) as target:  # the backup API: a WAL database's pages included
+        store.conn.backup(target)
+    results = {}
+    for kind, db in (("local", store), ("ray", Store(copy))):
+        results[kind] = plan_loop(db, SPEC, ["user_notes"], ["w4g64", "w3g64"],
+                                  {"kind": "bits_per_weight", "value": 4.0}, dump_plan(load_plan("preset:w4g64")),
+                                  rounds=1, executor={"kind": "ray", "local_cpus": 2} if kind == "ray" else None)
+        (row,) = db.results("eval", candidate_id=results[kind]["rounds"][0]["candidate_id"])
+        results[kind]["plan"] = row["plan"]
+        results[kind]["executed"] = row["payload"].get("executed", {}).get("executor")
+    local, remote = results["local"]["rounds"][0], results["ray"]["rounds"][0]
+    assert results["ray"]["plan"] == results["local"]["plan"]
+    assert remote["measured_worst"] == local["measured_worst"] > 0
+    assert remote["predicted_worst"] == local["predicted_worst"]
+    assert results["ray"]["executed"] == "ray" and results["local"]["executed"] is None

@@ -9,7 +9,7 @@ from shrink_core.runtime.jobs import log_path, log_tail
 
 from .data import store
 
-PART_NOUNS = {"eval": "slices", "sensitivity": "slices", "plan_loop": "rounds", "llama_mixes": "mixes"}
+PART_NOUNS = {"eval": "slices", "sweep": "evaluations", "sensitivity": "slices", "plan_loop": "rounds", "llama_mixes": "mixes"}
 
 
 def _parts_key(job_id: int) -> str:

@@ -39,3 +39,28 @@ def set_plan_draft(yaml_text: str | None) -> None:
     """Sets the draft without an undo step or saving it (the page's first default); edits go through plan_edit.push."""
     plan_draft()  # load this model's saved draft first, so a later read does not replace what is set here
     st.session_state["plan_draft"] = yaml_text
+
+
+def executor() -> dict:
+    """Where this session's split jobs (sweeps, multi-slice evaluations) run: an ExecutorConfig as a dict; the
+    default is $SHRINK_EXECUTOR, else local."""
+    from shrink_core.errors import ShrinkError
+    from shrink_core.runtime.executors import ExecutorConfig, default_executor
+
+    if "executor" not in st.session_state:
+        try:
+            st.session_state["executor"] = default_executor().to_dict()
+        except ShrinkError as exc:  # a bad $SHRINK_EXECUTOR: said once, and the local executor is used
+            st.error(f"{exc} Using the local executor.")
+            st.session_state["executor"] = ExecutorConfig().to_dict()
+    return st.session_state["executor"]
+
+
+def set_executor(config: dict) -> None:
+    st.session_state["executor"] = config
+
+
+def executor_params() -> dict:
+    """The job parameter that sends a job's units to Ray; nothing for the local executor (a job's default)."""
+    config = executor()
+    return {"executor": config} if config["kind"] != "local" else {}

@@ -12,7 +12,7 @@ from shrink_core.errors import ShrinkError
 
 # Modules under shrink_core/commands/, in help order.
 COMMANDS = ["inspect", "eval", "slices", "sensitivity", "plan", "apply", "export", "measure", "distill", "report",
-            "candidates", "tools"]
+            "candidates", "sweep", "tools"]
 
 
 class _Parser(argparse.ArgumentParser):
@@ -47,6 +47,28 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                         help="the dtype the model runs in (auto: fp32 on the CPU, bf16 on a GPU); same as a #bf16 "
                              "suffix on the spec")
+
+
+def add_executor_args(parser) -> None:
+    """The executor flags every command that splits its work into units shares."""
+    parser.add_argument("--executor", choices=["local", "ray"], default=None,
+                        help="where the units run: local (this machine, one after another; the default, or "
+                             "$SHRINK_EXECUTOR) or ray (a Ray cluster; needs `./run ray`)")
+    parser.add_argument("--ray-address", default="",
+                        help="the Ray cluster: host:6379, ray://host:10001 or auto (default $SHRINK_RAY_ADDRESS; "
+                             "empty starts a local Ray for this command and stops it after)")
+    parser.add_argument("--ray-cpus", type=int, default=None,
+                        help="CPUs of a local Ray started on demand (default: all of this machine's)")
+    parser.add_argument("--ray-cpus-per-unit", type=float, default=1.0, help="CPUs each unit asks Ray for")
+
+
+def executor_config(args):
+    from shrink_core.runtime.executors import ExecutorConfig, default_executor
+
+    kind = args.executor or default_executor().kind
+    return ExecutorConfig(kind=kind, address=args.ray_address,
+                          local_cpus=args.ray_cpus if kind == "ray" else None,
+                          cpus_per_unit=args.ray_cpus_per_unit)
 
 
 def print_json(payload) -> None:

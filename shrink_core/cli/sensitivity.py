@@ -1,7 +1,7 @@
 """`sensitivity`: per-module sensitivity (KL, dNLL) under quantization/pruning settings, per slice."""
 from __future__ import annotations
 
-from shrink_core.cli.entry import add_model_args, print_json_line
+from shrink_core.cli.entry import add_executor_args, add_model_args, executor_config, print_json_line
 from shrink_core.plan.menu import MENU, SCAN_DEFAULT  # torch-free, so every CLI start stays fast
 
 
@@ -17,6 +17,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--metric", default="kl", choices=["kl", "dnll", "both"])
     parser.add_argument("--check", type=int, default=0,
                         help="fast only: also probe this many modules exhaustively and report the Spearman per slice")
+    add_executor_args(parser)
     parser.add_argument("--json", action="store_true",
                         help="print JSON lines: one per slice as it finishes, then the whole report on the last line")
     parser.set_defaults(run=run)
@@ -36,6 +37,9 @@ def run(args) -> int:
     started = time.perf_counter()
     slices = [s.id for s in parse_slice_list(args.slices)]
     settings = [s.id for s in parse_settings(args.settings)]
+    executor = executor_config(args)
+    if executor.kind == "ray":
+        return _run_units(args, slices, settings, executor, started)
     description = Store().latest_model(args.model)  # described before (inspect, Model page): refuse before loading
     if description:
         admit_scan(footprint.facts_from_description(description), args.method, args.depth)
@@ -67,4 +71,39 @@ def run(args) -> int:
                   ", ".join(f"{r.module.replace('model.layers.', 'L')} {r.metric}={r.value:.3g}" for r in top))
     for a in report.agreement:
         print(f"  agreement {a.slice} {a.setting} {a.metric}: Spearman {a.spearman:.3f} over {a.modules} modules")
+    return 0
+
+
+def _run_units(args, slices: list[str], settings: list[str], executor, started: float) -> int:
+    """The scan as units on Ray: the same stored records; printed as they are stored, then the top modules."""
+    import time
+
+    from shrink_core.results.store import Store
+    from shrink_core.sensitivity.scan import stored_records
+    from shrink_core.sensitivity.units import run_scan_units
+
+    def part(slice_id):
+        if args.json:
+            print_json_line({"part": slice_id, "seconds_so_far": round(time.perf_counter() - started, 3)})
+        else:
+            print(f"  {slice_id}: stored ({time.perf_counter() - started:.0f} s so far)", flush=True)
+
+    store = Store()
+    report = run_scan_units(args.model, slices, settings, args.method, args.depth, args.check, executor, store=store,
+                            part=part, modules=args.modules)
+    if args.json:
+        print_json_line(report)
+        return 0
+    print(f"{args.model} {args.method} depth={args.depth} on ray: {report['units']} units on "
+          f"{len(report['workers'])} workers in {report['seconds']:.1f} s")
+    records = [r for r in stored_records(store, args.model, report["weights_hash"])
+               if r.slice in slices and r.budget == args.depth and r.metric == "kl"]
+    for slice_id in slices:
+        for setting in settings:
+            top = sorted((r for r in records if r.slice == slice_id and r.setting == setting), key=lambda r: -r.value)
+            print(f"  {slice_id:<6} {setting:<7} most sensitive: " +
+                  ", ".join(f"{r.module.replace('model.layers.', 'L')} kl={r.value:.3g}" for r in top[:5]))
+    for a in report["agreement"]:
+        print(f"  agreement {a['slice']} {a['setting']} {a['metric']}: Spearman {a['spearman']:.3f} over "
+              f"{a['modules']} modules")
     return 0

@@ -29,7 +29,11 @@ def eval_payload(loaded, info, result: SliceResult, budget: str, plan: dict | No
 
 def size_key(loaded, plan: dict) -> str:
     """The key of a packed-size record: the model's weights and the plan (bytes do not depend on calibration)."""
-    return figure_key("size", weights_hash=loaded.weights_hash, protocol={}, plan=plan)
+    return size_key_for(loaded.weights_hash, plan)
+
+
+def size_key_for(weights_hash: str, plan: dict) -> str:
+    return figure_key("size", weights_hash=weights_hash, protocol={}, plan=plan)
 
 
 def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, progress=None,
@@ -64,13 +68,21 @@ def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, p
 
 
 def reference_candidate(store: Store, loaded) -> int:
-    candidate_id = store.upsert_candidate(name=f"{loaded.spec.raw} (reference)", kind="reference",
-                                          model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash,
-                                          code_version=__version__)
-    if not store.results("projection", candidate_id=candidate_id):
-        from shrink_core.perf.workload import describe_model
+    from shrink_core.perf.workload import describe_model
 
-        store_projection(store, loaded, candidate_id, describe_model(loaded.model, name="reference"))
+    return reference_candidate_for(store, loaded.spec.raw, loaded.weights_hash, device_label(loaded.model),
+                                   lambda: describe_model(loaded.model, name="reference"))
+
+
+def reference_candidate_for(store: Store, spec: str, weights_hash: str, device: str, workload) -> int:
+    """The unplanned model's candidate row, with its projection on first use; `workload` is the reference's
+    Workload, or a function that makes it (only called when the projection is missing)."""
+    candidate_id = store.upsert_candidate(name=f"{spec} (reference)", kind="reference", model_spec=spec,
+                                          weights_hash=weights_hash, code_version=__version__)
+    if not store.results("projection", candidate_id=candidate_id):
+        workload = workload() if callable(workload) else workload
+        store.add_result("projection", Provenance(spec, weights_hash, __version__, device),
+                         projection_payload(workload), candidate_id=candidate_id)
     return candidate_id
 
 

@@ -12,3 +12,15 @@ def tick_job(ctx, steps: int = 10, step_seconds: float = 0.1, fail_at: int | Non
         time.sleep(step_seconds)
         ctx.progress((step + 1) / steps, f"step {step + 1}/{steps}")
     return {"steps": steps}
+
+
+def sleep_unit(seconds: float, value: int, pid_file: str | None = None) -> dict:
+    """A unit of work for the executor tests: says where it runs (its pid in `pid_file`, rewritten by a retry),
+    then returns `value` after `seconds`, long enough to be killed or cancelled mid-task."""
+    import os
+    from pathlib import Path
+
+    if pid_file:
+        Path(pid_file).write_text(str(os.getpid()))
+    time.sleep(seconds)
+    return {"value": value, "pid": os.getpid()}

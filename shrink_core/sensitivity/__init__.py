@@ -15,13 +15,13 @@ from shrink_core.sensitivity.scan import (
                    ScanReport,
                    run_scan,
                    sample_modules,
-                   sensitivity_job,
                    spearman,
                    stored_agreement,
                    stored_agreement_pairs,
                    stored_records,
 )
 from shrink_core.sensitivity.settings import SETTINGS, Setting, get_setting
+from shrink_core.sensitivity.units import sensitivity_job
 
 __all__ = ["SCAN_DEPTHS", "SETTINGS", "METHODS", "METHOD_LABELS", "METRICS", "Agreement", "ProbeCache", "Record",
            "ScanDepth", "ScanReport", "Setting", "SliceComparison", "compare_slices", "get_setting", "probe",

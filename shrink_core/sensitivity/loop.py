@@ -29,13 +29,26 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
               method: str = "rtn", objective: str = "worst", pinned: dict | None = None,
               exclude: list[str] | None = None, target: str | None = None, eval_budget: str = "fast",
               rounds: int = 3, time_budget_s: float = 240.0, progress=None, job_id: int | None = None,
-              part=None) -> dict:
+              part=None, executor: dict | None = None) -> dict:
     """Rounds of plan -> run -> refit under one planner budget ({"kind": ..., "value": ...}); `plan` is the draft the
     planner's rules go in front of, `pinned`/`exclude` what the Plan page pins or leaves to hand-written rules.
-    `part(name)` is called as each round's candidate is stored, so the Results page has it before the loop ends."""
+    `part(name)` is called as each round's candidate is stored, so the Results page has it before the loop ends.
+    On the ray executor each round's verification runs as a one-plan sweep (its slices are units), one Ray for all
+    rounds."""
+    from shrink_core.runtime.executors import ExecutorConfig, session
+
+    config = ExecutorConfig.from_dict(executor)
+    with session(config):
+        return _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
+                          eval_budget, rounds, time_budget_s, progress, job_id, part, config)
+
+
+def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target, eval_budget,
+               rounds, time_budget_s, progress, job_id, part, executor) -> dict:
     from shrink_core.model.load import load
     from shrink_core.perf.hardware import get as get_hardware
     from shrink_core.results.eval_run import run_eval
+    from shrink_core.runtime.sweep import run_sweep
 
     progress = progress or (lambda fraction, message="": None)
     part = part or (lambda name: None)
@@ -53,8 +66,8 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
     hardware = get_hardware(target) if target else None
     base_resolved = resolve(rows, load_plan(plan))
     limit = PlannerBudget(budget["kind"], float(budget["value"]))
-    loaded = load(spec)
-    progress(0.02, "loaded the model")
+    loaded = load(spec) if executor.kind == "local" else None  # on Ray the workers load it
+    progress(0.02, "loaded the model" if loaded else f"planning; rounds run on {executor.kind}")
     started = time.perf_counter()
     texts: dict[tuple, str] = {}
 
@@ -89,11 +102,19 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
         def step(fraction, message=""):
             progress(base + 0.9 / rounds * fraction, f"round {index + 1}/{rounds}: {message}")
 
-        report = run_eval(spec, slices, eval_budget, dump_plan(load_plan(data)), store=store, progress=step,
-                          job_id=job_id, loaded=loaded)
-        done.append({"candidate_id": report["candidate_id"], "name": data["name"]})
+        if loaded is None:
+            report = run_sweep(spec, [dump_plan(load_plan(data))], slices, eval_budget, executor, store=store,
+                               progress=step, job_id=job_id)
+            candidate_id = report["candidates"][data["name"]]
+            kl = {s: report["results"][f"{data['name']} x {s}"].get("kl", np.nan) for s in slices}
+        else:
+            report = run_eval(spec, slices, eval_budget, dump_plan(load_plan(data)), store=store, progress=step,
+                              job_id=job_id, loaded=loaded)
+            candidate_id = report["candidate_id"]
+            kl = {s: report["slices"][s].get("kl", np.nan) for s in slices}
+        done.append({"candidate_id": candidate_id, "name": data["name"]})
         part(f"round {index + 1}")
-        return {s: report["slices"][s].get("kl", np.nan) for s in slices}
+        return kl
 
     state = LoopState()  # warm start: every plan of this model and method measured before
     for candidate_id, x, y, _ in measured_observations(store, spec, weights_hash, rows, records, method):
@@ -113,9 +134,9 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
 def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget: dict, plan: str, method: str = "rtn",
                   objective: str = "worst", pinned: dict | None = None, exclude: list[str] | None = None,
                   target: str | None = None, eval_budget: str = "fast", rounds: int = 3,
-                  time_budget_s: float = 240.0) -> dict:
+                  time_budget_s: float = 240.0, executor: dict | None = None) -> dict:
     """Job: the Plan page's "Plan, run, refit (closed loop)"; a round is a part (it may stop early on its budget)."""
     ctx.expect_parts(rounds)
     return plan_loop(ctx.store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
                      eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id,
-                     part=ctx.part_done)
+                     part=ctx.part_done, executor=executor)

@@ -2,7 +2,7 @@
 hash, setting, slice content, budget, method, protocol version: evaluation/protocol.py). Block linears are scored by
 the chosen method; the embedding (with a head tied to it) and an untied lm_head are always probed exhaustively, one
 full forward per setting and slice (method "exhaustive" on their records), so the planner can choose their precision
-too. The CLI calls `run_scan` inline; the Sensitivity page runs `sensitivity_job`
+too. The CLI calls `run_scan` inline; the Sensitivity page runs `sensitivity_job` (sensitivity/units.py)
 in a worker: same code path, same records."""
 from __future__ import annotations
 
@@ -132,9 +132,20 @@ def sample_modules(rows: list[ModuleInfo], count: int) -> list[ModuleInfo]:
 # ---------------------------------------------------------------- the store
 
 
-def _provenance(loaded, slice_id: str, budget: str) -> Provenance:
-    return Provenance(loaded.spec.raw, loaded.weights_hash, __version__, device_label(loaded.model), slice=slice_id,
-                      budget=budget)
+@dataclass(frozen=True)
+class ModelId:
+    """What a stored score names its model by: a loaded model here, or one that a worker elsewhere loaded."""
+    spec: str
+    weights_hash: str
+    device: str
+
+    @staticmethod
+    def of(loaded) -> ModelId:
+        return ModelId(loaded.spec.raw, loaded.weights_hash, device_label(loaded.model))
+
+
+def scan_provenance(model: ModelId, slice_id: str, budget: str) -> Provenance:
+    return Provenance(model.spec, model.weights_hash, __version__, model.device, slice=slice_id, budget=budget)
 
 
 def scores_key(weights_hash: str, slice_id: str, setting: Setting, method: str, budget: ScanDepth) -> str:
@@ -143,12 +154,12 @@ def scores_key(weights_hash: str, slice_id: str, setting: Setting, method: str, 
                       protocol={"setting": asdict(setting), "budget": asdict(budget)}, method=method)
 
 
-def cached_values(store: Store, loaded, slice_id: str, setting: Setting, method: str,
+def cached_values(store: Store, model: ModelId, slice_id: str, setting: Setting, method: str,
                   budget: ScanDepth) -> dict[str, tuple[float, float]]:
     """module -> (kl, dnll) already stored under the key this code would write for the same inputs."""
     out: dict[str, tuple[float, float]] = {}
-    key = scores_key(loaded.weights_hash, slice_id, setting, method, budget)
-    for row in store.results("sensitivity", model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash,
+    key = scores_key(model.weights_hash, slice_id, setting, method, budget)
+    for row in store.results("sensitivity", model_spec=model.spec, weights_hash=model.weights_hash,
                              slice=slice_id, budget=budget.name):
         p = row["payload"]
         if p.get("type") == "scores" and p.get("figure_key") == key:
@@ -157,12 +168,16 @@ def cached_values(store: Store, loaded, slice_id: str, setting: Setting, method:
     return out
 
 
-def _save_values(store, loaded, slice_id, setting, method, budget, values, seconds, tokens, job_id) -> None:
+def save_values(store: Store, model: ModelId, slice_id: str, setting: Setting, method: str, budget: ScanDepth,
+                values: dict, seconds: float, tokens: int, job_id: int | None, executed: dict | None = None) -> None:
+    """One scores row: a unit's modules under one setting on one slice (rows of one key merge on read)."""
     payload = {"type": "scores", "method": method, "method_label": METHOD_LABELS[method], "setting": setting.id,
                "setting_label": setting.label, "setting_version": setting.version, "budget_version": budget.version,
                "tokens": tokens, "seconds": round(seconds, 3), "values": {m: list(v) for m, v in values.items()},
-               "figure_key": scores_key(loaded.weights_hash, slice_id, setting, method, budget)}
-    store.add_result("sensitivity", _provenance(loaded, slice_id, budget.name), payload, job_id=job_id)
+               "figure_key": scores_key(model.weights_hash, slice_id, setting, method, budget)}
+    if executed:
+        payload["executed"] = executed
+    store.add_result("sensitivity", scan_provenance(model, slice_id, budget.name), payload, job_id=job_id)
 
 
 def stored_agreement(store: Store, model_spec: str, weights_hash: str | None = None) -> list[Agreement]:
@@ -199,18 +214,63 @@ def select_modules(rows: list[ModuleInfo], pattern: str | None, embeddings: bool
     return chosen
 
 
+@dataclass(frozen=True)
+class ScanTargets:
+    """What a scan scores in a loaded model: its block linears (the Fisher pass hooks them), the embedding decisions,
+    and each probed module with the block its probe restarts from."""
+    rows: list[ModuleInfo]
+    embeddings: list[ModuleInfo]
+    modules: dict  # name -> module, block linears
+    probed: dict  # name -> module, block linears and embeddings
+    blocks: dict  # name -> the block a probe starts from (-1: the embedding; layers: an untied head)
+
+    @staticmethod
+    def of(model) -> ScanTargets:
+        everything = inventory(model)
+        rows, embeddings = block_linears(everything), embedding_rows(everything)
+        named = dict(model.named_modules())
+        modules = {r.name: named[r.name] for r in rows}
+        layers = len(decoder_layers(model))  # embedding: from the ids; untied head: after the blocks
+        return ScanTargets(rows, embeddings, modules, {**modules, **{r.name: named[r.name] for r in embeddings}},
+                           {r.name: r.block for r in rows} | {
+                               r.name: -1 if r.kind == "embedding" else layers for r in embeddings})
+
+
+def fisher_values(loaded, modules: dict, slice_id: str, settings: list[Setting], depth: ScanDepth, progress):
+    """The fast method on one slice: setting id -> module -> (kl, dnll), the pass's seconds and tokens, and the
+    estimates' seconds (None when the statistics were streamed: a slice's F and G over STATS_BYTES_CAP)."""
+    ids = calib_tokens(loaded.tokenizer, slice_id, depth.calib_sequences, depth.calib_len)
+    if stats_bytes(modules) > STATS_BYTES_CAP:
+        scores = fisher_scores(loaded.model, ids, modules, settings, batch=depth.chunk * 2, progress=progress)
+        return scores.values, scores.seconds, scores.tokens, None
+    stats = fisher_stats(loaded.model, ids, modules, batch=depth.chunk * 2, first_order=True, progress=progress)
+    started = time.perf_counter()
+    fresh = {s.id: {} for s in settings}
+    for name, module in modules.items():
+        for s in settings:
+            fresh[s.id][name] = estimate_slices(module.weight, [stats], name, s)[0]
+    return fresh, stats.seconds, stats.tokens, time.perf_counter() - started
+
+
+def probe_values(cache: ProbeCache, probed: dict, blocks: dict, names: list[str], setting: Setting,
+                 depth: ScanDepth, tick=None) -> dict[str, tuple[float, float]]:
+    """Each named module perturbed alone under `setting`: module -> (kl, dnll). tick(i, name) after each."""
+    out = {}
+    for i, name in enumerate(names):
+        result = probe(cache, {name: probed[name]}, blocks, setting, stop_rel_error=depth.stop_rel_error)
+        out[name] = (result.kl, result.delta_nll)
+        if tick:
+            tick(i, name)
+    return out
+
+
 class _Scanner:
     def __init__(self, loaded, store, budget: ScanDepth, report: ScanReport, job_id):
         self.loaded, self.store, self.budget, self.report, self.job_id = loaded, store, budget, report, job_id
-        everything = inventory(loaded.model)
-        self.rows = block_linears(everything)
-        self.embeddings = embedding_rows(everything)
-        named = dict(loaded.model.named_modules())
-        self.modules = {r.name: named[r.name] for r in self.rows}  # what the fast (Fisher) pass hooks
-        self.probed = {**self.modules, **{r.name: named[r.name] for r in self.embeddings}}
-        layers = len(decoder_layers(loaded.model))  # embedding: from the ids; untied head: after the blocks
-        self.blocks = {r.name: r.block for r in self.rows} | {
-            r.name: -1 if r.kind == "embedding" else layers for r in self.embeddings}
+        self.model = ModelId.of(loaded)
+        targets = ScanTargets.of(loaded.model)
+        self.rows, self.embeddings = targets.rows, targets.embeddings
+        self.modules, self.probed, self.blocks = targets.modules, targets.probed, targets.blocks
         self.cache: tuple[str, ProbeCache] | None = None
 
     def _probe_cache(self, slice_id: str) -> ProbeCache:
@@ -230,7 +290,7 @@ class _Scanner:
         for slice_id in slice_ids:
             out[slice_id] = {}
             for s in settings:
-                values = cached_values(self.store, self.loaded, slice_id, s, "fast", self.budget)
+                values = cached_values(self.store, self.model, slice_id, s, "fast", self.budget)
                 out[slice_id][s.id] = values
                 if len(values) < len(self.rows):
                     missing.setdefault(slice_id, []).append(s)
@@ -238,35 +298,20 @@ class _Scanner:
                     self.report.reused += len(values)
         # One slice at a time, its statistics dropped before the next: memory does not grow with the slices. When
         # one slice's F and G would pass STATS_BYTES_CAP they are not kept at all (fisher_scores streams them).
-        stream = stats_bytes(self.modules) > STATS_BYTES_CAP
-        self.report.timings["fisher_streamed"] = stream
+        self.report.timings["fisher_streamed"] = stats_bytes(self.modules) > STATS_BYTES_CAP
         for n, (slice_id, group) in enumerate(missing.items()):
-            ids = calib_tokens(self.loaded.tokenizer, slice_id, self.budget.calib_sequences, self.budget.calib_len)
-
             def tick(f, m, _n=n, _id=slice_id):
                 progress(0.95 * (_n + 0.9 * f) / len(missing), f"{_id}: {m}")
 
-            if stream:
-                scores = fisher_scores(self.loaded.model, ids, self.modules, group, batch=self.budget.chunk * 2,
-                                       progress=tick)
-                fresh, seconds, tokens = scores.values, scores.seconds, scores.tokens
-            else:
-                stats = fisher_stats(self.loaded.model, ids, self.modules, batch=self.budget.chunk * 2,
-                                     first_order=True, progress=tick)
-                started = time.perf_counter()
-                fresh = {s.id: {} for s in group}
-                for name, module in self.modules.items():
-                    for s in group:
-                        fresh[s.id][name] = estimate_slices(module.weight, [stats], name, s)[0]
-                self.report.timings["estimates_s"] = (self.report.timings.get("estimates_s", 0)
-                                                      + time.perf_counter() - started)
-                seconds, tokens = stats.seconds, stats.tokens
-                del stats
+            fresh, seconds, tokens, estimates_s = fisher_values(self.loaded, self.modules, slice_id, group,
+                                                                self.budget, tick)
+            if estimates_s is not None:
+                self.report.timings["estimates_s"] = self.report.timings.get("estimates_s", 0) + estimates_s
             self.report.timings["gradients_s"] = self.report.timings.get("gradients_s", 0) + seconds
             for setting in group:
                 values = fresh[setting.id]
-                _save_values(self.store, self.loaded, slice_id, setting, "fast", self.budget, values, seconds,
-                             tokens, self.job_id)
+                save_values(self.store, self.model, slice_id, setting, "fast", self.budget, values, seconds,
+                            tokens, self.job_id)
                 out[slice_id][setting.id] = values
                 self.report.computed += len(values)
             release_freed_memory()  # the next slice starts from the same resident size
@@ -275,22 +320,24 @@ class _Scanner:
     def exhaustive(self, slice_id: str, settings: list[Setting], rows: list[ModuleInfo], tick) -> dict[str, dict]:
         out = {}
         for n, s in enumerate(settings):
-            values = cached_values(self.store, self.loaded, slice_id, s, "exhaustive", self.budget)
+            values = cached_values(self.store, self.model, slice_id, s, "exhaustive", self.budget)
             todo = [r for r in rows if r.name not in values]
             self.report.reused += len(rows) - len(todo)
             if todo:
                 cache = self._probe_cache(slice_id)
                 started = time.perf_counter()
-                for i, r in enumerate(todo):
-                    result = probe(cache, {r.name: self.probed[r.name]}, self.blocks, s,
-                                   stop_rel_error=self.budget.stop_rel_error)
-                    values[r.name] = (result.kl, result.delta_nll)
-                    tick((n + (i + 1) / len(todo)) / len(settings), f"{s.id}: probe {i + 1}/{len(todo)} ({r.name})")
+                count = len(todo)
+
+                def probed(i, name, _n=n, _s=s, _k=count):  # called within this iteration
+                    tick((_n + (i + 1) / _k) / len(settings), f"{_s.id}: probe {i + 1}/{_k} ({name})")
+
+                values.update(probe_values(cache, self.probed, self.blocks, [r.name for r in todo], s, self.budget,
+                                           probed))
                 seconds = time.perf_counter() - started
                 self.report.timings["probes_s"] = self.report.timings.get("probes_s", 0) + seconds
                 self.report.timings["probes"] = self.report.timings.get("probes", 0) + len(todo)
-                _save_values(self.store, self.loaded, slice_id, s, "exhaustive", self.budget, values, seconds,
-                             cache.tokens, self.job_id)
+                save_values(self.store, self.model, slice_id, s, "exhaustive", self.budget, values, seconds,
+                            cache.tokens, self.job_id)
                 self.report.computed += len(todo)
             out[s.id] = values
         return out
@@ -372,7 +419,7 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
                 agreement = Agreement(slice_id, check_setting.id, metric, spearman(estimates, measured),
                                       len(sample), budget)
                 report.agreement.append(agreement)
-                store.add_result("sensitivity", _provenance(loaded, slice_id, budget),
+                store.add_result("sensitivity", scan_provenance(scanner.model, slice_id, budget),
                                  {"type": "agreement", "agreement": asdict(agreement),
                                   "figure_key": scores_key(loaded.weights_hash, slice_id, check_setting, "agreement",
                                                            scan_depth),
@@ -436,24 +483,6 @@ def admit_scan(facts, method: str, budget: str, loaded: bool = False):
     return footprint.admit(lambda f: footprint.scan(f, method, (depth.calib_sequences, depth.calib_len),
                                                     (depth.sequences, depth.seq_len), depth.chunk), facts,
                            loaded=loaded)
-
-
-def sensitivity_job(ctx, spec: str, slices: list[str], settings: list[str], method: str = "fast",
-                    budget: str = "fast", check: int = 0) -> dict:
-    """Job: the Sensitivity page's scan."""
-    from shrink_core.model.load import load
-
-    description = ctx.store.latest_model(spec)
-    if description:  # refuse before loading anything when the scan will not fit in memory
-        admit_scan(footprint.facts_from_description(description), method, budget)
-    ctx.expect_parts(len(slices))
-    ctx.progress(0.01, "loading model")
-    loaded = load(spec)
-    report = run_scan(loaded, slices, settings, method, budget, check=check, store=ctx.store,
-                      progress=lambda f, m="": ctx.progress(0.05 + 0.95 * f, m), job_id=ctx.job_id,
-                      part=lambda slice_id, records: ctx.part_done(slice_id))
-    return {"records": len(report.records), "computed": report.computed, "reused": report.reused,
-            "seconds": report.seconds}
 
 
 def stored_agreement_pairs(store: Store, model_spec: str, slice_id: str, setting_id: str) -> list[dict]:
