@@ -193,7 +193,14 @@ def finish(store, teacher_loaded, student, built, config, name, directory, slice
     from shrink_core.compression.export import save_candidate
     from shrink_core.evaluation.evaluate import evaluate
     from shrink_core.plan import load_plan
-    from shrink_core.results.eval_run import _provenance, _public, eval_payload, reference_candidate, reference_results, size_key
+    from shrink_core.results.eval_run import (
+        _provenance,
+        eval_payload,
+        public_entry,
+        reference_candidate,
+        reference_results,
+        size_key,
+    )
 
     base = built["plan"] or {"version": 1, "rules": [{"name": ".*", "keep": True}]}
     plan_dict = {**base, "name": f"distilled {name}",
@@ -232,7 +239,7 @@ def finish(store, teacher_loaded, student, built, config, name, directory, slice
         store.add_result("eval", _provenance(teacher_loaded, plan_dict, item.slice, budget),
                          eval_payload(teacher_loaded, info, item, budget, plan_dict, calibration), job_id=job_id,
                          candidate_id=candidate_id)
-        entry = _public(item)
+        entry = public_entry(item)
         entry["teacher_ppl"] = reference[item.slice].ppl
         result["slices"][item.slice] = entry
     return result

@@ -44,12 +44,9 @@ def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, p
     on_result = on_result or (lambda result: None)
     out, missing = {}, []
     for slice_id in slice_ids:
-        key = eval_key(loaded.weights_hash, get_slice(slice_id), budget)
-        rows = store.results("eval", model_spec=loaded.spec.raw, weights_hash=loaded.weights_hash, slice=slice_id,
-                             budget=budget)
-        match = next((r for r in rows if r["plan"] is None and r["payload"].get("figure_key") == key), None)
-        if match is not None:
-            out[slice_id] = SliceResult.from_dict(match["payload"])
+        payload = stored_reference(store, loaded.spec.raw, loaded.weights_hash, slice_id, budget)
+        if payload is not None:
+            out[slice_id] = SliceResult.from_dict(payload)
             on_result(out[slice_id])
         else:
             missing.append(slice_id)
@@ -65,6 +62,14 @@ def reference_results(store: Store, loaded, slice_ids: list[str], budget: str, p
         out[slice_id] = result
         on_result(result)
     return {s: out[s] for s in slice_ids}
+
+
+def stored_reference(store: Store, spec: str, weights_hash: str, slice_id: str, budget: str) -> dict | None:
+    """The stored payload of the unplanned model on a slice, when its figure key equals the one this code writes."""
+    key = eval_key(weights_hash, get_slice(slice_id), budget)
+    rows = store.results("eval", model_spec=spec, weights_hash=weights_hash, slice=slice_id, budget=budget)
+    match = next((r for r in rows if r["plan"] is None and r["payload"].get("figure_key") == key), None)
+    return None if match is None else match["payload"]
 
 
 def reference_candidate(store: Store, loaded) -> int:
@@ -134,6 +139,21 @@ def _provenance(loaded, plan_dict, slice_id, budget) -> Provenance:
                       slice=slice_id, budget=budget)
 
 
+def apply_shape(plan_text: str) -> tuple[tuple[int, int] | None, bool]:
+    """What applying a plan costs in the memory model's terms: its calibration (sequences, length) or None, and
+    whether a sequential method (gptq-seq) runs."""
+    from shrink_core.evaluation.calibration import recipe_for
+    from shrink_core.plan import load_plan
+    from shrink_core.plan.spec import SEQUENTIAL_METHODS
+
+    plan = load_plan(plan_text)
+    if not plan.needs_calibration:
+        return None, False
+    recipe = recipe_for(plan)
+    sequential = any(r.weights is not None and r.weights.method in SEQUENTIAL_METHODS for r in plan.rules)
+    return (recipe.n_sequences, recipe.seq_len), sequential
+
+
 def admit_eval(description: dict | None, loaded, budget: str, plan_text: str | None):
     """Refuse, before any work, an evaluation that will not fit in memory (one sentence, what would fit)."""
     from shrink_core.perf import footprint
@@ -143,17 +163,7 @@ def admit_eval(description: dict | None, loaded, budget: str, plan_text: str | N
     facts = footprint.facts_from_description(description) if description else footprint.facts_from_model(
         loaded.model)
     batch = get_protocol(budget).max_batch_tokens
-    calibration, sequential = None, False
-    if plan_text:
-        from shrink_core.evaluation.calibration import recipe_for
-        from shrink_core.plan import load_plan
-        from shrink_core.plan.spec import SEQUENTIAL_METHODS
-
-        plan = load_plan(plan_text)
-        if plan.needs_calibration:
-            recipe = recipe_for(plan)
-            calibration = (recipe.n_sequences, recipe.seq_len)
-            sequential = any(r.weights is not None and r.weights.method in SEQUENTIAL_METHODS for r in plan.rules)
+    calibration, sequential = apply_shape(plan_text) if plan_text else (None, False)
 
     def make(f):
         need = footprint.evaluation(f, batch, reference=bool(plan_text))
@@ -189,7 +199,7 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
               "slices": {}}
     if plan_text is None:
         def done(result):
-            report["slices"][result.slice] = _public(result)
+            report["slices"][result.slice] = public_entry(result)
             part(result.slice, report["slices"][result.slice])
 
         reference_results(store, loaded, slice_ids, budget, progress=lambda f, m="": progress(0.05 + 0.95 * f, m),
@@ -229,7 +239,7 @@ def run_eval(spec: str, slice_ids: list[str], budget: str = "fast", plan_text: s
             store.add_result("eval", _provenance(loaded, plan_dict, result.slice, budget),
                              eval_payload(loaded, info, result, budget, plan_dict, recipe), job_id=job_id,
                              candidate_id=candidate_id)
-            entry = _public(result)
+            entry = public_entry(result)
             entry["reference_ppl"] = reference.ppl
             if reference.accuracy is not None:
                 entry["reference_accuracy"] = reference.accuracy
@@ -250,7 +260,7 @@ def plan_candidate(loaded, plan):
     return candidate, apply_plan_(candidate, plan, calibration, recipe=recipe), recipe
 
 
-def _public(result: SliceResult) -> dict:
+def public_entry(result: SliceResult) -> dict:
     data = result.to_dict()
     return {k: v for k, v in data.items() if v is not None and v != {}}
 

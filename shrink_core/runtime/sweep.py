@@ -185,34 +185,16 @@ def sweep_units(spec: str, weights_hash: str, plans: list[tuple[str, str]], slic
     return units
 
 
-def _stored_references(store: Store, spec: str, weights_hash: str, slice_ids: list[str], budget: str) -> dict:
-    out = {}
-    for slice_id in slice_ids:
-        key = eval_key(weights_hash, get_slice(slice_id), budget)
-        rows = store.results("eval", model_spec=spec, weights_hash=weights_hash, slice=slice_id, budget=budget)
-        match = next((r for r in rows if r["plan"] is None and r["payload"].get("figure_key") == key), None)
-        if match is not None:
-            out[slice_id] = {"result": match["payload"]}
-    return out
-
-
 def _memory(facts, budget: str, plans: list[tuple[str, str]]) -> dict:
     """Each unit's memory request for Ray, from the memory model (perf/footprint.py)."""
-    from shrink_core.evaluation.calibration import recipe_for
     from shrink_core.perf import footprint
-    from shrink_core.plan import load_plan
-    from shrink_core.plan.spec import SEQUENTIAL_METHODS
+    from shrink_core.results.eval_run import apply_shape
 
     batch = get_protocol(budget).max_batch_tokens
     applying = []
     for _, text in plans:
-        plan = load_plan(text)
-        calibration = sequential = None
-        if plan.needs_calibration:
-            recipe = recipe_for(plan)
-            calibration = (recipe.n_sequences, recipe.seq_len)
-            sequential = any(r.weights is not None and r.weights.method in SEQUENTIAL_METHODS for r in plan.rules)
-        applying.append(footprint.apply(facts, calibration, sequential=bool(sequential)).total
+        calibration, sequential = apply_shape(text)
+        applying.append(footprint.apply(facts, calibration, sequential=sequential).total
                         + facts.params * facts.dtype_bytes)  # the reference stays beside the candidate
     return {"eval": footprint.evaluation(facts, batch, reference=True).total, "apply": max(applying, default=0)}
 
@@ -246,7 +228,14 @@ def run_sweep(spec: str, plan_list: list[str], slice_ids: list[str], budget: str
 
 def _sweep(spec, plans, slice_ids, budget, executor, store, progress, part, job_id, group_by_plan) -> dict:
     from shrink_core.plan import load_plan, plan_to_dict
-    from shrink_core.results.eval_run import plan_kind, projection_payload, reference_candidate_for, size_key_for
+    from shrink_core.results.eval_run import (
+        plan_kind,
+        projection_payload,
+        public_entry,
+        reference_candidate_for,
+        size_key_for,
+        stored_reference,
+    )
 
     progress(0.0, "loading the model on a worker")
     load_spec = pinned_spec(spec)  # what the workers load; the store keeps `spec`
@@ -257,7 +246,8 @@ def _sweep(spec, plans, slice_ids, budget, executor, store, progress, part, job_
         return Provenance(spec, weights_hash, __version__, device, plan=plan, slice=slice_id, budget=budget)
 
     reference_id = reference_candidate_for(store, spec, weights_hash, identity["device"], identity["workload"])
-    references = _stored_references(store, spec, weights_hash, slice_ids, budget)
+    references = {s: {"result": payload} for s in slice_ids
+                  if (payload := stored_reference(store, spec, weights_hash, s, budget)) is not None}
     gpus = 1.0 if identity["device"].startswith("cuda") else 0.0
     facts = identity["facts"]
     if group_by_plan is None:  # a candidate too big to ship to each evaluation is scored where it was made
@@ -313,8 +303,7 @@ def _sweep(spec, plans, slice_ids, budget, executor, store, progress, part, job_
                          {**payload["result"], "calibration": calibration, "executed": executed(payload),
                           "figure_key": eval_key(weights_hash, get_slice(slice_id), budget, plan_dict, calibration)},
                          job_id=job_id, candidate_id=candidate_id)
-        entry = {k: v for k, v in SliceResult.from_dict(payload["result"]).to_dict().items()
-                 if v is not None and v != {}}
+        entry = public_entry(SliceResult.from_dict(payload["result"]))
         report["results"][f"{label} x {slice_id}"] = entry
         part(f"{label} x {slice_id}", entry)
 
