@@ -60,7 +60,10 @@ def _figures(store: Store) -> dict:
 @pytest.fixture(scope="module")
 def ray_cluster():
     ray = pytest.importorskip("ray", reason="the ray executor is optional; ./run test installs it")
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False)
+    from shrink_core.runtime.executors import LOCAL_SYSTEM_CONFIG
+
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, configure_logging=False,
+             _system_config=LOCAL_SYSTEM_CONFIG)
     yield ray
     ray.shutdown()
 
