@@ -2,7 +2,8 @@
 on both sides, so the planner can only win by how it spreads bits over the block linears.
 
   python bench/bench_fair.py --from bench/results/predict-DATE/plans.jsonl [--sizes w4g128,w4g64,w3g64,3.5]
-                             [--methods rtn,gptq] [--loop-rounds 3] [--sequences 24] [--seq-len 256]
+                             [--methods rtn,gptq] [--loop-rounds 3] [--local-steps 3]
+                             [--sequences 24] [--seq-len 256]
 
 --from: a `bench_predict.py collect` file: its scan scores (fast scan, every quantizing menu setting, en fr zh code
   arith) and its measured random plans, on which the interaction model is fitted (the same model weights are checked).
@@ -10,7 +11,10 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   uniform plan (for "3.5": 3.5 bits per block-linear weight, against the largest uniform setting that fits).
   Embedding (tied head) at --embedding on both sides. Three planner variants: additive scores; the fitted interaction
   model; the fitted model plus a closed loop (plan, measure the plan whole with RTN on calibration text, refit, plan
-  again). Every plan is applied with the method (RTN or GPTQ with the default calibration recipe) and MEASURED on
+  again); "local": from the best loop plan, local refinement (scores re-estimated at the measured plan itself, at
+  most --local-changes modules moved per step, each step measured and kept only if the worst slice improved;
+  `plan/local.py`, `sensitivity/local.py`), --local-steps measured steps on the same calibration text. Every plan
+  is applied with the method (RTN or GPTQ with the default calibration recipe) and MEASURED on
   --sequences x --seq-len tokens of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI
   over sequences, and the paired CI of planner - uniform.
 """
@@ -63,8 +67,10 @@ def main() -> None:
     parser.add_argument("--sizes", default="w4g128,w4g64,w3g64,3.5")
     parser.add_argument("--methods", default="rtn,gptq")
     parser.add_argument("--embedding", default="w8", help="the embedding's setting on both sides (or keep)")
-    parser.add_argument("--variants", default="additive,fitted,loop")
+    parser.add_argument("--variants", default="additive,fitted,loop,local")
     parser.add_argument("--loop-rounds", type=int, default=3)
+    parser.add_argument("--local-steps", type=int, default=3)
+    parser.add_argument("--local-changes", type=int, default=40)
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -73,7 +79,9 @@ def main() -> None:
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
     from shrink_core.model.inventory import block_linears, inventory
     from shrink_core.model.load import load
+    from shrink_core.plan.local import local_problem, local_search
     from shrink_core.plan.planner import build_problem, setting_bytes, solution_plan, solve
+    from shrink_core.sensitivity.local import local_scores, set_choice_
     from shrink_core.sensitivity.probe import ProbeCache, calib_tokens, eval_tokens, probe
     from shrink_core.sensitivity.scan import embedding_rows
 
@@ -90,7 +98,8 @@ def main() -> None:
     embeddings = [r.name for r in embedding_rows(rows)]
     linear_scores = {k: v for k, v in scores.items() if k[0] in set(linears)}
     settings = list(QUANT_SETTINGS)
-    x = [r["features"][s] for r in measured_plans for s in slices]
+    # recomputed from each plan's choice: the bit classes grow with the menu (llama.cpp types added 5-bit)
+    x = [features(r["choice"], scores, s) for r in measured_plans for s in slices]
     y = [r["measured"][s] for r in measured_plans for s in slices]
     ids = [r["index"] for r in measured_plans for s in slices]
     fitted = fit(np.array(x), np.array(y), ids)
@@ -110,6 +119,17 @@ def main() -> None:
         full = {**choice, **embedding_choice}
         per_module = {m: MENU[s] for m, s in full.items() if s != "keep"}
         return {s: probe(loop_caches[s], {m: modules[m] for m in per_module}, blocks, per_module).kl for s in slices}
+
+    originals = {m: modules[m].weight.detach().clone() for m in linears + embeddings}
+    at_plan = copy.deepcopy(loaded.model)  # the operating point the local scores are taken at
+    set_choice_(at_plan, originals, embedding_choice)
+    options = ["keep", *settings]
+
+    def scores_at(choice):
+        set_choice_(at_plan, originals, choice)
+        local = local_scores(loaded.model, at_plan, originals, choice, options,
+                             {s: loop_caches[s].ids for s in slices})
+        return local_problem(rows, local.deltas, linears, options, slices)
 
     def rows_of(choice):
         full = {**choice, **embedding_choice}
@@ -144,11 +164,22 @@ def main() -> None:
                 loop_rounds = [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
                                 "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
                                 "seconds": round(r.seconds, 1)} for r in rounds]
+            elif variant == "local":
+                start = choices.get("loop") or choices.get("fitted") or plan_with(fitted)
+                steps = local_search(start, loop_measure(start), scores_at, loop_measure,
+                                     limits={"budget_bytes": budget}, steps=args.local_steps,
+                                     max_changes=args.local_changes, time_budget_s=3600)
+                kept = [s for s in steps if s.accepted]
+                choices[variant] = kept[-1].choice if kept else start
+                loop_rounds = [{"step": s.index, "max_changes": s.max_changes, "changes": s.changes,
+                                "worst_predicted": round(s.worst_predicted, 5), "worst_measured": round(s.worst_measured, 5),
+                                "error": round(s.error, 4), "accepted": s.accepted, "seconds": round(s.seconds, 1)}
+                               for s in steps]
             emit({"part": "plan", "size_of": size_label, "variant": variant, "seconds": round(time.perf_counter() - t0, 1),
                   "settings": {s: list(choices[variant].values()).count(s) for s in settings
                                if s in choices[variant].values()},
                   "bytes": float(sum(setting_bytes(rows, [m], [choices[variant][m]])[0, 0] for m in linears)),
-                  "budget": budget, **({"rounds": loop_rounds} if variant == "loop" else {})})
+                  "budget": budget, **({"rounds": loop_rounds} if variant in ("loop", "local") else {})})
         plan_seconds = time.perf_counter() - started
 
         for method in args.methods.split(","):

@@ -10,6 +10,8 @@ quality: fast-scan scores (`run_scan`, its fast budget) -> the planner's mixed-p
   MEASURED per slice on the first --rows text rows of each slice (window 512), with bootstrap 95% intervals: ppl per
   plan, and the paired per-token NLL difference planner - uniform (negative = planner better).
   The scan also probes the (tied) embedding exhaustively, so the planner chooses its precision like any module's.
+loop: the Plan page's closed loop as a user runs it on a fresh store (fast scan, then fitted rounds and local steps,
+  each plan run for real at the fast protocol), timed: `--parts loop --loop-bits 3.5`.
 embedding: the same budgets with the (tied) embedding pinned to int8 per channel (RTN) by hand and the planner filling
   the block linears with the bytes that frees; the fp32 embedding is 113 MB of SmolLM2's ~160 MB at these sizes.
 """
@@ -204,6 +206,37 @@ def embedding(loaded, args, slices) -> None:
               "delta_nll_vs_reference": {s: round(results[s].nll - reference[s].nll, 5) for s in slices}})
 
 
+def loop(loaded, args, slices) -> None:
+    """The Plan page's "Plan, run, refit" as a user runs it, timed from a fresh store: the fast scan, then the job's
+    function (`plan_loop`: fitted rounds, then local steps, each run for real at the fast protocol and stored)."""
+    import os
+
+    from shrink_core.model.describe import describe
+    from shrink_core.plan import dump_plan, load_plan
+    from shrink_core.results.store import Store
+    from shrink_core.sensitivity.loop import plan_loop
+    from shrink_core.sensitivity.scan import run_scan
+
+    settings = args.settings.split(",")
+    with tempfile.TemporaryDirectory() as home:
+        os.environ["SHRINK_HOME"] = home
+        store = Store()
+        store.save_model(describe(args.model))
+        started = time.perf_counter()
+        report = run_scan(loaded, slices, settings, "fast", args.scan_budget, store=store)
+        scan_s = time.perf_counter() - started
+        started = time.perf_counter()
+        result = plan_loop(store, args.model, slices, settings, {"kind": "bits_per_weight", "value": args.loop_bits},
+                           dump_plan(load_plan(uniform_text("w8", "rtn"))), rounds=args.loop_rounds,
+                           local_steps=args.local_steps, time_budget_s=args.loop_seconds)
+        loop_s = time.perf_counter() - started
+    emit({"part": "loop", "model": args.model, "slices": slices, "settings": settings,
+          "budget": f"{args.loop_bits} bits per weight of the planned modules", "scan_seconds": round(scan_s, 1),
+          "scan_computed": report.computed, "loop_seconds": round(loop_s, 1), "time_budget_s": args.loop_seconds,
+          "rounds": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()
+                      if k not in ("candidate_id",)} for r in result["rounds"]]})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="builtin:smollm2-135m")
@@ -217,6 +250,10 @@ def main() -> None:
     parser.add_argument("--fresh-scan", action="store_true", help="scan into a throw-away store (no reuse)")
     parser.add_argument("--rows", type=int, default=40, help="text rows per slice in the measured evaluation")
     parser.add_argument("--calib-n", type=int, default=16, help="GPTQ calibration sequences of 512 tokens")
+    parser.add_argument("--loop-bits", type=float, default=3.5, help="loop: bits per weight of the planned modules")
+    parser.add_argument("--loop-rounds", type=int, default=2)
+    parser.add_argument("--local-steps", type=int, default=2)
+    parser.add_argument("--loop-seconds", type=float, default=300.0)
     args = parser.parse_args()
     from shrink_core.model.load import load
 
@@ -229,6 +266,8 @@ def main() -> None:
         quality(loaded, args, slices)
     if "embedding" in parts:
         embedding(loaded, args, slices)
+    if "loop" in parts:
+        loop(loaded, args, slices)
 
 
 if __name__ == "__main__":

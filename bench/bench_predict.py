@@ -114,7 +114,7 @@ def collect(args) -> None:
 
 
 def worst(model: InteractionModel, record: dict) -> float:
-    return max(float(model.predict(np.array([record["features"][s]]))[0]) for s in record["measured"])
+    return max(float(model.predict(np.array([record["x"][s]]))[0]) for s in record["measured"])
 
 
 def analyse(path: str) -> None:
@@ -122,9 +122,14 @@ def analyse(path: str) -> None:
 
     lines = [json.loads(line) for line in Path(path).read_text().splitlines()]
     plans = [r for r in lines if not r.get("header")]
+    # features recomputed from each plan's choice and the header's scores: the stored vectors have the bit classes of
+    # the menu they were collected with (llama.cpp types later added a 5-bit class)
+    scores = {(m, s, sl): v for m, s, sl, v in lines[0]["scores_table"]}
+    for r in plans:
+        r["x"] = {s: features(r["choice"], scores, s) for s in r["measured"]}
     fitting = [r for r in plans if r["set"] == "fit"]
     testing = [r for r in plans if r["set"] == "test"]
-    x = [r["features"][s] for r in fitting for s in r["measured"]]
+    x = [r["x"][s] for r in fitting for s in r["measured"]]
     y = [r["measured"][s] for r in fitting for s in r["measured"]]
     ids = [r["index"] for r in fitting for s in r["measured"]]
     fitted = fit(np.array(x), np.array(y), ids)
@@ -136,7 +141,7 @@ def analyse(path: str) -> None:
                           "r2": round(r_squared(predicted, measured), 4),
                           "median_abs_rel_error": round(float(np.median(
                               np.abs(np.array(predicted) - measured) / np.array(measured))), 4)}
-    low, high = fitted.interval(np.array([r["features"][max(r["measured"], key=r["measured"].get)]
+    low, high = fitted.interval(np.array([r["x"][max(r["measured"], key=r["measured"].get)]
                                           for r in testing]))
     inside = float(np.mean((np.array(measured) >= low) & (np.array(measured) <= high)))
     emit({"part": "analyse", "file": path, "fit_plans": len(fitting), "test_plans": len(testing),

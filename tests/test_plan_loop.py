@@ -35,6 +35,25 @@ def test_each_round_is_a_measured_candidate_and_the_next_round_plans_with_its_fi
     assert result["model"]["plans"] == len(rounds)
 
 
+def test_local_steps_start_from_the_best_round_and_keep_only_what_measures_better(scanned_home):
+    store = Store()
+    result = plan_loop(store, SPEC, ["user_notes"], ["w4g64", "w3g64"],
+                       {"kind": "bits_per_weight", "value": 3.8}, dump_plan(load_plan("preset:w4g64")), rounds=1,
+                       local_steps=2, local_changes=16)
+    fitted = [r for r in result["rounds"] if r["kind"] == "fitted"]
+    local = [r for r in result["rounds"] if r["kind"] == "local"]
+    assert len(fitted) == 1 and 1 <= len(local) <= 2
+    best = fitted[0]["measured_worst"]
+    for r in local:  # each step is a stored candidate, kept only when it measured better than the best so far
+        (row,) = store.results("eval", candidate_id=r["candidate_id"])
+        assert row["payload"]["kl"] == r["measured_worst"] and r["name"].startswith("local step")
+        assert r["changes"] <= r["max_changes"] <= 16
+        assert r["kept"] == (r["measured_worst"] < best)
+        best = min(best, r["measured_worst"]) if r["kept"] else best
+        stored = {c["id"]: c for c in store.candidates()}[r["candidate_id"]]
+        assert load_plan(stored["plan"]).rules  # the step's plan is stored as rules a person can read
+
+
 @pytest.mark.integration
 def test_a_round_verified_on_ray_measures_what_the_local_round_measures(scanned_home, tmp_path):
     """The same first round (same fit, same plan) run on the local executor and as a one-plan sweep on Ray: the

@@ -48,10 +48,17 @@ def quant_specs(resolved) -> dict:
             if r.weights is not None and not r.weights.is_float and not r.keep and not r.removed}
 
 
-def plan_within_budget(problem: PlannerProblem, rows, summary: dict, budget: PlannerBudget, *, objective: str = "worst",
-                       base_resolved=None, hardware=None) -> BudgetedPlan:
-    """Solve `problem` under `budget`; rows/summary: the model's inventory; base_resolved: the resolved base plan."""
-    planned = set(problem.modules)
+@dataclass(frozen=True)
+class Limits:
+    """A budget as the solver takes it for one set of planned modules (`solve`'s keyword arguments)."""
+    solve_kwargs: dict
+    fixed_bytes: int  # the modules the planner does not decide
+    latency: object | None  # planner.LatencyModel on the target, when there is one
+
+
+def limits(planned: set[str], rows, summary: dict, budget: PlannerBudget, *, base_resolved=None,
+           hardware=None) -> Limits:
+    """Take off the budget what the modules outside `planned` cost (their base plan's bytes and projected time)."""
     base = {r.name: r for r in base_resolved} if base_resolved is not None else {}
     fixed_bytes = int(sum(base[r.name].packed_bytes if r.name in base else r.bytes  # a tied head: 0, at its owner
                           for r in rows if r.name not in planned))
@@ -61,10 +68,18 @@ def plan_within_budget(problem: PlannerProblem, rows, summary: dict, budget: Pla
     if hardware is not None:
         others = {m: q for m, q in quant_specs(base_resolved or []).items() if m not in planned}
         latency = latency_model(rows, summary, hardware, planned, others)
-    solution = solve(problem, objective=objective,
-                     budget_bytes=budget.value * 1e6 - fixed_bytes if budget.kind == "size_mb" else None,
-                     average_bits=budget.value if budget.kind == "bits_per_weight" else None,
-                     budget_seconds=(budget.value / 1000 - latency.fixed_seconds) if budget.kind == "latency_ms" else None)
+    kwargs = {"budget_bytes": budget.value * 1e6 - fixed_bytes if budget.kind == "size_mb" else None,
+              "average_bits": budget.value if budget.kind == "bits_per_weight" else None,
+              "budget_seconds": (budget.value / 1000 - latency.fixed_seconds) if budget.kind == "latency_ms" else None}
+    return Limits(kwargs, fixed_bytes, latency)
+
+
+def plan_within_budget(problem: PlannerProblem, rows, summary: dict, budget: PlannerBudget, *, objective: str = "worst",
+                       base_resolved=None, hardware=None) -> BudgetedPlan:
+    """Solve `problem` under `budget`; rows/summary: the model's inventory; base_resolved: the resolved base plan."""
+    limit = limits(set(problem.modules), rows, summary, budget, base_resolved=base_resolved, hardware=hardware)
+    solution = solve(problem, objective=objective, **limit.solve_kwargs)
+    latency = limit.latency
     projected = latency.total_ms(solution.projected_seconds) if latency and solution.projected_seconds is not None else None
-    return BudgetedPlan(solution, solution.total_bytes + fixed_bytes, fixed_bytes, projected,
+    return BudgetedPlan(solution, solution.total_bytes + limit.fixed_bytes, limit.fixed_bytes, projected,
                         latency.target if latency else None, latency.basis if latency else None)

@@ -137,15 +137,10 @@ def r_squared(predicted, measured) -> float:
     return 1.0 - float(((measured - predicted) ** 2).sum()) / total if total > 0 else math.nan
 
 
-@dataclass(frozen=True)
-class Round:
-    """One closed-loop round: the plan the planner chose with the model of that round, and what it measured."""
-    index: int
-    choice: dict[str, str]
-    predicted: dict[str, float]  # slice -> KL the round's model predicted
-    measured: dict[str, float]  # slice -> KL measured
-    model: dict  # InteractionModel.to_dict() the round planned with
-    seconds: float
+class WorstSlice:
+    """The worst slice of a measured plan's `predicted` and `measured` KL (slice -> value), and the error between."""
+    predicted: dict[str, float]
+    measured: dict[str, float]
 
     @property
     def worst_predicted(self) -> float:
@@ -159,6 +154,17 @@ class Round:
     def error(self) -> float:
         """Relative error of the worst-slice prediction: (predicted - measured) / measured."""
         return (self.worst_predicted - self.worst_measured) / max(self.worst_measured, 1e-9)
+
+
+@dataclass(frozen=True)
+class Round(WorstSlice):
+    """One closed-loop round: the plan the planner chose with the model of that round, and what it measured."""
+    index: int
+    choice: dict[str, str]
+    predicted: dict[str, float]  # slice -> KL the round's model predicted
+    measured: dict[str, float]  # slice -> KL measured
+    model: dict  # InteractionModel.to_dict() the round planned with
+    seconds: float
 
 
 @dataclass

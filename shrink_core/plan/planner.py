@@ -74,10 +74,14 @@ def _bits_per_weight(problem: PlannerProblem) -> np.ndarray:
 
 def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average_bits: float | None = None,
           budget_seconds: float | None = None, objective: str = "worst", weights: dict[str, float] | None = None,
-          time_limit: float = 20.0) -> PlannerSolution:
+          time_limit: float = 20.0, offset: np.ndarray | None = None, near: dict[str, str] | None = None,
+          max_changes: int | None = None) -> PlannerSolution:
     """Minimise the predicted loss (worst slice, weighted mix, or one slice) under the budget.
 
     budget_seconds: projected decode-step seconds left for the planned modules (the fixed part already taken off).
+    offset: (slices,) a constant per slice added to its loss (a measured plan's KL when `loss` holds changes from
+    it, `plan/local.py`); near + max_changes: at most that many modules differ from the choice `near` (a trust
+    region around the plan the changes were estimated at).
     """
     from scipy.optimize import Bounds, LinearConstraint, milp
 
@@ -117,15 +121,22 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
         row = np.zeros((1, n + 1))
         row[0, :n] = problem.seconds.reshape(n) * 1e6  # microseconds: HiGHS's feasibility tolerance is absolute
         rows.append(row), lower.append([-np.inf]), upper.append([budget_seconds * 1e6])
+    offset = np.zeros(s) if offset is None else np.asarray(offset, dtype=float)
+    if near is not None and max_changes is not None:
+        row = np.zeros((1, n + 1))
+        for module, setting in near.items():
+            row[0, problem.modules.index(module) * o + problem.settings.index(setting)] = 1
+        rows.append(row), lower.append([m - max_changes]), upper.append([np.inf])
     if worst:
         epigraph = np.zeros((s, n + 1))
         epigraph[:, :n] = problem.loss.reshape(s, n)
         epigraph[:, n] = -1
-        rows.append(epigraph), lower.append(np.full(s, -np.inf)), upper.append(np.zeros(s))
+        rows.append(epigraph), lower.append(np.full(s, -np.inf)), upper.append(-offset)
     upper_x = np.append(problem.allowed.reshape(n).astype(float), np.inf)
+    lower_t = -np.inf if worst else 0  # t is the worst slice's loss, negative where it holds changes that help
     integrality = np.append(np.ones(n), 0)
     result = milp(cost, constraints=LinearConstraint(np.vstack(rows), np.concatenate(lower), np.concatenate(upper)),
-                  integrality=integrality, bounds=Bounds(np.zeros(n + 1), upper_x),
+                  integrality=integrality, bounds=Bounds(np.append(np.zeros(n), lower_t), upper_x),
                   options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
     if result.x is None:
         if budget_seconds is not None:
@@ -141,7 +152,7 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
     x = result.x[:n].reshape(m, o).round().astype(bool)
     picks = x.argmax(axis=1)
     chosen_loss = problem.loss[:, np.arange(m), picks]  # (slices, modules)
-    predicted = {name: float(chosen_loss[i].sum()) for i, name in enumerate(problem.slices)}
+    predicted = {name: float(offset[i] + chosen_loss[i].sum()) for i, name in enumerate(problem.slices)}
     total_bytes = int(problem.bytes[np.arange(m), picks].sum())
     gap = float(getattr(result, "mip_gap", 0.0) or 0.0)
     return PlannerSolution(

@@ -54,9 +54,11 @@ def stats_bytes(modules: dict[str, torch.nn.Module], first_order: bool = True) -
 
 
 def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fisher, on_gradient, batch: int,
-            progress, labels: str, seed: int, first_order: bool) -> None:
+            progress, labels: str, seed: int, first_order: bool, soft_targets=None) -> None:
     """Forward and backward passes over `ids` in batches; per batch and module, on_fisher(name, sum_s G_s**2) and
-    on_gradient(name, sum_s G_s) (both (out, in) float32) receive that batch's contribution."""
+    on_gradient(name, sum_s G_s) (both (out, in) float32) receive that batch's contribution.
+    soft_targets(part) -> (B * (T - 1), vocab) probabilities: the first-order backward is then the gradient of the
+    cross-entropy to them (KL(targets || model) up to a constant) instead of the text's NLL."""
     generator = torch.Generator().manual_seed(seed)
     phase = {"fisher": True, "gradient": labels == "data"}  # what the running backward accumulates
 
@@ -101,9 +103,13 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
                     drawn = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)[:, 0]
                     phase.update(fisher=True, gradient=False)
                     torch.nn.functional.cross_entropy(flat, drawn, reduction="sum").backward(retain_graph=first_order)
-                    if first_order:  # same forward, second backward: the text's first-order term only
+                    if first_order:  # same forward, second backward: the first-order term only
                         phase.update(fisher=False, gradient=True)
-                        torch.nn.functional.cross_entropy(flat, text, reduction="sum").backward()
+                        if soft_targets is None:
+                            torch.nn.functional.cross_entropy(flat, text, reduction="sum").backward()
+                        else:
+                            target = soft_targets(part).to(flat.dtype)
+                            (-(target * torch.log_softmax(flat, -1)).sum()).backward()
                 else:
                     torch.nn.functional.cross_entropy(flat, text, reduction="sum").backward()
             if progress:
@@ -141,28 +147,40 @@ class FisherScores:
 
 
 def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], settings: list[Setting],
-                  batch: int = 4, progress=None, seed: int = 0, first_order: bool = True) -> FisherScores:
+                  batch: int = 4, progress=None, seed: int = 0, first_order: bool = True, errors=None,
+                  soft_targets=None) -> FisherScores:
     """The estimates of `estimate_slices(..., fisher_stats(...))` in bounded memory: each batch's F and G of a module
     are reduced at once against every setting's weight error and dropped, so nothing the size of the weights
-    outlives a module's hook (the price: each setting's weight error is recomputed per batch and pass)."""
+    outlives a module's hook (the price: each setting's weight error is recomputed per batch and pass).
+    errors(name) -> (key, dW) pairs replaces "each setting's error from the module's weight" (`sensitivity.local`
+    scores moves away from a plan); soft_targets: see `_passes`."""
     started = time.perf_counter()
-    sums = {s.id: {n: [0.0, 0.0] for n in modules} for s in settings}  # (sum F dW^2, sum G dW)
+    keys = [s.id for s in settings] if errors is None else None
+    sums: dict[str, dict[str, list[float]]] = {}  # key -> module -> (sum F dW^2, sum G dW)
 
-    def errors(name):
+    def setting_errors(name):
         weight = modules[name].weight.detach().float()
         for s in settings:
             yield s.id, perturbed(s, weight) - weight
 
+    errors = errors or setting_errors
+
+    def slot(key, name):
+        return sums.setdefault(key, {}).setdefault(name, [0.0, 0.0])
+
     def on_fisher(name, squares):
-        for setting_id, delta in errors(name):
-            sums[setting_id][name][0] += float(torch.dot(squares.reshape(-1), delta.reshape(-1).square()))
+        for key, delta in errors(name):
+            slot(key, name)[0] += float(torch.dot(squares.reshape(-1), delta.reshape(-1).square()))
 
     def on_gradient(name, gradient):
-        for setting_id, delta in errors(name):
-            sums[setting_id][name][1] += float(torch.dot(gradient.reshape(-1), delta.reshape(-1)))
+        for key, delta in errors(name):
+            slot(key, name)[1] += float(torch.dot(gradient.reshape(-1), delta.reshape(-1)))
 
-    _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, "sampled", seed, first_order)
+    _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, "sampled", seed, first_order, soft_targets)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
+    for key in keys or []:  # every setting of every module has a value, even with no pass over it
+        for name in modules:
+            slot(key, name)
     values = {sid: {n: (f / (2 * tokens), g / tokens + f / (2 * tokens)) for n, (f, g) in per.items()}
               for sid, per in sums.items()}
     return FisherScores(values, tokens, time.perf_counter() - started)

@@ -1,5 +1,7 @@
 """The planner's closed loop, as a job: plan with the model fitted on what was measured, run the plan for real,
-refit, plan again (`plan/interactions.closed_loop`).
+refit, plan again (`plan/interactions.closed_loop`); then local steps from the best plan measured (RTN plans):
+scores re-estimated at that plan (`sensitivity/local.py`), at most K modules moved by the planner, the step run for
+real and kept only if the worst slice improved (`plan/local.local_search`).
 
 Each round's plan is run exactly as "Run this plan" runs one (`results.eval_run.run_eval`: applied with its method,
 evaluated against the reference on the chosen slices, stored as a candidate), so every round shows on the Results
@@ -15,9 +17,10 @@ import numpy as np
 from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import modules_from_rows
 from shrink_core.plan import dump_plan, load_plan, plan_to_dict, resolve
-from shrink_core.plan.budget import PlannerBudget, plan_within_budget
+from shrink_core.plan.budget import PlannerBudget, limits, plan_within_budget
 from shrink_core.plan.edit import with_rules_first
 from shrink_core.plan.interactions import LoopState, closed_loop, features
+from shrink_core.plan.local import local_problem, local_search
 from shrink_core.plan.planner import build_problem, solution_plan
 from shrink_core.plan.predict import score_table, settings_by_module
 from shrink_core.results.prediction import measured_observations
@@ -29,7 +32,7 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
               method: str = "rtn", objective: str = "worst", pinned: dict | None = None,
               exclude: list[str] | None = None, target: str | None = None, eval_budget: str = "fast",
               rounds: int = 3, time_budget_s: float = 240.0, progress=None, job_id: int | None = None,
-              part=None, executor: dict | None = None) -> dict:
+              part=None, executor: dict | None = None, local_steps: int = 0, local_changes: int = 40) -> dict:
     """Rounds of plan -> run -> refit under one planner budget ({"kind": ..., "value": ...}); `plan` is the draft the
     planner's rules go in front of, `pinned`/`exclude` what the Plan page pins or leaves to hand-written rules.
     `part(name)` is called as each round's candidate is stored, so the Results page has it before the loop ends.
@@ -40,11 +43,11 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
     config = ExecutorConfig.from_dict(executor)
     with session(config):
         return _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
-                          eval_budget, rounds, time_budget_s, progress, job_id, part, config)
+                          eval_budget, rounds, time_budget_s, progress, job_id, part, config, local_steps, local_changes)
 
 
 def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target, eval_budget,
-               rounds, time_budget_s, progress, job_id, part, executor) -> dict:
+               rounds, time_budget_s, progress, job_id, part, executor, local_steps, local_changes) -> dict:
     from shrink_core.model.load import load
     from shrink_core.perf.hardware import get as get_hardware
     from shrink_core.results.eval_run import run_eval
@@ -81,7 +84,10 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     def whole_plan(choice) -> str:
         """The planner's rules in front of the draft: the plan that is run, modules outside the planner included."""
-        return with_rules_first(plan, texts[tuple(sorted(choice.items()))], rows=rows)
+        key = tuple(sorted(choice.items()))
+        if key not in texts:  # a local step's choice
+            texts[key] = plan_to_dict(solution_plan(choice, rows, method))["rules"]
+        return with_rules_first(plan, texts[key], rows=rows)
 
     def rows_of(choice):
         every = settings_by_module(resolve(rows, load_plan(whole_plan(choice))))
@@ -93,14 +99,21 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     done: list[dict] = []
 
+    local_steps = local_steps if method == "rtn" else 0  # the local scores are RTN's (what the steps apply)
+    total = rounds + local_steps
+    phase = {"local": False, "rounds": 0}
+
     def measure(choice) -> dict[str, float]:
         index = len(done)
         data = plan_to_dict(load_plan(whole_plan(choice)))
-        data["name"] = f"closed loop round {index + 1} ({limit.kind} {limit.value:g}, {method})"
-        base = 0.05 + 0.9 * index / rounds
+        label = f"local step {index + 1 - phase['rounds']}" if phase["local"] else f"closed loop round {index + 1}"
+        data["name"] = f"{label} ({limit.kind} {limit.value:g}, {method})"
+        base = 0.05 + 0.9 * index / total
 
         def step(fraction, message=""):
-            progress(base + 0.9 / rounds * fraction, f"round {index + 1}/{rounds}: {message}")
+            where = (f"local step {index + 1 - phase['rounds']}/{local_steps}" if phase["local"]
+                     else f"round {index + 1}/{rounds}")
+            progress(base + 0.9 / total * fraction, f"{where}: {message}")
 
         if loaded is None:
             report = run_sweep(spec, [dump_plan(load_plan(data))], slices, eval_budget, executor, store=store,
@@ -123,20 +136,63 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
                                      time_budget_s=time_budget_s)
     out = []
     for r, stored in zip(loop_rounds, done):
-        out.append({"round": r.index + 1, "candidate_id": stored["candidate_id"], "name": stored["name"],
-                    "predicted_worst": r.worst_predicted, "measured_worst": r.worst_measured,
+        out.append({"round": r.index + 1, "kind": "fitted", "candidate_id": stored["candidate_id"],
+                    "name": stored["name"], "predicted_worst": r.worst_predicted, "measured_worst": r.worst_measured,
                     "error": r.error, "fitted_on_plans": r.model["plans"], "seconds": round(r.seconds, 1)})
+    left = time_budget_s - (time.perf_counter() - started)
+    if local_steps and loop_rounds and left > 0:
+        best = min(loop_rounds, key=lambda r: r.worst_measured)
+        planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
+        phase.update(local=True, rounds=len(done))
+        steps = local_search(
+            {m: best.choice[m] for m in planned}, best.measured,
+            _local_scorer(loaded or load(spec), rows, planned, ["keep", *settings], list(best.measured), whole_plan,
+                          pinned, hardware, eval_budget),
+            measure, limits=limits(set(planned), rows, described["summary"], limit, base_resolved=base_resolved,
+                                   hardware=hardware).solve_kwargs,
+            steps=local_steps, max_changes=local_changes, time_budget_s=left)
+        for s, stored in zip(steps, done[len(loop_rounds):]):
+            out.append({"round": len(loop_rounds) + s.index + 1, "kind": "local", "candidate_id": stored["candidate_id"],
+                        "name": stored["name"], "predicted_worst": s.worst_predicted, "measured_worst": s.worst_measured,
+                        "error": s.error, "max_changes": s.max_changes, "changes": s.changes, "kept": s.accepted,
+                        "seconds": round(s.seconds, 1)})
     progress(1.0, "done")
     return {"rounds": out, "model": model.to_dict(), "seconds": round(time.perf_counter() - started, 1),
             "eval_budget": eval_budget, "method": method}
 
 
+def _local_scorer(loaded, rows, planned, options, slices, whole_plan, pinned, hardware, eval_budget):
+    """scores_at(choice) for `local_search`: the whole plan applied to a copy of the model (as a round runs it), the
+    planned modules' moves scored there on each slice's calibration rows (the scan depth named like the protocol)."""
+    import copy
+
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.sensitivity.local import local_scores
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS, calib_tokens
+
+    depth = SCAN_DEPTHS.get(eval_budget, SCAN_DEPTHS["fast"])
+    ids = {s: calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len) for s in slices}
+    originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
+
+    def scores_at(choice):
+        at_plan = copy.deepcopy(loaded.model)
+        apply_plan_(at_plan, load_plan(whole_plan(choice)))
+        local = local_scores(loaded.model, at_plan, originals, choice, options, ids, batch=depth.chunk * 2)
+        del at_plan
+        fixed = {**(pinned or {}), **{m: choice[m] for m in local.fixed}}  # unscored here: they stay
+        return local_problem(rows, local.deltas, planned, options, slices, pinned=fixed, hardware=hardware)
+
+    return scores_at
+
+
 def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget: dict, plan: str, method: str = "rtn",
                   objective: str = "worst", pinned: dict | None = None, exclude: list[str] | None = None,
                   target: str | None = None, eval_budget: str = "fast", rounds: int = 3,
-                  time_budget_s: float = 240.0, executor: dict | None = None) -> dict:
-    """Job: the Plan page's "Plan, run, refit (closed loop)"; a round is a part (it may stop early on its budget)."""
-    ctx.expect_parts(rounds)
+                  time_budget_s: float = 240.0, executor: dict | None = None, local_steps: int = 0,
+                  local_changes: int = 40) -> dict:
+    """Job: the Plan page's "Plan, run, refit (closed loop)"; a round or local step is a part (it may stop early on
+    its budget)."""
+    ctx.expect_parts(rounds + (local_steps if method == "rtn" else 0))
     return plan_loop(ctx.store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
                      eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id,
-                     part=ctx.part_done, executor=executor)
+                     part=ctx.part_done, executor=executor, local_steps=local_steps, local_changes=local_changes)

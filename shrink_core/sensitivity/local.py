@@ -1,0 +1,89 @@
+"""Scores around a plan: what moving one module from its planned setting to another does to KL(reference || plan),
+to second order at the plan itself (not at the original model, where the scan scores one module at a time).
+
+    KL(plan with module i at s) - KL(plan) ~= (G_i . dW + dW . F_i dW / 2) / N,     dW = Q_s(W_i) - Q_plan(W_i)
+
+G_i is the gradient of the summed KL(reference || plan) over N calibration tokens, F_i the diagonal Fisher of the
+plan's own model (labels sampled from it: the expectation of KL's Gauss-Newton Hessian there). The gradient is where
+the interactions are: in the quadratic model of KL around the original weights, G_i = sum_j H_ij e_j, module i's
+cross terms with every other module's error as the plan has them, which the scan's one-at-a-time sum leaves out and
+the planner, choosing where that sum is lowest, falls into. The expansion holds near the plan, so a step changes a
+bounded number of modules and is measured (`plan/local.local_search`).
+Same passes as the fast scan (`fisher._passes`: one forward, a sampled-label backward, a second backward to the
+reference's distribution), reduced against each option's weight error as they go (`fisher_scores`).
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from shrink_core.sensitivity.fisher import fisher_scores
+from shrink_core.sensitivity.settings import SETTINGS, perturbed
+
+
+@dataclass(frozen=True)
+class LocalScores:
+    slices: tuple[str, ...]
+    modules: tuple[str, ...]
+    options: tuple[str, ...]  # "keep" (the original weight) and menu settings
+    deltas: np.ndarray  # (slices, modules, options): predicted KL change from the plan; 0 at the planned setting
+    tokens: int  # scored tokens per slice
+    seconds: float
+    fixed: tuple[str, ...] = ()  # modules not scored here (an embedding: no weight gradient from the passes)
+
+
+def option_weight(option: str, original: torch.Tensor) -> torch.Tensor:
+    """A module's weight at `option` (RTN or mask as the scan scores it; keep = the original), float32."""
+    return original.float() if option == "keep" else perturbed(SETTINGS[option], original).float()
+
+
+def set_choice_(model, originals: dict[str, torch.Tensor], choice: dict[str, str]) -> None:
+    """Put each planned module of `model` at its option (in place; the originals stay untouched)."""
+    with torch.no_grad():
+        for name, option in choice.items():
+            weight = model.get_submodule(name).weight
+            weight.data = option_weight(option, originals[name]).to(weight.dtype)
+
+
+def local_scores(reference, model, originals: dict[str, torch.Tensor], choice: dict[str, str], options: list[str],
+                 ids_by_slice: dict[str, torch.Tensor], batch: int = 8, progress=None, seed: int = 0) -> LocalScores:
+    """reference: the original model (its next-token distributions are the targets); model: the same architecture
+    holding the plan (`set_choice_`); originals: module -> its original weight; choice: module -> planned option for
+    the modules being decided; ids_by_slice: slice -> (n, T) calibration ids (never eval text)."""
+    started = time.perf_counter()
+    names = list(choice)
+    # the passes catch a linear's input and output gradient; an embedding (and a head tied to it) has neither, so
+    # it stays where the plan put it (its deltas 0, listed as fixed)
+    modules = {n: model.get_submodule(n) for n in names if isinstance(model.get_submodule(n), torch.nn.Linear)}
+    deltas = np.zeros((len(ids_by_slice), len(names), len(options)))
+
+    def errors(name):
+        current = modules[name].weight.detach().float()
+        for option in options:
+            if option != choice[name]:
+                yield option, option_weight(option, originals[name]) - current
+
+    tokens = 0
+    for k, (slice_id, ids) in enumerate(ids_by_slice.items()):
+        def targets(part):
+            with torch.inference_mode():
+                logits = reference(part, use_cache=False).logits[:, :-1].float()
+            return torch.softmax(logits, -1).reshape(-1, logits.shape[-1])
+
+        def tick(fraction, message="", _k=k, _id=slice_id):
+            if progress:
+                progress((_k + fraction) / len(ids_by_slice), f"{_id}: {message}")
+
+        scores = fisher_scores(model, ids, modules, [], batch=batch, progress=tick, seed=seed, errors=errors,
+                               soft_targets=targets)
+        tokens = scores.tokens
+        for j, option in enumerate(options):
+            per_module = scores.values.get(option, {})
+            for i, name in enumerate(names):
+                if option != choice[name] and name in modules:
+                    deltas[k, i, j] = per_module[name][1]  # first-order + second-order: the "dnll" slot's formula
+    return LocalScores(tuple(ids_by_slice), tuple(names), tuple(options), deltas, tokens,
+                       time.perf_counter() - started, tuple(n for n in names if n not in modules))
