@@ -324,11 +324,12 @@ else:
     loop_cols = st.columns([1, 1, 1, 2])
     loop_rounds = loop_cols[0].number_input("Closed-loop rounds", 1, 6, 2, key="loop_rounds")
     local_steps = loop_cols[1].number_input(
-        "Local steps", 0, 6, 2 if method == "rtn" else 0, key=f"loop_local_steps_{method}", disabled=method != "rtn",
+        "Local steps", 0, 6, 2 if method == "rtn" else 0, key=f"loop_local_steps_{method}_{objective}",
+        disabled=method != "rtn" or objective != "worst",
         help="After the rounds, from the best plan measured: every module's options scored again at that plan "
              "(the gradient of KL there carries how its error interacts with the others'), the planner moves at most "
              "40 modules, the step is run and kept only if the worst slice improved (else at most half as many "
-             "move). RTN plans only: the scores are RTN's.")
+             "move). RTN plans and the worst-slice objective only: the scores are RTN's.")
     if loop_cols[2].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
                            help="Each round: the planner (scores corrected by the fit), the plan run for real on the "
                                 "scored slices (fast protocol, stored as a candidate), the fit updated; then the "

@@ -97,7 +97,7 @@ def main() -> None:
     linears = [r.name for r in block_linears(rows)]
     embeddings = [r.name for r in embedding_rows(rows)]
     linear_scores = {k: v for k, v in scores.items() if k[0] in set(linears)}
-    settings = list(QUANT_SETTINGS)
+    settings = list(header["settings"])  # what the scores file scanned (the menu has grown since: llama.cpp types)
     # recomputed from each plan's choice: the bit classes grow with the menu (llama.cpp types added 5-bit)
     x = [features(r["choice"], scores, s) for r in measured_plans for s in slices]
     y = [r["measured"][s] for r in measured_plans for s in slices]

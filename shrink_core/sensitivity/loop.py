@@ -99,7 +99,8 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     done: list[dict] = []
 
-    local_steps = local_steps if method == "rtn" else 0  # the local scores are RTN's (what the steps apply)
+    # the local scores are RTN's (what the steps apply), and a step is kept when the worst slice improves
+    local_steps = local_steps if method == "rtn" and objective == "worst" else 0
     total = rounds + local_steps
     phase = {"local": False, "rounds": 0}
 
@@ -192,7 +193,7 @@ def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget
                   local_changes: int = 40) -> dict:
     """Job: the Plan page's "Plan, run, refit (closed loop)"; a round or local step is a part (it may stop early on
     its budget)."""
-    ctx.expect_parts(rounds + (local_steps if method == "rtn" else 0))
+    ctx.expect_parts(rounds + (local_steps if method == "rtn" and objective == "worst" else 0))
     return plan_loop(ctx.store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
                      eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id,
                      part=ctx.part_done, executor=executor, local_steps=local_steps, local_changes=local_changes)
