@@ -212,12 +212,15 @@ def loop(loaded, args, slices) -> None:
     import os
 
     from shrink_core.model.describe import describe
+    from shrink_core.paths import model_cache_dir
     from shrink_core.plan import dump_plan, load_plan
     from shrink_core.results.store import Store
     from shrink_core.sensitivity.loop import plan_loop
     from shrink_core.sensitivity.scan import run_scan
 
     settings = args.settings.split(",")
+    # the converted model is shared, as for a user who loaded it on the Model page: the store alone starts empty
+    os.environ["SHRINK_MODEL_CACHE"] = str(model_cache_dir())
     with tempfile.TemporaryDirectory() as home:
         os.environ["SHRINK_HOME"] = home
         store = Store()
