@@ -321,36 +321,52 @@ else:
                 "predicted": solution.predicted, "bytes": planned.total_bytes,
                 "projected_ms": planned.projected_ms, "target": planned.target}
             st.rerun()
-    loop_cols = st.columns([1, 1, 1, 2])
+    loop_cols = st.columns([1, 1, 1, 1])
     loop_rounds = loop_cols[0].number_input("Closed-loop rounds", 1, 6, 2, key="loop_rounds")
     local_steps = loop_cols[1].number_input(
-        "Local steps", 0, 6, 2 if method == "rtn" else 0, key=f"loop_local_steps_{method}_{objective}",
-        disabled=method != "rtn" or objective != "worst",
+        "Local steps", 0, 6, 2 if objective == "worst" else 0, key=f"loop_local_steps_{method}_{objective}",
+        disabled=objective != "worst",
         help="After the rounds, from the best plan measured: every module's options scored again at that plan "
              "(the gradient of KL there carries how its error interacts with the others'), the planner moves at most "
              "40 modules, the step is run and kept only if the worst slice improved (else at most half as many "
-             "move). RTN plans and the worst-slice objective only: the scores are RTN's.")
-    if loop_cols[2].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
+             "move). The worst-slice objective only. With a calibrated method the first step first applies the "
+             "method once per setting (each move's error is the method's own): minutes more.")
+    measure_on = loop_cols[2].selectbox(
+        "Measure rounds on", ["probe", "protocol"], key="loop_measure_on",
+        format_func={"probe": "calibration rows (minutes)", "protocol": "the eval protocol (slow)"}.get,
+        help="Calibration rows: each round's plan applied and its KL taken on each slice's calibration rows (the "
+             "scan's depth); only the plan the loop keeps is then run at the protocol and stored as a candidate. "
+             "The eval protocol: every round is a stored candidate and feeds the page's fit, about 3-6 minutes "
+             "a round on 2 cores.")
+    if loop_cols[3].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
                            help="Each round: the planner (scores corrected by the fit), the plan run for real on the "
-                                "scored slices (fast protocol, stored as a candidate), the fit updated; then the "
-                                "local steps. Stops when the measured worst slice stops improving, the planner "
-                                "repeats itself, or after 5 minutes."):
+                                "scored slices, the fit updated; then the local steps. Stops when the measured worst "
+                                "slice stops improving, the planner repeats itself, or after 4 minutes; then the "
+                                "kept plan runs at the protocol."):
         kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
         state.set_job_id("plan_loop", jobs.submit(db, "plan_loop", "shrink_core.sensitivity.loop:plan_loop_job", {
             "spec": spec, "slices": scored_slices, "settings": chosen_settings,
             "budget": {"kind": kind, "value": budget}, "plan": state.plan_draft(), "method": method,
             "objective": objective, "pinned": pinned, "exclude": sorted(by_hand),
             "target": hardware.name if budget_kind == "ms/token" else None, "rounds": int(loop_rounds),
-            "local_steps": int(local_steps), "time_budget_s": 300.0, **state.executor_params()}))
+            "local_steps": int(local_steps), "time_budget_s": 240.0, "measure_on": measure_on,
+            **state.executor_params()}))
     loop_job = show_job(state.job_id("plan_loop"), "Closed loop: plan, run, refit")
     if loop_job is not None and loop_job.status == "done" and loop_job.result.get("rounds"):
-        st.dataframe(pd.DataFrame(loop_job.result["rounds"]), key="loop_rounds_table", hide_index=True)
-        last = loop_job.result["rounds"][-1]
-        st.caption(f"Each round and local step is a candidate (Results page). Measured: KL on the scored slices, "
-                   f"{loop_job.result['eval_budget']} protocol, {loop_job.result['method']}; predicted: for a fitted "
-                   f"round, the fit on the plans measured before it; for a local step, the measured KL of the plan "
-                   f"it started from plus the changes scored at that plan (kept: it measured better). Last row's "
-                   f"error {last['error']:+.0%}. {loop_job.result['seconds']:.0f} s in all.")
+        result = loop_job.result
+        st.dataframe(pd.DataFrame(result["rounds"]), key="loop_rounds_table", hide_index=True)
+        steps = [r for r in result["rounds"] if r["kind"] != "verified"]
+        where = ("the calibration rows of each scored slice" if result.get("measure_on") == "probe"
+                 else f"the scored slices at the {result['eval_budget']} protocol, each a candidate (Results page)")
+        verified = [r for r in result["rounds"] if r["kind"] == "verified"]
+        kept = (f" The kept plan ({verified[0]['of']}) at the {result['eval_budget']} protocol: worst slice "
+                f"{verified[0]['measured_worst']:.4f} (on the calibration rows {verified[0]['probe_worst']:.4f}), "
+                f"stored as a candidate." if verified else "")
+        st.caption(f"Measured ({result['method']}): KL on {where}. Predicted: for a fitted round, the fit on the "
+                   f"plans measured before it; for a local step, the measured KL of the plan it started from plus "
+                   f"the changes scored at that plan (kept: it measured better). Last round's error "
+                   f"{steps[-1]['error']:+.0%}.{kept} Loop {result.get('loop_seconds', result['seconds']):.0f} s, "
+                   f"{result['seconds']:.0f} s in all.")
     result = st.session_state.get("planner_result")
     if result:
         st.success(f"Planner: {result['status']} (gap {result['gap']:.1e}) in {result['seconds']:.2f} s; "

@@ -13,7 +13,10 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   model; the fitted model plus a closed loop (plan, measure the plan whole with RTN on calibration text, refit, plan
   again); "local": from the best loop plan, local refinement (scores re-estimated at the measured plan itself, at
   most --local-changes modules moved per step, each step measured and kept only if the worst slice improved;
-  `plan/local.py`, `sensitivity/local.py`), --local-steps measured steps on the same calibration text. Every plan
+  `plan/local.py`, `sensitivity/local.py`), --local-steps measured steps on the same calibration text;
+  "local-gptq": the same from the best plan so far, with each plan applied by GPTQ when it is measured and scored
+  at, each move's error GPTQ's (`method_option_weights`: the model at each setting by GPTQ) and its quadratic term
+  the whole Fisher's (per-sequence gradients: GPTQ's errors sit where the diagonal cannot see). Every plan
   is applied with the method (RTN or GPTQ with the default calibration recipe) and MEASURED on
   --sequences x --seq-len tokens of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI
   over sequences, and the paired CI of planner - uniform.
@@ -81,8 +84,8 @@ def main() -> None:
     from shrink_core.model.load import load
     from shrink_core.plan.local import local_problem, local_search
     from shrink_core.plan.planner import build_problem, setting_bytes, solution_plan, solve
-    from shrink_core.sensitivity.local import local_scores, set_choice_
-    from shrink_core.sensitivity.probe import ProbeCache, calib_tokens, eval_tokens, probe
+    from shrink_core.sensitivity.local import local_scores, method_option_weights, set_choice_
+    from shrink_core.sensitivity.probe import ProbeCache, calib_tokens, eval_tokens, probe, whole_model_kl
     from shrink_core.sensitivity.scan import embedding_rows
 
     lines = [json.loads(line) for line in Path(args.source).read_text().splitlines()]
@@ -131,6 +134,32 @@ def main() -> None:
                              {s: loop_caches[s].ids for s in slices})
         return local_problem(rows, local.deltas, linears, options, slices)
 
+    gptq = {}  # built on first use: the GPTQ weight table, and the last plan applied by GPTQ (scored where measured)
+
+    def gptq_applied(choice):
+        key = tuple(sorted(choice.items()))
+        if gptq.get("key") != key:
+            model = copy.deepcopy(loaded.model)
+            apply_plan_(model, solution_plan({**choice, **embedding_choice}, rows, "gptq"), calibration)
+            gptq.update(key=key, model=model.eval())
+        return gptq["model"]
+
+    def gptq_measure(choice):  # the whole plan by GPTQ, on calibration text
+        model = gptq_applied(choice)
+        return {s: whole_model_kl(loop_caches[s], model).kl for s in slices}
+
+    def gptq_scores_at(choice):
+        if "table" not in gptq:
+            t0 = time.perf_counter()
+            gptq["table"] = method_option_weights(
+                loaded.model, linears, options,
+                lambda model, option: apply_plan_(model, solution_plan(
+                    {**dict.fromkeys(linears, option), **embedding_choice}, rows, "gptq"), calibration))
+            emit({"part": "gptq-table", "options": options, "seconds": round(time.perf_counter() - t0, 1)})
+        local = local_scores(loaded.model, gptq_applied(choice), originals, choice, options,
+                             {s: loop_caches[s].ids for s in slices}, weights=gptq["table"], quadratic="sequence")
+        return local_problem(rows, local.deltas, linears, options, slices)
+
     def rows_of(choice):
         full = {**choice, **embedding_choice}
         return {s: features(full, scores, s) for s in slices}
@@ -164,11 +193,11 @@ def main() -> None:
                 loop_rounds = [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
                                 "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
                                 "seconds": round(r.seconds, 1)} for r in rounds]
-            elif variant == "local":
+            elif variant in ("local", "local-gptq"):
                 start = choices.get("loop") or choices.get("fitted") or plan_with(fitted)
-                steps = local_search(start, loop_measure(start), scores_at, loop_measure,
-                                     limits={"budget_bytes": budget}, steps=args.local_steps,
-                                     max_changes=args.local_changes, time_budget_s=3600)
+                measure, at = (loop_measure, scores_at) if variant == "local" else (gptq_measure, gptq_scores_at)
+                steps = local_search(start, measure(start), at, measure, limits={"budget_bytes": budget},
+                                     steps=args.local_steps, max_changes=args.local_changes, time_budget_s=3600)
                 kept = [s for s in steps if s.accepted]
                 choices[variant] = kept[-1].choice if kept else start
                 loop_rounds = [{"step": s.index, "max_changes": s.max_changes, "changes": s.changes,
@@ -179,7 +208,7 @@ def main() -> None:
                   "settings": {s: list(choices[variant].values()).count(s) for s in settings
                                if s in choices[variant].values()},
                   "bytes": float(sum(setting_bytes(rows, [m], [choices[variant][m]])[0, 0] for m in linears)),
-                  "budget": budget, **({"rounds": loop_rounds} if variant in ("loop", "local") else {})})
+                  "budget": budget, **({"rounds": loop_rounds} if variant in ("loop", "local", "local-gptq") else {})})
         plan_seconds = time.perf_counter() - started
 
         for method in args.methods.split(","):

@@ -208,7 +208,8 @@ def embedding(loaded, args, slices) -> None:
 
 def loop(loaded, args, slices) -> None:
     """The Plan page's "Plan, run, refit" as a user runs it, timed from a fresh store: the fast scan, then the job's
-    function (`plan_loop`: fitted rounds, then local steps, each run for real at the fast protocol and stored)."""
+    function (`plan_loop`: fitted rounds, then local steps, measured on the calibration rows (`--measure-on probe`)
+    with the kept plan run once at the fast protocol, or each run at the protocol and stored (`protocol`))."""
     import os
 
     from shrink_core.model.describe import describe
@@ -231,11 +232,12 @@ def loop(loaded, args, slices) -> None:
         started = time.perf_counter()
         result = plan_loop(store, args.model, slices, settings, {"kind": "bits_per_weight", "value": args.loop_bits},
                            dump_plan(load_plan(uniform_text("w8", "rtn"))), rounds=args.loop_rounds,
-                           local_steps=args.local_steps, time_budget_s=args.loop_seconds)
+                           local_steps=args.local_steps, time_budget_s=args.loop_seconds, measure_on=args.measure_on)
         loop_s = time.perf_counter() - started
     emit({"part": "loop", "model": args.model, "slices": slices, "settings": settings,
           "budget": f"{args.loop_bits} bits per weight of the planned modules", "scan_seconds": round(scan_s, 1),
-          "scan_computed": report.computed, "loop_seconds": round(loop_s, 1), "time_budget_s": args.loop_seconds,
+          "scan_computed": report.computed, "measure_on": args.measure_on, "job_seconds": round(loop_s, 1),
+          "loop_seconds": result["loop_seconds"], "time_budget_s": args.loop_seconds,
           "rounds": [{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()
                       if k not in ("candidate_id",)} for r in result["rounds"]]})
 
@@ -256,7 +258,9 @@ def main() -> None:
     parser.add_argument("--loop-bits", type=float, default=3.5, help="loop: bits per weight of the planned modules")
     parser.add_argument("--loop-rounds", type=int, default=2)
     parser.add_argument("--local-steps", type=int, default=2)
-    parser.add_argument("--loop-seconds", type=float, default=300.0)
+    parser.add_argument("--loop-seconds", type=float, default=240.0, help="loop: the job's time budget (the page's)")
+    parser.add_argument("--measure-on", default="probe", choices=["probe", "protocol"],
+                        help="loop: where rounds and steps are measured")
     args = parser.parse_args()
     from shrink_core.model.load import load
 

@@ -69,6 +69,46 @@ def test_local_scores_predict_moves_measured_at_a_low_bit_plan(tiny_model):
         assert torch.equal(at_plan.get_submodule(name).weight, option_weight("w2g64", originals[name]))
 
 
+def test_a_calibrated_methods_moves_are_scored_with_its_own_weights(tiny_model):
+    """At a plan applied by GPTQ (every linear w2g64), moving one module to GPTQ's w4g64 weight (from the method's
+    weight table): the scores taken with that table and the whole Fisher track the measured changes; the table
+    holds what a uniform GPTQ application gives each module."""
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.plan.planner import solution_plan
+    from shrink_core.sensitivity.local import method_option_weights
+
+    rows, names, originals, ids = _setup(tiny_model)
+    calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(2))
+
+    def apply_at(model, option):
+        apply_plan_(model, solution_plan(dict.fromkeys(names, option), rows, "gptq"), calibration)
+
+    table = method_option_weights(tiny_model, names, ["keep", "w4g64", "w2g64"], apply_at, dtype=torch.float32)
+    uniform = copy.deepcopy(tiny_model)
+    apply_at(uniform, "w4g64")
+    for name in names:
+        assert torch.equal(table[name]["w4g64"], uniform.get_submodule(name).weight)
+        assert torch.equal(table[name]["keep"], originals[name])
+        assert not torch.equal(table[name]["w4g64"], option_weight("w4g64", originals[name]))  # not RTN's
+    at_plan = copy.deepcopy(tiny_model)
+    apply_at(at_plan, "w2g64")
+    choice = dict.fromkeys(names, "w2g64")
+    base = _kl(tiny_model, at_plan, ids)
+    measured = []
+    for name in names:
+        moved = copy.deepcopy(at_plan)
+        moved.get_submodule(name).weight.data = table[name]["w4g64"].clone()
+        measured.append(_kl(tiny_model, moved, ids) - base)
+    agreement = {}
+    for quadratic in ("diagonal", "sequence"):
+        local = local_scores(tiny_model, at_plan, originals, choice, ["w2g64", "w4g64"], {"en": ids}, batch=4,
+                             weights=table, quadratic=quadratic)
+        agreement[quadratic] = np.corrcoef(local.deltas[0, :, 1], measured)[0, 1]
+    # GPTQ's errors are shaped against the input correlations: the whole Fisher (per-sequence gradients) sees
+    # them, its diagonal does not
+    assert agreement["sequence"] > 0.8 > 0.5 > agreement["diagonal"]
+
+
 def _problem(loss, bytes_, slices=("a", "b")):
     m, o = bytes_.shape
     return PlannerProblem(tuple(f"m{i}" for i in range(m)), tuple(f"s{j}" for j in range(o)), slices, loss, bytes_,

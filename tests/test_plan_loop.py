@@ -1,4 +1,5 @@
-"""The closed loop on the real model: each round's plan is run for real, stored as a candidate, and fitted on."""
+"""The closed loop on the real model: each round's plan is run for real (at the protocol: stored as a candidate; on
+the calibration rows: only the kept plan is then run at the protocol and stored), and fitted on."""
 import sqlite3
 
 import pytest
@@ -18,7 +19,8 @@ def test_each_round_is_a_measured_candidate_and_the_next_round_plans_with_its_fi
     described = store.latest_model(SPEC)
     seen = []
     result = plan_loop(store, SPEC, ["user_notes"], ["w4g64", "w3g64"], {"kind": "bits_per_weight", "value": 4.0},
-                       dump_plan(load_plan("preset:w4g64")), rounds=2, progress=lambda f, m="": seen.append(m))
+                       dump_plan(load_plan("preset:w4g64")), rounds=2, progress=lambda f, m="": seen.append(m),
+                       measure_on="protocol")
     rounds = result["rounds"]
     assert 1 <= len(rounds) <= 2 and any(m.startswith("round 1/2") for m in seen)
     for r in rounds:  # every round is a stored candidate whose measured KL is the round's measured worst slice
@@ -35,23 +37,33 @@ def test_each_round_is_a_measured_candidate_and_the_next_round_plans_with_its_fi
     assert result["model"]["plans"] == len(rounds)
 
 
-def test_local_steps_start_from_the_best_round_and_keep_only_what_measures_better(scanned_home):
+def test_probe_rounds_and_local_steps_then_only_the_kept_plan_runs_at_the_protocol(scanned_home):
     store = Store()
+    parts = []
+    before = {c["id"] for c in store.candidates()}
     result = plan_loop(store, SPEC, ["user_notes"], ["w4g64", "w3g64"],
                        {"kind": "bits_per_weight", "value": 3.8}, dump_plan(load_plan("preset:w4g64")), rounds=1,
-                       local_steps=2, local_changes=16)
+                       local_steps=2, local_changes=16, part=parts.append)
     fitted = [r for r in result["rounds"] if r["kind"] == "fitted"]
     local = [r for r in result["rounds"] if r["kind"] == "local"]
-    assert len(fitted) == 1 and 1 <= len(local) <= 2
+    (verified,) = [r for r in result["rounds"] if r["kind"] == "verified"]
+    assert len(fitted) == 1 and 1 <= len(local) <= 2 and result["rounds"][-1] is verified
+    assert result["measure_on"] == "probe" and parts[-1] == "verified" and len(parts) == len(result["rounds"])
     best = fitted[0]["measured_worst"]
-    for r in local:  # each step is a stored candidate, kept only when it measured better than the best so far
-        (row,) = store.results("eval", candidate_id=r["candidate_id"])
-        assert row["payload"]["kl"] == r["measured_worst"] and r["name"].startswith("local step")
-        assert r["changes"] <= r["max_changes"] <= 16
+    for r in fitted + local:  # measured on the calibration rows: nothing stored for them
+        assert r["candidate_id"] is None and r["measured_worst"] > 0
+    for r in local:  # kept only when it measured better than the best so far
+        assert r["name"].startswith("local step") and r["changes"] <= r["max_changes"] <= 16
         assert r["kept"] == (r["measured_worst"] < best)
         best = min(best, r["measured_worst"]) if r["kept"] else best
-        stored = {c["id"]: c for c in store.candidates()}[r["candidate_id"]]
-        assert load_plan(stored["plan"]).rules  # the step's plan is stored as rules a person can read
+    # the plan run at the protocol is the best one measured, and it alone is a stored candidate
+    assert verified["probe_worst"] == best
+    assert verified["of"] == next(r["name"] for r in fitted + local if r["measured_worst"] == best)
+    (candidate,) = [c for c in store.candidates() if c["id"] not in before and c["kind"] != "reference"]
+    assert candidate["id"] == verified["candidate_id"] and load_plan(candidate["plan"]).rules
+    (row,) = store.results("eval", candidate_id=verified["candidate_id"])
+    assert row["slice"] == "user_notes" and row["payload"]["kl"] == verified["measured_worst"] > 0
+    assert result["seconds"] >= result["loop_seconds"] > 0
 
 
 @pytest.mark.integration
@@ -67,7 +79,8 @@ def test_a_round_verified_on_ray_measures_what_the_local_round_measures(scanned_
     for kind, db in (("local", store), ("ray", Store(copy))):
         results[kind] = plan_loop(db, SPEC, ["user_notes"], ["w4g64", "w3g64"],
                                   {"kind": "bits_per_weight", "value": 4.0}, dump_plan(load_plan("preset:w4g64")),
-                                  rounds=1, executor={"kind": "ray", "local_cpus": 2} if kind == "ray" else None)
+                                  rounds=1, executor={"kind": "ray", "local_cpus": 2} if kind == "ray" else None,
+                                  measure_on="protocol")
         (row,) = db.results("eval", candidate_id=results[kind]["rounds"][0]["candidate_id"])
         results[kind]["plan"] = row["plan"]
         results[kind]["executed"] = row["payload"].get("executed", {}).get("executor")

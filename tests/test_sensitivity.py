@@ -23,7 +23,7 @@ from shrink_core.sensitivity import (
     stored_agreement,
     stored_records,
 )
-from shrink_core.sensitivity.probe import calib_tokens, eval_tokens
+from shrink_core.sensitivity.probe import calib_tokens, eval_tokens, whole_model_kl
 from shrink_core.sensitivity.settings import perturbed
 
 
@@ -77,6 +77,26 @@ def test_prefix_reuse_equals_full_recompute_and_restores_weights(loaded):
     block = {n: m for n, m in modules.items() if blocks[n] == 1}
     whole = probe(cache, block, blocks, SETTINGS["w2g64"]).kl
     assert mild < harsh < whole
+
+
+def test_a_whole_changed_copy_measures_what_the_probe_measures_for_the_same_weights(loaded):
+    """The closed loop's probe rounds: a copy with a whole mixed plan applied, through its own forward, gives the
+    KL the probe gives for the same weights swapped in; an unchanged copy gives zero."""
+    import copy
+
+    model, tokenizer = loaded.model, loaded.tokenizer
+    rows, modules, blocks = linears(model)
+    cache = ProbeCache(model, eval_tokens(tokenizer, "toy_en", 6, 32), chunk=4)
+    assert whole_model_kl(cache, copy.deepcopy(model)).kl < 1e-6
+    plan = {name: SETTINGS["w2g64" if i % 3 == 0 else "w4g64"] for i, name in enumerate(modules)}
+    changed = copy.deepcopy(model)
+    for name, setting in plan.items():
+        changed.get_submodule(name).weight.data = perturbed(setting, modules[name].weight.detach())
+    whole = whole_model_kl(cache, changed)
+    swapped = probe(cache, modules, blocks, plan)
+    assert whole.kl == pytest.approx(swapped.kl, rel=1e-4) and whole.kl > 1e-3
+    assert whole.delta_nll == pytest.approx(swapped.delta_nll, rel=1e-3, abs=1e-5)
+    assert whole.sequences == swapped.sequences == 6
 
 
 def test_per_sequence_gradient_matches_autograd(loaded):

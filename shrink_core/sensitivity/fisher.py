@@ -54,9 +54,10 @@ def stats_bytes(modules: dict[str, torch.nn.Module], first_order: bool = True) -
 
 
 def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fisher, on_gradient, batch: int,
-            progress, labels: str, seed: int, first_order: bool, soft_targets=None) -> None:
+            progress, labels: str, seed: int, first_order: bool, soft_targets=None, per_sequence: bool = False) -> None:
     """Forward and backward passes over `ids` in batches; per batch and module, on_fisher(name, sum_s G_s**2) and
-    on_gradient(name, sum_s G_s) (both (out, in) float32) receive that batch's contribution.
+    on_gradient(name, sum_s G_s) (both (out, in) float32) receive that batch's contribution; with `per_sequence`,
+    on_fisher receives the batch's G_s themselves, (B, out, in).
     soft_targets(part) -> (B * (T - 1), vocab) probabilities: the first-order backward is then the gradient of the
     cross-entropy to them (KL(targets || model) up to a constant) instead of the text's NLL."""
     generator = torch.Generator().manual_seed(seed)
@@ -74,7 +75,9 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
                 g = g.detach()
                 x_, g_ = (_to_sequences(t, routed, phase["shape"]) for t in (x, g)) if flat else (x, g)
                 x_, g_ = x_.float(), g_.float()  # statistics in float32 whatever the model's dtype
-                if phase["fisher"]:
+                if phase["fisher"] and per_sequence:
+                    on_fisher(name, torch.einsum("bto,bti->boi", g_, x_))
+                elif phase["fisher"]:
                     squares = torch.zeros(g_.shape[-1], x_.shape[-1], device=g_.device)
                     for b in range(x_.shape[0]):  # one sequence at a time: no (B, out, in) temporary
                         one = g_[b].T @ x_[b]  # G_s (out, in)
@@ -148,12 +151,18 @@ class FisherScores:
 
 def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], settings: list[Setting],
                   batch: int = 4, progress=None, seed: int = 0, first_order: bool = True, errors=None,
-                  soft_targets=None) -> FisherScores:
+                  soft_targets=None, quadratic: str = "diagonal") -> FisherScores:
     """The estimates of `estimate_slices(..., fisher_stats(...))` in bounded memory: each batch's F and G of a module
     are reduced at once against every setting's weight error and dropped, so nothing the size of the weights
     outlives a module's hook (the price: each setting's weight error is recomputed per batch and pass).
     errors(name) -> (key, dW) pairs replaces "each setting's error from the module's weight" (`sensitivity.local`
-    scores moves away from a plan); soft_targets: see `_passes`."""
+    scores moves away from a plan); soft_targets: see `_passes`.
+    quadratic="diagonal": dW . F dW with F's diagonal (sum F * dW**2); "sequence": with the whole F, as its unbiased
+    estimate sum_s <G_s, dW>**2 (one sampled-label gradient per sequence). The diagonal is the lower-variance choice
+    for errors that are close to independent noise (RTN); an error shaped against the input correlations (GPTQ's)
+    sits in directions the diagonal cannot see."""
+    if quadratic not in ("diagonal", "sequence"):
+        raise ValueError(f"quadratic is 'diagonal' or 'sequence', not {quadratic!r}")
     started = time.perf_counter()
     keys = [s.id for s in settings] if errors is None else None
     sums: dict[str, dict[str, list[float]]] = {}  # key -> module -> (sum F dW^2, sum G dW)
@@ -170,13 +179,17 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
 
     def on_fisher(name, squares):
         for key, delta in errors(name):
-            slot(key, name)[0] += float(torch.dot(squares.reshape(-1), delta.reshape(-1).square()))
+            if quadratic == "sequence":  # squares: the batch's G_s, (B, out, in)
+                slot(key, name)[0] += float(torch.einsum("boi,oi->b", squares, delta).square().sum())
+            else:
+                slot(key, name)[0] += float(torch.dot(squares.reshape(-1), delta.reshape(-1).square()))
 
     def on_gradient(name, gradient):
         for key, delta in errors(name):
             slot(key, name)[1] += float(torch.dot(gradient.reshape(-1), delta.reshape(-1)))
 
-    _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, "sampled", seed, first_order, soft_targets)
+    _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, "sampled", seed, first_order, soft_targets,
+            per_sequence=quadratic == "sequence")
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     for key in keys or []:  # every setting of every module has a value, even with no pass over it
         for name in modules:

@@ -48,11 +48,36 @@ def set_choice_(model, originals: dict[str, torch.Tensor], choice: dict[str, str
             weight.data = option_weight(option, originals[name]).to(weight.dtype)
 
 
+def method_option_weights(model, names: list[str], options: list[str], apply_at,
+                          dtype: torch.dtype = torch.bfloat16) -> dict[str, dict[str, torch.Tensor]]:
+    """module -> option -> its weight as a calibrated method gives it (GPTQ's error is not RTN's): per option, a copy
+    of the model with every module in `names` at that option, applied by `apply_at(copy, option)` (the product's own
+    path). A module's inputs are then those of the model at that option, not of the plan a step starts from: the
+    approximation a measured step corrects. Kept in `dtype` (bf16: 2 bytes a weight an option)."""
+    import copy
+
+    table: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
+    for option in options:
+        if option == "keep":
+            for n in names:
+                table[n][option] = model.get_submodule(n).weight.detach().to(dtype)
+            continue
+        at = copy.deepcopy(model)
+        apply_at(at, option)
+        for n in names:
+            table[n][option] = at.get_submodule(n).weight.detach().to(dtype).clone()
+        del at
+    return table
+
+
 def local_scores(reference, model, originals: dict[str, torch.Tensor], choice: dict[str, str], options: list[str],
-                 ids_by_slice: dict[str, torch.Tensor], batch: int = 8, progress=None, seed: int = 0) -> LocalScores:
+                 ids_by_slice: dict[str, torch.Tensor], batch: int = 8, progress=None, seed: int = 0,
+                 weights: dict[str, dict[str, torch.Tensor]] | None = None, quadratic: str = "diagonal") -> LocalScores:
     """reference: the original model (its next-token distributions are the targets); model: the same architecture
-    holding the plan (`set_choice_`); originals: module -> its original weight; choice: module -> planned option for
-    the modules being decided; ids_by_slice: slice -> (n, T) calibration ids (never eval text)."""
+    holding the plan (`set_choice_`, or the plan applied by its method); originals: module -> its original weight;
+    choice: module -> planned option for the modules being decided; ids_by_slice: slice -> (n, T) calibration ids
+    (never eval text); weights: module -> option -> weight for a calibrated method (`method_option_weights`),
+    RTN's otherwise."""
     started = time.perf_counter()
     names = list(choice)
     # the passes catch a linear's input and output gradient; an embedding (and a head tied to it) has neither, so
@@ -64,7 +89,9 @@ def local_scores(reference, model, originals: dict[str, torch.Tensor], choice: d
         current = modules[name].weight.detach().float()
         for option in options:
             if option != choice[name]:
-                yield option, option_weight(option, originals[name]) - current
+                moved = (option_weight(option, originals[name]) if weights is None
+                         else weights[name][option].float())
+                yield option, moved - current
 
     tokens = 0
     for k, (slice_id, ids) in enumerate(ids_by_slice.items()):
@@ -78,7 +105,7 @@ def local_scores(reference, model, originals: dict[str, torch.Tensor], choice: d
                 progress((_k + fraction) / len(ids_by_slice), f"{_id}: {message}")
 
         scores = fisher_scores(model, ids, modules, [], batch=batch, progress=tick, seed=seed, errors=errors,
-                               soft_targets=targets)
+                               soft_targets=targets, quadratic=quadratic)
         tokens = scores.tokens
         for j, option in enumerate(options):
             per_module = scores.values.get(option, {})

@@ -1,12 +1,16 @@
-"""The planner's closed loop, as a job: plan with the model fitted on what was measured, run the plan for real,
-refit, plan again (`plan/interactions.closed_loop`); then local steps from the best plan measured (RTN plans):
-scores re-estimated at that plan (`sensitivity/local.py`), at most K modules moved by the planner, the step run for
-real and kept only if the worst slice improved (`plan/local.local_search`).
+"""The planner's closed loop, as a job: plan with the model fitted on what was measured, run the plan, refit, plan
+again (`plan/interactions.closed_loop`); then local steps from the best plan measured (worst-slice objective):
+scores re-estimated at that plan applied by its method (`sensitivity/local.py`; a calibrated method's moves are its
+own weights), at most K modules moved by the planner, the step run and kept only if the worst slice improved
+(`plan/local.local_search`).
 
-Each round's plan is run exactly as "Run this plan" runs one (`results.eval_run.run_eval`: applied with its method,
-evaluated against the reference on the chosen slices, stored as a candidate), so every round shows on the Results
-page and feeds the fit of the Plan page's prediction. The fit starts from every measured plan of this model and
-method already in the store.
+Where the rounds are measured (`measure_on`):
+- "probe" (the default, minutes): each round's whole plan applied as `run_eval` applies it, its KL against the
+  reference on each slice's calibration rows at the scan depth (never the eval rows). Only the plan the loop keeps is
+  then run at the evaluation protocol (`run_eval`) and stored as a candidate: the figure that is reported, on text
+  the loop never chose on. The fit starts empty (calibration-text KL is not the protocol's figure).
+- "protocol": every round run exactly as "Run this plan" runs one, stored as a candidate (Results page); the fit
+  starts from every measured plan of this model and method in the store. Many times slower.
 """
 from __future__ import annotations
 
@@ -32,26 +36,31 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
               method: str = "rtn", objective: str = "worst", pinned: dict | None = None,
               exclude: list[str] | None = None, target: str | None = None, eval_budget: str = "fast",
               rounds: int = 3, time_budget_s: float = 240.0, progress=None, job_id: int | None = None,
-              part=None, executor: dict | None = None, local_steps: int = 0, local_changes: int = 40) -> dict:
+              part=None, executor: dict | None = None, local_steps: int = 0, local_changes: int = 40,
+              measure_on: str = "probe") -> dict:
     """Rounds of plan -> run -> refit under one planner budget ({"kind": ..., "value": ...}); `plan` is the draft the
     planner's rules go in front of, `pinned`/`exclude` what the Plan page pins or leaves to hand-written rules.
     `part(name)` is called as each round's candidate is stored, so the Results page has it before the loop ends.
-    On the ray executor each round's verification runs as a one-plan sweep (its slices are units), one Ray for all
-    rounds."""
+    On the ray executor a protocol run (every round's, or the kept plan's) is a one-plan sweep (its slices are
+    units), one Ray for all of them; probe rounds run here."""
+    if measure_on not in ("probe", "protocol"):
+        raise ShrinkError(f"measure_on is 'probe' or 'protocol', not {measure_on!r}.")
     from shrink_core.runtime.executors import ExecutorConfig, session
 
     config = ExecutorConfig.from_dict(executor)
     with session(config):
         return _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
-                          eval_budget, rounds, time_budget_s, progress, job_id, part, config, local_steps, local_changes)
+                          eval_budget, rounds, time_budget_s, progress, job_id, part, config, local_steps, local_changes,
+                          measure_on)
 
 
 def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target, eval_budget,
-               rounds, time_budget_s, progress, job_id, part, executor, local_steps, local_changes) -> dict:
+               rounds, time_budget_s, progress, job_id, part, executor, local_steps, local_changes, measure_on) -> dict:
     from shrink_core.model.load import load
     from shrink_core.perf.hardware import get as get_hardware
-    from shrink_core.results.eval_run import run_eval
+    from shrink_core.results.eval_run import plan_candidate, run_eval
     from shrink_core.runtime.sweep import run_sweep
+    from shrink_core.sensitivity.probe import whole_model_kl
 
     progress = progress or (lambda fraction, message="": None)
     part = part or (lambda name: None)
@@ -69,7 +78,9 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     hardware = get_hardware(target) if target else None
     base_resolved = resolve(rows, load_plan(plan))
     limit = PlannerBudget(budget["kind"], float(budget["value"]))
-    loaded = load(spec) if executor.kind == "local" else None  # on Ray the workers load it
+    # on Ray the workers load it for protocol runs; probe rounds and local steps need it here
+    here = executor.kind == "local" or measure_on == "probe" or (local_steps and objective == "worst")
+    loaded = load(spec) if here else None
     progress(0.02, "loaded the model" if loaded else f"planning; rounds run on {executor.kind}")
     started = time.perf_counter()
     texts: dict[tuple, str] = {}
@@ -99,40 +110,64 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     done: list[dict] = []
 
-    # the local scores are RTN's (what the steps apply), and a step is kept when the worst slice improves
-    local_steps = local_steps if method == "rtn" and objective == "worst" else 0
-    total = rounds + local_steps
+    # a step is kept when the worst slice improves: the worst-slice objective's
+    local_steps = local_steps if objective == "worst" else 0
+    probing = measure_on == "probe"
+    total = rounds + local_steps + probing  # the kept plan's protocol run is the last part
     phase = {"local": False, "rounds": 0}
+    caches = _probe_caches(loaded, slices, eval_budget) if probing else None
 
-    def measure(choice) -> dict[str, float]:
-        index = len(done)
+    def run_protocol(choice, name, where):
+        """The plan run at the evaluation protocol and stored as a candidate: (candidate id, slice -> KL)."""
         data = plan_to_dict(load_plan(whole_plan(choice)))
-        label = f"local step {index + 1 - phase['rounds']}" if phase["local"] else f"closed loop round {index + 1}"
-        data["name"] = f"{label} ({limit.kind} {limit.value:g}, {method})"
+        data["name"] = name
+        index = len(done)
         base = 0.05 + 0.9 * index / total
 
         def step(fraction, message=""):
-            where = (f"local step {index + 1 - phase['rounds']}/{local_steps}" if phase["local"]
-                     else f"round {index + 1}/{rounds}")
             progress(base + 0.9 / total * fraction, f"{where}: {message}")
 
-        if loaded is None:
+        if executor.kind != "local":
             report = run_sweep(spec, [dump_plan(load_plan(data))], slices, eval_budget, executor, store=store,
                                progress=step, job_id=job_id)
-            candidate_id = report["candidates"][data["name"]]
-            kl = {s: report["results"][f"{data['name']} x {s}"].get("kl", np.nan) for s in slices}
+            return report["candidates"][name], {s: report["results"][f"{name} x {s}"].get("kl", np.nan)
+                                                for s in slices}
+        report = run_eval(spec, slices, eval_budget, dump_plan(load_plan(data)), store=store, progress=step,
+                          job_id=job_id, loaded=loaded)
+        return report["candidate_id"], {s: report["slices"][s].get("kl", np.nan) for s in slices}
+
+    last = {}
+
+    def applied(choice):
+        """The whole plan applied by its method to a copy of the model; the last one is kept (a probe round and
+        the local step after it use the same)."""
+        key = tuple(sorted(choice.items()))
+        if last.get("key") != key:
+            last.clear()  # one copy at a time
+            last.update(key=key, model=plan_candidate(loaded, load_plan(whole_plan(choice)))[0].eval())
+        return last["model"]
+
+    def measure(choice) -> dict[str, float]:
+        index = len(done)
+        label = f"local step {index + 1 - phase['rounds']}" if phase["local"] else f"closed loop round {index + 1}"
+        name = f"{label} ({limit.kind} {limit.value:g}, {method})"
+        where = (f"local step {index + 1 - phase['rounds']}/{local_steps}" if phase["local"]
+                 else f"round {index + 1}/{rounds}")
+        if probing:
+            progress(0.05 + 0.9 * index / total, f"{where}: applying the plan, KL on the calibration rows")
+            candidate = applied(choice)
+            kl = {s: whole_model_kl(caches[s], candidate).kl for s in slices}
+            candidate_id = None
         else:
-            report = run_eval(spec, slices, eval_budget, dump_plan(load_plan(data)), store=store, progress=step,
-                              job_id=job_id, loaded=loaded)
-            candidate_id = report["candidate_id"]
-            kl = {s: report["slices"][s].get("kl", np.nan) for s in slices}
-        done.append({"candidate_id": candidate_id, "name": data["name"]})
+            candidate_id, kl = run_protocol(choice, name, where)
+        done.append({"candidate_id": candidate_id, "name": name, "choice": choice})
         part(f"round {index + 1}")
         return kl
 
-    state = LoopState()  # warm start: every plan of this model and method measured before
-    for candidate_id, x, y, _ in measured_observations(store, spec, weights_hash, rows, records, method):
-        state.add(candidate_id, np.array([x]), [y])
+    state = LoopState()
+    if not probing:  # warm start: every plan of this model and method measured before, at a protocol
+        for candidate_id, x, y, _ in measured_observations(store, spec, weights_hash, rows, records, method):
+            state.add(candidate_id, np.array([x]), [y])
     loop_rounds, model = closed_loop(plan_with, measure, rows_of, state=state, rounds=rounds,
                                      time_budget_s=time_budget_s)
     out = []
@@ -147,8 +182,8 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         phase.update(local=True, rounds=len(done))
         steps = local_search(
             {m: best.choice[m] for m in planned}, best.measured,
-            _local_scorer(loaded or load(spec), rows, planned, ["keep", *settings], list(best.measured), whole_plan,
-                          pinned, hardware, eval_budget),
+            _local_scorer(loaded, rows, planned, ["keep", *settings], list(best.measured), whole_plan, pinned,
+                          hardware, eval_budget, applied, method),
             measure, limits=limits(set(planned), rows, described["summary"], limit, base_resolved=base_resolved,
                                    hardware=hardware).solve_kwargs,
             steps=local_steps, max_changes=local_changes, time_budget_s=left)
@@ -157,29 +192,62 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
                         "name": stored["name"], "predicted_worst": s.worst_predicted, "measured_worst": s.worst_measured,
                         "error": s.error, "max_changes": s.max_changes, "changes": s.changes, "kept": s.accepted,
                         "seconds": round(s.seconds, 1)})
+    loop_seconds = time.perf_counter() - started
+    if probing and out:
+        # the plan kept (the lowest measured worst slice: a refused step measured higher), run at the protocol
+        kept = min((r for r in out if r.get("kept", True)), key=lambda r: r["measured_worst"])
+        choice = next(d["choice"] for d in done if d["name"] == kept["name"])
+        verify_started = time.perf_counter()
+        name = f"closed loop result ({limit.kind} {limit.value:g}, {method}; {kept['name'].split(' (')[0]})"
+        candidate_id, kl = run_protocol(choice, name, f"the kept plan at the {eval_budget} protocol")
+        finite = [v for v in kl.values() if np.isfinite(v)]
+        out.append({"round": len(out) + 1, "kind": "verified", "candidate_id": candidate_id, "name": name,
+                    "of": kept["name"], "probe_worst": kept["measured_worst"],
+                    "measured_worst": max(finite) if finite else np.nan,
+                    "seconds": round(time.perf_counter() - verify_started, 1)})
+        part("verified")
     progress(1.0, "done")
     return {"rounds": out, "model": model.to_dict(), "seconds": round(time.perf_counter() - started, 1),
-            "eval_budget": eval_budget, "method": method}
+            "loop_seconds": round(loop_seconds, 1), "eval_budget": eval_budget, "method": method,
+            "measure_on": measure_on}
 
 
-def _local_scorer(loaded, rows, planned, options, slices, whole_plan, pinned, hardware, eval_budget):
-    """scores_at(choice) for `local_search`: the whole plan applied to a copy of the model (as a round runs it), the
-    planned modules' moves scored there on each slice's calibration rows (the scan depth named like the protocol)."""
-    import copy
+def _probe_caches(loaded, slices, eval_budget):
+    """Each slice's calibration rows at the scan depth named like the protocol, through the reference once: what a
+    probe round's KL is measured on (the local steps score on the same rows)."""
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, calib_tokens
 
+    depth = SCAN_DEPTHS.get(eval_budget, SCAN_DEPTHS["fast"])
+    return {s: ProbeCache(loaded.model, calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len),
+                          chunk=depth.chunk) for s in slices}
+
+
+def _local_scorer(loaded, rows, planned, options, slices, whole_plan, pinned, hardware, eval_budget, applied,
+                  method):
+    """scores_at(choice) for `local_search`: the whole plan applied by its method (`applied`, as a round runs it),
+    the planned modules' moves scored there on each slice's calibration rows (the scan depth named like the
+    protocol). A calibrated method's moves are its own weights at each option (`method_option_weights`, built at the
+    first step: one application of the method per option)."""
     from shrink_core.compression.apply import apply_plan_
-    from shrink_core.sensitivity.local import local_scores
+    from shrink_core.evaluation.calibration import plan_calibration
+    from shrink_core.sensitivity.local import local_scores, method_option_weights
     from shrink_core.sensitivity.probe import SCAN_DEPTHS, calib_tokens
 
     depth = SCAN_DEPTHS.get(eval_budget, SCAN_DEPTHS["fast"])
     ids = {s: calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len) for s in slices}
     originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
+    table = {}
+
+    def apply_at(model, option):
+        plan = load_plan(whole_plan(dict.fromkeys(planned, option)))
+        apply_plan_(model, plan, plan_calibration(plan, loaded.tokenizer)[0])
 
     def scores_at(choice):
-        at_plan = copy.deepcopy(loaded.model)
-        apply_plan_(at_plan, load_plan(whole_plan(choice)))
-        local = local_scores(loaded.model, at_plan, originals, choice, options, ids, batch=depth.chunk * 2)
-        del at_plan
+        if method != "rtn" and not table:
+            table.update(method_option_weights(loaded.model, planned, options, apply_at))
+        # a calibrated method's errors are shaped against the input correlations: the whole Fisher sees them
+        local = local_scores(loaded.model, applied(choice), originals, choice, options, ids, batch=depth.chunk * 2,
+                             weights=table or None, quadratic="diagonal" if method == "rtn" else "sequence")
         fixed = {**(pinned or {}), **{m: choice[m] for m in local.fixed}}  # unscored here: they stay
         return local_problem(rows, local.deltas, planned, options, slices, pinned=fixed, hardware=hardware)
 
@@ -190,10 +258,12 @@ def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget
                   objective: str = "worst", pinned: dict | None = None, exclude: list[str] | None = None,
                   target: str | None = None, eval_budget: str = "fast", rounds: int = 3,
                   time_budget_s: float = 240.0, executor: dict | None = None, local_steps: int = 0,
-                  local_changes: int = 40) -> dict:
+                  local_changes: int = 40, measure_on: str = "probe") -> dict:
     """Job: the Plan page's "Plan, run, refit (closed loop)"; a round or local step is a part (it may stop early on
     its budget)."""
-    ctx.expect_parts(rounds + (local_steps if method == "rtn" and objective == "worst" else 0))
+    ctx.expect_parts(rounds + (local_steps if objective == "worst" else 0)
+                     + (measure_on == "probe"))
     return plan_loop(ctx.store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
                      eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id,
-                     part=ctx.part_done, executor=executor, local_steps=local_steps, local_changes=local_changes)
+                     part=ctx.part_done, executor=executor, local_steps=local_steps, local_changes=local_changes,
+                     measure_on=measure_on)

@@ -183,6 +183,25 @@ def probe(cache: ProbeCache, modules: dict[str, torch.nn.Module], blocks: dict[s
                        time.perf_counter() - started)
 
 
+def whole_model_kl(cache: ProbeCache, model) -> ProbeResult:
+    """KL(reference || `model`) on the cache's probe set, `model` a changed copy of the cache's model (a whole plan
+    applied, blocks removed included): its own forward, against the reference log-probs kept once."""
+    started = time.perf_counter()
+    kls, nlls = [], []
+    n = cache.ids.shape[0]
+    with torch.inference_mode():
+        for start in range(0, n, cache.chunk):
+            stop = min(n, start + cache.chunk)
+            logits = model(input_ids=cache.ids[start:stop], use_cache=False).logits[:, :-1].float()
+            kl, nll = kl_and_nll(cache.reference(start, stop), torch.log_softmax(logits, dim=-1),
+                                 cache.targets[start:stop])
+            kls.append(kl)
+            nlls.append(nll - cache.ref_nll[start:stop])
+    kl_all, dnll_all = torch.cat(kls).double(), torch.cat(nlls).double()
+    return ProbeResult(float(kl_all.mean()), float(dnll_all.mean()), int(kl_all.numel()),
+                       time.perf_counter() - started)
+
+
 def _settled(values: torch.Tensor, rel_error: float) -> bool:
     """Has the mean settled: standard error below `rel_error` of the mean (at least 8 sequences)?"""
     if values.numel() < 8:
