@@ -324,13 +324,16 @@ else:
     loop_cols = st.columns([1, 1, 1, 1])
     loop_rounds = loop_cols[0].number_input("Closed-loop rounds", 1, 6, 2, key="loop_rounds")
     local_steps = loop_cols[1].number_input(
-        "Local steps", 0, 6, 2 if objective == "worst" else 0, key=f"loop_local_steps_{method}_{objective}",
+        "Local steps", 0, 6, 2 if objective == "worst" and method == "rtn" else 0,
+        key=f"loop_local_steps_{method}_{objective}",
         disabled=objective != "worst",
         help="After the rounds, from the best plan measured: every module's options scored again at that plan "
              "(the gradient of KL there carries how its error interacts with the others'), the planner moves at most "
              "40 modules, the step is run and kept only if the worst slice improved (else at most half as many "
              "move). The worst-slice objective only. With a calibrated method the first step first applies the "
-             "method once per setting (each move's error is the method's own): minutes more.")
+             "method once per setting (each move's error is the method's own): minutes more; and in our GPTQ "
+             "benchmark the steps improved the calibration rows but not the eval rows (docs/plan.md), so they are "
+             "off by default there.")
     measure_on = loop_cols[2].selectbox(
         "Measure rounds on", ["probe", "protocol"], key="loop_measure_on",
         format_func={"probe": "calibration rows (minutes)", "protocol": "the eval protocol (slow)"}.get,
@@ -355,6 +358,8 @@ else:
     if loop_job is not None and loop_job.status == "done" and loop_job.result.get("rounds"):
         result = loop_job.result
         st.dataframe(pd.DataFrame(result["rounds"]), key="loop_rounds_table", hide_index=True)
+        for note in result.get("notes", []):
+            st.info(note)
         steps = [r for r in result["rounds"] if r["kind"] != "verified"]
         where = ("the calibration rows of each scored slice" if result.get("measure_on") == "probe"
                  else f"the scored slices at the {result['eval_budget']} protocol, each a candidate (Results page)")

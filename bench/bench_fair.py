@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--loop-rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=3)
     parser.add_argument("--local-changes", type=int, default=40)
+    parser.add_argument("--quadratic", default="diagonal", choices=["diagonal", "sequence"],
+                        help="the 'local' variant's second-order term: the Fisher's diagonal or the whole Fisher")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -131,7 +133,7 @@ def main() -> None:
     def scores_at(choice):
         set_choice_(at_plan, originals, choice)
         local = local_scores(loaded.model, at_plan, originals, choice, options,
-                             {s: loop_caches[s].ids for s in slices})
+                             {s: loop_caches[s].ids for s in slices}, quadratic=args.quadratic)
         return local_problem(rows, local.deltas, linears, options, slices)
 
     gptq = {}  # built on first use: the GPTQ weight table, and the last plan applied by GPTQ (scored where measured)

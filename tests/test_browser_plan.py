@@ -98,3 +98,38 @@ def test_protect_budget_plan_run_and_compare(scanned_home, tmp_path):
             driver.save_screenshot(os.path.join(tmp_path, "plan.png"))
         finally:
             driver.quit()
+
+
+def test_closed_loop_rounds_on_calibration_rows_then_the_kept_plan_at_the_protocol(scanned_home):
+    """The Plan page's closed loop, as a user runs it: one round and one local step measured on the calibration
+    rows, then the kept plan run at the protocol; the table shows each with its kind and the caption says where
+    each figure was measured."""
+    from selenium.webdriver.common.keys import Keys
+
+    home = scanned_home
+    with running_app(home) as url:
+        driver = chromium()
+        try:
+            driver.get(f"{url}/plan")
+            wait_for(driver, lambda d: "Plan, run, refit (closed loop)" in body(d), 300, "the Plan page's loop")
+            for label in ("Closed-loop rounds", "Local steps"):
+                box = driver.find_element("css selector", f'input[aria-label="{label}"]')
+                click(driver, box)
+                box.send_keys(Keys.CONTROL, "a")
+                box.send_keys("1", Keys.ENTER)
+                wait_for(driver, lambda d, label=label: d.find_element(
+                    "css selector", f'input[aria-label="{label}"]').get_attribute("value") == "1", 30, label)
+            before = last_job_id(home)
+            click(driver, button(driver, "Plan, run, refit (closed loop)"))
+            caption = wait_on_job(driver, home, lambda d: next((line for line in body(d).splitlines()
+                                                                if "The kept plan" in line), None),
+                                  "the loop's result", kind="plan_loop", after=before)
+            assert "KL on the calibration rows of each scored slice" in caption and "stored as a candidate" in caption
+            grid = wait_for(driver, lambda d: next((g for g in d.find_elements("css selector", '[data-testid="stDataFrame"]')
+                                                    if "verified" in g.get_attribute("textContent")), None),
+                            60, "the loop's table with its verified row")
+            text = grid.get_attribute("textContent")
+            assert "fitted" in text and "closed loop result" in text
+            assert "Traceback" not in body(driver)
+        finally:
+            driver.quit()

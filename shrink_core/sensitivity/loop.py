@@ -176,9 +176,19 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
                     "name": stored["name"], "predicted_worst": r.worst_predicted, "measured_worst": r.worst_measured,
                     "error": r.error, "fitted_on_plans": r.model["plans"], "seconds": round(r.seconds, 1)})
     left = time_budget_s - (time.perf_counter() - started)
+    planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
+    notes = []
+    if local_steps and method != "rtn":  # the method's weight table (`method_option_weights`) must fit
+        from shrink_core.perf.footprint import available_bytes
+
+        need = 2 * (len(settings) + 1) * sum(loaded.model.get_submodule(m).weight.numel() for m in planned)
+        free = available_bytes()
+        if free is not None and need > free // 2:
+            notes.append(f"No local steps: with {method} they keep each planned module's weight at every setting "
+                         f"({need / 2**30:.1f} GiB, over half the free memory); choose fewer settings.")
+            local_steps = 0
     if local_steps and loop_rounds and left > 0:
         best = min(loop_rounds, key=lambda r: r.worst_measured)
-        planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
         phase.update(local=True, rounds=len(done))
         steps = local_search(
             {m: best.choice[m] for m in planned}, best.measured,
@@ -209,7 +219,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     progress(1.0, "done")
     return {"rounds": out, "model": model.to_dict(), "seconds": round(time.perf_counter() - started, 1),
             "loop_seconds": round(loop_seconds, 1), "eval_budget": eval_budget, "method": method,
-            "measure_on": measure_on}
+            "measure_on": measure_on, "notes": notes}
 
 
 def _probe_caches(loaded, slices, eval_budget):
