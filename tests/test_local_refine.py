@@ -161,3 +161,15 @@ def test_local_problem_takes_the_engines_bytes(tiny_model):
     problem = local_problem(rows, np.zeros((1, 3, 3)), names, ["keep", "w8", "w4g64"], ["en"], pinned={names[0]: "w8"})
     assert problem.bytes[:, 0].tolist() == [r.bytes for r in rows if r.name in names]
     assert np.all(problem.bytes[:, 2] < problem.bytes[:, 1]) and problem.allowed[0].tolist() == [False, True, False]
+
+
+def test_a_calibrated_methods_weight_table_that_would_not_fit_is_refused_with_a_sentence(tiny_model, monkeypatch):
+    from shrink_core.sensitivity.loop import table_refusal
+
+    rows, names, _, _ = _setup(tiny_model)
+    need = 2 * 8 * sum(tiny_model.get_submodule(n).weight.numel() for n in names)
+    monkeypatch.setenv("SHRINK_MEMORY_LIMIT_GB", str(4 * need / 2**30))  # twice the table: it fits
+    assert table_refusal(tiny_model, names, 8, "gptq") is None
+    monkeypatch.setenv("SHRINK_MEMORY_LIMIT_GB", str(1.5 * need / 2**30))  # under twice: refused, and why
+    refused = table_refusal(tiny_model, names, 8, "gptq")
+    assert refused.startswith("No local steps: with gptq") and "choose fewer settings" in refused

@@ -179,13 +179,9 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
     notes = []
     if local_steps and method != "rtn":  # the method's weight table (`method_option_weights`) must fit
-        from shrink_core.perf.footprint import available_bytes
-
-        need = 2 * (len(settings) + 1) * sum(loaded.model.get_submodule(m).weight.numel() for m in planned)
-        free = available_bytes()
-        if free is not None and need > free // 2:
-            notes.append(f"No local steps: with {method} they keep each planned module's weight at every setting "
-                         f"({need / 2**30:.1f} GiB, over half the free memory); choose fewer settings.")
+        refused = table_refusal(loaded.model, planned, len(settings) + 1, method)
+        if refused:
+            notes.append(refused)
             local_steps = 0
     if local_steps and loop_rounds and left > 0:
         best = min(loop_rounds, key=lambda r: r.worst_measured)
@@ -220,6 +216,19 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     return {"rounds": out, "model": model.to_dict(), "seconds": round(time.perf_counter() - started, 1),
             "loop_seconds": round(loop_seconds, 1), "eval_budget": eval_budget, "method": method,
             "measure_on": measure_on, "notes": notes}
+
+
+def table_refusal(model, planned: list[str], options: int, method: str) -> str | None:
+    """Why a calibrated method's local steps cannot run here (their weight table, 2 bytes a weight an option, would
+    take over half the free memory), or None."""
+    from shrink_core.perf.footprint import available_bytes
+
+    need = 2 * options * sum(model.get_submodule(m).weight.numel() for m in planned)
+    free = available_bytes()
+    if free is None or need <= free // 2:
+        return None
+    return (f"No local steps: with {method} they keep each planned module's weight at every setting "
+            f"({need / 2**30:.2f} GiB, over half the {free / 2**30:.2f} GiB free); choose fewer settings.")
 
 
 def _probe_caches(loaded, slices, eval_budget):
