@@ -100,7 +100,7 @@ def test_protect_budget_plan_run_and_compare(scanned_home, tmp_path):
             driver.quit()
 
 
-def test_closed_loop_rounds_on_calibration_rows_then_the_kept_plan_at_the_protocol(scanned_home):
+def test_closed_loop_rounds_on_calibration_rows_then_the_kept_plan_at_the_protocol(scanned_home, tmp_path):
     """The Plan page's closed loop, as a user runs it: one round and one local step measured on the calibration
     rows, then the kept plan run at the protocol; the table shows each with its kind and the caption says where
     each figure was measured."""
@@ -112,8 +112,9 @@ def test_closed_loop_rounds_on_calibration_rows_then_the_kept_plan_at_the_protoc
         try:
             driver.get(f"{url}/plan")
             wait_for(driver, lambda d: "Plan, run, refit (closed loop)" in body(d), 300, "the Plan page's loop")
-            for label in ("Closed-loop rounds", "Local steps"):
-                box = driver.find_element("css selector", f'input[aria-label="{label}"]')
+            for label in ("Closed-loop rounds", "Local steps"):  # the page may still be drawing its inputs
+                box = wait_for(driver, lambda d, label=label: d.find_element(
+                    "css selector", f'input[aria-label="{label}"]'), 60, f"the {label} input")
                 click(driver, box)
                 box.send_keys(Keys.CONTROL, "a")
                 box.send_keys("1", Keys.ENTER)
@@ -131,5 +132,7 @@ def test_closed_loop_rounds_on_calibration_rows_then_the_kept_plan_at_the_protoc
             text = grid.get_attribute("textContent")
             assert "fitted" in text and "closed loop result" in text
             assert "Traceback" not in body(driver)
+            driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", grid)
+            driver.save_screenshot(os.path.join(tmp_path, "loop.png"))
         finally:
             driver.quit()

@@ -177,12 +177,12 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
     def slot(key, name):
         return sums.setdefault(key, {}).setdefault(name, [0.0, 0.0])
 
-    def on_fisher(name, squares):
+    def on_fisher(name, stat):  # sum_s G_s**2 (out, in); with quadratic="sequence" the batch's G_s (B, out, in)
         for key, delta in errors(name):
-            if quadratic == "sequence":  # squares: the batch's G_s, (B, out, in)
-                slot(key, name)[0] += float(torch.einsum("boi,oi->b", squares, delta).square().sum())
+            if quadratic == "sequence":
+                slot(key, name)[0] += float(torch.einsum("boi,oi->b", stat, delta).square().sum())
             else:
-                slot(key, name)[0] += float(torch.dot(squares.reshape(-1), delta.reshape(-1).square()))
+                slot(key, name)[0] += float(torch.dot(stat.reshape(-1), delta.reshape(-1).square()))
 
     def on_gradient(name, gradient):
         for key, delta in errors(name):

@@ -60,7 +60,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     from shrink_core.perf.hardware import get as get_hardware
     from shrink_core.results.eval_run import plan_candidate, run_eval
     from shrink_core.runtime.sweep import run_sweep
-    from shrink_core.sensitivity.probe import whole_model_kl
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, calib_tokens, whole_model_kl
 
     progress = progress or (lambda fraction, message="": None)
     part = part or (lambda name: None)
@@ -115,7 +115,12 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     probing = measure_on == "probe"
     total = rounds + local_steps + probing  # the kept plan's protocol run is the last part
     phase = {"local": False, "rounds": 0}
-    caches = _probe_caches(loaded, slices, eval_budget) if probing else None
+    # each slice's calibration rows at the scan depth named like the protocol: probe rounds measure on them and
+    # local steps score on them (tokenized once; the references once)
+    depth = SCAN_DEPTHS.get(eval_budget, SCAN_DEPTHS["fast"])
+    ids = ({s: calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len) for s in slices}
+           if loaded is not None else None)
+    caches = {s: ProbeCache(loaded.model, ids[s], chunk=depth.chunk) for s in slices} if probing else None
 
     def run_protocol(choice, name, where):
         """The plan run at the evaluation protocol and stored as a candidate: (candidate id, slice -> KL)."""
@@ -188,8 +193,8 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         phase.update(local=True, rounds=len(done))
         steps = local_search(
             {m: best.choice[m] for m in planned}, best.measured,
-            _local_scorer(loaded, rows, planned, ["keep", *settings], list(best.measured), whole_plan, pinned,
-                          hardware, eval_budget, applied, method),
+            _local_scorer(loaded, rows, planned, ["keep", *settings], {s: ids[s] for s in best.measured},
+                          depth.chunk * 2, whole_plan, pinned, hardware, applied, method),
             measure, limits=limits(set(planned), rows, described["summary"], limit, base_resolved=base_resolved,
                                    hardware=hardware).solve_kwargs,
             steps=local_steps, max_changes=local_changes, time_budget_s=left)
@@ -231,29 +236,16 @@ def table_refusal(model, planned: list[str], options: int, method: str) -> str |
             f"({need / 2**30:.2f} GiB, over half the {free / 2**30:.2f} GiB free); choose fewer settings.")
 
 
-def _probe_caches(loaded, slices, eval_budget):
-    """Each slice's calibration rows at the scan depth named like the protocol, through the reference once: what a
-    probe round's KL is measured on (the local steps score on the same rows)."""
-    from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, calib_tokens
-
-    depth = SCAN_DEPTHS.get(eval_budget, SCAN_DEPTHS["fast"])
-    return {s: ProbeCache(loaded.model, calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len),
-                          chunk=depth.chunk) for s in slices}
-
-
-def _local_scorer(loaded, rows, planned, options, slices, whole_plan, pinned, hardware, eval_budget, applied,
-                  method):
+def _local_scorer(loaded, rows, planned, options, ids, batch, whole_plan, pinned, hardware, applied, method):
     """scores_at(choice) for `local_search`: the whole plan applied by its method (`applied`, as a round runs it),
-    the planned modules' moves scored there on each slice's calibration rows (the scan depth named like the
-    protocol). A calibrated method's moves are its own weights at each option (`method_option_weights`, built at the
-    first step: one application of the method per option)."""
+    the planned modules' moves scored there on each slice's calibration rows `ids`. A calibrated method's moves are
+    its own weights at each option (`method_option_weights`, built at the first step: one application of the
+    method per option)."""
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.evaluation.calibration import plan_calibration
     from shrink_core.sensitivity.local import local_scores, method_option_weights
-    from shrink_core.sensitivity.probe import SCAN_DEPTHS, calib_tokens
 
-    depth = SCAN_DEPTHS.get(eval_budget, SCAN_DEPTHS["fast"])
-    ids = {s: calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len) for s in slices}
+    slices = list(ids)
     originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
     table = {}
 
@@ -265,7 +257,7 @@ def _local_scorer(loaded, rows, planned, options, slices, whole_plan, pinned, ha
         if method != "rtn" and not table:
             table.update(method_option_weights(loaded.model, planned, options, apply_at))
         # a calibrated method's errors are shaped against the input correlations: the whole Fisher sees them
-        local = local_scores(loaded.model, applied(choice), originals, choice, options, ids, batch=depth.chunk * 2,
+        local = local_scores(loaded.model, applied(choice), originals, choice, options, ids, batch=batch,
                              weights=table or None, quadratic="diagonal" if method == "rtn" else "sequence")
         fixed = {**(pinned or {}), **{m: choice[m] for m in local.fixed}}  # unscored here: they stay
         return local_problem(rows, local.deltas, planned, options, slices, pinned=fixed, hardware=hardware)
