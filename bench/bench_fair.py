@@ -16,7 +16,11 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   `plan/local.py`, `sensitivity/local.py`), --local-steps measured steps on the same calibration text;
   "local-gptq": the same from the best plan so far, with each plan applied by GPTQ when it is measured and scored
   at, each move's error GPTQ's (`method_option_weights`: the model at each setting by GPTQ) and its quadratic term
-  the whole Fisher's (per-sequence gradients: GPTQ's errors sit where the diagonal cannot see). Every plan
+  the whole Fisher's (per-sequence gradients: GPTQ's errors sit where the diagonal cannot see);
+  "loop-gptq": the product's closed loop for a calibrated method: each round's plan applied by GPTQ and measured on
+  calibration text, from the scan's sums (no RTN-measured plan in the fit); "gscan-loop": the same loop planning on
+  GPTQ's own scan (each block linear moved alone to each setting's GPTQ weight, whole-Fisher scores), its first
+  round reported as "gscan". --calib-sequences: calibration sequences per slice for all of these. Every plan
   is applied with the method (RTN or GPTQ with the default calibration recipe) and MEASURED on
   --sequences x --seq-len tokens of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI
   over sequences, and the paired CI of planner - uniform.
@@ -76,6 +80,10 @@ def main() -> None:
     parser.add_argument("--local-changes", type=int, default=40)
     parser.add_argument("--quadratic", default="diagonal", choices=["diagonal", "sequence"],
                         help="the 'local' variant's second-order term: the Fisher's diagonal or the whole Fisher")
+    parser.add_argument("--settings", default="",
+                        help="the planner's menu, a subset of the scores file's settings (default: all of them)")
+    parser.add_argument("--calib-sequences", type=int, default=8,
+                        help="calibration sequences per slice the loops and local steps measure and score on")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -103,6 +111,11 @@ def main() -> None:
     embeddings = [r.name for r in embedding_rows(rows)]
     linear_scores = {k: v for k, v in scores.items() if k[0] in set(linears)}
     settings = list(header["settings"])  # what the scores file scanned (the menu has grown since: llama.cpp types)
+    if args.settings:
+        unknown = sorted(set(args.settings.split(",")) - set(settings))
+        if unknown:
+            raise SystemExit(f"{args.source} has no scores for {', '.join(unknown)}; choose from {', '.join(settings)}.")
+        settings = [s for s in settings if s in args.settings.split(",")]
     # recomputed from each plan's choice: the bit classes grow with the menu (llama.cpp types added 5-bit)
     x = [features(r["choice"], scores, s) for r in measured_plans for s in slices]
     y = [r["measured"][s] for r in measured_plans for s in slices]
@@ -116,7 +129,8 @@ def main() -> None:
     embedding_choice = dict.fromkeys(embeddings, args.embedding)
     modules = {m: loaded.model.get_submodule(m) for m in linears + embeddings}
     blocks = {m: (by_name[m].block if by_name[m].block is not None else -1) for m in modules}
-    loop_caches = {s: ProbeCache(loaded.model, calib_tokens(loaded.tokenizer, s, 8, 256)) for s in slices}
+    loop_caches = {s: ProbeCache(loaded.model, calib_tokens(loaded.tokenizer, s, args.calib_sequences, 256))
+                   for s in slices}
     eval_ids = {s: eval_tokens(loaded.tokenizer, s, args.sequences, args.seq_len) for s in slices}
     calibration = calibration_tokens(loaded.tokenizer, CalibrationRecipe())
 
@@ -150,7 +164,7 @@ def main() -> None:
         model = gptq_applied(choice)
         return {s: whole_model_kl(loop_caches[s], model).kl for s in slices}
 
-    def gptq_scores_at(choice):
+    def gptq_table():
         if "table" not in gptq:
             t0 = time.perf_counter()
             gptq["table"] = method_option_weights(
@@ -158,9 +172,28 @@ def main() -> None:
                 lambda model, option: apply_plan_(model, solution_plan(
                     {**dict.fromkeys(linears, option), **embedding_choice}, rows, "gptq"), calibration))
             emit({"part": "gptq-table", "options": options, "seconds": round(time.perf_counter() - t0, 1)})
+        return gptq["table"]
+
+    def gptq_scores_at(choice):
         local = local_scores(loaded.model, gptq_applied(choice), originals, choice, options,
-                             {s: loop_caches[s].ids for s in slices}, weights=gptq["table"], quadratic="sequence")
+                             {s: loop_caches[s].ids for s in slices}, weights=gptq_table(), quadratic="sequence")
         return local_problem(rows, local.deltas, linears, options, slices)
+
+    def gptq_scan():
+        """The fast scan with GPTQ's errors: each block linear moved alone from the original (the embedding at its
+        fixed setting) to each setting's GPTQ weight, scored with the whole Fisher (sequence gradients)."""
+        if "scan" not in gptq:
+            t0 = time.perf_counter()
+            start = dict.fromkeys(linears, "keep")
+            at = copy.deepcopy(loaded.model)
+            set_choice_(at, originals, embedding_choice)
+            local = local_scores(loaded.model, at, originals, start, options, {s: loop_caches[s].ids for s in slices},
+                                 weights=gptq_table(), quadratic="sequence")
+            del at
+            gptq["scan"] = {(m, o, sl): float(local.deltas[k, i, j]) for k, sl in enumerate(slices)
+                            for i, m in enumerate(linears) for j, o in enumerate(options) if o != "keep"}
+            emit({"part": "gptq-scan", "seconds": round(time.perf_counter() - t0, 1), "tokens": local.tokens})
+        return gptq["scan"]
 
     def rows_of(choice):
         full = {**choice, **embedding_choice}
@@ -195,6 +228,26 @@ def main() -> None:
                 loop_rounds = [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
                                 "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
                                 "seconds": round(r.seconds, 1)} for r in rounds]
+            elif variant in ("loop-gptq", "gscan-loop"):
+                # the product's loop for a calibrated method: rounds measured with the plan applied by GPTQ, from
+                # the additive model (no RTN-measured plan in the fit); "gscan-loop" plans on GPTQ's own scan
+                table = gptq_scan() if variant == "gscan-loop" else linear_scores
+
+                def plan_g(model, budget=budget, table=table):
+                    return solve(build_problem(rows, table, slices, settings, model=model), budget_bytes=budget,
+                                 objective="worst").choice
+
+                def rows_g(choice, table=table):
+                    return {s: features(choice, table, s) for s in slices}
+
+                rounds, _ = closed_loop(plan_g, gptq_measure, rows_g, rounds=args.loop_rounds, time_budget_s=3600)
+                best = min(rounds, key=lambda r: r.worst_measured)
+                choices[variant] = best.choice
+                if variant == "gscan-loop":
+                    choices["gscan"] = rounds[0].choice
+                loop_rounds = [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
+                                "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
+                                "seconds": round(r.seconds, 1)} for r in rounds]
             elif variant in ("local", "local-gptq"):
                 start = choices.get("loop") or choices.get("fitted") or plan_with(fitted)
                 measure, at = (loop_measure, scores_at) if variant == "local" else (gptq_measure, gptq_scores_at)
@@ -210,7 +263,7 @@ def main() -> None:
                   "settings": {s: list(choices[variant].values()).count(s) for s in settings
                                if s in choices[variant].values()},
                   "bytes": float(sum(setting_bytes(rows, [m], [choices[variant][m]])[0, 0] for m in linears)),
-                  "budget": budget, **({"rounds": loop_rounds} if variant in ("loop", "local", "local-gptq") else {})})
+                  "budget": budget, **({"rounds": loop_rounds} if variant != "additive" and variant != "fitted" else {})})
         plan_seconds = time.perf_counter() - started
 
         for method in args.methods.split(","):
