@@ -195,6 +195,11 @@ def main() -> None:
             emit({"part": "gptq-scan", "seconds": round(time.perf_counter() - t0, 1), "tokens": local.tokens})
         return gptq["scan"]
 
+    def round_rows(rounds):
+        return [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
+                 "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
+                 "seconds": round(r.seconds, 1)} for r in rounds]
+
     def rows_of(choice):
         full = {**choice, **embedding_choice}
         return {s: features(full, scores, s) for s in slices}
@@ -209,8 +214,8 @@ def main() -> None:
         size_label = f"uniform {size}" if size in QUANT_SETTINGS else f"{size} bits per weight (uniform: {uniform})"
         choices, loop_rounds = {}, []
 
-        def plan_with(model, budget=budget):
-            problem = build_problem(rows, linear_scores, slices, settings, model=model)
+        def plan_with(model, budget=budget, table=linear_scores):
+            problem = build_problem(rows, table, slices, settings, model=model)
             return solve(problem, budget_bytes=budget, objective="worst").choice
 
         started = time.perf_counter()
@@ -225,17 +230,14 @@ def main() -> None:
                 rounds, _ = closed_loop(plan_with, loop_measure, rows_of, state=state, rounds=args.loop_rounds)
                 best = min(rounds, key=lambda r: r.worst_measured)
                 choices[variant] = best.choice
-                loop_rounds = [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
-                                "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
-                                "seconds": round(r.seconds, 1)} for r in rounds]
+                loop_rounds = round_rows(rounds)
             elif variant in ("loop-gptq", "gscan-loop"):
                 # the product's loop for a calibrated method: rounds measured with the plan applied by GPTQ, from
                 # the additive model (no RTN-measured plan in the fit); "gscan-loop" plans on GPTQ's own scan
                 table = gptq_scan() if variant == "gscan-loop" else linear_scores
 
-                def plan_g(model, budget=budget, table=table):
-                    return solve(build_problem(rows, table, slices, settings, model=model), budget_bytes=budget,
-                                 objective="worst").choice
+                def plan_g(model, table=table):
+                    return plan_with(model, table=table)
 
                 def rows_g(choice, table=table):
                     return {s: features(choice, table, s) for s in slices}
@@ -245,9 +247,7 @@ def main() -> None:
                 choices[variant] = best.choice
                 if variant == "gscan-loop":
                     choices["gscan"] = rounds[0].choice
-                loop_rounds = [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
-                                "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
-                                "seconds": round(r.seconds, 1)} for r in rounds]
+                loop_rounds = round_rows(rounds)
             elif variant in ("local", "local-gptq"):
                 start = choices.get("loop") or choices.get("fitted") or plan_with(fitted)
                 measure, at = (loop_measure, scores_at) if variant == "local" else (gptq_measure, gptq_scores_at)
