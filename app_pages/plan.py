@@ -369,7 +369,9 @@ else:
                 f"stored as a candidate." if verified else "")
         st.caption(f"Measured ({result['method']}): KL on {where}. Predicted: for a fitted round, the fit on the "
                    f"plans measured before it; for a local step, the measured KL of the plan it started from plus "
-                   f"the changes scored at that plan (kept: it measured better). Last round's error "
+                   f"the changes scored at that plan (kept: it measured better). Uniform: every planned module at "
+                   f"the one setting that fits the budget, measured the same way; the baseline a mixed plan must "
+                   f"beat (the loop keeps it when none does). Last row's error "
                    f"{steps[-1]['error']:+.0%}.{kept} Loop {result.get('loop_seconds', result['seconds']):.0f} s, "
                    f"{result['seconds']:.0f} s in all.")
     result = st.session_state.get("planner_result")

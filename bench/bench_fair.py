@@ -14,6 +14,8 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   again); "local": from the best loop plan, local refinement (scores re-estimated at the measured plan itself, at
   most --local-changes modules moved per step, each step measured and kept only if the worst slice improved;
   `plan/local.py`, `sensitivity/local.py`), --local-steps measured steps on the same calibration text;
+  "local-uniform": the same local steps (RTN) from the uniform plan itself, so no step is kept unless it measures
+  better than uniform on the calibration text;
   "local-gptq": the same from the best plan so far, with each plan applied by GPTQ when it is measured and scored
   at, each move's error GPTQ's (`method_option_weights`: the model at each setting by GPTQ) and its quadratic term
   the whole Fisher's (per-sequence gradients: GPTQ's errors sit where the diagonal cannot see);
@@ -94,7 +96,7 @@ def main() -> None:
     from shrink_core.model.load import load
     from shrink_core.plan.local import local_problem, local_search
     from shrink_core.plan.planner import build_problem, setting_bytes, solution_plan, solve
-    from shrink_core.sensitivity.local import local_scores, method_option_weights, set_choice_
+    from shrink_core.sensitivity.local import OptionWeights, local_scores, method_option_weights, set_choice_
     from shrink_core.sensitivity.probe import ProbeCache, calib_tokens, eval_tokens, probe, whole_model_kl
     from shrink_core.sensitivity.scan import embedding_rows
 
@@ -144,10 +146,13 @@ def main() -> None:
     set_choice_(at_plan, originals, embedding_choice)
     options = ["keep", *settings]
 
+    rtn_weights = OptionWeights(originals)  # llama.cpp types quantized once, not on every pass of every step
+
     def scores_at(choice):
-        set_choice_(at_plan, originals, choice)
+        set_choice_(at_plan, originals, choice, rtn_weights)
         local = local_scores(loaded.model, at_plan, originals, choice, options,
-                             {s: loop_caches[s].ids for s in slices}, quadratic=args.quadratic)
+                             {s: loop_caches[s].ids for s in slices}, quadratic=args.quadratic,
+                             option_weights=rtn_weights)
         return local_problem(rows, local.deltas, linears, options, slices)
 
     gptq = {}  # built on first use: the GPTQ weight table, and the last plan applied by GPTQ (scored where measured)
@@ -227,7 +232,8 @@ def main() -> None:
                 choices[variant] = plan_with(fitted)
             elif variant == "loop":
                 state = LoopState(list(np.array(x)), list(y), list(ids))
-                rounds, _ = closed_loop(plan_with, loop_measure, rows_of, state=state, rounds=args.loop_rounds)
+                rounds, _ = closed_loop(plan_with, loop_measure, rows_of, state=state, rounds=args.loop_rounds,
+                                        time_budget_s=3600)  # the page's 4 minutes is one Gemma round
                 best = min(rounds, key=lambda r: r.worst_measured)
                 choices[variant] = best.choice
                 loop_rounds = round_rows(rounds)
@@ -248,9 +254,10 @@ def main() -> None:
                 if variant == "gscan-loop":
                     choices["gscan"] = rounds[0].choice
                 loop_rounds = round_rows(rounds)
-            elif variant in ("local", "local-gptq"):
-                start = choices.get("loop") or choices.get("fitted") or plan_with(fitted)
-                measure, at = (loop_measure, scores_at) if variant == "local" else (gptq_measure, gptq_scores_at)
+            elif variant in ("local", "local-gptq", "local-uniform"):
+                start = (dict.fromkeys(linears, uniform) if variant == "local-uniform"
+                         else choices.get("loop") or choices.get("fitted") or plan_with(fitted))
+                measure, at = (gptq_measure, gptq_scores_at) if variant == "local-gptq" else (loop_measure, scores_at)
                 steps = local_search(start, measure(start), at, measure, limits={"budget_bytes": budget},
                                      steps=args.local_steps, max_changes=args.local_changes, time_budget_s=3600)
                 kept = [s for s in steps if s.accepted]

@@ -130,7 +130,7 @@ def test_closed_loop_rounds_on_calibration_rows_then_the_kept_plan_at_the_protoc
                                                     if "verified" in g.get_attribute("textContent")), None),
                             60, "the loop's table with its verified row")
             text = grid.get_attribute("textContent")
-            assert "fitted" in text and "closed loop result" in text
+            assert "fitted" in text and "uniform w" in text and "closed loop result" in text  # the baseline row
             assert "Traceback" not in body(driver)
             driver.execute_script("arguments[0].scrollIntoView({block: 'center'});", grid)
             driver.save_screenshot(os.path.join(tmp_path, "loop.png"))

@@ -9,7 +9,7 @@ from shrink_core.model.inventory import block_linears, inventory
 from shrink_core.plan.local import local_problem, local_search
 from shrink_core.plan.planner import PlannerProblem, solve
 from shrink_core.sensitivity import fisher
-from shrink_core.sensitivity.local import local_scores, option_weight, set_choice_
+from shrink_core.sensitivity.local import OptionWeights, local_scores, option_weight, set_choice_
 from shrink_core.sensitivity.settings import SETTINGS
 
 
@@ -26,6 +26,25 @@ def _kl(reference, model, ids) -> float:
         ref = torch.log_softmax(reference(ids).logits[:, :-1].float(), -1)
         logp = torch.log_softmax(model(ids).logits[:, :-1].float(), -1)
     return float((ref.exp() * (ref - logp)).sum(-1).mean())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_kept_llama_cpp_blocks_decode_to_the_weight_the_option_gives(dtype):
+    """Local scores reuse each llama.cpp type's blocks (its scale search is slow) instead of quantizing on every
+    pass: what they decode to is bit-identical to quantizing afresh, on a width the type tiles (512) and one it
+    falls back from (96); RTN options are not kept."""
+    generator = torch.Generator().manual_seed(0)
+    originals = {"wide": (torch.randn(8, 512, generator=generator) * 0.02).to(dtype),
+                 "narrow": (torch.randn(8, 96, generator=generator) * 0.02).to(dtype)}
+    cache = OptionWeights(originals)
+    for name in originals:
+        for option in ("q4_k", "q3_k", "iq4_xs", "q8_0", "w3g64", "keep"):
+            expected = option_weight(option, originals[name])
+            for _ in range(2):  # the first call quantizes, the second decodes the kept blocks
+                assert torch.equal(cache(name, option), expected), (name, option)
+    assert {option for _, option in cache.blocks} == {"q4_k", "q3_k", "iq4_xs", "q8_0"}
+    capped = OptionWeights(originals, max_bytes=0)  # nothing kept past the cap: the same weights, quantized each time
+    assert torch.equal(capped("wide", "q4_k"), option_weight("q4_k", originals["wide"])) and not capped.blocks
 
 
 def test_at_the_original_model_the_local_scores_are_the_fast_scans_kl(tiny_model):

@@ -20,7 +20,7 @@ def test_each_round_is_a_measured_candidate_and_the_next_round_plans_with_its_fi
     seen = []
     result = plan_loop(store, SPEC, ["user_notes"], ["w4g64", "w3g64"], {"kind": "bits_per_weight", "value": 4.0},
                        dump_plan(load_plan("preset:w4g64")), rounds=2, progress=lambda f, m="": seen.append(m),
-                       measure_on="protocol")
+                       measure_on="protocol", baseline=False)
     rounds = result["rounds"]
     assert 1 <= len(rounds) <= 2 and any(m.startswith("round 1/2") for m in seen)
     for r in rounds:  # every round is a stored candidate whose measured KL is the round's measured worst slice
@@ -45,12 +45,17 @@ def test_probe_rounds_and_local_steps_then_only_the_kept_plan_runs_at_the_protoc
                        {"kind": "bits_per_weight", "value": 3.8}, dump_plan(load_plan("preset:w4g64")), rounds=1,
                        local_steps=2, local_changes=16, part=parts.append)
     fitted = [r for r in result["rounds"] if r["kind"] == "fitted"]
+    (uniform,) = [r for r in result["rounds"] if r["kind"] == "uniform"]
     local = [r for r in result["rounds"] if r["kind"] == "local"]
     (verified,) = [r for r in result["rounds"] if r["kind"] == "verified"]
     assert len(fitted) == 1 and 1 <= len(local) <= 2 and result["rounds"][-1] is verified
     assert result["measure_on"] == "probe" and parts[-1] == "verified" and len(parts) == len(result["rounds"])
-    best = fitted[0]["measured_worst"]
-    for r in fitted + local:  # measured on the calibration rows: nothing stored for them
+    # the baseline: every planned module at the one setting that fits 3.8 bits per weight (w3g64, not w4g64)
+    assert uniform["name"].startswith("uniform w3g64") and result["rounds"].index(uniform) == 1
+    # the local steps start from the better of the rounds' best and uniform, and must beat it
+    best = min(fitted[0]["measured_worst"], uniform["measured_worst"])
+    assert any("keeps uniform" in n for n in result["notes"]) == (uniform["measured_worst"] < fitted[0]["measured_worst"])
+    for r in fitted + [uniform] + local:  # measured on the calibration rows: nothing stored for them
         assert r["candidate_id"] is None and r["measured_worst"] > 0
     for r in local:  # kept only when it measured better than the best so far
         assert r["name"].startswith("local step") and r["changes"] <= r["max_changes"] <= 16
@@ -58,7 +63,7 @@ def test_probe_rounds_and_local_steps_then_only_the_kept_plan_runs_at_the_protoc
         best = min(best, r["measured_worst"]) if r["kept"] else best
     # the plan run at the protocol is the best one measured, and it alone is a stored candidate
     assert verified["probe_worst"] == best
-    assert verified["of"] == next(r["name"] for r in fitted + local if r["measured_worst"] == best)
+    assert verified["of"] == next(r["name"] for r in fitted + [uniform] + local if r["measured_worst"] == best)
     (candidate,) = [c for c in store.candidates() if c["id"] not in before and c["kind"] != "reference"]
     assert candidate["id"] == verified["candidate_id"] and load_plan(candidate["plan"]).rules
     (row,) = store.results("eval", candidate_id=verified["candidate_id"])
@@ -80,7 +85,7 @@ def test_a_round_verified_on_ray_measures_what_the_local_round_measures(scanned_
         results[kind] = plan_loop(db, SPEC, ["user_notes"], ["w4g64", "w3g64"],
                                   {"kind": "bits_per_weight", "value": 4.0}, dump_plan(load_plan("preset:w4g64")),
                                   rounds=1, executor={"kind": "ray", "local_cpus": 2} if kind == "ray" else None,
-                                  measure_on="protocol")
+                                  measure_on="protocol", baseline=False)
         (row,) = db.results("eval", candidate_id=results[kind]["rounds"][0]["candidate_id"])
         results[kind]["plan"] = row["plan"]
         results[kind]["executed"] = row["payload"].get("executed", {}).get("executor")

@@ -6,7 +6,7 @@ import pytest
 
 from shrink_core.model.inventory import block_linears, inventory
 from shrink_core.plan import dump_plan, load_plan, resolve
-from shrink_core.plan.planner import PlannerError, PlannerProblem, build_problem, greedy, solution_plan, solve
+from shrink_core.plan.planner import PlannerError, PlannerProblem, build_problem, greedy, solution_plan, solve, uniform_choice
 
 
 def random_problem(seed=0, modules=6, settings=3, slices=3):
@@ -44,6 +44,30 @@ def test_worst_slice_is_optimal(seed):
     pick = greedy(problem, budget)
     idx = np.array([problem.settings.index(pick[m]) for m in problem.modules])
     assert max(solution.predicted.values()) <= problem.loss[:, np.arange(len(idx)), idx].sum(axis=1).max() + 1e-9
+
+
+def test_uniform_baseline_is_the_best_single_setting_that_fits_and_keeps_pins():
+    problem = random_problem(4, settings=4)
+    # the budget of setting s1 everywhere: s0 (the biggest) does not fit, s1, s2 and s3 do
+    budget = problem.bytes[:, 1].sum()
+    setting, choice = uniform_choice(problem, budget_bytes=budget)
+    worst = {j: problem.loss[:, :, j].sum(axis=1).max() for j in (1, 2, 3)}
+    assert setting == f"s{min(worst, key=worst.get)}" and set(choice.values()) == {setting}
+    allowed = problem.allowed.copy()
+    allowed[0] = [False, False, False, True]  # m0 pinned to s3: uniform plans keep the pin
+    pinned = PlannerProblem(problem.modules, problem.settings, problem.slices, problem.loss, problem.bytes,
+                            problem.params, allowed)
+    setting, choice = uniform_choice(pinned, budget_bytes=budget)
+    assert choice["m0"] == "s3" and {choice[m] for m in problem.modules[1:]} == {setting}
+    # an average-bits budget below the smallest setting: no uniform plan
+    assert uniform_choice(problem, average_bits=problem.bytes.min() * 8 / 100 / 2) is None
+    # m1 may not take s1 and is not pinned: s1 is then no uniform plan
+    allowed = problem.allowed.copy()
+    allowed[1, 1] = False
+    partial = PlannerProblem(problem.modules, problem.settings, problem.slices, problem.loss, problem.bytes,
+                             problem.params, allowed)
+    found = uniform_choice(partial, budget_bytes=problem.bytes.sum())
+    assert found is not None and found[0] != "s1"
 
 
 def test_single_slice_and_pins():

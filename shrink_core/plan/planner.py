@@ -168,6 +168,32 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
     )
 
 
+def uniform_choice(problem: PlannerProblem, *, budget_bytes: float | None = None, average_bits: float | None = None,
+                   budget_seconds: float | None = None) -> tuple[str, dict[str, str]] | None:
+    """The baseline a mixed plan must beat: every planned module at one setting (a module pinned to one setting keeps
+    it), the setting among those that fit the budget whose scores predict the lowest worst slice. (setting, choice),
+    or None when no single setting fits. `solve`'s budget arguments."""
+    m = len(problem.modules)
+    pinned = problem.allowed.sum(axis=1) == 1
+    best = None
+    for j, setting in enumerate(problem.settings):
+        if setting == "keep" or not problem.allowed[:, j].any():
+            continue
+        picks = np.where(problem.allowed[:, j], j, problem.allowed.argmax(axis=1))
+        if not (problem.allowed[:, j] | pinned).all():
+            continue  # a module that may not take it and is not pinned: not a uniform plan
+        index = np.arange(m)
+        total = problem.bytes[index, picks].sum()
+        fits = ((budget_bytes is None or total <= budget_bytes + 0.5)
+                and (average_bits is None or total * 8 <= average_bits * problem.params.sum() + 1e-6)
+                and (budget_seconds is None or (problem.seconds is not None
+                                                and problem.seconds[index, picks].sum() <= budget_seconds + 1e-12)))
+        worst = float(problem.loss[:, index, picks].sum(axis=1).max())
+        if fits and (best is None or worst < best[0]):
+            best = (worst, setting, {problem.modules[i]: problem.settings[picks[i]] for i in range(m)})
+    return None if best is None else (best[1], best[2])
+
+
 def greedy(problem: PlannerProblem, budget_bytes: float) -> dict[str, str]:
     """The usual heuristic (cheapest loss per byte saved first), kept to show what the exact solver gains."""
     m, o = problem.bytes.shape

@@ -40,12 +40,46 @@ def option_weight(option: str, original: torch.Tensor) -> torch.Tensor:
     return original.float() if option == "keep" else perturbed(SETTINGS[option], original).float()
 
 
-def set_choice_(model, originals: dict[str, torch.Tensor], choice: dict[str, str]) -> None:
+class OptionWeights:
+    """module -> option -> its weight as `option_weight` gives it, for repeated use: local scores need every option's
+    weight on each pass of each slice (`fisher_scores` reduces against them as they go), and llama.cpp's types search
+    their scales (0.1-0.5 s for a 1M-weight matrix, against milliseconds for RTN): re-quantizing them made a Gemma 3
+    270M local step take over 20 minutes. Their blocks are kept (packed: under a byte a weight per type) and decoded
+    on use, bit-identical to `option_weight`; other options are recomputed (cheap, and kept at no memory). Past
+    `max_bytes` of blocks, further ones are quantized on each use instead of kept."""
+
+    def __init__(self, originals: dict[str, torch.Tensor], max_bytes: int | None = None):
+        self.originals, self.max_bytes, self.kept_bytes = originals, max_bytes, 0
+        self.blocks: dict[tuple[str, str], object] = {}  # (module, option) -> ggml.types.GgmlState
+
+    def __call__(self, name: str, option: str) -> torch.Tensor:
+        setting = SETTINGS.get(option)
+        if setting is None or setting.ggml is None:
+            return option_weight(option, self.originals[name])
+        from shrink_core.compression.ggml.types import CODECS, quantize_dequantize
+
+        original = self.originals[name]
+        key = (name, option)
+        if key not in self.blocks:
+            weight, state = quantize_dequantize(original.float(), setting.ggml)
+            size = 0 if state.data is None else state.data.numel()
+            if self.max_bytes is None or self.kept_bytes + size <= self.max_bytes:
+                self.blocks[key], self.kept_bytes = state, self.kept_bytes + size
+            return weight.to(original.dtype).float()
+        state = self.blocks[key]
+        if state.data is None:  # a row width no llama.cpp type tiles: float16, as the file stores it
+            return original.half().to(original.dtype).float()
+        return CODECS[state.stored].dequantize(state.data, original.shape[1]).to(original.dtype).float()
+
+
+def set_choice_(model, originals: dict[str, torch.Tensor], choice: dict[str, str],
+                option_weights: OptionWeights | None = None) -> None:
     """Put each planned module of `model` at its option (in place; the originals stay untouched)."""
     with torch.no_grad():
         for name, option in choice.items():
             weight = model.get_submodule(name).weight
-            weight.data = option_weight(option, originals[name]).to(weight.dtype)
+            moved = option_weights(name, option) if option_weights else option_weight(option, originals[name])
+            weight.data = moved.to(weight.dtype)
 
 
 def method_option_weights(model, names: list[str], options: list[str], apply_at,
@@ -72,24 +106,26 @@ def method_option_weights(model, names: list[str], options: list[str], apply_at,
 
 def local_scores(reference, model, originals: dict[str, torch.Tensor], choice: dict[str, str], options: list[str],
                  ids_by_slice: dict[str, torch.Tensor], batch: int = 8, progress=None, seed: int = 0,
-                 weights: dict[str, dict[str, torch.Tensor]] | None = None, quadratic: str = "diagonal") -> LocalScores:
+                 weights: dict[str, dict[str, torch.Tensor]] | None = None, quadratic: str = "diagonal",
+                 option_weights: OptionWeights | None = None) -> LocalScores:
     """reference: the original model (its next-token distributions are the targets); model: the same architecture
     holding the plan (`set_choice_`, or the plan applied by its method); originals: module -> its original weight;
     choice: module -> planned option for the modules being decided; ids_by_slice: slice -> (n, T) calibration ids
     (never eval text); weights: module -> option -> weight for a calibrated method (`method_option_weights`),
-    RTN's otherwise."""
+    RTN's otherwise (`option_weights`: pass one across calls to quantize llama.cpp's types once)."""
     started = time.perf_counter()
     names = list(choice)
     # the passes catch a linear's input and output gradient; an embedding (and a head tied to it) has neither, so
     # it stays where the plan put it (its deltas 0, listed as fixed)
     modules = {n: model.get_submodule(n) for n in names if isinstance(model.get_submodule(n), torch.nn.Linear)}
     deltas = np.zeros((len(ids_by_slice), len(names), len(options)))
+    option_weights = option_weights or OptionWeights(originals)
 
     def errors(name):
         current = modules[name].weight.detach().float()
         for option in options:
             if option != choice[name]:
-                moved = (option_weight(option, originals[name]) if weights is None
+                moved = (option_weights(name, option) if weights is None
                          else weights[name][option].float())
                 yield option, moved - current
 

@@ -11,6 +11,12 @@ Where the rounds are measured (`measure_on`):
   the loop never chose on. The fit starts empty (calibration-text KL is not the protocol's figure).
 - "protocol": every round run exactly as "Run this plan" runs one, stored as a candidate (Results page); the fit
   starts from every measured plan of this model and method in the store. Many times slower.
+
+After the rounds the uniform plan under the same budget is measured the same way (`baseline`: every planned module at
+the one setting that fits and scores best, `planner.uniform_choice`). A mixed plan is only worth shipping if it beats
+that, and on some models the scan's scores lead the planner to plans that measure worse (Gemma 3 at the bytes of
+W3 g64, docs/plan.md): then the loop keeps uniform, and the local steps start from it, so what the loop returns never
+measures worse than uniform on the rows it measures on.
 """
 from __future__ import annotations
 
@@ -25,7 +31,7 @@ from shrink_core.plan.budget import PlannerBudget, limits, plan_within_budget
 from shrink_core.plan.edit import with_rules_first
 from shrink_core.plan.interactions import LoopState, closed_loop, features
 from shrink_core.plan.local import local_problem, local_search
-from shrink_core.plan.planner import build_problem, solution_plan
+from shrink_core.plan.planner import build_problem, solution_plan, uniform_choice
 from shrink_core.plan.predict import score_table, settings_by_module
 from shrink_core.results.prediction import measured_observations
 from shrink_core.results.store import Store
@@ -37,7 +43,7 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
               exclude: list[str] | None = None, target: str | None = None, eval_budget: str = "fast",
               rounds: int = 3, time_budget_s: float = 240.0, progress=None, job_id: int | None = None,
               part=None, executor: dict | None = None, local_steps: int = 0, local_changes: int = 40,
-              measure_on: str = "probe") -> dict:
+              measure_on: str = "probe", baseline: bool = True) -> dict:
     """Rounds of plan -> run -> refit under one planner budget ({"kind": ..., "value": ...}); `plan` is the draft the
     planner's rules go in front of, `pinned`/`exclude` what the Plan page pins or leaves to hand-written rules.
     `part(name)` is called as each round's candidate is stored, so the Results page has it before the loop ends.
@@ -51,11 +57,12 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
     with session(config):
         return _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
                           eval_budget, rounds, time_budget_s, progress, job_id, part, config, local_steps, local_changes,
-                          measure_on)
+                          measure_on, baseline)
 
 
 def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target, eval_budget,
-               rounds, time_budget_s, progress, job_id, part, executor, local_steps, local_changes, measure_on) -> dict:
+               rounds, time_budget_s, progress, job_id, part, executor, local_steps, local_changes, measure_on,
+               baseline) -> dict:
     from shrink_core.model.load import load
     from shrink_core.perf.hardware import get as get_hardware
     from shrink_core.results.eval_run import plan_candidate, run_eval
@@ -113,8 +120,8 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     # a step is kept when the worst slice improves: the worst-slice objective's
     local_steps = local_steps if objective == "worst" else 0
     probing = measure_on == "probe"
-    total = rounds + local_steps + probing  # the kept plan's protocol run is the last part
-    phase = {"local": False, "rounds": 0}
+    total = rounds + baseline + local_steps + probing  # the kept plan's protocol run is the last part
+    phase = {"local": False, "rounds": 0, "uniform": None}
     # each slice's calibration rows at the scan depth named like the protocol: probe rounds measure on them and
     # local steps score on them (tokenized once; the references once)
     depth = SCAN_DEPTHS.get(eval_budget, SCAN_DEPTHS["fast"])
@@ -154,9 +161,11 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     def measure(choice) -> dict[str, float]:
         index = len(done)
-        label = f"local step {index + 1 - phase['rounds']}" if phase["local"] else f"closed loop round {index + 1}"
+        label = (f"uniform {phase['uniform']}" if phase["uniform"] else
+                 f"local step {index + 1 - phase['rounds']}" if phase["local"] else f"closed loop round {index + 1}")
         name = f"{label} ({limit.kind} {limit.value:g}, {method})"
-        where = (f"local step {index + 1 - phase['rounds']}/{local_steps}" if phase["local"]
+        where = (f"uniform {phase['uniform']} under the same budget" if phase["uniform"] else
+                 f"local step {index + 1 - phase['rounds']}/{local_steps}" if phase["local"]
                  else f"round {index + 1}/{rounds}")
         if probing:
             progress(0.05 + 0.9 * index / total, f"{where}: applying the plan, KL on the calibration rows")
@@ -180,25 +189,52 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         out.append({"round": r.index + 1, "kind": "fitted", "candidate_id": stored["candidate_id"],
                     "name": stored["name"], "predicted_worst": r.worst_predicted, "measured_worst": r.worst_measured,
                     "error": r.error, "fitted_on_plans": r.model["plans"], "seconds": round(r.seconds, 1)})
-    left = time_budget_s - (time.perf_counter() - started)
     planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
     notes = []
+    best = min(loop_rounds, key=lambda r: r.worst_measured) if loop_rounds else None
+    start = (best.choice, best.measured) if best else None
+    if baseline and loop_rounds and time_budget_s - (time.perf_counter() - started) > 0:
+        problem = build_problem(rows, scores, slices, settings, pinned=pinned, hardware=hardware)
+        found = uniform_choice(problem, **limits(set(problem.modules), rows, described["summary"], limit,
+                                                 base_resolved=base_resolved, hardware=hardware).solve_kwargs)
+        if found is None:
+            notes.append("No single setting fits this budget, so there is no uniform plan to compare with.")
+        else:
+            setting, choice = found
+            t0 = time.perf_counter()
+            phase["uniform"] = setting
+            measured = {s: float(v) for s, v in measure(choice).items() if np.isfinite(float(v))}
+            phase["uniform"] = None
+            if measured:
+                rows_x = rows_of(choice)
+                predicted = dict(zip(measured, model.predict(np.array([rows_x[s] for s in measured]))))
+                worst = max(measured.values())
+                out.append({"round": len(out) + 1, "kind": "uniform", "candidate_id": done[-1]["candidate_id"],
+                            "name": done[-1]["name"], "predicted_worst": float(max(predicted.values())),
+                            "measured_worst": worst, "error": (max(predicted.values()) - worst) / max(worst, 1e-9),
+                            "seconds": round(time.perf_counter() - t0, 1)})
+                if worst < best.worst_measured:
+                    notes.append(f"Uniform {setting} under the same budget measured better than every planned round "
+                                 f"({worst:.4f} against {best.worst_measured:.4f}): the scan's scores misled the "
+                                 "planner here, so the loop keeps uniform"
+                                 + (" and its local steps start from it." if local_steps else "."))
+                    start = ({m: choice[m] for m in problem.modules}, measured)
+    left = time_budget_s - (time.perf_counter() - started)
     if local_steps and method != "rtn":  # the method's weight table (`method_option_weights`) must fit
         refused = table_refusal(loaded.model, planned, len(settings) + 1, method)
         if refused:
             notes.append(refused)
             local_steps = 0
-    if local_steps and loop_rounds and left > 0:
-        best = min(loop_rounds, key=lambda r: r.worst_measured)
+    if local_steps and start and left > 0:
         phase.update(local=True, rounds=len(done))
         steps = local_search(
-            {m: best.choice[m] for m in planned}, best.measured,
-            _local_scorer(loaded, rows, planned, ["keep", *settings], {s: ids[s] for s in best.measured},
+            {m: start[0][m] for m in planned}, start[1],
+            _local_scorer(loaded, rows, planned, ["keep", *settings], {s: ids[s] for s in start[1]},
                           depth.chunk * 2, whole_plan, pinned, hardware, applied, method),
             measure, limits=limits(set(planned), rows, described["summary"], limit, base_resolved=base_resolved,
                                    hardware=hardware).solve_kwargs,
             steps=local_steps, max_changes=local_changes, time_budget_s=left)
-        for s, stored in zip(steps, done[len(loop_rounds):]):
+        for s, stored in zip(steps, done[phase["rounds"]:]):
             out.append({"round": len(loop_rounds) + s.index + 1, "kind": "local", "candidate_id": stored["candidate_id"],
                         "name": stored["name"], "predicted_worst": s.worst_predicted, "measured_worst": s.worst_measured,
                         "error": s.error, "max_changes": s.max_changes, "changes": s.changes, "kept": s.accepted,
@@ -243,11 +279,16 @@ def _local_scorer(loaded, rows, planned, options, ids, batch, whole_plan, pinned
     method per option)."""
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.evaluation.calibration import plan_calibration
-    from shrink_core.sensitivity.local import local_scores, method_option_weights
+    from shrink_core.sensitivity.local import OptionWeights, local_scores, method_option_weights
 
     slices = list(ids)
     originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
     table = {}
+    from shrink_core.perf.footprint import available_bytes
+
+    free = available_bytes()
+    # llama.cpp types quantized once for every step, in at most a quarter of the free memory
+    rtn_weights = OptionWeights(originals, max_bytes=None if free is None else free // 4)
 
     def apply_at(model, option):
         plan = load_plan(whole_plan(dict.fromkeys(planned, option)))
@@ -258,7 +299,8 @@ def _local_scorer(loaded, rows, planned, options, ids, batch, whole_plan, pinned
             table.update(method_option_weights(loaded.model, planned, options, apply_at))
         # a calibrated method's errors are shaped against the input correlations: the whole Fisher sees them
         local = local_scores(loaded.model, applied(choice), originals, choice, options, ids, batch=batch,
-                             weights=table or None, quadratic="diagonal" if method == "rtn" else "sequence")
+                             weights=table or None, quadratic="diagonal" if method == "rtn" else "sequence",
+                             option_weights=rtn_weights)
         fixed = {**(pinned or {}), **{m: choice[m] for m in local.fixed}}  # unscored here: they stay
         return local_problem(rows, local.deltas, planned, options, slices, pinned=fixed, hardware=hardware)
 
@@ -269,12 +311,12 @@ def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget
                   objective: str = "worst", pinned: dict | None = None, exclude: list[str] | None = None,
                   target: str | None = None, eval_budget: str = "fast", rounds: int = 3,
                   time_budget_s: float = 240.0, executor: dict | None = None, local_steps: int = 0,
-                  local_changes: int = 40, measure_on: str = "probe") -> dict:
+                  local_changes: int = 40, measure_on: str = "probe", baseline: bool = True) -> dict:
     """Job: the Plan page's "Plan, run, refit (closed loop)"; a round or local step is a part (it may stop early on
     its budget)."""
-    ctx.expect_parts(rounds + (local_steps if objective == "worst" else 0)
+    ctx.expect_parts(rounds + baseline + (local_steps if objective == "worst" else 0)
                      + (measure_on == "probe"))
     return plan_loop(ctx.store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
                      eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id,
                      part=ctx.part_done, executor=executor, local_steps=local_steps, local_changes=local_changes,
-                     measure_on=measure_on)
+                     measure_on=measure_on, baseline=baseline)
