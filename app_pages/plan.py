@@ -142,6 +142,12 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
                f"{model.plans} measured {method} plans of this model ({model.observations} slice results): {alphas}; "
                f"gamma {model.gamma:.3g}. {interval}, from the spread of each plan predicted by a fit without it. "
                "Projected, not measured.")
+    if model.untrusted:
+        st.warning(f"On this model the fit predicts a held-out measured plan only to within x{model.interval_factor:.1f} "
+                   "either way: "
+                   "the scan's scores do not describe how its errors combine (docs/plan.md: Gemma 3 270M, where "
+                   "errors stacked in the last blocks measure above their sum). Trust measured figures: the closed "
+                   "loop (below) also measures uniform under the same budget and keeps it when no plan beats it.")
     return measured_fit
 
 

@@ -36,6 +36,17 @@ def test_the_additive_model_is_the_plain_sum_with_no_interval():
     assert not model.fitted and all(math.isnan(v) for v in np.concatenate(model.interval(x)))
 
 
+def test_a_fit_whose_held_out_plans_miss_by_more_than_x2_is_flagged_untrusted():
+    x = np.linspace(0.0, 0.4, len(BIT_CLASSES))[None, :]
+    ones = tuple(1.0 for _ in BIT_CLASSES)
+    smollm2, gemma = InteractionModel(ones, 0.0, 35, 7, 0.16), InteractionModel(ones, 0.0, 35, 7, 0.70)
+    assert smollm2.interval_factor == pytest.approx(math.exp(1.96 * 0.16)) and not smollm2.untrusted
+    assert gemma.interval_factor == pytest.approx(3.94, abs=0.01) and gemma.untrusted
+    low, high = gemma.interval(x)
+    assert high[0] / gemma.predict(x)[0] == pytest.approx(gemma.interval_factor) and low[0] < high[0]
+    assert not InteractionModel.additive().untrusted and math.isnan(InteractionModel.additive().interval_factor)
+
+
 def test_noisy_fit_gives_an_interval_that_covers_held_out_plans():
     rng = np.random.default_rng(1)
     x = rng.uniform(0, 0.5, size=(200, len(BIT_CLASSES)))

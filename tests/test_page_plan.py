@@ -131,10 +131,8 @@ def test_predicted_worst_slice_names_its_metric_and_unit(stored_tiny):
     assert card.value.endswith(" ΔNLL"), card.value
 
 
-def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_tiny):
-    """Measured plans of the draft's method correct the additive sum: the page shows the fit, its interval, the newest
-    plan's error, and the planner can plan with it."""
-    store_scores(stored_tiny)
+def store_measured(kls: dict[str, float]) -> None:
+    """Measured gptq-seq plans of the tiny model (KL on en, and 1.2x that on zh)."""
     store = Store()
     kinds = ["q", "k", "v", "o", "gate", "up", "down"]
 
@@ -142,8 +140,8 @@ def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_t
         return {"kind": kinds, **({"blocks": blocks} if blocks is not None else {}),
                 "weights": {"bits": bits, "group_size": 64, "symmetric": False, "method": "gptq-seq"}}
 
-    measured = {"w4": ([rule(4)], 0.3), "w3": ([rule(3)], 1.9), "mixed": ([rule(3, [0]), rule(4)], 1.1),
-                "w3 front": ([rule(3, [1]), rule(4)], 0.5)}
+    rules = {"w4": [rule(4)], "w3": [rule(3)], "mixed": [rule(3, [0]), rule(4)], "w3 front": [rule(3, [1]), rule(4)]}
+    measured = {name: (rules[name], kl) for name, kl in kls.items()}
     for name, (rules, kl) in measured.items():
         plan = {"version": 1, "name": name, "rules": rules}
         cid = store.upsert_candidate(name=name, kind="quantized", model_spec=SPEC, weights_hash="tiny",
@@ -151,6 +149,13 @@ def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_t
         for slice_id, factor in (("en", 1.0), ("zh", 1.2)):
             store.add_result("eval", Provenance(SPEC, "tiny", "t", "cpu", plan=plan, slice=slice_id, budget="fast"),
                              {"kl": kl * factor, "nll": 3.0}, candidate_id=cid)
+
+
+def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_tiny):
+    """Measured plans of the draft's method correct the additive sum: the page shows the fit, its interval, the newest
+    plan's error, and the planner can plan with it."""
+    store_scores(stored_tiny)
+    store_measured({"w4": 0.3, "w3": 1.9, "mixed": 1.1, "w3 front": 0.5})
     at = page().run()
     assert not at.exception, at.exception
     card = next(m for m in at.metric if m.label.startswith("Fitted worst slice"))
@@ -166,6 +171,17 @@ def test_fitted_prediction_with_its_interval_and_the_newest_plans_error(stored_t
     at.button(key="run_planner").click().run()
     assert not at.exception, at.exception
     assert at.session_state["planner_result"]["status"] == "optimal"
+
+
+def test_a_fit_that_misses_its_held_out_plans_by_more_than_x2_says_to_trust_measured_plans(stored_tiny):
+    """Plans that measure against their scores (more 3-bit modules, less KL) leave no model of the scores that
+    predicts them: the page says how far off it is and what to trust instead."""
+    store_scores(stored_tiny)
+    store_measured({"w4": 1.9, "w3": 0.2, "mixed": 2.5, "w3 front": 0.3})
+    at = page().run()
+    assert not at.exception, at.exception
+    (warning,) = [w.value for w in at.warning if "either way" in w.value]
+    assert "Trust measured figures" in warning and "keeps it when no plan beats it" in warning
 
 
 def explain_table(at):

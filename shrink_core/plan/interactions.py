@@ -54,6 +54,9 @@ def _design(x: np.ndarray) -> np.ndarray:
     return np.hstack([x, x.sum(axis=1, keepdims=True) ** 2])
 
 
+UNTRUSTED_FACTOR = 2.0
+
+
 @dataclass(frozen=True)
 class InteractionModel:
     alpha: tuple[float, ...]  # per BIT_CLASSES: scale of that bit-width's summed scores
@@ -76,12 +79,23 @@ class InteractionModel:
         """Predicted KL for rows of per-bit-width sums (n, classes) -> (n,)."""
         return _design(x) @ np.array([*self.alpha, self.gamma])
 
-    def interval(self, x: np.ndarray, z: float = 1.96) -> tuple[np.ndarray, np.ndarray]:
-        """An approximate 95% interval: the prediction times exp(+-z * the held-out log spread); NaN if not fitted."""
-        value = self.predict(x)
+    @property
+    def interval_factor(self) -> float:
+        """The 95% interval's factor either way, exp(1.96 * the held-out log spread); NaN when not fitted."""
         if not self.fitted or not math.isfinite(self.log_spread):
-            return np.full_like(value, np.nan), np.full_like(value, np.nan)
-        factor = math.exp(z * self.log_spread)
+            return math.nan
+        return math.exp(1.96 * self.log_spread)
+
+    @property
+    def untrusted(self) -> bool:
+        """Its interval is wider than UNTRUSTED_FACTOR either way: the scan's scores do not describe how this model's
+        errors combine (SmolLM2: x1.4; Gemma 3 270M: x4, docs/plan.md)."""
+        return self.interval_factor > UNTRUSTED_FACTOR
+
+    def interval(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """An approximate 95% interval: the prediction times and over `interval_factor`; NaN if not fitted."""
+        value = self.predict(x)
+        factor = self.interval_factor
         return value / factor, value * factor
 
     def scale(self, setting: str) -> float:
