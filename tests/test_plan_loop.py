@@ -52,6 +52,7 @@ def test_probe_rounds_and_local_steps_then_only_the_kept_plan_runs_at_the_protoc
     assert result["measure_on"] == "probe" and parts[-1] == "verified" and len(parts) == len(result["rounds"])
     # the baseline: every planned module at the one setting that fits 3.8 bits per weight (w3g64, not w4g64)
     assert uniform["name"].startswith("uniform w3g64") and result["rounds"].index(uniform) == 1
+    assert [r["round"] for r in result["rounds"]] == list(range(1, len(result["rounds"]) + 1))
     # the local steps start from the better of the rounds' best and uniform, and must beat it
     best = min(fitted[0]["measured_worst"], uniform["measured_worst"])
     assert any("keeps uniform" in n for n in result["notes"]) == (uniform["measured_worst"] < fitted[0]["measured_worst"])

@@ -234,8 +234,9 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
             measure, limits=limits(set(planned), rows, described["summary"], limit, base_resolved=base_resolved,
                                    hardware=hardware).solve_kwargs,
             steps=local_steps, max_changes=local_changes, time_budget_s=left)
+        before = len(out)  # the rounds and the uniform row
         for s, stored in zip(steps, done[phase["rounds"]:]):
-            out.append({"round": len(loop_rounds) + s.index + 1, "kind": "local", "candidate_id": stored["candidate_id"],
+            out.append({"round": before + s.index + 1, "kind": "local", "candidate_id": stored["candidate_id"],
                         "name": stored["name"], "predicted_worst": s.worst_predicted, "measured_worst": s.worst_measured,
                         "error": s.error, "max_changes": s.max_changes, "changes": s.changes, "kept": s.accepted,
                         "seconds": round(s.seconds, 1)})
