@@ -62,13 +62,12 @@ class OptionWeights:
         key = (name, option)
         if key not in self.blocks:
             weight, state = quantize_dequantize(original.float(), setting.ggml)
-            size = 0 if state.data is None else state.data.numel()
-            if self.max_bytes is None or self.kept_bytes + size <= self.max_bytes:
-                self.blocks[key], self.kept_bytes = state, self.kept_bytes + size
+            # a row width no llama.cpp type tiles is stored as float16 (no blocks): cheap, recomputed each time
+            if state.data is not None and (self.max_bytes is None
+                                           or self.kept_bytes + state.data.numel() <= self.max_bytes):
+                self.blocks[key], self.kept_bytes = state, self.kept_bytes + state.data.numel()
             return weight.to(original.dtype).float()
         state = self.blocks[key]
-        if state.data is None:  # a row width no llama.cpp type tiles: float16, as the file stores it
-            return original.half().to(original.dtype).float()
         return CODECS[state.stored].dequantize(state.data, original.shape[1]).to(original.dtype).float()
 
 
