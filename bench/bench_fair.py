@@ -22,8 +22,10 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   "loop-gptq": the product's closed loop for a calibrated method: each round's plan applied by GPTQ and measured on
   calibration text, from the scan's sums (no RTN-measured plan in the fit); "gscan-loop": the same loop planning on
   GPTQ's own scan (each block linear moved alone to each setting's GPTQ weight, whole-Fisher scores), its first
-  round reported as "gscan". --calib-sequences: calibration sequences per slice for all of these. Every plan
-  is applied with the method (RTN or GPTQ with the default calibration recipe) and MEASURED on
+  round reported as "gscan"; "rscan-loop": the same loop on the RTN scan with each module-setting's score scaled by
+  the layer-output ratio tr(dW_gptq H dW_gptq^T) / tr(dW_rtn H dW_rtn^T) (H from GPTQ's calibration inputs;
+  `sensitivity/method_error.py`), its first round "rscan". --calib-sequences: calibration sequences per slice
+  for all of these. Every plan is applied with the method (RTN or GPTQ with the default calibration recipe) and MEASURED on
   --sequences x --seq-len tokens of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI
   over sequences, and the paired CI of planner - uniform.
 """
@@ -200,6 +202,26 @@ def main() -> None:
             emit({"part": "gptq-scan", "seconds": round(time.perf_counter() - t0, 1), "tokens": local.tokens})
         return gptq["scan"]
 
+    def ratio_scan():
+        """The RTN scan's scores, each module-setting scaled by the output error GPTQ leaves over RTN's on the
+        calibration inputs (`sensitivity/method_error.py`): GPTQ's weights from its table, H from one forward."""
+        if "rscan" not in gptq:
+            from shrink_core.sensitivity.method_error import input_hessians, output_ratios, scaled_scores
+
+            table = gptq_table()
+            t0 = time.perf_counter()
+            hessians = input_hessians(loaded.model, [by_name[m] for m in linears], calibration)
+            ratios = output_ratios({m: originals[m] for m in linears}, table, rtn_weights, hessians, options)
+            del hessians
+            gptq["rscan"] = scaled_scores(linear_scores, ratios)
+            by_kind: dict = {}
+            for (m, o), r in ratios.items():
+                by_kind.setdefault(o, {}).setdefault(by_name[m].kind, []).append(r)
+            emit({"part": "ratio-scan", "seconds": round(time.perf_counter() - t0, 1),
+                  "median_ratio": {o: {k: round(float(np.median(v)), 4) for k, v in kinds.items()}
+                                   for o, kinds in by_kind.items()}})
+        return gptq["rscan"]
+
     def round_rows(rounds):
         return [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
                  "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
@@ -237,10 +259,11 @@ def main() -> None:
                 best = min(rounds, key=lambda r: r.worst_measured)
                 choices[variant] = best.choice
                 loop_rounds = round_rows(rounds)
-            elif variant in ("loop-gptq", "gscan-loop"):
+            elif variant in ("loop-gptq", "gscan-loop", "rscan-loop"):
                 # the product's loop for a calibrated method: rounds measured with the plan applied by GPTQ, from
-                # the additive model (no RTN-measured plan in the fit); "gscan-loop" plans on GPTQ's own scan
-                table = gptq_scan() if variant == "gscan-loop" else linear_scores
+                # the additive model (no RTN-measured plan in the fit); "gscan-loop" plans on GPTQ's own scan,
+                # "rscan-loop" on the RTN scan scaled by GPTQ's layer-output error ratios
+                table = {"gscan-loop": gptq_scan, "rscan-loop": ratio_scan}.get(variant, lambda: linear_scores)()
 
                 def plan_g(model, table=table):
                     return plan_with(model, table=table)
@@ -251,8 +274,8 @@ def main() -> None:
                 rounds, _ = closed_loop(plan_g, gptq_measure, rows_g, rounds=args.loop_rounds, time_budget_s=3600)
                 best = min(rounds, key=lambda r: r.worst_measured)
                 choices[variant] = best.choice
-                if variant == "gscan-loop":
-                    choices["gscan"] = rounds[0].choice
+                if variant != "loop-gptq":
+                    choices[variant.split("-")[0]] = rounds[0].choice
                 loop_rounds = round_rows(rounds)
             elif variant in ("local", "local-gptq", "local-uniform"):
                 start = (dict.fromkeys(linears, uniform) if variant == "local-uniform"

@@ -95,3 +95,19 @@ def test_a_round_verified_on_ray_measures_what_the_local_round_measures(scanned_
     assert remote["measured_worst"] == local["measured_worst"] > 0
     assert remote["predicted_worst"] == local["predicted_worst"]
     assert results["ray"]["executed"] == "ray" and results["local"]["executed"] is None
+
+
+def test_a_round_that_plans_uniform_itself_is_not_measured_again(scanned_home):
+    """With w3g64 the only setting and a budget it alone fills, the round's plan is the uniform plan: the uniform
+    row reuses that round's measurement (same figure, same stored plan) instead of applying and measuring it twice."""
+    store = Store()
+    parts = []
+    result = plan_loop(store, SPEC, ["user_notes"], ["w3g64"], {"kind": "bits_per_weight", "value": 3.38},
+                       dump_plan(load_plan("preset:w4g64")), rounds=1, part=parts.append)
+    kinds = [r["kind"] for r in result["rounds"]]
+    assert kinds == ["fitted", "uniform", "verified"], kinds
+    fitted, uniform, verified = result["rounds"]
+    assert uniform["measured_worst"] == fitted["measured_worst"] > 0 and uniform["name"] == fitted["name"]
+    assert any(n.startswith("Round 1's plan is uniform w3g64 itself") for n in result["notes"]), result["notes"]
+    assert len(parts) == len(result["rounds"])  # every part the job expected is recorded
+    assert verified["probe_worst"] == fitted["measured_worst"]

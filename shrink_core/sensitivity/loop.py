@@ -202,15 +202,24 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         else:
             setting, choice = found
             t0 = time.perf_counter()
-            phase["uniform"] = setting
-            measured = {s: float(v) for s, v in measure(choice).items() if np.isfinite(float(v))}
-            phase["uniform"] = None
+            # a round that planned uniform itself was measured already: its row is reused, not measured twice
+            same = next((i for i, r in enumerate(loop_rounds)
+                         if all(r.choice.get(m) == choice[m] for m in problem.modules)), None)
+            if same is not None:
+                measured, stored = dict(loop_rounds[same].measured), done[same]
+                notes.append(f"Round {same + 1}'s plan is uniform {setting} itself; its measurement is the uniform "
+                             "row's.")
+                part(f"uniform (round {same + 1})")
+            else:
+                phase["uniform"] = setting
+                measured = {s: float(v) for s, v in measure(choice).items() if np.isfinite(float(v))}
+                phase["uniform"], stored = None, done[-1]
             if measured:
                 rows_x = rows_of(choice)
                 predicted = dict(zip(measured, model.predict(np.array([rows_x[s] for s in measured]))))
                 worst = max(measured.values())
-                out.append({"round": len(out) + 1, "kind": "uniform", "candidate_id": done[-1]["candidate_id"],
-                            "name": done[-1]["name"], "predicted_worst": float(max(predicted.values())),
+                out.append({"round": len(out) + 1, "kind": "uniform", "candidate_id": stored["candidate_id"],
+                            "name": stored["name"], "predicted_worst": float(max(predicted.values())),
                             "measured_worst": worst, "error": (max(predicted.values()) - worst) / max(worst, 1e-9),
                             "seconds": round(time.perf_counter() - t0, 1)})
                 if worst < best.worst_measured:
