@@ -24,10 +24,12 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   GPTQ's own scan (each block linear moved alone to each setting's GPTQ weight, whole-Fisher scores), its first
   round reported as "gscan"; "rscan-loop": the same loop on the RTN scan with each module-setting's score scaled by
   the layer-output ratio tr(dW_gptq H dW_gptq^T) / tr(dW_rtn H dW_rtn^T) (H from GPTQ's calibration inputs;
-  `sensitivity/method_error.py`), its first round "rscan". --calib-sequences: calibration sequences per slice
-  for all of these. Every plan is applied with the method (RTN or GPTQ with the default calibration recipe) and MEASURED on
-  --sequences x --seq-len tokens of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI
-  over sequences, and the paired CI of planner - uniform.
+  `sensitivity/method_error.py`), its first round "rscan"; "rslice-loop": the same with H from each slice's
+  calibration rows, a ratio per slice (GPTQ's mix has no code or arithmetic), its first round "rslice".
+  --calib-sequences: calibration sequences per slice for all of these. Every plan is applied with the method (RTN
+  or GPTQ with the default calibration recipe) and MEASURED on --sequences x --seq-len tokens of each slice's eval
+  rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired CI of planner -
+  uniform.
 """
 from __future__ import annotations
 
@@ -202,25 +204,30 @@ def main() -> None:
             emit({"part": "gptq-scan", "seconds": round(time.perf_counter() - t0, 1), "tokens": local.tokens})
         return gptq["scan"]
 
-    def ratio_scan():
+    def ratio_scan(per_slice=False):
         """The RTN scan's scores, each module-setting scaled by the output error GPTQ leaves over RTN's on the
-        calibration inputs (`sensitivity/method_error.py`): GPTQ's weights from its table, H from one forward."""
-        if "rscan" not in gptq:
+        calibration inputs (`sensitivity/method_error.py`): GPTQ's weights from its table, H from one forward;
+        per_slice: H from each slice's own calibration rows, a ratio per slice."""
+        key = "rscan-slice" if per_slice else "rscan"
+        if key not in gptq:
             from shrink_core.sensitivity.method_error import input_hessians, output_ratios, scaled_scores
 
             table = gptq_table()
             t0 = time.perf_counter()
-            hessians = input_hessians(loaded.model, [by_name[m] for m in linears], calibration)
-            ratios = output_ratios({m: originals[m] for m in linears}, table, rtn_weights, hessians, options)
-            del hessians
-            gptq["rscan"] = scaled_scores(linear_scores, ratios)
-            by_kind: dict = {}
-            for (m, o), r in ratios.items():
-                by_kind.setdefault(o, {}).setdefault(by_name[m].kind, []).append(r)
-            emit({"part": "ratio-scan", "seconds": round(time.perf_counter() - t0, 1),
-                  "median_ratio": {o: {k: round(float(np.median(v)), 4) for k, v in kinds.items()}
-                                   for o, kinds in by_kind.items()}})
-        return gptq["rscan"]
+            sources = {s: loop_caches[s].ids for s in slices} if per_slice else {None: calibration}
+            ratios, by_kind = {}, {}
+            for sl, tokens in sources.items():
+                hessians = input_hessians(loaded.model, [by_name[m] for m in linears], tokens)
+                found = output_ratios({m: originals[m] for m in linears}, table, rtn_weights, hessians, options)
+                del hessians
+                ratios.update({(m, o) if sl is None else (m, o, sl): r for (m, o), r in found.items()})
+                for (m, o), r in found.items():
+                    by_kind.setdefault(str(sl), {}).setdefault(o, {}).setdefault(by_name[m].kind, []).append(r)
+            gptq[key] = scaled_scores(linear_scores, ratios)
+            emit({"part": "ratio-scan", "per_slice": per_slice, "seconds": round(time.perf_counter() - t0, 1),
+                  "median_ratio": {sl: {o: {k: round(float(np.median(v)), 4) for k, v in kinds.items()}
+                                        for o, kinds in by_option.items()} for sl, by_option in by_kind.items()}})
+        return gptq[key]
 
     def round_rows(rounds):
         return [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
@@ -259,11 +266,12 @@ def main() -> None:
                 best = min(rounds, key=lambda r: r.worst_measured)
                 choices[variant] = best.choice
                 loop_rounds = round_rows(rounds)
-            elif variant in ("loop-gptq", "gscan-loop", "rscan-loop"):
+            elif variant in ("loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop"):
                 # the product's loop for a calibrated method: rounds measured with the plan applied by GPTQ, from
                 # the additive model (no RTN-measured plan in the fit); "gscan-loop" plans on GPTQ's own scan,
                 # "rscan-loop" on the RTN scan scaled by GPTQ's layer-output error ratios
-                table = {"gscan-loop": gptq_scan, "rscan-loop": ratio_scan}.get(variant, lambda: linear_scores)()
+                table = {"gscan-loop": gptq_scan, "rscan-loop": ratio_scan, "rslice-loop": lambda: ratio_scan(True)
+                         }.get(variant, lambda: linear_scores)()
 
                 def plan_g(model, table=table):
                     return plan_with(model, table=table)

@@ -53,3 +53,6 @@ def test_gptq_leaves_less_output_error_than_rtn_and_rtn_is_its_own_unit(tiny_mod
     scaled = scaled_scores(scores, ratios)
     assert scaled[(first[0], "w2g64", "fr")] == 3.0 * ratios[(first[0], "w2g64")]
     assert scaled[("model.norm", "w2g64", "en")] == 5.0
+    per_slice = scaled_scores(scores, {**ratios, (first[0], "w2g64", "en"): 0.5})  # a slice's own ratio first
+    assert per_slice[(first[0], "w2g64", "en")] == 1.0 and per_slice[(first[0], "w2g64", "fr")] == scaled[
+        (first[0], "w2g64", "fr")]
