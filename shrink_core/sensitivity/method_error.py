@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 
-from shrink_core.compression.calibrate import input_source, token_batches
+from shrink_core.compression.calibrate import HessianHooks, input_source, token_batches
 
 
 def input_hessians(model, rows, tokens: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -24,23 +24,15 @@ def input_hessians(model, rows, tokens: torch.Tensor, batch_size: int = 8) -> di
     readers: dict[str, list[str]] = {}
     for row in rows:
         readers.setdefault(input_source(row.name, row.kind), []).append(row.name)
-    sums: dict[str, torch.Tensor] = {}
-    counts: dict[str, int] = {}
-    handles = []
-    for source, names in readers.items():
-        def hook(module, args, output, source=source):
-            x = args[0].reshape(-1, args[0].shape[-1]).float()
-            sums[source] = sums.get(source, 0) + x.T @ x
-            counts[source] = counts.get(source, 0) + x.shape[0]
-        handles.append(model.get_submodule(names[0]).register_forward_hook(hook))
+    # the calibration path's own accumulator, on one reader of each input, over whole-model forwards
+    hooks = HessianHooks({source: model.get_submodule(names[0]) for source, names in readers.items()})
     try:
         with torch.inference_mode():
             for batch in token_batches(tokens, batch_size):
                 model(input_ids=batch, use_cache=False)
     finally:
-        for handle in handles:
-            handle.remove()
-    means = {source: sums[source] / counts[source] for source in readers}
+        hooks.remove()
+    means = {source: hooks.hessians[source] / hooks.tokens[source] for source in readers}
     return {name: means[source] for source, names in readers.items() for name in names}
 
 
