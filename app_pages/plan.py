@@ -347,6 +347,16 @@ else:
              "scan's depth); only the plan the loop keeps is then run at the protocol and stored as a candidate. "
              "The eval protocol: every round is a stored candidate and feeds the page's fit, about 3-6 minutes "
              "a round on 2 cores.")
+    method_scores = method != "rtn" and st.checkbox(
+        f"Plan on {method}'s own error (applies {method} once per setting first: minutes)",
+        value=False, key=f"loop_method_scores_{method}",
+        help=f"The scan scores each module at RTN's weights. {method} removes more of that error on some modules and "
+             "slices than on others (on SmolLM2, GPTQ removes about three quarters of RTN's attention error on the "
+             "languages of its calibration mix and none of down_proj's on code). Ticked, the loop first applies "
+             f"{method} at every chosen setting, measures its output error over RTN's on each slice's calibration "
+             "rows, and plans on the scan's scores scaled by that ratio: at the size of uniform W3 g64 the planned "
+             "GPTQ plan's worst slice measured 0.715x uniform's, against 0.74x on the RTN scan (docs/plan.md). "
+             "That table is also the one the local steps use; its time is outside the loop's 4 minutes.")
     if loop_cols[3].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
                            help="Each round: the planner (scores corrected by the fit), the plan run for real on the "
                                 "scored slices, the fit updated; then the local steps. Stops when the measured worst "
@@ -359,6 +369,7 @@ else:
             "objective": objective, "pinned": pinned, "exclude": sorted(by_hand),
             "target": hardware.name if budget_kind == "ms/token" else None, "rounds": int(loop_rounds),
             "local_steps": int(local_steps), "time_budget_s": 240.0, "measure_on": measure_on,
+            "method_scores": bool(method_scores),
             **state.executor_params()}))
     loop_job = show_job(state.job_id("plan_loop"), "Closed loop: plan, run, refit")
     if loop_job is not None and loop_job.status == "done" and loop_job.result.get("rounds"):

@@ -27,9 +27,9 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   `sensitivity/method_error.py`), its first round "rscan"; "rslice-loop": the same with H from each slice's
   calibration rows, a ratio per slice (GPTQ's mix has no code or arithmetic), its first round "rslice".
   --calib-sequences: calibration sequences per slice for all of these. Every plan is applied with the method (RTN
-  or GPTQ with the default calibration recipe) and MEASURED on --sequences x --seq-len tokens of each slice's eval
-  rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired CI of planner -
-  uniform.
+  or GPTQ with the default calibration recipe, or --calibration's mix) and MEASURED on --sequences x --seq-len tokens
+  of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired
+  CI of planner - uniform.
 """
 from __future__ import annotations
 
@@ -62,6 +62,10 @@ def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[
     return [round(float(np.percentile(means, 2.5)), 5), round(float(np.percentile(means, 97.5)), 5)]
 
 
+VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local",
+            "local-gptq", "local-uniform")
+
+
 def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
     """Mean KL(reference || model) per token of each sequence, for each model, on the same tokens."""
     out = {label: [] for label in models}
@@ -90,9 +94,15 @@ def main() -> None:
                         help="the planner's menu, a subset of the scores file's settings (default: all of them)")
     parser.add_argument("--calib-sequences", type=int, default=8,
                         help="calibration sequences per slice the loops and local steps measure and score on")
+    parser.add_argument("--calibration", default=None,
+                        help="GPTQ's calibration mix on both sides, e.g. en=0.3,fr=0.1,code=0.1 (default: the default "
+                             "recipe's multilingual mix)")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
+    unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
+    if unknown:  # refused before the model loads (rscan and rslice are the first rounds of their -loop variants)
+        raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
 
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
@@ -138,7 +148,8 @@ def main() -> None:
     loop_caches = {s: ProbeCache(loaded.model, calib_tokens(loaded.tokenizer, s, args.calib_sequences, 256))
                    for s in slices}
     eval_ids = {s: eval_tokens(loaded.tokenizer, s, args.sequences, args.seq_len) for s in slices}
-    calibration = calibration_tokens(loaded.tokenizer, CalibrationRecipe())
+    recipe = CalibrationRecipe.parse(args.calibration) if args.calibration else CalibrationRecipe()
+    calibration = calibration_tokens(loaded.tokenizer, recipe)
 
     def loop_measure(choice):  # whole plan, RTN as scored, on calibration text (never the eval text)
         full = {**choice, **embedding_choice}
@@ -323,7 +334,8 @@ def main() -> None:
                       for label in plans if label != "uniform"}
             uniform_worst = float(kl[worst["uniform"]]["uniform"].mean())
             emit({"part": "fair", "model": header["model"], "size_of": size_label, "method": method,
-                  "embedding": args.embedding, "eval": f"{args.sequences} x {args.seq_len} tokens of each slice's eval "
+                  "embedding": args.embedding, "calibration": recipe.to_dict() if method == "gptq" else None,
+                  "eval": f"{args.sequences} x {args.seq_len} tokens of each slice's eval "
                   "rows, KL(reference || plan) per token, measured on CPU",
                   "packed_bytes": {label: r.totals["total_packed_bytes"] for label, r in applied.items()},
                   "per_slice": figures, "worst_slice": {label: {"slice": s, "kl": figures[label][s]["kl"],

@@ -191,4 +191,6 @@ def test_a_calibrated_methods_weight_table_that_would_not_fit_is_refused_with_a_
     assert table_refusal(tiny_model, names, 8, "gptq") is None
     monkeypatch.setenv("SHRINK_MEMORY_LIMIT_GB", str(1.5 * need / 2**30))  # under twice: refused, and why
     refused = table_refusal(tiny_model, names, 8, "gptq")
-    assert refused.startswith("No local steps: with gptq") and "choose fewer settings" in refused
+    assert refused.startswith("No local steps: gptq's weight at every setting") and "choose fewer settings" in refused
+    what = "Planned on the scan's RTN scores, not gptq's own"  # the same table refused for the method's own scores
+    assert table_refusal(tiny_model, names, 8, "gptq", what=what).startswith(what + ": gptq's weight")

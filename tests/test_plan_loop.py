@@ -4,6 +4,7 @@ import sqlite3
 
 import pytest
 
+from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import modules_from_rows
 from shrink_core.plan import dump_plan, load_plan
 from shrink_core.results.prediction import fit_measured
@@ -111,3 +112,30 @@ def test_a_round_that_plans_uniform_itself_is_not_measured_again(scanned_home):
     assert any(n.startswith("Round 1's plan is uniform w3g64 itself") for n in result["notes"]), result["notes"]
     assert len(parts) == len(result["rounds"])  # every part the job expected is recorded
     assert verified["probe_worst"] == fitted["measured_worst"]
+
+
+def test_gptq_rounds_plan_on_the_scan_scaled_by_gptqs_own_output_error_per_slice(scanned_home):
+    """method_scores: GPTQ applied once per setting, its output error over RTN's on each slice's calibration rows
+    scales the scan's scores before round 1 (a note gives the median ratio); the round's prediction is those scaled
+    sums, the rounds then run as before. Blocks 0-1 planned (the rest left to the draft) to keep GPTQ's table small."""
+    store = Store()
+    described = store.latest_model(SPEC)
+    names = [m["name"] for m in described["modules"]]
+    planned = [n for n in names if n.startswith(("model.layers.0.", "model.layers.1.")) and n.endswith("_proj")]
+    seen = []
+    common = dict(rounds=1, baseline=False, exclude=[n for n in names if n not in planned], method="gptq")
+    draft = ("version: 1\nrules:\n- kind: [q, k, v, o, gate, up, down]\n"
+             "  weights: {bits: 4, group_size: 64, symmetric: false, method: rtn}\n")  # GPTQ only where planned
+    args = (store, SPEC, ["user_notes"], ["w4g64", "w3g64"], {"kind": "bits_per_weight", "value": 4.0}, draft)
+    scaled = plan_loop(*args, method_scores=True, progress=lambda f, m="": seen.append(m), **common)
+    (note,) = [n for n in scaled["notes"] if n.startswith("Planned on the scan's scores scaled by gptq's")]
+    ratio = float(note.split("median ratio user_notes ")[1].split(";")[0])
+    assert 0 < ratio < 1, note  # GPTQ leaves less output error than RTN on the slice's own inputs
+    assert any(m.startswith("gptq at w3g64") for m in seen) and any("output error over RTN's" in m for m in seen)
+    fitted, verified = scaled["rounds"]
+    assert fitted["kind"] == "fitted" and verified["kind"] == "verified" and fitted["measured_worst"] > 0
+    # the first round's prediction is the scaled scan's sum: below the RTN scan's for a GPTQ plan of the same budget
+    plain = plan_loop(*args, **common)
+    assert 0 < fitted["predicted_worst"] < plain["rounds"][0]["predicted_worst"]
+    with pytest.raises(ShrinkError, match="need a calibrated method"):
+        plan_loop(*args, rounds=1, method_scores=True)

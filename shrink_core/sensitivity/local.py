@@ -82,15 +82,18 @@ def set_choice_(model, originals: dict[str, torch.Tensor], choice: dict[str, str
 
 
 def method_option_weights(model, names: list[str], options: list[str], apply_at,
-                          dtype: torch.dtype = torch.bfloat16) -> dict[str, dict[str, torch.Tensor]]:
+                          dtype: torch.dtype = torch.bfloat16, progress=None) -> dict[str, dict[str, torch.Tensor]]:
     """module -> option -> its weight as a calibrated method gives it (GPTQ's error is not RTN's): per option, a copy
     of the model with every module in `names` at that option, applied by `apply_at(copy, option)` (the product's own
     path). A module's inputs are then those of the model at that option, not of the plan a step starts from: the
-    approximation a measured step corrects. Kept in `dtype` (bf16: 2 bytes a weight an option)."""
+    approximation a measured step corrects. Kept in `dtype` (bf16: 2 bytes a weight an option). progress(i, n,
+    option) before each option is applied."""
     import copy
 
     table: dict[str, dict[str, torch.Tensor]] = {n: {} for n in names}
-    for option in options:
+    for i, option in enumerate(options):
+        if progress is not None:
+            progress(i, len(options), option)
         if option == "keep":
             for n in names:
                 table[n][option] = model.get_submodule(n).weight.detach().to(dtype)

@@ -4,6 +4,13 @@ scores re-estimated at that plan applied by its method (`sensitivity/local.py`; 
 own weights), at most K modules moved by the planner, the step run and kept only if the worst slice improved
 (`plan/local.local_search`).
 
+With a calibrated method, `method_scores` plans on the scan's RTN scores scaled by the output error the method leaves
+over RTN's on each slice's calibration inputs (`sensitivity/method_error.py`): GPTQ removes about three quarters of
+RTN's attention error on the languages of its calibration mix and none of down_proj's on code, so the RTN scan misjudges
+which slice a GPTQ plan breaks first (docs/plan.md: 0.715x uniform W3 g64's worst slice, against 0.74x without). It
+costs one application of the method per setting before the first round (minutes; not counted in the time budget),
+and that weight table is the one the local steps use.
+
 Where the rounds are measured (`measure_on`):
 - "probe" (the default, minutes): each round's whole plan applied as `run_eval` applies it, its KL against the
   reference on each slice's calibration rows at the scan depth (never the eval rows). Only the plan the loop keeps is
@@ -43,7 +50,7 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
               exclude: list[str] | None = None, target: str | None = None, eval_budget: str = "fast",
               rounds: int = 3, time_budget_s: float = 240.0, progress=None, job_id: int | None = None,
               part=None, executor: dict | None = None, local_steps: int = 0, local_changes: int = 40,
-              measure_on: str = "probe", baseline: bool = True) -> dict:
+              measure_on: str = "probe", baseline: bool = True, method_scores: bool = False) -> dict:
     """Rounds of plan -> run -> refit under one planner budget ({"kind": ..., "value": ...}); `plan` is the draft the
     planner's rules go in front of, `pinned`/`exclude` what the Plan page pins or leaves to hand-written rules.
     `part(name)` is called as each round's candidate is stored, so the Results page has it before the loop ends.
@@ -51,18 +58,21 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
     units), one Ray for all of them; probe rounds run here."""
     if measure_on not in ("probe", "protocol"):
         raise ShrinkError(f"measure_on is 'probe' or 'protocol', not {measure_on!r}.")
+    if method_scores and method == "rtn":
+        raise ShrinkError("Scores scaled by the method's own error need a calibrated method (gptq, ...): with rtn "
+                          "the scan's scores are already the method's; untick it or choose a calibrated method.")
     from shrink_core.runtime.executors import ExecutorConfig, session
 
     config = ExecutorConfig.from_dict(executor)
     with session(config):
         return _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
                           eval_budget, rounds, time_budget_s, progress, job_id, part, config, local_steps, local_changes,
-                          measure_on, baseline)
+                          measure_on, baseline, method_scores)
 
 
 def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target, eval_budget,
                rounds, time_budget_s, progress, job_id, part, executor, local_steps, local_changes, measure_on,
-               baseline) -> dict:
+               baseline, method_scores) -> dict:
     from shrink_core.model.load import load
     from shrink_core.perf.hardware import get as get_hardware
     from shrink_core.results.eval_run import plan_candidate, run_eval
@@ -86,10 +96,11 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     base_resolved = resolve(rows, load_plan(plan))
     limit = PlannerBudget(budget["kind"], float(budget["value"]))
     # on Ray the workers load it for protocol runs; probe rounds and local steps need it here
-    here = executor.kind == "local" or measure_on == "probe" or (local_steps and objective == "worst")
+    here = (executor.kind == "local" or measure_on == "probe" or (local_steps and objective == "worst")
+            or method_scores)
     loaded = load(spec) if here else None
     progress(0.02, "loaded the model" if loaded else f"planning; rounds run on {executor.kind}")
-    started = time.perf_counter()
+    began = time.perf_counter()
     texts: dict[tuple, str] = {}
 
     def plan_with(model) -> dict[str, str]:
@@ -128,6 +139,22 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     ids = ({s: calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len) for s in slices}
            if loaded is not None else None)
     caches = {s: ProbeCache(loaded.model, ids[s], chunk=depth.chunk) for s in slices} if probing else None
+    planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
+    notes = []
+    # the calibrated method's weight at every option: built once, for the scaled scores and the local steps
+    weights = (_MethodWeights(loaded, planned, ["keep", *settings], whole_plan, method)
+               if loaded is not None and method != "rtn" else None)
+    if method_scores:
+        refused = table_refusal(loaded.model, planned, len(settings) + 1, method)
+        if refused:
+            notes.append(table_refusal(loaded.model, planned, len(settings) + 1, method,
+                                       what=f"Planned on the scan's RTN scores, not {method}'s own"))
+        else:
+            scaled, summary = _method_scaled(weights, rows, ids, all_scores, progress)
+            all_scores.update(scaled)
+            scores.update({k: scaled[k] for k in scores if k in scaled})
+            notes.append(summary)
+    started = time.perf_counter()  # the time budget is the rounds' and steps'; the table above is outside it
 
     def run_protocol(choice, name, where):
         """The plan run at the evaluation protocol and stored as a candidate: (candidate id, slice -> KL)."""
@@ -189,8 +216,6 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         out.append({"round": r.index + 1, "kind": "fitted", "candidate_id": stored["candidate_id"],
                     "name": stored["name"], "predicted_worst": r.worst_predicted, "measured_worst": r.worst_measured,
                     "error": r.error, "fitted_on_plans": r.model["plans"], "seconds": round(r.seconds, 1)})
-    planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
-    notes = []
     best = min(loop_rounds, key=lambda r: r.worst_measured) if loop_rounds else None
     start = (best.choice, best.measured) if best else None
     if baseline and loop_rounds and time_budget_s - (time.perf_counter() - started) > 0:
@@ -230,7 +255,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
                     start = ({m: choice[m] for m in problem.modules}, measured)
     left = time_budget_s - (time.perf_counter() - started)
     if local_steps and method != "rtn":  # the method's weight table (`method_option_weights`) must fit
-        refused = table_refusal(loaded.model, planned, len(settings) + 1, method)
+        refused = table_refusal(loaded.model, planned, len(settings) + 1, method) if not weights.built else None
         if refused:
             notes.append(refused)
             local_steps = 0
@@ -239,7 +264,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         steps = local_search(
             {m: start[0][m] for m in planned}, start[1],
             _local_scorer(loaded, rows, planned, ["keep", *settings], {s: ids[s] for s in start[1]},
-                          depth.chunk * 2, whole_plan, pinned, hardware, applied, method),
+                          depth.chunk * 2, pinned, hardware, applied, method, weights),
             measure, limits=limits(set(planned), rows, described["summary"], limit, base_resolved=base_resolved,
                                    hardware=hardware).solve_kwargs,
             steps=local_steps, max_changes=local_changes, time_budget_s=left)
@@ -264,52 +289,103 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
                     "seconds": round(time.perf_counter() - verify_started, 1)})
         part("verified")
     progress(1.0, "done")
-    return {"rounds": out, "model": model.to_dict(), "seconds": round(time.perf_counter() - started, 1),
+    return {"rounds": out, "model": model.to_dict(), "seconds": round(time.perf_counter() - began, 1),
             "loop_seconds": round(loop_seconds, 1), "eval_budget": eval_budget, "method": method,
             "measure_on": measure_on, "notes": notes}
 
 
-def table_refusal(model, planned: list[str], options: int, method: str) -> str | None:
-    """Why a calibrated method's local steps cannot run here (their weight table, 2 bytes a weight an option, would
-    take over half the free memory), or None."""
+def table_refusal(model, planned: list[str], options: int, method: str, what: str = "No local steps") -> str | None:
+    """Why a calibrated method's weight table (for its local steps or its own scores: 2 bytes a weight an option)
+    cannot be built here (it would take over half the free memory), or None."""
     from shrink_core.perf.footprint import available_bytes
 
     need = 2 * options * sum(model.get_submodule(m).weight.numel() for m in planned)
     free = available_bytes()
     if free is None or need <= free // 2:
         return None
-    return (f"No local steps: with {method} they keep each planned module's weight at every setting "
-            f"({need / 2**30:.2f} GiB, over half the {free / 2**30:.2f} GiB free); choose fewer settings.")
+    return (f"{what}: {method}'s weight at every setting for each planned module takes {need / 2**30:.2f} GiB, "
+            f"over half the {free / 2**30:.2f} GiB free; choose fewer settings.")
 
 
-def _local_scorer(loaded, rows, planned, options, ids, batch, whole_plan, pinned, hardware, applied, method):
+class _MethodWeights:
+    """The planned modules' originals, RTN's weight at each option (`OptionWeights`: llama.cpp types quantized once,
+    in at most a quarter of the free memory) and, built on first use, the calibrated method's weight at each option
+    (`method_option_weights`: the whole plan at that option applied by the method, as a round applies it)."""
+
+    def __init__(self, loaded, planned: list[str], options: list[str], whole_plan, method: str):
+        from shrink_core.perf.footprint import available_bytes
+        from shrink_core.sensitivity.local import OptionWeights
+
+        self.loaded, self.planned, self.options, self.whole_plan, self.method = (loaded, planned, options, whole_plan,
+                                                                                 method)
+        self.originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
+        free = available_bytes()
+        self.rtn = OptionWeights(self.originals, max_bytes=None if free is None else free // 4)
+        self._table: dict = {}
+
+    @property
+    def built(self) -> bool:
+        return bool(self._table)
+
+    def table(self, progress=None) -> dict:
+        if not self._table:
+            from shrink_core.compression.apply import apply_plan_
+            from shrink_core.evaluation.calibration import plan_calibration
+            from shrink_core.sensitivity.local import method_option_weights
+
+            def apply_at(model, option):
+                plan = load_plan(self.whole_plan(dict.fromkeys(self.planned, option)))
+                apply_plan_(model, plan, plan_calibration(plan, self.loaded.tokenizer)[0])
+
+            self._table.update(method_option_weights(self.loaded.model, self.planned, self.options, apply_at,
+                                                     progress=progress))
+        return self._table
+
+
+def _method_scaled(weights: _MethodWeights, rows, ids: dict, scores: dict, progress) -> tuple[dict, str]:
+    """The planned modules' scan scores scaled by the method's output error over RTN's, a ratio per slice from that
+    slice's calibration rows `ids` (`method_error`), and a note that says so with the median ratio per slice."""
+    from shrink_core.sensitivity.method_error import input_hessians, output_ratios, scaled_scores
+
+    t0 = time.perf_counter()
+    table = weights.table(lambda i, n, option: progress(
+        0.02 + 0.03 * i / n, f"{weights.method} at {option} ({i + 1}/{n}), for the method's own scores"))
+    by_name = {r.name: r for r in rows}
+    ratios = {}
+    for i, (s, tokens) in enumerate(ids.items()):
+        progress(0.05, f"{weights.method}'s output error over RTN's on {s}'s calibration rows ({i + 1}/{len(ids)})")
+        hessians = input_hessians(weights.loaded.model, [by_name[m] for m in weights.planned], tokens)
+        found = output_ratios(weights.originals, table, weights.rtn, hessians, weights.options)
+        ratios.update({(m, o, s): r for (m, o), r in found.items()})
+    planned = set(weights.planned)
+    scaled = scaled_scores({k: v for k, v in scores.items() if k[0] in planned}, ratios)
+    medians = ", ".join(f"{s} {np.median([r for (_, _, sl), r in ratios.items() if sl == s]):.2f}" for s in ids)
+    return scaled, (f"Planned on the scan's scores scaled by {weights.method}'s output error over RTN's, per slice "
+                    f"(median ratio {medians}; from each slice's calibration rows): {weights.method} applied once "
+                    f"per setting, {time.perf_counter() - t0:.0f} s before the first round.")
+
+
+def _local_scorer(loaded, rows, planned, options, ids, batch, pinned, hardware, applied, method, weights):
     """scores_at(choice) for `local_search`: the whole plan applied by its method (`applied`, as a round runs it),
     the planned modules' moves scored there on each slice's calibration rows `ids`. A calibrated method's moves are
-    its own weights at each option (`method_option_weights`, built at the first step: one application of the
-    method per option)."""
-    from shrink_core.compression.apply import apply_plan_
-    from shrink_core.evaluation.calibration import plan_calibration
-    from shrink_core.sensitivity.local import OptionWeights, local_scores, method_option_weights
+    its own weights at each option (`weights.table()`, built at the first step unless the scaled scores built it)."""
+    from shrink_core.sensitivity.local import OptionWeights, local_scores
 
     slices = list(ids)
-    originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
-    table = {}
-    from shrink_core.perf.footprint import available_bytes
+    if weights is None:  # rtn: no method table
+        from shrink_core.perf.footprint import available_bytes
 
-    free = available_bytes()
-    # llama.cpp types quantized once for every step, in at most a quarter of the free memory
-    rtn_weights = OptionWeights(originals, max_bytes=None if free is None else free // 4)
-
-    def apply_at(model, option):
-        plan = load_plan(whole_plan(dict.fromkeys(planned, option)))
-        apply_plan_(model, plan, plan_calibration(plan, loaded.tokenizer)[0])
+        originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
+        free = available_bytes()
+        rtn_weights = OptionWeights(originals, max_bytes=None if free is None else free // 4)
+    else:
+        originals, rtn_weights = weights.originals, weights.rtn
 
     def scores_at(choice):
-        if method != "rtn" and not table:
-            table.update(method_option_weights(loaded.model, planned, options, apply_at))
+        table = weights.table() if weights is not None else None
         # a calibrated method's errors are shaped against the input correlations: the whole Fisher sees them
         local = local_scores(loaded.model, applied(choice), originals, choice, options, ids, batch=batch,
-                             weights=table or None, quadratic="diagonal" if method == "rtn" else "sequence",
+                             weights=table, quadratic="diagonal" if method == "rtn" else "sequence",
                              option_weights=rtn_weights)
         fixed = {**(pinned or {}), **{m: choice[m] for m in local.fixed}}  # unscored here: they stay
         return local_problem(rows, local.deltas, planned, options, slices, pinned=fixed, hardware=hardware)
@@ -321,7 +397,8 @@ def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget
                   objective: str = "worst", pinned: dict | None = None, exclude: list[str] | None = None,
                   target: str | None = None, eval_budget: str = "fast", rounds: int = 3,
                   time_budget_s: float = 240.0, executor: dict | None = None, local_steps: int = 0,
-                  local_changes: int = 40, measure_on: str = "probe", baseline: bool = True) -> dict:
+                  local_changes: int = 40, measure_on: str = "probe", baseline: bool = True,
+                  method_scores: bool = False) -> dict:
     """Job: the Plan page's "Plan, run, refit (closed loop)"; a round or local step is a part (it may stop early on
     its budget)."""
     ctx.expect_parts(rounds + baseline + (local_steps if objective == "worst" else 0)
@@ -329,4 +406,4 @@ def plan_loop_job(ctx, spec: str, slices: list[str], settings: list[str], budget
     return plan_loop(ctx.store, spec, slices, settings, budget, plan, method, objective, pinned, exclude, target,
                      eval_budget, rounds, time_budget_s, progress=ctx.progress, job_id=ctx.job_id,
                      part=ctx.part_done, executor=executor, local_steps=local_steps, local_changes=local_changes,
-                     measure_on=measure_on, baseline=baseline)
+                     measure_on=measure_on, baseline=baseline, method_scores=method_scores)
