@@ -231,3 +231,15 @@ def test_method_menu_lists_every_method_with_its_description(stored_tiny):
     menu.set_value("gptq-seq").run()
     at.button(key="bulk_apply").click().run()
     assert not at.exception and "method: gptq-seq" in at.session_state["plan_draft"]
+
+
+def test_the_loop_offers_a_calibrated_methods_own_scores_only_for_a_calibrated_method(stored_tiny):
+    """RTN's scores are the scan's own: no option. With GPTQ the loop may plan on the scan scaled by GPTQ's own error
+    (off by default: it applies GPTQ once per setting first), and the help says what it costs and what it bought."""
+    store_scores(stored_tiny)
+    at = page().run()
+    assert not at.exception, at.exception
+    assert not [c for c in at.checkbox if c.key.startswith("loop_method_scores")]
+    at.selectbox(key="planner_method").set_value("gptq").run()
+    box = at.checkbox(key="loop_method_scores_gptq")
+    assert box.value is False and "once per setting" in box.label and "0.715x" in box.help
