@@ -243,3 +243,26 @@ def test_the_loop_offers_a_calibrated_methods_own_scores_only_for_a_calibrated_m
     at.selectbox(key="planner_method").set_value("gptq").run()
     box = at.checkbox(key="loop_method_scores_gptq")
     assert box.value is False and "once per setting" in box.label and "0.715x" in box.help
+
+
+def test_the_calibration_mix_of_a_calibrated_draft_is_edited_in_place_and_a_bad_one_refused(stored_tiny):
+    """The w4g64 preset calibrates (GPTQ-seq): its mix is shown and can be replaced; the draft keeps its rules and
+    sequences. A slice that does not exist is one sentence, and the draft is untouched."""
+    at = page().run()
+    assert not at.exception, at.exception
+    box = next(t for t in at.text_input if t.label == "Calibration mix")
+    assert box.value == "en=0.3,fr=0.1,de=0.1,es=0.1,ru=0.1,zh=0.1,ja=0.1,ar=0.1"
+    before = load_plan(next(t for t in at.text_area if t.label == "plan.yaml").value)
+    box.set_value("en=0.5,code=0.25,arith=0.25").run()
+    at.button(key="use_calib_mix").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    box = next(t for t in at.text_input if t.label == "Calibration mix")
+    assert box.value == "en=0.5,code=0.25,arith=0.25"
+    plan = load_plan(next(t for t in at.text_area if t.label == "plan.yaml").value)
+    assert dict(plan.calibration.mix) == {"en": 0.5, "code": 0.25, "arith": 0.25}
+    assert plan.calibration.n_sequences == 64 and plan.rules == before.rules and before.calibration.n_sequences == 64
+    box.set_value("en=0.5,klingon=0.5").run()
+    at.button(key="use_calib_mix").click().run()
+    assert len(at.error) == 1 and at.error[0].value.startswith("There is no slice 'klingon'; choose from: ")
+    plan = load_plan(next(t for t in at.text_area if t.label == "plan.yaml").value)
+    assert dict(plan.calibration.mix) == {"en": 0.5, "code": 0.25, "arith": 0.25}  # nothing lost

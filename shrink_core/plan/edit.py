@@ -27,3 +27,24 @@ def without_shadowed(yaml_text: str, rows) -> str:
     data = plan_to_dict(plan)
     data["rules"] = [d for rule, d in zip(plan.rules, data["rules"]) if rule.index in used]
     return dump_plan(load_plan(data))
+
+
+def with_calibration_mix(yaml_text: str, mix_text: str) -> str:
+    """The plan with its calibration mix replaced, e.g. 'en=0.3,fr=0.1,code=0.1' (its sequences, length and seed
+    kept, else the default recipe's); a slice that does not exist or a bad weight is refused with the reason."""
+    import dataclasses
+
+    from shrink_core.errors import ShrinkError
+    from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
+    from shrink_core.evaluation.slices import get_slice
+    from shrink_core.plan.spec import PlanError
+
+    plan = load_plan(yaml_text)
+    base = recipe_for(plan)
+    try:
+        recipe = CalibrationRecipe.parse(mix_text, base.n_sequences, base.seq_len, base.seed)
+        for name, _ in recipe.mix:
+            get_slice(name)
+    except ShrinkError as exc:
+        raise PlanError(str(exc)) from None
+    return dump_plan(dataclasses.replace(plan, calibration=recipe))
