@@ -25,7 +25,7 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   round reported as "gscan"; "rscan-loop": the same loop on the RTN scan with each module-setting's score scaled by
   the layer-output ratio tr(dW_gptq H dW_gptq^T) / tr(dW_rtn H dW_rtn^T) (H from GPTQ's calibration inputs;
   `sensitivity/method_error.py`), its first round "rscan"; "rslice-loop": the same with H from each slice's
-  calibration rows, a ratio per slice (GPTQ's mix has no code or arithmetic), its first round "rslice".
+  calibration rows, a ratio per slice (a slice outside GPTQ's mix keeps more of RTN's error), its first round "rslice".
   --calib-sequences: calibration sequences per slice for all of these. Every plan is applied with the method (RTN
   or GPTQ with the default calibration recipe, or --calibration's mix) and MEASURED on --sequences x --seq-len tokens
   of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired

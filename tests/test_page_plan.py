@@ -242,7 +242,7 @@ def test_the_loop_offers_a_calibrated_methods_own_scores_only_for_a_calibrated_m
     assert not [c for c in at.checkbox if c.key.startswith("loop_method_scores")]
     at.selectbox(key="planner_method").set_value("gptq").run()
     box = at.checkbox(key="loop_method_scores_gptq")
-    assert box.value is False and "once per setting" in box.label and "0.715x" in box.help
+    assert box.value is False and "once per setting" in box.label and "0.68x" in box.help
 
 
 def test_the_calibration_mix_of_a_calibrated_draft_is_edited_in_place_and_a_bad_one_refused(stored_tiny):
@@ -251,7 +251,7 @@ def test_the_calibration_mix_of_a_calibrated_draft_is_edited_in_place_and_a_bad_
     at = page().run()
     assert not at.exception, at.exception
     box = next(t for t in at.text_input if t.label == "Calibration mix")
-    assert box.value == "en=0.3,fr=0.1,de=0.1,es=0.1,ru=0.1,zh=0.1,ja=0.1,ar=0.1"
+    assert box.value == "en=0.3,fr=0.1,de=0.1,es=0.1,ru=0.1,zh=0.1,ja=0.1,ar=0.1,code=0.1,arith=0.1"
     before = load_plan(next(t for t in at.text_area if t.label == "plan.yaml").value)
     box.set_value("en=0.5,code=0.25,arith=0.25").run()
     at.button(key="use_calib_mix").click().run()

@@ -6,10 +6,11 @@ own weights), at most K modules moved by the planner, the step run and kept only
 
 With a calibrated method, `method_scores` plans on the scan's RTN scores scaled by the output error the method leaves
 over RTN's on each slice's calibration inputs (`sensitivity/method_error.py`): GPTQ removes about three quarters of
-RTN's attention error on the languages of its calibration mix and none of down_proj's on code, so the RTN scan misjudges
-which slice a GPTQ plan breaks first (docs/plan.md: 0.715x uniform W3 g64's worst slice, against 0.74x without). It
-costs one application of the method per setting before the first round (minutes; not counted in the time budget),
-and that weight table is the one the local steps use.
+RTN's attention error on the slices of its calibration mix and, on SmolLM2, none of down_proj's on a slice outside it
+(code, before the default mix had code), so the RTN scan misjudges which slice a GPTQ plan breaks first (docs/plan.md:
+at uniform W3 g64's size, 0.715x uniform's worst slice against 0.74x without; 0.68x with code in the mix).
+It costs one application of the method per setting before the first round (minutes; not counted in the time
+budget), and that weight table is the one the local steps use.
 
 Where the rounds are measured (`measure_on`):
 - "probe" (the default, minutes): each round's whole plan applied as `run_eval` applies it, its KL against the
