@@ -1,8 +1,13 @@
 """Plan edits that both the Plan page and background jobs make: new rules in front of a plan, shadowed rules out."""
 from __future__ import annotations
 
+import dataclasses
+
+from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
+from shrink_core.evaluation.slices import get_slice
 from shrink_core.plan.io import load_plan
-from shrink_core.plan.spec import dump_plan, plan_to_dict
+from shrink_core.plan.spec import PlanError, dump_plan, plan_to_dict
 
 
 def with_rules_first(yaml_text: str, new_rules: list[dict], replace_names: set[str] = frozenset(), rows=None) -> str:
@@ -32,13 +37,6 @@ def without_shadowed(yaml_text: str, rows) -> str:
 def with_calibration_mix(yaml_text: str, mix_text: str) -> str:
     """The plan with its calibration mix replaced, e.g. 'en=0.3,fr=0.1,code=0.1' (its sequences, length and seed
     kept, else the default recipe's); a slice that does not exist or a bad weight is refused with the reason."""
-    import dataclasses
-
-    from shrink_core.errors import ShrinkError
-    from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
-    from shrink_core.evaluation.slices import get_slice
-    from shrink_core.plan.spec import PlanError
-
     plan = load_plan(yaml_text)
     base = recipe_for(plan)
     try:

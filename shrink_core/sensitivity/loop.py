@@ -142,14 +142,13 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     caches = {s: ProbeCache(loaded.model, ids[s], chunk=depth.chunk) for s in slices} if probing else None
     planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
     notes = []
-    # the calibrated method's weight at every option: built once, for the scaled scores and the local steps
-    weights = (_MethodWeights(loaded, planned, ["keep", *settings], whole_plan, method)
-               if loaded is not None and method != "rtn" else None)
+    # RTN's and the calibrated method's weight at every option: built once, for the scaled scores and the local steps
+    weights = _MethodWeights(loaded, planned, ["keep", *settings], whole_plan, method) if loaded is not None else None
     if method_scores:
-        refused = table_refusal(loaded.model, planned, len(settings) + 1, method)
+        refused = table_refusal(loaded.model, planned, len(settings) + 1, method,
+                                what=f"Planned on the scan's RTN scores, not {method}'s own")
         if refused:
-            notes.append(table_refusal(loaded.model, planned, len(settings) + 1, method,
-                                       what=f"Planned on the scan's RTN scores, not {method}'s own"))
+            notes.append(refused)
         else:
             scaled, summary = _method_scaled(weights, rows, ids, all_scores, progress)
             all_scores.update(scaled)
@@ -328,7 +327,10 @@ class _MethodWeights:
     def built(self) -> bool:
         return bool(self._table)
 
-    def table(self, progress=None) -> dict:
+    def table(self, progress=None) -> dict | None:
+        """The method's weights, module -> option -> weight; None for rtn (its weights are `rtn`'s)."""
+        if self.method == "rtn":
+            return None
         if not self._table:
             from shrink_core.compression.apply import apply_plan_
             from shrink_core.evaluation.calibration import plan_calibration
@@ -370,24 +372,15 @@ def _local_scorer(loaded, rows, planned, options, ids, batch, pinned, hardware, 
     """scores_at(choice) for `local_search`: the whole plan applied by its method (`applied`, as a round runs it),
     the planned modules' moves scored there on each slice's calibration rows `ids`. A calibrated method's moves are
     its own weights at each option (`weights.table()`, built at the first step unless the scaled scores built it)."""
-    from shrink_core.sensitivity.local import OptionWeights, local_scores
+    from shrink_core.sensitivity.local import local_scores
 
     slices = list(ids)
-    if weights is None:  # rtn: no method table
-        from shrink_core.perf.footprint import available_bytes
-
-        originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
-        free = available_bytes()
-        rtn_weights = OptionWeights(originals, max_bytes=None if free is None else free // 4)
-    else:
-        originals, rtn_weights = weights.originals, weights.rtn
 
     def scores_at(choice):
-        table = weights.table() if weights is not None else None
         # a calibrated method's errors are shaped against the input correlations: the whole Fisher sees them
-        local = local_scores(loaded.model, applied(choice), originals, choice, options, ids, batch=batch,
-                             weights=table, quadratic="diagonal" if method == "rtn" else "sequence",
-                             option_weights=rtn_weights)
+        local = local_scores(loaded.model, applied(choice), weights.originals, choice, options, ids, batch=batch,
+                             weights=weights.table(), quadratic="diagonal" if method == "rtn" else "sequence",
+                             option_weights=weights.rtn)
         fixed = {**(pinned or {}), **{m: choice[m] for m in local.fixed}}  # unscored here: they stay
         return local_problem(rows, local.deltas, planned, options, slices, pinned=fixed, hardware=hardware)
 
