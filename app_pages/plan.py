@@ -271,7 +271,7 @@ with right:
             st.rerun()
     if plan.needs_calibration:
         current = ",".join(f"{name}={weight:g}" for name, weight in recipe_for(plan).mix)
-        calib_cols = st.columns([3, 1])
+        calib_cols = st.columns([2, 1], vertical_alignment="bottom")
         mix_text = calib_cols[0].text_input(
             "Calibration mix", current, key=f"calib_mix_{hash(current)}",
             help="The slices the calibrated methods fit to, with weights (normalised). The default covers 8 "
