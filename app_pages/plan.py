@@ -21,6 +21,7 @@ from shrink_core.plan.predict import predict, score_table, settings_by_module
 from shrink_core.plan.presets import PRESETS
 from shrink_core.plan.spec import INT_METHODS, METHOD_DESCRIPTIONS
 from shrink_core.results.eval_run import admit_eval
+from shrink_core.results.method_ratios import method_score_table
 from shrink_core.results.prediction import fit_measured, plan_method, predicted_vs_measured
 from shrink_core.runtime import jobs
 from shrink_core.sensitivity.scan import stored_records
@@ -152,20 +153,50 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
     return measured_fit
 
 
+def show_method_scores(method: str | None) -> None:
+    """Which scores a calibrated method's prediction stands on: its own measured ratios, or RTN's scan."""
+    if method in (None, "rtn"):
+        return
+    found = _tables[method][1]
+    if found is None:
+        st.caption(f"This draft quantizes with {method}, but the scores are RTN's: no {method} error ratios are "
+                   "stored for this model and calibration mix, so the prediction is RTN's and likely too high. Tick "
+                   f"\"Plan on {method}'s own error\" in the closed loop (below) once; it measures them, and this "
+                   "prediction then uses them.")
+        return
+    reached, total = found.coverage(scores)
+    st.caption(f"Scores scaled by {method}'s own output error over RTN's, per module, setting and slice (median "
+               f"ratio {found.medians(scored_slices)}; measured by the closed loop "
+               f"{pd.Timestamp(found.created, unit='s'):%Y-%m-%d %H:%M} UTC for this calibration mix; {reached} of "
+               f"{total} scores have a ratio, the rest stay RTN's). Projected, not measured.")
+
+
 # ------------------------------------------------------------------ instant prediction
 records = stored_records(db, spec, described["weights_hash"])
 _fits: dict = {}
 
 
+def scores_of(method: str | None) -> dict:
+    """The scan's scores to predict and plan `method`'s plans on: scaled by the method's stored output-error ratios
+    for the draft's calibration recipe when the closed loop measured them, else RTN's (`method_ratios`)."""
+    if method not in _tables:
+        _tables[method] = method_score_table(db, spec, described["weights_hash"], method,
+                                             recipe_for(plan).to_dict(), scores)
+    return _tables[method][0]
+
+
 def measured_fit_of(method: str):
     """The interaction model fitted on this model's measured plans of `method`: fitted once per page run, however
-    many sections ask (the fitted-prediction metrics and the planner's checkbox)."""
+    many sections ask (the fitted-prediction metrics and the planner's checkbox), on the scores `scores_of` gives."""
     if method not in _fits:
-        _fits[method] = fit_measured(db, spec, described["weights_hash"], rows, records, method)
+        _fits[method] = fit_measured(db, spec, described["weights_hash"], rows, records, method,
+                                     scores=scores_of(method) if metric == "kl" else None)
     return _fits[method]
 metric = st.radio("Predicted quality metric", ["kl", "dnll"], horizontal=True, key="predict_metric",
                   format_func=lambda m: {"dnll": "ΔNLL (nats/token)", "kl": "KL"}[m])
 scores = score_table(records, metric)
+_tables: dict = {}
+draft_method = plan_method(resolved)
 scored_slices = sorted({s for _, _, s in scores})
 linears = table[table["kind"].isin(LINEAR_KINDS + ("embedding",))]
 # the whole model as `eval` counts it: a masked module (2:4, unstructured) at its sparse format's bytes, which the
@@ -191,7 +222,7 @@ cols[4].metric("Projected decode", f"{projection.decode_ms_per_token:.3f} ms",
                help=f"ms per token at batch 1 on {hardware.name}: projected by the roofline model, not measured")
 by_module = settings_by_module(resolved)  # a tied head is scored at its owner
 if scores:
-    predictions = predict(by_module, scores, scored_slices, metric)
+    predictions = predict(by_module, scores_of(draft_method), scored_slices, metric)
     worst = max(predictions, key=lambda p: p.value)
     name = {"kl": "KL", "dnll": "ΔNLL"}[metric]
     cols[3].metric(f"Predicted worst slice ({worst.slice}), nats/token", f"+{worst.value:.3f} {name}",
@@ -202,7 +233,8 @@ if scores:
                "interactions between modules are not modelled). Modules whose setting has no score are counted as "
                "'unscored', not as zero loss. Sizes are computed from the packed format (exact bytes), not measured. "
                f"Latency is projected, not measured: batch-1 decode, {projection.model}; pruning is not counted.")
-    show_fitted_prediction(by_module, scores, scored_slices, metric)
+    show_method_scores(draft_method)
+    show_fitted_prediction(by_module, scores_of(draft_method), scored_slices, metric)
 else:
     cols[3].metric("Predicted quality", "no scan yet")
     st.caption("Run a sensitivity scan (Sensitivity page) to see predicted quality per slice on every edit. "
@@ -327,7 +359,7 @@ else:
     if st.button("Run planner", type="primary", key="run_planner", disabled=not chosen_settings):
         kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
         try:
-            problem = build_problem(rows, {k: v for k, v in scores.items() if k[1] in chosen_settings
+            problem = build_problem(rows, {k: v for k, v in scores_of(method).items() if k[1] in chosen_settings
                                            and k[0] not in by_hand}, scored_slices,
                                     chosen_settings, pinned=pinned, hardware=hardware,
                                     model=planner_fit.model if use_fit else None)
@@ -374,7 +406,9 @@ else:
              "calibration rows, and plans on the scan's scores scaled by that ratio: at the size of uniform W3 g64 "
              "the GPTQ plan's worst slice measured 0.68x uniform's (0.715x with code outside the mix), against "
              "0.74x on the RTN scan (docs/plan.md). "
-             "That table is also the one the local steps use; its time is outside the loop's 4 minutes.")
+             "That table is also the one the local steps use; its time is outside the loop's 4 minutes. The ratios "
+             f"are stored per calibration mix: the next loop reuses them, and this page predicts {method} drafts "
+             "with them.")
     if loop_cols[3].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
                            help="Each round: the planner (scores corrected by the fit), the plan run for real on the "
                                 "scored slices, the fit updated; then the local steps. Stops when the measured worst "
@@ -442,5 +476,6 @@ if job is not None and job.status == "done" and job.result.get("candidate_id"):
     st.dataframe(pd.DataFrame(compare_rows), key="predicted_vs_measured", hide_index=True)
     if compare_rows:
         st.caption(f"Measured on {compare_rows[0]['device']} ({compare_rows[0]['protocol']} protocol); predicted ΔNLL is "
-                   "the additive sum of the scan's one-module scores (empty where the plan's settings were not scanned); "
+                   "the additive sum of the scan's one-module scores (scaled by a calibrated method's stored error ratios "
+                   "where measured; empty where the plan's settings were not scanned); "
                    "stored as a candidate with its plan and lineage (see Results).")

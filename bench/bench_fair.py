@@ -221,7 +221,8 @@ def main() -> None:
         per_slice: H from each slice's own calibration rows, a ratio per slice."""
         key = "rscan-slice" if per_slice else "rscan"
         if key not in gptq:
-            from shrink_core.sensitivity.method_error import input_hessians, output_ratios, scaled_scores
+            from shrink_core.plan.predict import scaled_scores
+            from shrink_core.sensitivity.method_error import input_hessians, output_ratios
 
             table = gptq_table()
             t0 = time.perf_counter()

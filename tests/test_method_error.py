@@ -2,8 +2,9 @@
 import torch
 
 from shrink_core.model.inventory import block_linears, inventory
+from shrink_core.plan.predict import scaled_scores
 from shrink_core.sensitivity.local import OptionWeights, method_option_weights, option_weight
-from shrink_core.sensitivity.method_error import input_hessians, output_error, output_ratios, scaled_scores
+from shrink_core.sensitivity.method_error import input_hessians, output_error, output_ratios
 
 
 def test_input_hessians_are_each_modules_input_correlations(tiny_model):

@@ -266,3 +266,33 @@ def test_the_calibration_mix_of_a_calibrated_draft_is_edited_in_place_and_a_bad_
     assert len(at.error) == 1 and at.error[0].value.startswith("There is no slice 'klingon'; choose from: ")
     plan = load_plan(next(t for t in at.text_area if t.label == "plan.yaml").value)
     assert dict(plan.calibration.mix) == {"en": 0.5, "code": 0.25, "arith": 0.25}  # nothing lost
+
+
+def test_a_calibrated_drafts_prediction_stands_on_its_methods_stored_error_ratios_for_its_mix(stored_tiny):
+    """The w4g64 preset quantizes with gptq-seq. Without its ratios the page says the scores are RTN's; with the
+    closed loop's stored ratios for the draft's own calibration mix, the additive prediction is the scan's scores
+    scaled by them (0.5 here: half). Ratios measured with another mix are not this draft's."""
+    from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
+    from shrink_core.results.method_ratios import save_ratios
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS
+
+    store_scores(stored_tiny)
+    at = page().run()
+    assert not at.exception, at.exception
+    assert any("scores are RTN's: no gptq-seq error ratios are stored" in c.value for c in at.caption)
+    rtn = float(metric(at, "Predicted worst slice").split()[0])
+    recipe = recipe_for(load_plan(at.session_state["plan_draft"])).to_dict()
+    linears = [r.name for r in stored_tiny if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up",
+                                                                                   "down")]
+    ratios = {(m, "w4g64", s): 0.5 for m in linears for s in ("en", "zh")}
+    other = CalibrationRecipe.parse("en=1", n_sequences=64).to_dict()
+    save_ratios(Store(), SPEC, "tiny", "cpu", SCAN_DEPTHS["fast"], "gptq-seq", other, ratios)
+    at.run()
+    assert float(metric(at, "Predicted worst slice").split()[0]) == pytest.approx(rtn)  # another mix's: unused
+    save_ratios(Store(), SPEC, "tiny", "cpu", SCAN_DEPTHS["fast"], "gptq-seq", recipe, ratios)
+    at.run()
+    assert not at.exception, at.exception
+    assert float(metric(at, "Predicted worst slice").split()[0]) == pytest.approx(rtn / 2, rel=1e-3)
+    (caption,) = [c.value for c in at.caption if c.value.startswith("Scores scaled by gptq-seq's own output error")]
+    # w3g64's scores have no ratio: they stay RTN's
+    assert "median ratio en 0.50, zh 0.50" in caption and f"{len(ratios)} of {2 * len(ratios)} scores" in caption

@@ -5,8 +5,10 @@ import sqlite3
 import pytest
 
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.calibration import recipe_for
 from shrink_core.model.inventory import modules_from_rows
 from shrink_core.plan import dump_plan, load_plan
+from shrink_core.results.method_ratios import stored_ratios
 from shrink_core.results.prediction import fit_measured
 from shrink_core.results.store import Store
 from shrink_core.sensitivity.loop import plan_loop
@@ -134,6 +136,15 @@ def test_gptq_rounds_plan_on_the_scan_scaled_by_gptqs_own_output_error_per_slice
     assert any(m.startswith("gptq at w3g64") for m in seen) and any("output error over RTN's" in m for m in seen)
     fitted, verified = scaled["rounds"]
     assert fitted["kind"] == "fitted" and verified["kind"] == "verified" and fitted["measured_worst"] > 0
+    # the ratios are stored for this model, method and the draft's recipe (the Plan page predicts GPTQ drafts on them)
+    stored = stored_ratios(store, SPEC, described["weights_hash"], "gptq", recipe_for(load_plan(draft)).to_dict())
+    assert stored.covers(planned, ["w4g64", "w3g64"], ["user_notes"]) and stored.medians() == f"user_notes {ratio:.2f}"
+    # the next loop reads them instead of applying GPTQ per setting again, and plans the same first round
+    seen.clear()
+    again = plan_loop(*args, method_scores=True, progress=lambda f, m="": seen.append(m), **common)
+    assert not any(m.startswith("gptq at") or "output error over RTN's" in m for m in seen), seen
+    assert any("not measured again" in n for n in again["notes"]), again["notes"]
+    assert again["rounds"][0]["predicted_worst"] == pytest.approx(fitted["predicted_worst"])
     # the first round's prediction is the scaled scan's sum: below the RTN scan's for a GPTQ plan of the same budget
     plain = plan_loop(*args, **common)
     assert 0 < fitted["predicted_worst"] < plain["rounds"][0]["predicted_worst"]

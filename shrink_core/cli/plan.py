@@ -95,6 +95,7 @@ def run(args, parser) -> int:
         parser.error("one of the arguments --budget-mb --budget-bits --budget-latency-ms is required")
     from pathlib import Path
 
+    from shrink_core.evaluation.calibration import CalibrationRecipe
     from shrink_core.evaluation.slices import parse_slice_list
     from shrink_core.model.inventory import inventory
     from shrink_core.model.inventory import summary as model_summary
@@ -106,6 +107,7 @@ def run(args, parser) -> int:
     from shrink_core.plan.budget import PlannerBudget, plan_within_budget
     from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
     from shrink_core.plan.predict import score_table
+    from shrink_core.results.method_ratios import method_score_table
     from shrink_core.results.store import Store
     from shrink_core.sensitivity.scan import run_scan
     from shrink_core.sensitivity.settings import parse_settings
@@ -125,7 +127,10 @@ def run(args, parser) -> int:
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     report = run_scan(loaded, slice_ids, [s.id for s in parse_settings(",".join(setting_ids))], method="fast",
                       store=Store())  # reused from the store when this model, setting and slice were scanned
-    scores = score_table(report.records, args.metric)
+    # a calibrated method plans on its own error where the closed loop stored its ratios (the plan written here
+    # calibrates with the default recipe, so those are the ratios that describe it)
+    scores, ratios = method_score_table(Store(), loaded.spec.raw, loaded.weights_hash, args.method,
+                                        CalibrationRecipe().to_dict(), score_table(report.records, args.metric))
     rows = inventory(loaded.model)
     problem = build_problem(rows, scores, slice_ids, setting_ids, hardware=hardware)
     kind, value = next((k, v) for k, v in (("size_mb", args.budget_mb), ("bits_per_weight", args.budget_bits),
@@ -138,7 +143,9 @@ def run(args, parser) -> int:
     summary = {"out": args.out, "status": solution.status, "gap": solution.gap, "seconds": round(solution.seconds, 3),
                "solver": solution.solver, "planned_bytes": planned.total_bytes,
                "average_bits_planned_modules": solution.average_bits, "predicted": solution.predicted,
-               "metric": args.metric, "settings": dict(sorted(
+               "metric": args.metric, "scores": "the scan's RTN scores" if ratios is None else
+               f"the scan's scores scaled by {args.method}'s stored output error over RTN's (median {ratios.medians()})",
+               "settings": dict(sorted(
                    {s: list(solution.choice.values()).count(s) for s in set(solution.choice.values())}.items())),
                "embedding": {r.name: solution.choice[r.name] for r in rows
                              if r.kind in ("embedding", "lm_head") and r.name in solution.choice}}
@@ -149,7 +156,8 @@ def run(args, parser) -> int:
         print_json(summary)
     else:
         print(f"wrote {args.out}: {summary['status']} (gap {solution.gap:.1e}) in {solution.seconds:.2f} s, "
-              f"{summary['planned_bytes'] / 1e6:,.1f} MB; predicted {args.metric} per slice {solution.predicted}")
+              f"{summary['planned_bytes'] / 1e6:,.1f} MB; predicted {args.metric} per slice {solution.predicted} "
+              f"from {summary['scores']}")
         if planned.projected_ms is not None:
             print(f"projected decode {summary['projected_decode_ms']:.3f} ms/token on {planned.target} "
                   f"({planned.basis})")

@@ -21,7 +21,7 @@ from shrink_core.evaluation.slices import SliceInfo
 # 1: until the bpb fix; 2: bits per byte of a truncated long document divide by the bytes of the text scored.
 PROTOCOL_VERSION = 2
 # Per kind, for a change that touches one kind of figure only.
-FIGURE_VERSIONS = {"eval": 1, "sensitivity": 1, "size": 1, "measure": 1}
+FIGURE_VERSIONS = {"eval": 1, "sensitivity": 1, "size": 1, "measure": 1, "method_ratios": 1}
 
 
 @dataclass(frozen=True)

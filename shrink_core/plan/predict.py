@@ -52,3 +52,12 @@ def settings_by_module(resolved) -> dict[str, str]:
     return {r.name: setting_name(r.bits, r.group_size, r.weights.symmetric if r.weights else False, r.keep,
                                  r.weights.ggml if r.weights else None)
             for r in resolved if not r.tied_to}
+
+
+def scaled_scores(scores: dict[tuple[str, str, str], float],
+                  ratios: dict[tuple, float]) -> dict[tuple[str, str, str], float]:
+    """The scan's (module, setting, slice) scores with each scaled by a calibrated method's output-error ratio over
+    RTN's (`sensitivity/method_error.py`): keyed (module, setting, slice) when taken on each slice's own inputs (a
+    method fitted on a mix without code keeps more of RTN's error on code), else (module, setting); 1 where there is
+    none."""
+    return {(m, s, sl): v * ratios.get((m, s, sl), ratios.get((m, s), 1.0)) for (m, s, sl), v in scores.items()}

@@ -1,6 +1,7 @@
 """Predicted against measured, per slice: the table the Plan page shows after "Run this plan" and `eval --plan` prints.
 
-Predicted: the additive sum of one-module-at-a-time scan scores (`plan/predict.py`) for the plan's settings.
+Predicted: the additive sum of one-module-at-a-time scan scores (`plan/predict.py`) for the plan's settings, scaled
+by a calibrated method's stored output-error ratios where the closed loop measured them (`method_ratios.py`).
 Measured: the candidate's stored evaluation against the reference's, on the same slice and protocol.
 """
 from __future__ import annotations
@@ -28,7 +29,9 @@ def predicted_vs_measured(store, spec: str, candidate_id: int, resolved, records
     reference = reference_payloads(store, spec, measured)
     predicted = {}
     if records:
-        predictions = predict(settings_by_module(resolved), score_table(records, "dnll"), list(measured), "dnll")
+        predictions = predict(settings_by_module(resolved), _candidate_scores(store, spec, candidate_id, resolved,
+                                                                              score_table(records, "dnll")),
+                              list(measured), "dnll")
         predicted = {p.slice: p.value for p in predictions if p.scored}
     rows = []
     for slice_id, row in measured.items():
@@ -43,6 +46,24 @@ def predicted_vs_measured(store, spec: str, candidate_id: int, resolved, records
             "protocol": row["budget"], "device": row.get("device"),
         })
     return rows
+
+
+def _candidate_scores(store, spec: str, candidate_id: int, resolved, scores: dict) -> dict:
+    """The scores a candidate's prediction sums: scaled by its method's stored output-error ratios for its calibration
+    recipe where the closed loop measured them (`sensitivity/method_ratios.py`), else the scan's RTN scores."""
+    from shrink_core.errors import ShrinkError
+    from shrink_core.evaluation.calibration import recipe_for
+    from shrink_core.plan.io import load_plan
+    from shrink_core.results.method_ratios import method_score_table
+
+    candidate = next((c for c in store.candidates(include_deleted=True) if c["id"] == candidate_id), None)
+    if candidate is None or not candidate["plan"]:
+        return scores
+    try:
+        recipe = recipe_for(load_plan(candidate["plan"])).to_dict()
+    except ShrinkError:  # a stored plan this code no longer reads: no recipe to match ratios with
+        return scores
+    return method_score_table(store, spec, candidate["weights_hash"], plan_method(resolved), recipe, scores)[0]
 
 
 def plan_method(resolved) -> str | None:
@@ -61,16 +82,18 @@ class MeasuredFit:
     last: dict | None  # the newest measured plan's worst slice, predicted by a fit without that plan, and measured
 
 
-def measured_observations(store, spec: str, weights_hash: str, rows, records, method: str, metric: str = "kl"):
+def measured_observations(store, spec: str, weights_hash: str, rows, records, method: str, metric: str = "kl",
+                          scores: dict | None = None):
     """(candidate id, per-bit-width score sums, measured value, what it is) for each measured slice of this model's
-    candidates whose plan uses `method` on menu settings only and whose slices have scores."""
+    candidates whose plan uses `method` on menu settings only and whose slices have scores. scores: the table the
+    sums are taken over (a calibrated method's scaled scores, `sensitivity/method_ratios.py`), else the records'."""
     from shrink_core.errors import ShrinkError
     from shrink_core.plan.interactions import features
     from shrink_core.plan.io import load_plan
     from shrink_core.plan.menu import QUANT_SETTINGS
     from shrink_core.plan.resolve import resolve
 
-    scores = score_table(records, metric)
+    scores = score_table(records, metric) if scores is None else scores
     for candidate in store.candidates():
         if candidate["model_spec"] != spec or candidate["weights_hash"] != weights_hash or not candidate["plan"]:
             continue
@@ -93,18 +116,20 @@ def measured_observations(store, spec: str, weights_hash: str, rows, records, me
                                                      "measured": float(value), "protocol": row["budget"]}
 
 
-def fit_measured(store, spec: str, weights_hash: str, rows, records, method: str, metric: str = "kl") -> MeasuredFit:
+def fit_measured(store, spec: str, weights_hash: str, rows, records, method: str, metric: str = "kl",
+                 scores: dict | None = None) -> MeasuredFit:
     """The interaction model (`plan/interactions.py`) fitted on this model's measured candidates of one method.
 
     Each measured slice of a candidate (`measured_observations`) is one observation: the scan's score sums per
     bit-width against the measured KL. GPTQ candidates fit their own model: the same RTN scan scores, scaled to what
     GPTQ measured. `last` is the closed loop's error: the newest plan predicted by the model fitted on the plans
-    measured before it."""
+    measured before it. scores: the table whose sums are the features (as `measured_observations`); what is
+    predicted with the model must be summed over the same table."""
     import numpy as np
 
     from shrink_core.plan.interactions import InteractionModel, fit
 
-    found = list(measured_observations(store, spec, weights_hash, rows, records, method, metric))
+    found = list(measured_observations(store, spec, weights_hash, rows, records, method, metric, scores))
     if not found:
         return MeasuredFit(InteractionModel.additive(), [], None)
     ids = [f[0] for f in found]

@@ -33,6 +33,8 @@ import time
 import numpy as np
 
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.calibration import recipe_for
+from shrink_core.model.describe import device_label
 from shrink_core.model.inventory import modules_from_rows
 from shrink_core.plan import dump_plan, load_plan, plan_to_dict, resolve
 from shrink_core.plan.budget import PlannerBudget, limits, plan_within_budget
@@ -41,6 +43,7 @@ from shrink_core.plan.interactions import LoopState, closed_loop, features
 from shrink_core.plan.local import local_problem, local_search
 from shrink_core.plan.planner import build_problem, solution_plan, uniform_choice
 from shrink_core.plan.predict import score_table, settings_by_module
+from shrink_core.results.method_ratios import save_ratios, stored_ratios
 from shrink_core.results.prediction import measured_observations
 from shrink_core.results.store import Store
 from shrink_core.sensitivity.scan import stored_records
@@ -145,15 +148,30 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     # RTN's and the calibrated method's weight at every option: built once, for the scaled scores and the local steps
     weights = _MethodWeights(loaded, planned, ["keep", *settings], whole_plan, method) if loaded is not None else None
     if method_scores:
-        refused = table_refusal(loaded.model, planned, len(settings) + 1, method,
-                                what=f"Planned on the scan's RTN scores, not {method}'s own")
-        if refused:
-            notes.append(refused)
+        # measured once per model, method and recipe, then read from the store (this loop's next run, the Plan page)
+        recipe = recipe_for(load_plan(plan)).to_dict()
+        stored = stored_ratios(store, spec, weights_hash, method, recipe)
+        if stored is not None and stored.covers(planned, settings, slices):
+            notes.append(f"Planned on the scan's scores scaled by {method}'s output error over RTN's, per slice "
+                         f"(median ratio {stored.medians(slices)}): the ratios stored "
+                         f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(stored.created))} for this model, method "
+                         "and calibration recipe, not measured again.")
         else:
-            scaled, summary = _method_scaled(weights, rows, ids, all_scores, progress)
+            stored = None
+            refused = table_refusal(loaded.model, planned, len(settings) + 1, method,
+                                    what=f"Planned on the scan's RTN scores, not {method}'s own")
+            if refused:
+                notes.append(refused)
+            else:
+                ratios, summary = _method_ratios(weights, rows, ids, progress)
+                save_ratios(store, spec, weights_hash, device_label(loaded.model), depth, method, recipe, ratios,
+                            job_id=job_id)
+                stored = stored_ratios(store, spec, weights_hash, method, recipe)
+                notes.append(summary)
+        if stored is not None:
+            scaled = stored.scaled({k: v for k, v in all_scores.items() if k[0] in set(planned)})
             all_scores.update(scaled)
             scores.update({k: scaled[k] for k in scores if k in scaled})
-            notes.append(summary)
     started = time.perf_counter()  # the time budget is the rounds' and steps'; the table above is outside it
 
     def run_protocol(choice, name, where):
@@ -207,7 +225,8 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     state = LoopState()
     if not probing:  # warm start: every plan of this model and method measured before, at a protocol
-        for candidate_id, x, y, _ in measured_observations(store, spec, weights_hash, rows, records, method):
+        for candidate_id, x, y, _ in measured_observations(store, spec, weights_hash, rows, records, method,
+                                                           scores=all_scores):
             state.add(candidate_id, np.array([x]), [y])
     loop_rounds, model = closed_loop(plan_with, measure, rows_of, state=state, rounds=rounds,
                                      time_budget_s=time_budget_s)
@@ -345,10 +364,10 @@ class _MethodWeights:
         return self._table
 
 
-def _method_scaled(weights: _MethodWeights, rows, ids: dict, scores: dict, progress) -> tuple[dict, str]:
-    """The planned modules' scan scores scaled by the method's output error over RTN's, a ratio per slice from that
-    slice's calibration rows `ids` (`method_error`), and a note that says so with the median ratio per slice."""
-    from shrink_core.sensitivity.method_error import input_hessians, output_ratios, scaled_scores
+def _method_ratios(weights: _MethodWeights, rows, ids: dict, progress) -> tuple[dict, str]:
+    """(module, setting, slice) -> the method's output error over RTN's, a ratio per slice from that slice's
+    calibration rows `ids` (`method_error`), and a note that says so with the median ratio per slice."""
+    from shrink_core.sensitivity.method_error import input_hessians, output_ratios
 
     t0 = time.perf_counter()
     table = weights.table(lambda i, n, option: progress(
@@ -360,12 +379,11 @@ def _method_scaled(weights: _MethodWeights, rows, ids: dict, scores: dict, progr
         hessians = input_hessians(weights.loaded.model, [by_name[m] for m in weights.planned], tokens)
         found = output_ratios(weights.originals, table, weights.rtn, hessians, weights.options)
         ratios.update({(m, o, s): r for (m, o), r in found.items()})
-    planned = set(weights.planned)
-    scaled = scaled_scores({k: v for k, v in scores.items() if k[0] in planned}, ratios)
     medians = ", ".join(f"{s} {np.median([r for (_, _, sl), r in ratios.items() if sl == s]):.2f}" for s in ids)
-    return scaled, (f"Planned on the scan's scores scaled by {weights.method}'s output error over RTN's, per slice "
+    return ratios, (f"Planned on the scan's scores scaled by {weights.method}'s output error over RTN's, per slice "
                     f"(median ratio {medians}; from each slice's calibration rows): {weights.method} applied once "
-                    f"per setting, {time.perf_counter() - t0:.0f} s before the first round.")
+                    f"per setting, {time.perf_counter() - t0:.0f} s before the first round. Stored: the Plan page "
+                    f"predicts {weights.method} plans from them, and the next loop reuses them.")
 
 
 def _local_scorer(loaded, rows, planned, options, ids, batch, pinned, hardware, applied, method, weights):

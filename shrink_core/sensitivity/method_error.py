@@ -58,11 +58,3 @@ def output_ratios(originals: dict[str, torch.Tensor], method_weights: dict[str, 
             ratios[(name, option)] = (output_error(method_weights[name][option].float() - w, h) / rtn
                                       if rtn > 0 else 1.0)
     return ratios
-
-
-def scaled_scores(scores: dict[tuple[str, str, str], float],
-                  ratios: dict[tuple, float]) -> dict[tuple[str, str, str], float]:
-    """The scan's (module, setting, slice) scores with each scaled by its ratio: keyed (module, setting, slice) when
-    taken on each slice's own inputs (a method fitted on a mix without code keeps more of RTN's error on code),
-    else (module, setting); 1 where there is none."""
-    return {(m, s, sl): v * ratios.get((m, s, sl), ratios.get((m, s), 1.0)) for (m, s, sl), v in scores.items()}
