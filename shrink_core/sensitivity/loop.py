@@ -154,7 +154,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         if stored is not None and stored.covers(planned, settings, slices):
             notes.append(f"Planned on the scan's scores scaled by {method}'s output error over RTN's, per slice "
                          f"(median ratio {stored.medians(slices)}): the ratios stored "
-                         f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(stored.created))} for this model, method "
+                         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(stored.created))} for this model, method "
                          "and calibration recipe, not measured again.")
         else:
             stored = None
@@ -169,7 +169,8 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
                 stored = stored_ratios(store, spec, weights_hash, method, recipe)
                 notes.append(summary)
         if stored is not None:
-            scaled = stored.scaled({k: v for k, v in all_scores.items() if k[0] in set(planned)})
+            mine = set(planned)
+            scaled = stored.scaled({k: v for k, v in all_scores.items() if k[0] in mine})
             all_scores.update(scaled)
             scores.update({k: scaled[k] for k in scores if k in scaled})
     started = time.perf_counter()  # the time budget is the rounds' and steps'; the table above is outside it
