@@ -407,8 +407,8 @@ else:
              "the GPTQ plan's worst slice measured 0.68x uniform's (0.715x with code outside the mix), against "
              "0.74x on the RTN scan (docs/plan.md). "
              "That table is also the one the local steps use; its time is outside the loop's 4 minutes. The ratios "
-             f"are stored per calibration mix: the next loop reuses them, and this page predicts {method} drafts "
-             "with them.")
+             f"are stored per calibration mix: once measured, every {method} loop plans on them (ticked or not) "
+             f"and this page predicts {method} drafts with them.")
     if loop_cols[3].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
                            help="Each round: the planner (scores corrected by the fit), the plan run for real on the "
                                 "scored slices, the fit updated; then the local steps. Stops when the measured worst "

@@ -129,6 +129,8 @@ def test_gptq_rounds_plan_on_the_scan_scaled_by_gptqs_own_output_error_per_slice
     draft = ("version: 1\nrules:\n- kind: [q, k, v, o, gate, up, down]\n"
              "  weights: {bits: 4, group_size: 64, symmetric: false, method: rtn}\n")  # GPTQ only where planned
     args = (store, SPEC, ["user_notes"], ["w4g64", "w3g64"], {"kind": "bits_per_weight", "value": 4.0}, draft)
+    plain = plan_loop(*args, **common)  # no ratios stored yet: the scan's RTN scores
+    assert not any(n.startswith("Planned on the scan's scores scaled") for n in plain["notes"]), plain["notes"]
     scaled = plan_loop(*args, method_scores=True, progress=lambda f, m="": seen.append(m), **common)
     (note,) = [n for n in scaled["notes"] if n.startswith("Planned on the scan's scores scaled by gptq's")]
     ratio = float(note.split("median ratio user_notes ")[1].split(";")[0])
@@ -136,17 +138,16 @@ def test_gptq_rounds_plan_on_the_scan_scaled_by_gptqs_own_output_error_per_slice
     assert any(m.startswith("gptq at w3g64") for m in seen) and any("output error over RTN's" in m for m in seen)
     fitted, verified = scaled["rounds"]
     assert fitted["kind"] == "fitted" and verified["kind"] == "verified" and fitted["measured_worst"] > 0
+    # the first round's prediction is the scaled scan's sum: below the RTN scan's for a GPTQ plan of the same budget
+    assert 0 < fitted["predicted_worst"] < plain["rounds"][0]["predicted_worst"]
     # the ratios are stored for this model, method and the draft's recipe (the Plan page predicts GPTQ drafts on them)
     stored = stored_ratios(store, SPEC, described["weights_hash"], "gptq", recipe_for(load_plan(draft)).to_dict())
     assert stored.covers(planned, ["w4g64", "w3g64"], ["user_notes"]) and stored.medians() == f"user_notes {ratio:.2f}"
-    # the next loop reads them instead of applying GPTQ per setting again, and plans the same first round
+    # every later GPTQ loop plans on them, ticked or not, without applying GPTQ per setting again
     seen.clear()
-    again = plan_loop(*args, method_scores=True, progress=lambda f, m="": seen.append(m), **common)
+    again = plan_loop(*args, progress=lambda f, m="": seen.append(m), **common)
     assert not any(m.startswith("gptq at") or "output error over RTN's" in m for m in seen), seen
     assert any("not measured again" in n for n in again["notes"]), again["notes"]
     assert again["rounds"][0]["predicted_worst"] == pytest.approx(fitted["predicted_worst"])
-    # the first round's prediction is the scaled scan's sum: below the RTN scan's for a GPTQ plan of the same budget
-    plain = plan_loop(*args, **common)
-    assert 0 < fitted["predicted_worst"] < plain["rounds"][0]["predicted_worst"]
     with pytest.raises(ShrinkError, match="need a calibrated method"):
         plan_loop(*args, rounds=1, method_scores=True)

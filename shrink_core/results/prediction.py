@@ -50,7 +50,7 @@ def predicted_vs_measured(store, spec: str, candidate_id: int, resolved, records
 
 def _candidate_scores(store, spec: str, candidate_id: int, resolved, scores: dict) -> dict:
     """The scores a candidate's prediction sums: scaled by its method's stored output-error ratios for its calibration
-    recipe where the closed loop measured them (`sensitivity/method_ratios.py`), else the scan's RTN scores."""
+    recipe where the closed loop measured them (`results/method_ratios.py`), else the scan's RTN scores."""
     from shrink_core.errors import ShrinkError
     from shrink_core.evaluation.calibration import recipe_for
     from shrink_core.plan.io import load_plan
@@ -86,7 +86,7 @@ def measured_observations(store, spec: str, weights_hash: str, rows, records, me
                           scores: dict | None = None):
     """(candidate id, per-bit-width score sums, measured value, what it is) for each measured slice of this model's
     candidates whose plan uses `method` on menu settings only and whose slices have scores. scores: the table the
-    sums are taken over (a calibrated method's scaled scores, `sensitivity/method_ratios.py`), else the records'."""
+    sums are taken over (a calibrated method's scaled scores, `results/method_ratios.py`), else the records'."""
     from shrink_core.errors import ShrinkError
     from shrink_core.plan.interactions import features
     from shrink_core.plan.io import load_plan

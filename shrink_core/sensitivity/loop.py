@@ -10,7 +10,9 @@ RTN's attention error on the slices of its calibration mix and, on SmolLM2, none
 (code, before the default mix had code), so the RTN scan misjudges which slice a GPTQ plan breaks first (docs/plan.md:
 at uniform W3 g64's size, 0.715x uniform's worst slice against 0.74x without; 0.68x with code in the mix).
 It costs one application of the method per setting before the first round (minutes; not counted in the time
-budget), and that weight table is the one the local steps use.
+budget), and that weight table is the one the local steps use. The ratios are stored (`results/method_ratios.py`);
+once they cover a loop's modules, settings and slices for its method and recipe, every later loop plans on them,
+with `method_scores` or without, as the Plan page's prediction and planner do.
 
 Where the rounds are measured (`measure_on`):
 - "probe" (the default, minutes): each round's whole plan applied as `run_eval` applies it, its KL against the
@@ -147,32 +149,33 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     notes = []
     # RTN's and the calibrated method's weight at every option: built once, for the scaled scores and the local steps
     weights = _MethodWeights(loaded, planned, ["keep", *settings], whole_plan, method) if loaded is not None else None
-    if method_scores:
-        # measured once per model, method and recipe, then read from the store (this loop's next run, the Plan page)
-        recipe = recipe_for(load_plan(plan)).to_dict()
-        stored = stored_ratios(store, spec, weights_hash, method, recipe)
-        if stored is not None and stored.covers(planned, settings, slices):
-            notes.append(f"Planned on the scan's scores scaled by {method}'s output error over RTN's, per slice "
-                         f"(median ratio {stored.medians(slices)}): the ratios stored "
-                         f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(stored.created))} for this model, method "
-                         "and calibration recipe, not measured again.")
+    # a calibrated method's ratios are measured once per model, method and recipe (`method_scores`), then read from
+    # the store whenever they cover this loop, ticked or not: the Plan page predicts and plans on the same table
+    recipe = recipe_for(load_plan(plan)).to_dict()
+    stored = stored_ratios(store, spec, weights_hash, method, recipe) if method != "rtn" else None
+    if stored is not None and not stored.covers(planned, settings, slices):
+        stored = None
+    if stored is not None:
+        notes.append(f"Planned on the scan's scores scaled by {method}'s output error over RTN's, per slice "
+                     f"(median ratio {stored.medians(slices)}): the ratios stored "
+                     f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(stored.created))} for this model, method and "
+                     "calibration recipe, not measured again.")
+    elif method_scores:
+        refused = table_refusal(loaded.model, planned, len(settings) + 1, method,
+                                what=f"Planned on the scan's RTN scores, not {method}'s own")
+        if refused:
+            notes.append(refused)
         else:
-            stored = None
-            refused = table_refusal(loaded.model, planned, len(settings) + 1, method,
-                                    what=f"Planned on the scan's RTN scores, not {method}'s own")
-            if refused:
-                notes.append(refused)
-            else:
-                ratios, summary = _method_ratios(weights, rows, ids, progress)
-                save_ratios(store, spec, weights_hash, device_label(loaded.model), depth, method, recipe, ratios,
-                            job_id=job_id)
-                stored = stored_ratios(store, spec, weights_hash, method, recipe)
-                notes.append(summary)
-        if stored is not None:
-            mine = set(planned)
-            scaled = stored.scaled({k: v for k, v in all_scores.items() if k[0] in mine})
-            all_scores.update(scaled)
-            scores.update({k: scaled[k] for k in scores if k in scaled})
+            ratios, summary = _method_ratios(weights, rows, ids, progress)
+            save_ratios(store, spec, weights_hash, device_label(loaded.model), depth, method, recipe, ratios,
+                        job_id=job_id)
+            stored = stored_ratios(store, spec, weights_hash, method, recipe)
+            notes.append(summary)
+    if stored is not None:
+        mine = set(planned)
+        scaled = stored.scaled({k: v for k, v in all_scores.items() if k[0] in mine})
+        all_scores.update(scaled)
+        scores.update({k: scaled[k] for k in scores if k in scaled})
     started = time.perf_counter()  # the time budget is the rounds' and steps'; the table above is outside it
 
     def run_protocol(choice, name, where):
