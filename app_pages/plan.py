@@ -356,6 +356,14 @@ else:
                           help="Scales each bit-width's scores by its fitted alpha (errors at low bits compound), "
                                "the part of the fitted model the exact solver can optimise. Needs the KL metric and "
                                "measured plans (Run this plan, below).")
+    low_cap = st.selectbox(
+        "2-bit modules per block", [None, 0, 1, 2, 3, 4], index=0, key="planner_low_per_block",
+        format_func=lambda n: "no cap" if n is None else f"at most {n}",
+        help="At most this many modules of one transformer block at 2 bits, for the planner, the closed loop and its "
+             "local steps: one-module scores miss how 2-bit errors in one block compound. Measured at uniform W3 g64's "
+             "size (RTN, docs/plan.md): on SmolLM2 a cap of 1 took the planner from 0.91x to 0.86x uniform's worst "
+             "slice; on Gemma 3 270M it made it worse (1.43x to 1.61x; a cap of 2: 1.34x), because the bytes went to "
+             "3-bit settings whose scores mislead there too. A lever to try, not a fix: measure the plan.")
     if st.button("Run planner", type="primary", key="run_planner", disabled=not chosen_settings):
         kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
         try:
@@ -363,7 +371,7 @@ else:
                                            and k[0] not in by_hand}, scored_slices,
                                     chosen_settings, pinned=pinned, hardware=hardware,
                                     model=planner_fit.model if use_fit else None)
-            planned = plan_within_budget(problem, rows, described["summary"], PlannerBudget(kind, budget),
+            planned = plan_within_budget(problem, rows, described["summary"], PlannerBudget(kind, budget, low_cap),
                                          objective=objective, base_resolved=resolved, hardware=hardware)
         except ShrinkError as exc:
             st.error(str(exc))
@@ -417,7 +425,8 @@ else:
         kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
         state.set_job_id("plan_loop", jobs.submit(db, "plan_loop", "shrink_core.sensitivity.loop:plan_loop_job", {
             "spec": spec, "slices": scored_slices, "settings": chosen_settings,
-            "budget": {"kind": kind, "value": budget}, "plan": state.plan_draft(), "method": method,
+            "budget": {"kind": kind, "value": budget, "low_per_block": low_cap}, "plan": state.plan_draft(),
+            "method": method,
             "objective": objective, "pinned": pinned, "exclude": sorted(by_hand),
             "target": hardware.name if budget_kind == "ms/token" else None, "rounds": int(loop_rounds),
             "local_steps": int(local_steps), "time_budget_s": 240.0, "measure_on": measure_on,

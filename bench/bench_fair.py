@@ -26,6 +26,8 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   the layer-output ratio tr(dW_gptq H dW_gptq^T) / tr(dW_rtn H dW_rtn^T) (H from GPTQ's calibration inputs;
   `sensitivity/method_error.py`), its first round "rscan"; "rslice-loop": the same with H from each slice's
   calibration rows, a ratio per slice (a slice outside GPTQ's mix keeps more of RTN's error), its first round "rslice".
+  "capped": the additive plan with at most --low-per-block modules of one block at 2 bits (`planner.stacking_rows`),
+  one plan per cap, named capped<N>; "rslice-capped": the same on rslice's scores.
   --calib-sequences: calibration sequences per slice for all of these. Every plan is applied with the method (RTN
   or GPTQ with the default calibration recipe, or --calibration's mix) and MEASURED on --sequences x --seq-len tokens
   of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired
@@ -62,8 +64,9 @@ def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[
     return [round(float(np.percentile(means, 2.5)), 5), round(float(np.percentile(means, 97.5)), 5)]
 
 
+LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local", "local-gptq", "local-uniform")
 VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local",
-            "local-gptq", "local-uniform")
+            "local-gptq", "local-uniform", "capped", "rslice-capped")
 
 
 def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
@@ -97,6 +100,9 @@ def main() -> None:
     parser.add_argument("--calibration", default=None,
                         help="GPTQ's calibration mix on both sides, e.g. en=0.3,fr=0.1,code=0.1 (default: the default "
                              "recipe's multilingual mix)")
+    parser.add_argument("--low-per-block", default="1",
+                        help="the capped variants: at most this many modules of a block at 2 bits (a comma list "
+                        "plans once per cap)")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -260,9 +266,9 @@ def main() -> None:
         size_label = f"uniform {size}" if size in QUANT_SETTINGS else f"{size} bits per weight (uniform: {uniform})"
         choices, loop_rounds = {}, []
 
-        def plan_with(model, budget=budget, table=linear_scores):
+        def plan_with(model, budget=budget, table=linear_scores, cap=None):
             problem = build_problem(rows, table, slices, settings, model=model)
-            return solve(problem, budget_bytes=budget, objective="worst").choice
+            return solve(problem, budget_bytes=budget, objective="worst", low_per_block=cap).choice
 
         started = time.perf_counter()
         for variant in args.variants.split(","):
@@ -271,6 +277,10 @@ def main() -> None:
                 choices[variant] = plan_with(None)
             elif variant == "fitted":
                 choices[variant] = plan_with(fitted)
+            elif variant in ("capped", "rslice-capped"):  # additive, at most --low-per-block 2-bit modules a block
+                table = ratio_scan(True) if variant == "rslice-capped" else linear_scores
+                for cap in args.low_per_block.split(","):
+                    choices[f"{variant}{cap}"] = plan_with(None, table=table, cap=int(cap))
             elif variant == "loop":
                 state = LoopState(list(np.array(x)), list(y), list(ids))
                 rounds, _ = closed_loop(plan_with, loop_measure, rows_of, state=state, rounds=args.loop_rounds,
@@ -309,11 +319,13 @@ def main() -> None:
                                 "worst_predicted": round(s.worst_predicted, 5), "worst_measured": round(s.worst_measured, 5),
                                 "error": round(s.error, 4), "accepted": s.accepted, "seconds": round(s.seconds, 1)}
                                for s in steps]
-            emit({"part": "plan", "size_of": size_label, "variant": variant, "seconds": round(time.perf_counter() - t0, 1),
-                  "settings": {s: list(choices[variant].values()).count(s) for s in settings
-                               if s in choices[variant].values()},
-                  "bytes": float(sum(setting_bytes(rows, [m], [choices[variant][m]])[0, 0] for m in linears)),
-                  "budget": budget, **({"rounds": loop_rounds} if variant != "additive" and variant != "fitted" else {})})
+            for name in [v for v in choices if v == variant or v.startswith(variant) and v[len(variant):].isdigit()]:
+                emit({"part": "plan", "size_of": size_label, "variant": name,
+                      "seconds": round(time.perf_counter() - t0, 1),
+                      "settings": {s: list(choices[name].values()).count(s) for s in settings
+                                   if s in choices[name].values()},
+                      "bytes": float(sum(setting_bytes(rows, [m], [choices[name][m]])[0, 0] for m in linears)),
+                      "budget": budget, **({"rounds": loop_rounds} if variant in LOOPED else {})})
         plan_seconds = time.perf_counter() - started
 
         for method in args.methods.split(","):

@@ -2,6 +2,7 @@
 
   python bench/bench_predict.py collect [--model builtin:smollm2-135m] [--fit-plans 10] [--test-plans 24]
                                         [--out bench/results/predict-DATE/plans.jsonl]
+  python bench/bench_predict.py collect --resume FILE [--fit-plans N] [--test-plans M]
   python bench/bench_predict.py analyse bench/results/predict-DATE/plans.jsonl
 
 collect: the fast scan (one module at a time, Fisher KL for the block linears, exhaustive for the embedding) at every
@@ -68,16 +69,27 @@ def collect(args) -> None:
     from shrink_core.sensitivity.scan import embedding_rows, run_scan
 
     torch.manual_seed(0)
+    done, header = [], None
+    if args.resume:  # the file's scan and its measured plans are kept; the plans not yet measured are added
+        lines = [json.loads(line) for line in Path(args.resume).read_text().splitlines()]
+        header, done = lines[0], lines[1:]
+        args.model, args.out = header["model"], args.resume
     loaded = load(args.model)
     rows = inventory(loaded.model)
     linears = [r.name for r in block_linears(rows)]
     embeddings = [r.name for r in embedding_rows(rows)]
-    settings = list(QUANT_SETTINGS)
-    with tempfile.TemporaryDirectory() as home:
-        report = run_scan(loaded, list(SLICES), settings, "fast", "fast", store=Store(Path(home) / "shrink.db"))
-    scores = score_table(report.records, "kl")
-    emit({"part": "scan", "model": args.model, "settings": settings, "slices": SLICES, "seconds": report.seconds,
-          "timings": {k: round(v, 2) for k, v in report.timings.items()}, "records": len(report.records)})
+    if header is not None:
+        if header["weights_hash"] != loaded.weights_hash:
+            raise SystemExit(f"{args.resume} was collected on other weights than {args.model} has now.")
+        settings = list(header["settings"])
+        scores = {(m, s, sl): v for m, s, sl, v in header["scores_table"]}
+    else:
+        settings = list(QUANT_SETTINGS)
+        with tempfile.TemporaryDirectory() as home:
+            report = run_scan(loaded, list(SLICES), settings, "fast", "fast", store=Store(Path(home) / "shrink.db"))
+        scores = score_table(report.records, "kl")
+        emit({"part": "scan", "model": args.model, "settings": settings, "slices": SLICES, "seconds": report.seconds,
+              "timings": {k: round(v, 2) for k, v in report.timings.items()}, "records": len(report.records)})
     by_name = {r.name: r for r in rows}
     params = np.array([by_name[m].params for m in linears], dtype=float)
     bits = setting_bytes(rows, linears, settings) * 8 / params[:, None]
@@ -89,14 +101,26 @@ def collect(args) -> None:
               for s in SLICES}
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    with out.open("w") as handle:
-        handle.write(json.dumps({"header": True, "model": args.model, "weights_hash": loaded.weights_hash,
-                                 "slices": SLICES, "settings": settings, "embedding": EMBEDDING_SETTING,
-                                 "measure": f"{args.sequences} x {args.seq_len} tokens of each slice's eval rows, "
-                                            "KL(reference || plan) per token, RTN, every module perturbed at once",
-                                 "scores": "fast scan, budget fast (Fisher KL; embedding exhaustive)",
-                                 "scores_table": [[m, s, sl, v] for (m, s, sl), v in scores.items()]}) + "\n")
+    measure = (f"{args.sequences} x {args.seq_len} tokens of each slice's eval rows, KL(reference || plan) per token, "
+               "RTN, every module perturbed at once")
+    if header is not None and header["measure"] != measure:
+        raise SystemExit(f"{args.resume} measured plans on {header['measure']}; resume with the same --sequences "
+                         "and --seq-len.")
+    # the plans are drawn in order from fixed seeds, so the first ones of a resumed file are the same plans
+    for plan, record in zip(plans, done):
+        if record["set"] != plan["set"] or any(record["choice"][m] != s for m, s in plan["choice"].items()):
+            raise SystemExit(f"{args.resume}'s plan {record['index']} is not the one these --fit-plans draw; "
+                             "resume with the --fit-plans it was collected with (or fewer than it has measured).")
+    with out.open("a" if header is not None else "w") as handle:
+        if header is None:
+            handle.write(json.dumps({"header": True, "model": args.model, "weights_hash": loaded.weights_hash,
+                                     "slices": SLICES, "settings": settings, "embedding": EMBEDDING_SETTING,
+                                     "measure": measure,
+                                     "scores": "fast scan, budget fast (Fisher KL; embedding exhaustive)",
+                                     "scores_table": [[m, s, sl, v] for (m, s, sl), v in scores.items()]}) + "\n")
         for index, plan in enumerate(plans):
+            if index < len(done):
+                continue
             choice = {**plan["choice"], **dict.fromkeys(embeddings, EMBEDDING_SETTING)}
             started = time.perf_counter()
             per_module = {m: MENU[s] for m, s in choice.items()}
@@ -160,6 +184,7 @@ def main() -> None:
     c.add_argument("--test-plans", type=int, default=24)
     c.add_argument("--sequences", type=int, default=8)
     c.add_argument("--seq-len", type=int, default=256)
+    c.add_argument("--resume", help="a collect file to continue: its scan and measured plans kept, the rest measured")
     c.add_argument("--out", default=f"bench/results/predict-{time.strftime('%Y-%m-%d')}/plans.jsonl")
     a = sub.add_parser("analyse")
     a.add_argument("path")

@@ -24,6 +24,8 @@ def cli(*args, env=None):
         (["plan", "--out", "p.yaml"], 2,
          "one of the arguments --budget-mb --budget-bits --budget-latency-ms is required"),
         (["plan", "--budget-latency-ms", "40", "--out", "p.yaml"], 1, "--budget-latency-ms needs --target"),
+        (["plan", "--budget-mb", "100", "--max-2bit-per-block", "-1", "--out", "p.yaml"], 1,
+         "2-bit modules per block must be a whole number >= 0, not -1"),
         (["plan", "--budget-latency-ms", "40", "--target", "cray-1", "--out", "p.yaml"], 1, "Unknown target 'cray-1'"),
         (["eval", "--slices", "en", "--protocol", "huge"], 2, "invalid choice: 'huge'"),
     ],

@@ -66,7 +66,7 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
     assert at.session_state["plan_draft"] == before
 
 
-def store_scores(rows):
+def store_scores(rows, settings=("w4g64", "w3g64")):
     store = Store()
     linears = [r for r in rows if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up", "down")]
     from shrink_core import __version__
@@ -75,8 +75,9 @@ def store_scores(rows):
     from shrink_core.sensitivity.settings import get_setting
 
     for slice_id in ("en", "zh"):  # stored as the sensitivity scan stores its scores, under its figure key
-        for setting in ("w4g64", "w3g64"):
-            values = {r.name: [(0.5 if r.block == 0 else 0.01) * (4 if setting == "w3g64" else 1)] * 2 for r in linears}
+        for setting in settings:
+            scale = {"w3g64": 4, "w2g64": 16}.get(setting, 1)
+            values = {r.name: [(0.5 if r.block == 0 else 0.01) * scale] * 2 for r in linears}
             key = scores_key("tiny", slice_id, get_setting(setting), "fast", SCAN_DEPTHS["fast"])
             store.add_result("sensitivity", Provenance(SPEC, "tiny", __version__, "cpu", slice=slice_id, budget="fast"),
                              {"type": "scores", "method": "fast", "setting": setting, "values": values,
@@ -100,6 +101,29 @@ def test_planner_with_stored_scores(stored_tiny):
     draft = at.session_state["plan_draft"]
     assert "planner: " in draft
     assert not at.error and any(m.label == "Packed size" for m in at.metric)  # the old preset rule was dropped
+
+
+def test_the_2bit_cap_per_block_bounds_the_planners_draft(stored_tiny):
+    store_scores(stored_tiny, ("w4g64", "w3g64", "w2g64"))
+    at = page().run()
+    at.radio(key="planner_budget_kind").set_value("bits/weight").run()
+    at.number_input(key="planner_budget_bits/weight").set_value(2.9)
+
+    def two_bit_per_block():
+        resolved = resolve(stored_tiny, load_plan(at.session_state["plan_draft"]))
+        counts = {}
+        for r in resolved:
+            if r.block is not None and r.bits == 2:
+                counts[r.block] = counts.get(r.block, 0) + 1
+        return counts
+
+    at.button(key="run_planner").click().run()
+    assert not at.exception and max(two_bit_per_block().values()) > 1  # the cheap blocks take 2 bits wholesale
+    at.selectbox(key="planner_low_per_block").set_value(1).run()
+    at.number_input(key="planner_budget_bits/weight").set_value(3.4)
+    at.button(key="run_planner").click().run()
+    assert not at.exception and not at.error and at.session_state["planner_result"]["status"] == "optimal"
+    assert two_bit_per_block() and max(two_bit_per_block().values()) == 1
 
 
 def test_planner_under_a_projected_latency_budget(stored_tiny):

@@ -121,3 +121,23 @@ def test_eval_cli_prints_the_same_predicted_vs_measured_table(tmp_path, shrink_h
     assert part["part"] == "toy_en" and part["kl"] == report["slices"]["toy_en"]["kl"]  # streamed, then the report
     (row,) = report["predicted_vs_measured"]
     assert row["slice"] == "toy_en" and row["predicted ΔNLL"] is not None and row["measured ΔNLL"] is not None
+
+
+def test_the_2bit_cap_per_block_travels_with_the_budget():
+    """The cap is part of the budget (the page, the CLI and the closed loop pass it through `limits`): with block 0's
+    linears scored and a budget only 2-bit meets for most of them, the cap bounds the block's 2-bit modules."""
+    model = tiny_llama(hidden=128)
+    rows = inventory(model)
+    problem = _problem(rows)
+    loose = plan_within_budget(problem, rows, summary(model, rows), PlannerBudget("size_mb", 100.0))
+    smallest = sum(min(b for b in problem.bytes[i]) for i in range(len(problem.modules)))
+    target = (loose.fixed_bytes + smallest * 1.3) / 1e6
+    free = plan_within_budget(problem, rows, summary(model, rows), PlannerBudget("size_mb", target))
+    assert list(free.solution.choice.values()).count("w2g64") > 2
+    capped = plan_within_budget(problem, rows, summary(model, rows), PlannerBudget("size_mb", target * 1.2, 2))
+    assert list(capped.solution.choice.values()).count("w2g64") <= 2
+    assert capped.total_bytes <= target * 1.2e6
+    with pytest.raises(ShrinkError, match="whole number >= 0"):
+        PlannerBudget("size_mb", 1.0, -1)
+    with pytest.raises(ShrinkError, match="whole number >= 0"):
+        PlannerBudget("size_mb", 1.0, 1.5)

@@ -264,3 +264,45 @@ def test_planner_rules_for_experts_are_few_exact_and_name_no_module_one_by_one()
     for module, setting in choice.items():
         assert resolved[module].keep if setting == "keep" else resolved[module].bits == bits[setting], module
     assert {r.name for r in resolved.values() if r.rule is None} == {"model.embed_tokens", "lm_head"}
+
+
+def test_low_bit_cap_per_block_is_exact_and_binding():
+    """At most N modules of one block at 2 bits: the solver's answer equals brute force under the same rule, and the
+    cap changes the answer where the uncapped optimum stacks 2-bit modules into one block."""
+    settings = ("keep", "w8", "w4g64", "w2g64")
+    modules, blocks = tuple(f"m{i}" for i in range(6)), (0, 0, 0, 1, 1, None)
+    rng = np.random.default_rng(3)
+    bits = np.array([32, 8, 4.25, 2.25])
+    bytes_ = np.outer(np.full(6, 100.0), bits / 8)
+    loss = np.zeros((2, 6, 4))
+    loss[:, :, 1] = rng.random((2, 6)) * 0.01
+    loss[:, :, 2] = rng.random((2, 6)) * 0.1 + 0.05
+    loss[:, :3, 3] = 0.06  # block 0's modules are cheap at 2 bits: the uncapped plan stacks them
+    loss[:, 3:, 3] = rng.random((2, 3)) * 0.5 + 0.4
+    problem = PlannerProblem(modules, settings, ("a", "b"), loss, bytes_, np.full(6, 100.0),
+                             np.ones((6, 4), dtype=bool), blocks=blocks)
+    budget = float(bytes_[:, 2].sum())  # everything at 4 bits
+    free = solve(problem, budget_bytes=budget)
+    assert sum(free.choice[m] == "w2g64" for m in modules[:3]) >= 2
+    for cap in (0, 1):
+        capped = solve(problem, budget_bytes=budget, low_per_block=cap)
+        best_value = np.inf
+        for picks in itertools.product(range(4), repeat=6):
+            idx = np.array(picks)
+            per_block = [sum(idx[k] == 3 for k in range(6) if blocks[k] == b) for b in (0, 1)]
+            if bytes_[np.arange(6), idx].sum() <= budget and max(per_block) <= cap:
+                best_value = min(best_value, loss[:, np.arange(6), idx].sum(axis=1).max())
+        assert max(capped.predicted.values()) == pytest.approx(best_value, abs=1e-6)
+        for b in (0, 1):
+            assert sum(capped.choice[m] == "w2g64" for m, blk in zip(modules, blocks) if blk == b) <= cap
+        assert max(capped.predicted.values()) >= max(free.predicted.values()) - 1e-9
+    # uniform 2-bit stacks every module of a block: no uniform plan under the cap where only 2 bits fit
+    tight = float(bytes_[:, 3].sum())
+    assert uniform_choice(problem, budget_bytes=tight)[0] == "w2g64"
+    assert uniform_choice(problem, budget_bytes=tight, low_per_block=1) is None
+    assert uniform_choice(problem, budget_bytes=budget, low_per_block=1)[0] == "w4g64"
+    # without blocks the rule is refused in a sentence
+    unblocked = PlannerProblem(modules, settings, ("a", "b"), loss, bytes_, np.full(6, 100.0),
+                               np.ones((6, 4), dtype=bool))
+    with pytest.raises(PlannerError, match="needs each module's block"):
+        solve(unblocked, budget_bytes=budget, low_per_block=1)

@@ -22,12 +22,16 @@ BUDGET_KINDS = {"size_mb": "MB (packed)", "bits_per_weight": "bits/weight (plann
 class PlannerBudget:
     kind: str  # one of BUDGET_KINDS
     value: float
+    low_per_block: int | None = None  # at most this many modules of one block at 2 bits (`planner.stacking_rows`)
 
     def __post_init__(self):
         if self.kind not in BUDGET_KINDS:
             raise ShrinkError(f"Unknown budget kind '{self.kind}'; use one of {', '.join(BUDGET_KINDS)}.")
         if not isinstance(self.value, (int, float)) or isinstance(self.value, bool) or self.value < 0:
             raise ShrinkError(f"A planner budget must be a number >= 0, not {self.value!r}.")
+        cap = self.low_per_block
+        if cap is not None and (not isinstance(cap, int) or isinstance(cap, bool) or cap < 0):
+            raise ShrinkError(f"The cap on 2-bit modules per block must be a whole number >= 0, not {cap!r}.")
 
 
 @dataclass(frozen=True)
@@ -70,7 +74,8 @@ def limits(planned: set[str], rows, summary: dict, budget: PlannerBudget, *, bas
         latency = latency_model(rows, summary, hardware, planned, others)
     kwargs = {"budget_bytes": budget.value * 1e6 - fixed_bytes if budget.kind == "size_mb" else None,
               "average_bits": budget.value if budget.kind == "bits_per_weight" else None,
-              "budget_seconds": (budget.value / 1000 - latency.fixed_seconds) if budget.kind == "latency_ms" else None}
+              "budget_seconds": (budget.value / 1000 - latency.fixed_seconds) if budget.kind == "latency_ms" else None,
+              "low_per_block": budget.low_per_block}
     return Limits(kwargs, fixed_bytes, latency)
 
 

@@ -47,7 +47,7 @@ def local_problem(rows, deltas: np.ndarray, modules: list[str], options: list[st
                           setting_bytes(rows, modules, options), np.array([by_name[m].params for m in modules],
                                                                           dtype=float), allowed,
                           None if hardware is None else setting_seconds(rows, modules, options, hardware),
-                          None if hardware is None else hardware.name)
+                          None if hardware is None else hardware.name, tuple(by_name[m].block for m in modules))
 
 
 def local_search(start: dict[str, str], measured: dict[str, float],

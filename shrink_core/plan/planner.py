@@ -27,6 +27,11 @@ from shrink_core.plan.spec import CALIBRATED_METHODS, Plan, Rule, WeightSpec, wi
 # The planner's choices besides "keep" (which leaves the module as loaded; its loss is 0 by definition).
 SETTINGS = QUANT_SETTINGS
 
+# Below 3 bits, errors of modules in one block compound: on Gemma 3 270M the 2-bit modules of one block measured
+# together up to 1.8x the sum of their scores (docs/plan.md). One-module scores cannot see it; the user may cap how
+# many share a block. Measured, the cap is a lever, not a fix: better on SmolLM2, worse on Gemma (docs/plan.md).
+LOW_BITS = 2
+
 
 class PlannerError(ShrinkError):
     """A budget or objective the planner cannot meet."""
@@ -43,6 +48,7 @@ class PlannerProblem:
     allowed: np.ndarray  # (modules, settings) bool: pinned/kept modules allow one setting only
     seconds: np.ndarray | None = None  # (modules, settings) projected decode-step seconds on `target`
     target: str | None = None
+    blocks: tuple[int | None, ...] | None = None  # (modules,) transformer block per module, None outside blocks
 
     def __post_init__(self):
         s, m, o = len(self.slices), len(self.modules), len(self.settings)
@@ -50,6 +56,8 @@ class PlannerProblem:
             raise ValueError("planner arrays do not match (slices, modules, settings)")
         if self.seconds is not None and self.seconds.shape != (m, o):
             raise ValueError("planner seconds do not match (modules, settings)")
+        if self.blocks is not None and len(self.blocks) != m:
+            raise ValueError("planner blocks do not match modules")
         if not self.allowed.any(axis=1).all():
             raise PlannerError("A module has no allowed setting; unpin it or allow another setting.")
 
@@ -75,7 +83,8 @@ def _bits_per_weight(problem: PlannerProblem) -> np.ndarray:
 def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average_bits: float | None = None,
           budget_seconds: float | None = None, objective: str = "worst", weights: dict[str, float] | None = None,
           time_limit: float = 20.0, offset: np.ndarray | None = None, near: dict[str, str] | None = None,
-          max_changes: int | None = None) -> PlannerSolution:
+          max_changes: int | None = None, low_per_block: int | None = None,
+          low_bits: int = LOW_BITS) -> PlannerSolution:
     """Minimise the predicted loss (worst slice, weighted mix, or one slice) under the budget.
 
     budget_seconds: projected decode-step seconds left for the planned modules (the fixed part already taken off).
@@ -127,6 +136,11 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
         for module, setting in near.items():
             row[0, problem.modules.index(module) * o + problem.settings.index(setting)] = 1
         rows.append(row), lower.append([m - max_changes]), upper.append([np.inf])
+    if low_per_block is not None:
+        stacked = stacking_rows(problem, low_bits)
+        if len(stacked):
+            rows.append(np.hstack([stacked, np.zeros((len(stacked), 1))]))
+            lower.append(np.full(len(stacked), -np.inf)), upper.append(np.full(len(stacked), float(low_per_block)))
     if worst:
         epigraph = np.zeros((s, n + 1))
         epigraph[:, :n] = problem.loss.reshape(s, n)
@@ -168,13 +182,30 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
     )
 
 
+def stacking_rows(problem: PlannerProblem, low_bits: int = LOW_BITS) -> np.ndarray:
+    """(blocks, modules * settings) 0/1 rows: entry (b, module k, setting j) is 1 when k is in block b and j has at
+    most `low_bits` bits; a row times the one-hot choice counts block b's modules at that depth."""
+    if problem.blocks is None:
+        raise PlannerError("A per-block low-bit cap needs each module's block; build the problem from the inventory.")
+    m, o = problem.bytes.shape
+    low = np.array([s in SETTINGS and SETTINGS[s]["bits"] <= low_bits for s in problem.settings])
+    found = sorted({b for b in problem.blocks if b is not None})
+    out = np.zeros((len(found), m * o))
+    for k, block in enumerate(problem.blocks):
+        if block is not None:
+            out[found.index(block), k * o:(k + 1) * o] = low
+    return out
+
+
 def uniform_choice(problem: PlannerProblem, *, budget_bytes: float | None = None, average_bits: float | None = None,
-                   budget_seconds: float | None = None) -> tuple[str, dict[str, str]] | None:
+                   budget_seconds: float | None = None, low_per_block: int | None = None,
+                   low_bits: int = LOW_BITS) -> tuple[str, dict[str, str]] | None:
     """The baseline a mixed plan must beat: every planned module at one setting (a module pinned to one setting keeps
-    it), the setting among those that fit the budget whose scores predict the lowest worst slice. (setting, choice),
-    or None when no single setting fits. `solve`'s budget arguments."""
-    m = len(problem.modules)
+    it), the setting among those that fit the budget and the per-block low-bit cap whose scores predict the lowest
+    worst slice. (setting, choice), or None when no single setting fits. `solve`'s budget arguments."""
+    m, o = problem.bytes.shape
     pinned = problem.allowed.sum(axis=1) == 1
+    stacked = stacking_rows(problem, low_bits) if low_per_block is not None else None
     best = None
     for j, setting in enumerate(problem.settings):
         if setting == "keep" or not problem.allowed[:, j].any():
@@ -182,6 +213,11 @@ def uniform_choice(problem: PlannerProblem, *, budget_bytes: float | None = None
         picks = np.where(problem.allowed[:, j], j, problem.allowed.argmax(axis=1))
         if not (problem.allowed[:, j] | pinned).all():
             continue  # a module that may not take it and is not pinned: not a uniform plan
+        if stacked is not None and len(stacked):
+            one_hot = np.zeros(m * o)
+            one_hot[np.arange(m) * o + picks] = 1
+            if (stacked @ one_hot).max() > low_per_block:
+                continue
         index = np.arange(m)
         total = problem.bytes[index, picks].sum()
         fits = ((budget_bytes is None or total <= budget_bytes + 0.5)
@@ -417,4 +453,5 @@ def build_problem(rows, scores: dict[tuple[str, str, str], float], slices: list[
     params = np.array([by_name[m].params for m in modules], dtype=float)
     seconds = None if hardware is None else setting_seconds(rows, modules, options, hardware)
     return PlannerProblem(tuple(modules), tuple(options), tuple(slices), loss, setting_bytes(rows, modules, options),
-                          params, allowed, seconds, None if hardware is None else hardware.name)
+                          params, allowed, seconds, None if hardware is None else hardware.name,
+                          tuple(by_name[m].block for m in modules))

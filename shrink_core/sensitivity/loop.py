@@ -100,7 +100,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         raise ShrinkError("The closed loop needs KL sensitivity scores for these settings: run a scan first.")
     hardware = get_hardware(target) if target else None
     base_resolved = resolve(rows, load_plan(plan))
-    limit = PlannerBudget(budget["kind"], float(budget["value"]))
+    limit = PlannerBudget(budget["kind"], float(budget["value"]), budget.get("low_per_block"))
     # on Ray the workers load it for protocol runs; probe rounds and local steps need it here
     here = (executor.kind == "local" or measure_on == "probe" or (local_steps and objective == "worst")
             or method_scores)
