@@ -362,8 +362,8 @@ else:
         help="At most this many modules of one transformer block at 2 bits, for the planner, the closed loop and its "
              "local steps: one-module scores miss how 2-bit errors in one block compound. Measured at uniform W3 g64's "
              "size (RTN, docs/plan.md): on SmolLM2 a cap of 1 took the planner from 0.91x to 0.86x uniform's worst "
-             "slice; on Gemma 3 270M it made it worse (1.43x to 1.61x; a cap of 2: 1.34x), because the bytes went to "
-             "3-bit settings whose scores mislead there too. A lever to try, not a fix: measure the plan.")
+             "slice; on Gemma 3 270M it made it worse (1.43x to 1.61x), unless the scores were first scaled per slice "
+             "to the measured plans: then no 2-bit module at all gave 0.77x uniform. A lever to try: measure the plan.")
     if st.button("Run planner", type="primary", key="run_planner", disabled=not chosen_settings):
         kind = {"MB": "size_mb", "bits/weight": "bits_per_weight", "ms/token": "latency_ms"}[budget_kind]
         try:

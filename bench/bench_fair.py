@@ -28,6 +28,9 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   calibration rows, a ratio per slice (a slice outside GPTQ's mix keeps more of RTN's error), its first round "rslice".
   "capped": the additive plan with at most --low-per-block modules of one block at 2 bits (`planner.stacking_rows`),
   one plan per cap, named capped<N>; "rslice-capped": the same on rslice's scores.
+  "sliced": the additive plan on the scan's scores times one factor per slice, the geometric mean of measured / summed
+  KL over the --from file's measured plans (which slice is worst is the scores' per-slice scale); "sliced-capped":
+  the same with each --low-per-block cap, named sliced-capped<N>.
   --calib-sequences: calibration sequences per slice for all of these. Every plan is applied with the method (RTN
   or GPTQ with the default calibration recipe, or --calibration's mix) and MEASURED on --sequences x --seq-len tokens
   of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired
@@ -66,7 +69,7 @@ def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[
 
 LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local", "local-gptq", "local-uniform")
 VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local",
-            "local-gptq", "local-uniform", "capped", "rslice-capped")
+            "local-gptq", "local-uniform", "capped", "rslice-capped", "sliced", "sliced-capped")
 
 
 def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
@@ -277,6 +280,17 @@ def main() -> None:
                 choices[variant] = plan_with(None)
             elif variant == "fitted":
                 choices[variant] = plan_with(fitted)
+            elif variant in ("sliced", "sliced-capped"):
+                factor = {s: float(np.exp(np.mean([np.log(max(r["measured"][s], 1e-9)
+                                                          / max(features(r["choice"], scores, s).sum(), 1e-9))
+                                                   for r in measured_plans]))) for s in slices}
+                emit({"part": "slice-scale", "factor": {s: round(v, 4) for s, v in factor.items()},
+                      "plans": len(measured_plans)})
+                table = {k: v * factor[k[2]] for k, v in linear_scores.items()}
+                if variant == "sliced":
+                    choices[variant] = plan_with(None, table=table)
+                for cap in args.low_per_block.split(",") if variant == "sliced-capped" else []:
+                    choices[f"{variant}{cap}"] = plan_with(None, table=table, cap=int(cap))
             elif variant in ("capped", "rslice-capped"):  # additive, at most --low-per-block 2-bit modules a block
                 table = ratio_scan(True) if variant == "rslice-capped" else linear_scores
                 for cap in args.low_per_block.split(","):

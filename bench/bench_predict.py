@@ -12,7 +12,8 @@ collect: the fast scan (one module at a time, Fisher KL for the block linears, e
   as scored) on its own text: 8 x 256 tokens of each slice's eval rows, KL(reference || plan) per token.
   Two disjoint sets: --fit-plans to fit the interaction model on, --test-plans to report on (different seeds).
 analyse: Spearman and R^2 of predicted vs measured worst-slice KL on the test plans only, for the additive
-  prediction (the sum of the scan's scores) and the fitted interaction model (`plan/interactions.py`).
+  prediction (the sum of the scan's scores), the fitted interaction model (`plan/interactions.py`), and the sum times
+  one factor per slice fitted on the fit plans; and how often each names the measured worst slice.
 Prints JSON lines; each carries the load average.
 """
 from __future__ import annotations
@@ -31,7 +32,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from shrink_core.plan.interactions import BIT_CLASSES, InteractionModel, features, fit, r_squared  # noqa: E402
+from shrink_core.plan.interactions import BIT_CLASSES, features, fit, r_squared  # noqa: E402
 from shrink_core.plan.menu import MENU, QUANT_SETTINGS  # noqa: E402
 
 SLICES = ("en", "fr", "zh", "code", "arith")
@@ -137,10 +138,6 @@ def collect(args) -> None:
                   "worst_measured": round(max(measured.values()), 5), "seconds": record["seconds"]})
 
 
-def worst(model: InteractionModel, record: dict) -> float:
-    return max(float(model.predict(np.array([record["x"][s]]))[0]) for s in record["measured"])
-
-
 def analyse(path: str) -> None:
     from shrink_core.sensitivity.scan import spearman
 
@@ -158,13 +155,24 @@ def analyse(path: str) -> None:
     ids = [r["index"] for r in fitting for s in r["measured"]]
     fitted = fit(np.array(x), np.array(y), ids)
     measured = [max(r["measured"].values()) for r in testing]
+    # one factor per slice: the geometric mean of measured / summed scores over the fit plans (which slice is worst
+    # depends on the slices' relative scale, which the per-bit-width alphas share across slices)
+    factor = {s: float(np.exp(np.mean([np.log(max(r["measured"][s], 1e-9) / max(r["x"][s].sum(), 1e-9))
+                                       for r in fitting]))) for s in fitting[0]["measured"]}
+    per_slice = {"additive": lambda r: {s: float(r["x"][s].sum()) for s in r["measured"]},
+                 "fitted": lambda r: {s: float(fitted.predict(np.array([r["x"][s]]))[0]) for s in r["measured"]},
+                 "slice_scaled": lambda r: {s: factor[s] * float(r["x"][s].sum()) for s in r["measured"]}}
     figures = {}
-    for label, model in (("additive", InteractionModel.additive()), ("fitted", fitted)):
-        predicted = [worst(model, r) for r in testing]
+    for label, predict in per_slice.items():
+        predictions = [predict(r) for r in testing]
+        predicted = [max(p.values()) for p in predictions]
         figures[label] = {"spearman": round(spearman(predicted, measured), 4),
                           "r2": round(r_squared(predicted, measured), 4),
                           "median_abs_rel_error": round(float(np.median(
-                              np.abs(np.array(predicted) - measured) / np.array(measured))), 4)}
+                              np.abs(np.array(predicted) - measured) / np.array(measured))), 4),
+                          "worst_slice_named": sum(max(p, key=p.get) == max(r["measured"], key=r["measured"].get)
+                                                   for p, r in zip(predictions, testing))}
+    figures["slice_factor"] = {s: round(v, 4) for s, v in factor.items()}
     low, high = fitted.interval(np.array([r["x"][max(r["measured"], key=r["measured"].get)]
                                           for r in testing]))
     inside = float(np.mean((np.array(measured) >= low) & (np.array(measured) <= high)))
