@@ -356,7 +356,7 @@ else:
                           help="Scales each bit-width's scores by its fitted alpha (errors at low bits compound), "
                                "the part of the fitted model the exact solver can optimise. Needs the KL metric and "
                                "measured plans (Run this plan, below).")
-    low_cap = st.selectbox(
+    low_cap = st.columns([1, 3])[0].selectbox(
         "2-bit modules per block", [None, 0, 1, 2, 3, 4], index=0, key="planner_low_per_block",
         format_func=lambda n: "no cap" if n is None else f"at most {n}",
         help="At most this many modules of one transformer block at 2 bits, for the planner, the closed loop and its "
