@@ -126,8 +126,8 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
     except KeyError as exc:
         st.caption(f"Fitted prediction: {exc.args[0]}; scan that setting to see it.")
         return measured_fit
-    values = model.predict(x)
-    low, high = model.interval(x)
+    values = model.predict(x, slices)
+    low, high = model.interval(x, slices)
     i = int(np.argmax(values))
     interval = (f"95% interval {low[i]:.3f}-{high[i]:.3f}" if np.isfinite(low[i])
                 else f"no interval: {model.plans} measured plan(s), an interval needs 3")
@@ -140,10 +140,11 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
                                 f"fit on the {last['fitted_on_plans']} plan(s) measured before it, measured "
                                 f"{last['measured']:.4f} KL")
     alphas = ", ".join(f"{k} x{v:.2f}" for k, v in model.to_dict()["alpha"].items())
-    st.caption(f"Fitted: KL = sum over bit-widths of alpha x the scan's scores + gamma x (their total)^2, fitted on "
-               f"{model.plans} measured {method} plans of this model ({model.observations} slice results): {alphas}; "
-               f"gamma {model.gamma:.3g}. {interval}, from the spread of each plan predicted by a fit without it. "
-               "Projected, not measured.")
+    factors = ", ".join(f"{s} x{v:.2f}" for s, v in model.slice_factor)
+    st.caption(f"Fitted: KL = sum over bit-widths of alpha x the slice's factor x the scan's scores + gamma x (their "
+               f"total)^2, fitted on {model.plans} measured {method} plans of this model ({model.observations} slice "
+               f"results): slice factors {factors or 'none'}; {alphas}; gamma {model.gamma:.3g}. {interval}, from "
+               "the spread of each plan predicted by a fit without it. Projected, not measured.")
     if model.untrusted:
         st.warning(f"On this model the fit predicts a held-out measured plan only to within x{model.interval_factor:.1f} "
                    "either way: "

@@ -30,7 +30,9 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   one plan per cap, named capped<N>; "rslice-capped": the same on rslice's scores.
   "sliced": the additive plan on the scan's scores times one factor per slice, the geometric mean of measured / summed
   KL over the --from file's measured plans (which slice is worst is the scores' per-slice scale); "sliced-capped":
-  the same with each --low-per-block cap, named sliced-capped<N>.
+  the same with each --low-per-block cap, named sliced-capped<N>. "fitted-sliced": the product's fitted model (the
+  slice factors, then per-bit-width alphas and gamma on the scaled scores); "fitted-sliced-capped": the same with
+  each cap, named fitted-sliced-capped<N>. ("fitted" is the model with one scale shared by the slices.)
   --calib-sequences: calibration sequences per slice for all of these. Every plan is applied with the method (RTN
   or GPTQ with the default calibration recipe, or --calibration's mix) and MEASURED on --sequences x --seq-len tokens
   of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired
@@ -53,7 +55,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from shrink_core.plan.interactions import LoopState, closed_loop, features, fit  # noqa: E402
+from shrink_core.plan.interactions import LoopState, closed_loop, features, fit, slice_factors  # noqa: E402
 from shrink_core.plan.menu import MENU, QUANT_SETTINGS  # noqa: E402
 
 
@@ -69,7 +71,8 @@ def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[
 
 LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local", "local-gptq", "local-uniform")
 VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local",
-            "local-gptq", "local-uniform", "capped", "rslice-capped", "sliced", "sliced-capped")
+            "local-gptq", "local-uniform", "capped", "rslice-capped", "sliced", "sliced-capped", "fitted-sliced",
+            "fitted-sliced-capped")
 
 
 def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
@@ -145,8 +148,11 @@ def main() -> None:
     x = [features(r["choice"], scores, s) for r in measured_plans for s in slices]
     y = [r["measured"][s] for r in measured_plans for s in slices]
     ids = [r["index"] for r in measured_plans for s in slices]
-    fitted = fit(np.array(x), np.array(y), ids)
-    emit({"part": "model", "fitted_on_plans": fitted.plans, "model": fitted.to_dict(), "source": args.source})
+    slice_of = [s for r in measured_plans for s in slices]
+    fitted = fit(np.array(x), np.array(y), ids)  # one scale shared by the slices (the model before slice factors)
+    product = fit(np.array(x), np.array(y), ids, slice_of)  # the product's model: slice factors first
+    emit({"part": "model", "fitted_on_plans": fitted.plans, "model": fitted.to_dict(), "source": args.source,
+          "fitted_sliced": product.to_dict()})
 
     by_name = {r.name: r for r in rows}
     params = np.array([by_name[m].params for m in linears], dtype=float)
@@ -280,10 +286,13 @@ def main() -> None:
                 choices[variant] = plan_with(None)
             elif variant == "fitted":
                 choices[variant] = plan_with(fitted)
+            elif variant in ("fitted-sliced", "fitted-sliced-capped"):
+                if variant == "fitted-sliced":
+                    choices[variant] = plan_with(product)
+                for cap in args.low_per_block.split(",") if variant == "fitted-sliced-capped" else []:
+                    choices[f"{variant}{cap}"] = plan_with(product, cap=int(cap))
             elif variant in ("sliced", "sliced-capped"):
-                factor = {s: float(np.exp(np.mean([np.log(max(r["measured"][s], 1e-9)
-                                                          / max(features(r["choice"], scores, s).sum(), 1e-9))
-                                                   for r in measured_plans]))) for s in slices}
+                factor, _ = slice_factors([xi.sum() for xi in x], y, slice_of)
                 emit({"part": "slice-scale", "factor": {s: round(v, 4) for s, v in factor.items()},
                       "plans": len(measured_plans)})
                 table = {k: v * factor[k[2]] for k, v in linear_scores.items()}
@@ -296,7 +305,7 @@ def main() -> None:
                 for cap in args.low_per_block.split(","):
                     choices[f"{variant}{cap}"] = plan_with(None, table=table, cap=int(cap))
             elif variant == "loop":
-                state = LoopState(list(np.array(x)), list(y), list(ids))
+                state = LoopState(list(np.array(x)), list(y), list(ids), list(slice_of))
                 rounds, _ = closed_loop(plan_with, loop_measure, rows_of, state=state, rounds=args.loop_rounds,
                                         time_budget_s=3600)  # the page's 4 minutes is one Gemma round
                 best = min(rounds, key=lambda r: r.worst_measured)

@@ -12,8 +12,10 @@ collect: the fast scan (one module at a time, Fisher KL for the block linears, e
   as scored) on its own text: 8 x 256 tokens of each slice's eval rows, KL(reference || plan) per token.
   Two disjoint sets: --fit-plans to fit the interaction model on, --test-plans to report on (different seeds).
 analyse: Spearman and R^2 of predicted vs measured worst-slice KL on the test plans only, for the additive
-  prediction (the sum of the scan's scores), the fitted interaction model (`plan/interactions.py`), and the sum times
-  one factor per slice fitted on the fit plans; and how often each names the measured worst slice.
+  prediction (the sum of the scan's scores), the interaction model fitted with one scale shared by the slices, the sum
+  times one factor per slice fitted on the fit plans, and the product's model (`plan/interactions.py`: the slice
+  factors, then per-bit-width alphas and gamma); how often each names the measured worst slice, and how often each
+  fitted model's 95% interval holds the measured worst slice.
 Prints JSON lines; each carries the load average.
 """
 from __future__ import annotations
@@ -32,7 +34,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 
-from shrink_core.plan.interactions import BIT_CLASSES, features, fit, r_squared  # noqa: E402
+from shrink_core.plan.interactions import BIT_CLASSES, features, fit, r_squared, slice_factors  # noqa: E402
 from shrink_core.plan.menu import MENU, QUANT_SETTINGS  # noqa: E402
 
 SLICES = ("en", "fr", "zh", "code", "arith")
@@ -153,15 +155,21 @@ def analyse(path: str) -> None:
     x = [r["x"][s] for r in fitting for s in r["measured"]]
     y = [r["measured"][s] for r in fitting for s in r["measured"]]
     ids = [r["index"] for r in fitting for s in r["measured"]]
-    fitted = fit(np.array(x), np.array(y), ids)
+    slices = [s for r in fitting for s in r["measured"]]
+    fitted = fit(np.array(x), np.array(y), ids)  # one scale shared by the slices
+    product = fit(np.array(x), np.array(y), ids, slices)  # the product's model: one factor per slice first
     measured = [max(r["measured"].values()) for r in testing]
-    # one factor per slice: the geometric mean of measured / summed scores over the fit plans (which slice is worst
-    # depends on the slices' relative scale, which the per-bit-width alphas share across slices)
-    factor = {s: float(np.exp(np.mean([np.log(max(r["measured"][s], 1e-9) / max(r["x"][s].sum(), 1e-9))
-                                       for r in fitting]))) for s in fitting[0]["measured"]}
+    # one factor per slice alone (which slice is worst depends on the slices' relative scale, which the
+    # per-bit-width alphas share across slices)
+    factor, _ = slice_factors([v.sum() for v in x], y, slices)
+
+    def by_model(model):
+        return lambda r: {s: float(model.predict(np.array([r["x"][s]]), [s])[0]) for s in r["measured"]}
+
     per_slice = {"additive": lambda r: {s: float(r["x"][s].sum()) for s in r["measured"]},
-                 "fitted": lambda r: {s: float(fitted.predict(np.array([r["x"][s]]))[0]) for s in r["measured"]},
-                 "slice_scaled": lambda r: {s: factor[s] * float(r["x"][s].sum()) for s in r["measured"]}}
+                 "fitted": by_model(fitted),
+                 "slice_scaled": lambda r: {s: factor[s] * float(r["x"][s].sum()) for s in r["measured"]},
+                 "fitted_sliced": by_model(product)}
     figures = {}
     for label, predict in per_slice.items():
         predictions = [predict(r) for r in testing]
@@ -173,14 +181,16 @@ def analyse(path: str) -> None:
                           "worst_slice_named": sum(max(p, key=p.get) == max(r["measured"], key=r["measured"].get)
                                                    for p, r in zip(predictions, testing))}
     figures["slice_factor"] = {s: round(v, 4) for s, v in factor.items()}
-    low, high = fitted.interval(np.array([r["x"][max(r["measured"], key=r["measured"].get)]
-                                          for r in testing]))
-    inside = float(np.mean((np.array(measured) >= low) & (np.array(measured) <= high)))
+    coverage = {}
+    for label, model in (("fitted", fitted), ("fitted_sliced", product)):
+        worst = [max(r["measured"], key=r["measured"].get) for r in testing]
+        low, high = model.interval(np.array([r["x"][w] for r, w in zip(testing, worst)]), worst)
+        coverage[label] = round(float(np.mean((np.array(measured) >= low) & (np.array(measured) <= high))), 3)
     emit({"part": "analyse", "file": path, "fit_plans": len(fitting), "test_plans": len(testing),
           "test_avg_bits": [min(r["avg_bits"] for r in testing), max(r["avg_bits"] for r in testing)],
           "test_worst_measured": [round(min(measured), 5), round(max(measured), 5)],
-          "classes": [f"{c}-bit" for c in BIT_CLASSES], "model": fitted.to_dict(), **figures,
-          "interval_coverage_on_worst_slice": round(inside, 3)})
+          "classes": [f"{c}-bit" for c in BIT_CLASSES], "model": fitted.to_dict(),
+          "model_sliced": product.to_dict(), **figures, "interval_coverage_on_worst_slice": coverage})
 
 
 def main() -> None:

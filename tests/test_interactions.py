@@ -25,15 +25,15 @@ def test_fit_recovers_a_model_it_can_express():
     assert np.allclose(model.alpha, alpha, rtol=1e-6) and model.gamma == pytest.approx(0.4, rel=1e-6)
     assert model.plans == 10 and model.observations == 40
     assert model.log_spread < 1e-6  # left-out plans are predicted exactly too
-    low, high = model.interval(x[:3])
+    low, high = model.interval(x[:3], ["en"] * 3)
     assert np.allclose(low, y[:3], rtol=1e-5) and np.allclose(high, y[:3], rtol=1e-5)
 
 
 def test_the_additive_model_is_the_plain_sum_with_no_interval():
     x = np.linspace(0.0, 0.4, len(BIT_CLASSES))[None, :]
     model = InteractionModel.additive()
-    assert model.predict(x)[0] == pytest.approx(x.sum())
-    assert not model.fitted and all(math.isnan(v) for v in np.concatenate(model.interval(x)))
+    assert model.predict(x, ["en"])[0] == pytest.approx(x.sum())
+    assert not model.fitted and all(math.isnan(v) for v in np.concatenate(model.interval(x, ["en"])))
 
 
 def test_a_fit_whose_held_out_plans_miss_by_more_than_x2_is_flagged_untrusted():
@@ -42,8 +42,8 @@ def test_a_fit_whose_held_out_plans_miss_by_more_than_x2_is_flagged_untrusted():
     smollm2, gemma = InteractionModel(ones, 0.0, 35, 7, 0.16), InteractionModel(ones, 0.0, 35, 7, 0.70)
     assert smollm2.interval_factor == pytest.approx(math.exp(1.96 * 0.16)) and not smollm2.untrusted
     assert gemma.interval_factor == pytest.approx(3.94, abs=0.01) and gemma.untrusted
-    low, high = gemma.interval(x)
-    assert high[0] / gemma.predict(x)[0] == pytest.approx(gemma.interval_factor) and low[0] < high[0]
+    low, high = gemma.interval(x, ["en"])
+    assert high[0] / gemma.predict(x, ["en"])[0] == pytest.approx(gemma.interval_factor) and low[0] < high[0]
     assert not InteractionModel.additive().untrusted and math.isnan(InteractionModel.additive().interval_factor)
 
 
@@ -54,10 +54,11 @@ def test_noisy_fit_gives_an_interval_that_covers_held_out_plans():
     y = truth * np.exp(rng.normal(0, 0.1, size=200))  # 10% multiplicative noise
     model = fit(x[:100], y[:100], plan_ids=list(range(100)))
     assert 0.05 < model.log_spread < 0.2
-    low, high = model.interval(x[100:])
+    low, high = model.interval(x[100:], ["en"] * 100)
     assert 0.85 < np.mean((y[100:] >= low) & (y[100:] <= high)) <= 1.0
-    assert r_squared(model.predict(x[100:]), y[100:]) > r_squared(InteractionModel.additive().predict(x[100:]),
-                                                                  y[100:])
+    en = ["en"] * 100
+    assert r_squared(model.predict(x[100:], en), y[100:]) > r_squared(InteractionModel.additive().predict(x[100:], en),
+                                                                      y[100:])
 
 
 def test_r_squared_of_predictions_as_they_are():
@@ -79,7 +80,7 @@ def test_closed_loop_learns_the_compounding_and_stops_when_the_plan_repeats():
 
     def plan_with(model):  # one module must be at 2 bits (a budget); choose the one the model predicts cheaper
         options = [{"a": "w2g64", "b": "w8"}, {"a": "w8", "b": "w2g64"}]
-        return min(options, key=lambda c: model.predict(rows_of(c)["en"][None])[0])
+        return min(options, key=lambda c: model.predict(rows_of(c)["en"][None], ["en"])[0])
 
     ticks = iter(range(100))
     rounds, model = closed_loop(plan_with, measure, rows_of, rounds=5, clock=lambda: next(ticks))
@@ -87,7 +88,7 @@ def test_closed_loop_learns_the_compounding_and_stops_when_the_plan_repeats():
     assert rounds[0].predicted["en"] == pytest.approx(0.21) and rounds[0].measured["en"] == pytest.approx(0.61)
     assert rounds[0].error < -0.6  # the additive model under-predicted by two thirds
     assert len(rounds) == 1  # the refitted model picks the same plan: nothing left to learn from this budget
-    predicted = model.predict(rows_of(rounds[0].choice)["en"][None])[0]
+    predicted = model.predict(rows_of(rounds[0].choice)["en"][None], ["en"])[0]
     assert abs(predicted - 0.61) / 0.61 < 0.1
 
 
@@ -148,7 +149,7 @@ def test_fit_measured_uses_this_models_plans_of_one_method_and_reports_the_newes
     measured = np.array([0.2, 9.0])
 
     def error(model):
-        return float(np.abs(np.log(model.predict(x) / measured)).mean())
+        return float(np.abs(np.log(model.predict(x, ["en", "en"]) / measured)).mean())
 
     assert error(rtn.model) < 0.5 * error(InteractionModel.additive())  # compounding learnt from the measurements
     assert rtn.last["candidate"] == "mixed rtn" and rtn.last["fitted_on_plans"] == 2
@@ -166,3 +167,35 @@ def test_closed_loop_leaves_out_a_slice_that_measured_no_kl():
                                 lambda c: {s: features(c, scores, s) for s in ("en", "arith")}, rounds=2)
     assert list(rounds[0].measured) == ["en"] and list(rounds[0].predicted) == ["en"]
     assert model.observations == 1  # the NaN never reached the fit
+
+
+def test_fit_with_slices_learns_each_slices_scale_and_holds_it_out_honestly():
+    """Measured KL = the slice's factor x the scan's sum (fr overstated tenfold, code fourfold less). With each
+    observation's slice, the fit recovers the factors exactly and leaves the alphas at 1; without, one shared scale
+    cannot say which slice is worst."""
+    from shrink_core.plan.interactions import slice_factors
+
+    rng = np.random.default_rng(2)
+    truth = {"en": 0.2, "fr": 0.1, "code": 0.4}
+    x = rng.uniform(0, 0.5, size=(30, len(BIT_CLASSES)))
+    slices = [("en", "fr", "code")[i % 3] for i in range(30)]
+    y = x.sum(axis=1) * np.array([truth[s] for s in slices])
+    model = fit(x, y, [i // 3 for i in range(30)], slices, ridge=0.0)
+    assert dict(model.slice_factor) == pytest.approx(truth) and np.allclose(model.alpha, 1.0)
+    assert model.log_spread < 1e-6 and model.to_dict()["slice_factor"] == dict(model.slice_factor)
+    assert model.predict(x[:3], slices[:3]) == pytest.approx(y[:3])
+    assert model.other_slices == pytest.approx(math.exp(np.mean(np.log(list(truth.values())))))
+    assert model.factor("zh") == model.other_slices  # a slice no plan measured: the pooled scale
+    assert model.scale("w4g64", "code") == pytest.approx(0.4) and model.scale("keep", "code") == 1.0
+    shared = fit(x, y, [i // 3 for i in range(30)], ridge=0.0)
+    assert shared.slice_factor == () and shared.log_spread > 0.3
+    # one factor per slice: nothing perturbed and nothing measured are no evidence of scale
+    assert slice_factors([0.0, 2.0, 1.0], [0.5, 1.0, 0.0], ["en", "en", "fr"]) == ({"en": 0.5}, 0.5)
+
+
+def test_closed_loop_fits_slice_factors_from_its_rounds():
+    scores = {("a", s, sl): v for s, v in (("w8", 0.01), ("w2g64", 1.0)) for sl in ("en", "code")}
+    rounds, model = closed_loop(lambda m: {"a": "w2g64"}, lambda c: {"en": 0.5, "code": 2.0},
+                                lambda c: {s: features(c, scores, s) for s in ("en", "code")}, rounds=2)
+    assert len(rounds) == 1 and dict(model.slice_factor) == pytest.approx({"code": 2.0, "en": 0.5})
+    assert model.predict(np.array([features({"a": "w2g64"}, scores, "code")]), ["code"])[0] == pytest.approx(2.0)

@@ -54,7 +54,9 @@ def test_probe_rounds_and_local_steps_then_only_the_kept_plan_runs_at_the_protoc
     assert len(fitted) == 1 and 1 <= len(local) <= 2 and result["rounds"][-1] is verified
     assert result["measure_on"] == "probe" and parts[-1] == "verified" and len(parts) == len(result["rounds"])
     # the baseline: every planned module at the one setting that fits 3.8 bits per weight (w3g64, not w4g64)
-    assert uniform["name"].startswith("uniform w3g64") and result["rounds"].index(uniform) == 1
+    # measured first: the fit's first plan (each slice's scale), so round 1 plans on it
+    assert uniform["name"].startswith("uniform w3g64") and result["rounds"].index(uniform) == 0
+    assert fitted[0]["fitted_on_plans"] == 1 and uniform["fitted_on_plans"] == 0
     assert [r["round"] for r in result["rounds"]] == list(range(1, len(result["rounds"]) + 1))
     # the local steps start from the better of the rounds' best and uniform, and must beat it
     best = min(fitted[0]["measured_worst"], uniform["measured_worst"])
@@ -101,17 +103,18 @@ def test_a_round_verified_on_ray_measures_what_the_local_round_measures(scanned_
 
 
 def test_a_round_that_plans_uniform_itself_is_not_measured_again(scanned_home):
-    """With w3g64 the only setting and a budget it alone fills, the round's plan is the uniform plan: the uniform
-    row reuses that round's measurement (same figure, same stored plan) instead of applying and measuring it twice."""
+    """With w3g64 the only setting and a budget it alone fills, the round's plan is the uniform plan, measured first:
+    the round reuses the uniform row's measurement (same figure, same plan) instead of applying and measuring it
+    twice, and the loop ends there (nothing new to fit)."""
     store = Store()
     parts = []
     result = plan_loop(store, SPEC, ["user_notes"], ["w3g64"], {"kind": "bits_per_weight", "value": 3.38},
                        dump_plan(load_plan("preset:w4g64")), rounds=1, part=parts.append)
     kinds = [r["kind"] for r in result["rounds"]]
-    assert kinds == ["fitted", "uniform", "verified"], kinds
-    fitted, uniform, verified = result["rounds"]
+    assert kinds == ["uniform", "fitted", "verified"], kinds
+    uniform, fitted, verified = result["rounds"]
     assert uniform["measured_worst"] == fitted["measured_worst"] > 0 and uniform["name"] == fitted["name"]
-    assert any(n.startswith("Round 1's plan is uniform w3g64 itself") for n in result["notes"]), result["notes"]
+    assert any(n.startswith("Round 1 planned uniform w3g64 itself") for n in result["notes"]), result["notes"]
     assert len(parts) == len(result["rounds"])  # every part the job expected is recorded
     assert verified["probe_worst"] == fitted["measured_worst"]
 

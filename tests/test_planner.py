@@ -1,11 +1,13 @@
 """The planner: exact answers on problems small enough to brute force, budgets, pins, and the plan it writes."""
 import itertools
+import math
 
 import numpy as np
 import pytest
 
 from shrink_core.model.inventory import block_linears, inventory
 from shrink_core.plan import dump_plan, load_plan, resolve
+from shrink_core.plan.interactions import BIT_CLASSES
 from shrink_core.plan.planner import PlannerError, PlannerProblem, build_problem, greedy, solution_plan, solve, uniform_choice
 
 
@@ -306,3 +308,31 @@ def test_low_bit_cap_per_block_is_exact_and_binding():
                                np.ones((6, 4), dtype=bool))
     with pytest.raises(PlannerError, match="needs each module's block"):
         solve(unblocked, budget_bytes=budget, low_per_block=1)
+
+
+def test_slice_factors_make_the_worst_slice_objective_protect_the_slice_that_measures_worst(tiny_model):
+    """Block 0's modules score high on en, block 1's on code, and the scan overstates en fourfold (as Gemma's
+    overstates fr against code). On the raw scores the planner protects en and puts its low bits in block 1; with the
+    fitted slice factors it protects code instead, and the MILP's losses are the scores times alpha times the factor."""
+    from shrink_core.plan.interactions import InteractionModel
+
+    rows = inventory(tiny_model)
+    linears = [r for r in block_linears(rows) if r.block in (0, 1)]
+    heavy = {0: {"en": 4.0, "code": 0.5}, 1: {"en": 1.0, "code": 2.0}}  # scan scores at w2g64, per module
+    scores = {(r.name, s, sl): (heavy[r.block][sl] if s == "w2g64" else 0.0)
+              for r in linears for s in ("w8", "w2g64") for sl in ("en", "code")}
+    model = InteractionModel(tuple(1.0 for _ in BIT_CLASSES), 0.0, 10, 2, math.nan,
+                             slice_factor=(("code", 1.0), ("en", 0.25)))
+
+    def low_bits_per_block(with_model):
+        problem = build_problem(rows, scores, ["en", "code"], ["w8", "w2g64"], allow_keep=False,
+                                model=model if with_model else None)
+        budget = (problem.bytes[:, 0].sum() + problem.bytes[:, 1].sum()) / 2
+        choice = solve(problem, budget_bytes=budget, objective="worst").choice
+        return {b: sum(choice[r.name] == "w2g64" for r in linears if r.block == b) for b in (0, 1)}, problem
+
+    raw, _ = low_bits_per_block(False)
+    scaled, problem = low_bits_per_block(True)
+    assert raw[1] > raw[0] and scaled[0] > scaled[1]
+    i, k = problem.slices.index("en"), problem.modules.index(linears[0].name)
+    assert problem.loss[i, k, problem.settings.index("w2g64")] == pytest.approx(4.0 * 0.25)

@@ -421,8 +421,8 @@ def build_problem(rows, scores: dict[tuple[str, str, str], float], slices: list[
     """rows: inventory; scores[(module, setting, slice)] = predicted loss increase, for block linears and, when
     scanned, the embedding / untied lm_head (every scored module is a decision); pinned: module -> setting;
     hardware: a `perf.hardware.Hardware` row, for a projected-latency budget on that target; model: an
-    `interactions.InteractionModel` whose per-bit-width scales correct the scores (its linear part: what a MILP can
-    optimise exactly)."""
+    `interactions.InteractionModel` whose per-bit-width and per-slice scales correct the scores (its linear part:
+    what a MILP can optimise exactly)."""
     pinned = pinned or {}
     modules = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
     options = (["keep"] if allow_keep or "keep" in pinned.values() else []) + [s for s in settings if s != "keep"]
@@ -444,7 +444,7 @@ def build_problem(rows, scores: dict[tuple[str, str, str], float], slices: list[
                 if key not in scores:
                     raise PlannerError(f"No sensitivity score for {module} at {setting} on '{slice_id}'; run the scan "
                                        "for that setting and slice first.")
-                loss[i, k, j] = max(scores[key], 0.0) * (1.0 if model is None else model.scale(setting))
+                loss[i, k, j] = max(scores[key], 0.0) * (1.0 if model is None else model.scale(setting, slice_id))
     allowed = np.ones((len(modules), len(options)), dtype=bool)
     for k, module in enumerate(modules):
         if module in pinned:

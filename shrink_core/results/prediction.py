@@ -121,10 +121,10 @@ def fit_measured(store, spec: str, weights_hash: str, rows, records, method: str
     """The interaction model (`plan/interactions.py`) fitted on this model's measured candidates of one method.
 
     Each measured slice of a candidate (`measured_observations`) is one observation: the scan's score sums per
-    bit-width against the measured KL. GPTQ candidates fit their own model: the same RTN scan scores, scaled to what
-    GPTQ measured. `last` is the closed loop's error: the newest plan predicted by the model fitted on the plans
-    measured before it. scores: the table whose sums are the features (as `measured_observations`); what is
-    predicted with the model must be summed over the same table."""
+    bit-width against the measured KL, with its slice (each slice gets its own factor). GPTQ candidates fit their
+    own model: the same RTN scan scores, scaled to what GPTQ measured. `last` is the closed loop's error: the newest
+    plan predicted by the model fitted on the plans measured before it. scores: the table whose sums are the
+    features (as `measured_observations`); what is predicted with the model must be summed over the same table."""
     import numpy as np
 
     from shrink_core.plan.interactions import InteractionModel, fit
@@ -135,14 +135,16 @@ def fit_measured(store, spec: str, weights_hash: str, rows, records, method: str
     ids = [f[0] for f in found]
     x, y = np.array([f[1] for f in found]), np.array([f[2] for f in found])
     used = [f[3] for f in found]
+    slices = [u["slice"] for u in used]
     newest = max(ids)
     mine = np.array([i == newest for i in ids])
-    before = fit(x[~mine], y[~mine], [i for i in ids if i != newest]) if (~mine).any() else InteractionModel.additive()
-    predicted = before.predict(x[mine])
+    before = (fit(x[~mine], y[~mine], [i for i in ids if i != newest], [s for s, m in zip(slices, mine) if not m])
+              if (~mine).any() else InteractionModel.additive())
+    predicted = before.predict(x[mine], [s for s, m in zip(slices, mine) if m])
     worst = int(np.argmax(y[mine]))
     newest_used = [u for u, i in zip(used, ids) if i == newest]
     last = {"candidate": newest_used[worst]["candidate"], "slice": newest_used[worst]["slice"],
             "predicted": float(predicted[worst]), "measured": float(y[mine][worst]),
             "error": float((predicted[worst] - y[mine][worst]) / max(y[mine][worst], 1e-9)),
             "fitted_on_plans": before.plans}
-    return MeasuredFit(fit(x, y, ids), used, last)
+    return MeasuredFit(fit(x, y, ids, slices), used, last)

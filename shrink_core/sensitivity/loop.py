@@ -138,7 +138,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     local_steps = local_steps if objective == "worst" else 0
     probing = measure_on == "probe"
     total = rounds + baseline + local_steps + probing  # the kept plan's protocol run is the last part
-    phase = {"local": False, "rounds": 0, "uniform": None}
+    phase = {"local": False, "rounds": 0, "uniform": None, "round": 0}
     # each slice's calibration rows at the scan depth named like the protocol: probe rounds measure on them and
     # local steps score on them (tokenized once; the references once)
     depth = SCAN_DEPTHS.get(eval_budget, SCAN_DEPTHS["fast"])
@@ -210,12 +210,14 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     def measure(choice) -> dict[str, float]:
         index = len(done)
+        if not (phase["uniform"] or phase["local"]):
+            phase["round"] += 1
         label = (f"uniform {phase['uniform']}" if phase["uniform"] else
-                 f"local step {index + 1 - phase['rounds']}" if phase["local"] else f"closed loop round {index + 1}")
+                 f"local step {index + 1 - phase['rounds']}" if phase["local"] else f"closed loop round {phase['round']}")
         name = f"{label} ({limit.kind} {limit.value:g}, {method})"
         where = (f"uniform {phase['uniform']} under the same budget" if phase["uniform"] else
                  f"local step {index + 1 - phase['rounds']}/{local_steps}" if phase["local"]
-                 else f"round {index + 1}/{rounds}")
+                 else f"round {phase['round']}/{rounds}")
         if probing:
             progress(0.05 + 0.9 * index / total, f"{where}: applying the plan, KL on the calibration rows")
             candidate = applied(choice)
@@ -229,19 +231,14 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     state = LoopState()
     if not probing:  # warm start: every plan of this model and method measured before, at a protocol
-        for candidate_id, x, y, _ in measured_observations(store, spec, weights_hash, rows, records, method,
-                                                           scores=all_scores):
-            state.add(candidate_id, np.array([x]), [y])
-    loop_rounds, model = closed_loop(plan_with, measure, rows_of, state=state, rounds=rounds,
-                                     time_budget_s=time_budget_s)
-    out = []
-    for r, stored in zip(loop_rounds, done):
-        out.append({"round": r.index + 1, "kind": "fitted", "candidate_id": stored["candidate_id"],
-                    "name": stored["name"], "predicted_worst": r.worst_predicted, "measured_worst": r.worst_measured,
-                    "error": r.error, "fitted_on_plans": r.model["plans"], "seconds": round(r.seconds, 1)})
-    best = min(loop_rounds, key=lambda r: r.worst_measured) if loop_rounds else None
-    start = (best.choice, best.measured) if best else None
-    if baseline and loop_rounds and time_budget_s - (time.perf_counter() - started) > 0:
+        for candidate_id, x, y, used in measured_observations(store, spec, weights_hash, rows, records, method,
+                                                              scores=all_scores):
+            state.add(candidate_id, np.array([x]), [y], [used["slice"]])
+    # the uniform plan first: the baseline a mixed plan must beat, and the first measured plan the fit learns each
+    # slice's scale from, so round 1 already plans on it (on Gemma 3 270M the scan's scale differs fourfold between
+    # slices; docs/plan.md)
+    uniform, known, out = None, {}, []
+    if baseline:
         problem = build_problem(rows, scores, slices, settings, pinned=pinned, hardware=hardware)
         found = uniform_choice(problem, **limits(set(problem.modules), rows, described["summary"], limit,
                                                  base_resolved=base_resolved, hardware=hardware).solve_kwargs)
@@ -249,33 +246,51 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
             notes.append("No single setting fits this budget, so there is no uniform plan to compare with.")
         else:
             setting, choice = found
+            choice = {m: choice[m] for m in problem.modules}
             t0 = time.perf_counter()
-            # a round that planned uniform itself was measured already: its row is reused, not measured twice
-            same = next((i for i, r in enumerate(loop_rounds)
-                         if all(r.choice.get(m) == choice[m] for m in problem.modules)), None)
-            if same is not None:
-                measured, stored = dict(loop_rounds[same].measured), done[same]
-                notes.append(f"Round {same + 1}'s plan is uniform {setting} itself; its measurement is the uniform "
-                             "row's.")
-                part(f"uniform (round {same + 1})")
-            else:
-                phase["uniform"] = setting
-                measured = {s: float(v) for s, v in measure(choice).items() if np.isfinite(float(v))}
-                phase["uniform"], stored = None, done[-1]
+            model = state.fit()
+            phase["uniform"] = setting
+            measured = {s: float(v) for s, v in measure(choice).items() if np.isfinite(float(v))}
+            phase["uniform"] = None
             if measured:
                 rows_x = rows_of(choice)
-                predicted = dict(zip(measured, model.predict(np.array([rows_x[s] for s in measured]))))
+                predicted = dict(zip(measured, model.predict(np.array([rows_x[s] for s in measured]),
+                                                             list(measured))))
                 worst = max(measured.values())
-                out.append({"round": len(out) + 1, "kind": "uniform", "candidate_id": stored["candidate_id"],
-                            "name": stored["name"], "predicted_worst": float(max(predicted.values())),
+                out.append({"round": 1, "kind": "uniform", "candidate_id": done[-1]["candidate_id"],
+                            "name": done[-1]["name"], "predicted_worst": float(max(predicted.values())),
                             "measured_worst": worst, "error": (max(predicted.values()) - worst) / max(worst, 1e-9),
-                            "seconds": round(time.perf_counter() - t0, 1)})
-                if worst < best.worst_measured:
-                    notes.append(f"Uniform {setting} under the same budget measured better than every planned round "
-                                 f"({worst:.4f} against {best.worst_measured:.4f}): the scan's scores misled the "
-                                 "planner here, so the loop keeps uniform"
-                                 + (" and its local steps start from it." if local_steps else "."))
-                    start = ({m: choice[m] for m in problem.modules}, measured)
+                            "fitted_on_plans": model.plans, "seconds": round(time.perf_counter() - t0, 1)})
+                state.add(("uniform", setting), np.array([rows_x[s] for s in measured]), list(measured.values()),
+                          list(measured))
+                uniform = (setting, choice, measured, done[-1])
+                known[tuple(sorted(choice.items()))] = measured
+    loop_rounds, model = closed_loop(plan_with, measure, rows_of, state=state, rounds=rounds,
+                                     time_budget_s=max(time_budget_s - (time.perf_counter() - started), 0.0),
+                                     known=known)
+    measured_rounds = iter(done[1:] if uniform else done)
+    for r in loop_rounds:
+        reused = uniform is not None and r.choice == uniform[1]
+        stored = uniform[3] if reused else next(measured_rounds)
+        if reused:
+            notes.append(f"Round {r.index + 1} planned uniform {uniform[0]} itself; its measurement is the uniform "
+                         "row's, not repeated.")
+            part(f"round {r.index + 1} (uniform)")
+        out.append({"round": len(out) + 1, "kind": "fitted", "candidate_id": stored["candidate_id"],
+                    "name": stored["name"], "predicted_worst": r.worst_predicted, "measured_worst": r.worst_measured,
+                    "error": r.error, "fitted_on_plans": r.model["plans"], "seconds": round(r.seconds, 1)})
+    best = min(loop_rounds, key=lambda r: r.worst_measured) if loop_rounds else None
+    start = (best.choice, best.measured) if best else None
+    if uniform is not None:
+        setting, choice, measured, _ = uniform
+        worst = max(measured.values())
+        if best is None or worst < best.worst_measured:
+            if best is not None:
+                notes.append(f"Uniform {setting} under the same budget measured better than every planned round "
+                             f"({worst:.4f} against {best.worst_measured:.4f}): the scan's scores misled the "
+                             "planner here, so the loop keeps uniform"
+                             + (" and its local steps start from it." if local_steps else "."))
+            start = (choice, measured)
     left = time_budget_s - (time.perf_counter() - started)
     if local_steps and method != "rtn":  # the method's weight table (`method_option_weights`) must fit
         refused = table_refusal(loaded.model, planned, len(settings) + 1, method) if not weights.built else None
