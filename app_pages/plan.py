@@ -354,8 +354,9 @@ else:
     can_fit = planner_fit.model.fitted and metric == "kl"
     use_fit = st.checkbox(f"Correct the KL scores with the fit on {planner_fit.model.plans} measured {method} plan(s)",
                           value=can_fit, disabled=not can_fit, key=f"planner_use_fit_{method}_{can_fit}",
-                          help="Scales each bit-width's scores by its fitted alpha (errors at low bits compound), "
-                               "the part of the fitted model the exact solver can optimise. Needs the KL metric and "
+                          help="Scales each score by its bit-width's fitted alpha (errors at low bits compound) and "
+                               "its slice's fitted factor (the scan's scale can differ per slice), the part of the "
+                               "fitted model the exact solver can optimise. Needs the KL metric and "
                                "measured plans (Run this plan, below).")
     low_cap = st.columns([1, 3])[0].selectbox(
         "2-bit modules per block", [None, 0, 1, 2, 3, 4], index=0, key="planner_low_per_block",

@@ -22,8 +22,9 @@ Where the rounds are measured (`measure_on`):
 - "protocol": every round run exactly as "Run this plan" runs one, stored as a candidate (Results page); the fit
   starts from every measured plan of this model and method in the store. Many times slower.
 
-After the rounds the uniform plan under the same budget is measured the same way (`baseline`: every planned module at
-the one setting that fits and scores best, `planner.uniform_choice`). A mixed plan is only worth shipping if it beats
+Before the rounds the uniform plan under the same budget is measured the same way (`baseline`: every planned module at
+the one setting that fits and scores best, `planner.uniform_choice`); it is also the fit's first plan, so round 1
+plans on each slice's measured scale. A mixed plan is only worth shipping if it beats
 that, and on some models the scan's scores lead the planner to plans that measure worse (Gemma 3 at the bytes of
 W3 g64, docs/plan.md): then the loop keeps uniform, and the local steps start from it, so what the loop returns never
 measures worse than uniform on the rows it measures on.
