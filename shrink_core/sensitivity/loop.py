@@ -266,10 +266,11 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
                           list(measured))
                 uniform = (setting, choice, measured, done[-1])
                 known[tuple(sorted(choice.items()))] = measured
+    first_round = len(done)  # the uniform plan's entry, if it was measured, comes before (even with no finite KL)
     loop_rounds, model = closed_loop(plan_with, measure, rows_of, state=state, rounds=rounds,
                                      time_budget_s=max(time_budget_s - (time.perf_counter() - started), 0.0),
                                      known=known)
-    measured_rounds = iter(done[1:] if uniform else done)
+    measured_rounds = iter(done[first_round:])
     for r in loop_rounds:
         reused = uniform is not None and r.choice == uniform[1]
         stored = uniform[3] if reused else next(measured_rounds)
