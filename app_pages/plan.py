@@ -16,7 +16,7 @@ from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, reso
 from shrink_core.plan.budget import PlannerBudget, plan_within_budget, quant_specs
 from shrink_core.plan.explain import explain
 from shrink_core.plan.interactions import features
-from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
+from shrink_core.plan.planner import PLANNER_SETTINGS, build_problem, solution_plan
 from shrink_core.plan.predict import predict, score_table, settings_by_module
 from shrink_core.plan.presets import PRESETS
 from shrink_core.plan.spec import INT_METHODS, METHOD_DESCRIPTIONS
@@ -325,7 +325,7 @@ st.markdown("#### Planner")
 if not scores:
     st.info("The planner needs sensitivity scores for this model: run a scan on the Sensitivity page.")
 else:
-    scored_settings = sorted({s for _, s, _ in scores} & set(SETTINGS))
+    scored_settings = sorted({s for _, s, _ in scores} & set(PLANNER_SETTINGS))
     form = st.columns([1, 1, 2, 2, 1])
     budget_kind = form[0].radio("Budget", ["MB", "bits/weight", "ms/token"], key="planner_budget_kind",
                                 format_func=lambda k: {"ms/token": f"projected ms/token on {hardware.name}"}.get(k, k))
@@ -336,7 +336,13 @@ else:
                                   else "%.1f", key=f"planner_budget_{budget_kind}")
     objective = form[2].selectbox("Objective", ["worst"] + scored_slices, key="planner_objective",
                                   format_func=lambda o: "worst slice" if o == "worst" else f"slice {o}")
-    chosen_settings = form[3].multiselect("Settings", scored_settings, default=scored_settings, key="planner_settings")
+    chosen_settings = form[3].multiselect(
+        "Settings", scored_settings, default=[s for s in scored_settings if not PLANNER_SETTINGS[s].masks],
+        key="planner_settings",
+        help="What the planner may choose for each module. Settings with +nm24 also prune (a 2:4 magnitude mask, "
+             "then the format), counted at their sparse format's bytes as the size above counts them: pruning is "
+             "chosen only where you add them here (scan them on the Sensitivity page first). The latency budget "
+             "times them as their dense format: no sparse kernel is assumed.")
     method = form[4].selectbox("Method", list(INT_METHODS), key="planner_method", help=METHODS_HELP)
     # kept linears stay kept; the embedding / lm_head only when a rule keeps it explicitly (presets leave it untouched)
     pinned = {r["module"]: "keep" for r in table.to_dict("records") if r["keep"] and (

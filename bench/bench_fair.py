@@ -33,6 +33,11 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   the same with each --low-per-block cap, named sliced-capped<N>. "fitted-sliced": the product's fitted model (the
   slice factors, then per-bit-width alphas and gamma on the scaled scores); "fitted-sliced-capped": the same with
   each cap, named fitted-sliced-capped<N>. ("fitted" is the model with one scale shared by the slices.)
+  --scan-more: menu settings the --from file did not scan (e.g. the 2:4 + format ones), scanned here the same way
+  (fast scan, budget fast; the scan's gradients are the same for every setting, so the scores are comparable);
+  "fitted-sliced-pruned": "fitted-sliced" with those settings also on the planner's menu (every other variant plans
+  without them), so the pair shows what allowing pruning buys at the same bytes (a masked setting counts at its
+  sparse format's bytes).
   --calib-sequences: calibration sequences per slice for all of these. Every plan is applied with the method (RTN
   or GPTQ with the default calibration recipe, or --calibration's mix) and MEASURED on --sequences x --seq-len tokens
   of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired
@@ -72,7 +77,7 @@ def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[
 LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local", "local-gptq", "local-uniform")
 VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local",
             "local-gptq", "local-uniform", "capped", "rslice-capped", "sliced", "sliced-capped", "fitted-sliced",
-            "fitted-sliced-capped")
+            "fitted-sliced-capped", "fitted-sliced-pruned")
 
 
 def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
@@ -109,6 +114,7 @@ def main() -> None:
     parser.add_argument("--low-per-block", default="1",
                         help="the capped variants: at most this many modules of a block at 2 bits (a comma list "
                         "plans once per cap)")
+    parser.add_argument("--scan-more", default="", help="settings to scan here and offer to the *-pruned variants")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -145,6 +151,23 @@ def main() -> None:
             raise SystemExit(f"{args.source} has no scores for {', '.join(unknown)}; choose from {', '.join(settings)}.")
         settings = [s for s in settings if s in args.settings.split(",")]
     # recomputed from each plan's choice: the bit classes grow with the menu (llama.cpp types added 5-bit)
+    more = [s for s in args.scan_more.split(",") if s]
+    if more:
+        import tempfile
+
+        from shrink_core.plan.predict import score_table
+        from shrink_core.results.store import Store
+        from shrink_core.sensitivity.scan import run_scan
+
+        unknown = sorted(set(more) - set(MENU))
+        if unknown:
+            raise SystemExit(f"--scan-more: unknown setting(s) {', '.join(unknown)}; choose from {', '.join(MENU)}.")
+        with tempfile.TemporaryDirectory() as home:
+            report = run_scan(loaded, slices, more, "fast", "fast", store=Store(Path(home) / "shrink.db"))
+        found = {k: v for k, v in score_table(report.records, "kl").items() if k[1] in more}
+        scores.update(found)
+        linear_scores.update({k: v for k, v in found.items() if k[0] in set(linears)})
+        emit({"part": "scan-more", "settings": more, "seconds": report.seconds, "records": len(report.records)})
     x = [features(r["choice"], scores, s) for r in measured_plans for s in slices]
     y = [r["measured"][s] for r in measured_plans for s in slices]
     ids = [r["index"] for r in measured_plans for s in slices]
@@ -275,8 +298,8 @@ def main() -> None:
         size_label = f"uniform {size}" if size in QUANT_SETTINGS else f"{size} bits per weight (uniform: {uniform})"
         choices, loop_rounds = {}, []
 
-        def plan_with(model, budget=budget, table=linear_scores, cap=None):
-            problem = build_problem(rows, table, slices, settings, model=model)
+        def plan_with(model, budget=budget, table=linear_scores, cap=None, extra=()):
+            problem = build_problem(rows, table, slices, settings + list(extra), model=model)
             return solve(problem, budget_bytes=budget, objective="worst", low_per_block=cap).choice
 
         started = time.perf_counter()
@@ -286,6 +309,10 @@ def main() -> None:
                 choices[variant] = plan_with(None)
             elif variant == "fitted":
                 choices[variant] = plan_with(fitted)
+            elif variant == "fitted-sliced-pruned":
+                if not more:
+                    raise SystemExit("fitted-sliced-pruned needs --scan-more (the settings it may also choose).")
+                choices[variant] = plan_with(product, extra=more)
             elif variant in ("fitted-sliced", "fitted-sliced-capped"):
                 if variant == "fitted-sliced":
                     choices[variant] = plan_with(product)
@@ -345,7 +372,7 @@ def main() -> None:
             for name in [v for v in choices if v == variant or v.startswith(variant) and v[len(variant):].isdigit()]:
                 emit({"part": "plan", "size_of": size_label, "variant": name,
                       "seconds": round(time.perf_counter() - t0, 1),
-                      "settings": {s: list(choices[name].values()).count(s) for s in settings
+                      "settings": {s: list(choices[name].values()).count(s) for s in settings + more
                                    if s in choices[name].values()},
                       "bytes": float(sum(setting_bytes(rows, [m], [choices[name][m]])[0, 0] for m in linears)),
                       "budget": budget, **({"rounds": loop_rounds} if variant in LOOPED else {})})
@@ -374,6 +401,7 @@ def main() -> None:
                   "eval": f"{args.sequences} x {args.seq_len} tokens of each slice's eval "
                   "rows, KL(reference || plan) per token, measured on CPU",
                   "packed_bytes": {label: r.totals["total_packed_bytes"] for label, r in applied.items()},
+                  "packed_sparse_bytes": {label: r.totals["total_packed_sparse_bytes"] for label, r in applied.items()},
                   "per_slice": figures, "worst_slice": {label: {"slice": s, "kl": figures[label][s]["kl"],
                                                                 "ci95": figures[label][s]["ci95"]}
                                                         for label, s in worst.items()},

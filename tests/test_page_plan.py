@@ -66,7 +66,7 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
     assert at.session_state["plan_draft"] == before
 
 
-def store_scores(rows, settings=("w4g64", "w3g64")):
+def store_scores(rows, settings=("w4g64", "w3g64"), scales=None):
     store = Store()
     linears = [r for r in rows if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up", "down")]
     from shrink_core import __version__
@@ -76,8 +76,9 @@ def store_scores(rows, settings=("w4g64", "w3g64")):
 
     for slice_id in ("en", "zh"):  # stored as the sensitivity scan stores its scores, under its figure key
         for setting in settings:
-            scale = {"w3g64": 4, "w2g64": 16}.get(setting, 1)
-            values = {r.name: [(0.5 if r.block == 0 else 0.01) * scale] * 2 for r in linears}
+            scale = (scales or {"w3g64": 4, "w2g64": 16}).get(setting, 1)
+            values = {r.name: [(0.5 if r.block == 0 else 0.01) * scale(r.block) if callable(scale) else
+                               (0.5 if r.block == 0 else 0.01) * scale] * 2 for r in linears}
             key = scores_key("tiny", slice_id, get_setting(setting), "fast", SCAN_DEPTHS["fast"])
             store.add_result("sensitivity", Provenance(SPEC, "tiny", __version__, "cpu", slice=slice_id, budget="fast"),
                              {"type": "scores", "method": "fast", "setting": setting, "values": values,
@@ -124,6 +125,35 @@ def test_the_2bit_cap_per_block_bounds_the_planners_draft(stored_tiny):
     at.button(key="run_planner").click().run()
     assert not at.exception and not at.error and at.session_state["planner_result"]["status"] == "optimal"
     assert two_bit_per_block() and max(two_bit_per_block().values()) == 1
+
+
+def test_pruning_is_on_the_planners_menu_only_where_the_user_adds_it(stored_tiny):
+    """A 2:4 + w4g64 setting (w3g64's bytes, stored sparse) is scanned but not selected by default: the plan at 3.375
+    bits prunes nothing. Added to the settings, the planner prunes the block where the mask costs less than a bit,
+    and the page's size counts those modules at their sparse format's bytes."""
+    # block 0: the mask (x2) hurts less than w3g64 (x4); elsewhere it hurts more (x10 against x4)
+    store_scores(stored_tiny, ("w4g64", "w3g64", "w4g64+nm24"),
+                 scales={"w3g64": 4, "w4g64+nm24": lambda block: 2 if block == 0 else 10})
+    at = page().run()
+    assert not at.exception
+    assert at.multiselect(key="planner_settings").value == ["w3g64", "w4g64"]
+    assert "w4g64+nm24" in at.multiselect(key="planner_settings").options
+    at.radio(key="planner_budget_kind").set_value("bits/weight").run()
+    at.number_input(key="planner_budget_bits/weight").set_value(3.375)
+    at.button(key="run_planner").click().run()
+    assert not at.exception and not at.error
+    assert "prune" not in at.session_state["plan_draft"]
+    at.multiselect(key="planner_settings").set_value(["w3g64", "w4g64", "w4g64+nm24"]).run()
+    at.button(key="run_planner").click().run()
+    assert not at.exception and not at.error and at.session_state["planner_result"]["status"] == "optimal"
+    resolved = resolve(stored_tiny, load_plan(at.session_state["plan_draft"]))
+    pruned = {r.block for r in resolved if r.prune is not None}
+    assert pruned == {0} and all(r.bits == 4 for r in resolved if r.prune is not None)
+    assert "planner: w4g64+nm24" in at.session_state["plan_draft"]
+    # the planner's whole-model bytes are the page's size: the pruned modules at their sparse format's
+    assert at.session_state["planner_result"]["bytes"] == totals(resolved, stored_tiny)["total_packed_sparse_bytes"]
+    assert totals(resolved, stored_tiny)["total_packed_sparse_bytes"] < totals(resolved, stored_tiny)["total_packed_bytes"]
+    assert any("pruned modules at their sparse format" in c.value for c in at.caption)
 
 
 def test_planner_under_a_projected_latency_budget(stored_tiny):

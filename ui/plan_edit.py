@@ -120,7 +120,7 @@ def hand_pinned(plan, resolved) -> dict[str, str]:
         rule = rules.get(r.rule)
         if rule is not None and rule.name is not None and not rule.note.startswith("planner"):
             pinned[r.name] = setting_name(r.bits, r.group_size, bool(r.weights and r.weights.symmetric), r.keep,
-                                         r.weights.ggml if r.weights else None)
+                                         r.weights.ggml if r.weights else None, r.prune)
     return pinned
 
 

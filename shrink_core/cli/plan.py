@@ -7,7 +7,7 @@ from functools import partial
 
 from shrink_core.cli.entry import add_model_args, print_json
 from shrink_core.errors import ShrinkError
-from shrink_core.plan.menu import PLANNER_DEFAULT, QUANT_SETTINGS
+from shrink_core.plan.menu import PLANNER_DEFAULT, PLANNER_SETTINGS
 from shrink_core.plan.spec import INT_METHODS, METHOD_DESCRIPTIONS
 
 
@@ -23,7 +23,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--objective", default="worst", help="worst (worst slice), or one slice id")
     parser.add_argument("--slices", default="en,fr,zh,code")
     parser.add_argument("--settings", default=",".join(PLANNER_DEFAULT),
-                        help=f"settings the planner may choose, from: {', '.join(QUANT_SETTINGS)}")
+                        help=f"settings the planner may choose, from: {', '.join(PLANNER_SETTINGS)} (those with "
+                             "+nm24 add a 2:4 magnitude mask, counted at their sparse format's bytes: list them to "
+                             "allow pruning)")
     parser.add_argument("--method", default="rtn", choices=list(INT_METHODS),
                         help="quantization method in the plan: " + " ".join(f"{m}: {METHOD_DESCRIPTIONS[m]}"
                                                                              for m in INT_METHODS))
@@ -109,7 +111,7 @@ def run(args, parser) -> int:
     from shrink_core.perf.hardware import get as get_hardware
     from shrink_core.plan import dump_plan
     from shrink_core.plan.budget import PlannerBudget, plan_within_budget
-    from shrink_core.plan.planner import SETTINGS, build_problem, solution_plan
+    from shrink_core.plan.planner import build_problem, solution_plan
     from shrink_core.plan.predict import score_table
     from shrink_core.results.method_ratios import method_score_table
     from shrink_core.results.store import Store
@@ -119,9 +121,9 @@ def run(args, parser) -> int:
     check_writable(args.out, "--out")
     slice_ids = [s.id for s in parse_slice_list(args.slices)]
     setting_ids = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = [s for s in setting_ids if s not in SETTINGS]
+    unknown = [s for s in setting_ids if s not in PLANNER_SETTINGS]
     if unknown:
-        raise ShrinkError(f"The planner cannot use setting '{unknown[0]}'; choose from {', '.join(SETTINGS)}.")
+        raise ShrinkError(f"The planner cannot use setting '{unknown[0]}'; choose from {', '.join(PLANNER_SETTINGS)}.")
     if args.budget_latency_ms is not None and not args.target:
         raise ShrinkError("--budget-latency-ms needs --target, the hardware the latency is projected for; one of "
                           f"{', '.join(r.name for r in DEFAULT_ROWS)}.")

@@ -64,7 +64,7 @@ def limits(planned: set[str], rows, summary: dict, budget: PlannerBudget, *, bas
            hardware=None) -> Limits:
     """Take off the budget what the modules outside `planned` cost (their base plan's bytes and projected time)."""
     base = {r.name: r for r in base_resolved} if base_resolved is not None else {}
-    fixed_bytes = int(sum(base[r.name].packed_bytes if r.name in base else r.bytes  # a tied head: 0, at its owner
+    fixed_bytes = int(sum(base[r.name].stored_bytes if r.name in base else r.bytes  # a tied head: 0, at its owner
                           for r in rows if r.name not in planned))
     if budget.kind == "latency_ms" and hardware is None:
         raise ShrinkError("A latency budget needs a hardware target to project on; pick one (`measure --list-targets`).")

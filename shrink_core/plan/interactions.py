@@ -26,15 +26,16 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from shrink_core.plan.menu import QUANT_SETTINGS
+from shrink_core.plan.menu import PLANNER_SETTINGS
 
-BIT_CLASSES = tuple(sorted({spec["bits"] for spec in QUANT_SETTINGS.values()}, reverse=True))  # (8, 6, 4, 3, 2)
+BIT_CLASSES = tuple(sorted({s.bits for s in PLANNER_SETTINGS.values()}, reverse=True))  # (8, 6, 4, 3, 2)
 
 
 def bit_class(setting: str) -> int | None:
-    """The bit-width a menu setting belongs to; None for keep (no error) and anything off the menu."""
-    spec = QUANT_SETTINGS.get(setting)
-    return None if spec is None else spec["bits"]
+    """The bit-width a planner setting belongs to (a 2:4 + format setting: its format's); None for keep (no error)
+    and anything off the menu."""
+    spec = PLANNER_SETTINGS.get(setting)
+    return None if spec is None else spec.bits
 
 
 def features(choice: dict[str, str], scores: dict[tuple[str, str, str], float], slice_id: str) -> np.ndarray:

@@ -1,7 +1,10 @@
-"""The menu of settings: every named (weight format or pruning mask) a module can be scanned at or planned to.
+"""The menu of settings: every named (weight format, pruning mask, or both) a module can be scanned at or planned to.
 
 One definition for the sensitivity scan, the planner, the Plan page's table and the CLI. A setting is measured with
 its calibration-free method (round-to-nearest, magnitude masks); a plan may apply the same format with GPTQ.
+A setting that both masks and quantizes (`w4g64+nm24`) is applied as the engine applies such a rule: the magnitude
+mask on the original weight, then round-to-nearest on what it keeps; its bytes are the sparse format's (kept values,
+their scales and zeros, 2 bits of index per kept value), the size `eval` and the Plan page count.
 """
 from __future__ import annotations
 
@@ -18,17 +21,27 @@ class Setting:
     bits: int | None = None  # quantization: round-to-nearest at these bits
     group_size: int | None = None  # None = per output channel
     symmetric: bool = False
-    prune: str | None = None  # "nm24" (2:4 magnitude) | "magnitude50" (50% unstructured magnitude)
+    prune: str | None = None  # "nm24" (2:4 magnitude) | "magnitude50" (50% unstructured magnitude); with bits: both
     ggml: str | None = None  # a llama.cpp type (bits is then its nominal width): its blocks, its reference quantizer
     version: int = 2  # 2: a group that does not divide the row leaves a partial last group (was per-channel)
 
     def __post_init__(self):
-        if (self.bits is None) == (self.prune is None):
-            raise ShrinkError(f"Setting '{self.id}' must either quantize or prune, not both or neither.")
+        if self.bits is None and self.prune is None:
+            raise ShrinkError(f"Setting '{self.id}' must quantize, prune, or both.")
+        if self.ggml is not None and self.prune is not None:
+            raise ShrinkError(f"Setting '{self.id}': llama.cpp's types store no sparsity, so they cannot also prune.")
 
     @property
     def quantizes(self) -> bool:
         return self.bits is not None
+
+    @property
+    def masks(self) -> bool:
+        return self.prune is not None
+
+    def prune_fields(self) -> dict | None:
+        """The mask as PruneSpec fields (masking settings only)."""
+        return None if self.prune is None else dict(PRUNE_FIELDS[self.prune])
 
     def weights(self) -> dict:
         """The weight format as WeightSpec fields (quantizing settings only)."""
@@ -38,14 +51,19 @@ class Setting:
 
     def plan_action(self) -> dict:
         """The plan-rule action that applies this setting (round-to-nearest, magnitude masks: what was measured)."""
+        action = {}
         if self.ggml is not None:
-            return {"weights": {"ggml": self.ggml, "method": "rtn"}}
-        if self.bits is not None:
-            return {"weights": {"bits": self.bits, "group_size": self.group_size or "channel",
-                                "symmetric": self.symmetric, "method": "rtn"}}
-        if self.prune == "nm24":
-            return {"prune": {"structure": "nm", "n": 2, "m": 4, "criterion": "magnitude"}}
-        return {"prune": {"structure": "unstructured", "amount": 0.5, "criterion": "magnitude"}}
+            action["weights"] = {"ggml": self.ggml, "method": "rtn"}
+        elif self.bits is not None:
+            action["weights"] = {"bits": self.bits, "group_size": self.group_size or "channel",
+                                 "symmetric": self.symmetric, "method": "rtn"}
+        if self.prune is not None:
+            action["prune"] = self.prune_fields()
+        return action
+
+
+PRUNE_FIELDS = {"nm24": {"structure": "nm", "n": 2, "m": 4, "criterion": "magnitude"},
+                "magnitude50": {"structure": "unstructured", "amount": 0.5, "criterion": "magnitude"}}
 
 
 # llama.cpp's types on the menu (exact bits per weight on rows their blocks tile; other rows fall back, see formats)
@@ -71,10 +89,22 @@ MENU: dict[str, Setting] = {
           for name, bpw in GGML_MENU.items()),
         Setting("nm24", "2:4 sparsity (magnitude)", prune="nm24"),
         Setting("prune50", "50% unstructured sparsity (magnitude)", prune="magnitude50"),
+        # 2:4 on top of a weight format: stored sparse, the bytes of a lower bit-width (w4g64+nm24 = w3g64's 3.375
+        # bits per weight), so the planner can weigh a mask against fewer bits where the user allows pruning
+        Setting("w8+nm24", "2:4 sparsity + int8 per-channel (magnitude mask, then RTN; 5 bits/weight stored sparse)",
+                bits=8, symmetric=True, prune="nm24"),
+        Setting("w6g64+nm24", "2:4 sparsity + int6 group 64 (magnitude mask, then RTN; 4.375 bits/weight sparse)",
+                bits=6, group_size=64, prune="nm24"),
+        Setting("w4g64+nm24", "2:4 sparsity + int4 group 64 (magnitude mask, then RTN; 3.375 bits/weight sparse)",
+                bits=4, group_size=64, prune="nm24"),
     )
 }
-# What the planner chooses among (besides "keep"): the quantizing settings, as WeightSpec fields.
-QUANT_SETTINGS: dict[str, dict] = {s.id: s.weights() for s in MENU.values() if s.quantizes}
+# Weight formats alone (no mask), as WeightSpec fields: the per-module table's weight column, naming a format.
+QUANT_SETTINGS: dict[str, dict] = {s.id: s.weights() for s in MENU.values() if s.quantizes and not s.masks}
+# What the planner chooses among (besides "keep"): every setting that quantizes, masked or not. A mask alone leaves
+# values at the model's dtype (2:4 of fp32 stores 17 bits a weight, of bf16 9: more than w8), and the latency model
+# credits no sparse kernel, so it would never be chosen; it stays a scan setting (the heatmaps show it).
+PLANNER_SETTINGS: dict[str, Setting] = {s.id: s for s in MENU.values() if s.quantizes}
 SCAN_DEFAULT = ("w4g64", "w3g64")
 PLANNER_DEFAULT = ("w8", "w4g64", "w3g64", "w2g64")
 
@@ -93,9 +123,26 @@ def parse_settings(text: str) -> list[Setting]:
 
 
 def setting_name(bits: int | None, group_size: int | None, symmetric: bool, keep: bool = False,
-                 ggml: str | None = None) -> str:
-    """The menu's name for a weight format: "keep", "fp16", a setting id, or "custom (...)" off the menu."""
-    if keep or bits in (None, 32):
+                 ggml: str | None = None, prune=None) -> str:
+    """The menu's name for a weight format and mask: "keep", "fp16", a setting id, or "custom (...)" off the menu.
+    prune: the module's PruneSpec (or its fields); a mask the menu has no setting for names a custom setting, never
+    the weight format alone (which would score a pruned module as if only quantized)."""
+    if keep:
+        return "keep"
+    if prune is not None:
+        fields = prune if isinstance(prune, dict) else {k: getattr(prune, k)
+                                                          for k in ("structure", "amount", "n", "m", "criterion")}
+        quantized = bits not in (None, 32)
+        for setting in MENU.values():
+            mask = setting.prune_fields()
+            if mask is None or any(fields.get(k) != v for k, v in mask.items()) or setting.ggml is not None:
+                continue
+            if (setting.bits is None and not quantized) or (quantized and ggml is None and (
+                    setting.bits, setting.group_size, setting.symmetric) == (bits, group_size, bool(symmetric))):
+                return setting.id
+        where = "" if not quantized else f"{bits}-bit, group {'channel' if group_size is None else group_size}, "
+        return f"custom ({where}pruned {fields.get('structure')})"
+    if bits in (None, 32):
         return "keep"
     if ggml is not None:
         return ggml.lower()  # every llama.cpp type a plan can name is a menu id (those off GGML_MENU score as custom)

@@ -21,10 +21,12 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from shrink_core.errors import ShrinkError
-from shrink_core.plan.menu import QUANT_SETTINGS
-from shrink_core.plan.spec import CALIBRATED_METHODS, Plan, Rule, WeightSpec, with_index
+from shrink_core.plan.menu import PLANNER_SETTINGS, QUANT_SETTINGS
+from shrink_core.plan.spec import CALIBRATED_METHODS, Plan, PruneSpec, Rule, WeightSpec, with_index
 
-# The planner's choices besides "keep" (which leaves the module as loaded; its loss is 0 by definition).
+# Weight formats alone, as WeightSpec fields (the per-module table's weight column). The planner's choices besides
+# "keep" (which leaves the module as loaded; its loss is 0 by definition) are PLANNER_SETTINGS: these, and the ones
+# that also mask (2:4 + a format), which it takes only where the user lists them.
 SETTINGS = QUANT_SETTINGS
 
 # Below 3 bits, errors of modules in one block compound: on Gemma 3 270M the 2-bit modules of one block measured
@@ -188,7 +190,7 @@ def stacking_rows(problem: PlannerProblem, low_bits: int = LOW_BITS) -> np.ndarr
     if problem.blocks is None:
         raise PlannerError("A per-block low-bit cap needs each module's block; build the problem from the inventory.")
     m, o = problem.bytes.shape
-    low = np.array([s in SETTINGS and SETTINGS[s]["bits"] <= low_bits for s in problem.settings])
+    low = np.array([s in PLANNER_SETTINGS and PLANNER_SETTINGS[s].bits <= low_bits for s in problem.settings])
     found = sorted({b for b in problem.blocks if b is not None})
     out = np.zeros((len(found), m * o))
     for k, block in enumerate(problem.blocks):
@@ -202,13 +204,15 @@ def uniform_choice(problem: PlannerProblem, *, budget_bytes: float | None = None
                    low_bits: int = LOW_BITS) -> tuple[str, dict[str, str]] | None:
     """The baseline a mixed plan must beat: every planned module at one setting (a module pinned to one setting keeps
     it), the setting among those that fit the budget and the per-block low-bit cap whose scores predict the lowest
-    worst slice. (setting, choice), or None when no single setting fits. `solve`'s budget arguments."""
+    worst slice. (setting, choice), or None when no single setting fits. `solve`'s budget arguments. A setting that
+    masks is never the baseline: uniform is the plain weight format a user would otherwise ship."""
     m, o = problem.bytes.shape
     pinned = problem.allowed.sum(axis=1) == 1
     stacked = stacking_rows(problem, low_bits) if low_per_block is not None else None
     best = None
     for j, setting in enumerate(problem.settings):
-        if setting == "keep" or not problem.allowed[:, j].any():
+        masks = setting in PLANNER_SETTINGS and PLANNER_SETTINGS[setting].masks
+        if setting == "keep" or masks or not problem.allowed[:, j].any():
             continue
         picks = np.where(problem.allowed[:, j], j, problem.allowed.argmax(axis=1))
         if not (problem.allowed[:, j] | pinned).all():
@@ -265,8 +269,7 @@ def solution_plan(choice: dict[str, str], rows, method: str = "rtn", name: str =
     kind_order = {k: i for i, k in enumerate(dict.fromkeys(r.kind for r in rows))}
     rules = []
     for setting in sorted(by_setting, key=lambda s: (s != "keep", s)):
-        action = ({"keep": True} if setting == "keep" else
-                  {"weights": WeightSpec(method=setting_method(setting, method), **SETTINGS[setting])})
+        action = setting_action(setting, method)
         note = f"planner: {setting}"
         in_blocks: dict[str, list[str]] = {}  # kind -> its modules in blocks at this setting
         others: dict[str, list[str]] = {}  # kind -> its modules outside blocks (embedding, lm_head)
@@ -335,8 +338,20 @@ def _split_rules(members: set[str], rows, block_count: int, kind_order: dict, te
     return rules + [replace(template, kind=None, name=re.escape(m)) for m in outside]
 
 
+def setting_action(setting: str, method: str = "rtn") -> dict:
+    """The rule fields that apply a planner setting: keep, a weight format, and a magnitude mask where it masks."""
+    if setting == "keep":
+        return {"keep": True}
+    menu = PLANNER_SETTINGS[setting]
+    action = {"weights": WeightSpec(method=setting_method(setting, method), **menu.weights())}
+    if menu.masks:
+        action["prune"] = PruneSpec(**menu.prune_fields())
+    return action
+
+
 def setting_bytes(rows, modules: list[str], settings: list[str]) -> np.ndarray:
-    """Packed bytes of each module under each setting, from the engine's own accounting (`resolve`)."""
+    """Bytes of each module under each setting, from the engine's own accounting (`resolve`): packed, or for a
+    setting that masks, its sparse format's (what `eval` and the Plan page count as the model's size)."""
     from shrink_core.plan.resolve import resolve
 
     by_name = {r.name: r for r in rows}
@@ -346,16 +361,16 @@ def setting_bytes(rows, modules: list[str], settings: list[str]) -> np.ndarray:
         if setting == "keep":
             out[:, j] = [r.bytes for r in subset]
             continue
-        plan = Plan(rules=(Rule(kind=tuple(sorted({r.kind for r in subset})), weights=WeightSpec(**SETTINGS[setting])),))
+        plan = Plan(rules=(Rule(kind=tuple(sorted({r.kind for r in subset})), **setting_action(setting)),))
         resolved = {r.name: r for r in resolve(subset, plan)}
-        out[:, j] = [resolved[m].packed_bytes for m in modules]
+        out[:, j] = [resolved[m].stored_bytes for m in modules]
     return out
 
 
 def setting_method(setting: str, method: str) -> str:
     """The plan method for a menu setting: llama.cpp types take their imatrix path where a calibrated method (gptq)
     was asked for, and their reference quantizer otherwise."""
-    if "ggml" not in SETTINGS.get(setting, {}):
+    if setting not in PLANNER_SETTINGS or PLANNER_SETTINGS[setting].ggml is None:
         return method
     return "imatrix" if method in CALIBRATED_METHODS else "rtn"
 
@@ -367,9 +382,9 @@ def _module_weights(row, setting: str, head_tied: bool):
     ggml = None
     if setting == "keep":
         bits, group, symmetric = (8 * (row.bytes // row.params) if row.params else 32), None, True
-    else:
-        spec = SETTINGS[setting]
-        bits, group, symmetric, ggml = spec["bits"], spec["group_size"], spec["symmetric"], spec.get("ggml")
+    else:  # a mask is timed as its dense format: no sparse kernel is assumed (none runs 2:4 on a CPU)
+        spec = PLANNER_SETTINGS[setting]
+        bits, group, symmetric, ggml = spec.bits, spec.group_size, spec.symmetric, spec.ggml
     streamed = row.kind != "embedding" or head_tied  # a tied head streams the shared weight; lookups read few rows
     return ModuleWeights(row.name, row.kind, row.shape, row.params, bits, group, symmetric,
                          weight_bytes(row.shape, bits, group, symmetric, ggml), streamed=streamed, ggml=ggml)
@@ -426,9 +441,9 @@ def build_problem(rows, scores: dict[tuple[str, str, str], float], slices: list[
     pinned = pinned or {}
     modules = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
     options = (["keep"] if allow_keep or "keep" in pinned.values() else []) + [s for s in settings if s != "keep"]
-    unknown = [s for s in options if s != "keep" and s not in SETTINGS]
+    unknown = [s for s in options if s != "keep" and s not in PLANNER_SETTINGS]
     if unknown:
-        raise PlannerError(f"Unknown setting '{unknown[0]}'; use {', '.join(SETTINGS)} or keep.")
+        raise PlannerError(f"Unknown setting '{unknown[0]}'; use {', '.join(PLANNER_SETTINGS)} or keep.")
     for module, setting in pinned.items():
         if module not in modules:
             raise PlannerError(f"The pinned module '{module}' has no sensitivity scores; scan it or unpin it.")

@@ -46,6 +46,11 @@ class ResolvedModule:
         return self.weights.method if self.weights and not self.weights.is_float else None
 
     @property
+    def stored_bytes(self) -> int:
+        """The bytes the model's size counts: a masked module at its sparse format's, else packed (as `eval`)."""
+        return self.packed_bytes if self.sparse_bytes is None else self.sparse_bytes
+
+    @property
     def removed(self) -> bool:
         return bool(self.prune and self.prune.structure == "blocks")
 
@@ -231,7 +236,7 @@ def totals(resolved: list[ResolvedModule], rows: list[ModuleInfo] | None = None)
     they are; a tied module counts once, at its owner) and the whole model's totals, as `apply` reports them."""
     dense = sum(r.dense_bytes for r in resolved)
     packed = sum(r.packed_bytes for r in resolved)
-    sparse = sum(r.sparse_bytes if r.sparse_bytes is not None else r.packed_bytes for r in resolved)
+    sparse = sum(r.stored_bytes for r in resolved)
     out = {"dense_bytes": dense, "packed_bytes": packed, "packed_sparse_bytes": sparse}
     if rows is not None:
         covered = {r.name for r in resolved}

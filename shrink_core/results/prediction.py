@@ -90,7 +90,7 @@ def measured_observations(store, spec: str, weights_hash: str, rows, records, me
     from shrink_core.errors import ShrinkError
     from shrink_core.plan.interactions import features
     from shrink_core.plan.io import load_plan
-    from shrink_core.plan.menu import QUANT_SETTINGS
+    from shrink_core.plan.menu import PLANNER_SETTINGS
     from shrink_core.plan.resolve import resolve
 
     scores = score_table(records, metric) if scores is None else scores
@@ -102,7 +102,7 @@ def measured_observations(store, spec: str, weights_hash: str, rows, records, me
         except ShrinkError:  # a plan that does not fit this layout: no evidence about it
             continue
         choice = settings_by_module(resolved)
-        if plan_method(resolved) != method or any(s != "keep" and s not in QUANT_SETTINGS for s in choice.values()):
+        if plan_method(resolved) != method or any(s != "keep" and s not in PLANNER_SETTINGS for s in choice.values()):
             continue  # another method, or a format off the menu that no scan scored (fp16, custom)
         for row in store.results("eval", candidate_id=candidate["id"]):
             value = row["payload"].get(metric)

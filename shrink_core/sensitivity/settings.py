@@ -18,7 +18,7 @@ def perturbed(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
     """The weight as `setting` leaves it (out, in), in the weight's dtype; a new tensor, the argument is untouched.
     Scales and rounding are computed in float32 whatever the model runs in, a block of rows at a time where the
     setting treats rows independently (`by_row_blocks`)."""
-    row_independent = setting.bits is not None or setting.prune == "nm24"  # magnitude pruning ranks the whole matrix
+    row_independent = setting.prune in (None, "nm24")  # unstructured magnitude pruning ranks the whole matrix
     if row_independent and weight.dim() == 2:
         return by_row_blocks(weight, lambda part: _perturbed32(setting, part))
     return _perturbed32(setting, weight.float()).to(weight.dtype)
@@ -27,8 +27,11 @@ def perturbed(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
 def _perturbed32(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
     if setting.ggml is not None:  # llama.cpp's blocks (or the type its row width falls back to), reference quantizer
         return quantize_dequantize(weight, setting.ggml)[0]
-    if setting.bits is not None:  # a partial last group is quantized as the engine applies it (primitives)
-        return fake_quantize(weight, setting.bits, setting.group_size, setting.symmetric)
-    if setting.prune == "nm24":
-        return weight * nm_mask(weight.abs(), 2, 4)
-    return weight * magnitude_mask(weight, 0.5)
+    mask = None
+    if setting.prune is not None:  # the mask from the original weight, as the engine's rule with both does
+        mask = nm_mask(weight.abs(), 2, 4) if setting.prune == "nm24" else magnitude_mask(weight, 0.5)
+        weight = weight * mask
+    if setting.bits is not None:  # a partial last group is quantized as the engine applies it (primitives); the
+        weight = fake_quantize(weight, setting.bits, setting.group_size, setting.symmetric)  # scales see the zeros
+        weight = weight if mask is None else weight * mask
+    return weight
