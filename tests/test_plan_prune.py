@@ -142,3 +142,23 @@ def test_the_cli_plans_with_masked_settings_it_scans_and_writes_a_plan_that_appl
     assert set(summary["settings"]) <= {"w4g64", "w3g64", "w4g64+nm24"}
     assert sum(r.stored_bytes for r in resolved if r.name in chosen) * 8 == pytest.approx(
         summary["average_bits_planned_modules"] * sum(r.params for r in rows if r.name in chosen))
+
+
+def test_a_pruned_module_is_scored_at_its_mask_never_as_kept_or_as_its_format_alone(tiny_model):
+    """Before, a 2:4-only module scored as keep (nothing) and a 2:4 + w4g64 one as w4g64; now each is its setting,
+    and a mask the scan has no setting for (wanda) is unscored: counted as such, never as a smaller error."""
+    from shrink_core.plan.predict import predict
+
+    rows = inventory(tiny_model)
+    q, k, v = (next(r.name for r in block_linears(rows) if r.kind == kind and r.block == 0) for kind in "qkv")
+    plan = load_plan(dump_plan(load_plan({"version": 1, "rules": [
+        {"name": q.replace(".", r"\."), "prune": {"structure": "nm", "n": 2, "m": 4, "criterion": "magnitude"}},
+        {"name": k.replace(".", r"\."), "weights": {"bits": 4, "group_size": 64},
+         "prune": {"structure": "nm", "n": 2, "m": 4, "criterion": "magnitude"}},
+        {"name": v.replace(".", r"\."), "weights": {"bits": 4, "group_size": 64},
+         "prune": {"structure": "nm", "n": 2, "m": 4, "criterion": "wanda"}}]})))
+    named = settings_by_module(resolve(rows, plan))
+    assert (named[q], named[k]) == ("nm24", "w4g64+nm24") and named[v].startswith("custom")
+    scores = {(q, "nm24", "en"): 1.0, (k, "w4g64+nm24", "en"): 2.0, (k, "w4g64", "en"): 0.5, (v, "w4g64", "en"): 0.5}
+    (found,) = predict(named, scores, ["en"], "kl")
+    assert (found.value, found.scored, found.unscored) == (3.0, 2, 1)
