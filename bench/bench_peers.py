@@ -4,6 +4,7 @@
                               [--windows 16] [--seq-len 512] [--methods rtn-w4g64,q4_k,...] [--out DIR] [--quick]
                               [--calibration en=1] [--calib-sequences 64] [--calib-len 512]
   python bench/bench_peers.py --render DIR/peers.jsonl ...  # the markdown table of runs (a run writes table.md)
+  [--shrink A]: GPTQ's full statistics (1 - A) M + A diag(M) (default: the recipe's; 0: raw, as before 2026-12-03)
 
 Every method quantizes all block linears (the embedding and the tied head stay fp32, as the peers keep them) of a
 fresh copy of the model; each slice's windows are `--windows` x `--seq-len` tokens of its EVAL rows
@@ -109,7 +110,8 @@ CALIBRATED = ("gptq", "gptq-seq", "imatrix")
 
 def row_label(method: str, recipe: dict | None) -> str:
     """A calibrated method's row names its calibration where a run used another than the default (the w4g64
-    preset's: 64 x 512 tokens of the default mix), so runs at other sizes render as rows of their own."""
+    preset's: 64 x 512 tokens of the default mix, statistics shrunk by the default share), so runs at other sizes
+    render as rows of their own; a recipe stored before `shrink` existed (version 1) computed raw statistics."""
     from shrink_core.plan.presets import QUANT_RECIPE
 
     spec = methods().get(method)
@@ -118,7 +120,9 @@ def row_label(method: str, recipe: dict | None) -> str:
     if recipe == QUANT_RECIPE:
         return method
     mix = "" if recipe.get("mix") == QUANT_RECIPE["mix"] else ", " + ",".join(f"{k}={v}" for k, v in recipe["mix"].items())
-    return f"{method} ({recipe['n_sequences']}x{recipe['seq_len']}{mix})"
+    shrink = recipe.get("shrink", 0.0)
+    statistics = "" if shrink == QUANT_RECIPE["shrink"] else ", raw statistics" if not shrink else f", shrink {shrink}"
+    return f"{method} ({recipe['n_sequences']}x{recipe['seq_len']}{mix}{statistics})"
 
 
 def render(*paths: Path) -> str:
@@ -303,6 +307,9 @@ def main() -> None:
                              "default recipe's multilingual mix)")
     parser.add_argument("--calib-sequences", type=int, default=None, help="calibration windows (default: the w4g64 preset's)")
     parser.add_argument("--calib-len", type=int, default=None, help="calibration window tokens (default: the w4g64 preset's)")
+    parser.add_argument("--shrink", type=float, default=None,
+                        help="the share of GPTQ's full statistics' off-diagonal part removed (default: the recipe's, "
+                             "evaluation/calibration.SHRINK_DEFAULT; 0: the raw statistics)")
     parser.add_argument("--chunk", type=int, default=2, help="windows per forward")
     parser.add_argument("--out", default=None, help="folder for peers.jsonl (default bench/results/peers-DATE)")
     parser.add_argument("--render", nargs="+", default=None, metavar="PEERS_JSONL",
@@ -338,6 +345,10 @@ def main() -> None:
     default = preset("w4g64").calibration or CalibrationRecipe()  # the recipe the 4-bit preset calibrates with
     recipe = CalibrationRecipe.parse(args.calibration or ",".join(f"{k}={v}" for k, v in default.mix),
                                      args.calib_sequences or default.n_sequences, args.calib_len or default.seq_len)
+    if args.shrink is not None:
+        from dataclasses import replace
+
+        recipe = replace(recipe, shrink=args.shrink)
     mix = dict(recipe.mix)
     ids = {s: eval_tokens(loaded.tokenizer, s, args.windows, args.seq_len) for s in slices}
     started = time.perf_counter()

@@ -98,6 +98,10 @@ def test_a_run_at_another_calibration_renders_as_its_own_row(tmp_path):
     assert row_label("gptq-seq-w4g64", QUANT_RECIPE) == "gptq-seq-w4g64"
     assert row_label("q5_0", more) == "q5_0"  # not calibrated: the recipe does not touch it
     assert row_label("gptq-seq-w4g64", english) == "gptq-seq-w4g64 (64x512, en=1.0)"
+    # the statistics: a run stored before `shrink` (version 1) computed raw ones; another share says which
+    raw = {k: v for k, v in QUANT_RECIPE.items() if k != "shrink"} | {"version": 1}
+    assert row_label("gptq-seq-w4g64", raw) == "gptq-seq-w4g64 (64x512, raw statistics)"
+    assert row_label("gptq-seq-w4g64", {**QUANT_RECIPE, "shrink": 0.5}) == "gptq-seq-w4g64 (64x512, shrink 0.5)"
     table = render(run("a.jsonl", QUANT_RECIPE, 0.076), run("b.jsonl", more, 0.069)).splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == [
         "| gptq-seq-w4g64", "| q5_0", "| gptq-seq-w4g64 (128x512)"]

@@ -65,3 +65,54 @@ def test_one_plan_gives_the_same_weights_and_recipe_at_every_entry_point(toy_dir
                 eval_candidate["calibration"], *[r["payload"]["calibration"] for r in eval_rows],
                 measure_payload["calibration"], measure_candidate["calibration"]]
     assert len(eval_rows) == 1 and all(r == default for r in recorded), recorded
+
+
+def test_the_recipe_shrinks_full_statistics_by_default_and_a_stored_version_1_recipe_keeps_its_raw_ones():
+    import pytest
+
+    from shrink_core.evaluation.calibration import SHRINK_DEFAULT, CalibrationError
+
+    fresh = CalibrationRecipe()
+    assert fresh.shrink == SHRINK_DEFAULT and fresh.to_dict()["shrink"] == SHRINK_DEFAULT
+    assert CalibrationRecipe.from_dict(fresh.to_dict()) == fresh
+    # a recipe stored before `shrink` existed (version 1) computed raw statistics: it still does, under the same key
+    stored = {"mix": {"en": 1.0}, "n_sequences": 16, "seq_len": 512, "seed": 0, "version": 1}
+    old = CalibrationRecipe.from_dict(stored)
+    assert old.shrink == 0.0 and old.to_dict() == stored and old.digest() != CalibrationRecipe(
+        (("en", 1.0),)).digest()
+    for bad, says in (({"shrink": 1.5}, "between 0 and 1"), ({"shrink": "lots"}, "between 0 and 1"),
+                      ({"shrink": 0.3, "version": 1}, "version 1 calibration recipe reads the raw statistics"),
+                      ({"version": 7}, "version 7 is not supported")):
+        with pytest.raises(CalibrationError, match=says):
+            CalibrationRecipe.from_dict({"mix": {"en": 1.0}, **bad})
+
+
+def test_shrinking_a_statistic_scales_its_off_diagonal_and_keeps_its_diagonal():
+    from shrink_core.compression.calibrate import shrink_towards_diagonal_
+
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(0))
+    h = x.T @ x
+    expected = 0.7 * h + 0.3 * torch.diag(torch.diagonal(h))
+    out = shrink_towards_diagonal_(h.clone(), 0.3)
+    assert torch.allclose(out, expected, atol=1e-5) and torch.equal(out.diagonal(), h.diagonal())
+    assert torch.equal(shrink_towards_diagonal_(h.clone(), 0.0), h)
+    diagonal_only = torch.ones(8)
+    assert torch.equal(shrink_towards_diagonal_(diagonal_only, 0.3), torch.ones(8))
+
+
+def test_gptq_reads_the_recipes_shrink_and_records_it():
+    """The same tokens, the same plan: the raw statistics (a version 1 recipe) and shrunk ones give other weights,
+    and each report records what it used (a version 1 recipe as it always was: no shrink)."""
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.model.toy import tiny_llama
+
+    tokens = torch.randint(0, 256, (4, 32), generator=torch.Generator().manual_seed(0))
+    plan = load_plan(PLAN)
+    weights, reports = {}, {}
+    for shrink, recipe in ((0.0, {"mix": {"en": 1.0}, "version": 1}), (0.3, {"mix": {"en": 1.0}, "shrink": 0.3})):
+        model = tiny_llama()
+        reports[shrink] = apply_plan_(model, plan, tokens, recipe=recipe)
+        weights[shrink] = model.model.layers[0].mlp.down_proj.weight.detach().clone()
+    assert reports[0.0].calibration["version"] == 1 and "shrink" not in reports[0.0].calibration
+    assert reports[0.3].calibration["shrink"] == 0.3
+    assert not torch.equal(weights[0.0], weights[0.3])

@@ -7,6 +7,7 @@ import yaml
 
 from shrink_core.compression.apply import apply_plan_
 from shrink_core.compression.export import PACKED_FILE, llama_cpp_tensor_types, llm_compressor_recipe, save_candidate
+from shrink_core.evaluation.calibration import SHRINK_DEFAULT
 from shrink_core.model.toy import tiny_llama
 from shrink_core.plan import dump_plan, load_plan, resolve
 
@@ -38,7 +39,9 @@ def test_apply_save_load_round_trip_gives_identical_logits(preset, tmp_path, shr
     assert load_plan(str(out / "plan.yaml")) == plan
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["model_spec"] == "toy" and provenance["code_version"] and provenance["created_utc"]
-    assert provenance["calibration"] == {"mix": {"en": 1.0}, "seed": 0, "n_sequences": 4, "seq_len": 32}
+    # what was used: the recipe's fields, the tokens' shape, and the statistics' shrink (the recipe's default)
+    assert provenance["calibration"] == {"mix": {"en": 1.0}, "seed": 0, "n_sequences": 4, "seq_len": 32,
+                                         "shrink": SHRINK_DEFAULT}
     # the packed artifact is what the accounting predicts, within 1% (the rest is the safetensors header)
     predicted, written = report.totals["total_packed_bytes"], (out / PACKED_FILE).stat().st_size
     assert provenance["bytes"]["packed_artifact_file_bytes"] == written

@@ -4,6 +4,7 @@ import torch
 
 from shrink_core.compression.apply import apply_plan_
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.calibration import SHRINK_DEFAULT
 from shrink_core.model.toy import tiny_llama
 from shrink_core.plan import load_plan
 
@@ -91,7 +92,8 @@ def test_report_progress_and_packed_totals(tmp_path):
     from shrink_core.compression.calibrate import fast_forward_dtype
 
     forwards = str(fast_forward_dtype(model) or torch.float32).replace("torch.", "")  # bfloat16 where the CPU has AVX512-BF16
-    assert report.calibration == {"n_sequences": 4, "seq_len": 32} and report.forward_dtype == forwards
+    assert report.calibration == {"n_sequences": 4, "seq_len": 32, "shrink": SHRINK_DEFAULT}
+    assert report.forward_dtype == forwards
     assert len(report.quant_states) == 21
 
 

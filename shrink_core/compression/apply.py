@@ -31,6 +31,7 @@ from shrink_core.compression.prune import (
 )
 from shrink_core.compression.simulate import attach_simulation_
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
 from shrink_core.formats import WeightFormat
 from shrink_core.model.arch import block_kwargs, decoder_layers
 from shrink_core.perf.memory import release_freed_memory
@@ -275,6 +276,7 @@ class _BlockContext:
     importance: dict
     fp_outputs: list | None = None  # the full-precision block's outputs, when a sequential pass computed them
     settled: calibrate.SettledChildren | None = None  # children whose outputs a sequential pass kept
+    shrink: float = 0.0  # the recipe's share of each full statistic's off-diagonal part removed
 
     def calibrated_(self, rows: list[ResolvedModule]) -> None:
         """Collect what each input source needs, then compress. With a sequential method in the block, sources are
@@ -301,6 +303,8 @@ class _BlockContext:
             fp_captured = None  # a routed expert's X_fp does not line up with its X: nothing to fit to
             diagonal = {source for source, need in needs.items() if need == "diag"}
             hessians, _ = calibrate.collect(self.layer, self.inputs, wanted, diagonal)
+            for hessian in hessians.values():
+                calibrate.shrink_towards_diagonal_(hessian, self.shrink)
             self.compress_(stacks, hessians)
             return
         by_source: dict[str, list] = {}
@@ -316,6 +320,8 @@ class _BlockContext:
             with self.settled:
                 hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, wanted[source],
                                                             fp_captured.pop(source), diagonal=needs[source] == "diag")
+            calibrate.shrink_towards_diagonal_(hessian, self.shrink)
+            calibrate.shrink_towards_diagonal_(cross, self.shrink)
             self.compress_(by_source.get(source, []), {source: hessian}, {source: cross})
 
     def next_inputs(self) -> list:
@@ -377,7 +383,8 @@ def _structured_(model, resolved, modules, calibration, batch_size) -> list[str]
 
 def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: Progress | None = None,
                 *, recipe: dict | None = None, batch_size: int = 8) -> ApplyReport:
-    """Compress `model` in place following `plan`; `calibration` is a LongTensor (n_sequences, seq_len)."""
+    """Compress `model` in place following `plan`; `calibration` is a LongTensor (n_sequences, seq_len); recipe: the
+    recipe those tokens were drawn by (recorded in the report; its `shrink` applies), else the plan's own."""
     progress = progress or _no_progress
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     started, cpu_started = time.perf_counter(), time.process_time()
@@ -389,6 +396,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     original_index = {id(layer): index for index, layer in enumerate(decoder_layers(model))}
     original_names = {id(module): name for name, module in modules.items()}
     other_bytes_before = _other_bytes(model, resolved, modules)
+    used_recipe = CalibrationRecipe.from_dict(recipe) if recipe else recipe_for(plan)
     timings, notes, states, seconds, fallbacks, importance = {}, [], {}, {}, {}, {}
     fast = calibrate.fast_forward_dtype(model) if calibration is not None else None
     with torch.no_grad(), calibrate.forward_dtype(fast):
@@ -423,7 +431,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                     fp_inputs = [(hidden, per_block[position]) for hidden, _ in fp_inputs]
             fp_layer = copy.deepcopy(layer) if fp_inputs is not None and block <= last_calibrated else None
             context = _BlockContext(layer, fp_layer, inputs, fp_inputs, modules, calibration, states, seconds,
-                                    fallbacks, importance)
+                                    fallbacks, importance, shrink=used_recipe.shrink)
             if block in calibrated_blocks:
                 context.calibrated_(rows)
             else:
@@ -472,6 +480,8 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         recipe_out = dict(recipe or {})
         recipe_out.setdefault("n_sequences", int(calibration.shape[0]))
         recipe_out.setdefault("seq_len", int(calibration.shape[1]))
+        if used_recipe.version >= 2:  # a version 1 recipe is recorded as it always was (raw statistics)
+            recipe_out.setdefault("shrink", used_recipe.shrink)
     renamed = {original_names[id(m)]: name for name, m in model.named_modules() if id(m) in original_names}
     forwards = None if calibration is None else str(fast or next(model.parameters()).dtype).replace("torch.", "")
     return ApplyReport(reports, totals, timings, recipe_out, quant_states=states, current_names=renamed, notes=notes,

@@ -123,6 +123,18 @@ class HessianHooks:
             handle.remove()
 
 
+def shrink_towards_diagonal_(matrix: torch.Tensor | None, amount: float) -> torch.Tensor | None:
+    """(1 - amount) M + amount diag(M), in place: the off-diagonal part scaled down, the diagonal kept (so the clip
+    search, Wanda and the imatrix, which read only the diagonal, are unchanged). A 1-D (diagonal) statistic, or
+    amount 0, is left as it is. The calibration recipe's `shrink` (evaluation/calibration.py says why)."""
+    if matrix is None or not amount or matrix.dim() != 2:
+        return matrix
+    diagonal = matrix.diagonal().clone()
+    matrix.mul_(1 - amount)
+    matrix.diagonal().copy_(diagonal)
+    return matrix
+
+
 def collect(layer, inputs, modules: dict[str, torch.nn.Linear], diagonal_only: set[str] = frozenset()):
     """Run a block over its inputs with hooks; returns (hessians by source, outputs)."""
     hooks = HessianHooks(modules, diagonal_only)

@@ -35,12 +35,13 @@ def without_shadowed(yaml_text: str, rows) -> str:
 
 
 def with_calibration_mix(yaml_text: str, mix_text: str) -> str:
-    """The plan with its calibration mix replaced, e.g. 'en=0.3,fr=0.1,code=0.1' (its sequences, length and seed
-    kept, else the default recipe's); a slice that does not exist or a bad weight is refused with the reason."""
+    """The plan with its calibration mix replaced, e.g. 'en=0.3,fr=0.1,code=0.1' (its sequences, length, seed and
+    statistics' shrink kept, else the default recipe's); a slice that does not exist or a bad weight is refused with
+    the reason."""
     plan = load_plan(yaml_text)
     base = recipe_for(plan)
     try:
-        recipe = CalibrationRecipe.parse(mix_text, base.n_sequences, base.seq_len, base.seed)
+        recipe = dataclasses.replace(base, mix=CalibrationRecipe.parse(mix_text).mix)
         for name, _ in recipe.mix:
             get_slice(name)
     except ShrinkError as exc:
