@@ -111,17 +111,21 @@ CALIBRATED = ("gptq", "gptq-seq", "imatrix")
 def row_label(method: str, recipe: dict | None) -> str:
     """A calibrated method's row names its calibration where a run used another than the default (the w4g64
     preset's: 64 x 512 tokens of the default mix, statistics shrunk by the default share), so runs at other sizes
-    render as rows of their own; a recipe stored before `shrink` existed (version 1) computed raw statistics."""
+    render as rows of their own; a recipe stored before `shrink` existed (version 1) computed raw statistics (the
+    imatrix reads only their diagonals, which shrinking keeps, so its rows do not say)."""
     from shrink_core.plan.presets import QUANT_RECIPE
+    from shrink_core.plan.spec import HESSIAN_METHODS
 
     spec = methods().get(method)
     if recipe is None or spec is None or spec.weights is None or spec.weights.get("method") not in CALIBRATED:
         return method
-    if recipe == QUANT_RECIPE:
+    shrink = recipe.get("shrink", 0.0)
+    full = spec.weights.get("method") in HESSIAN_METHODS  # the imatrix reads diagonals, which shrinking keeps
+    statistics = ("" if not full or shrink == QUANT_RECIPE["shrink"] else ", raw statistics" if not shrink
+                  else f", shrink {shrink}")
+    if not statistics and all(recipe.get(k) == QUANT_RECIPE[k] for k in ("mix", "n_sequences", "seq_len", "seed")):
         return method
     mix = "" if recipe.get("mix") == QUANT_RECIPE["mix"] else ", " + ",".join(f"{k}={v}" for k, v in recipe["mix"].items())
-    shrink = recipe.get("shrink", 0.0)
-    statistics = "" if shrink == QUANT_RECIPE["shrink"] else ", raw statistics" if not shrink else f", shrink {shrink}"
     return f"{method} ({recipe['n_sequences']}x{recipe['seq_len']}{mix}{statistics})"
 
 

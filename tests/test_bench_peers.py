@@ -102,6 +102,8 @@ def test_a_run_at_another_calibration_renders_as_its_own_row(tmp_path):
     raw = {k: v for k, v in QUANT_RECIPE.items() if k != "shrink"} | {"version": 1}
     assert row_label("gptq-seq-w4g64", raw) == "gptq-seq-w4g64 (64x512, raw statistics)"
     assert row_label("gptq-seq-w4g64", {**QUANT_RECIPE, "shrink": 0.5}) == "gptq-seq-w4g64 (64x512, shrink 0.5)"
+    assert row_label("q3_k-imatrix", raw) == row_label("q3_k-imatrix", QUANT_RECIPE) == "q3_k-imatrix"
+    assert row_label("q3_k-imatrix", english) == "q3_k-imatrix (64x512, en=1.0)"
     table = render(run("a.jsonl", QUANT_RECIPE, 0.076), run("b.jsonl", more, 0.069)).splitlines()
     assert [line.split(" | ")[0] for line in table[2:]] == [
         "| gptq-seq-w4g64", "| q5_0", "| gptq-seq-w4g64 (128x512)"]
