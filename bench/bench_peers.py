@@ -113,6 +113,7 @@ def row_label(method: str, recipe: dict | None) -> str:
     preset's: 64 x 512 tokens of the default mix, statistics shrunk by the default share), so runs at other sizes
     render as rows of their own; a recipe stored before `shrink` existed (version 1) computed raw statistics (the
     imatrix reads only their diagonals, which shrinking keeps, so its rows do not say)."""
+    from shrink_core.evaluation.calibration import RECIPE_KEYS
     from shrink_core.plan.presets import QUANT_RECIPE
     from shrink_core.plan.spec import HESSIAN_METHODS
 
@@ -123,7 +124,8 @@ def row_label(method: str, recipe: dict | None) -> str:
     full = spec.weights.get("method") in HESSIAN_METHODS  # the imatrix reads diagonals, which shrinking keeps
     statistics = ("" if not full or shrink == QUANT_RECIPE["shrink"] else ", raw statistics" if not shrink
                   else f", shrink {shrink}")
-    if not statistics and all(recipe.get(k) == QUANT_RECIPE[k] for k in ("mix", "n_sequences", "seq_len", "seed")):
+    tokens = [k for k in RECIPE_KEYS if k not in ("shrink", "version")]  # what decides the calibration tokens
+    if not statistics and all(recipe.get(k) == QUANT_RECIPE[k] for k in tokens):
         return method
     mix = "" if recipe.get("mix") == QUANT_RECIPE["mix"] else ", " + ",".join(f"{k}={v}" for k, v in recipe["mix"].items())
     return f"{method} ({recipe['n_sequences']}x{recipe['seq_len']}{mix}{statistics})"
