@@ -4,6 +4,8 @@
                               [--windows 16] [--seq-len 512] [--methods rtn-w4g64,q4_k,...] [--out DIR] [--quick]
                               [--calibration en=1] [--calib-sequences 64] [--calib-len 512]
   python bench/bench_peers.py --render DIR/peers.jsonl ...  # the markdown table of runs (a run writes table.md)
+  python bench/bench_peers.py --paired DIR/peers.jsonl... A B  # per slice, B minus A on the same windows, 95% CI
+  [--plan FILE.yaml ...]: also a whole plan (the planner's, bench_mixed.py), as one row, with its own calibration
   [--shrink A]: GPTQ's full statistics (1 - A) M + A diag(M) (default: the recipe's; 0: raw, as before 2026-12-03)
 
 Every method quantizes all block linears (the embedding and the tied head stay fp32, as the peers keep them) of a
@@ -51,10 +53,11 @@ INSTALL = "./run bench-peers (pip install -c requirements.txt -r requirements-be
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # plan (the engine: project methods and llama.cpp types), hqq, llmcompressor
+    family: str  # plan (the engine: project methods and llama.cpp types), planfile, hqq, llmcompressor
     weights: dict | None = None  # the plan rule's weights (family plan)
     bits: int | None = None  # hqq
     group_size: int | None = None  # hqq
+    path: str | None = None  # planfile: a plan YAML over the block linears
 
 
 def methods() -> dict[str, Method]:
@@ -83,7 +86,35 @@ def slice_figures(kl: np.ndarray, agree: np.ndarray) -> dict:
     CI of the mean over windows (windows have equal length, so the mean of window means is the mean per token)."""
     return {"kl": round(float(kl.mean()), 5), "kl_p99": round(float(np.percentile(kl, 99)), 5),
             "top1_agree": round(float(agree.mean()), 5), "ci95": bootstrap(kl.mean(axis=1)),
-            "windows": int(kl.shape[0]), "tokens": int(kl.size)}
+            "windows": int(kl.shape[0]), "tokens": int(kl.size),
+            "window_kl": [round(float(v), 6) for v in kl.mean(axis=1)]}  # for paired differences between rows
+
+
+def paired(paths: list[Path], first: str, second: str) -> dict[str, dict]:
+    """Per slice, the second method's KL minus the first's over the same windows: the mean difference and a bootstrap
+    95% CI over windows (rows measured on the same windows share their noise; separate CIs overstate it). Runs with
+    the same --windows and --seq-len read the same windows (probe.eval_tokens' fixed order), so the two rows may come
+    from different runs. Methods are named as in the runs' lines (`plan:FILE` for a plan)."""
+    found: dict[str, dict[str, np.ndarray]] = {first: {}, second: {}}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            part = json.loads(line)
+            if part.get("part") == "slice" and part["method"] in found and "window_kl" in part:
+                found[part["method"]][part["slice"]] = np.array(part["window_kl"])
+    missing = [m for m in found if not found[m]]
+    if missing:
+        raise SystemExit(f"{', '.join(map(str, paths))}: no per-window KL for {', '.join(missing)} (runs before "
+                         "2026-12-03 kept none).")
+    out = {}
+    for s in found[first]:
+        if s in found[second]:
+            if len(found[second][s]) != len(found[first][s]):
+                raise SystemExit(f"{first} and {second} were measured on different windows of {s}; pair runs made "
+                                 "with the same --windows and --seq-len.")
+            diff = found[second][s] - found[first][s]
+            out[s] = {"difference": round(float(diff.mean()), 5), "ci95": bootstrap(diff),
+                      "ratio": round(float(found[second][s].mean() / found[first][s].mean()), 4)}
+    return out
 
 
 def markdown_table(rows: list[dict], calibrated: dict[str, bool]) -> str:
@@ -235,10 +266,33 @@ def stored_types(rows, spec) -> dict[str, float] | None:
     return {k: round(v, 4) for k, v in shares.items()}
 
 
-def quantized_copy(reference, method: Method, rows, calibration, recipe) -> tuple[object, dict]:
+def quantize_plan_file(model, method: Method, tokenizer) -> dict:
+    """A whole plan (mixed settings), calibrated with its own recipe; every module it compresses must be a block
+    linear (the embedding and the head stay fp32 here, as every other row keeps them)."""
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.evaluation.calibration import plan_calibration
+    from shrink_core.plan import load_plan
+
+    plan = load_plan(Path(method.path).read_text())
+    started = time.perf_counter()
+    report = apply_plan_(model, plan, plan_calibration(plan, tokenizer)[0])
+    seconds = time.perf_counter() - started
+    return {"seconds": seconds, "stored": {m.name: m.packed_bytes for m in report.modules if m.bits},
+            "calibration": plan.calibration.to_dict() if plan.calibration else None}
+
+
+def quantized_copy(reference, method: Method, rows, calibration, recipe, tokenizer=None) -> tuple[object, dict]:
     """A copy of the model with every block linear quantized by `method`, and what it cost: bits per weight, seconds."""
     model = copy.deepcopy(reference)
-    if method.family == "hqq":
+    extra = {}
+    if method.family == "planfile":
+        result = quantize_plan_file(model, method, tokenizer)
+        spec, extra = None, {"plan_calibration": result["calibration"]}
+        outside = sorted(set(result["stored"]) - {r.name for r in rows})
+        if outside:
+            raise SystemExit(f"{method.path} compresses {outside[0]}, which is not a block linear; this table keeps "
+                             "the embedding and the head fp32, so plan the block linears only.")
+    elif method.family == "hqq":
         result = quantize_hqq({r.name: model.get_submodule(r.name) for r in rows}, method)
         spec = None
     else:
@@ -249,7 +303,8 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe) -> tupl
         raise SystemExit(f"{method.name} quantized {len(stored)} modules, not the {len(rows)} block linears")
     params = sum(r.params for r in rows)
     return model.eval(), {"method": method.name, "bits_per_weight": bits_per_weight(sum(stored.values()), params),
-                          "quantize_seconds": round(result["seconds"], 1), "stored_as": stored_types(rows, spec)}
+                          "quantize_seconds": round(result["seconds"], 1), "stored_as": stored_types(rows, spec),
+                          **extra}
 
 
 # ---------------------------------------------------------------- measurement
@@ -321,17 +376,35 @@ def main() -> None:
     parser.add_argument("--render", nargs="+", default=None, metavar="PEERS_JSONL",
                         help="print the markdown table of one or more runs' peers.jsonl and exit")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, en,fr, rtn-w4g64,q4_k")
+    parser.add_argument("--plan", action="append", default=[], metavar="PLAN_YAML",
+                        help="also measure this plan (mixed settings over the block linears, its own calibration); "
+                             "its row is plan:PATH")
+    parser.add_argument("--paired", nargs="+", default=None, metavar="PEERS_JSONL... A B",
+                        help="print method B minus method A per slice over the same windows (95%% CI), from one or "
+                             "more runs' peers.jsonl, and exit")
     args = parser.parse_args()
     if args.render:
         print(render(*map(Path, args.render)), end="")
         return
+    if args.paired:
+        if len(args.paired) < 3:
+            parser.error("--paired takes one or more peers.jsonl files, then the two methods to compare")
+        print(json.dumps(paired([Path(p) for p in args.paired[:-2]], *args.paired[-2:]), indent=1))
+        return
+    missing = [p for p in args.plan if not Path(p).is_file()]
+    if missing:
+        raise SystemExit(f"--plan {missing[0]}: no such file; give the plan.yaml bench_mixed.py wrote.")
     if args.quick:
         args.windows, args.seq_len, args.slices, args.methods = 2, 128, "en,fr", args.methods or "rtn-w4g64,q4_k"
     menu = methods()
-    chosen = (args.methods or ",".join(menu)).split(",")
+    chosen = (args.methods or ("" if args.plan else ",".join(menu))).split(",")
+    chosen = [m for m in chosen if m]
     unknown = [m for m in chosen if m not in menu]
     if unknown:
         raise SystemExit(f"unknown method(s) {unknown}; choose from {', '.join(menu)}")
+    for path in args.plan:
+        menu[f"plan:{path}"] = Method(f"plan:{path}", "planfile", path=path)
+        chosen.append(f"plan:{path}")
 
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
     from shrink_core.model.inventory import block_linears, inventory
@@ -381,7 +454,7 @@ def main() -> None:
             if reason:
                 emit({"method": name, "skipped": reason}, handle)
                 continue
-            model, common = quantized_copy(reference, method, rows, calibration, recipe)
+            model, common = quantized_copy(reference, method, rows, calibration, recipe, loaded.tokenizer)
             per_slice = {}
             for s in slices:
                 t0 = time.perf_counter()

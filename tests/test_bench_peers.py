@@ -15,6 +15,7 @@ from bench_peers import (  # noqa: E402
     hqq_stored_bytes,
     markdown_table,
     methods,
+    paired,
     render,
     row_label,
     slice_figures,
@@ -44,6 +45,7 @@ def test_slice_figures_mean_p99_top1_and_ci():
     low, high = figures["ci95"]
     assert 0 <= low <= figures["kl"] <= high <= 0.02  # the window means are 0.02 and 0
     assert (figures["windows"], figures["tokens"]) == (2, 200)
+    assert figures["window_kl"] == pytest.approx([0.02, 0.0])  # kept for paired differences between rows
 
 
 def test_bits_per_weight_count_scales_and_zeros():
@@ -110,3 +112,25 @@ def test_a_run_at_another_calibration_renders_as_its_own_row(tmp_path):
     assert "| 0.076 |" in table[2] and "| 0.069 |" in table[4]
     rerun = render(run("a.jsonl", QUANT_RECIPE, 0.076), run("c.jsonl", QUANT_RECIPE, 0.074)).splitlines()
     assert len(rerun) == 4 and "| 0.074 |" in rerun[2]  # the later run of the same method and recipe
+
+
+def test_paired_differences_are_per_window_and_name_a_missing_row(tmp_path):
+    """Two rows on the same windows: the difference is taken window by window, so a shift shared by every window has
+    a CI of one point, which the rows' separate CIs would not show."""
+    base = np.array([0.2, 0.5, 0.3, 0.9])
+    lines = [{"part": "slice", "method": "a", "slice": "en", "window_kl": base.tolist()},
+             {"part": "slice", "method": "plan:p.yaml", "slice": "en", "window_kl": (base - 0.1).tolist()},
+             {"part": "slice", "method": "a", "slice": "hi", "window_kl": [1.0, 1.0]}]
+    path = tmp_path / "peers.jsonl"
+    path.write_text("\n".join(json.dumps(line) for line in lines))
+    out = paired([path], "a", "plan:p.yaml")
+    assert list(out) == ["en"]  # hi has no second row
+    assert out["en"]["difference"] == pytest.approx(-0.1)
+    assert out["en"]["ci95"] == pytest.approx([-0.1, -0.1])
+    assert out["en"]["ratio"] == pytest.approx(0.375 / 0.475, abs=1e-4)
+    with pytest.raises(SystemExit, match="no per-window KL for b"):
+        paired([path], "a", "b")
+    other = tmp_path / "other.jsonl"  # a second run's row on other windows is refused, not paired
+    other.write_text(json.dumps({"part": "slice", "method": "b", "slice": "en", "window_kl": [0.1, 0.2]}))
+    with pytest.raises(SystemExit, match="different windows of en"):
+        paired([path, other], "a", "b")

@@ -1,0 +1,231 @@
+"""Mixed precision at a uniform setting's bytes, planned on a calibrated method's own error, for bench_peers' table.
+
+  python bench/bench_mixed.py [--model builtin:smollm2-135m] [--method gptq-seq] [--sizes w3g64,w4g64]
+                              [--slices en,fr,de,es,ru,zh,ja,ar,hi]
+                              [--settings w8,w6g64,w4g64,w4g128,w3g64,w3g128,w2g64] [--out DIR]
+  then: python bench/bench_peers.py --methods gptq-seq-w3g64 --plan DIR/plan-w3g64.yaml --out DIR
+
+The planner's question for issue 17's 3-bit mark: at the bytes of uniform `--size` over the block linears (the
+embedding and the tied head kept fp32 on both sides, as bench_peers keeps them), can a per-module choice of settings
+lower the worst language? The steps are the product's own (the closed loop's `method_scores`, docs/plan.md):
+1. the fast scan (RTN scores per module, setting and slice, on each slice's calibration rows; never eval rows);
+2. the method applied uniformly at each setting (its whole-model path, the w4g64 preset's recipe), kept per module;
+3. per slice, the method's output error over RTN's, tr(dW H dW^T), with H from that slice's calibration rows;
+4. the planner (worst slice) on the scan's scores scaled by those ratios, under each uniform setting's exact bytes.
+With --check-top K (default 8), before step 4 the K modules with the largest fast W3 g64 score on each slice are
+probed alone (RTN W3 g64, whole model, on that slice's calibration rows) and each of their scores on that slice is
+scaled by probed over fast: the fast scan's local quadratic can overshoot a saturating KL a hundredfold on one
+fragile calibration sequence (ru, block 0's v_proj: 7.39 fast against 0.057 probed; docs/sensitivity.md), and the
+planner would spend its bytes on those modules. --ratios FILE reuses the ratios a run wrote (ratios.json): steps
+2-3 take about half an hour here.
+Writes DIR/plan-SIZE.yaml per size (the plan, with the preset's calibration recipe) and DIR/mixed.jsonl (each step's
+seconds, the median ratios, the predicted worst slice of each plan and of uniform on the same scores, the settings
+chosen). Steps 1-3 are shared by the sizes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+LANGUAGES = "en,fr,de,es,ru,zh,ja,ar,hi"
+SETTINGS = "w8,w6g64,w4g64,w4g128,w3g64,w3g128,w2g64"
+
+
+def uniform_prediction(scores: dict, modules: list[str], setting: str, slices: list[str]) -> dict[str, float]:
+    """The additive prediction of every module at one setting, per slice (the planner's own arithmetic)."""
+    return {s: round(sum(scores[(m, setting, s)] for m in modules), 5) for s in slices}
+
+
+def winsorized_mean(values: np.ndarray, cap: float) -> np.ndarray:
+    """Mean over the last axis (sequences) with each value capped at `cap` times that row's median: one sequence whose
+    local quadratic overshoots (a saturating KL) cannot carry the whole estimate."""
+    limit = cap * np.median(values, axis=-1, keepdims=True)
+    return np.minimum(values, limit).mean(axis=-1)
+
+
+def robust_fast_scores(loaded, linears: list[str], settings: list[str], slices: list[str], cap: float) -> dict:
+    """The fast scan's KL estimate (diagonal Fisher, sampled labels) per calibration sequence, then winsorized over
+    the sequences: (module, setting, slice) -> KL. Each sequence is its own `fisher_scores` call (its own seed), so
+    the per-sequence values are exact; the price is each setting's weight error computed once per sequence."""
+    from shrink_core.sensitivity.fisher import fisher_scores
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS, calib_tokens
+    from shrink_core.sensitivity.settings import get_setting
+
+    depth = SCAN_DEPTHS["fast"]
+    modules = {m: loaded.model.get_submodule(m) for m in linears}
+    chosen = [get_setting(o) for o in settings]
+    out = {}
+    for s in slices:
+        ids = calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len)
+        per = [fisher_scores(loaded.model, ids[i:i + 1], modules, chosen, batch=1, seed=i, first_order=False).values
+               for i in range(ids.shape[0])]
+        for o in settings:
+            values = np.array([[p[o][m][0] for p in per] for m in linears])  # (modules, sequences)
+            for m, v in zip(linears, winsorized_mean(values, cap)):
+                out[(m, o, s)] = float(v)
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="builtin:smollm2-135m")
+    parser.add_argument("--method", default="gptq-seq", choices=["gptq", "gptq-seq"])
+    parser.add_argument("--sizes", default="w3g64,w4g64",
+                        help="uniform settings whose block-linear bytes are the budgets, one plan each")
+    parser.add_argument("--slices", default=LANGUAGES)
+    parser.add_argument("--settings", default=SETTINGS, help="the planner's menu (the method is applied at each)")
+    parser.add_argument("--max-2bit-per-block", type=int, default=None)
+    parser.add_argument("--calib-sequences", type=int, default=None,
+                        help="the method's calibration windows (default: the w4g64 preset's; fewer for a smoke run)")
+    parser.add_argument("--check-top", type=int, default=0, help="modules per slice probed to correct the fast scores")
+    parser.add_argument("--robust", type=float, default=None,
+                        help="score each calibration sequence alone and cap each at this many times the median")
+    parser.add_argument("--ratios", default=None, help="ratios.json of an earlier run (same model, method, settings)")
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+    slices, settings, sizes = args.slices.split(","), args.settings.split(","), args.sizes.split(",")
+    if set(sizes) - set(settings):
+        raise SystemExit(f"--sizes {sorted(set(sizes) - set(settings))[0]} must be one of --settings ({args.settings}).")
+
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+    from shrink_core.model.inventory import block_linears, inventory
+    from shrink_core.model.load import load
+    from shrink_core.plan import dump_plan, plan_from_dict, plan_to_dict
+    from shrink_core.plan.planner import build_problem, setting_bytes, solution_plan, solve
+    from shrink_core.plan.predict import scaled_scores, score_table
+    from shrink_core.plan.presets import QUANT_RECIPE
+    from shrink_core.results.store import Store
+    from shrink_core.sensitivity.local import OptionWeights, method_option_weights
+    from shrink_core.sensitivity.method_error import input_hessians, output_ratios
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS, calib_tokens
+    from shrink_core.sensitivity.scan import run_scan
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    handle = (out / "mixed.jsonl").open("w")
+
+    def emit(figures: dict) -> None:
+        line = json.dumps({**figures, "load_average": [round(x, 2) for x in os.getloadavg()]})
+        print(line, flush=True)
+        handle.write(line + "\n")
+        handle.flush()
+
+    loaded = load(args.model)
+    rows = inventory(loaded.model)
+    linears = [r.name for r in block_linears(rows)]
+    recipe = CalibrationRecipe.from_dict(QUANT_RECIPE)
+    if args.calib_sequences:
+        from dataclasses import replace
+
+        recipe = replace(recipe, n_sequences=args.calib_sequences)
+    emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "method": args.method,
+          "sizes": sizes, "slices": slices, "settings": settings, "calibration": recipe.to_dict(),
+          "kept_fp32": "embedding and the tied head", "torch_threads": torch.get_num_threads()})
+
+    t0 = time.perf_counter()
+    if args.robust:
+        scores = robust_fast_scores(loaded, linears, settings, slices, args.robust)
+        emit({"part": "scan", "robust": args.robust, "seconds": round(time.perf_counter() - t0, 1),
+              "sums_w3g64": {s: round(sum(scores[(m, "w3g64", s)] for m in linears), 4) for s in slices}
+              if "w3g64" in settings else None})
+    else:
+        report = run_scan(loaded, slices, settings, "fast", "fast", store=Store(), embeddings=False)
+        scores = {k: v for k, v in score_table(report.records, "kl").items() if k[0] in set(linears)}
+        emit({"part": "scan", "seconds": round(time.perf_counter() - t0, 1), "records": len(report.records)})
+
+    if args.check_top:
+        from shrink_core.sensitivity.probe import ProbeCache, probe
+        from shrink_core.sensitivity.settings import get_setting
+
+        t0 = time.perf_counter()
+        depth = SCAN_DEPTHS["fast"]
+        blocks = {r.name: r.block for r in rows}
+        corrections = {}
+        for s in slices:
+            cache = ProbeCache(loaded.model, calib_tokens(loaded.tokenizer, s, depth.calib_sequences,
+                                                          depth.calib_len), chunk=depth.chunk)
+            top = sorted(linears, key=lambda m: -scores[(m, "w3g64", s)])[:args.check_top]
+            for m in top:
+                probed = probe(cache, {m: loaded.model.get_submodule(m)}, blocks, get_setting("w3g64")).kl
+                factor = probed / scores[(m, "w3g64", s)]
+                corrections[(m, s)] = factor
+                for o in settings:
+                    scores[(m, o, s)] *= factor
+            del cache
+        worst = sorted(corrections.items(), key=lambda kv: kv[1])[:6]
+        emit({"part": "check-top", "seconds": round(time.perf_counter() - t0, 1), "probed": len(corrections),
+              "median_factor": round(float(np.median(list(corrections.values()))), 4),
+              "smallest_factors": [[m, s, round(f, 5)] for (m, s), f in worst]})
+
+    t0 = time.perf_counter()
+    calibration = calibration_tokens(loaded.tokenizer, recipe)
+
+    def apply_at(model, option):
+        data = plan_to_dict(solution_plan(dict.fromkeys(linears, option), rows, args.method))
+        apply_plan_(model, plan_from_dict({**data, "calibration": recipe.to_dict()}), calibration)
+
+    if args.ratios:
+        ratios = {(m, o, s): r for m, o, s, r in json.loads(Path(args.ratios).read_text())}
+        if {(m, o, s) for m, o, s in ratios} != {(m, o, s) for m in linears for o in settings for s in slices}:
+            raise SystemExit(f"{args.ratios} does not cover these modules, settings and slices; run without --ratios.")
+        emit({"part": "ratios", "from": args.ratios})
+    else:
+        # float32, not the product's bf16: at 6 bits bf16's own rounding is a fair share of the method's error
+        table = method_option_weights(loaded.model, linears, settings, apply_at, dtype=torch.float32,
+                                      progress=lambda i, n, o: emit({"part": "table-option", "option": o, "index": i,
+                                                                     "seconds": round(time.perf_counter() - t0, 1)}))
+        emit({"part": "table", "seconds": round(time.perf_counter() - t0, 1)})
+
+        t0 = time.perf_counter()
+        originals = {m: loaded.model.get_submodule(m).weight.detach() for m in linears}
+        rtn = OptionWeights(originals)
+        by_name = {r.name: r for r in rows}
+        depth = SCAN_DEPTHS["fast"]
+        ratios, medians = {}, {}
+        for s in slices:
+            tokens = calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len)
+            hessians = input_hessians(loaded.model, [by_name[m] for m in linears], tokens)
+            found = output_ratios(originals, table, rtn, hessians, settings)
+            ratios.update({(m, o, s): r for (m, o), r in found.items()})
+            medians[s] = {o: round(float(np.median([r for (_, oo), r in found.items() if oo == o])), 4)
+                          for o in settings}
+        del table
+        (out / "ratios.json").write_text(json.dumps([[m, o, s, round(r, 6)] for (m, o, s), r in ratios.items()]))
+        emit({"part": "ratios", "seconds": round(time.perf_counter() - t0, 1), "median_ratio": medians})
+    scaled = scaled_scores(scores, ratios)
+
+    problem = build_problem(rows, scaled, slices, settings)
+    for size in sizes:
+        budget = float(setting_bytes(rows, linears, [size]).sum())
+        solution = solve(problem, budget_bytes=budget, objective="worst", low_per_block=args.max_2bit_per_block)
+        data = plan_to_dict(solution_plan(solution.choice, rows, args.method,
+                                          name=f"planner worst, {args.method}, {size} bytes"))
+        plan = plan_from_dict({**data, "calibration": recipe.to_dict()})
+        (out / f"plan-{size}.yaml").write_text(dump_plan(plan))
+        uniform = uniform_prediction(scaled, linears, size, slices)
+        emit({"part": "plan", "size": size, "status": solution.status, "gap": solution.gap,
+              "seconds": round(solution.seconds, 2), "budget_bytes": budget, "planned_bytes": solution.total_bytes,
+              "average_bits": solution.average_bits,
+              "predicted": {s: round(v, 5) for s, v in solution.predicted.items()},
+              "predicted_worst": round(max(solution.predicted.values()), 5),
+              "uniform_predicted": uniform, "uniform_predicted_worst": max(uniform.values()),
+              "settings_chosen": dict(sorted({o: list(solution.choice.values()).count(o)
+                                              for o in set(solution.choice.values())}.items())),
+              "rules": len(plan.rules), "plan": str(out / f"plan-{size}.yaml")})
+    handle.close()
+
+
+if __name__ == "__main__":
+    main()
