@@ -5,18 +5,20 @@
                               [--settings w8,w6g64,w4g64,w4g128,w3g64,w3g128,w2g64] [--out DIR]
   then: python bench/bench_peers.py --methods gptq-seq-w3g64 --plan DIR/plan-w3g64.yaml --out DIR
 
-The planner's question for issue 17's 3-bit mark: at the bytes of uniform `--size` over the block linears (the
+The planner's question for issue 17's 3-bit mark: at the bytes of uniform `--sizes` over the block linears (the
 embedding and the tied head kept fp32 on both sides, as bench_peers keeps them), can a per-module choice of settings
 lower the worst language? The steps are the product's own (the closed loop's `method_scores`, docs/plan.md):
 1. the fast scan (RTN scores per module, setting and slice, on each slice's calibration rows; never eval rows);
 2. the method applied uniformly at each setting (its whole-model path, the w4g64 preset's recipe), kept per module;
 3. per slice, the method's output error over RTN's, tr(dW H dW^T), with H from that slice's calibration rows;
 4. the planner (worst slice) on the scan's scores scaled by those ratios, under each uniform setting's exact bytes.
-With --check-top K (default 8), before step 4 the K modules with the largest fast W3 g64 score on each slice are
+With --check-top K (off by default), before step 4 the K modules with the largest fast W3 g64 score on each slice are
 probed alone (RTN W3 g64, whole model, on that slice's calibration rows) and each of their scores on that slice is
 scaled by probed over fast: the fast scan's local quadratic can overshoot a saturating KL a hundredfold on one
 fragile calibration sequence (ru, block 0's v_proj: 7.39 fast against 0.057 probed; docs/sensitivity.md), and the
-planner would spend its bytes on those modules. --ratios FILE reuses the ratios a run wrote (ratios.json): steps
+planner would spend its bytes on those modules. It corrects only the K modules; --robust C (score each sequence
+alone, cap each at C times the median, then average) corrects the whole slice and is what the 2026-12-03 run used.
+--ratios FILE reuses the ratios a run wrote (ratios.json): steps
 2-3 take about half an hour here.
 Writes DIR/plan-SIZE.yaml per size (the plan, with the preset's calibration recipe) and DIR/mixed.jsonl (each step's
 seconds, the median ratios, the predicted worst slice of each plan and of uniform on the same scores, the settings
@@ -57,7 +59,8 @@ def winsorized_mean(values: np.ndarray, cap: float) -> np.ndarray:
 def robust_fast_scores(loaded, linears: list[str], settings: list[str], slices: list[str], cap: float) -> dict:
     """The fast scan's KL estimate (diagonal Fisher, sampled labels) per calibration sequence, then winsorized over
     the sequences: (module, setting, slice) -> KL. Each sequence is its own `fisher_scores` call (its own seed), so
-    the per-sequence values are exact; the price is each setting's weight error computed once per sequence."""
+    each sequence's estimate stays apart; the price is each setting's weight error computed once per sequence (about
+    15x the product's scan time: the fix belongs in the product's streamed path, docs/sensitivity.md)."""
     from shrink_core.sensitivity.fisher import fisher_scores
     from shrink_core.sensitivity.probe import SCAN_DEPTHS, calib_tokens
     from shrink_core.sensitivity.settings import get_setting
@@ -97,6 +100,8 @@ def main() -> None:
     slices, settings, sizes = args.slices.split(","), args.settings.split(","), args.sizes.split(",")
     if set(sizes) - set(settings):
         raise SystemExit(f"--sizes {sorted(set(sizes) - set(settings))[0]} must be one of --settings ({args.settings}).")
+    if args.check_top and "w3g64" not in settings:
+        raise SystemExit("--check-top probes at w3g64; add w3g64 to --settings or leave --check-top off.")
 
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
@@ -169,19 +174,19 @@ def main() -> None:
               "median_factor": round(float(np.median(list(corrections.values()))), 4),
               "smallest_factors": [[m, s, round(f, 5)] for (m, s), f in worst]})
 
-    t0 = time.perf_counter()
-    calibration = calibration_tokens(loaded.tokenizer, recipe)
-
-    def apply_at(model, option):
-        data = plan_to_dict(solution_plan(dict.fromkeys(linears, option), rows, args.method))
-        apply_plan_(model, plan_from_dict({**data, "calibration": recipe.to_dict()}), calibration)
-
     if args.ratios:
         ratios = {(m, o, s): r for m, o, s, r in json.loads(Path(args.ratios).read_text())}
         if {(m, o, s) for m, o, s in ratios} != {(m, o, s) for m in linears for o in settings for s in slices}:
             raise SystemExit(f"{args.ratios} does not cover these modules, settings and slices; run without --ratios.")
         emit({"part": "ratios", "from": args.ratios})
     else:
+        t0 = time.perf_counter()
+        calibration = calibration_tokens(loaded.tokenizer, recipe)
+
+        def apply_at(model, option):
+            data = plan_to_dict(solution_plan(dict.fromkeys(linears, option), rows, args.method))
+            apply_plan_(model, plan_from_dict({**data, "calibration": recipe.to_dict()}), calibration)
+
         # float32, not the product's bf16: at 6 bits bf16's own rounding is a fair share of the method's error
         table = method_option_weights(loaded.model, linears, settings, apply_at, dtype=torch.float32,
                                       progress=lambda i, n, o: emit({"part": "table-option", "option": o, "index": i,
