@@ -260,19 +260,17 @@ def main() -> None:
         key = "rscan-slice" if per_slice else "rscan"
         if key not in gptq:
             from shrink_core.plan.predict import scaled_scores
-            from shrink_core.sensitivity.method_error import input_hessians, output_ratios
+            from shrink_core.sensitivity.method_error import slice_ratios
 
             table = gptq_table()
             t0 = time.perf_counter()
             sources = {s: loop_caches[s].ids for s in slices} if per_slice else {None: calibration}
-            ratios, by_kind = {}, {}
-            for sl, tokens in sources.items():
-                hessians = input_hessians(loaded.model, [by_name[m] for m in linears], tokens)
-                found = output_ratios({m: originals[m] for m in linears}, table, rtn_weights, hessians, options)
-                del hessians
-                ratios.update({(m, o) if sl is None else (m, o, sl): r for (m, o), r in found.items()})
-                for (m, o), r in found.items():
-                    by_kind.setdefault(str(sl), {}).setdefault(o, {}).setdefault(by_name[m].kind, []).append(r)
+            ratios = slice_ratios(loaded.model, [by_name[m] for m in linears], {m: originals[m] for m in linears},
+                                  table, rtn_weights, options, sources)
+            by_kind = {}
+            for key, r in ratios.items():
+                m, o, sl = key if per_slice else (*key, None)
+                by_kind.setdefault(str(sl), {}).setdefault(o, {}).setdefault(by_name[m].kind, []).append(r)
             gptq[key] = scaled_scores(linear_scores, ratios)
             emit({"part": "ratio-scan", "per_slice": per_slice, "seconds": round(time.perf_counter() - t0, 1),
                   "median_ratio": {sl: {o: {k: round(float(np.median(v)), 4) for k, v in kinds.items()}

@@ -16,10 +16,10 @@ With --check-top K (off by default), before step 4 the K modules with the larges
 probed alone (RTN W3 g64, whole model, on that slice's calibration rows) and each of their scores on that slice is
 scaled by probed over fast: the fast scan's local quadratic can overshoot a saturating KL a hundredfold on one
 fragile calibration sequence (ru, block 0's v_proj: 7.39 fast against 0.057 probed; docs/sensitivity.md), and the
-planner would spend its bytes on those modules. It corrects only the K modules; --robust C (score each sequence
-alone, cap each at C times the median, then average) corrects the whole slice and is what the 2026-12-03 run used.
---ratios FILE reuses the ratios a run wrote (ratios.json): steps
-2-3 take about half an hour here.
+planner would spend its bytes on those modules. It corrects only the K modules; the scan itself now caps each
+calibration sequence's estimate at 10 times their median (`fisher.winsorized_sum`), which corrects the whole slice;
+the 2026-12-03 run did the same here (--robust 10, one sequence per call, before the scan had it).
+--ratios FILE reuses the ratios a run wrote (ratios.json): steps 2-3 take about half an hour here.
 Writes DIR/plan-SIZE.yaml per size (the plan, with the preset's calibration recipe) and DIR/mixed.jsonl (each step's
 seconds, the median ratios, the predicted worst slice of each plan and of uniform on the same scores, the settings
 chosen). Steps 1-3 are shared by the sizes.
@@ -49,37 +49,6 @@ def uniform_prediction(scores: dict, modules: list[str], setting: str, slices: l
     return {s: round(sum(scores[(m, setting, s)] for m in modules), 5) for s in slices}
 
 
-def winsorized_mean(values: np.ndarray, cap: float) -> np.ndarray:
-    """Mean over the last axis (sequences) with each value capped at `cap` times that row's median: one sequence whose
-    local quadratic overshoots (a saturating KL) cannot carry the whole estimate."""
-    limit = cap * np.median(values, axis=-1, keepdims=True)
-    return np.minimum(values, limit).mean(axis=-1)
-
-
-def robust_fast_scores(loaded, linears: list[str], settings: list[str], slices: list[str], cap: float) -> dict:
-    """The fast scan's KL estimate (diagonal Fisher, sampled labels) per calibration sequence, then winsorized over
-    the sequences: (module, setting, slice) -> KL. Each sequence is its own `fisher_scores` call (its own seed), so
-    each sequence's estimate stays apart; the price is each setting's weight error computed once per sequence (about
-    15x the product's scan time: the fix belongs in the product's streamed path, docs/sensitivity.md)."""
-    from shrink_core.sensitivity.fisher import fisher_scores
-    from shrink_core.sensitivity.probe import SCAN_DEPTHS, calib_tokens
-    from shrink_core.sensitivity.settings import get_setting
-
-    depth = SCAN_DEPTHS["fast"]
-    modules = {m: loaded.model.get_submodule(m) for m in linears}
-    chosen = [get_setting(o) for o in settings]
-    out = {}
-    for s in slices:
-        ids = calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len)
-        per = [fisher_scores(loaded.model, ids[i:i + 1], modules, chosen, batch=1, seed=i, first_order=False).values
-               for i in range(ids.shape[0])]
-        for o in settings:
-            values = np.array([[p[o][m][0] for p in per] for m in linears])  # (modules, sequences)
-            for m, v in zip(linears, winsorized_mean(values, cap)):
-                out[(m, o, s)] = float(v)
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m")
@@ -92,8 +61,6 @@ def main() -> None:
     parser.add_argument("--calib-sequences", type=int, default=None,
                         help="the method's calibration windows (default: the w4g64 preset's; fewer for a smoke run)")
     parser.add_argument("--check-top", type=int, default=0, help="modules per slice probed to correct the fast scores")
-    parser.add_argument("--robust", type=float, default=None,
-                        help="score each calibration sequence alone and cap each at this many times the median")
     parser.add_argument("--ratios", default=None, help="ratios.json of an earlier run (same model, method, settings)")
     parser.add_argument("--out", required=True)
     args = parser.parse_args()
@@ -113,7 +80,7 @@ def main() -> None:
     from shrink_core.plan.presets import QUANT_RECIPE
     from shrink_core.results.store import Store
     from shrink_core.sensitivity.local import OptionWeights, method_option_weights
-    from shrink_core.sensitivity.method_error import input_hessians, output_ratios
+    from shrink_core.sensitivity.method_error import slice_ratios
     from shrink_core.sensitivity.probe import SCAN_DEPTHS, calib_tokens
     from shrink_core.sensitivity.scan import run_scan
 
@@ -140,15 +107,12 @@ def main() -> None:
           "kept_fp32": "embedding and the tied head", "torch_threads": torch.get_num_threads()})
 
     t0 = time.perf_counter()
-    if args.robust:
-        scores = robust_fast_scores(loaded, linears, settings, slices, args.robust)
-        emit({"part": "scan", "robust": args.robust, "seconds": round(time.perf_counter() - t0, 1),
-              "sums_w3g64": {s: round(sum(scores[(m, "w3g64", s)] for m in linears), 4) for s in slices}
-              if "w3g64" in settings else None})
-    else:
-        report = run_scan(loaded, slices, settings, "fast", "fast", store=Store(), embeddings=False)
-        scores = {k: v for k, v in score_table(report.records, "kl").items() if k[0] in set(linears)}
-        emit({"part": "scan", "seconds": round(time.perf_counter() - t0, 1), "records": len(report.records)})
+    report = run_scan(loaded, slices, settings, "fast", "fast", store=Store(), embeddings=False)
+    scores = {k: v for k, v in score_table(report.records, "kl").items() if k[0] in set(linears)}
+    emit({"part": "scan", "seconds": round(time.perf_counter() - t0, 1), "records": len(report.records),
+          "capped_sequences": report.timings.get("capped_sequences"),
+          "sums_w3g64": {s: round(sum(scores[(m, "w3g64", s)] for m in linears), 4) for s in slices}
+          if "w3g64" in settings else None})
 
     if args.check_top:
         from shrink_core.sensitivity.probe import ProbeCache, probe
@@ -196,16 +160,11 @@ def main() -> None:
         t0 = time.perf_counter()
         originals = {m: loaded.model.get_submodule(m).weight.detach() for m in linears}
         rtn = OptionWeights(originals)
-        by_name = {r.name: r for r in rows}
         depth = SCAN_DEPTHS["fast"]
-        ratios, medians = {}, {}
-        for s in slices:
-            tokens = calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len)
-            hessians = input_hessians(loaded.model, [by_name[m] for m in linears], tokens)
-            found = output_ratios(originals, table, rtn, hessians, settings)
-            ratios.update({(m, o, s): r for (m, o), r in found.items()})
-            medians[s] = {o: round(float(np.median([r for (_, oo), r in found.items() if oo == o])), 4)
-                          for o in settings}
+        ids = {s: calib_tokens(loaded.tokenizer, s, depth.calib_sequences, depth.calib_len) for s in slices}
+        ratios = slice_ratios(loaded.model, block_linears(rows), originals, table, rtn, settings, ids)
+        medians = {s: {o: round(float(np.median([r for (_, oo, ss), r in ratios.items() if oo == o and ss == s])), 4)
+                       for o in settings} for s in slices}
         del table
         (out / "ratios.json").write_text(json.dumps([[m, o, s, round(r, 6)] for (m, o, s), r in ratios.items()]))
         emit({"part": "ratios", "seconds": round(time.perf_counter() - t0, 1), "median_ratio": medians})

@@ -71,6 +71,16 @@ def _top5(report) -> dict:
     return out
 
 
+def _sums(records, setting: str) -> dict:
+    """Per slice, the fast KL summed over the block linears (the planner's additive prediction of the setting made
+    uniform; docs/methods.md has each measured whole)."""
+    out: dict[str, float] = {}
+    for r in records:
+        if r.setting == setting and r.metric == "kl" and r.method == "fast":  # the embedding is probed
+            out[r.slice] = out.get(r.slice, 0.0) + r.value
+    return {k: round(v, 3) for k, v in out.items()}
+
+
 def slices_part(records, k: int = 10) -> dict:
     """Is the most sensitive set the same across slices? Fast W3 g64 KL over all 210 modules."""
     from shrink_core.sensitivity import compare_slices, top_modules
@@ -117,7 +127,8 @@ def main() -> int:
         summary["fast"] = emit("fast", slices=slices, settings=SETTINGS, records=len(report.records),
                                seconds=round(time.perf_counter() - started, 2),
                                cpu_seconds=round(time.process_time() - cpu, 2), threads=_threads(),
-                               timings={k: round(v, 2) for k, v in report.timings.items()})
+                               timings={k: round(v, 2) for k, v in report.timings.items()},
+                               w3g64_sums=_sums(report.records, "w3g64"))
         summary["slices"] = slices_part(report.records)
     if "agreement" in parts:
         for slice_id in slices:  # one line per slice, so a slow machine still leaves figures

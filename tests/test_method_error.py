@@ -4,7 +4,7 @@ import torch
 from shrink_core.model.inventory import block_linears, inventory
 from shrink_core.plan.predict import scaled_scores
 from shrink_core.sensitivity.local import OptionWeights, method_option_weights, option_weight
-from shrink_core.sensitivity.method_error import input_hessians, output_error, output_ratios
+from shrink_core.sensitivity.method_error import input_hessians, output_error, output_ratios, slice_ratios
 
 
 def test_input_hessians_are_each_modules_input_correlations(tiny_model):
@@ -57,3 +57,24 @@ def test_gptq_leaves_less_output_error_than_rtn_and_rtn_is_its_own_unit(tiny_mod
     per_slice = scaled_scores(scores, {**ratios, (first[0], "w2g64", "en"): 0.5})  # a slice's own ratio first
     assert per_slice[(first[0], "w2g64", "en")] == 1.0 and per_slice[(first[0], "w2g64", "fr")] == scaled[
         (first[0], "w2g64", "fr")]
+
+
+def test_slice_ratios_take_each_slices_own_inputs(tiny_model):
+    """A ratio per (module, option, slice) from that slice's tokens, equal to `output_ratios` on them; None for the
+    slice gives the shared (module, option) keys."""
+    rows = block_linears(inventory(tiny_model))[:4]
+    originals = {r.name: tiny_model.get_submodule(r.name).weight.detach().clone() for r in rows}
+    options = ["keep", "w2g64"]
+    # a stand-in "method": RTN at 4 bits for the w2g64 option, so its error differs from RTN w2g64's
+    table = {n: {"keep": w, "w2g64": option_weight("w4g64", w)} for n, w in originals.items()}
+    rtn = OptionWeights(originals)
+    ids = {s: torch.randint(0, 256, (4, 16), generator=torch.Generator().manual_seed(k)) for k, s in enumerate("ab")}
+    seen = []
+    ratios = slice_ratios(tiny_model, rows, originals, table, rtn, options, ids, lambda i, s: seen.append((i, s)))
+    assert seen == [(0, "a"), (1, "b")] and set(ratios) == {(n, "w2g64", s) for n in originals for s in "ab"}
+    for s, tokens in ids.items():
+        alone = output_ratios(originals, table, rtn, input_hessians(tiny_model, rows, tokens), options)
+        assert all(ratios[(*key, s)] == r for key, r in alone.items()) and all(0 < r < 1 for r in alone.values())
+    assert ratios[(rows[0].name, "w2g64", "a")] != ratios[(rows[0].name, "w2g64", "b")]
+    assert set(slice_ratios(tiny_model, rows, originals, table, rtn, options, {None: ids["a"]})) == {
+        (n, "w2g64") for n in originals}

@@ -160,7 +160,7 @@ def test_fast_scan_records_agreement_and_store_reuse(loaded, shrink_home, monkey
     def boom(*args, **kwargs):
         raise AssertionError("recomputed instead of reusing the store")
 
-    monkeypatch.setattr("shrink_core.sensitivity.scan.fisher_stats", boom)
+    monkeypatch.setattr("shrink_core.sensitivity.scan.fisher_scores", boom)
     monkeypatch.setattr("shrink_core.sensitivity.scan.probe", boom)
     again = run_scan(loaded, ["toy_en"], ["w8", "w2g64"], "fast", "quick", check=12, store=store)
     assert again.computed == 0 and again.reused == 21 * 2 + 12 + 2
@@ -388,3 +388,61 @@ def test_perturbing_by_blocks_of_rows_gives_the_same_weight(monkeypatch):
     monkeypatch.setattr(primitives, "ROW_CHUNK_BYTES", 4 * 128 * 7)  # 7 rows at a time
     for (setting, dtype), expected in whole.items():
         assert torch.equal(perturbed(SETTINGS[setting], weight.to(dtype)), expected), (setting, dtype)
+
+
+def test_winsorized_sum_caps_one_overshooting_sequence():
+    # ru, block 0's v_proj at W3 g64 (docs/sensitivity.md): seven sequences near 0.04, the eighth at 36.7
+    ru = [0.079, 0.041, 0.03, 0.053, 0.033, 0.042, 0.038, 36.743]
+    total, capped = fisher.winsorized_sum(ru, 10.0)
+    assert capped == 1 and total == pytest.approx(sum(ru[:7]) + 10 * 0.0415)
+    assert total < 1 < sum(ru)  # the plain sum is 37.06
+    assert fisher.winsorized_sum([1.0, 2.0, 3.0, 4.0], 10.0) == (10.0, 0)  # nothing past 10x the median
+    # an expert two sequences route to: too few positive values for a median, summed as they are
+    assert fisher.winsorized_sum([0.0, 0.0, 0.0, 5.0, 500.0], 10.0) == (505.0, 0)
+    assert fisher.winsorized_sum([0.0, 1.0, 1.0, 1.0, 100.0], 10.0) == (13.0, 1)  # the median of the positive ones
+
+
+@pytest.mark.parametrize("family", ["llama", "mixtral"])
+def test_robust_scores_with_a_loose_cap_equal_the_plain_ones(family, monkeypatch):
+    """Per-sequence terms sum to the diagonal's total (stacked, or one sequence at a time for large modules), and
+    holding the first-order gradients for the Fisher pass changes nothing but the weight errors' count."""
+    from shrink_core.model.toy import tiny_family
+
+    model = tiny_family(family)
+    _, modules, _ = linears(model)
+    ids = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    settings = [SETTINGS["w4g64"], SETTINGS["w2g64"]]
+    plain = fisher.fisher_scores(model, ids, modules, settings, batch=4)
+    robust = fisher.fisher_scores(model, ids, modules, settings, batch=4, robust=1e9, hold_gradients=True)
+    monkeypatch.setattr(fisher, "STACK_BYTES", 0)
+    one_by_one = fisher.fisher_scores(model, ids, modules, settings, batch=4, robust=1e9)
+    assert robust.capped == one_by_one.capped == 0
+    for s in settings:
+        for name in modules:
+            for other in (robust, one_by_one):
+                assert other.values[s.id][name] == pytest.approx(plain.values[s.id][name], rel=1e-4,
+                                                                 abs=1e-3 * plain.values[s.id][name][0]), (s.id, name)
+
+
+def test_a_tight_cap_lowers_the_estimates_it_caps():
+    from shrink_core.model.toy import tiny_family
+
+    model = tiny_family("llama")
+    _, modules, _ = linears(model)
+    ids = torch.randint(0, 256, (8, 24), generator=torch.Generator().manual_seed(4))
+    settings = [SETTINGS["w2g64"]]
+    plain = fisher.fisher_scores(model, ids, modules, settings, batch=4, first_order=False)
+    capped = fisher.fisher_scores(model, ids, modules, settings, batch=4, first_order=False, robust=1.0)
+    pairs = [(capped.values["w2g64"][n][0], plain.values["w2g64"][n][0]) for n in modules]
+    assert capped.capped > 0 and all(0 < c <= p * (1 + 1e-6) for c, p in pairs)
+    assert sum(c < p * 0.999 for c, p in pairs) >= len(pairs) // 2  # at cap 1, every module above its median
+
+
+def test_only_fast_scores_change_key_with_the_estimator(monkeypatch):
+    from shrink_core.sensitivity import scan
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS
+
+    before = {m: scan.scores_key("h", "toy_en", SETTINGS["w3g64"], m, SCAN_DEPTHS["quick"]) for m in ("fast", "exhaustive")}
+    monkeypatch.setattr(scan, "FAST_ESTIMATOR", {**scan.FAST_ESTIMATOR, "cap": 5.0})
+    after = {m: scan.scores_key("h", "toy_en", SETTINGS["w3g64"], m, SCAN_DEPTHS["quick"]) for m in ("fast", "exhaustive")}
+    assert before["fast"] != after["fast"] and before["exhaustive"] == after["exhaustive"]

@@ -21,6 +21,7 @@ BACKWARD_COPIES = 3.2  # logits float32 + softmax + their gradient in the Fisher
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 # The memory limits the jobs keep to are defined here, once, and imported where they act:
 STATS_BYTES_CAP = 2 << 30  # the fast scan streams its Fisher statistics above this (sensitivity/scan.py)
+STACK_BYTES = 256 << 20  # a batch's per-sequence gradients of one module are stacked below this (sensitivity/fisher.py)
 REFERENCE_CACHE_BYTES = 1 << 30  # probe caches keep reference log-probs below this (sensitivity/probe.py)
 ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of the rows quantized at once (compression/primitives.py)
 
@@ -127,8 +128,9 @@ def scan(facts: ModelFacts, method: str, calib: tuple[int, int], probe: tuple[in
     if method == "fast":  # the Fisher pass, then the probes: the larger of the two is the peak
         sequences, length = calib
         batch = min(sequences, chunk * 2)
-        kept = facts.linear_params * 8
+        kept = facts.linear_params * 4  # a batch's first-order gradients, held until each module's Fisher pass
         fisher = {"fisher statistics": kept if kept <= STATS_BYTES_CAP else facts.largest_linear * 4 * 3,
+                  "per-sequence gradients": min(batch * facts.largest_linear * 4, STACK_BYTES),
                   "backward logits": int(batch * length * facts.vocab * 4 * BACKWARD_COPIES),
                   "backward activations": batch * length * facts.blocks * (6 * facts.hidden + 3 * facts.intermediate)
                   * facts.dtype_bytes}

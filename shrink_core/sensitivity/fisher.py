@@ -21,6 +21,7 @@ from dataclasses import dataclass
 
 import torch
 
+from shrink_core.perf.footprint import STACK_BYTES  # a batch's G_s (B, out, in) are stacked below it, else made one by one
 from shrink_core.sensitivity.settings import Setting, perturbed
 
 
@@ -53,13 +54,24 @@ def stats_bytes(modules: dict[str, torch.nn.Module], first_order: bool = True) -
     return sum(m.weight.numel() for m in modules.values()) * 4 * (2 if first_order else 1)
 
 
+def _squares(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """sum_s G_s**2 (out, in), one sequence at a time: no (B, out, in) temporary."""
+    squares = torch.zeros(g.shape[-1], x.shape[-1], device=g.device)
+    for b in range(x.shape[0]):
+        one = g[b].T @ x[b]  # G_s (out, in)
+        squares.addcmul_(one, one)
+    return squares
+
+
 def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fisher, on_gradient, batch: int,
-            progress, labels: str, seed: int, first_order: bool, soft_targets=None, per_sequence: bool = False) -> None:
-    """Forward and backward passes over `ids` in batches; per batch and module, on_fisher(name, sum_s G_s**2) and
-    on_gradient(name, sum_s G_s) (both (out, in) float32) receive that batch's contribution; with `per_sequence`,
-    on_fisher receives the batch's G_s themselves, (B, out, in).
+            progress, labels: str, seed: int, first_order: bool, soft_targets=None, gradient_first: bool = False) -> None:
+    """Forward and backward passes over `ids` in batches. Per batch and module, on_fisher(name, x, g) in the backward
+    that gathers the Fisher and on_gradient(name, x, g) in the one that gathers the first-order gradient: x (B, T, in)
+    the module's inputs and g (B, T, out) its output gradients, float32; the consumer reduces them.
     soft_targets(part) -> (B * (T - 1), vocab) probabilities: the first-order backward is then the gradient of the
-    cross-entropy to them (KL(targets || model) up to a constant) instead of the text's NLL."""
+    cross-entropy to them (KL(targets || model) up to a constant) instead of the text's NLL. `gradient_first`: the
+    first-order backward runs before the sampled one, so a consumer can hold a module's batch gradient until its
+    Fisher arrives and reduce both against one weight error (same draws, same figures)."""
     generator = torch.Generator().manual_seed(seed)
     phase = {"fisher": True, "gradient": labels == "data"}  # what the running backward accumulates
 
@@ -75,16 +87,10 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
                 g = g.detach()
                 x_, g_ = (_to_sequences(t, routed, phase["shape"]) for t in (x, g)) if flat else (x, g)
                 x_, g_ = x_.float(), g_.float()  # statistics in float32 whatever the model's dtype
-                if phase["fisher"] and per_sequence:
-                    on_fisher(name, torch.einsum("bto,bti->boi", g_, x_))
-                elif phase["fisher"]:
-                    squares = torch.zeros(g_.shape[-1], x_.shape[-1], device=g_.device)
-                    for b in range(x_.shape[0]):  # one sequence at a time: no (B, out, in) temporary
-                        one = g_[b].T @ x_[b]  # G_s (out, in)
-                        squares.addcmul_(one, one)
-                    on_fisher(name, squares)
+                if phase["fisher"]:
+                    on_fisher(name, x_, g_)
                 if phase["gradient"]:
-                    on_gradient(name, torch.einsum("bto,bti->oi", g_, x_))  # (out, in): summed over the batch
+                    on_gradient(name, x_, g_)
             output.register_hook(backward_hook)
         return forward_hook
 
@@ -104,15 +110,14 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
                 text = part[:, 1:].reshape(-1)
                 if labels == "sampled":
                     drawn = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)[:, 0]
-                    phase.update(fisher=True, gradient=False)
-                    torch.nn.functional.cross_entropy(flat, drawn, reduction="sum").backward(retain_graph=first_order)
-                    if first_order:  # same forward, second backward: the first-order term only
-                        phase.update(fisher=False, gradient=True)
-                        if soft_targets is None:
-                            torch.nn.functional.cross_entropy(flat, text, reduction="sum").backward()
-                        else:
-                            target = soft_targets(part).to(flat.dtype)
-                            (-(target * torch.log_softmax(flat, -1)).sum()).backward()
+                    steps = [("fisher", torch.nn.functional.cross_entropy(flat, drawn, reduction="sum"))]
+                    if first_order:  # same forward, another backward: the first-order term only
+                        first = (torch.nn.functional.cross_entropy(flat, text, reduction="sum") if soft_targets is None
+                                 else -(soft_targets(part).to(flat.dtype) * torch.log_softmax(flat, -1)).sum())
+                        steps.insert(0 if gradient_first else 1, ("gradient", first))
+                    for i, (which, loss) in enumerate(steps):
+                        phase.update(fisher=which == "fisher", gradient=which == "gradient")
+                        loss.backward(retain_graph=i < len(steps) - 1)
                 else:
                     torch.nn.functional.cross_entropy(flat, text, reduction="sum").backward()
             if progress:
@@ -136,10 +141,30 @@ def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], 
     gather_gradient = labels == "data" or first_order
     gradient = ({n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
                 if gather_gradient else {})
-    _passes(model, ids, modules, lambda n, f: fisher[n].add_(f), lambda n, g: gradient[n].add_(g), batch, progress,
-            labels, seed, first_order)
+    _passes(model, ids, modules, lambda n, x, g: fisher[n].add_(_squares(x, g)),
+            lambda n, x, g: gradient[n].add_(torch.einsum("bto,bti->oi", g, x)), batch, progress, labels, seed,
+            first_order)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     return FisherStats(fisher, gradient, tokens, time.perf_counter() - started, labels)
+
+
+# The fast scan's cap on one calibration sequence's estimate, in medians of the sequences' (docs/sensitivity.md).
+ROBUST_CAP = 10.0
+
+
+def winsorized_sum(values, cap: float) -> tuple[float, int]:
+    """The sum of per-sequence estimates with each capped at `cap` times the median of the positive ones, and how
+    many were capped. The local quadratic overshoots a saturating KL on a fragile sequence: on ru, one of 8
+    calibration sequences carried block 0's v_proj at W3 g64 to 36.7 against 0.03-0.08 on the others, and a plain
+    sum let that one sequence decide the slice's ranking. Fewer than 3 positive values (an expert that few
+    sequences route to) are summed as they are."""
+    positive = sorted(v for v in values if v > 0)
+    if len(positive) < 3:
+        return float(sum(values)), 0
+    middle = len(positive) // 2
+    median = positive[middle] if len(positive) % 2 else (positive[middle - 1] + positive[middle]) / 2
+    limit = cap * median
+    return float(sum(min(v, limit) for v in values)), sum(v > limit for v in values)
 
 
 @dataclass(frozen=True)
@@ -147,11 +172,13 @@ class FisherScores:
     values: dict[str, dict[str, tuple[float, float]]]  # setting id -> module -> (kl, dnll)
     tokens: int
     seconds: float
+    capped: int = 0  # per-sequence estimates the robust cap lowered (all modules and settings)
 
 
 def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], settings: list[Setting],
                   batch: int = 4, progress=None, seed: int = 0, first_order: bool = True, errors=None,
-                  soft_targets=None, quadratic: str = "diagonal") -> FisherScores:
+                  soft_targets=None, quadratic: str = "diagonal", robust: float | None = None,
+                  hold_gradients: bool = False) -> FisherScores:
     """The estimates of `estimate_slices(..., fisher_stats(...))` in bounded memory: each batch's F and G of a module
     are reduced at once against every setting's weight error and dropped, so nothing the size of the weights
     outlives a module's hook (the price: each setting's weight error is recomputed per batch and pass).
@@ -160,12 +187,17 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
     quadratic="diagonal": dW . F dW with F's diagonal (sum F * dW**2); "sequence": with the whole F, as its unbiased
     estimate sum_s <G_s, dW>**2 (one sampled-label gradient per sequence). The diagonal is the lower-variance choice
     for errors that are close to independent noise (RTN); an error shaped against the input correlations (GPTQ's)
-    sits in directions the diagonal cannot see."""
+    sits in directions the diagonal cannot see.
+    robust=C: each sequence's quadratic term is kept apart and the sum caps each at C times their median
+    (`winsorized_sum`). hold_gradients: the first-order backward runs first and each module's batch gradient (4 bytes
+    a weight over all modules) waits for its Fisher, so each weight error is computed once per batch, not twice."""
     if quadratic not in ("diagonal", "sequence"):
         raise ValueError(f"quadratic is 'diagonal' or 'sequence', not {quadratic!r}")
     started = time.perf_counter()
     keys = [s.id for s in settings] if errors is None else None
-    sums: dict[str, dict[str, list[float]]] = {}  # key -> module -> (sum F dW^2, sum G dW)
+    sums: dict[str, dict[str, list]] = {}  # key -> module -> [sum dW F dW, sum G dW, per-sequence dW F_s dW]
+    held: dict[str, torch.Tensor] = {}  # module -> this batch's first-order gradient, until its Fisher pass
+    hold = hold_gradients and first_order
 
     def setting_errors(name):
         weight = modules[name].weight.detach().float()
@@ -175,28 +207,61 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
     errors = errors or setting_errors
 
     def slot(key, name):
-        return sums.setdefault(key, {}).setdefault(name, [0.0, 0.0])
+        return sums.setdefault(key, {}).setdefault(name, [0.0, 0.0, []])
 
-    def on_fisher(name, stat):  # sum_s G_s**2 (out, in); with quadratic="sequence" the batch's G_s (B, out, in)
+    def sequence_terms(x, g, delta, stack) -> torch.Tensor:
+        """(B,) each sequence's dW . F_s dW: diagonal, or <G_s, dW>**2 (stack: the batch's G_s, squared for the
+        diagonal; None: each G_s made again, for a batch of large modules)."""
+        if stack is not None:
+            flat = stack.reshape(stack.shape[0], -1)
+            return flat @ delta.reshape(-1).square() if quadratic == "diagonal" else (flat @ delta.reshape(-1)).square()
+        one = [g[b].T @ x[b] for b in range(x.shape[0])]
+        return torch.stack([(o.square() * delta.square()).sum() if quadratic == "diagonal" else (o * delta).sum().square()
+                            for o in one])
+
+    def on_fisher(name, x, g):
+        apart = robust is not None or quadratic == "sequence"
+        gradient = held.pop(name, None)
+        squares = stack = None
+        if not apart:
+            squares = _squares(x, g).reshape(-1)
+        elif x.shape[0] * g.shape[-1] * x.shape[-1] * 4 <= STACK_BYTES:
+            stack = per_sequence_gradient(x, g)
+            stack = stack.square_() if quadratic == "diagonal" else stack
         for key, delta in errors(name):
-            if quadratic == "sequence":
-                slot(key, name)[0] += float(torch.einsum("boi,oi->b", stat, delta).square().sum())
+            s = slot(key, name)
+            if apart:
+                terms = sequence_terms(x, g, delta, stack)
+                s[0] += float(terms.sum())
+                s[2].extend(terms.tolist())
             else:
-                slot(key, name)[0] += float(torch.dot(stat.reshape(-1), delta.reshape(-1).square()))
+                s[0] += float(torch.dot(squares, delta.reshape(-1).square()))
+            if gradient is not None:
+                s[1] += float(torch.dot(gradient, delta.reshape(-1)))
 
-    def on_gradient(name, gradient):
+    def on_gradient(name, x, g):
+        gradient = torch.einsum("bto,bti->oi", g, x).reshape(-1)  # (out * in): summed over the batch
+        if hold:
+            held[name] = gradient
+            return
         for key, delta in errors(name):
-            slot(key, name)[1] += float(torch.dot(gradient.reshape(-1), delta.reshape(-1)))
+            slot(key, name)[1] += float(torch.dot(gradient, delta.reshape(-1)))
 
     _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, "sampled", seed, first_order, soft_targets,
-            per_sequence=quadratic == "sequence")
+            gradient_first=hold)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     for key in keys or []:  # every setting of every module has a value, even with no pass over it
         for name in modules:
             slot(key, name)
-    values = {sid: {n: (f / (2 * tokens), g / tokens + f / (2 * tokens)) for n, (f, g) in per.items()}
-              for sid, per in sums.items()}
-    return FisherScores(values, tokens, time.perf_counter() - started)
+    values, capped = {}, 0
+    for sid, per in sums.items():
+        values[sid] = {}
+        for n, (f, g, terms) in per.items():
+            if robust is not None:
+                f, count = winsorized_sum(terms, robust)
+                capped += count
+            values[sid][n] = (f / (2 * tokens), g / tokens + f / (2 * tokens))
+    return FisherScores(values, tokens, time.perf_counter() - started, capped)
 
 
 def estimate_slices(weight: torch.Tensor, stats: list[FisherStats], name: str, setting: Setting) -> list[tuple[float, float]]:

@@ -388,18 +388,14 @@ class _MethodWeights:
 def _method_ratios(weights: _MethodWeights, rows, ids: dict, progress) -> tuple[dict, str]:
     """(module, setting, slice) -> the method's output error over RTN's, a ratio per slice from that slice's
     calibration rows `ids` (`method_error`), and a note that says so with the median ratio per slice."""
-    from shrink_core.sensitivity.method_error import input_hessians, output_ratios
+    from shrink_core.sensitivity.method_error import slice_ratios
 
     t0 = time.perf_counter()
     table = weights.table(lambda i, n, option: progress(
         0.02 + 0.03 * i / n, f"{weights.method} at {option} ({i + 1}/{n}), for the method's own scores"))
-    by_name = {r.name: r for r in rows}
-    ratios = {}
-    for i, (s, tokens) in enumerate(ids.items()):
-        progress(0.05, f"{weights.method}'s output error over RTN's on {s}'s calibration rows ({i + 1}/{len(ids)})")
-        hessians = input_hessians(weights.loaded.model, [by_name[m] for m in weights.planned], tokens)
-        found = output_ratios(weights.originals, table, weights.rtn, hessians, weights.options)
-        ratios.update({(m, o, s): r for (m, o), r in found.items()})
+    ratios = slice_ratios(weights.loaded.model, rows, weights.originals, table, weights.rtn, weights.options, ids,
+                          lambda i, s: progress(0.05, f"{weights.method}'s output error over RTN's on {s}'s "
+                                                      f"calibration rows ({i + 1}/{len(ids)})"))
     medians = ", ".join(f"{s} {np.median([r for (_, _, sl), r in ratios.items() if sl == s]):.2f}" for s in ids)
     return ratios, (f"Planned on the scan's scores scaled by {weights.method}'s output error over RTN's, per slice "
                     f"(median ratio {medians}; from each slice's calibration rows): {weights.method} applied once "

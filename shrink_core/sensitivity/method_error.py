@@ -58,3 +58,20 @@ def output_ratios(originals: dict[str, torch.Tensor], method_weights: dict[str, 
             ratios[(name, option)] = (output_error(method_weights[name][option].float() - w, h) / rtn
                                       if rtn > 0 else 1.0)
     return ratios
+
+
+def slice_ratios(model, rows, originals: dict[str, torch.Tensor], method_weights: dict[str, dict[str, torch.Tensor]],
+                 rtn_weight, options: list[str], ids: dict, progress=None) -> dict[tuple, float]:
+    """`output_ratios` with H from each slice's own calibration tokens: ids maps slice -> (n, T) tokens, and the result
+    (module, option, slice) -> r. A slice of None gives (module, option) keys: one ratio from shared tokens.
+    rows: inventory rows of the modules in `originals`; progress(i, slice) before each slice."""
+    by_name = {r.name: r for r in rows}
+    ratios: dict[tuple, float] = {}
+    for i, (slice_id, tokens) in enumerate(ids.items()):
+        if progress:
+            progress(i, slice_id)
+        hessians = input_hessians(model, [by_name[m] for m in originals], tokens)
+        found = output_ratios(originals, method_weights, rtn_weight, hessians, options)
+        del hessians  # (in, in) per module: one slice's at a time
+        ratios.update({key if slice_id is None else (*key, slice_id): r for key, r in found.items()})
+    return ratios

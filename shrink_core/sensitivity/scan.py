@@ -23,7 +23,7 @@ from shrink_core.perf import footprint
 from shrink_core.perf.footprint import STATS_BYTES_CAP  # above it, a slice's statistics are streamed
 from shrink_core.perf.memory import release_freed_memory
 from shrink_core.results.store import Provenance, Store
-from shrink_core.sensitivity.fisher import estimate_slices, fisher_scores, fisher_stats, stats_bytes
+from shrink_core.sensitivity.fisher import ROBUST_CAP, fisher_scores, stats_bytes
 from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, ScanDepth, calib_tokens, eval_tokens, probe
 from shrink_core.sensitivity.settings import Setting, get_setting
 
@@ -144,14 +144,23 @@ class ModelId:
         return ModelId(loaded.spec.raw, loaded.weights_hash, device_label(loaded.model))
 
 
+# The fast scores' estimator beyond the budget's version: each calibration sequence's KL term capped at ROBUST_CAP
+# times their median (fisher.winsorized_sum).
+FAST_ESTIMATOR = {"kl": "winsorized per sequence", "cap": ROBUST_CAP}
+
+
 def scan_provenance(model: ModelId, slice_id: str, budget: str) -> Provenance:
     return Provenance(model.spec, model.weights_hash, __version__, model.device, slice=slice_id, budget=budget)
 
 
 def scores_key(weights_hash: str, slice_id: str, setting: Setting, method: str, budget: ScanDepth) -> str:
-    """The figure key of the scores of one (model, slice, setting, method, budget)."""
-    return figure_key("sensitivity", weights_hash=weights_hash, slice_info=get_slice(slice_id),
-                      protocol={"setting": asdict(setting), "budget": asdict(budget)}, method=method)
+    """The figure key of the scores of one (model, slice, setting, method, budget). Fast scores also carry their
+    estimator, so a change to it recomputes them and leaves the (costly) exhaustive probes served from the store."""
+    protocol = {"setting": asdict(setting), "budget": asdict(budget)}
+    if method == "fast":
+        protocol["estimator"] = FAST_ESTIMATOR
+    return figure_key("sensitivity", weights_hash=weights_hash, slice_info=get_slice(slice_id), protocol=protocol,
+                      method=method)
 
 
 def cached_values(store: Store, model: ModelId, slice_id: str, setting: Setting, method: str,
@@ -237,19 +246,19 @@ class ScanTargets:
 
 
 def fisher_values(loaded, modules: dict, slice_id: str, settings: list[Setting], depth: ScanDepth, progress):
-    """The fast method on one slice: setting id -> module -> (kl, dnll), the pass's seconds and tokens, and the
-    estimates' seconds (None when the statistics were streamed: a slice's F and G over STATS_BYTES_CAP)."""
+    """The fast method on one slice: setting id -> module -> (kl, dnll), the pass's seconds and tokens, and how many
+    per-sequence estimates the robust cap lowered. Each calibration sequence's KL term is kept apart and capped at
+    ROBUST_CAP times their median (`fisher.winsorized_sum`); the first-order gradients are held for one batch (4
+    bytes a weight) where that stays under STATS_BYTES_CAP, else each weight error is computed twice per batch."""
     ids = calib_tokens(loaded.tokenizer, slice_id, depth.calib_sequences, depth.calib_len)
-    if stats_bytes(modules) > STATS_BYTES_CAP:
-        scores = fisher_scores(loaded.model, ids, modules, settings, batch=depth.chunk * 2, progress=progress)
-        return scores.values, scores.seconds, scores.tokens, None
-    stats = fisher_stats(loaded.model, ids, modules, batch=depth.chunk * 2, first_order=True, progress=progress)
-    started = time.perf_counter()
-    fresh = {s.id: {} for s in settings}
-    for name, module in modules.items():
-        for s in settings:
-            fresh[s.id][name] = estimate_slices(module.weight, [stats], name, s)[0]
-    return fresh, stats.seconds, stats.tokens, time.perf_counter() - started
+    scores = fisher_scores(loaded.model, ids, modules, settings, batch=depth.chunk * 2, progress=progress,
+                           robust=ROBUST_CAP, hold_gradients=not fisher_streamed(modules))
+    return scores.values, scores.seconds, scores.tokens, scores.capped
+
+
+def fisher_streamed(modules: dict) -> bool:
+    """True when a batch's first-order gradients of every module would pass STATS_BYTES_CAP and are not held."""
+    return stats_bytes(modules, first_order=False) > STATS_BYTES_CAP
 
 
 def probe_values(cache: ProbeCache, probed: dict, blocks: dict, names: list[str], setting: Setting,
@@ -296,17 +305,15 @@ class _Scanner:
                     missing.setdefault(slice_id, []).append(s)
                 else:
                     self.report.reused += len(values)
-        # One slice at a time, its statistics dropped before the next: memory does not grow with the slices. When
-        # one slice's F and G would pass STATS_BYTES_CAP they are not kept at all (fisher_scores streams them).
-        self.report.timings["fisher_streamed"] = stats_bytes(self.modules) > STATS_BYTES_CAP
+        # One slice at a time, each batch reduced at once (fisher_scores): memory does not grow with the slices.
+        self.report.timings["fisher_streamed"] = fisher_streamed(self.modules)
         for n, (slice_id, group) in enumerate(missing.items()):
             def tick(f, m, _n=n, _id=slice_id):
                 progress(0.95 * (_n + 0.9 * f) / len(missing), f"{_id}: {m}")
 
-            fresh, seconds, tokens, estimates_s = fisher_values(self.loaded, self.modules, slice_id, group,
-                                                                self.budget, tick)
-            if estimates_s is not None:
-                self.report.timings["estimates_s"] = self.report.timings.get("estimates_s", 0) + estimates_s
+            fresh, seconds, tokens, capped = fisher_values(self.loaded, self.modules, slice_id, group, self.budget,
+                                                           tick)
+            self.report.timings["capped_sequences"] = self.report.timings.get("capped_sequences", 0) + capped
             self.report.timings["gradients_s"] = self.report.timings.get("gradients_s", 0) + seconds
             for setting in group:
                 values = fresh[setting.id]
