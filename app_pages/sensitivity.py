@@ -27,8 +27,10 @@ spec = state.model_spec()
 st.caption("How much does quantizing or pruning one module (all others untouched) change the model? "
            "KL(reference || perturbed) and ΔNLL per token, per slice. **fast**: diagonal Fisher (labels sampled from the "
            "model) plus a first-order term from the text, one forward and two backwards per calibration batch "
-           "(calibration rows only); the embedding is always probed exhaustively. **exhaustive**: each module perturbed and "
-           "measured on the slice's eval rows, reusing the unperturbed activations before its block.")
+           "(calibration rows only), each calibration sequence's KL term capped at 10x their median so one fragile "
+           "sequence cannot carry a module (docs/sensitivity.md); the embedding is always probed exhaustively. "
+           "**exhaustive**: each module perturbed and measured on the slice's eval rows, reusing the unperturbed "
+           "activations before its block.")
 
 with st.expander("Run a scan", expanded=not stored_records(db, spec)):
     left, middle, right = st.columns(3)
