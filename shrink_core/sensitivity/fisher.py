@@ -16,6 +16,7 @@ weights, which is what makes the diagonal a fair stand-in; docs/sensitivity.md h
 """
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass
 
@@ -158,12 +159,10 @@ def winsorized_sum(values, cap: float) -> tuple[float, int]:
     calibration sequences carried block 0's v_proj at W3 g64 to 36.7 against 0.03-0.08 on the others, and a plain
     sum let that one sequence decide the slice's ranking. Fewer than 3 positive values (an expert that few
     sequences route to) are summed as they are."""
-    positive = sorted(v for v in values if v > 0)
+    positive = [v for v in values if v > 0]
     if len(positive) < 3:
         return float(sum(values)), 0
-    middle = len(positive) // 2
-    median = positive[middle] if len(positive) % 2 else (positive[middle - 1] + positive[middle]) / 2
-    limit = cap * median
+    limit = cap * statistics.median(positive)
     return float(sum(min(v, limit) for v in values)), sum(v > limit for v in values)
 
 
