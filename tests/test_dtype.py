@@ -9,9 +9,9 @@ from shrink_core.model.describe import device_label
 from shrink_core.model.load import ModelSpec, load, with_dtype
 from shrink_core.model.toy import tiny_llama
 from shrink_core.plan import load_plan
-from shrink_core.sensitivity import fisher
 from shrink_core.sensitivity.settings import SETTINGS, perturbed
 
+from .fisher_oracle import kept_statistics
 from .test_export import tiny_tokenizer
 
 
@@ -44,7 +44,7 @@ def test_a_bf16_model_compresses_with_float32_statistics(model_dir, shrink_home)
     assert torch.equal(perturbed(SETTINGS["w4g64"], weight), expected)
     ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
     modules = {"up": model.model.layers[0].mlp.up_proj}
-    stats = fisher.fisher_stats(model, ids, modules, first_order=True)
+    stats = kept_statistics(model, ids, modules, first_order=True)
     assert stats.fisher["up"].dtype == stats.gradient["up"].dtype == torch.float32 and stats.fisher["up"].sum() > 0
     report = apply_plan_(model, load_plan("preset:w4g64"), ids)
     assert model.model.layers[0].mlp.up_proj.weight.dtype == torch.bfloat16

@@ -26,6 +26,8 @@ from shrink_core.sensitivity import (
 from shrink_core.sensitivity.probe import calib_tokens, eval_tokens, whole_model_kl
 from shrink_core.sensitivity.settings import perturbed
 
+from .fisher_oracle import estimate, kept_statistics
+
 
 def tiny_loaded(seed: int = 0, tied: bool = True) -> LoadedModel:
     model = tiny_llama(seed=seed, vocab=258, tied=tied)
@@ -100,10 +102,12 @@ def test_a_whole_changed_copy_measures_what_the_probe_measures_for_the_same_weig
 
 
 def test_per_sequence_gradient_matches_autograd(loaded):
+    """The passes' hooks give each sequence's weight gradient: with the text's labels, their sum and their squares'
+    sum are autograd's, one sequence at a time."""
     model = loaded.model
     _, modules, _ = linears(model)
     ids = calib_tokens(loaded.tokenizer, "toy_en", 2, 16)
-    stats = fisher.fisher_stats(model, ids, modules, batch=2, labels="data")
+    stats = kept_statistics(model, ids, modules, batch=2, first_order=True)
     name = "model.layers.1.self_attn.o_proj"
     squares = torch.zeros_like(modules[name].weight)
     total = torch.zeros_like(modules[name].weight)
@@ -116,7 +120,7 @@ def test_per_sequence_gradient_matches_autograd(loaded):
         total += grad
     model.zero_grad()
     assert torch.allclose(stats.gradient[name], total, rtol=1e-4, atol=1e-6)
-    assert torch.allclose(stats.fisher[name], squares, rtol=1e-4, atol=1e-8)
+    assert torch.allclose(stats.empirical[name], squares, rtol=1e-4, atol=1e-8)
     assert stats.tokens == 2 * 15
     assert all(not p.requires_grad or p.grad is None for p in model.parameters() if p is not modules[name].weight)
 
@@ -220,13 +224,13 @@ def test_sampled_label_fisher_is_seeded_and_has_no_first_order_term(loaded):
     _, modules, _ = linears(loaded.model)
     ids = calib_tokens(loaded.tokenizer, "toy_en", 2, 16)
     name = "model.layers.0.mlp.gate_proj"
-    one = {name: modules[name]}
-    a, b = fisher.fisher_stats(loaded.model, ids, one), fisher.fisher_stats(loaded.model, ids, one)
-    data = fisher.fisher_stats(loaded.model, ids, one, labels="data")
-    assert torch.equal(a.fisher[name], b.fisher[name]) and not torch.equal(a.fisher[name], data.fisher[name])
-    (kl, dnll), = fisher.estimate_slices(modules[name].weight, [a], name, SETTINGS["w3g64"])
-    (kl_data, dnll_data), = fisher.estimate_slices(modules[name].weight, [data], name, SETTINGS["w3g64"])
-    assert kl > 0 and dnll == kl and dnll_data != kl_data
+    one, setting = {name: modules[name]}, SETTINGS["w3g64"]
+    a, b = (fisher.fisher_scores(loaded.model, ids, one, [setting], first_order=False) for _ in range(2))
+    (kl, dnll) = a.values["w3g64"][name]
+    assert a.values == b.values and kl > 0 and dnll == kl
+    data = kept_statistics(loaded.model, ids, one, first_order=True)  # the text's labels: the empirical Fisher
+    kl_data, dnll_data = estimate(modules[name].weight, data.empirical[name], data.gradient[name], data.tokens, setting)
+    assert kl_data != pytest.approx(kl, rel=1e-3) and dnll_data != kl_data
 
 
 @pytest.mark.parametrize("family", ["llama", "mixtral"])
@@ -239,12 +243,12 @@ def test_streamed_fisher_scores_equal_the_kept_statistics(family):
     _, modules, _ = linears(model)
     ids = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
     settings = [SETTINGS["w4g64"], SETTINGS["w2g64"], SETTINGS["nm24"]]
-    stats = fisher.fisher_stats(model, ids, modules, batch=4, first_order=True)
+    stats = kept_statistics(model, ids, modules, batch=4, first_order=True)
     streamed = fisher.fisher_scores(model, ids, modules, settings, batch=4)
     assert fisher.stats_bytes(modules) == 8 * sum(m.weight.numel() for m in modules.values())
     for s in settings:
         for name, module in modules.items():
-            (kept,) = fisher.estimate_slices(module.weight, [stats], name, s)
+            kept = estimate(module.weight, stats.fisher[name], stats.gradient[name], stats.tokens, s)
             # dNLL = first-order sum + KL: float32 sums of opposite signs, so its tolerance follows KL's size
             assert streamed.values[s.id][name] == pytest.approx(kept, rel=1e-4, abs=1e-3 * kept[0]), (s.id, name)
     assert all(v[0] > 0 for v in streamed.values["w2g64"].values())
@@ -283,10 +287,10 @@ def test_fisher_estimate_tracks_exhaustive_kl_on_the_same_tokens(loaded):
     _, modules, blocks = linears(loaded.model)
     ids = eval_tokens(loaded.tokenizer, "toy_en", 16, 32)
     cache = ProbeCache(loaded.model, ids, chunk=8)
-    stats = fisher.fisher_stats(loaded.model, ids, modules, batch=8)
-    assert stats.gradient == {}  # sampled labels: no first-order sum is kept
+    scores = fisher.fisher_scores(loaded.model, ids, modules, [SETTINGS["w4g64"], SETTINGS["w2g64"]], batch=8,
+                                  first_order=False)
     for setting in ("w4g64", "w2g64"):
-        estimated = [fisher.estimate_slices(m.weight, [stats], n, SETTINGS[setting])[0][0] for n, m in modules.items()]
+        estimated = [scores.values[setting][n][0] for n in modules]
         measured = [probe(cache, {n: m}, blocks, SETTINGS[setting]).kl for n, m in modules.items()]
         ratios = sorted(e / m for e, m in zip(estimated, measured))
         assert spearman(estimated, measured) > 0.9
@@ -312,19 +316,20 @@ def test_compare_slices_counts_shared_top_modules_and_rank_agreement():
 
 
 def test_first_order_pass_adds_the_text_gradient_to_the_sampled_fisher(loaded):
-    """One forward, two backwards: F as with sampled labels alone, G as with the text's labels alone."""
+    """One forward, two backwards: F as with sampled labels alone, and the scores' dNLL minus KL is the text
+    gradient's first-order term."""
     _, modules, _ = linears(loaded.model)
     ids = calib_tokens(loaded.tokenizer, "toy_en", 4, 16)
-    both = fisher.fisher_stats(loaded.model, ids, modules, batch=2, first_order=True)
-    sampled = fisher.fisher_stats(loaded.model, ids, modules, batch=2)
-    data = fisher.fisher_stats(loaded.model, ids, modules, batch=2, labels="data")
+    both = kept_statistics(loaded.model, ids, modules, batch=2, first_order=True)
+    sampled = kept_statistics(loaded.model, ids, modules, batch=2)
     for name in modules:
         assert torch.allclose(both.fisher[name], sampled.fisher[name], rtol=1e-5, atol=1e-10)
-        assert torch.allclose(both.gradient[name], data.gradient[name], rtol=1e-4, atol=1e-7)
     name = "model.layers.2.mlp.down_proj"
-    (kl, dnll), = fisher.estimate_slices(modules[name].weight, [both], name, SETTINGS["w3g64"])
+    scores = fisher.fisher_scores(loaded.model, ids, {name: modules[name]}, [SETTINGS["w3g64"]], batch=2)
+    (kl, dnll) = scores.values["w3g64"][name]
     delta = perturbed(SETTINGS["w3g64"], modules[name].weight.detach()) - modules[name].weight.detach()
-    assert dnll - kl == pytest.approx(float((data.gradient[name] * delta).sum()) / both.tokens, rel=1e-4)
+    assert kl == pytest.approx(float((both.fisher[name] * delta.square()).sum()) / (2 * both.tokens), rel=1e-4)
+    assert dnll - kl == pytest.approx(float((both.gradient[name] * delta).sum()) / both.tokens, rel=1e-4)
 
 
 def test_embedding_probe_is_a_full_forward_and_an_untied_head_reuses_the_blocks():

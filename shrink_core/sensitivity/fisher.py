@@ -26,15 +26,6 @@ from shrink_core.perf.footprint import STACK_BYTES  # a batch's G_s (B, out, in)
 from shrink_core.sensitivity.settings import Setting, perturbed
 
 
-@dataclass(frozen=True)
-class FisherStats:
-    fisher: dict[str, torch.Tensor]  # name -> (out, in) sum over sequences of G_s**2
-    gradient: dict[str, torch.Tensor]  # name -> (out, in) sum of G_s with the text's labels; empty if not gathered
-    tokens: int
-    seconds: float
-    labels: str = "sampled"
-
-
 def per_sequence_gradient(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
     """Weight gradient of each sequence: (B, out, in) from inputs (B, T, in) and output gradients (B, T, out)."""
     return torch.einsum("bto,bti->boi", g, x)
@@ -51,7 +42,8 @@ def _to_sequences(values: torch.Tensor, tokens: torch.Tensor | None, shape: tupl
 
 
 def stats_bytes(modules: dict[str, torch.nn.Module], first_order: bool = True) -> int:
-    """Bytes `fisher_stats` keeps for these modules: F (and G) in float32, one value per weight."""
+    """Bytes of one float32 value per weight of these modules (two with `first_order`): what a batch's held
+    gradients take (`fisher_scores(hold_gradients=True)`), or a kept F and G."""
     return sum(m.weight.numel() for m in modules.values()) * 4 * (2 if first_order else 1)
 
 
@@ -65,16 +57,17 @@ def _squares(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fisher, on_gradient, batch: int,
-            progress, labels: str, seed: int, first_order: bool, soft_targets=None, gradient_first: bool = False) -> None:
+            progress, seed: int, first_order: bool, soft_targets=None, gradient_first: bool = False) -> None:
     """Forward and backward passes over `ids` in batches. Per batch and module, on_fisher(name, x, g) in the backward
-    that gathers the Fisher and on_gradient(name, x, g) in the one that gathers the first-order gradient: x (B, T, in)
-    the module's inputs and g (B, T, out) its output gradients, float32; the consumer reduces them.
+    with labels sampled from the model (the Fisher) and on_gradient(name, x, g) in the one with the text's labels
+    (the first-order gradient; only with `first_order`): x (B, T, in) the module's inputs and g (B, T, out) its
+    output gradients, float32; the consumer reduces them.
     soft_targets(part) -> (B * (T - 1), vocab) probabilities: the first-order backward is then the gradient of the
     cross-entropy to them (KL(targets || model) up to a constant) instead of the text's NLL. `gradient_first`: the
     first-order backward runs before the sampled one, so a consumer can hold a module's batch gradient until its
     Fisher arrives and reduce both against one weight error (same draws, same figures)."""
     generator = torch.Generator().manual_seed(seed)
-    phase = {"fisher": True, "gradient": labels == "data"}  # what the running backward accumulates
+    phase = {"fisher": True, "gradient": False}  # what the running backward accumulates
 
     def hook(name):
         def forward_hook(module, inputs, output):
@@ -109,18 +102,15 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
                 logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1].float()
                 flat = logits.reshape(-1, logits.shape[-1])  # (B * (T - 1), vocab)
                 text = part[:, 1:].reshape(-1)
-                if labels == "sampled":
-                    drawn = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)[:, 0]
-                    steps = [("fisher", torch.nn.functional.cross_entropy(flat, drawn, reduction="sum"))]
-                    if first_order:  # same forward, another backward: the first-order term only
-                        first = (torch.nn.functional.cross_entropy(flat, text, reduction="sum") if soft_targets is None
-                                 else -(soft_targets(part).to(flat.dtype) * torch.log_softmax(flat, -1)).sum())
-                        steps.insert(0 if gradient_first else 1, ("gradient", first))
-                    for i, (which, loss) in enumerate(steps):
-                        phase.update(fisher=which == "fisher", gradient=which == "gradient")
-                        loss.backward(retain_graph=i < len(steps) - 1)
-                else:
-                    torch.nn.functional.cross_entropy(flat, text, reduction="sum").backward()
+                drawn = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)[:, 0]
+                steps = [("fisher", torch.nn.functional.cross_entropy(flat, drawn, reduction="sum"))]
+                if first_order:  # same forward, another backward: the first-order term only
+                    first = (torch.nn.functional.cross_entropy(flat, text, reduction="sum") if soft_targets is None
+                             else -(soft_targets(part).to(flat.dtype) * torch.log_softmax(flat, -1)).sum())
+                    steps.insert(0 if gradient_first else 1, ("gradient", first))
+                for i, (which, loss) in enumerate(steps):
+                    phase.update(fisher=which == "fisher", gradient=which == "gradient")
+                    loss.backward(retain_graph=i < len(steps) - 1)
             if progress:
                 progress(min(1.0, (start + batch) / ids.shape[0]), f"gradients: batch {done + 1}")
     finally:
@@ -128,25 +118,6 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
             handle.remove()
         for p, flag in flags.items():
             p.requires_grad_(flag)
-
-
-def fisher_stats(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], batch: int = 4,
-                 progress=None, labels: str = "sampled", seed: int = 0, first_order: bool = False) -> FisherStats:
-    """Accumulate F (and G) for `modules` over calibration ids (n, T); the model's weights are not changed.
-    labels="data": the text's next tokens for both (empirical Fisher); "sampled": one draw per position from the
-    model's own next-token distribution for F (the true Fisher, whose expectation is KL's Hessian), and with
-    `first_order` a second backward over the same forward with the text's labels for G. Keeps 4 (8 with G) bytes
-    per weight of the modules: `fisher_scores` gives the same estimates without keeping them."""
-    started = time.perf_counter()
-    fisher = {n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
-    gather_gradient = labels == "data" or first_order
-    gradient = ({n: torch.zeros_like(m.weight, dtype=torch.float32) for n, m in modules.items()}
-                if gather_gradient else {})
-    _passes(model, ids, modules, lambda n, x, g: fisher[n].add_(_squares(x, g)),
-            lambda n, x, g: gradient[n].add_(torch.einsum("bto,bti->oi", g, x)), batch, progress, labels, seed,
-            first_order)
-    tokens = ids.shape[0] * (ids.shape[1] - 1)
-    return FisherStats(fisher, gradient, tokens, time.perf_counter() - started, labels)
 
 
 # The fast scan's cap on one calibration sequence's estimate, in medians of the sequences' (docs/sensitivity.md).
@@ -178,9 +149,9 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
                   batch: int = 4, progress=None, seed: int = 0, first_order: bool = True, errors=None,
                   soft_targets=None, quadratic: str = "diagonal", robust: float | None = None,
                   hold_gradients: bool = False) -> FisherScores:
-    """The estimates of `estimate_slices(..., fisher_stats(...))` in bounded memory: each batch's F and G of a module
-    are reduced at once against every setting's weight error and dropped, so nothing the size of the weights
-    outlives a module's hook (the price: each setting's weight error is recomputed per batch and pass).
+    """(kl, dnll) per setting and module in bounded memory: each batch's F and G of a module are reduced at once
+    against every setting's weight error and dropped, so nothing the size of the weights outlives a module's hook
+    (the price: each setting's weight error is recomputed per batch and pass, or once with `hold_gradients`).
     errors(name) -> (key, dW) pairs replaces "each setting's error from the module's weight" (`sensitivity.local`
     scores moves away from a plan); soft_targets: see `_passes`.
     quadratic="diagonal": dW . F dW with F's diagonal (sum F * dW**2); "sequence": with the whole F, as its unbiased
@@ -246,7 +217,7 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
         for key, delta in errors(name):
             slot(key, name)[1] += float(torch.dot(gradient, delta.reshape(-1)))
 
-    _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, "sampled", seed, first_order, soft_targets,
+    _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, seed, first_order, soft_targets,
             gradient_first=hold)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     for key in keys or []:  # every setting of every module has a value, even with no pass over it
@@ -261,18 +232,3 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
                 capped += count
             values[sid][n] = (f / (2 * tokens), g / tokens + f / (2 * tokens))
     return FisherScores(values, tokens, time.perf_counter() - started, capped)
-
-
-def estimate_slices(weight: torch.Tensor, stats: list[FisherStats], name: str, setting: Setting) -> list[tuple[float, float]]:
-    """(kl, dnll) for one module under `setting` from several slices' statistics; the weight error is computed once."""
-    with torch.no_grad():
-        weight = weight.detach().float()
-        delta = (perturbed(setting, weight) - weight).reshape(-1)  # (out * in,)
-        squared = delta * delta
-        out = []
-        for stat in stats:
-            kl = float(torch.dot(stat.fisher[name].reshape(-1), squared)) / (2 * stat.tokens)
-            # the first-order term needs the text's own labels; without them dNLL is its second-order part
-            first = float(torch.dot(stat.gradient[name].reshape(-1), delta)) / stat.tokens if stat.gradient else 0.0
-            out.append((kl, first + kl))
-    return out
