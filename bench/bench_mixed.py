@@ -31,14 +31,17 @@ import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from bench_peers import emit as emit_line  # noqa: E402
 
 LANGUAGES = "en,fr,de,es,ru,zh,ja,ar,hi"
 SETTINGS = "w8,w6g64,w4g64,w4g128,w3g64,w3g128,w2g64"
@@ -87,12 +90,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     handle = (out / "mixed.jsonl").open("w")
-
-    def emit(figures: dict) -> None:
-        line = json.dumps({**figures, "load_average": [round(x, 2) for x in os.getloadavg()]})
-        print(line, flush=True)
-        handle.write(line + "\n")
-        handle.flush()
+    emit = partial(emit_line, handle=handle)  # one JSON line, with the load average, printed and written
 
     loaded = load(args.model)
     rows = inventory(loaded.model)

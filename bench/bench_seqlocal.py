@@ -24,17 +24,19 @@ from __future__ import annotations
 
 import argparse
 import copy
-import json
 import os
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
+from bench_peers import emit as emit_line  # noqa: E402
 
 
 def main() -> None:
@@ -67,12 +69,7 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     handle = (out / "seqlocal.jsonl").open("w")
-
-    def emit(figures: dict) -> None:
-        line = json.dumps({**figures, "load_average": [round(x, 2) for x in os.getloadavg()]})
-        print(line, flush=True)
-        handle.write(line + "\n")
-        handle.flush()
+    emit = partial(emit_line, handle=handle)  # one JSON line, with the load average, printed and written
 
     slices = args.slices.split(",")
     start_plan = load_plan(Path(args.start).read_text())
