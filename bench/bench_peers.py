@@ -20,9 +20,12 @@ with `calibrated: false`. --quick: 2 windows x 128 tokens, en and fr, rtn-w4g64 
 Methods: the project's RTN, GPTQ and GPTQ-seq (w4g64, w3g64), llama.cpp's types through the engine's bit-exact codecs
 with llama.cpp's reference quantizer (`q4_k`) and with an importance matrix from the calibration mix (`q4_k-imatrix`),
 HQQ (the `hqq` package, g64) and llm-compressor's GPTQ when installed (requirements-bench.txt, `./run bench-peers`);
-a peer that is not installed prints one `skipped` line. Every calibrated method (gptq, gptq-seq, imatrix) draws the
-same calibration tokens: the default recipe's mix, `--calib-sequences` x `--calib-len` tokens (default: the
-w4g64 preset's recipe), or the mix given with --calibration.
+a peer that is not installed prints one `skipped` line. Tried and not adopted (docs/methods.md), measured only when
+named in --methods: AWQ-style scaling before RTN or GPTQ-seq (`awq-*`, bench/awq_fold.py) and learned rounding
+(`signround-w4g64`, `signround-w3g64`, bench/signround.py; `SIGNROUND_STEPS`, default 100).
+Every calibrated method (gptq, gptq-seq, imatrix, awq, signround) draws the same calibration tokens: the default
+recipe's mix, `--calib-sequences` x `--calib-len` tokens (default: the w4g64 preset's recipe), or the mix given
+with --calibration.
 """
 from __future__ import annotations
 
@@ -53,17 +56,23 @@ INSTALL = "./run bench-peers (pip install -c requirements.txt -r requirements-be
 @dataclass(frozen=True)
 class Method:
     name: str
-    family: str  # plan (the engine: project methods and llama.cpp types), planfile, hqq, llmcompressor
+    family: str  # plan (the engine: project methods and llama.cpp types), planfile, signround, hqq, llmcompressor
     weights: dict | None = None  # the plan rule's weights (family plan)
-    bits: int | None = None  # hqq
-    group_size: int | None = None  # hqq
+    bits: int | None = None  # hqq, signround
+    group_size: int | None = None  # hqq, signround
     path: str | None = None  # planfile: a plan YAML over the block linears
+    awq: bool = False  # plan: AWQ-style scales folded in first (bench/awq_fold.py), searched at the rule's format
+    default: bool = True  # measured by a run without --methods (tried-and-not-adopted methods run only when named)
 
 
 def methods() -> dict[str, Method]:
     """Every method, in the order a full run measures them: the project's, HQQ, llama.cpp's types, then with imatrix."""
     out = [Method(f"{method}-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": method})
            for method in ("rtn", "gptq", "gptq-seq") for bits in (4, 3)]
+    out += [Method(f"awq-{method}-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": method},
+                   awq=True, default=False)
+            for method in ("rtn", "gptq-seq") for bits in (4, 3)]
+    out += [Method(f"signround-w{bits}g64", "signround", bits=bits, group_size=64, default=False) for bits in (4, 3)]
     out += [Method(f"hqq-w{bits}g64", "hqq", bits=bits, group_size=64) for bits in (4, 3)]
     out += [Method("llmcompressor-gptq-w4a16", "llmcompressor")]
     out += [Method(f"{ggml.lower()}{suffix}", "plan", {"ggml": ggml, "method": method})
@@ -239,6 +248,23 @@ def quantize_hqq(linears: dict[str, torch.nn.Module], method: Method) -> dict:
     return {"seconds": time.perf_counter() - started, "stored": stored}
 
 
+SIGNROUND_STEPS = int(os.environ.get("SIGNROUND_STEPS", "100"))
+
+
+def quantize_signround(model, method: Method, rows, calibration: torch.Tensor) -> dict:
+    """Learned rounding (bench/signround.py) on the recipe's calibration tokens; stored in the project's asymmetric
+    format (float16 scale and 8-bit zero per group), so its bytes are those of the same plan rule."""
+    from signround import signround_
+
+    from shrink_core.formats import weight_bytes
+
+    done = signround_(model, calibration, method.bits, method.group_size, steps=SIGNROUND_STEPS,
+                      log=lambda line: print(line, file=sys.stderr, flush=True))
+    stored = {r.name: weight_bytes(r.shape, method.bits, method.group_size, False, None) for r in rows}
+    return {"seconds": done["seconds"], "stored": stored,
+            "losses": [[round(b["first_loss"], 6), round(b["last_loss"], 6)] for b in done["blocks"]]}
+
+
 def exact_bytes(rows, result: dict) -> dict[str, int]:
     """Stored bytes per quantized module from shrink_core.formats (the planner's numbers), or HQQ's tensors."""
     from shrink_core.formats import weight_bytes
@@ -295,8 +321,20 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
     elif method.family == "hqq":
         result = quantize_hqq({r.name: model.get_submodule(r.name) for r in rows}, method)
         spec = None
+    elif method.family == "signround":
+        result, spec = quantize_signround(model, method, rows, calibration()), None
+        extra = {"signround_steps": SIGNROUND_STEPS, "signround_losses": result.pop("losses")}
     else:
+        folded = None
+        if method.awq:
+            from awq_fold import awq_fold_
+
+            folded = awq_fold_(model, calibration(), method.weights["bits"], method.weights["group_size"])
+            extra = {"awq_seconds": round(folded["seconds"], 1),
+                     "awq_alphas": [round(g["alpha"], 2) for g in folded["groups"]]}
         result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
+        if folded:
+            result["seconds"] += folded["seconds"]
         spec = result["spec"]
     stored = exact_bytes(rows, result)
     if len(stored) != len(rows):
@@ -397,7 +435,7 @@ def main() -> None:
     if args.quick:
         args.windows, args.seq_len, args.slices, args.methods = 2, 128, "en,fr", args.methods or "rtn-w4g64,q4_k"
     menu = methods()
-    chosen = (args.methods or ("" if args.plan else ",".join(menu))).split(",")
+    chosen = (args.methods or ("" if args.plan else ",".join(n for n, m in menu.items() if m.default))).split(",")
     chosen = [m for m in chosen if m]
     unknown = [m for m in chosen if m not in menu]
     if unknown:

@@ -1,0 +1,132 @@
+"""Learned rounding, SignRound-style (issue 17's candidate), block by block, as a bench method.
+
+Each block linear's weight is quantized asymmetrically per group, in the project's stored format (float16 scale,
+8-bit zero per group), with three learned tensors: a rounding offset V in [-0.5, 0.5] per weight, and two clip
+factors in [0.5, 1] per group for the group's minimum and maximum. Rounding passes gradients straight through.
+The block's output on the quantized model's own inputs is fitted to the full-precision block's output on the
+full-precision inputs (the same target as gptq-seq), by signed-gradient descent with a linearly decaying step,
+one minibatch of sequences a step. Starting point: V = 0 and no clipping, i.e. round-to-nearest.
+"""
+from __future__ import annotations
+
+import copy
+import time
+
+import torch
+from torch.nn.utils import parametrize
+
+from shrink_core.compression import calibrate
+from shrink_core.compression.primitives import MIN_SCALE, from_groups, to_groups
+from shrink_core.model.arch import block_kwargs, decoder_layers, run_layer
+
+
+def _round(x: torch.Tensor) -> torch.Tensor:
+    return x + (x.round() - x).detach()  # rounds forward, passes the gradient through
+
+
+class LearnedRounding(torch.nn.Module):
+    """weight -> its quantize-dequantize under the learned offsets and clip factors (a parametrization)."""
+
+    def __init__(self, weight: torch.Tensor, bits: int, group_size: int):
+        super().__init__()
+        rows, columns = weight.shape
+        groups = to_groups(weight, group_size).shape[1]
+        self.bits, self.group_size, self.columns = bits, group_size, columns
+        self.offset = torch.nn.Parameter(torch.zeros(rows, groups, group_size))
+        self.low = torch.nn.Parameter(torch.ones(rows, groups))
+        self.high = torch.nn.Parameter(torch.ones(rows, groups))
+
+    def forward(self, weight: torch.Tensor) -> torch.Tensor:
+        top = 2 ** self.bits - 1
+        grouped = to_groups(weight.float(), self.group_size)
+        low = grouped.amin(dim=-1).clamp(max=0) * self.low
+        high = grouped.amax(dim=-1).clamp(min=0) * self.high
+        scale = ((high - low) / top).clamp(min=MIN_SCALE)
+        scale = scale + (scale.half().float() - scale).detach()  # stored as float16
+        zero = _round(-low / scale).clamp(0, top)
+        codes = _round(grouped / scale[..., None] + self.offset + zero[..., None]).clamp(0, top)
+        return from_groups((codes - zero[..., None]) * scale[..., None], self.columns).to(weight.dtype)
+
+    def clamp_(self) -> None:
+        with torch.no_grad():
+            self.offset.clamp_(-0.5, 0.5)
+            self.low.clamp_(0.5, 1.0)
+            self.high.clamp_(0.5, 1.0)
+
+
+def block_linears(layer) -> list[torch.nn.Linear]:
+    return [m for m in layer.modules() if isinstance(m, torch.nn.Linear)]
+
+
+def tune_block(layer, inputs, targets, bits: int, group_size: int, steps: int, minibatch: int,
+               generator: torch.Generator) -> dict:
+    """Learn the rounding of every linear in `layer` (in place; the weights end quantized)."""
+    for p in layer.parameters():
+        p.requires_grad_(False)
+    rounders = []
+    for linear in block_linears(layer):
+        rounder = LearnedRounding(linear.weight, bits, group_size)
+        parametrize.register_parametrization(linear, "weight", rounder)
+        linear.parametrizations.weight.original.requires_grad_(False)
+        rounders.append(rounder)
+    params = [p for r in rounders for p in r.parameters()]
+    hidden = torch.cat([h for h, _ in inputs])
+    target = torch.cat([t for t, _ in targets])
+    kwargs = inputs[0][1]
+    losses = []
+    with torch.enable_grad():
+        for step in range(steps):
+            pick = torch.randperm(len(hidden), generator=generator)[:minibatch]
+            out = run_layer(layer, hidden[pick], _sliced(kwargs, len(pick)))
+            loss = (out - target[pick]).pow(2).mean()
+            loss.backward()
+            lr = (1.0 / steps) * (1 - step / steps)  # AutoRound's default: 1/steps, decaying linearly to 0
+            with torch.no_grad():
+                for p in params:
+                    p.sub_(lr * p.grad.sign())
+                    p.grad = None
+            for r in rounders:
+                r.clamp_()
+            losses.append(loss.item())
+    for linear in block_linears(layer):
+        parametrize.remove_parametrizations(linear, "weight", leave_parametrized=True)
+    return {"first_loss": losses[0], "last_loss": sum(losses[-10:]) / len(losses[-10:])}
+
+
+def _sliced(kwargs: dict, batch: int) -> dict:
+    """Block kwargs built for one batch of calibration sequences, cut or repeated to `batch` rows where batched."""
+    out = {}
+    for key, value in kwargs.items():
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
+            value = value[:1].expand(batch, *value.shape[1:])
+        elif isinstance(value, tuple):
+            value = tuple(v[:1].expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] > 1 else v
+                          for v in value)
+        out[key] = value
+    return out
+
+
+def signround_(model, calibration: torch.Tensor, bits: int, group_size: int, steps: int = 100, minibatch: int = 2,
+               seed: int = 0, log=print) -> dict:
+    """Quantize every block linear of `model` in place by learned rounding; returns the time and per-block losses."""
+    started = time.perf_counter()
+    generator = torch.Generator().manual_seed(seed)
+    layers = decoder_layers(model)
+    per_block = block_kwargs(model, calibration[:1])
+    with torch.no_grad():
+        q_inputs = calibrate.first_block_inputs(model, calibration, batch_size=len(calibration))
+    fp_inputs = [(h.clone(), k) for h, k in q_inputs]
+    blocks = []
+    for position, layer in enumerate(layers):
+        q_inputs = [(h, per_block[position]) for h, _ in q_inputs]
+        fp_inputs = [(h, per_block[position]) for h, _ in fp_inputs]
+        with torch.no_grad():
+            targets = calibrate.run_block(copy.deepcopy(layer), fp_inputs)
+        figures = tune_block(layer, q_inputs, targets, bits, group_size, steps, minibatch, generator)
+        with torch.no_grad():
+            q_inputs = calibrate.run_block(layer, q_inputs)
+        fp_inputs = targets
+        blocks.append(figures)
+        log(f"block {position}: loss {figures['first_loss']:.4g} -> {figures['last_loss']:.4g} "
+            f"({time.perf_counter() - started:.0f} s)")
+    return {"seconds": time.perf_counter() - started, "blocks": blocks}
