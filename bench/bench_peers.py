@@ -22,7 +22,8 @@ with llama.cpp's reference quantizer (`q4_k`) and with an importance matrix from
 HQQ (the `hqq` package, g64) and llm-compressor's GPTQ when installed (requirements-bench.txt, `./run bench-peers`);
 a peer that is not installed prints one `skipped` line. Tried and not adopted (docs/methods.md), measured only when
 named in --methods: AWQ-style scaling before RTN or GPTQ-seq (`awq-*`, bench/awq_fold.py) and learned rounding
-(`signround-w4g64`, `signround-w3g64`, bench/signround.py; `SIGNROUND_STEPS`, default 100).
+(`signround-w4g64`, `signround-w3g64`, bench/signround.py; `SIGNROUND_STEPS`, default 100), and gptq-seq's codes
+refined by it on gptq-seq's own grid (`gptq-seq-signround-w4g64`, `-w3g64`).
 Every calibrated method (gptq, gptq-seq, imatrix, awq, signround) draws the same calibration tokens: the default
 recipe's mix, `--calib-sequences` x `--calib-len` tokens (default: the w4g64 preset's recipe), or the mix given
 with --calibration.
@@ -62,6 +63,7 @@ class Method:
     group_size: int | None = None  # hqq, signround
     path: str | None = None  # planfile: a plan YAML over the block linears
     awq: bool = False  # plan: AWQ-style scales folded in first (bench/awq_fold.py), searched at the rule's format
+    refine: bool = False  # plan: the rule's codes then refined by learned rounding on its grid (bench/signround.py)
     default: bool = True  # measured by a run without --methods (tried-and-not-adopted methods run only when named)
 
 
@@ -73,6 +75,8 @@ def methods() -> dict[str, Method]:
                    awq=True, default=False)
             for method in ("rtn", "gptq-seq") for bits in (4, 3)]
     out += [Method(f"signround-w{bits}g64", "signround", bits=bits, group_size=64, default=False) for bits in (4, 3)]
+    out += [Method(f"gptq-seq-signround-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": "gptq-seq"},
+                   refine=True, default=False) for bits in (4, 3)]
     out += [Method(f"hqq-w{bits}g64", "hqq", bits=bits, group_size=64) for bits in (4, 3)]
     out += [Method("llmcompressor-gptq-w4a16", "llmcompressor")]
     out += [Method(f"{ggml.lower()}{suffix}", "plan", {"ggml": ggml, "method": method})
@@ -225,8 +229,8 @@ def quantize_plan(model, method: Method, kinds: list[str], calibration, recipe) 
     started = time.perf_counter()
     report = apply_plan_(model, plan, calibration() if plan.needs_calibration else None)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "spec": plan.rules[0].weights, "engine_bytes": {m.name: m.packed_bytes
-                                                                                 for m in report.modules if m.bits}}
+    return {"seconds": seconds, "spec": plan.rules[0].weights, "states": report.quant_states,
+            "engine_bytes": {m.name: m.packed_bytes for m in report.modules if m.bits}}
 
 
 def quantize_hqq(linears: dict[str, torch.nn.Module], method: Method) -> dict:
@@ -335,6 +339,17 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
         result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
         if folded:
             result["seconds"] += folded["seconds"]
+        if method.refine:
+            from signround import signround_
+
+            done = signround_(model, calibration(), method.weights["bits"], method.weights["group_size"],
+                              steps=SIGNROUND_STEPS, reference=reference,
+                              grids={name: (s.scale, s.zero) for name, s in result.pop("states").items()},
+                              log=lambda line: print(line, file=sys.stderr, flush=True))
+            result["seconds"] += done["seconds"]
+            extra = {"signround_steps": SIGNROUND_STEPS, "signround_seconds": round(done["seconds"], 1),
+                     "signround_blocks": [{k: round(v, 6) if isinstance(v, float) else v for k, v in b.items()}
+                                          for b in done["blocks"]]}
         spec = result["spec"]
     stored = exact_bytes(rows, result)
     if len(stored) != len(rows):

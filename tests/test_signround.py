@@ -39,3 +39,32 @@ def test_learned_rounding_lowers_the_kl_below_round_to_nearest_with_at_most_2_to
     for weight in tuned:
         levels = max(len(torch.unique(group)) for group in weight.reshape(-1, 32))
         assert levels <= 2 ** 3
+
+
+def test_refining_gptq_seq_keeps_its_grid_moves_codes_by_at_most_one_level_and_only_where_the_block_gains():
+    from shrink_core.compression.apply import apply_plan_
+    from shrink_core.compression.primitives import to_groups
+    from shrink_core.plan import load_plan
+
+    reference = tiny_llama(seed=1).eval()
+    calibration = torch.randint(0, 256, (8, 32), generator=torch.Generator().manual_seed(1))
+    plan = ("version: 1\nrules:\n  - {kind: [q, k, v, o, gate, up, down], "
+            "weights: {bits: 3, group_size: 32, method: gptq-seq}}\n")
+    model = copy.deepcopy(reference)
+    states = apply_plan_(model, load_plan(plan), calibration).quant_states
+    start = {name: p.detach().clone() for name, p in model.named_parameters()}
+    out = signround_(model, calibration, 3, 32, steps=30, minibatch=4, reference=reference,
+                     grids={name: (s.scale, s.zero) for name, s in states.items()}, log=lambda _: None)
+    assert [b["kept"] for b in out["blocks"]] == [b["end"] < b["start"] for b in out["blocks"]]
+    moved = 0
+    for name, state in states.items():
+        weight = dict(model.named_parameters())[f"{name}.weight"].detach()
+        block = int(name.split(".")[2])
+        codes = to_groups(weight, 32) / state.scale[..., None] + state.zero[..., None]
+        before = to_groups(start[f"{name}.weight"], 32) / state.scale[..., None] + state.zero[..., None]
+        assert (codes - codes.round()).abs().max() < 1e-3 and codes.min() > -1e-3 and codes.max() < 7 + 1e-3
+        assert (codes.round() - before.round()).abs().max() <= 1
+        if not out["blocks"][block]["kept"]:
+            assert torch.equal(weight, start[f"{name}.weight"])
+        moved += int((codes.round() != before.round()).sum())
+    assert any(b["kept"] for b in out["blocks"]) == (moved > 0)
