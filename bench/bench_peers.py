@@ -255,6 +255,10 @@ def quantize_hqq(linears: dict[str, torch.nn.Module], method: Method) -> dict:
 SIGNROUND_STEPS = int(os.environ.get("SIGNROUND_STEPS", "100"))
 
 
+def _stderr(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def quantize_signround(model, method: Method, rows, calibration: torch.Tensor) -> dict:
     """Learned rounding (bench/signround.py) on the recipe's calibration tokens; stored in the project's asymmetric
     format (float16 scale and 8-bit zero per group), so its bytes are those of the same plan rule."""
@@ -263,7 +267,7 @@ def quantize_signround(model, method: Method, rows, calibration: torch.Tensor) -
     from shrink_core.formats import weight_bytes
 
     done = signround_(model, calibration, method.bits, method.group_size, steps=SIGNROUND_STEPS,
-                      log=lambda line: print(line, file=sys.stderr, flush=True))
+                      log=_stderr)
     stored = {r.name: weight_bytes(r.shape, method.bits, method.group_size, False, None) for r in rows}
     return {"seconds": done["seconds"], "stored": stored,
             "losses": [[round(b["first_loss"], 6), round(b["last_loss"], 6)] for b in done["blocks"]]}
@@ -345,7 +349,7 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
             done = signround_(model, calibration(), method.weights["bits"], method.weights["group_size"],
                               steps=SIGNROUND_STEPS, reference=reference,
                               grids={name: (s.scale, s.zero) for name, s in result.pop("states").items()},
-                              log=lambda line: print(line, file=sys.stderr, flush=True))
+                              log=_stderr)
             result["seconds"] += done["seconds"]
             extra = {"signround_steps": SIGNROUND_STEPS, "signround_seconds": round(done["seconds"], 1),
                      "signround_blocks": [{k: round(v, 6) if isinstance(v, float) else v for k, v in b.items()}

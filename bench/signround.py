@@ -14,7 +14,6 @@ loss on the whole calibration is below the starting codes'.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 
@@ -110,13 +109,13 @@ def tune_block(layer, inputs, targets, bits: int, group_size: int, steps: int, m
     params = [p for r in rounders for p in r.parameters()]
     hidden = torch.cat([h for h, _ in inputs])
     target = torch.cat([t for t, _ in targets])
-    kwargs = inputs[0][1]
+    kwargs = inputs[0][1]  # built for one sequence; broadcasts over any batch
     losses = []
     start = _whole_loss(layer, hidden, target, kwargs, minibatch) if grids is not None else None
     with torch.enable_grad():
         for step in range(steps):
             pick = torch.randperm(len(hidden), generator=generator)[:minibatch]
-            out = run_layer(layer, hidden[pick], _sliced(kwargs, len(pick)))
+            out = run_layer(layer, hidden[pick], kwargs)
             loss = (out - target[pick]).pow(2).mean()
             loss.backward()
             lr = (1.0 if grids is None else GRID_LR) / steps * (1 - step / steps)  # AutoRound's: 1/steps, decaying to 0
@@ -145,22 +144,9 @@ def _whole_loss(layer, hidden, target, kwargs, batch: int) -> float:
     total = 0.0
     with torch.no_grad():
         for at in range(0, len(hidden), batch):
-            out = run_layer(layer, hidden[at:at + batch], _sliced(kwargs, len(hidden[at:at + batch])))
+            out = run_layer(layer, hidden[at:at + batch], kwargs)
             total += (out - target[at:at + batch]).pow(2).sum().item()
     return total / target.numel()
-
-
-def _sliced(kwargs: dict, batch: int) -> dict:
-    """Block kwargs built for one batch of calibration sequences, cut or repeated to `batch` rows where batched."""
-    out = {}
-    for key, value in kwargs.items():
-        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] > 1:
-            value = value[:1].expand(batch, *value.shape[1:])
-        elif isinstance(value, tuple):
-            value = tuple(v[:1].expand(batch, *v.shape[1:]) if isinstance(v, torch.Tensor) and v.shape[0] > 1 else v
-                          for v in value)
-        out[key] = value
-    return out
 
 
 def signround_(model, calibration: torch.Tensor, bits: int, group_size: int, steps: int = 100, minibatch: int = 2,
@@ -178,13 +164,13 @@ def signround_(model, calibration: torch.Tensor, bits: int, group_size: int, ste
     per_block = block_kwargs(model, calibration[:1])
     with torch.no_grad():
         q_inputs = calibrate.first_block_inputs(model, calibration, batch_size=len(calibration))
-    fp_inputs = [(h.clone(), k) for h, k in q_inputs]
+    fp_inputs = q_inputs  # run_block returns new tensors, so the two streams never share a write
     blocks = []
     for position, layer in enumerate(layers):
         q_inputs = [(h, per_block[position]) for h, _ in q_inputs]
         fp_inputs = [(h, per_block[position]) for h, _ in fp_inputs]
         with torch.no_grad():
-            targets = calibrate.run_block(fp_layers[position] if fp_layers is not None else copy.deepcopy(layer), fp_inputs)
+            targets = calibrate.run_block(fp_layers[position] if fp_layers is not None else layer, fp_inputs)
         figures = tune_block(layer, q_inputs, targets, bits, group_size, steps, minibatch, generator, by_module)
         with torch.no_grad():
             q_inputs = calibrate.run_block(layer, q_inputs)
