@@ -14,7 +14,7 @@ fresh copy of the model; each slice's windows are `--windows` x `--seq-len` toke
 per scored token (nats), the p99 of per-token KL, top-1 agreement with the reference, and a bootstrap 95% CI of the
 mean over windows; per method the exact bits per weight of the quantized modules (codes, scales and zeros as stored)
 and the wall seconds the quantization took. Logits go through the evaluation runner's own head path
-(shrink_core.evaluation.evaluate._scored_logprobs). A slice outside the calibration mix (hi: UDHR) is reported
+(shrink_core.evaluation.evaluate._logprobs). A slice outside the calibration mix (hi: UDHR) is reported
 with `calibrated: false`. --quick: 2 windows x 128 tokens, en and fr, rtn-w4g64 and q4_k (a smoke run).
 
 Methods: the project's RTN, GPTQ and GPTQ-seq (w4g64, w3g64), llama.cpp's types through the engine's bit-exact codecs
@@ -378,15 +378,16 @@ def final_hidden_states(model, ids: torch.Tensor, chunk: int) -> list[torch.Tens
 
 
 def measure(reference, model, ids: torch.Tensor, ref_hidden: list[torch.Tensor], chunk: int) -> dict:
-    from shrink_core.evaluation.evaluate import _scored_logprobs
+    from shrink_core.evaluation.evaluate import _logprobs
+    from shrink_core.evaluation.protocol import SCORED_POSITIONS
 
     kl_parts, agree_parts = [], []
     with torch.inference_mode():
         for part, ref_part in zip(ids.split(chunk), ref_hidden):
-            positions = flat_positions(part.shape[0], part.shape[1])
             hidden = model.get_decoder()(input_ids=part).last_hidden_state
-            kl, agree = token_kl(_scored_logprobs(reference, ref_part, positions),
-                                 _scored_logprobs(model, hidden, positions))
+            pairs = [token_kl(_logprobs(reference, ref_part, where), _logprobs(model, hidden, where))
+                     for where in flat_positions(part.shape[0], part.shape[1]).split(SCORED_POSITIONS)]
+            kl, agree = (torch.cat(values) for values in zip(*pairs))
             kl_parts.append(kl.double().numpy().reshape(part.shape[0], -1))
             agree_parts.append(agree.numpy().reshape(part.shape[0], -1))
     return slice_figures(np.concatenate(kl_parts), np.concatenate(agree_parts))

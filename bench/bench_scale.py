@@ -182,10 +182,11 @@ def _stage(model, shape: str, stage: str, args) -> dict:
         from shrink_core.results.store import Store
         from shrink_core.sensitivity.scan import run_scan
 
+        loaded = loaded_model(model, shape)  # its tokenizer from the machine's cache: not a first load in the stage
         home = tempfile.mkdtemp(prefix="scale-home-")
         os.environ["SHRINK_HOME"] = home
         slices = ["en"] if stage == "scan" else ["en", "fr"]
-        report = run_scan(loaded_model(model, shape), slices, ["w4g64"], "fast", "quick", metrics=("kl",),
+        report = run_scan(loaded, slices, ["w4g64"], "fast", "quick", metrics=("kl",),
                           store=Store(Path(home) / "store.sqlite"))
         figures.update(slices=slices, records=len(report.records), timings=report.timings)
         shutil.rmtree(home, ignore_errors=True)

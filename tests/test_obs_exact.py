@@ -67,3 +67,34 @@ def test_sparsegpt_prunes_exactly_the_share_asked_per_block(sparsity):
     for start in range(0, 96, 32):
         assert int((~keep[:, start:start + 32]).sum()) == round(512 * sparsity)
     assert torch.equal(new == 0, ~keep)
+
+
+def test_in_place_permutation_is_index_select_and_its_inverse_restores_the_bits(monkeypatch):
+    import shrink_core.compression.obs as obs
+
+    monkeypatch.setattr(obs, "ROW_CHUNK_BYTES", 4 * 96 * 7)  # several blocks of rows, the last one partial
+    hessian = _hessian(96, 7)
+    # ten fixed points, then cycles of every length a random permutation draws
+    order = torch.cat([torch.arange(10), 10 + torch.randperm(86, generator=torch.Generator().manual_seed(0))])
+    permuted = obs._permute_(hessian.clone(), order)
+    assert torch.equal(permuted, hessian[order][:, order])
+    assert torch.equal(obs._permute_(permuted, torch.argsort(order)), hessian)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_the_callers_hessian_comes_back_unchanged_and_gives_the_same_result_twice(act_order):
+    """GPTQ permutes and damps the caller's float32 H in place to save a copy of it; it must put every bit back, dead
+    features (a zero diagonal, set to 1 while factorizing) included, since another stack may read the same H."""
+    weight, hessian = _weight(8), _hessian(96, 8)
+    hessian[:, 3] = 0
+    hessian[3, :] = 0  # a dead input feature
+    before = hessian.clone()
+    first = obs_compress(weight, hessian, bits=3, group_size=32, act_order=act_order, block_size=32)
+    assert torch.equal(hessian, before)
+    second = obs_compress(weight, hessian, bits=3, group_size=32, act_order=act_order, block_size=32)
+    halved = obs_compress(weight, hessian.bfloat16().float(), bits=3, group_size=32, act_order=act_order, block_size=32)
+    from_bf16 = obs_compress(weight, hessian.bfloat16(), bits=3, group_size=32, act_order=act_order, block_size=32)
+    for a, b in zip(first, second):
+        assert torch.equal(a, b)
+    for a, b in zip(halved, from_bf16):  # a H in another dtype is cast to a float32 copy of our own
+        assert torch.equal(a, b)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from shrink_core.compression.primitives import scale_zero, to_groups
+from shrink_core.perf.footprint import ROW_CHUNK_BYTES
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
@@ -34,18 +35,42 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01,
                            overwrite: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """Upper Cholesky factor of H^-1 (in, in) after damping; also the mask of dead input features (in,).
 
-    Memory: an (in, in) float32 matrix is 822 MB for Llama-3-8B's down_proj, so at most three live at once beside
-    the caller's (none of them the identity); `overwrite` damps the caller's own float32 H in place."""
+    Memory: an (in, in) float32 matrix is 822 MB for Llama-3-8B's down_proj, so two live here at once beside the
+    caller's: the damped H and one more, in which the factor, H^-1 and its upper factor are computed in place (LAPACK
+    works in place; the results are the same bits). `overwrite` damps the caller's own float32 H in place."""
     hessian = hessian.float() if overwrite else hessian.float().clone()
+    status = torch.empty((), dtype=torch.int32)
+    work = None
     for _, dead in _damped(hessian, damp):
-        factor, info = torch.linalg.cholesky_ex(hessian)
+        work, info = torch.linalg.cholesky_ex(hessian, out=(work, status) if work is not None else None)
         if info == 0:
-            inverse = torch.cholesky_inverse(factor)
-            del factor
-            upper, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
-            if info == 0:
-                return upper, dead
+            torch.cholesky_inverse(work, out=work)
+            torch.linalg.cholesky_ex(work, upper=True, out=(work, status))
+            if status == 0:
+                return work, dead
+
+
+def _permute_(matrix: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """matrix[order][:, order], in place: rows moved along the permutation's cycles through one row of scratch, then
+    each block of rows gathered along the columns. An 8B down_proj's H is 822 MB of float32; a permuted copy would be
+    one more. Moves only: the values are the same bits."""
+    targets = order.tolist()
+    scratch, seen = torch.empty_like(matrix[0]), [False] * len(targets)
+    for start in range(len(targets)):
+        if seen[start] or targets[start] == start:
+            continue
+        scratch.copy_(matrix[start])
+        row = start
+        while targets[row] != start:  # row takes the old row targets[row], which is not overwritten yet
+            seen[row] = True
+            matrix[row].copy_(matrix[targets[row]])
+            row = targets[row]
+        seen[row] = True
+        matrix[row].copy_(scratch)
+    rows = max(1, ROW_CHUNK_BYTES // (matrix.element_size() * matrix.shape[1]))
+    for begin in range(0, matrix.shape[0], rows):
+        matrix[begin:begin + rows] = matrix[begin:begin + rows].index_select(1, order)
+    return matrix
 
 
 def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group_size: int | None,
@@ -53,22 +78,31 @@ def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group
     """Per-group scale and zero (out, groups) whose clip ratio minimises the importance-weighted squared error.
 
     importance (in,) is the diagonal of H (activation energy per input feature): an activation-aware range search.
+    Rows are searched a block at a time (ROW_CHUNK_BYTES of float32): their groups are independent, and a whole
+    stacked gate + up of an 8B model would hold several float32 copies of 470 MB at once.
     """
-    grouped = to_groups(weight.float(), group_size)  # (out, groups, size), partial last group zero-padded
+    rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
     weights = to_groups(importance.float().reshape(1, -1), group_size)  # (1, groups, size): padding weighs 0
-    best_error = best_scale = best_zero = None
-    for ratio in CLIP_RATIOS:
-        scale, zero = scale_zero(weight, bits, group_size, symmetric, clip=ratio)  # (out, groups)
-        codes = torch.round(grouped / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
-        error = ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - grouped).pow(2).mul(weights).sum(-1)
-        if best_error is None:
-            best_error, best_scale, best_zero = error, scale, zero
-        else:
-            better = error < best_error
-            best_error = torch.where(better, error, best_error)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-    return best_scale, best_zero
+    scales, zeros = [], []
+    for start in range(0, weight.shape[0], rows):
+        part = weight[start:start + rows].float()
+        grouped = to_groups(part, group_size)  # (rows, groups, size), partial last group zero-padded
+        best_error = best_scale = best_zero = None
+        for ratio in CLIP_RATIOS:
+            scale, zero = scale_zero(part, bits, group_size, symmetric, clip=ratio)  # (rows, groups)
+            codes = torch.round(grouped / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
+            error = ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - grouped).pow(2).mul(weights).sum(-1)
+            del codes
+            if best_error is None:
+                best_error, best_scale, best_zero = error, scale, zero
+            else:
+                better = error < best_error
+                best_error = torch.where(better, error, best_error)
+                best_scale = torch.where(better, scale, best_scale)
+                best_zero = torch.where(better, zero, best_zero)
+        scales.append(best_scale)
+        zeros.append(best_zero)
+    return torch.cat(scales), torch.cat(zeros)
 
 
 def obs_compress(
@@ -88,17 +122,32 @@ def obs_compress(
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
     """Returns (new weight (out, in), scale (out, groups) or None, zero (out, groups) or None, keep-mask (out, in))."""
-    W = weight.detach().float().clone()
-    rows, columns = W.shape
-    keep = torch.ones_like(W, dtype=torch.bool) if mask is None else mask.clone()
+    rows, columns = weight.shape
+    # a keep-mask only where something masks: for plain GPTQ it would be one more (out, in) tensor for nothing
+    masking = mask is not None or sparsity is not None or nm is not None
+    keep = None if not masking else torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.clone()
     if bits is not None and scale is None:
-        scale, zero = scale_zero(W * keep, bits, group_size, symmetric)
+        scale, zero = scale_zero(weight.float() if keep is None else weight.float() * keep, bits, group_size, symmetric)
     size = group_size or columns
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order and nm is None else None
-    if order is not None:  # the permuted H is a copy of our own: damped in place, no further copy
-        W, keep, hessian = W[:, order], keep[:, order], hessian.float().index_select(0, order).index_select(1, order)
-    hinv, dead = inverse_hessian_factor(hessian, damp, overwrite=order is not None)
-    del hessian
+    if order is not None:
+        W, keep = weight.detach().float()[:, order], None if keep is None else keep[:, order]
+    else:
+        W = weight.detach().float().clone()
+    # H is permuted and damped in place and put back afterwards, bit for bit, so the caller's H is the only (in, in)
+    # matrix here beside the factor's (the caller may reuse it for another stack reading the same input)
+    H = hessian if hessian.dtype == torch.float32 else hessian.float()
+    borrowed, diagonal = H is hessian, H.diagonal().clone()
+    try:
+        if order is not None:
+            _permute_(H, order)
+        hinv, dead = inverse_hessian_factor(H, damp, overwrite=True)
+    finally:
+        if borrowed:
+            if order is not None:
+                _permute_(H, torch.argsort(order))
+            H.diagonal().copy_(diagonal)
+    del H, hessian
     W[:, dead] = 0
     # (in,) original group per column; a partial last group (in % size columns) is in // size, as in `to_groups`
     group_of = (order if order is not None else torch.arange(columns)) // size
@@ -125,12 +174,12 @@ def obs_compress(
                 keep[:, column:column + m] = keep_block
             w = W1[:, i]
             if bits is None:
-                q = w * keep[:, column]
+                q = w.clone() if keep is None else w * keep[:, column]
             else:
                 g = int(group_of[column])
                 s, z = scale[:, g], zero[:, g]
                 q = w.div(s).add_(z).round_().clamp_(0, top).sub_(z).mul_(s)
-                if mask is not None or sparsity is not None or nm is not None:
+                if keep is not None:
                     q.mul_(keep[:, column])
             error = (w - q).div_(diag[i])
             W1[:, i:].addr_(error, hinv1[i, i:], alpha=-1)
@@ -140,8 +189,8 @@ def obs_compress(
         W[:, end:].addmm_(errors, hinv[start:end, end:], alpha=-1)
     if order is not None:
         inverse = torch.argsort(order)
-        W, keep = W[:, inverse], keep[:, inverse]
-    return W, scale, zero, keep
+        W, keep = W[:, inverse], None if keep is None else keep[:, inverse]
+    return W, scale, zero, torch.ones_like(W, dtype=torch.bool) if keep is None else keep
 
 
 def output_target(weight: torch.Tensor, hessian: torch.Tensor, cross: torch.Tensor, damp: float = 0.01) -> torch.Tensor:

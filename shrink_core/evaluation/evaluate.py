@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 
 from shrink_core.errors import ShrinkError
+from shrink_core.evaluation import protocol
 from shrink_core.evaluation import stats as metrics
 from shrink_core.evaluation.protocol import LONG_BUCKETS, PROTOCOLS, Protocol, get_protocol  # noqa: F401 (re-exported)
 from shrink_core.evaluation.slices import SliceInfo, load_rows
@@ -117,20 +118,38 @@ def _softcap(model):
     return getattr(config, "final_logit_softcapping", None)
 
 
-def _scored_logprobs(model, hidden, positions, chunk: int = 1024):
-    """log-softmax of the LM head at the given flat positions, chunked to bound memory: (n, vocab)."""
+def _logprobs(model, hidden, positions):
+    """log-softmax of the LM head at the given flat positions (n, vocab), float32."""
     import torch
 
-    head = model.get_output_embeddings()
     cap = _softcap(model)
-    flat = hidden.reshape(-1, hidden.shape[-1])[positions]
-    outs = []
-    for start in range(0, flat.shape[0], chunk):
-        logits = head(flat[start:start + chunk]).float()
-        if cap:
-            logits = torch.tanh(logits / cap) * cap
-        outs.append(torch.log_softmax(logits, dim=-1))
-    return torch.cat(outs) if outs else flat.new_zeros((0, head.out_features))
+    logits = model.get_output_embeddings()(hidden.reshape(-1, hidden.shape[-1])[positions]).float()
+    if cap:
+        logits = torch.tanh(logits / cap) * cap
+    return torch.log_softmax(logits, dim=-1)
+
+
+def _reduce(model, hidden, positions, targets, reference=None, ref_hidden=None,
+            chunk: int = protocol.SCORED_POSITIONS) -> dict:
+    """Per scored position: NLL and top-1 hit, and against a reference KL(reference || model) and top-1 agreement,
+    a chunk of positions at a time: no (positions, vocab) tensor outlives its chunk (a batch of 1024 positions of a
+    128k vocabulary would hold several float32 copies of 525 MB at once, two models' worth against a reference)."""
+    import torch
+
+    out = {"nll": [], "hit": [], "kl": [], "agree": []}
+    for start in range(0, positions.shape[0], chunk):
+        where, wanted = positions[start:start + chunk], targets[start:start + chunk]
+        logp = _logprobs(model, hidden, where)
+        out["nll"].append(-logp.gather(1, wanted[:, None])[:, 0])
+        top1 = logp.argmax(dim=-1)
+        out["hit"].append(top1 == wanted)
+        if reference is not None:
+            ref_logp = _logprobs(reference, ref_hidden, where)
+            out["kl"].append((ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0))
+            out["agree"].append(ref_logp.argmax(dim=-1) == top1)
+            del ref_logp
+        del logp
+    return {key: torch.cat(parts) if parts else None for key, parts in out.items()}
 
 
 def _batches(requests: list[Request], max_tokens: int):
@@ -172,15 +191,9 @@ def score(model, requests: list[Request], reference=None, max_batch_tokens: int 
             positions_t = torch.tensor(positions, dtype=torch.long)
             targets_t = torch.tensor(targets, dtype=torch.long)
             hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            logp = _scored_logprobs(model, hidden, positions_t)
-            token_nll = -logp.gather(1, targets_t[:, None])[:, 0]
-            top1 = logp.argmax(dim=-1)
-            hit = top1 == targets_t
-            if ref_decoder is not None:
-                ref_hidden = ref_decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-                ref_logp = _scored_logprobs(reference, ref_hidden, positions_t)
-                kl = (ref_logp.exp() * (ref_logp - logp)).sum(-1).clamp_min(0)
-                agree = ref_logp.argmax(dim=-1) == top1
+            ref_hidden = None if ref_decoder is None else ref_decoder(input_ids=ids, attention_mask=mask).last_hidden_state
+            reduced = _reduce(model, hidden, positions_t, targets_t, reference, ref_hidden)
+            token_nll, hit, kl, agree = reduced["nll"], reduced["hit"], reduced["kl"], reduced["agree"]
             owners_t = np.asarray(owners)
             nll_np, hit_np = token_nll.double().numpy(), hit.numpy()
             for index in batch:

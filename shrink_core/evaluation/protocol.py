@@ -22,6 +22,9 @@ from shrink_core.evaluation.slices import SliceInfo
 PROTOCOL_VERSION = 2
 # Per kind, for a change that touches one kind of figure only.
 FIGURE_VERSIONS = {"eval": 1, "sensitivity": 1, "size": 1, "measure": 1, "method_ratios": 1}
+# Positions whose full-vocabulary log-probs exist at once while a batch is reduced (a memory bound, not part of the
+# protocol: a 128k vocabulary is 131 MB of float32 per copy at 256 positions, 525 MB at a whole 1024-token batch).
+SCORED_POSITIONS = 256
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from shrink_core.evaluation.protocol import SCORED_POSITIONS
+
 PROCESS_BYTES = 500 * 1000**2
 LOGITS_COPIES = 3.7  # logits float32 + log-softmax + the gathered / exp temporaries of one batch (fitted)
 BACKWARD_COPIES = 3.2  # logits float32 + softmax + their gradient in the Fisher pass (fitted)
@@ -80,9 +82,11 @@ def _base(facts: ModelFacts) -> dict[str, int]:
 
 
 def evaluation(facts: ModelFacts, max_batch_tokens: int = 1024, reference: bool = False) -> Footprint:
-    """An evaluation run (a candidate against its reference doubles the weights and the logits)."""
+    """An evaluation run (a candidate against its reference doubles the weights and the logits). Log-probs exist a
+    chunk of SCORED_POSITIONS at a time, whatever the batch."""
     parts = _base(facts)
-    parts["logits"] = int(max_batch_tokens * facts.vocab * 4 * LOGITS_COPIES * (2 if reference else 1))
+    positions = min(max_batch_tokens, SCORED_POSITIONS)
+    parts["logits"] = int(positions * facts.vocab * 4 * LOGITS_COPIES * (2 if reference else 1))
     if reference:
         parts["reference weights"] = facts.params * facts.dtype_bytes
     return Footprint("evaluation", parts)
@@ -99,12 +103,14 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
     # float32 working copies: a block of rows for RTN, a whole stack (gate + up) for GPTQ
     stack = max(facts.largest_linear, 2 * facts.intermediate * facts.hidden) if calibration else 0
     parts["quantizing"] = max(stack * 4 * 3, ROW_CHUNK_BYTES * 6)
-    parts["allocator"] = int(0.4 * facts.linear_params * facts.dtype_bytes)  # scales and zeros, freed pages (fitted)
+    # every quantized module's float32 scale and zero (8 bytes a group), at the smallest group size the engine applies
+    parts["quantization states"] = facts.linear_params * 8 // 32
     if calibration:
         sequences, length = calibration
         widest = max(facts.largest_input, facts.hidden)
-        # a block's H for each input (three of hidden x hidden, one of the widest), and the inverse's working copies
-        parts["hessians"] = 4 * (3 * facts.hidden**2 + widest**2) + 4 * 3 * widest**2
+        # a block's H for each input (three of hidden x hidden, one of the widest), and one more of the widest: the
+        # batch's update while H accumulates, then the inverse's factor (H itself is permuted and damped in place)
+        parts["hessians"] = 4 * (3 * facts.hidden**2 + widest**2) + 4 * widest**2
         parts["activations"] = 3 * sequences * length * facts.hidden * facts.dtype_bytes
         parts["block forward"] = int(min(sequences, batch) * length * max(facts.intermediate, facts.hidden) * 4 * 3)
         if sequential:

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from shrink_core.perf.footprint import STACK_BYTES  # a batch's G_s (B, out, in) are stacked below it, else made one by one
-from shrink_core.sensitivity.settings import Setting, perturbed
+from shrink_core.sensitivity.settings import Setting, weight_error
 
 
 def per_sequence_gradient(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -153,7 +153,8 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
     against every setting's weight error and dropped, so nothing the size of the weights outlives a module's hook
     (the price: each setting's weight error is recomputed per batch and pass, or once with `hold_gradients`).
     errors(name) -> (key, dW) pairs replaces "each setting's error from the module's weight" (`sensitivity.local`
-    scores moves away from a plan); soft_targets: see `_passes`.
+    scores moves away from a plan); each dW must be a new tensor: the scorer squares it in place.
+    soft_targets: see `_passes`.
     quadratic="diagonal": dW . F dW with F's diagonal (sum F * dW**2); "sequence": with the whole F, as its unbiased
     estimate sum_s <G_s, dW>**2 (one sampled-label gradient per sequence). The diagonal is the lower-variance choice
     for errors that are close to independent noise (RTN); an error shaped against the input correlations (GPTQ's)
@@ -170,9 +171,9 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
     hold = hold_gradients and first_order
 
     def setting_errors(name):
-        weight = modules[name].weight.detach().float()
+        weight = modules[name].weight.detach()
         for s in settings:
-            yield s.id, perturbed(s, weight) - weight
+            yield s.id, weight_error(s, weight)
 
     errors = errors or setting_errors
 
@@ -185,9 +186,15 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
         if stack is not None:
             flat = stack.reshape(stack.shape[0], -1)
             return flat @ delta.reshape(-1).square() if quadratic == "diagonal" else (flat @ delta.reshape(-1)).square()
-        one = [g[b].T @ x[b] for b in range(x.shape[0])]
-        return torch.stack([(o.square() * delta.square()).sum() if quadratic == "diagonal" else (o * delta).sum().square()
-                            for o in one])
+        # one sequence's G_s at a time, squared in place: a batch of them at once is B x (out, in) float32 (2 GB for
+        # 8 sequences of an 8B gate_proj), on top of the model
+        squared = delta.square_() if quadratic == "diagonal" else None  # the caller's own error: see on_fisher
+        terms = []
+        for b in range(x.shape[0]):
+            one = g[b].T @ x[b]
+            terms.append(one.square_().mul_(squared).sum() if squared is not None else one.mul_(delta).sum().square())
+            del one
+        return torch.stack(terms)
 
     def on_fisher(name, x, g):
         apart = robust is not None or quadratic == "sequence"
@@ -198,16 +205,18 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
         elif x.shape[0] * g.shape[-1] * x.shape[-1] * 4 <= STACK_BYTES:
             stack = per_sequence_gradient(x, g)
             stack = stack.square_() if quadratic == "diagonal" else stack
+        # each error is a new tensor of ours (`errors` yields fresh ones): the first-order term reads it first, then
+        # the quadratic one may square it in place, one (out, in) float32 copy fewer at the peak
         for key, delta in errors(name):
             s = slot(key, name)
+            if gradient is not None:
+                s[1] += float(torch.dot(gradient, delta.reshape(-1)))
             if apart:
                 terms = sequence_terms(x, g, delta, stack)
                 s[0] += float(terms.sum())
                 s[2].extend(terms.tolist())
             else:
                 s[0] += float(torch.dot(squares, delta.reshape(-1).square()))
-            if gradient is not None:
-                s[1] += float(torch.dot(gradient, delta.reshape(-1)))
 
     def on_gradient(name, x, g):
         gradient = torch.einsum("bto,bti->oi", g, x).reshape(-1)  # (out * in): summed over the batch

@@ -6,10 +6,11 @@ import torch
 from shrink_core.compression.ggml.types import quantize_dequantize
 from shrink_core.compression.primitives import by_row_blocks, fake_quantize
 from shrink_core.compression.prune import magnitude_mask, nm_mask
+from shrink_core.perf.footprint import ROW_CHUNK_BYTES
 from shrink_core.plan.menu import MENU as SETTINGS
 from shrink_core.plan.menu import Setting, get_setting, parse_settings
 
-__all__ = ["SETTINGS", "Setting", "get_setting", "parse_settings", "perturbed"]
+__all__ = ["SETTINGS", "Setting", "get_setting", "parse_settings", "perturbed", "weight_error"]
 
 
 
@@ -22,6 +23,21 @@ def perturbed(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
     if row_independent and weight.dim() == 2:
         return by_row_blocks(weight, lambda part: _perturbed32(setting, part))
     return _perturbed32(setting, weight.float()).to(weight.dtype)
+
+
+def weight_error(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
+    """perturbed(setting, w) - w in float32 (out, in), w the weight in float32: the same bits as that expression, a
+    block of rows at a time where rows are independent, so no float32 copy of the whole weight (235 MB for an 8B
+    gate_proj in bf16) exists beside the error."""
+    if setting.prune in (None, "nm24") and weight.dim() == 2:
+        error = torch.empty(weight.shape, dtype=torch.float32)
+        rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
+        for start in range(0, weight.shape[0], rows):
+            part = weight[start:start + rows].float()
+            error[start:start + rows] = _perturbed32(setting, part) - part
+        return error
+    weight = weight.float()
+    return perturbed(setting, weight) - weight
 
 
 def _perturbed32(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
