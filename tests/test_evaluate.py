@@ -167,3 +167,24 @@ def test_covered_bytes_follow_the_offsets_not_the_decoded_text():
     assert covered_bytes(tokenizer, text, ids, 2) == len("émile  beta".encode())  # 12 bytes: two spaces, a 2-byte é
     assert len(tokenizer.decode(ids[:2]).encode()) == 11  # the decoded prefix would lose a space
     assert covered_bytes(tokenizer, text, ids, len(ids)) == len(text.encode())
+
+
+def test_scores_reduced_a_chunk_of_positions_at_a_time_equal_one_pass_and_an_empty_batch_scores_nothing(toy):
+    """Evaluation holds one chunk's full-vocabulary log-probs at a time (memory at a 128k vocabulary); the chunk size
+    must not change any figure, and a batch with no scored position gives empty figures, not an error."""
+    from shrink_core.evaluation.evaluate import _reduce
+
+    model, _ = toy
+    reference = tiny_llama(seed=1, vocab=258)
+    ids = torch.randint(0, 258, (3, 20), generator=torch.Generator().manual_seed(0))
+    positions = torch.arange(3 * 20 - 1)
+    targets = ids.reshape(-1)[positions + 1]
+    with torch.inference_mode():
+        hidden, ref_hidden = (m.get_decoder()(input_ids=ids).last_hidden_state for m in (model, reference))
+        whole = _reduce(model, hidden, positions, targets, reference, ref_hidden, chunk=1000)
+        chunked = _reduce(model, hidden, positions, targets, reference, ref_hidden, chunk=7)
+        empty = _reduce(model, hidden, positions[:0], targets[:0], reference, ref_hidden, chunk=7)
+    for key in ("nll", "hit", "kl", "agree"):
+        assert whole[key].shape == (59,) and torch.allclose(whole[key].float(), chunked[key].float(), atol=1e-6)
+        assert empty[key].shape == (0,)
+    assert float(whole["kl"].sum()) > 0 and bool((whole["nll"] > 0).all())

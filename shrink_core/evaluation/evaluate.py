@@ -137,7 +137,7 @@ def _reduce(model, hidden, positions, targets, reference=None, ref_hidden=None,
     import torch
 
     out = {"nll": [], "hit": [], "kl": [], "agree": []}
-    for start in range(0, positions.shape[0], chunk):
+    for start in range(0, max(positions.shape[0], 1), chunk):  # a batch with nothing to score gives empty figures
         where, wanted = positions[start:start + chunk], targets[start:start + chunk]
         logp = _logprobs(model, hidden, where)
         out["nll"].append(-logp.gather(1, wanted[:, None])[:, 0])
