@@ -39,7 +39,7 @@ def inverse_hessian_factor(hessian: torch.Tensor, damp: float = 0.01,
     caller's: the damped H and one more, in which the factor, H^-1 and its upper factor are computed in place (LAPACK
     works in place; the results are the same bits). `overwrite` damps the caller's own float32 H in place."""
     hessian = hessian.float() if overwrite else hessian.float().clone()
-    status = torch.empty((), dtype=torch.int32)
+    status = torch.empty((), dtype=torch.int32, device=hessian.device)
     work = None
     for _, dead in _damped(hessian, damp):
         work, info = torch.linalg.cholesky_ex(hessian, out=(work, status) if work is not None else None)
@@ -127,7 +127,8 @@ def obs_compress(
     masking = mask is not None or sparsity is not None or nm is not None
     keep = None if not masking else torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.clone()
     if bits is not None and scale is None:
-        scale, zero = scale_zero(weight.float() if keep is None else weight.float() * keep, bits, group_size, symmetric)
+        plain = weight.detach().float()
+        scale, zero = scale_zero(plain if keep is None else plain * keep, bits, group_size, symmetric)
     size = group_size or columns
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order and nm is None else None
     if order is not None:

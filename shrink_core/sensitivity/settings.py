@@ -30,7 +30,7 @@ def weight_error(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
     block of rows at a time where rows are independent, so no float32 copy of the whole weight (235 MB for an 8B
     gate_proj in bf16) exists beside the error."""
     if setting.prune in (None, "nm24") and weight.dim() == 2:
-        error = torch.empty(weight.shape, dtype=torch.float32)
+        error = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
         rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
         for start in range(0, weight.shape[0], rows):
             part = weight[start:start + rows].float()
