@@ -71,8 +71,9 @@ def test_sparsegpt_prunes_exactly_the_share_asked_per_block(sparsity):
 
 def test_in_place_permutation_is_index_select_and_its_inverse_restores_the_bits(monkeypatch):
     import shrink_core.compression.obs as obs
+    import shrink_core.compression.primitives as primitives
 
-    monkeypatch.setattr(obs, "ROW_CHUNK_BYTES", 4 * 96 * 7)  # several blocks of rows, the last one partial
+    monkeypatch.setattr(primitives, "ROW_CHUNK_BYTES", 4 * 96 * 7)  # several blocks of rows, the last one partial
     hessian = _hessian(96, 7)
     # ten fixed points, then cycles of every length a random permutation draws
     order = torch.cat([torch.arange(10), 10 + torch.randperm(86, generator=torch.Generator().manual_seed(0))])

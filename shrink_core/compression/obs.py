@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from shrink_core.compression.primitives import scale_zero, to_groups
-from shrink_core.perf.footprint import ROW_CHUNK_BYTES
+from shrink_core.compression.primitives import chunk_rows, scale_zero, to_groups
 
 CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)
 
@@ -67,7 +66,7 @@ def _permute_(matrix: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
             row = targets[row]
         seen[row] = True
         matrix[row].copy_(scratch)
-    rows = max(1, ROW_CHUNK_BYTES // (matrix.element_size() * matrix.shape[1]))
+    rows = chunk_rows(matrix.shape[1], matrix.element_size())
     for begin in range(0, matrix.shape[0], rows):
         matrix[begin:begin + rows] = matrix[begin:begin + rows].index_select(1, order)
     return matrix
@@ -78,10 +77,10 @@ def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group
     """Per-group scale and zero (out, groups) whose clip ratio minimises the importance-weighted squared error.
 
     importance (in,) is the diagonal of H (activation energy per input feature): an activation-aware range search.
-    Rows are searched a block at a time (ROW_CHUNK_BYTES of float32): their groups are independent, and a whole
+    Rows are searched a block at a time (`chunk_rows` of float32): their groups are independent, and a whole
     stacked gate + up of an 8B model would hold several float32 copies of 470 MB at once.
     """
-    rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
+    rows = chunk_rows(weight.shape[1])
     weights = to_groups(importance.float().reshape(1, -1), group_size)  # (1, groups, size): padding weighs 0
     scales, zeros = [], []
     for start in range(0, weight.shape[0], rows):

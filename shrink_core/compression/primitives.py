@@ -73,14 +73,19 @@ def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symme
     return dequantize(quantize(weight, scale, zero, bits, group_size), scale, zero, group_size, weight.dtype)
 
 
-def by_row_blocks(weight: torch.Tensor, fn) -> torch.Tensor:
-    """`fn` (float32 rows -> float32 rows) applied a block of rows at a time, written back in the weight's dtype: a
-    128k x 4k embedding would otherwise need several float32 copies of itself (GBs) at once. Only for work that
-    treats each row on its own (quantization groups lie along a row)."""
-    rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
-    out = torch.empty_like(weight)
+def chunk_rows(columns: int, element_size: int = 4) -> int:
+    """Rows of a (rows, columns) matrix that fit in ROW_CHUNK_BYTES at the given element size (at least one)."""
+    return max(1, ROW_CHUNK_BYTES // (element_size * columns))
+
+
+def by_row_blocks(weight: torch.Tensor, fn, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """`fn` (float32 rows -> float32 rows) applied a block of rows at a time, written back in `dtype` (default: the
+    weight's): a 128k x 4k embedding would otherwise need several float32 copies of itself (GBs) at once. Only for
+    work that treats each row on its own (quantization groups lie along a row)."""
+    rows = chunk_rows(weight.shape[1])
+    out = torch.empty(weight.shape, dtype=dtype or weight.dtype, device=weight.device)
     for start in range(0, weight.shape[0], rows):
-        out[start:start + rows] = fn(weight[start:start + rows].float()).to(weight.dtype)
+        out[start:start + rows] = fn(weight[start:start + rows].float()).to(out.dtype)
     return out
 
 

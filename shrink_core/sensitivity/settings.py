@@ -6,7 +6,6 @@ import torch
 from shrink_core.compression.ggml.types import quantize_dequantize
 from shrink_core.compression.primitives import by_row_blocks, fake_quantize
 from shrink_core.compression.prune import magnitude_mask, nm_mask
-from shrink_core.perf.footprint import ROW_CHUNK_BYTES
 from shrink_core.plan.menu import MENU as SETTINGS
 from shrink_core.plan.menu import Setting, get_setting, parse_settings
 
@@ -15,12 +14,15 @@ __all__ = ["SETTINGS", "Setting", "get_setting", "parse_settings", "perturbed", 
 
 
 
+def _row_independent(setting: Setting, weight: torch.Tensor) -> bool:
+    return setting.prune in (None, "nm24") and weight.dim() == 2  # unstructured magnitude pruning ranks the matrix
+
+
 def perturbed(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
     """The weight as `setting` leaves it (out, in), in the weight's dtype; a new tensor, the argument is untouched.
     Scales and rounding are computed in float32 whatever the model runs in, a block of rows at a time where the
     setting treats rows independently (`by_row_blocks`)."""
-    row_independent = setting.prune in (None, "nm24")  # unstructured magnitude pruning ranks the whole matrix
-    if row_independent and weight.dim() == 2:
+    if _row_independent(setting, weight):
         return by_row_blocks(weight, lambda part: _perturbed32(setting, part))
     return _perturbed32(setting, weight.float()).to(weight.dtype)
 
@@ -29,13 +31,8 @@ def weight_error(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
     """perturbed(setting, w) - w in float32 (out, in), w the weight in float32: the same bits as that expression, a
     block of rows at a time where rows are independent, so no float32 copy of the whole weight (235 MB for an 8B
     gate_proj in bf16) exists beside the error."""
-    if setting.prune in (None, "nm24") and weight.dim() == 2:
-        error = torch.empty(weight.shape, dtype=torch.float32, device=weight.device)
-        rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
-        for start in range(0, weight.shape[0], rows):
-            part = weight[start:start + rows].float()
-            error[start:start + rows] = _perturbed32(setting, part) - part
-        return error
+    if _row_independent(setting, weight):
+        return by_row_blocks(weight, lambda part: _perturbed32(setting, part) - part, torch.float32)
     weight = weight.float()
     return perturbed(setting, weight) - weight
 
