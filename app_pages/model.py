@@ -125,7 +125,8 @@ if not db.overview(spec)["scanned_slices"]:  # the first run's one click from a 
         st.caption(f"Scans en and fr at {', '.join(QUICK_START['settings'])} at the **quick** depth (4 sequences "
                    "x 64 tokens per slice): a first look to orient by, not figures to decide on; rerun at the fast "
                    "or standard depth on the Sensitivity page before planning.")
-        refused = memory_admission(lambda: admit_scan(facts_from_description(described), "fast", "quick"), described)
+        refused = memory_admission(
+            lambda: admit_scan(facts_from_description(described), "fast", "quick", QUICK_START["settings"]), described)
         if st.button("Quick start: scan en and fr", type="primary", key="quick_start", disabled=refused):
             state.set_job_id("sensitivity", jobs.submit(db, "sensitivity", "shrink_core.sensitivity:sensitivity_job",
                                                         {"spec": spec, **QUICK_START,

@@ -47,7 +47,7 @@ with st.expander("Run a scan", expanded=not stored_records(db, spec)):
                                 SCAN_DEPTHS[budget].check_modules if method == "fast" else 0, key="sens_check",
                                 disabled=method != "fast")
     described = db.latest_model(spec)
-    refused = memory_admission(lambda: admit_scan(facts_from_description(described), method, budget), described)
+    refused = memory_admission(lambda: admit_scan(facts_from_description(described), method, budget, settings), described)
     if right.button("Run scan", type="primary", key="run_scan", disabled=not (slices and settings) or refused):
         params = {"spec": spec, "slices": slices, "settings": settings, "method": method, "budget": budget,
                   "check": int(check) if method == "fast" else 0, **state.executor_params()}

@@ -30,6 +30,20 @@ def test_parts_add_up_and_scale_with_the_dtype():
     assert footprint.scan(EIGHT_B, "fast", (4, 64), (4, 64), 4).total < EIGHT_B.params * 2 * 1.3
 
 
+def test_the_fisher_batch_keeps_its_graph_bounded_and_the_errors_a_block_of_rows_at_a_time():
+    """An 8B's depths: quick keeps its 4 sequences a batch (2 GiB of graph), fast runs 2 and standard 1, so the pass
+    stays near 20 GB where 8 sequences of 256 tokens would keep 17 GB of graph; a setting that ranks the whole matrix
+    (magnitude pruning) meets its error whole."""
+    assert [footprint.fisher_batch(EIGHT_B, n, length, 4) for n, length in ((4, 64), (8, 128), (16, 256))] == [4, 2, 1]
+    assert footprint.backward_activations(EIGHT_B, 4 * 64) == footprint.BACKWARD_BYTES
+    small = ModelFacts(params=134_515_008, dtype="fp32", hidden=576, intermediate=1536, vocab=49152, blocks=30,
+                       linear_params=106_168_320, largest_linear=1536 * 576, largest_input=1536)
+    assert footprint.fisher_batch(small, 8, 128, 4) == 8  # the built-in model's batches are the depth's own
+    fast = [footprint.scan(EIGHT_B, "fast", (8, 128), (8, 128), 4, whole) for whole in (False, True)]
+    assert fast[0].parts["backward activations"] <= footprint.BACKWARD_BYTES and fast[0].total < 20e9
+    assert fast[1].total - fast[0].total == 3 * 4 * EIGHT_B.largest_linear - 8 * footprint.ROW_CHUNK_BYTES
+
+
 def test_a_job_that_will_not_fit_is_refused_in_one_sentence_that_says_what_fits():
     fp32 = ModelFacts(**{**EIGHT_B.__dict__, "dtype": "fp32"})
     with pytest.raises(ShrinkError) as caught:

@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 import torch
 
+from shrink_core.compression import primitives
 from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import block_linears, inventory
 from shrink_core.model.load import LoadedModel, ModelSpec
@@ -419,14 +420,44 @@ def test_robust_scores_with_a_loose_cap_equal_the_plain_ones(family, monkeypatch
     settings = [SETTINGS["w4g64"], SETTINGS["w2g64"]]
     plain = fisher.fisher_scores(model, ids, modules, settings, batch=4)
     robust = fisher.fisher_scores(model, ids, modules, settings, batch=4, robust=1e9, hold_gradients=True)
+    stacked = fisher.fisher_scores(model, ids, modules, settings, batch=4, quadratic="sequence")
     monkeypatch.setattr(fisher, "STACK_BYTES", 0)
+    # row blocks of a few rows: every module's errors and gradients are made and reduced block by block
+    monkeypatch.setattr(primitives, "ROW_CHUNK_BYTES", 4 * 8 * max(m.weight.shape[1] for m in modules.values()))
+    assert all(len(range(0, m.weight.shape[0], primitives.chunk_rows(m.weight.shape[1]))) > 1
+               for m in modules.values())
+    shapes, error = set(), fisher.weight_error
+    monkeypatch.setattr(fisher, "weight_error", lambda s, w: shapes.add(tuple(w.shape)) or error(s, w))
     one_by_one = fisher.fisher_scores(model, ids, modules, settings, batch=4, robust=1e9)
-    assert robust.capped == one_by_one.capped == 0
+    assert shapes.isdisjoint(tuple(m.weight.shape) for m in modules.values())  # never a whole weight's error
+    held_by_rows = fisher.fisher_scores(model, ids, modules, settings, batch=4, robust=1e9, hold_gradients=True)
+    by_rows = fisher.fisher_scores(model, ids, modules, settings, batch=4, quadratic="sequence")
+    assert robust.capped == one_by_one.capped == held_by_rows.capped == 0
     for s in settings:
         for name in modules:
-            for other in (robust, one_by_one):
+            assert by_rows.values[s.id][name] == pytest.approx(stacked.values[s.id][name], rel=1e-4,
+                                                               abs=1e-3 * stacked.values[s.id][name][0])
+            for other in (robust, one_by_one, held_by_rows):
                 assert other.values[s.id][name] == pytest.approx(plain.values[s.id][name], rel=1e-4,
                                                                  abs=1e-3 * plain.values[s.id][name][0]), (s.id, name)
+
+
+def test_the_batch_changes_no_draw_only_rounding():
+    """The Fisher pass draws each position's label from one generator, row by row, so a smaller batch (the scan's,
+    where a large model's graph would not fit) scores the same draws."""
+    from shrink_core.model.toy import tiny_family
+
+    model = tiny_family("llama")
+    _, modules, _ = linears(model)
+    ids = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(5))
+    settings = [SETTINGS["w3g64"]]
+    whole, split = (fisher.fisher_scores(model, ids, modules, settings, batch=b, robust=1e9) for b in (6, 2))
+    other_seed = fisher.fisher_scores(model, ids, modules, settings, batch=6, robust=1e9, seed=1)
+    for name in modules:
+        kl = whole.values["w3g64"][name][0]
+        assert split.values["w3g64"][name] == pytest.approx(whole.values["w3g64"][name], rel=1e-4, abs=1e-3 * kl)
+    assert any(other_seed.values["w3g64"][n][0] != pytest.approx(whole.values["w3g64"][n][0], rel=1e-3)
+               for n in modules)  # the draws matter: the agreement above is not a tolerance too loose to fail
 
 
 def test_a_tight_cap_lowers_the_estimates_it_caps():

@@ -42,7 +42,7 @@ def run(args) -> int:
         return _run_units(args, slices, settings, executor, started)
     description = Store().latest_model(args.model)  # described before (inspect, Model page): refuse before loading
     if description:
-        admit_scan(footprint.facts_from_description(description), args.method, args.depth)
+        admit_scan(footprint.facts_from_description(description), args.method, args.depth, settings)
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     metrics = ("kl", "dnll") if args.metric == "both" else (args.metric,)
 

@@ -26,6 +26,7 @@ STATS_BYTES_CAP = 2 << 30  # the fast scan streams its Fisher statistics above t
 STACK_BYTES = 256 << 20  # a batch's per-sequence gradients of one module are stacked below this (sensitivity/fisher.py)
 REFERENCE_CACHE_BYTES = 1 << 30  # probe caches keep reference log-probs below this (sensitivity/probe.py)
 ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of the rows quantized at once (compression/primitives.py)
+BACKWARD_BYTES = 2 << 30  # the Fisher pass's batch keeps at most this much autograd graph (sensitivity/scan.py)
 
 
 @dataclass(frozen=True)
@@ -121,8 +122,24 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
     return Footprint("apply", parts)
 
 
-def scan(facts: ModelFacts, method: str, calib: tuple[int, int], probe: tuple[int, int], chunk: int) -> Footprint:
-    """A sensitivity scan on any number of slices (one at a time: an extra slice adds nothing that stays)."""
+def backward_activations(facts: ModelFacts, tokens: int) -> int:
+    """Bytes autograd keeps for a forward over `tokens` tokens: attention's and the MLP's tensors in the model's dtype
+    and the norms' float32 internals, per token and block (measured 2.2 GB for 4 x 64 tokens of an 8B in bf16)."""
+    return tokens * facts.blocks * ((10 * facts.hidden + 4 * facts.intermediate) * facts.dtype_bytes + 16 * facts.hidden)
+
+
+def fisher_batch(facts: ModelFacts, sequences: int, length: int, chunk: int) -> int:
+    """Sequences per forward of the fast scan's Fisher pass: the depth's two chunks, fewer where their graph would
+    pass BACKWARD_BYTES (at least one). The labels drawn are the same whatever the batch (one generator, row by
+    row), so only rounding and time change: an 8B's `fast` depth runs 2 at a time, `standard` 1."""
+    return max(1, min(sequences, chunk * 2, BACKWARD_BYTES // max(backward_activations(facts, length), 1)))
+
+
+def scan(facts: ModelFacts, method: str, calib: tuple[int, int], probe: tuple[int, int], chunk: int,
+         whole_errors: bool = False) -> Footprint:
+    """A sensitivity scan on any number of slices (one at a time: an extra slice adds nothing that stays).
+    whole_errors: a setting ranks a whole matrix (magnitude pruning), so streamed statistics meet its error whole,
+    not a block of rows at a time."""
     parts = _base(facts)
     probe_sequences, probe_length = probe
     parts["probe cache"] = (facts.blocks + 1) * probe_sequences * probe_length * facts.hidden * facts.dtype_bytes
@@ -133,13 +150,14 @@ def scan(facts: ModelFacts, method: str, calib: tuple[int, int], probe: tuple[in
     parts["perturbed copy"] = facts.vocab * facts.hidden * facts.dtype_bytes + ROW_CHUNK_BYTES * 6
     if method == "fast":  # the Fisher pass, then the probes: the larger of the two is the peak
         sequences, length = calib
-        batch = min(sequences, chunk * 2)
+        batch = fisher_batch(facts, sequences, length, chunk)
         kept = facts.linear_params * 4  # a batch's first-order gradients, held until each module's Fisher pass
-        fisher = {"fisher statistics": kept if kept <= STATS_BYTES_CAP else facts.largest_linear * 4 * 3,
+        # streamed: a block of rows' gradient and error with the quantizer's temporaries (sensitivity/fisher.py)
+        streamed = facts.largest_linear * 4 * 3 if whole_errors else ROW_CHUNK_BYTES * 8
+        fisher = {"fisher statistics": kept if kept <= STATS_BYTES_CAP else streamed,
                   "per-sequence gradients": min(batch * facts.largest_linear * 4, STACK_BYTES),
                   "backward logits": int(batch * length * facts.vocab * 4 * BACKWARD_COPIES),
-                  "backward activations": batch * length * facts.blocks * (6 * facts.hidden + 3 * facts.intermediate)
-                  * facts.dtype_bytes}
+                  "backward activations": backward_activations(facts, batch * length)}
         probes = ("probe cache", "probe logits", "perturbed copy")
         if sum(fisher.values()) > sum(parts[k] for k in probes):
             for key in probes:

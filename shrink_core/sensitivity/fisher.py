@@ -22,8 +22,9 @@ from dataclasses import dataclass
 
 import torch
 
+from shrink_core.compression.primitives import chunk_rows
 from shrink_core.perf.footprint import STACK_BYTES  # a batch's G_s (B, out, in) are stacked below it, else made one by one
-from shrink_core.sensitivity.settings import Setting, weight_error
+from shrink_core.sensitivity.settings import Setting, row_independent, weight_error
 
 
 def per_sequence_gradient(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
@@ -101,13 +102,18 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
                 inputs = embed(part).detach().requires_grad_(True)
                 logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1].float()
                 flat = logits.reshape(-1, logits.shape[-1])  # (B * (T - 1), vocab)
-                text = part[:, 1:].reshape(-1)
-                drawn = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)[:, 0]
-                steps = [("fisher", torch.nn.functional.cross_entropy(flat, drawn, reduction="sum"))]
+                text = part[:, 1:].reshape(-1, 1)
+                drawn = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)
+                # both losses read one log-softmax (cross-entropy's own, the same gradients): one (positions, vocab)
+                # float32 tensor kept for the second backward, not two, and the logits themselves are not kept
+                logp = torch.log_softmax(flat, -1)
+                del logits, flat
+                steps = [("fisher", -logp.gather(1, drawn).sum())]
                 if first_order:  # same forward, another backward: the first-order term only
-                    first = (torch.nn.functional.cross_entropy(flat, text, reduction="sum") if soft_targets is None
-                             else -(soft_targets(part).to(flat.dtype) * torch.log_softmax(flat, -1)).sum())
+                    first = (-logp.gather(1, text).sum() if soft_targets is None
+                             else -(soft_targets(part).to(logp.dtype) * logp).sum())
                     steps.insert(0 if gradient_first else 1, ("gradient", first))
+                del logp
                 for i, (which, loss) in enumerate(steps):
                     phase.update(fisher=which == "fisher", gradient=which == "gradient")
                     loss.backward(retain_graph=i < len(steps) - 1)
@@ -175,6 +181,7 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
         for s in settings:
             yield s.id, weight_error(s, weight)
 
+    given = errors is not None
     errors = errors or setting_errors
 
     def slot(key, name):
@@ -196,10 +203,46 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
             del one
         return torch.stack(terms)
 
+    def row_blocks(name):
+        """The module's rows, a float32 ROW_CHUNK_BYTES block at a time, where every setting treats rows on their own
+        and the errors are the settings' own: each block's errors are then made and reduced alone, and nothing the
+        size of the weight exists (two such tensors were 0.47 GB at an 8B gate_proj's peak). None otherwise."""
+        weight = modules[name].weight
+        if given or not all(row_independent(s, weight) for s in settings):
+            return None
+        step = chunk_rows(weight.shape[1])
+        return [slice(start, start + step) for start in range(0, weight.shape[0], step)]
+
+    def fisher_by_rows(name, x, g, gradient, blocks):
+        """on_fisher's per-sequence terms (and the held first-order term) summed over row blocks: each sequence's
+        G_s block by block against each setting's error on the block."""
+        weight = modules[name].weight.detach()
+        sums_ = {s.id: torch.zeros(x.shape[0], dtype=torch.float64, device=g.device) for s in settings}
+        first = dict.fromkeys(sums_, 0.0)
+        for rows in blocks:
+            for s in settings:
+                delta = weight_error(s, weight[rows])
+                if gradient is not None:
+                    first[s.id] += float(torch.dot(gradient.view(weight.shape)[rows].reshape(-1),
+                                                   delta.reshape(-1)))
+                squared = delta.square_() if quadratic == "diagonal" else None
+                for b in range(x.shape[0]):
+                    one = g[b, :, rows].T @ x[b]
+                    sums_[s.id][b] += (one.square_().mul_(squared) if squared is not None else one.mul_(delta)).sum()
+        for s in settings:
+            terms = sums_[s.id] if quadratic == "diagonal" else sums_[s.id].square()
+            slot_ = slot(s.id, name)
+            slot_[0] += float(terms.sum())
+            slot_[1] += first[s.id]
+            slot_[2].extend(terms.tolist())
+
     def on_fisher(name, x, g):
         apart = robust is not None or quadratic == "sequence"
         gradient = held.pop(name, None)
         squares = stack = None
+        blocks = row_blocks(name) if apart and x.shape[0] * g.shape[-1] * x.shape[-1] * 4 > STACK_BYTES else None
+        if blocks is not None:
+            return fisher_by_rows(name, x, g, gradient, blocks)
         if not apart:
             squares = _squares(x, g).reshape(-1)
         elif x.shape[0] * g.shape[-1] * x.shape[-1] * 4 <= STACK_BYTES:
@@ -219,6 +262,14 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
                 s[0] += float(torch.dot(squares, delta.reshape(-1).square()))
 
     def on_gradient(name, x, g):
+        blocks = None if hold else row_blocks(name)
+        if blocks is not None:  # the batch's gradient a block of rows at a time, against each setting's error there
+            weight = modules[name].weight.detach()
+            for rows in blocks:
+                part = torch.einsum("bto,bti->oi", g[..., rows], x).reshape(-1)
+                for s in settings:
+                    slot(s.id, name)[1] += float(torch.dot(part, weight_error(s, weight[rows]).reshape(-1)))
+            return
         gradient = torch.einsum("bto,bti->oi", g, x).reshape(-1)  # (out * in): summed over the batch
         if hold:
             held[name] = gradient

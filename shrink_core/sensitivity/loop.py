@@ -39,6 +39,7 @@ from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import recipe_for
 from shrink_core.model.describe import device_label
 from shrink_core.model.inventory import modules_from_rows
+from shrink_core.perf import footprint
 from shrink_core.plan import dump_plan, load_plan, plan_to_dict, resolve
 from shrink_core.plan.budget import PlannerBudget, limits, plan_within_budget
 from shrink_core.plan.edit import with_rules_first
@@ -304,7 +305,9 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         steps = local_search(
             {m: start[0][m] for m in planned}, start[1],
             _local_scorer(loaded, rows, planned, ["keep", *settings], {s: ids[s] for s in start[1]},
-                          depth.chunk * 2, pinned, hardware, applied, method, weights),
+                          footprint.fisher_batch(footprint.facts_from_model(loaded.model), depth.calib_sequences,
+                                                 depth.calib_len, depth.chunk),
+                          pinned, hardware, applied, method, weights),
             measure, limits=limits(set(planned), rows, described["summary"], limit, base_resolved=base_resolved,
                                    hardware=hardware).solve_kwargs,
             steps=local_steps, max_changes=local_changes, time_budget_s=left)

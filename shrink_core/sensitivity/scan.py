@@ -25,7 +25,7 @@ from shrink_core.perf.memory import release_freed_memory
 from shrink_core.results.store import Provenance, Store
 from shrink_core.sensitivity.fisher import ROBUST_CAP, fisher_scores, stats_bytes
 from shrink_core.sensitivity.probe import SCAN_DEPTHS, ProbeCache, ScanDepth, calib_tokens, eval_tokens, probe
-from shrink_core.sensitivity.settings import Setting, get_setting
+from shrink_core.sensitivity.settings import Setting, get_setting, row_independent
 
 EMBEDDING_KINDS = ("embedding", "lm_head")
 
@@ -251,7 +251,9 @@ def fisher_values(loaded, modules: dict, slice_id: str, settings: list[Setting],
     ROBUST_CAP times their median (`fisher.winsorized_sum`); the first-order gradients are held for one batch (4
     bytes a weight) where that stays under STATS_BYTES_CAP, else each weight error is computed twice per batch."""
     ids = calib_tokens(loaded.tokenizer, slice_id, depth.calib_sequences, depth.calib_len)
-    scores = fisher_scores(loaded.model, ids, modules, settings, batch=depth.chunk * 2, progress=progress,
+    batch = footprint.fisher_batch(footprint.facts_from_model(loaded.model), depth.calib_sequences, depth.calib_len,
+                                   depth.chunk)  # fewer sequences at once where their graph would be large
+    scores = fisher_scores(loaded.model, ids, modules, settings, batch=batch, progress=progress,
                            robust=ROBUST_CAP, hold_gradients=not fisher_streamed(modules))
     return scores.values, scores.seconds, scores.tokens, scores.capped
 
@@ -374,7 +376,8 @@ def run_scan(loaded, slice_ids: list[str], setting_ids: list[str], method: str =
     if method not in METHODS:
         raise ShrinkError(f"Unknown method '{method}'; use fast or exhaustive.")
     scan_depth = get_depth(budget)
-    footprint_ = admit_scan(footprint.facts_from_model(loaded.model), method, budget, loaded=True)  # or refuses
+    footprint_ = admit_scan(footprint.facts_from_model(loaded.model), method, budget, setting_ids,
+                            loaded=True)  # or refuses
     settings = [get_setting(s) for s in setting_ids]
     for slice_id in slice_ids:
         get_slice(slice_id)
@@ -483,12 +486,13 @@ def _block_kind(name: str) -> tuple[int, str]:
     return (int(match.group(1)) if match else -1), LEAF_KINDS.get(name.rsplit(".", 1)[-1], "linear")
 
 
-def admit_scan(facts, method: str, budget: str, loaded: bool = False):
+def admit_scan(facts, method: str, budget: str, setting_ids, loaded: bool = False):
     """The scan's predicted peak memory, or ShrinkError with one sentence when it will not fit (`loaded`: the model
     is already in this process)."""
     depth = get_depth(budget)
+    whole = not all(row_independent(get_setting(s)) for s in setting_ids)
     return footprint.admit(lambda f: footprint.scan(f, method, (depth.calib_sequences, depth.calib_len),
-                                                    (depth.sequences, depth.seq_len), depth.chunk), facts,
+                                                    (depth.sequences, depth.seq_len), depth.chunk, whole), facts,
                            loaded=loaded)
 
 

@@ -41,7 +41,7 @@ from shrink_core.sensitivity.scan import (
     select_modules,
     spearman,
 )
-from shrink_core.sensitivity.settings import get_setting
+from shrink_core.sensitivity.settings import get_setting, row_independent
 
 _TARGETS: dict = {}  # per worker process: the model's scan targets and the last slice's probe cache
 
@@ -116,7 +116,8 @@ def run_scan_units(spec: str, slice_ids: list[str], setting_ids: list[str], meth
         check_setting = next((s for s in settings if s.id == "w3g64"), settings[0])
         sample = sample_modules(every, check) if check and method == "fast" else []
         memory = footprint.scan(identity["facts"], method, (depth.calib_sequences, depth.calib_len),
-                                (depth.sequences, depth.seq_len), depth.chunk).total
+                                (depth.sequences, depth.seq_len), depth.chunk,
+                                not all(row_independent(s) for s in settings)).total
         gpus = 1.0 if identity["device"].startswith("cuda") else 0.0
 
         def missing(slice_id, chosen_settings, chosen_rows, kind) -> tuple[list[str], list[str]]:
@@ -224,7 +225,7 @@ def sensitivity_job(ctx, spec: str, slices: list[str], settings: list[str], meth
 
     description = ctx.store.latest_model(spec)
     if description:  # refuse before loading anything when the scan will not fit in memory
-        admit_scan(footprint.facts_from_description(description), method, budget)
+        admit_scan(footprint.facts_from_description(description), method, budget, settings)
     ctx.expect_parts(len(slices))
     ctx.progress(0.01, "loading model")
     loaded = load(spec)
