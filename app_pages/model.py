@@ -7,7 +7,17 @@ import pandas as pd
 import streamlit as st
 
 from shrink_core.errors import ShrinkError
-from shrink_core.model.load import BUILTINS, DEFAULT_SPEC, DTYPES, ModelSpec, source_quantization, with_dtype
+from shrink_core.model.load import (
+    BUILTINS,
+    DEFAULT_SPEC,
+    DEVICES,
+    DTYPES,
+    ModelSpec,
+    resolve_device,
+    source_quantization,
+    with_device,
+    with_dtype,
+)
 from shrink_core.perf.footprint import facts_from_description
 from shrink_core.runtime import jobs
 from shrink_core.sensitivity.scan import admit_scan
@@ -27,9 +37,15 @@ db = store()
 
 with st.form("load_form", border=False):
     spec_text = st.text_input("Model spec", value=state.model_spec(), key="model_spec_input")
-    dtype = st.selectbox("dtype", DTYPES, key="model_dtype",
-                         help="What the model runs in: auto is fp32 on the CPU, bf16 on a GPU. A non-default dtype "
-                              "becomes a #suffix of the spec, so its figures are kept apart from the fp32 ones.")
+    dtype_column, device_column = st.columns(2)
+    dtype = dtype_column.selectbox("dtype", DTYPES, key="model_dtype",
+                                   help="What the model runs in: auto is fp32 on the CPU, bf16 on a GPU. A non-default "
+                                        "dtype becomes a #suffix of the spec, so its figures are kept apart from the "
+                                        "fp32 ones.")
+    device = device_column.selectbox("Device", DEVICES, key="model_device",
+                                     help="Where it runs: auto is a CUDA GPU where torch sees one, else the CPU. A "
+                                          "non-default device becomes an @suffix of the spec (@cuda:1 for another "
+                                          "GPU), so its figures are kept apart.")
     with st.expander("Safety options"):
         allow_pickle = st.checkbox("Allow pickle checkpoints (can run code from the file)", key="allow_pickle")
         trust_remote_code = st.checkbox("Trust the model's own code (auto_map)", key="trust_remote_code")
@@ -45,7 +61,9 @@ def start_load(spec: str) -> None:
 
 if submitted:
     try:
-        spec = ModelSpec.parse(with_dtype(spec_text, dtype)).raw  # cheap checks (path exists, builtin known) first
+        # cheap checks (path exists, builtin known, the device is here) first
+        spec = ModelSpec.parse(with_device(with_dtype(spec_text, dtype), device)).raw
+        resolve_device(ModelSpec.parse(spec).device)
     except ShrinkError as exc:
         st.error(str(exc))
     else:
@@ -90,6 +108,7 @@ top[3].metric("Reference", f"{run_dtype} ← {source}" if source else run_dtype,
               help=f"Reference: {reference}. Every KL, ΔNLL and size saving is measured against this model"
                    + (f"; it is the {source} GGUF's quantized weights expanded to fp32, not the original bf16 release."
                       if source else "."))
+st.caption(f"Runs on {described.get('device') or 'cpu'}: every figure computed on this model is stored with it.")
 bottom = st.columns(4)
 bottom[0].metric("Size fp32", f"{fp32_mb:,.0f} MB", help=f"{summary['bytes_fp32']:,} bytes of weights in fp32")
 bottom[1].metric("Size bf16", f"{bf16_mb:,.0f} MB", help=f"{summary['bytes_bf16']:,} bytes of weights in bf16")

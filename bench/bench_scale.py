@@ -2,6 +2,7 @@
 
   python bench/bench_scale.py [--shapes 1b,3b,8b] [--stages build,load,rtn,gptq,scan,scan2,eval]
                               [--gptq-blocks 2] [--calib 16x512] [--device cpu] [--out FILE.jsonl]
+                              [--shard-gb 5]
 
 Shapes (hidden, MLP width, blocks, heads / KV heads, vocabulary; `tiny` is a smoke run): 1b = Llama-3.2-1B (2048,
 8192, 16, 32/8, 128256, tied), 3b = Llama-3.2-3B (3072, 8192, 28, 24/8, 128256, tied), 8b = Llama-3-8B (4096, 14336,
@@ -129,10 +130,12 @@ def child(shape: str, stages: list[str], args) -> list[dict]:
     started = time.perf_counter()
     base = {"shape": shape}
     if "load" in stages or ":" in shape:  # a saved checkpoint, or a model spec (builtin:smollm2-135m, in fp32)
-        from shrink_core.model.load import load
+        from shrink_core.model.load import load, with_device
 
-        model = load(shape if ":" in shape else f"{args.checkpoint}#bf16").model
+        model = load(with_device(shape if ":" in shape else f"{args.checkpoint}#bf16", args.device)).model
         base["load_s"] = round(time.perf_counter() - started, 2)
+        if args.checkpoint:
+            base["shards"] = len(list(Path(args.checkpoint).glob("*.safetensors")))
     else:
         model = build(shape, args.device)
     params = sum(p.numel() for p in model.parameters())
@@ -143,7 +146,14 @@ def child(shape: str, stages: list[str], args) -> list[dict]:
         release_freed_memory()
         figures = {**base, "stage": stage}
         t0 = time.perf_counter()
+        gpu = args.device.startswith("cuda")
+        if gpu:  # device memory: the allocator's peak over the stage (RSS is the host's)
+            import torch
+
+            torch.cuda.reset_peak_memory_stats()
         peak = measure_peak_rss(lambda f=figures, s=stage: f.update(_stage(model, shape, s, args)))
+        if gpu:
+            figures["peak_gpu_gb"] = round(torch.cuda.max_memory_allocated() / 1e9, 3)
         figures.update(stage_s=round(time.perf_counter() - t0, 2), rss_before_gb=round(peak.rss_before_bytes / 1e9, 3),
                        peak_rss_gb=round(peak.peak_rss_bytes / 1e9, 3), peak_method=peak.method,
                        rss_end_gb=round(rss_gb(), 3))
@@ -225,6 +235,8 @@ def main() -> None:
     parser.add_argument("--calib", default="16x512")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", default=None)
+    parser.add_argument("--shard-gb", type=float, default=None,
+                        help="the load stage's checkpoint in safetensors shards of this size (default: one file)")
     parser.add_argument("--child", nargs=2, metavar=("SHAPE", "STAGES"), help=argparse.SUPPRESS)
     parser.add_argument("--checkpoint", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -239,7 +251,8 @@ def main() -> None:
         for group in groups:
             extra = []
             if group == ["load"]:
-                checkpoint = Path(tempfile.gettempdir()) / f"shrink-scale-{shape}"
+                shards = f"-{args.shard_gb:g}gb" if args.shard_gb else ""
+                checkpoint = Path(tempfile.gettempdir()) / f"shrink-scale-{shape}{shards}"
                 bytes_needed = _params(shape) * 2 * 1.05
                 if not (checkpoint / "config.json").is_file():
                     if shutil.disk_usage(checkpoint.parent).free < bytes_needed + (2 << 30):
@@ -247,7 +260,7 @@ def main() -> None:
                               f"{shutil.disk_usage(checkpoint.parent).free / 1e9:.1f} GB free, the checkpoint needs "
                               f"{bytes_needed / 1e9:.1f} GB"}, args.out)
                         continue
-                    _save(shape, checkpoint)
+                    _save(shape, checkpoint, args.shard_gb)
                 extra = ["--checkpoint", str(checkpoint)]
             run = subprocess.run([sys.executable, __file__, "--child", shape, ",".join(group), "--gptq-blocks",
                                   str(args.gptq_blocks), "--calib", args.calib, "--device", args.device, *extra],
@@ -269,9 +282,10 @@ def _params(shape: str) -> int:
     return layers * (attention + 3 * h * i + 2 * h) + v * h * (1 if s["tie_word_embeddings"] else 2) + h
 
 
-def _save(shape: str, checkpoint: Path) -> None:
+def _save(shape: str, checkpoint: Path, shard_gb: float | None = None) -> None:
     model = build(shape)
-    model.save_pretrained(checkpoint, safe_serialization=True)
+    shards = {"max_shard_size": f"{int(shard_gb * 1000)}MB"} if shard_gb else {}  # as the Hub's 8B releases ship
+    model.save_pretrained(checkpoint, safe_serialization=True, **shards)
     tokenizer().save_pretrained(checkpoint)
     del model
 

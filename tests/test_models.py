@@ -86,6 +86,28 @@ def test_local_directory_round_trip(tmp_path, tiny_model, shrink_home):
     assert load(str(tmp_path)).weights_hash == loaded.weights_hash  # memoised, stable
 
 
+def test_a_sharded_checkpoint_loads_whole_and_its_hash_covers_every_shard(tmp_path, tiny_model, shrink_home):
+    """Real 8B checkpoints come as several safetensors shards and an index: the same model as one file, and a
+    change in any shard is another model to the store."""
+    tiny_model.save_pretrained(tmp_path / "one")
+    tiny_model.save_pretrained(tmp_path / "sharded", max_shard_size="200KB")
+    shards = sorted((tmp_path / "sharded").glob("*.safetensors"))
+    assert len(shards) > 2 and (tmp_path / "sharded" / "model.safetensors.index.json").is_file()
+    one, sharded = load(str(tmp_path / "one")), load(str(tmp_path / "sharded"))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.inference_mode():
+        assert torch.equal(sharded.model(ids).logits, one.model(ids).logits)
+    before = sharded.weights_hash
+    last = shards[-1]
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(last)
+    name = next(iter(tensors))
+    tensors[name] = tensors[name] + 1
+    save_file(tensors, last, metadata={"format": "pt"})
+    assert load(str(tmp_path / "sharded")).weights_hash != before
+
+
 def test_remote_code_needs_consent(tmp_path, tiny_model, shrink_home):
     tiny_model.save_pretrained(tmp_path)
     config = json.loads((tmp_path / "config.json").read_text())

@@ -39,6 +39,15 @@ def stderr_progress(quiet: bool):
     return progress
 
 
+def device_choice(text: str) -> str:
+    """--device's value, checked as argparse checks a choice (one line naming the valid ones)."""
+    from shrink_core.model.load import DEVICE_SUFFIX
+
+    if not DEVICE_SUFFIX.match(f"x@{text}"):
+        raise argparse.ArgumentTypeError(f"'{text}' is not a device; use auto, cpu, cuda, cuda:N or mps")
+    return text
+
+
 def add_model_args(parser: argparse.ArgumentParser) -> None:
     """The model-loading flags every command that takes --model shares."""
     parser.add_argument("--model", default="builtin:smollm2-135m", help="builtin:NAME, a directory, a .gguf file or a Hub id")
@@ -47,6 +56,9 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--dtype", default="auto", choices=("auto", "bf16", "fp16", "fp32"),
                         help="the dtype the model runs in (auto: fp32 on the CPU, bf16 on a GPU); same as a #bf16 "
                              "suffix on the spec")
+    parser.add_argument("--device", default="auto", type=device_choice, metavar="{auto,cpu,cuda,cuda:N,mps}",
+                        help="where the model runs (auto: a CUDA GPU where torch sees one, else the CPU); same as an "
+                             "@cuda suffix on the spec")
 
 
 def add_executor_args(parser) -> None:
@@ -88,10 +100,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     parser = build_parser()
     args = parser.parse_args(argv)
-    if getattr(args, "model", None) and getattr(args, "dtype", "auto") != "auto":
-        from shrink_core.model.load import with_dtype
+    if getattr(args, "model", None):
+        from shrink_core.model.load import with_device, with_dtype
 
-        args.model = with_dtype(args.model, args.dtype)  # the dtype is part of the spec: jobs and the store see it
+        # the dtype and device are part of the spec: jobs, workers and the store see them
+        args.model = with_device(with_dtype(args.model, getattr(args, "dtype", "auto")), getattr(args, "device", "auto"))
     try:
         return int(args.run(args) or 0)
     except ShrinkError as exc:

@@ -9,7 +9,7 @@ from contextvars import ContextVar
 
 import torch
 
-from shrink_core.model.arch import decoder_layers, first_block_input, run_layer
+from shrink_core.model.arch import decoder_layers, first_block_input, model_device, run_layer
 
 # Which modules share an input: q/k/v (or a fused qkv) read the same tensor, and so do gate/up.
 INPUT_SOURCE = {"q": "attn", "k": "attn", "v": "attn", "qkv": "attn", "o": "o", "gate": "mlp", "up": "mlp",
@@ -166,7 +166,7 @@ def input_sq_sums(model, tokens: torch.Tensor, kinds: tuple[str, ...] = ("o", "d
             handles.append(linear.register_forward_hook(hook))
     try:
         for batch in token_batches(tokens, batch_size):
-            model(input_ids=batch, use_cache=False)
+            model(input_ids=batch.to(model_device(model)), use_cache=False)
     finally:
         for handle in handles:
             handle.remove()

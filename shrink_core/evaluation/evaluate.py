@@ -169,6 +169,8 @@ def score(model, requests: list[Request], reference=None, max_batch_tokens: int 
     """Runs every request through the model (and the reference, in lock step) and reduces on the fly."""
     import torch
 
+    from shrink_core.model.arch import model_device
+
     results = [Scored() for _ in requests]
     done_tokens, total_tokens = 0, sum(len(r.ids) for r in requests) or 1
     decoder = model.get_decoder()
@@ -188,14 +190,16 @@ def score(model, requests: list[Request], reference=None, max_batch_tokens: int 
                 positions += [row * width + t - 1 for t in span]  # logits at t-1 predict token t
                 targets += [request.ids[t] for t in span]
                 owners += [index] * len(span)
-            positions_t = torch.tensor(positions, dtype=torch.long)
-            targets_t = torch.tensor(targets, dtype=torch.long)
+            device = model_device(model)
+            ids, mask = ids.to(device), mask.to(device)
+            positions_t = torch.tensor(positions, dtype=torch.long, device=device)
+            targets_t = torch.tensor(targets, dtype=torch.long, device=device)
             hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             ref_hidden = None if ref_decoder is None else ref_decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             reduced = _reduce(model, hidden, positions_t, targets_t, reference, ref_hidden)
             token_nll, hit, kl, agree = reduced["nll"], reduced["hit"], reduced["kl"], reduced["agree"]
             owners_t = np.asarray(owners)
-            nll_np, hit_np = token_nll.double().numpy(), hit.numpy()
+            nll_np, hit_np = token_nll.double().cpu().numpy(), hit.cpu().numpy()
             for index in batch:
                 sel = owners_t == index
                 out = results[index]
@@ -205,9 +209,9 @@ def score(model, requests: list[Request], reference=None, max_batch_tokens: int 
                 if requests[index].keep_token_nll:
                     out.token_nll = nll_np[sel]
                 if ref_decoder is not None:
-                    values = kl.double().numpy()[sel]
+                    values = kl.double().cpu().numpy()[sel]
                     out.kl_values = values if out.kl_values is None else np.concatenate([out.kl_values, values])
-                    out.top1_agree += int(agree.numpy()[sel].sum())
+                    out.top1_agree += int(agree.cpu().numpy()[sel].sum())
             done_tokens += sum(len(requests[i].ids) for i in batch)
             if progress:
                 progress(done_tokens / total_tokens)

@@ -70,6 +70,11 @@ class _Stop(Exception):
     pass
 
 
+def model_device(model) -> torch.device:
+    """Where the model's weights are: the device its token ids must be on."""
+    return next(model.parameters()).device
+
+
 def first_block_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     """(hidden (batch, seq, hidden), the keyword arguments the blocks take) as the model hands them to its first
     block: embeddings, position tables, masks and rotary tables made by the family's own code."""
@@ -82,7 +87,7 @@ def first_block_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
     try:
-        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids.to(model_device(model)), use_cache=False)
     except _Stop:
         pass
     finally:
@@ -105,7 +110,7 @@ def block_kwargs(model, ids: torch.Tensor, upto: int | None = None) -> list[dict
 
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
     try:
-        model(input_ids=ids, use_cache=False)
+        model(input_ids=ids.to(model_device(model)), use_cache=False)
     except _Stop:
         pass
     finally:

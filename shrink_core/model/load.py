@@ -5,6 +5,8 @@ A spec is one string:
   /path/to/dir        a local Hugging Face model directory (config.json + safetensors)
   /path/to/file.gguf  a GGUF file (dequantized once, to fp32 or the dtype asked for, then cached as safetensors)
   org/name            a Hugging Face Hub id (needs the Hub, or its local HF cache)
+followed by `#dtype` (bf16, fp16, fp32) and `@device` (cpu, cuda, cuda:N, mps) where not the defaults (`auto`):
+`builtin:smollm2-135m#bf16@cuda`. Both are part of the spec, so figures from another dtype or device are kept apart.
 """
 from __future__ import annotations
 
@@ -116,22 +118,59 @@ def _missing_package(builtin: BuiltinModel) -> str:
 
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
+DEVICE_SUFFIX = re.compile(r"^(?P<base>.*)@(?P<device>auto|cpu|mps|cuda(?::\d+)?)$")
+
+
+def split_device(raw: str) -> tuple[str, str]:
+    """(the spec without its `@device` suffix, the device: "auto" where there is none)."""
+    match = DEVICE_SUFFIX.match(raw.strip())
+    return (match["base"], match["device"]) if match else (raw.strip(), "auto")
 
 
 def with_dtype(raw: str, dtype: str | None) -> str:
-    """The spec with its dtype suffix (`builtin:smollm2-135m#bf16`); "auto" or None leaves it as it is."""
+    """The spec with its dtype suffix (`builtin:smollm2-135m#bf16`, before any `@device`); "auto" or None leaves it
+    as it is."""
     if not dtype or dtype == "auto":
         return raw
-    return f"{raw.rsplit('#', 1)[0] if '#' in raw else raw}#{dtype}"
+    base, device = split_device(raw)
+    spec = f"{base.rsplit('#', 1)[0] if '#' in base else base}#{dtype}"
+    return spec if device == "auto" else f"{spec}@{device}"
 
 
-def resolve_dtype(dtype: str) -> str:
-    """auto: bf16 where a CUDA GPU runs the model, fp32 on the CPU (the reference every figure here is measured on)."""
-    if dtype != "auto":
-        return dtype
+def with_device(raw: str, device: str | None) -> str:
+    """The spec with its device suffix (`builtin:smollm2-135m@cuda`); "auto" or None leaves it as it is."""
+    if not device or device == "auto":
+        return raw
+    if not DEVICE_SUFFIX.match(f"x@{device}"):
+        raise ModelLoadError(f"Unknown device '{device}'; use auto, cpu, cuda, cuda:N or mps.")
+    return f"{split_device(raw)[0]}@{device}"
+
+
+def resolve_device(device: str) -> str:
+    """auto: cuda where torch sees a CUDA GPU, else the CPU (MPS only when asked: some of the linear algebra here has
+    no MPS kernel). A device this machine does not have is refused in one sentence."""
     import torch
 
-    return "bf16" if torch.cuda.is_available() else "fp32"
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda"):
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        index = int(device.split(":")[1]) if ":" in device else 0
+        if index >= count:
+            raise ModelLoadError(f"This machine has {count or 'no'} CUDA GPU{'s' if count != 1 else ''} that torch can "
+                                 f"use, so '{device}' is not there; use @cpu (--device cpu) or auto.")
+    if device == "mps" and not torch.backends.mps.is_available():
+        raise ModelLoadError("This machine has no Apple GPU (MPS) that torch can use; use @cpu (--device cpu) or auto.")
+    return device
+
+
+def resolve_dtype(dtype: str, device: str = "auto") -> str:
+    """auto: bf16 where a CUDA GPU runs the model, fp32 on the CPU (the reference every figure here is measured on)
+    and on MPS."""
+    if dtype != "auto":
+        return dtype
+    return "bf16" if resolve_device(device).startswith("cuda") else "fp32"
 
 
 def torch_dtype(dtype: str):
@@ -147,10 +186,15 @@ class ModelSpec:
     kind: str  # "builtin" | "local" | "gguf" | "hub"
     target: str  # builtin name, absolute path or Hub id
     dtype: str = "auto"  # the `#dtype` suffix: the dtype the model runs in (part of its identity in the store)
+    device: str = "auto"  # the `@device` suffix: where it runs
 
     @staticmethod
     def parse(raw: str) -> ModelSpec:
         text = (raw or "").strip()
+        base, device = split_device(text)
+        if base != text:
+            spec = ModelSpec.parse(base)
+            return ModelSpec(text, spec.kind, spec.target, spec.dtype, device)
         if "#" in text:
             base, dtype = text.rsplit("#", 1)
             if dtype not in DTYPES:
@@ -257,9 +301,12 @@ def load(
     trust_remote_code: bool = False,
     progress: Progress = _no_progress,
 ) -> LoadedModel:
-    """Load a model on the CPU from a spec string, in fp32 unless its `#dtype` suffix asks for another."""
+    """Load a model from a spec string onto its device (`@device`; auto: a CUDA GPU where there is one, else the CPU)
+    in its dtype (`#dtype`; auto: bf16 on a CUDA GPU, else fp32). The weights are read on the CPU and moved whole: a
+    model larger than the GPU's free memory is refused before it is read."""
     spec = ModelSpec.parse(raw_spec)
-    dtype = resolve_dtype(spec.dtype)
+    device = resolve_device(spec.device)
+    dtype = resolve_dtype(spec.dtype, device)
     started = time.perf_counter()
     if spec.kind in ("builtin", "gguf"):
         gguf = BUILTINS[spec.target].gguf_path() if spec.kind == "builtin" else Path(spec.target)
@@ -276,6 +323,8 @@ def load(
         loaded = _load_hub(spec, allow_pickle, trust_remote_code, progress, dtype=dtype)
     loaded.from_cache = from_cache
     loaded.notes = notes + loaded.notes
+    if device != "cpu":
+        _to_device(loaded.model, device)
     from shrink_core.model.arch import uncovered_modules, uncovered_sentence
     from shrink_core.model.inventory import inventory
 
@@ -285,6 +334,19 @@ def load(
     loaded.load_seconds = time.perf_counter() - started
     progress(1.0, "loaded")
     return loaded
+
+
+def _to_device(model, device: str) -> None:
+    """Move the model to its device, or refuse in one sentence when its weights do not fit there."""
+    import torch
+
+    needed = sum(p.numel() * p.element_size() for p in model.parameters())
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        if needed > free:
+            raise ModelLoadError(f"The model's weights need {needed / 1e9:.1f} GB and {device} has {free / 1e9:.1f} GB "
+                                 "free; use #bf16 or #fp16 (half of fp32), @cpu, or a GPU with more memory.")
+    model.to(torch.device(device))
 
 
 def _weight_files(directory: Path) -> tuple[list[Path], list[Path]]:

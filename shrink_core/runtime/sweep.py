@@ -51,11 +51,13 @@ def worker_facts(spec: str) -> dict:
 
 def pinned_spec(spec: str) -> str:
     """The spec the workers load: its dtype fixed where the driver is, so a worker that sees a GPU does not turn
-    `auto` into bf16 while the driver's figures are fp32 (the store keeps the user's spec)."""
-    from shrink_core.model.load import DTYPES, resolve_dtype, with_dtype
+    `auto` into bf16 while the driver's figures are fp32 (the store keeps the user's spec). The device is left as
+    asked: a worker with a GPU runs `auto` there, in the pinned dtype."""
+    from shrink_core.model.load import DTYPES, resolve_dtype, split_device, with_dtype
 
-    suffix = spec.rsplit("#", 1)[1] if "#" in spec else "auto"
-    return with_dtype(spec, resolve_dtype(suffix if suffix in DTYPES else "auto"))
+    base, device = split_device(spec)
+    suffix = base.rsplit("#", 1)[1] if "#" in base else "auto"
+    return with_dtype(spec, resolve_dtype(suffix if suffix in DTYPES else "auto", device))
 
 
 # Units: they run in a worker (this process, on the local executor) and return payloads; they never open the store.

@@ -95,15 +95,17 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
         for p in flags:
             p.requires_grad_(False)
         embed = model.get_input_embeddings()
+        device = embed.weight.device
         for done, start in enumerate(range(0, ids.shape[0], batch)):
-            part = ids[start:start + batch]
+            part = ids[start:start + batch].to(device)
             phase["shape"] = tuple(part.shape)
             with torch.enable_grad():
                 inputs = embed(part).detach().requires_grad_(True)
                 logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1].float()
                 flat = logits.reshape(-1, logits.shape[-1])  # (B * (T - 1), vocab)
                 text = part[:, 1:].reshape(-1, 1)
-                drawn = torch.multinomial(torch.softmax(flat.detach(), -1), 1, generator=generator)
+                # drawn on the CPU from one generator whatever the device: the same labels as a CPU run
+                drawn = torch.multinomial(torch.softmax(flat.detach(), -1).cpu(), 1, generator=generator).to(device)
                 # both losses read one log-softmax (cross-entropy's own, the same gradients): one (positions, vocab)
                 # float32 tensor kept for the second backward, not two, and the logits themselves are not kept
                 logp = torch.log_softmax(flat, -1)

@@ -129,7 +129,7 @@ def local_scores(reference, model, originals: dict[str, torch.Tensor], choice: d
             if option != choice[name]:
                 moved = (option_weights(name, option) if weights is None
                          else weights[name][option].float())
-                yield option, moved - current
+                yield option, moved.to(current.device) - current  # a stored table may sit on the CPU
 
     tokens = 0
     for k, (slice_id, ids) in enumerate(ids_by_slice.items()):

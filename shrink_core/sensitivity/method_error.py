@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 
 from shrink_core.compression.calibrate import HessianHooks, input_source, token_batches
+from shrink_core.model.arch import model_device
 
 
 def input_hessians(model, rows, tokens: torch.Tensor, batch_size: int = 8) -> dict[str, torch.Tensor]:
@@ -29,7 +30,7 @@ def input_hessians(model, rows, tokens: torch.Tensor, batch_size: int = 8) -> di
     try:
         with torch.inference_mode():
             for batch in token_batches(tokens, batch_size):
-                model(input_ids=batch, use_cache=False)
+                model(input_ids=batch.to(model_device(model)), use_cache=False)
     finally:
         hooks.remove()
     means = {source: hooks.hessians[source] / hooks.tokens[source] for source in readers}

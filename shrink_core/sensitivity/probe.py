@@ -18,7 +18,14 @@ import torch
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
 from shrink_core.evaluation.evaluate import _softcap, select_items
 from shrink_core.evaluation.slices import get_slice, load_rows
-from shrink_core.model.arch import block_kwargs, decoder_layers, final_hidden, first_block_input, run_layer
+from shrink_core.model.arch import (
+    block_kwargs,
+    decoder_layers,
+    final_hidden,
+    first_block_input,
+    model_device,
+    run_layer,
+)
 from shrink_core.perf.footprint import REFERENCE_CACHE_BYTES
 from shrink_core.sensitivity.settings import Setting, perturbed
 
@@ -87,6 +94,7 @@ class ProbeCache:
     """One slice's probe tokens through the unperturbed model: block inputs and reference log-probs, kept once."""
 
     def __init__(self, model, ids: torch.Tensor, chunk: int = 4):
+        ids = ids.to(model_device(model))  # everything the cache keeps is on the model's device
         self.model, self.ids, self.chunk = model, ids, chunk
         self.layers = list(decoder_layers(model))
         started = time.perf_counter()
