@@ -127,3 +127,30 @@ def test_a_sequential_method_adds_its_full_precision_side():
                      "full-precision inputs": tokens * (3 * 4096 + 14336) * 4,
                      "settled attention outputs": tokens * 4096 * 4}
     assert 3.4e9 < added["full-precision inputs"] < 3.6e9  # what gptq-seq keeps of an 8B block at 64 x 512 tokens
+
+
+def test_a_gpu_job_is_admitted_against_the_gpu_and_offered_the_cpu(monkeypatch):
+    """On a GPU the room is the GPU's free memory; a job that fits there in no dtype is offered the CPU, from a new
+    load, when the machine's memory holds it (the GPU here is simulated: free memory per device)."""
+    from dataclasses import replace
+
+    room = {"cuda": int(10e9), "cpu": int(40e9)}
+    monkeypatch.setattr(footprint, "available_bytes", lambda device="cpu": room[device])
+    on_gpu = replace(EIGHT_B, device="cuda")
+    scan = lambda f: footprint.scan(f, "fast", (4, 64), (4, 64), 4)  # noqa: E731
+    with pytest.raises(ShrinkError) as caught:
+        footprint.admit(scan, on_gpu)
+    assert str(caught.value) == (f"This fast scan would need {scan(on_gpu).describe()}, and the cuda device has 10.0 "
+                                 f"GB available; on the CPU (spec suffix @cpu) it would need "
+                                 f"{scan(EIGHT_B).total / 1e9:.1f} GB and fits.")
+    room["cpu"] = int(5e9)
+    with pytest.raises(ShrinkError, match=r"the cuda device has 10\.0 GB available; free memory or use a machine"):
+        footprint.admit(scan, on_gpu)
+    room["cuda"] = int(21e9)  # fp32 does not fit the GPU, bf16 does: bf16 on the GPU is offered first
+    with pytest.raises(ShrinkError, match=r"the model in bf16 \(spec suffix #bf16\) would need 19\.9 GB and fits\.$"):
+        footprint.admit(scan, replace(on_gpu, dtype="fp32"))
+    assert footprint.admit(scan, on_gpu).total < 21e9
+    described = {"summary": {"parameters": 1, "dtype": "bfloat16"}, "modules": [],
+                 "device": "cuda bf16 (NVIDIA H100 80GB HBM3, torch 2.13.0)"}
+    assert footprint.facts_from_description(described).device == "cuda"
+    assert footprint.facts_from_description({**described, "device": None}).device == "cpu"

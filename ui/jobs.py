@@ -89,15 +89,16 @@ def memory_admission(predict, description: dict | None) -> bool:
     refused (the button is then disabled). `predict` returns a Footprint or raises ShrinkError."""
     if description is None:
         return False  # the model is not described yet (it is loading): nothing to predict from
-    from shrink_core.perf.footprint import available_bytes
+    from shrink_core.perf.footprint import available_bytes, facts_from_description
 
     try:
         need = predict()
     except ShrinkError as exc:
         st.error(str(exc))
         return True
-    available = available_bytes()
-    room = f" of {available / 1e9:.1f} GB available" if available else ""
+    device = facts_from_description(description).device  # a GPU job's room is the GPU's
+    available = available_bytes(device)
+    room = f" of {available / 1e9:.1f} GB available{'' if device == 'cpu' else ' on ' + device}" if available else ""
     st.caption(f"Predicted peak memory: {need.describe()}{room} (projected from the inventory and the settings; "
                "perf/footprint.py).")
     return False

@@ -40,13 +40,14 @@ class ModelFacts:
     linear_params: int  # block linears
     largest_linear: int  # elements of the largest block linear
     largest_input: int  # the widest input of a block linear (a Hessian is input x input)
+    device: str = "cpu"  # where the job's tensors live: cpu, cuda or mps (its memory is what must hold them)
 
     @property
     def dtype_bytes(self) -> int:
         return DTYPE_BYTES.get(self.dtype, 4)
 
     @staticmethod
-    def from_inventory(summary: dict, modules: list[dict], dtype: str | None = None) -> ModelFacts:
+    def from_inventory(summary: dict, modules: list[dict], dtype: str | None = None, device: str = "cpu") -> ModelFacts:
         """From a stored model description (summary + inventory rows, as the Model page keeps them)."""
         linears = [m for m in modules if m.get("block") is not None and m["kind"] not in ("norm",)
                    and m.get("block") == m.get("block")]
@@ -56,7 +57,7 @@ class ModelFacts:
             hidden=int(summary.get("hidden_size") or 0), intermediate=int(summary.get("intermediate_size") or 0),
             vocab=int(summary.get("vocab_size") or 0), blocks=int(summary.get("blocks") or 0),
             linear_params=sum(a * b for a, b in shapes), largest_linear=max((a * b for a, b in shapes), default=0),
-            largest_input=max((b for _, b in shapes), default=0))
+            largest_input=max((b for _, b in shapes), default=0), device=device)
 
 
 @dataclass(frozen=True)
@@ -166,10 +167,18 @@ def scan(facts: ModelFacts, method: str, calib: tuple[int, int], probe: tuple[in
     return Footprint(f"{method} scan", parts)
 
 
-def available_bytes() -> int | None:
+def available_bytes(device: str = "cpu") -> int | None:
     """MemAvailable of this machine (Linux), capped by $SHRINK_MEMORY_LIMIT_GB where set (a share of a machine
-    others use too); None where neither is known (then nothing is refused)."""
+    others use too); a CUDA GPU's free memory for `cuda`; None where neither is known (MPS shares the machine's memory
+    and says nothing: then nothing is refused)."""
     import os
+
+    if device.startswith("cuda"):
+        import torch
+
+        return torch.cuda.mem_get_info(torch.device(device))[0] if torch.cuda.is_available() else None
+    if device != "cpu":
+        return None
 
     limit = os.environ.get("SHRINK_MEMORY_LIMIT_GB")
     cap = int(float(limit) * 1e9) if limit else None
@@ -185,42 +194,58 @@ def available_bytes() -> int | None:
 
 
 def refusal(footprint: Footprint, available: int | None, alternative: Footprint | None = None,
-            alternative_label: str = "", resident: int = 0) -> str | None:
+            alternative_label: str = "", resident: int = 0, where: str = "this machine",
+            alternative_available: int | None = None) -> str | None:
     """One sentence when the job will not fit (None when it will): what it needs, what there is, what would fit.
-    `resident`: bytes of the footprint this process already holds (a loaded model), which `available` excludes."""
+    `resident`: bytes of the footprint this process already holds (a loaded model), which `available` excludes.
+    `alternative_available`: the memory the alternative would use, where it runs elsewhere (the CPU for a GPU job)."""
     if available is None or footprint.total - resident <= available:
         return None
     fits = ""
-    if alternative is not None and alternative.total - resident <= available:  # reloading frees the resident model
+    room = available if alternative_available is None else alternative_available
+    if alternative is not None and room is not None and alternative.total - resident <= room:  # reloading frees it
         fits = f"; {alternative_label} would need {alternative.total / 1e9:.1f} GB and fits"
-    return (f"This {footprint.job} would need {footprint.describe()}, and this machine has "
+    return (f"This {footprint.job} would need {footprint.describe()}, and {where} has "
             f"{available / 1e9:.1f} GB available{fits or '; free memory or use a machine with more'}.")
 
 
 def facts_from_description(description: dict) -> ModelFacts:
-    return ModelFacts.from_inventory(description["summary"], description["modules"])
+    # the device as the description names it ("cuda bf16 (NVIDIA H100, ...)"); descriptions before devices: cpu
+    device = (description.get("device") or "cpu").split()[0]
+    return ModelFacts.from_inventory(description["summary"], description["modules"],
+                                     device=device if device in ("cpu", "cuda", "mps") else "cpu")
 
 
 def facts_from_model(model) -> ModelFacts:
     from shrink_core.model.inventory import inventory, summary
 
     rows = inventory(model)
-    return ModelFacts.from_inventory(summary(model, rows), [r.row() for r in rows])
+    return ModelFacts.from_inventory(summary(model, rows), [r.row() for r in rows],
+                                     device=next(model.parameters()).device.type)
 
 
 def admit(make, facts: ModelFacts, available: int | None = None, loaded: bool = False) -> Footprint:
     """The job's footprint, or ShrinkError with the one sentence when it will not fit (an fp32 model is offered bf16,
-    which halves the weights, when that would fit). `loaded`: this process already holds the model, so its weights
-    and the process are resident, not still to come out of the available memory."""
+    which halves the weights, when that would fit; a GPU job that fits neither way is offered the CPU, in the
+    machine's memory). `loaded`: this process already holds the model, so its weights and the process are resident,
+    not still to come out of the available memory. The memory is the device's: a CUDA GPU's free memory."""
     from dataclasses import replace
 
     from shrink_core.errors import ShrinkError
 
     footprint = make(facts)
-    alternative = make(replace(facts, dtype="bf16")) if facts.dtype_bytes == 4 else None
-    available = available_bytes() if available is None else available
+    available = available_bytes(facts.device) if available is None else available
     resident = footprint.parts["process"] + footprint.parts["weights"] if loaded else 0
-    sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)", resident)
+    where = "this machine" if facts.device == "cpu" else f"the {facts.device} device"
+    alternative = make(replace(facts, dtype="bf16")) if facts.dtype_bytes == 4 else None
+    if alternative is not None and (available is None or alternative.total - resident <= available):
+        sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)", resident, where)
+    elif facts.device != "cpu":  # nothing fits on the device: the CPU, from a new load (nothing of it resident)
+        on_cpu = make(replace(facts, device="cpu"))
+        sentence = refusal(footprint, available, on_cpu, "on the CPU (spec suffix @cpu) it", resident, where,
+                           alternative_available=(available_bytes("cpu") or 0) + resident)
+    else:
+        sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)", resident, where)
     if sentence:
         raise ShrinkError(sentence)
     return footprint
