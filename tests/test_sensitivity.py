@@ -460,6 +460,23 @@ def test_the_batch_changes_no_draw_only_rounding():
                for n in modules)  # the draws matter: the agreement above is not a tolerance too loose to fail
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "phi3", "gpt2", "opt", "gpt_neox", "mixtral", "qwen3_moe"])
+def test_recomputed_blocks_give_the_same_bits(family):
+    """A large model's Fisher pass recomputes each block in the backwards instead of keeping its activations: the
+    hooks see the same inputs and gradients, so the figures are equal, not close; the blocks are put back after."""
+    from shrink_core.model.arch import decoder_layers
+    from shrink_core.model.toy import tiny_family
+
+    model = tiny_family(family)
+    _, modules, _ = linears(model)
+    ids = torch.randint(0, 256, (6, 24), generator=torch.Generator().manual_seed(3))
+    settings = [SETTINGS["w4g64"], SETTINGS["w2g64"]]
+    kept, recomputed = (fisher.fisher_scores(model, ids, modules, settings, batch=3, robust=1e9, recompute=r)
+                        for r in (False, True))
+    assert recomputed.values == kept.values
+    assert all("forward" not in layer.__dict__ for layer in decoder_layers(model))
+
+
 def test_a_tight_cap_lowers_the_estimates_it_caps():
     from shrink_core.model.toy import tiny_family
 

@@ -12,7 +12,9 @@ Canonical layout (made once, on load, by `canonicalize_`):
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
+from functools import partial
 
 import torch
 from torch import nn
@@ -68,6 +70,29 @@ def final_hidden(model, hidden: torch.Tensor) -> torch.Tensor:
 
 class _Stop(Exception):
     pass
+
+
+@contextmanager
+def recomputed_blocks(model, enabled: bool = True):
+    """Inside, each decoder block keeps no activations for the backward: only its input, and it runs again when the
+    backward reaches it (non-reentrant checkpointing). The gradients are the same bits; the graph of a whole model
+    (2.2 GB for 4 x 64 tokens of an 8B in bf16) becomes the block boundaries and one block's. Forward hooks on the
+    block's modules fire again in the recompute; hooks on the tensors of the first forward are the ones the backward
+    reaches."""
+    from torch.utils.checkpoint import checkpoint
+
+    layers = list(decoder_layers(model)) if enabled else []
+    own = [layer.__dict__.get("forward") for layer in layers]  # a forward someone else set on the instance
+    for layer in layers:
+        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+    try:
+        yield
+    finally:
+        for layer, previous in zip(layers, own):
+            if previous is None:
+                del layer.forward
+            else:
+                layer.forward = previous
 
 
 def model_device(model) -> torch.device:

@@ -26,6 +26,7 @@ STATS_BYTES_CAP = 2 << 30  # the fast scan streams its Fisher statistics above t
 STACK_BYTES = 256 << 20  # a batch's per-sequence gradients of one module are stacked below this (sensitivity/fisher.py)
 REFERENCE_CACHE_BYTES = 1 << 30  # probe caches keep reference log-probs below this (sensitivity/probe.py)
 ROW_CHUNK_BYTES = 64 << 20  # float32 bytes of the rows quantized at once (compression/primitives.py)
+RECOMPUTE_ABOVE = 1 << 30  # a Fisher batch's whole graph above this is recomputed block by block (sensitivity/fisher.py)
 BACKWARD_BYTES = 2 << 30  # the Fisher pass's batch keeps at most this much autograd graph (sensitivity/scan.py)
 
 
@@ -123,17 +124,40 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
     return Footprint("apply", parts)
 
 
-def backward_activations(facts: ModelFacts, tokens: int) -> int:
+def backward_activations(facts: ModelFacts, tokens: int, recompute: bool = False) -> int:
     """Bytes autograd keeps for a forward over `tokens` tokens: attention's and the MLP's tensors in the model's dtype
-    and the norms' float32 internals, per token and block (measured 2.2 GB for 4 x 64 tokens of an 8B in bf16)."""
-    return tokens * facts.blocks * ((10 * facts.hidden + 4 * facts.intermediate) * facts.dtype_bytes + 16 * facts.hidden)
+    and the norms' float32 internals, per token and block (measured 2.2 GB for 4 x 64 tokens of an 8B in bf16).
+    `recompute`: each block's input and its linears' inputs (which the scan's hooks hold), and one block's graph."""
+    block = (10 * facts.hidden + 4 * facts.intermediate) * facts.dtype_bytes + 16 * facts.hidden
+    if not recompute:
+        return tokens * facts.blocks * block
+    return tokens * (facts.blocks * (4 * facts.hidden + facts.intermediate) * facts.dtype_bytes + block)
 
 
-def fisher_batch(facts: ModelFacts, sequences: int, length: int, chunk: int) -> int:
-    """Sequences per forward of the fast scan's Fisher pass: the depth's two chunks, fewer where their graph would
-    pass BACKWARD_BYTES (at least one). The labels drawn are the same whatever the batch (one generator, row by
-    row), so only rounding and time change: an 8B's `fast` depth runs 2 at a time, `standard` 1."""
-    return max(1, min(sequences, chunk * 2, BACKWARD_BYTES // max(backward_activations(facts, length), 1)))
+def fisher_pass(facts: ModelFacts, sequences: int, length: int, chunk: int) -> tuple[int, bool]:
+    """(sequences per forward, recompute) for the fast scan's Fisher pass: the depth's two chunks with their whole
+    graph up to RECOMPUTE_ABOVE; above it each block is recomputed in the backwards (the same bits; no time cost
+    measured on SmolLM2's `fast` depth, whose pass is the per-module reductions), and fewer sequences go at once
+    where even that graph would pass BACKWARD_BYTES (at least one; the batches evened out). The labels drawn are
+    the same whatever the batch (one generator, row by row), so a smaller batch changes rounding and time only."""
+    batch = min(sequences, chunk * 2)
+    if backward_activations(facts, batch * length) <= RECOMPUTE_ABOVE:
+        return batch, False
+    cap = max(1, min(batch, BACKWARD_BYTES // max(backward_activations(facts, length, True), 1)))
+    return -(-sequences // -(-sequences // cap)), True  # as many batches as the cap needs, evened out
+
+
+def fisher_phase(facts: ModelFacts, calib: tuple[int, int], chunk: int, whole_errors: bool = False) -> dict[str, int]:
+    """The fast scan's Fisher pass beyond the model: its statistics, per-sequence gradients, logits and graph."""
+    sequences, length = calib
+    batch, recompute = fisher_pass(facts, sequences, length, chunk)
+    kept = facts.linear_params * 4  # a batch's first-order gradients, held until each module's Fisher pass
+    # streamed: a block of rows' gradient and error with the quantizer's temporaries (sensitivity/fisher.py)
+    streamed = facts.largest_linear * 4 * 3 if whole_errors else ROW_CHUNK_BYTES * 8
+    return {"fisher statistics": kept if kept <= STATS_BYTES_CAP else streamed,
+            "per-sequence gradients": min(batch * facts.largest_linear * 4, STACK_BYTES),
+            "backward logits": int(batch * length * facts.vocab * 4 * BACKWARD_COPIES),
+            "backward activations": backward_activations(facts, batch * length, recompute)}
 
 
 def scan(facts: ModelFacts, method: str, calib: tuple[int, int], probe: tuple[int, int], chunk: int,
@@ -150,15 +174,7 @@ def scan(facts: ModelFacts, method: str, calib: tuple[int, int], probe: tuple[in
     # the embedding's probe holds a perturbed copy of it, made a block of rows at a time
     parts["perturbed copy"] = facts.vocab * facts.hidden * facts.dtype_bytes + ROW_CHUNK_BYTES * 6
     if method == "fast":  # the Fisher pass, then the probes: the larger of the two is the peak
-        sequences, length = calib
-        batch = fisher_batch(facts, sequences, length, chunk)
-        kept = facts.linear_params * 4  # a batch's first-order gradients, held until each module's Fisher pass
-        # streamed: a block of rows' gradient and error with the quantizer's temporaries (sensitivity/fisher.py)
-        streamed = facts.largest_linear * 4 * 3 if whole_errors else ROW_CHUNK_BYTES * 8
-        fisher = {"fisher statistics": kept if kept <= STATS_BYTES_CAP else streamed,
-                  "per-sequence gradients": min(batch * facts.largest_linear * 4, STACK_BYTES),
-                  "backward logits": int(batch * length * facts.vocab * 4 * BACKWARD_COPIES),
-                  "backward activations": backward_activations(facts, batch * length)}
+        fisher = fisher_phase(facts, calib, chunk, whole_errors)
         probes = ("probe cache", "probe logits", "perturbed copy")
         if sum(fisher.values()) > sum(parts[k] for k in probes):
             for key in probes:

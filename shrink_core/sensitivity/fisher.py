@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from shrink_core.compression.primitives import chunk_rows
+from shrink_core.model.arch import recomputed_blocks
 from shrink_core.perf.footprint import STACK_BYTES  # a batch's G_s (B, out, in) are stacked below it, else made one by one
 from shrink_core.sensitivity.settings import Setting, row_independent, weight_error
 
@@ -58,7 +59,8 @@ def _squares(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
 
 
 def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fisher, on_gradient, batch: int,
-            progress, seed: int, first_order: bool, soft_targets=None, gradient_first: bool = False) -> None:
+            progress, seed: int, first_order: bool, soft_targets=None, gradient_first: bool = False,
+            recompute: bool = False) -> None:
     """Forward and backward passes over `ids` in batches. Per batch and module, on_fisher(name, x, g) in the backward
     with labels sampled from the model (the Fisher) and on_gradient(name, x, g) in the one with the text's labels
     (the first-order gradient; only with `first_order`): x (B, T, in) the module's inputs and g (B, T, out) its
@@ -66,7 +68,8 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
     soft_targets(part) -> (B * (T - 1), vocab) probabilities: the first-order backward is then the gradient of the
     cross-entropy to them (KL(targets || model) up to a constant) instead of the text's NLL. `gradient_first`: the
     first-order backward runs before the sampled one, so a consumer can hold a module's batch gradient until its
-    Fisher arrives and reduce both against one weight error (same draws, same figures)."""
+    Fisher arrives and reduce both against one weight error (same draws, same figures). `recompute`: each block's
+    activations are recomputed in each backward instead of kept (`arch.recomputed_blocks`: the same bits)."""
     generator = torch.Generator().manual_seed(seed)
     phase = {"fisher": True, "gradient": False}  # what the running backward accumulates
 
@@ -91,41 +94,42 @@ def _passes(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], on_fi
 
     flags = {p: p.requires_grad for p in model.parameters()}
     handles = [m.register_forward_hook(hook(n)) for n, m in modules.items()]
-    try:
-        for p in flags:
-            p.requires_grad_(False)
-        embed = model.get_input_embeddings()
-        device = embed.weight.device
-        for done, start in enumerate(range(0, ids.shape[0], batch)):
-            part = ids[start:start + batch].to(device)
-            phase["shape"] = tuple(part.shape)
-            with torch.enable_grad():
-                inputs = embed(part).detach().requires_grad_(True)
-                logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1].float()
-                flat = logits.reshape(-1, logits.shape[-1])  # (B * (T - 1), vocab)
-                text = part[:, 1:].reshape(-1, 1)
-                # drawn on the CPU from one generator whatever the device: the same labels as a CPU run
-                drawn = torch.multinomial(torch.softmax(flat.detach(), -1).cpu(), 1, generator=generator).to(device)
-                # both losses read one log-softmax (cross-entropy's own, the same gradients): one (positions, vocab)
-                # float32 tensor kept for the second backward, not two, and the logits themselves are not kept
-                logp = torch.log_softmax(flat, -1)
-                del logits, flat
-                steps = [("fisher", -logp.gather(1, drawn).sum())]
-                if first_order:  # same forward, another backward: the first-order term only
-                    first = (-logp.gather(1, text).sum() if soft_targets is None
-                             else -(soft_targets(part).to(logp.dtype) * logp).sum())
-                    steps.insert(0 if gradient_first else 1, ("gradient", first))
-                del logp
-                for i, (which, loss) in enumerate(steps):
-                    phase.update(fisher=which == "fisher", gradient=which == "gradient")
-                    loss.backward(retain_graph=i < len(steps) - 1)
-            if progress:
-                progress(min(1.0, (start + batch) / ids.shape[0]), f"gradients: batch {done + 1}")
-    finally:
-        for handle in handles:
-            handle.remove()
-        for p, flag in flags.items():
-            p.requires_grad_(flag)
+    with recomputed_blocks(model, recompute):
+        try:
+            for p in flags:
+                p.requires_grad_(False)
+            embed = model.get_input_embeddings()
+            device = embed.weight.device
+            for done, start in enumerate(range(0, ids.shape[0], batch)):
+                part = ids[start:start + batch].to(device)
+                phase["shape"] = tuple(part.shape)
+                with torch.enable_grad():
+                    inputs = embed(part).detach().requires_grad_(True)
+                    logits = model(inputs_embeds=inputs, use_cache=False).logits[:, :-1].float()
+                    flat = logits.reshape(-1, logits.shape[-1])  # (B * (T - 1), vocab)
+                    text = part[:, 1:].reshape(-1, 1)
+                    # drawn on the CPU from one generator whatever the device: the same labels as a CPU run
+                    drawn = torch.multinomial(torch.softmax(flat.detach(), -1).cpu(), 1, generator=generator).to(device)
+                    # both losses read one log-softmax (cross-entropy's own, the same gradients): one (positions, vocab)
+                    # float32 tensor kept for the second backward, not two, and the logits themselves are not kept
+                    logp = torch.log_softmax(flat, -1)
+                    del logits, flat
+                    steps = [("fisher", -logp.gather(1, drawn).sum())]
+                    if first_order:  # same forward, another backward: the first-order term only
+                        first = (-logp.gather(1, text).sum() if soft_targets is None
+                                 else -(soft_targets(part).to(logp.dtype) * logp).sum())
+                        steps.insert(0 if gradient_first else 1, ("gradient", first))
+                    del logp
+                    for i, (which, loss) in enumerate(steps):
+                        phase.update(fisher=which == "fisher", gradient=which == "gradient")
+                        loss.backward(retain_graph=i < len(steps) - 1)
+                if progress:
+                    progress(min(1.0, (start + batch) / ids.shape[0]), f"gradients: batch {done + 1}")
+        finally:
+            for handle in handles:
+                handle.remove()
+            for p, flag in flags.items():
+                p.requires_grad_(flag)
 
 
 # The fast scan's cap on one calibration sequence's estimate, in medians of the sequences' (docs/sensitivity.md).
@@ -156,7 +160,7 @@ class FisherScores:
 def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module], settings: list[Setting],
                   batch: int = 4, progress=None, seed: int = 0, first_order: bool = True, errors=None,
                   soft_targets=None, quadratic: str = "diagonal", robust: float | None = None,
-                  hold_gradients: bool = False) -> FisherScores:
+                  hold_gradients: bool = False, recompute: bool = False) -> FisherScores:
     """(kl, dnll) per setting and module in bounded memory: each batch's F and G of a module are reduced at once
     against every setting's weight error and dropped, so nothing the size of the weights outlives a module's hook
     (the price: each setting's weight error is recomputed per batch and pass, or once with `hold_gradients`).
@@ -169,7 +173,8 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
     sits in directions the diagonal cannot see.
     robust=C: each sequence's quadratic term is kept apart and the sum caps each at C times their median
     (`winsorized_sum`). hold_gradients: the first-order backward runs first and each module's batch gradient (4 bytes
-    a weight over all modules) waits for its Fisher, so each weight error is computed once per batch, not twice."""
+    a weight over all modules) waits for its Fisher, so each weight error is computed once per batch, not twice.
+    recompute: the blocks' activations are recomputed in the backwards, not kept (`_passes`): the same figures."""
     if quadratic not in ("diagonal", "sequence"):
         raise ValueError(f"quadratic is 'diagonal' or 'sequence', not {quadratic!r}")
     started = time.perf_counter()
@@ -280,7 +285,7 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
             slot(key, name)[1] += float(torch.dot(gradient, delta.reshape(-1)))
 
     _passes(model, ids, modules, on_fisher, on_gradient, batch, progress, seed, first_order, soft_targets,
-            gradient_first=hold)
+            gradient_first=hold, recompute=recompute)
     tokens = ids.shape[0] * (ids.shape[1] - 1)
     for key in keys or []:  # every setting of every module has a value, even with no pass over it
         for name in modules:

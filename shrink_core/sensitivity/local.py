@@ -109,7 +109,7 @@ def method_option_weights(model, names: list[str], options: list[str], apply_at,
 def local_scores(reference, model, originals: dict[str, torch.Tensor], choice: dict[str, str], options: list[str],
                  ids_by_slice: dict[str, torch.Tensor], batch: int = 8, progress=None, seed: int = 0,
                  weights: dict[str, dict[str, torch.Tensor]] | None = None, quadratic: str = "diagonal",
-                 option_weights: OptionWeights | None = None) -> LocalScores:
+                 option_weights: OptionWeights | None = None, recompute: bool = False) -> LocalScores:
     """reference: the original model (its next-token distributions are the targets); model: the same architecture
     holding the plan (`set_choice_`, or the plan applied by its method); originals: module -> its original weight;
     choice: module -> planned option for the modules being decided; ids_by_slice: slice -> (n, T) calibration ids
@@ -143,7 +143,7 @@ def local_scores(reference, model, originals: dict[str, torch.Tensor], choice: d
                 progress((_k + fraction) / len(ids_by_slice), f"{_id}: {message}")
 
         scores = fisher_scores(model, ids, modules, [], batch=batch, progress=tick, seed=seed, errors=errors,
-                               soft_targets=targets, quadratic=quadratic)
+                               soft_targets=targets, quadratic=quadratic, recompute=recompute)
         tokens = scores.tokens
         for j, option in enumerate(options):
             per_module = scores.values.get(option, {})

@@ -305,8 +305,8 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         steps = local_search(
             {m: start[0][m] for m in planned}, start[1],
             _local_scorer(loaded, rows, planned, ["keep", *settings], {s: ids[s] for s in start[1]},
-                          footprint.fisher_batch(footprint.facts_from_model(loaded.model), depth.calib_sequences,
-                                                 depth.calib_len, depth.chunk),
+                          footprint.fisher_pass(footprint.facts_from_model(loaded.model), depth.calib_sequences,
+                                                depth.calib_len, depth.chunk),
                           pinned, hardware, applied, method, weights),
             measure, limits=limits(set(planned), rows, described["summary"], limit, base_resolved=base_resolved,
                                    hardware=hardware).solve_kwargs,
@@ -406,17 +406,19 @@ def _method_ratios(weights: _MethodWeights, rows, ids: dict, progress) -> tuple[
                     f"predicts {weights.method} plans from them, and the next loop reuses them.")
 
 
-def _local_scorer(loaded, rows, planned, options, ids, batch, pinned, hardware, applied, method, weights):
+def _local_scorer(loaded, rows, planned, options, ids, passes, pinned, hardware, applied, method, weights):
     """scores_at(choice) for `local_search`: the whole plan applied by its method (`applied`, as a round runs it),
     the planned modules' moves scored there on each slice's calibration rows `ids`. A calibrated method's moves are
-    its own weights at each option (`weights.table()`, built at the first step unless the scaled scores built it)."""
+    its own weights at each option (`weights.table()`, built at the first step unless the scaled scores built it).
+    passes: the Fisher pass's (batch, recompute), as the scan runs it (`footprint.fisher_pass`)."""
     from shrink_core.sensitivity.local import local_scores
 
     slices = list(ids)
 
     def scores_at(choice):
         # a calibrated method's errors are shaped against the input correlations: the whole Fisher sees them
-        local = local_scores(loaded.model, applied(choice), weights.originals, choice, options, ids, batch=batch,
+        local = local_scores(loaded.model, applied(choice), weights.originals, choice, options, ids, batch=passes[0],
+                             recompute=passes[1],
                              weights=weights.table(), quadratic="diagonal" if method == "rtn" else "sequence",
                              option_weights=weights.rtn)
         fixed = {**(pinned or {}), **{m: choice[m] for m in local.fixed}}  # unscored here: they stay

@@ -251,11 +251,17 @@ def fisher_values(loaded, modules: dict, slice_id: str, settings: list[Setting],
     ROBUST_CAP times their median (`fisher.winsorized_sum`); the first-order gradients are held for one batch (4
     bytes a weight) where that stays under STATS_BYTES_CAP, else each weight error is computed twice per batch."""
     ids = calib_tokens(loaded.tokenizer, slice_id, depth.calib_sequences, depth.calib_len)
-    batch = footprint.fisher_batch(footprint.facts_from_model(loaded.model), depth.calib_sequences, depth.calib_len,
-                                   depth.chunk)  # fewer sequences at once where their graph would be large
-    scores = fisher_scores(loaded.model, ids, modules, settings, batch=batch, progress=progress,
+    batch, recompute = fisher_pass_of(loaded, depth)
+    scores = fisher_scores(loaded.model, ids, modules, settings, batch=batch, progress=progress, recompute=recompute,
                            robust=ROBUST_CAP, hold_gradients=not fisher_streamed(modules))
     return scores.values, scores.seconds, scores.tokens, scores.capped
+
+
+def fisher_pass_of(loaded, depth: ScanDepth) -> tuple[int, bool]:
+    """(batch, recompute) of the Fisher pass on this model: a large model's graph is recomputed block by block, and
+    fewer sequences go at once where even that is large (`footprint.fisher_pass`)."""
+    return footprint.fisher_pass(footprint.facts_from_model(loaded.model), depth.calib_sequences, depth.calib_len,
+                                 depth.chunk)
 
 
 def fisher_streamed(modules: dict) -> bool:
@@ -309,6 +315,9 @@ class _Scanner:
                     self.report.reused += len(values)
         # One slice at a time, each batch reduced at once (fisher_scores): memory does not grow with the slices.
         self.report.timings["fisher_streamed"] = fisher_streamed(self.modules)
+        if missing:
+            batch, recompute = fisher_pass_of(self.loaded, self.budget)
+            self.report.timings.update(fisher_batch=batch, fisher_recomputed=recompute)
         for n, (slice_id, group) in enumerate(missing.items()):
             def tick(f, m, _n=n, _id=slice_id):
                 progress(0.95 * (_n + 0.9 * f) / len(missing), f"{_id}: {m}")
