@@ -96,7 +96,7 @@ summary = described["summary"]
 st.subheader(described["spec"])
 source = source_quantization(described["spec"])
 fp32_mb, bf16_mb = summary["bytes_fp32"] / 1e6, summary["bytes_bf16"] / 1e6
-found = re.match(r"\w+ (fp32|bf16|fp16) ", described.get("device") or "")
+found = re.match(r"\S+ (fp32|bf16|fp16) ", described.get("device") or "")
 run_dtype = found.group(1) if found else "fp32"  # descriptions stored before the dtype choice ran in fp32
 reference = (f"fp32, dequantized from {source}" if source else "fp32 (the weights as loaded, upcast)") \
     if run_dtype == "fp32" else f"{run_dtype} (the weights as loaded, cast to {run_dtype})"

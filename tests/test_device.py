@@ -12,6 +12,7 @@ from shrink_core.evaluation.evaluate import Request, score
 from shrink_core.model.describe import device_label
 from shrink_core.model.load import ModelSpec, load, resolve_device, resolve_dtype, with_device, with_dtype
 from shrink_core.plan import load_plan
+from shrink_core.runtime.sweep import pinned_spec
 from shrink_core.sensitivity import fisher
 from shrink_core.sensitivity.probe import ProbeCache, probe
 from shrink_core.sensitivity.settings import SETTINGS
@@ -29,6 +30,12 @@ def test_the_device_suffix_parses_and_composes_with_the_dtype():
     assert with_dtype("builtin:smollm2-135m@cpu", "fp16") == "builtin:smollm2-135m#fp16@cpu"  # the device stays
     assert with_device("builtin:smollm2-135m#bf16@cuda", "mps") == "builtin:smollm2-135m#bf16@mps"
     assert with_device("builtin:smollm2-135m@cpu", "auto") == "builtin:smollm2-135m@cpu"
+    before = ModelSpec.parse("builtin:smollm2-135m@cpu#bf16")  # the device before the dtype: the same model
+    assert (before.dtype, before.device) == ("bf16", "cpu")
+    assert with_device("builtin:smollm2-135m@cpu#bf16", "cuda") == "builtin:smollm2-135m#bf16@cuda"
+    # a head without a GPU pins a GPU spec's dtype for its workers without refusing the device it lacks
+    assert pinned_spec("builtin:smollm2-135m@cuda:1") == "builtin:smollm2-135m#bf16@cuda:1"
+    assert pinned_spec("builtin:smollm2-135m@cpu") == "builtin:smollm2-135m#fp32@cpu"
     with pytest.raises(ModelLoadError, match=r"^Unknown device 'gpu'; use auto, cpu, cuda, cuda:N or mps\.$"):
         with_device("builtin:smollm2-135m", "gpu")
     # auto: this machine's behaviour without a GPU (fp32 on the CPU); an explicit CPU keeps fp32 on a GPU machine
@@ -84,7 +91,7 @@ def test_every_path_runs_on_cuda_with_the_cpu_figures(model_dir, shrink_home):  
     """fp32 on both: figures agree to float32 kernel differences (GPTQ's Cholesky and rounding ties aside)."""
     ids = torch.randint(0, 256, (4, 24), generator=torch.Generator().manual_seed(0))
     on_cpu, on_cuda = load(f"{model_dir}#fp32@cpu"), load(f"{model_dir}#fp32@cuda")
-    assert device_label(on_cuda.model).startswith("cuda fp32 (")
+    assert device_label(on_cuda.model).startswith("cuda:0 fp32 (")
     cpu, cuda = _figures(on_cpu.model, ids), _figures(on_cuda.model, ids)
     assert cuda[0] == pytest.approx(cpu[0], rel=1e-4)
     assert cuda[1] == pytest.approx(cpu[1], rel=1e-3)  # the same sampled labels: drawn on the CPU

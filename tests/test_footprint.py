@@ -154,6 +154,12 @@ def test_a_gpu_job_is_admitted_against_the_gpu_and_offered_the_cpu(monkeypatch):
     room["cpu"] = int(5e9)
     with pytest.raises(ShrinkError, match=r"the cuda device has 10\.0 GB available; free memory or use a machine"):
         footprint.admit(scan, on_gpu)
+    room["cuda"] = int(1e9)  # loaded on the GPU: its weights are not in host memory, so the host's 5 GB do not do
+    with pytest.raises(ShrinkError, match=r"the cuda device has 1\.0 GB available; free memory or use a machine"):
+        footprint.admit(scan, on_gpu, loaded=True)
+    room["cpu"] = int(scan(EIGHT_B).total - footprint.PROCESS_BYTES + 1e6)  # this process is the only part there
+    with pytest.raises(ShrinkError, match=r"on the CPU \(spec suffix @cpu\) it would need 18\.\d GB and fits\.$"):
+        footprint.admit(scan, on_gpu, loaded=True)
     room["cuda"] = int(21e9)  # fp32 does not fit the GPU, bf16 does: bf16 on the GPU is offered first
     with pytest.raises(ShrinkError) as caught:
         footprint.admit(scan, replace(on_gpu, dtype="fp32"))
@@ -164,3 +170,4 @@ def test_a_gpu_job_is_admitted_against_the_gpu_and_offered_the_cpu(monkeypatch):
                  "device": "cuda bf16 (NVIDIA H100 80GB HBM3, torch 2.13.0)"}
     assert footprint.facts_from_description(described).device == "cuda"
     assert footprint.facts_from_description({**described, "device": None}).device == "cpu"
+    assert footprint.facts_from_description({**described, "device": "cuda:1 bf16 (H100, torch)"}).device == "cuda:1"

@@ -70,6 +70,7 @@ def pack_int32(values: torch.Tensor, bits: int) -> torch.Tensor:
     """Unsigned values (rows, cols) < 2**bits -> int32 (rows, ceil(cols * bits / 32)), packed along each row;
     the last word is zero-padded. Only for bits dividing 32, so no value straddles two words."""
     per_word = 32 // bits
+    values = values.cpu()  # packed words go to a file
     rows, cols = values.shape
     words = -(-cols // per_word)
     shifts = torch.arange(per_word, dtype=torch.int64) * bits

@@ -159,7 +159,7 @@ def obs_compress(
         diag = torch.diag(hinv1)  # (count,)
         if sparsity is not None:  # drop exactly round(share * weights) of the block, the least salient
             saliency = W1.pow(2) / diag.pow(2).unsqueeze(0)  # (out, count)
-            block_keep = torch.ones(saliency.numel(), dtype=torch.bool)
+            block_keep = torch.ones(saliency.numel(), dtype=torch.bool, device=W.device)
             drop = int(round(saliency.numel() * sparsity))
             if drop:
                 block_keep[torch.topk(saliency.flatten(), drop, largest=False).indices] = False

@@ -106,6 +106,7 @@ def rtn_by_rows(weight: torch.Tensor, bits: int, group_size: int | None, symmetr
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Bit-pack each row of codes (rows, cols) little-endian into uint8 (rows, ceil(cols * bits / 8))."""
+    codes = codes.cpu()  # packed bytes go to a file
     rows, columns = codes.shape
     shifts = torch.arange(bits, dtype=torch.uint8)
     bit_planes = (codes.unsqueeze(-1) >> shifts) & 1  # (rows, cols, bits)

@@ -115,8 +115,8 @@ def prune_heads_(attention, amount: float, scores: torch.Tensor) -> int:
     kept_per_group = kept_heads_per_group(per_group, amount)
     grouped = scores.reshape(groups, per_group)  # (kv_heads, heads per kv head)
     top = torch.topk(grouped, kept_per_group, dim=1).indices.sort(dim=1).values
-    heads = (top + torch.arange(groups).unsqueeze(1) * per_group).flatten()  # (kept heads,)
-    columns = (heads.unsqueeze(1) * head_dim + torch.arange(head_dim)).flatten()
+    heads = (top + torch.arange(groups, device=top.device).unsqueeze(1) * per_group).flatten()  # (kept heads,)
+    columns = (heads.unsqueeze(1) * head_dim + torch.arange(head_dim, device=top.device)).flatten()
     _shrink_linear_(attention.q_proj, columns, 0)
     _shrink_linear_(attention.o_proj, columns, 1)
     attention.num_key_value_groups = kept_per_group

@@ -16,8 +16,8 @@ def device_label(model=None) -> str:
         return f"cpu ({platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__})"
     weight = next(model.parameters())
     dtype = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}.get(weight.dtype, str(weight.dtype))
-    where = weight.device.type
-    detail = (torch.cuda.get_device_name(weight.device) if where == "cuda"
+    where = str(weight.device)  # cuda:1, not only cuda: which GPU it ran on
+    detail = (torch.cuda.get_device_name(weight.device) if weight.device.type == "cuda"
               else f"{platform.machine()}, {torch.get_num_threads()} threads")
     return f"{where} {dtype} ({detail}, torch {torch.__version__})"
 

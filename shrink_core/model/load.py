@@ -119,13 +119,14 @@ def _missing_package(builtin: BuiltinModel) -> str:
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 DEVICES = ("auto", "cpu", "cuda", "mps")  # and cuda:N
-DEVICE_SUFFIX = re.compile(r"^(?P<base>.*)@(?P<device>auto|cpu|mps|cuda(?::\d+)?)$")
+DEVICE_SUFFIX = re.compile(r"^(?P<base>.*)@(?P<device>auto|cpu|mps|cuda(?::\d+)?)(?P<dtype>#\w+)?$")
 
 
 def split_device(raw: str) -> tuple[str, str]:
-    """(the spec without its `@device` suffix, the device: "auto" where there is none)."""
+    """(the spec without its `@device` suffix, the device: "auto" where there is none). The device may come before
+    or after a `#dtype` (`x@cpu#bf16` is `x#bf16` on the CPU)."""
     match = DEVICE_SUFFIX.match(raw.strip())
-    return (match["base"], match["device"]) if match else (raw.strip(), "auto")
+    return (match["base"] + (match["dtype"] or ""), match["device"]) if match else (raw.strip(), "auto")
 
 
 def with_dtype(raw: str, dtype: str | None) -> str:
@@ -201,7 +202,7 @@ class ModelSpec:
                 raise ModelLoadError(f"Unknown dtype '{dtype}' after '#' in the model spec; use #bf16, #fp16 or "
                                      "#fp32 (or nothing, for the default).")
             spec = ModelSpec.parse(base)
-            return ModelSpec(text, spec.kind, spec.target, dtype)
+            return ModelSpec(text, spec.kind, spec.target, dtype, spec.device)
         if not text:
             raise ModelLoadError("The model spec is empty; give builtin:NAME, a local directory, a .gguf file or a Hub id.")
         if text.startswith("builtin:"):

@@ -13,6 +13,7 @@ parameters, fp32 and bf16; the test checks the prediction against measured peak 
 """
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 
 from shrink_core.evaluation.protocol import SCORED_POSITIONS
@@ -41,7 +42,7 @@ class ModelFacts:
     linear_params: int  # block linears
     largest_linear: int  # elements of the largest block linear
     largest_input: int  # the widest input of a block linear (a Hessian is input x input)
-    device: str = "cpu"  # where the job's tensors live: cpu, cuda or mps (its memory is what must hold them)
+    device: str = "cpu"  # where the job's tensors live: cpu, cuda, cuda:N or mps (its memory must hold them)
 
     @property
     def dtype_bytes(self) -> int:
@@ -228,8 +229,8 @@ def refusal(footprint: Footprint, available: int | None, alternative: Footprint 
 def facts_from_description(description: dict) -> ModelFacts:
     # the device as the description names it ("cuda bf16 (NVIDIA H100, ...)"); descriptions before devices: cpu
     device = (description.get("device") or "cpu").split()[0]
-    return ModelFacts.from_inventory(description["summary"], description["modules"],
-                                     device=device if device in ("cpu", "cuda", "mps") else "cpu")
+    known = device in ("cpu", "mps") or re.fullmatch(r"cuda(:\d+)?", device)
+    return ModelFacts.from_inventory(description["summary"], description["modules"], device=device if known else "cpu")
 
 
 def facts_from_model(model) -> ModelFacts:
@@ -237,7 +238,7 @@ def facts_from_model(model) -> ModelFacts:
 
     rows = inventory(model)
     return ModelFacts.from_inventory(summary(model, rows), [r.row() for r in rows],
-                                     device=next(model.parameters()).device.type)
+                                     device=str(next(model.parameters()).device))
 
 
 def admit(make, facts: ModelFacts, available: int | None = None, loaded: bool = False) -> Footprint:
@@ -256,10 +257,13 @@ def admit(make, facts: ModelFacts, available: int | None = None, loaded: bool = 
     alternative = make(replace(facts, dtype="bf16")) if facts.dtype_bytes == 4 else None
     if alternative is not None and (available is None or alternative.total - resident <= available):
         sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)", resident, where)
-    elif facts.device != "cpu":  # nothing fits on the device: the CPU, from a new load (nothing of it resident)
-        on_cpu = make(replace(facts, device="cpu"))
-        sentence = refusal(footprint, available, on_cpu, "on the CPU (spec suffix @cpu) it", resident, where,
-                           alternative_available=(available_bytes("cpu") or 0) + resident)
+    elif facts.device != "cpu":  # nothing fits on the device: the CPU, from a new load (its weights in host memory)
+        on_cpu, host = make(replace(facts, device="cpu")), available_bytes("cpu")
+        # `refusal` takes `resident` off the alternative: the room makes that "the CPU job less this process"
+        process = footprint.parts["process"] if loaded else 0
+        sentence = refusal(footprint, available, on_cpu if host is not None else None,
+                           "on the CPU (spec suffix @cpu) it", resident, where,
+                           alternative_available=None if host is None else host + process - resident)
     else:
         sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)", resident, where)
     if sentence:

@@ -57,7 +57,11 @@ def pinned_spec(spec: str) -> str:
 
     base, device = split_device(spec)
     suffix = base.rsplit("#", 1)[1] if "#" in base else "auto"
-    return with_dtype(spec, resolve_dtype(suffix if suffix in DTYPES else "auto", device))
+    if suffix in DTYPES and suffix != "auto":
+        return spec
+    # a device named outright fixes auto's dtype without being here: a CPU head sends work to GPU workers
+    named = {"cpu": "fp32", "mps": "fp32"}.get(device, "bf16" if device.startswith("cuda") else None)
+    return with_dtype(spec, named or resolve_dtype("auto"))
 
 
 # Units: they run in a worker (this process, on the local executor) and return payloads; they never open the store.

@@ -50,9 +50,10 @@ def quantize_dequantize(weight: torch.Tensor, type_name: str, importance: torch.
     rows = max(1, ROW_CHUNK_BYTES // (4 * weight.shape[1]))
     out = torch.empty_like(weight)
     data = torch.empty((weight.shape[0], chosen.row_bytes(weight.shape[1])), dtype=torch.uint8)
-    weights = None if importance is None else importance.float()
+    weights = None if importance is None else importance.float().cpu()
+    # the codecs are llama.cpp's reference code, written for the CPU: a GPU weight goes through them a block at a time
     for start in range(0, weight.shape[0], rows):
-        part = chosen.quantize(weight[start:start + rows].float(), weights)
+        part = chosen.quantize(weight[start:start + rows].float().cpu(), weights)
         data[start:start + rows] = part
-        out[start:start + rows] = chosen.dequantize(part, weight.shape[1]).to(weight.dtype)
+        out[start:start + rows] = chosen.dequantize(part, weight.shape[1]).to(out.device, weight.dtype)
     return out, GgmlState(type_name, stored, data)
