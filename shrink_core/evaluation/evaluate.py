@@ -199,7 +199,8 @@ def score(model, requests: list[Request], reference=None, max_batch_tokens: int 
             reduced = _reduce(model, hidden, positions_t, targets_t, reference, ref_hidden)
             token_nll, hit, kl, agree = reduced["nll"], reduced["hit"], reduced["kl"], reduced["agree"]
             owners_t = np.asarray(owners)
-            nll_np, hit_np = token_nll.double().cpu().numpy(), hit.cpu().numpy()
+            nll_np, hit_np = token_nll.double().cpu().numpy(), hit.cpu().numpy()  # off a GPU once per batch
+            kl_np, agree_np = (None, None) if ref_decoder is None else (kl.double().cpu().numpy(), agree.cpu().numpy())
             for index in batch:
                 sel = owners_t == index
                 out = results[index]
@@ -209,9 +210,9 @@ def score(model, requests: list[Request], reference=None, max_batch_tokens: int 
                 if requests[index].keep_token_nll:
                     out.token_nll = nll_np[sel]
                 if ref_decoder is not None:
-                    values = kl.double().cpu().numpy()[sel]
+                    values = kl_np[sel]
                     out.kl_values = values if out.kl_values is None else np.concatenate([out.kl_values, values])
-                    out.top1_agree += int(agree.cpu().numpy()[sel].sum())
+                    out.top1_agree += int(agree_np[sel].sum())
             done_tokens += sum(len(requests[i].ids) for i in batch)
             if progress:
                 progress(done_tokens / total_tokens)
