@@ -234,11 +234,11 @@ def facts_from_description(description: dict) -> ModelFacts:
 
 
 def facts_from_model(model) -> ModelFacts:
+    from shrink_core.model.arch import model_device
     from shrink_core.model.inventory import inventory, summary
 
     rows = inventory(model)
-    return ModelFacts.from_inventory(summary(model, rows), [r.row() for r in rows],
-                                     device=str(next(model.parameters()).device))
+    return ModelFacts.from_inventory(summary(model, rows), [r.row() for r in rows], device=str(model_device(model)))
 
 
 def admit(make, facts: ModelFacts, available: int | None = None, loaded: bool = False) -> Footprint:
@@ -255,17 +255,16 @@ def admit(make, facts: ModelFacts, available: int | None = None, loaded: bool = 
     resident = footprint.parts["process"] + footprint.parts["weights"] if loaded else 0
     where = "this machine" if facts.device == "cpu" else f"the {facts.device} device"
     alternative = make(replace(facts, dtype="bf16")) if facts.dtype_bytes == 4 else None
-    if alternative is not None and (available is None or alternative.total - resident <= available):
+    bf16_fits = alternative is not None and (available is None or alternative.total - resident <= available)
+    if facts.device == "cpu" or bf16_fits:
         sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)", resident, where)
-    elif facts.device != "cpu":  # nothing fits on the device: the CPU, from a new load (its weights in host memory)
+    else:  # nothing fits on the device: the CPU, from a new load (its weights in host memory)
         on_cpu, host = make(replace(facts, device="cpu")), available_bytes("cpu")
         # `refusal` takes `resident` off the alternative: the room makes that "the CPU job less this process"
         process = footprint.parts["process"] if loaded else 0
         sentence = refusal(footprint, available, on_cpu if host is not None else None,
                            "on the CPU (spec suffix @cpu) it", resident, where,
                            alternative_available=None if host is None else host + process - resident)
-    else:
-        sentence = refusal(footprint, available, alternative, "the model in bf16 (spec suffix #bf16)", resident, where)
     if sentence:
         raise ShrinkError(sentence)
     return footprint

@@ -194,21 +194,26 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
     def slot(key, name):
         return sums.setdefault(key, {}).setdefault(name, [0.0, 0.0, []])
 
+    def sequence_parts(x, g, delta) -> torch.Tensor:
+        """(B,) per sequence, from its G_s made one at a time (a batch of them at once is B x (out, in) float32, 2 GB
+        for 8 sequences of an 8B gate_proj): sum G_s**2 dW**2 for the diagonal (dW squared in place: the caller's own
+        error, see on_fisher), or <G_s, dW> for "sequence" (squared once summed over any row blocks)."""
+        squared = delta.square_() if quadratic == "diagonal" else None
+        parts = []
+        for b in range(x.shape[0]):
+            one = g[b].T @ x[b]
+            parts.append((one.square_().mul_(squared) if squared is not None else one.mul_(delta)).sum())
+            del one
+        return torch.stack(parts)
+
     def sequence_terms(x, g, delta, stack) -> torch.Tensor:
         """(B,) each sequence's dW . F_s dW: diagonal, or <G_s, dW>**2 (stack: the batch's G_s, squared for the
         diagonal; None: each G_s made again, for a batch of large modules)."""
         if stack is not None:
             flat = stack.reshape(stack.shape[0], -1)
             return flat @ delta.reshape(-1).square() if quadratic == "diagonal" else (flat @ delta.reshape(-1)).square()
-        # one sequence's G_s at a time, squared in place: a batch of them at once is B x (out, in) float32 (2 GB for
-        # 8 sequences of an 8B gate_proj), on top of the model
-        squared = delta.square_() if quadratic == "diagonal" else None  # the caller's own error: see on_fisher
-        terms = []
-        for b in range(x.shape[0]):
-            one = g[b].T @ x[b]
-            terms.append(one.square_().mul_(squared).sum() if squared is not None else one.mul_(delta).sum().square())
-            del one
-        return torch.stack(terms)
+        parts = sequence_parts(x, g, delta)
+        return parts if quadratic == "diagonal" else parts.square()
 
     def row_blocks(name):
         """The module's rows, a float32 ROW_CHUNK_BYTES block at a time, where every setting treats rows on their own
@@ -229,13 +234,10 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
         for rows in blocks:
             for s in settings:
                 delta = weight_error(s, weight[rows])
-                if gradient is not None:
+                if gradient is not None:  # read before sequence_parts squares the error in place
                     first[s.id] += float(torch.dot(gradient.view(weight.shape)[rows].reshape(-1),
                                                    delta.reshape(-1)))
-                squared = delta.square_() if quadratic == "diagonal" else None
-                for b in range(x.shape[0]):
-                    one = g[b, :, rows].T @ x[b]
-                    sums_[s.id][b] += (one.square_().mul_(squared) if squared is not None else one.mul_(delta)).sum()
+                sums_[s.id] += sequence_parts(x, g[..., rows], delta)
         for s in settings:
             terms = sums_[s.id] if quadratic == "diagonal" else sums_[s.id].square()
             slot_ = slot(s.id, name)
@@ -247,12 +249,13 @@ def fisher_scores(model, ids: torch.Tensor, modules: dict[str, torch.nn.Module],
         apart = robust is not None or quadratic == "sequence"
         gradient = held.pop(name, None)
         squares = stack = None
-        blocks = row_blocks(name) if apart and x.shape[0] * g.shape[-1] * x.shape[-1] * 4 > STACK_BYTES else None
+        stackable = x.shape[0] * g.shape[-1] * x.shape[-1] * 4 <= STACK_BYTES
+        blocks = row_blocks(name) if apart and not stackable else None
         if blocks is not None:
             return fisher_by_rows(name, x, g, gradient, blocks)
         if not apart:
             squares = _squares(x, g).reshape(-1)
-        elif x.shape[0] * g.shape[-1] * x.shape[-1] * 4 <= STACK_BYTES:
+        elif stackable:
             stack = per_sequence_gradient(x, g)
             stack = stack.square_() if quadratic == "diagonal" else stack
         # each error is a new tensor of ours (`errors` yields fresh ones): the first-order term reads it first, then

@@ -37,6 +37,7 @@ import numpy as np
 
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import recipe_for
+from shrink_core.model.arch import model_device
 from shrink_core.model.describe import device_label
 from shrink_core.model.inventory import modules_from_rows
 from shrink_core.perf import footprint
@@ -343,7 +344,7 @@ def table_refusal(model, planned: list[str], options: int, method: str, what: st
     from shrink_core.perf.footprint import available_bytes
 
     need = 2 * options * sum(model.get_submodule(m).weight.numel() for m in planned)
-    free = available_bytes(str(next(model.parameters()).device))  # the table sits where the model does
+    free = available_bytes(str(model_device(model)))  # the table sits where the model does
     if free is None or need <= free // 2:
         return None
     return (f"{what}: {method}'s weight at every setting for each planned module takes {need / 2**30:.2f} GiB, "
@@ -362,7 +363,7 @@ class _MethodWeights:
         self.loaded, self.planned, self.options, self.whole_plan, self.method = (loaded, planned, options, whole_plan,
                                                                                  method)
         self.originals = {m: loaded.model.get_submodule(m).weight.detach() for m in planned}
-        free = available_bytes(str(next(loaded.model.parameters()).device))  # the weights sit where the model does
+        free = available_bytes(str(model_device(loaded.model)))  # the weights sit where the model does
         self.rtn = OptionWeights(self.originals, max_bytes=None if free is None else free // 4)
         self._table: dict = {}
 
