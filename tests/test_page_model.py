@@ -77,6 +77,24 @@ def test_reference_names_its_source_quantization_and_the_size_cards_fit(shrink_h
     assert cards["Size fp32"] == "538 MB" and cards["Size bf16"] == "269 MB"
 
 
+def test_the_page_names_the_dtype_and_device_the_model_was_described_on(shrink_home):
+    """The stored description keeps its device label, so a bf16 model on a GPU reads as such (and its jobs are
+    admitted against that GPU's memory), not as the CPU in fp32."""
+    from shrink_core.perf.footprint import facts_from_description
+
+    spec = "builtin:smollm2-135m#bf16@cuda:1"
+    device = "cuda:1 bf16 (NVIDIA H100 80GB HBM3, torch 2.13.0)"
+    Store().save_model({"spec": spec, "weights_hash": "h+bf16", "summary": _summary(), "modules": _modules(),
+                        "load_seconds": 1.0, "from_cache": True, "device": device})
+    at = page()
+    at.session_state["model_spec"] = spec
+    at.run()
+    assert not at.exception
+    assert {m.label: m.value for m in at.metric}["Reference"] == "bf16 ← Q4_1"
+    assert any(c.value.startswith(f"Runs on {device}: every figure") for c in at.caption)
+    assert facts_from_description(Store().latest_model(spec)).device == "cuda:1"
+
+
 def test_failed_hub_load_keeps_the_model_that_was_loaded(shrink_home):
     Store().save_model({"spec": "builtin:smollm2-135m", "weights_hash": "h", "summary": _summary(), "modules": _modules(),
                         "load_seconds": 1.0, "from_cache": True})

@@ -45,6 +45,10 @@ def test_model_upsert_and_metrics(shrink_home):
     description["summary"] = {"parameters": 2}
     assert store.save_model(description) == first
     assert store.latest_model("s")["summary"] == {"parameters": 2}
+    assert store.latest_model("s")["device"] is None  # described before devices were kept: read as the CPU
+    description["device"] = "cuda:1 bf16 (NVIDIA H100 80GB HBM3, torch 2.13.0)"  # where a page's figures would run
+    store.save_model(description)
+    assert store.latest_model("s")["device"] == description["device"]
     run = store.create_run("distill", "r1", {"steps": 3})
     store.log_metrics(run, 1, {"loss": 2.5, "lr": 1e-3})
     store.log_metrics(run, 2, {"loss": 2.0})

@@ -122,6 +122,11 @@ MIGRATIONS = [
     ALTER TABLE jobs ADD COLUMN parts_json TEXT NOT NULL DEFAULT '[]';
     ALTER TABLE jobs ADD COLUMN parts_total INTEGER;
     """,
+    # v5: where and in what dtype a model was described ("cuda:0 bf16 (...)"): the Model page and memory admission
+    # read it (older rows: NULL, read as the CPU in fp32, where every earlier description ran)
+    """
+    ALTER TABLE models ADD COLUMN device TEXT;
+    """,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 DRAFT_PREFIX = "draft:"  # the plans table holds each model's Plan page draft under this prefix + the model spec
@@ -238,12 +243,12 @@ class Store:
         """Upsert a model description (summary + inventory) as produced by `modelinfo.describe`."""
         self.conn.execute(
             """INSERT INTO models (spec, weights_hash, source_dir, summary_json, modules_json, load_seconds,
-                                   from_cache, created)
-               VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+                                   from_cache, created, device)
+               VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
                ON CONFLICT (spec, weights_hash) DO UPDATE SET
                    summary_json = excluded.summary_json, modules_json = excluded.modules_json,
                    source_dir = excluded.source_dir, load_seconds = excluded.load_seconds,
-                   from_cache = excluded.from_cache, created = excluded.created""",
+                   from_cache = excluded.from_cache, created = excluded.created, device = excluded.device""",
             (
                 description["spec"],
                 description["weights_hash"],
@@ -253,6 +258,7 @@ class Store:
                 description.get("load_seconds"),
                 int(bool(description.get("from_cache"))),
                 time.time(),
+                description.get("device"),
             ),
         )
         row = self.conn.execute(
@@ -276,6 +282,7 @@ class Store:
             "load_seconds": row["load_seconds"],
             "from_cache": bool(row["from_cache"]),
             "created": row["created"],
+            "device": row["device"],
         }
 
     def model_specs(self) -> list[str]:
