@@ -2,7 +2,7 @@
 
   python bench/bench_scale.py [--shapes 1b,3b,8b] [--stages build,load,rtn,gptq,scan,scan2,eval]
                               [--gptq-blocks 2] [--calib 16x512] [--device cpu] [--out FILE.jsonl]
-                              [--shard-gb 5]
+                              [--shard-gb 5] [--onload cuda]
 
 Shapes (hidden, MLP width, blocks, heads / KV heads, vocabulary; `tiny` is a smoke run): 1b = Llama-3.2-1B (2048,
 8192, 16, 32/8, 128256, tied), 3b = Llama-3.2-3B (3072, 8192, 28, 24/8, 128256, tied), 8b = Llama-3-8B (4096, 14336,
@@ -21,6 +21,9 @@ RSS (VmHWM reset before it: the model's resident bytes are in every stage's peak
          linear (streamed above 2 GiB of statistics) and the embedding's exhaustive probe
   scan2  the same on two slices (en, fr): the memory an extra slice costs is scan2 - scan
   eval   the `fast` protocol's text rows of en (120 windows of up to 512 tokens)
+--device cuda builds the model on the GPU and adds each stage's GPU peak (`peak_gpu_gb`, the allocator's).
+--onload cuda builds it in host memory and runs rtn and gptq with each block visiting the GPU in turn (sequential
+onloading, `apply --onload`): `peak_gpu_gb` is then about one block and its activations, not the model.
 Figures: wall seconds, peak RSS and the RSS before the stage, in GB, with the load average. The last line
 fits, per stage, time and peak memory against the parameter count (power law: exponent and constant).
 A model spec as a shape (`--shapes builtin:smollm2-135m`) runs the stages on that model as loaded (fp32).
@@ -136,6 +139,11 @@ def child(shape: str, stages: list[str], args) -> list[dict]:
         base["load_s"] = round(time.perf_counter() - started, 2)
         if args.checkpoint:
             base["shards"] = len(list(Path(args.checkpoint).glob("*.safetensors")))
+    elif args.onload:  # made on the onload device (seconds, against minutes on a CPU), then kept in host memory
+        import torch
+
+        model = build(shape, args.onload).to("cpu")
+        torch.cuda.empty_cache()
     else:
         model = build(shape, args.device)
     params = sum(p.numel() for p in model.parameters())
@@ -146,7 +154,7 @@ def child(shape: str, stages: list[str], args) -> list[dict]:
         release_freed_memory()
         figures = {**base, "stage": stage}
         t0 = time.perf_counter()
-        gpu = args.device.startswith("cuda")
+        gpu = args.device.startswith("cuda") or (args.onload or "").startswith("cuda")
         if gpu:  # device memory: the allocator's peak over the stage (RSS is the host's)
             import torch
 
@@ -174,18 +182,20 @@ def _stage(model, shape: str, stage: str, args) -> dict:
     t0 = time.perf_counter()
     if stage == "rtn":
         report = apply_plan_(model, load_plan({"version": 1, "name": "rtn", "rules": [{"kind": [
-            "q", "k", "v", "o", "gate", "up", "down"], "weights": {"bits": 4, "group_size": 64, "method": "rtn"}}]}))
-        figures["modules"] = sum(1 for m in report.modules if m.bits == 4)
+            "q", "k", "v", "o", "gate", "up", "down"], "weights": {"bits": 4, "group_size": 64, "method": "rtn"}}]}),
+            onload=args.onload)
+        figures.update(modules=sum(1 for m in report.modules if m.bits == 4), onload=args.onload)
     elif stage == "gptq":
         sequences, length = (int(x) for x in args.calib.split("x"))
         ids = torch.randint(0, TOKEN_RANGE, (sequences, length), generator=torch.Generator().manual_seed(0))
         blocks = list(range(args.gptq_blocks))
         report = apply_plan_(model, load_plan({"version": 1, "name": "gptq", "rules": [{"blocks": blocks, "kind": [
             "q", "k", "v", "o", "gate", "up", "down"], "weights": {"bits": 4, "group_size": 64, "method": "gptq"}}]}),
-            ids.to(args.device), batch_size=4)
+            ids.to(args.device), batch_size=4, onload=args.onload)
         layers = len(model.model.layers)
         per_block = (time.perf_counter() - t0) / len(blocks)
         figures.update(calibration=args.calib, blocks_done=len(blocks), seconds_per_block=round(per_block, 2),
+                       onload=args.onload,
                        whole_model_s_extrapolated=round(per_block * layers, 1),
                        fell_back=sum(1 for m in report.modules if "fallback" in m.action))
     elif stage in ("scan", "scan2"):
@@ -193,11 +203,14 @@ def _stage(model, shape: str, stage: str, args) -> dict:
         from shrink_core.sensitivity.scan import run_scan
 
         loaded = loaded_model(model, shape)  # its tokenizer from the machine's cache: not a first load in the stage
-        home = tempfile.mkdtemp(prefix="scale-home-")
+        home, before = tempfile.mkdtemp(prefix="scale-home-"), os.environ.get("SHRINK_HOME")
         os.environ["SHRINK_HOME"] = home
-        slices = ["en"] if stage == "scan" else ["en", "fr"]
-        report = run_scan(loaded, slices, ["w4g64"], "fast", "quick", metrics=("kl",),
-                          store=Store(Path(home) / "store.sqlite"))
+        try:
+            slices = ["en"] if stage == "scan" else ["en", "fr"]
+            report = run_scan(loaded, slices, ["w4g64"], "fast", "quick", metrics=("kl",),
+                              store=Store(Path(home) / "store.sqlite"))
+        finally:  # later stages find the tokenizer in the machine's own cache again
+            os.environ.pop("SHRINK_HOME") if before is None else os.environ.update(SHRINK_HOME=before)
         figures.update(slices=slices, records=len(report.records), timings=report.timings)
         shutil.rmtree(home, ignore_errors=True)
     elif stage == "eval":
@@ -234,6 +247,7 @@ def main() -> None:
     parser.add_argument("--gptq-blocks", type=int, default=2)
     parser.add_argument("--calib", default="16x512")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--onload", default=None, help="rtn and gptq with each block onloaded to this device (cuda)")
     parser.add_argument("--out", default=None)
     parser.add_argument("--shard-gb", type=float, default=None,
                         help="the load stage's checkpoint in safetensors shards of this size (default: one file)")
@@ -263,7 +277,8 @@ def main() -> None:
                     _save(shape, checkpoint, args.shard_gb)
                 extra = ["--checkpoint", str(checkpoint)]
             run = subprocess.run([sys.executable, __file__, "--child", shape, ",".join(group), "--gptq-blocks",
-                                  str(args.gptq_blocks), "--calib", args.calib, "--device", args.device, *extra],
+                                  str(args.gptq_blocks), "--calib", args.calib, "--device", args.device, *extra,
+                                  *(["--onload", args.onload] if args.onload else [])],
                                  capture_output=True, text=True)
             for line in run.stdout.strip().splitlines():
                 if line.startswith("{"):

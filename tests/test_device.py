@@ -95,5 +95,6 @@ def test_every_path_runs_on_cuda_with_the_cpu_figures(model_dir, shrink_home):  
     cpu, cuda = _figures(on_cpu.model, ids), _figures(on_cuda.model, ids)
     assert cuda[0] == pytest.approx(cpu[0], rel=1e-4)
     assert cuda[1] == pytest.approx(cpu[1], rel=1e-3)  # the same sampled labels: drawn on the CPU
-    assert cuda[2] == pytest.approx(cpu[2], rel=1e-3)
+    # a KL of 1e-5 is the mean of differences of nearly equal float32 log-probs: 0.4% apart on an H200
+    assert cuda[2] == pytest.approx(cpu[2], rel=2e-2)
     assert cuda[3] == pytest.approx(cpu[3], rel=2e-2)

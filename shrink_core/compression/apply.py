@@ -11,7 +11,7 @@ import copy
 import time
 from collections.abc import Callable
 from contextlib import contextmanager, nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, is_dataclass, replace
 
 import torch
 
@@ -30,10 +30,11 @@ from shrink_core.compression.prune import (
     sync_config_,
 )
 from shrink_core.compression.simulate import attach_simulation_
-from shrink_core.errors import ShrinkError
+from shrink_core.errors import ModelLoadError, ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
 from shrink_core.formats import WeightFormat
-from shrink_core.model.arch import block_kwargs, decoder_layers
+from shrink_core.model.arch import block_kwargs, decoder_layers, model_device, moved, onloaded
+from shrink_core.model.load import resolve_device
 from shrink_core.perf.memory import release_freed_memory
 from shrink_core.plan import Plan, load_plan, resolve
 from shrink_core.plan.resolve import DTYPE_BYTES, FALLBACK, ResolvedModule, sparse_bytes, weight_bytes
@@ -382,10 +383,13 @@ def _structured_(model, resolved, modules, calibration, batch_size) -> list[str]
 
 
 def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: Progress | None = None,
-                *, recipe: dict | None = None, batch_size: int = 8) -> ApplyReport:
+                *, recipe: dict | None = None, batch_size: int = 8, onload: str | None = None) -> ApplyReport:
     """Compress `model` in place following `plan`; `calibration` is a LongTensor (n_sequences, seq_len); recipe: the
-    recipe those tokens were drawn by (recorded in the report; its `shrink` applies), else the plan's own."""
+    recipe those tokens were drawn by (recorded in the report; its `shrink` applies), else the plan's own.
+    onload: a device ("cuda") that each block visits in turn for its calibration and compression while the model
+    stays in host memory, so that device holds one block and its activations, never the model."""
     progress = progress or _no_progress
+    work = _onload_device(model, onload)
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     started, cpu_started = time.perf_counter(), time.process_time()
     resolved = resolve(model, plan)
@@ -398,7 +402,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     other_bytes_before = _other_bytes(model, resolved, modules)
     used_recipe = CalibrationRecipe.from_dict(recipe) if recipe else recipe_for(plan)
     timings, notes, states, seconds, fallbacks, importance = {}, [], {}, {}, {}, {}
-    fast = calibrate.fast_forward_dtype(model) if calibration is not None else None
+    fast = calibrate.fast_forward_dtype(model) if calibration is not None and work is None else None
     with torch.no_grad(), calibrate.forward_dtype(fast):
         progress(0.02, "structured pruning")
         t0 = time.perf_counter()
@@ -416,10 +420,10 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         inputs = fp_inputs = None
         if calibrated_blocks:
             progress(0.05, "capturing calibration inputs")
-            inputs = calibrate.first_block_inputs(model, calibration, batch_size)
+            inputs = moved(calibrate.first_block_inputs(model, calibration, batch_size), work)
             # masks and rotary tables can differ per block; the forward stops after the last calibrated block
             upto = max(p for p, layer in enumerate(kept_layers) if original_index[id(layer)] in calibrated_blocks)
-            per_block = block_kwargs(model, calibration[:1], upto=upto)
+            per_block = moved(block_kwargs(model, calibration[:1], upto=upto, run_blocks=work is None), work)
             if any(_sequential(row) for row in resolved):
                 fp_inputs = list(inputs)  # the full-precision stream: the same tensors until the first block changes
         for position, layer in enumerate(kept_layers):
@@ -429,31 +433,40 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                 inputs = [(hidden, per_block[position]) for hidden, _ in inputs]
                 if fp_inputs is not None:
                     fp_inputs = [(hidden, per_block[position]) for hidden, _ in fp_inputs]
-            fp_layer = copy.deepcopy(layer) if fp_inputs is not None and block <= last_calibrated else None
-            context = _BlockContext(layer, fp_layer, inputs, fp_inputs, modules, calibration, states, seconds,
-                                    fallbacks, importance, shrink=used_recipe.shrink)
-            if block in calibrated_blocks:
-                context.calibrated_(rows)
-            else:
-                context.compress_(_stacks(rows), {})
-            if inputs is not None and block < last_calibrated:
-                inputs = context.next_inputs()
-                if fp_inputs is not None:
-                    fp_inputs = context.fp_outputs or calibrate.run_block(fp_layer, fp_inputs)
-            del fp_layer, context
+            with onloaded(layer, work):
+                fp_layer = copy.deepcopy(layer) if fp_inputs is not None and block <= last_calibrated else None
+                context = _BlockContext(layer, fp_layer, inputs, fp_inputs, modules, calibration, states, seconds,
+                                        fallbacks, importance, shrink=used_recipe.shrink)
+                if block in calibrated_blocks:
+                    context.calibrated_(rows)
+                else:
+                    context.compress_(_stacks(rows), {})
+                if inputs is not None and block < last_calibrated:
+                    inputs = context.next_inputs()
+                    if fp_inputs is not None:
+                        fp_inputs = context.fp_outputs or calibrate.run_block(fp_layer, fp_inputs)
+                del fp_layer, context
+            if work is not None:
+                _bring_home_(states, importance, [row.name for row in rows])
             if block in calibrated_blocks:
                 release_freed_memory()  # a block's Hessians and their inverses are gone: give the pages back
             progress(0.05 + 0.85 * (position + 1) / len(kept_layers), f"block {block} done")
         for row in resolved:
             if row.block is None and not row.tied_to and (row.weights or row.prune):
                 t1 = time.perf_counter()
-                (state,), fallback = _compress_([modules[row.name]], row, None)
+                with onloaded(modules[row.name], work):
+                    (state,), fallback = _compress_([modules[row.name]], row, None)
                 if state is not None:
                     states[row.name] = state
+                    if work is not None:
+                        _bring_home_(states, importance, [row.name])
                 if fallback:
                     fallbacks[row.name] = fallback
                 seconds[row.name] = time.perf_counter() - t1
         timings["compress_s"] = time.perf_counter() - t0
+        if work is not None:
+            notes.append(f"Each block was calibrated and compressed on {work} in turn (sequential onloading); the "
+                         f"model stayed on {model_device(model)}.")
         attached = attach_simulation_(model, resolved)
         if attached:
             notes.append(f"{attached} simulation hooks (activation / KV-cache quantization) are attached; they are "
@@ -486,6 +499,42 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     forwards = None if calibration is None else str(fast or next(model.parameters()).dtype).replace("torch.", "")
     return ApplyReport(reports, totals, timings, recipe_out, quant_states=states, current_names=renamed, notes=notes,
                        importance=importance, forward_dtype=forwards)
+
+
+def onload_device(onload: str) -> torch.device:
+    """The device `onload` names, or one sentence saying it is not on this machine (checked before any loading)."""
+    try:
+        return torch.device(resolve_device(onload))
+    except ModelLoadError as exc:
+        there = str(exc).split(", so ")[0]  # "This machine has no CUDA GPUs that torch can use"
+        raise ModelLoadError(f"{there}, so --onload {onload} has no device to send the blocks to; leave --onload out "
+                             "to compress where the model is.") from None
+
+
+def _onload_device(model, onload: str | None) -> torch.device | None:
+    """The device blocks visit (None: the model's own, where everything already runs)."""
+    if onload is None or onload == "auto":
+        return None
+    device = onload_device(onload)
+    home = model_device(model)
+    if device.type == home.type:
+        return None
+    if home.type != "cpu":
+        raise ShrinkError(f"Onloading brings blocks from host memory to {onload}, but the model is on {home}; load it "
+                          "on the CPU (--device cpu) and pass --onload again.")
+    return device
+
+
+def _bring_home_(states: dict, importance: dict, names: list[str]) -> None:
+    """The quantization states and importance sums a block left on the onload device, moved to the CPU: otherwise
+    they would pile up there, block after block."""
+    for name in names:
+        state = states.get(name)
+        if state is not None and is_dataclass(state):
+            states[name] = replace(state, **{f.name: getattr(state, f.name).cpu() for f in fields(state)
+                                             if isinstance(getattr(state, f.name), torch.Tensor)})
+        if name in importance:
+            importance[name] = (importance[name][0].cpu(), importance[name][1])
 
 
 def _other_bytes(model, resolved, modules) -> int:

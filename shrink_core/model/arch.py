@@ -82,9 +82,17 @@ def recomputed_blocks(model, enabled: bool = True):
     from torch.utils.checkpoint import checkpoint
 
     layers = list(decoder_layers(model)) if enabled else []
-    own = [layer.__dict__.get("forward") for layer in layers]  # a forward someone else set on the instance
+    with _forwards_replaced(layers, lambda layer: partial(checkpoint, layer.forward, use_reentrant=False)):
+        yield
+
+
+@contextmanager
+def _forwards_replaced(layers: list[nn.Module], make):
+    """Inside, each layer's forward is `make(layer)`; afterwards what it was (a forward someone else set on the
+    instance included)."""
+    own = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
-        layer.forward = partial(checkpoint, layer.forward, use_reentrant=False)
+        layer.forward = make(layer)
     try:
         yield
     finally:
@@ -120,13 +128,18 @@ def first_block_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return captured["hidden"], captured["kwargs"]
 
 
-def block_kwargs(model, ids: torch.Tensor, upto: int | None = None) -> list[dict]:
+def block_kwargs(model, ids: torch.Tensor, upto: int | None = None, run_blocks: bool = True) -> list[dict]:
     """The keyword arguments each block gets in a forward over `ids`: a family may give blocks different masks or
     rotary tables (Gemma's sliding-window and global layers), so they are taken per block, not from the first.
-    `upto`: only blocks [0, upto] (the forward stops there)."""
+    `upto`: only blocks [0, upto] (the forward stops there). run_blocks=False passes each block's input through
+    unchanged: the masks and rotary tables are made before the blocks run and do not depend on their outputs, so
+    a model whose blocks wait elsewhere (onloaded one at a time) gives the same arguments without computing them."""
     captured: list[dict] = []
     layers = decoder_layers(model)
     last = len(layers) - 1 if upto is None else min(upto, len(layers) - 1)
+    if not run_blocks:
+        with _forwards_replaced(list(layers)[:last + 1], lambda layer: _identity):
+            return block_kwargs(model, ids, upto=last)
 
     def grab(module, args, kwargs):
         captured.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
@@ -142,6 +155,39 @@ def block_kwargs(model, ids: torch.Tensor, upto: int | None = None) -> list[dict
         for handle in handles:
             handle.remove()
     return captured
+
+
+def _identity(hidden_states, *args, **kwargs):
+    return hidden_states
+
+
+def moved(value, device: torch.device | None):
+    """`value` with every tensor in it (inside tuples, lists and dicts too) on `device`; None leaves it as it is."""
+    if device is None:
+        return value
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, (tuple, list)):
+        return type(value)(moved(v, device) for v in value)
+    if isinstance(value, dict):
+        return {k: moved(v, device) for k, v in value.items()}
+    return value
+
+
+@contextmanager
+def onloaded(module: nn.Module, device: torch.device | None):
+    """Inside, `module`'s weights are on `device`; afterwards they are back where they were (None: nothing moves).
+    Sequential onloading: a model larger than its GPU stays in host memory and each block visits the GPU for its
+    own work, so the GPU holds one block (and its activations) at a time."""
+    home = next(module.parameters()).device if device is not None else None
+    if home is None or home == device:
+        yield module
+        return
+    module.to(device)
+    try:
+        yield module
+    finally:
+        module.to(home)
 
 
 def run_layer(layer, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:

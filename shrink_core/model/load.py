@@ -346,7 +346,8 @@ def _to_device(model, device: str) -> None:
         free, _ = torch.cuda.mem_get_info(torch.device(device))
         if needed > free:
             raise ModelLoadError(f"The model's weights need {needed / 1e9:.1f} GB and {device} has {free / 1e9:.1f} GB "
-                                 "free; use #bf16 or #fp16 (half of fp32), @cpu, or a GPU with more memory.")
+                                 "free; use #bf16 or #fp16 (half of fp32), @cpu (with `apply --onload cuda` to "
+                                 "compress it block by block on the GPU), or a GPU with more memory.")
     model.to(torch.device(device))
 
 
