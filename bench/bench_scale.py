@@ -22,8 +22,9 @@ RSS (VmHWM reset before it: the model's resident bytes are in every stage's peak
   scan2  the same on two slices (en, fr): the memory an extra slice costs is scan2 - scan
   eval   the `fast` protocol's text rows of en (120 windows of up to 512 tokens)
 --device cuda builds the model on the GPU and adds each stage's GPU peak (`peak_gpu_gb`, the allocator's).
---onload cuda builds it in host memory and runs rtn and gptq with each block visiting the GPU in turn (sequential
-onloading, `apply --onload`): `peak_gpu_gb` is then about one block and its activations, not the model.
+--onload cuda builds it in host memory and runs rtn, gptq and eval with each block visiting the GPU in turn
+(sequential onloading, `apply --onload`, `eval --onload`): `peak_gpu_gb` is then about one block and its
+activations (for eval: with the embedding, the head and every window's hidden states), not the model.
 Figures: wall seconds, peak RSS and the RSS before the stage, in GB, with the load average. The last line
 fits, per stage, time and peak memory against the parameter count (power law: exponent and constant).
 A model spec as a shape (`--shapes builtin:smollm2-135m`) runs the stages on that model as loaded (fp32).
@@ -216,9 +217,11 @@ def _stage(model, shape: str, stage: str, args) -> dict:
     elif stage == "eval":
         from shrink_core.evaluation.evaluate import evaluate
         from shrink_core.evaluation.slices import get_slice
+        from shrink_core.model.arch import onloading
 
-        (result,) = evaluate(model, tokenizer(), [get_slice("en")], "fast")
-        figures.update(tokens=result.tokens)
+        with onloading(args.onload):
+            (result,) = evaluate(model, tokenizer(), [get_slice("en")], "fast")
+        figures.update(tokens=result.tokens, onload=args.onload)
     return figures
 
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Issue 14's GPU checks in one call on a lent CUDA machine (figures in docs/scale.md):
 #   1. the CUDA tests (pytest -m gpu): every path on cuda gives the CPU's figures; onloaded GPTQ matches the CPU;
-#   2. sequential onloading: the 8B shape in host memory, GPTQ with each block visiting the GPU (its peak: one block);
+#   2. sequential onloading: the 8B shape in host memory, RTN, GPTQ and eval with each block visiting the GPU;
 #   3. the scale table on cuda: 1B, 3B and 8B shapes through rtn, gptq, the one-slice scan and eval.
 # Here first (a machine with the venv):  bash bench/gpu_scale.sh prepare   (wheels and the SmolLM2 tokenizer in .gpu/,
 # which .git/info/exclude must ignore). There, from the repo root, with .gpu carried:  bash bench/gpu_scale.sh [PARTS]
@@ -32,7 +32,7 @@ if [[ $PARTS == *,tests,* ]]; then
   echo "pytest ${SECONDS}s"
 fi
 if [[ $PARTS == *,onload,* ]]; then
-  timeout 200 python3 bench/bench_scale.py --onload cuda --shapes 8b --stages build,rtn,gptq --gptq-blocks 8 \
+  timeout 200 python3 bench/bench_scale.py --onload cuda --shapes 8b --stages build,rtn,gptq,eval --gptq-blocks 8 \
     --out $OUT/onload.jsonl > $OUT/onload.log 2>&1; echo "onload rc=$? ${SECONDS}s"
 fi
 if [[ $PARTS == *,cuda,* ]]; then

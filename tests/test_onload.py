@@ -55,27 +55,47 @@ def test_the_onload_path_gives_the_plain_paths_bits(monkeypatch, method):
     # the forwards as the model is on both sides (onloading never uses the CPU's bf16 autocast for fp32 models)
     monkeypatch.setattr(apply_module.calibrate, "fast_forward_dtype", lambda model: None)
     apply_plan_(plain, load_plan(plan), ids, batch_size=4)
-    monkeypatch.setattr(apply_module, "_onload_device", lambda model, onload: torch.device("cpu"))
+    monkeypatch.setattr(apply_module, "onload_for", lambda model, onload: torch.device("cpu"))
     report = apply_plan_(onloaded, load_plan(plan), ids, batch_size=4, onload="cuda")
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), onloaded.state_dict().values()))
     assert any("sequential onloading" in note for note in report.notes)
     assert report.quant_states and all(s.scale.device.type == "cpu" for s in report.quant_states.values())
 
 
+@pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt", "gpt2", "qwen2_moe"])
+def test_onloaded_evaluation_gives_the_plain_figures(monkeypatch, family):
+    """Every batch through one block at a time (the onload path, forced onto the CPU) against the plain forward per
+    batch: padded batches of different lengths, NLL and KL against a reference, and progress that only moves on."""
+    from shrink_core.evaluation.evaluate import Request, score
+    from shrink_core.model import load as load_module
+
+    model, reference = tiny_family(family), tiny_family(family, seed=1)
+    draw = torch.Generator().manual_seed(0)
+    requests = [Request(item=i, ids=torch.randint(3, 250, (n,), generator=draw).tolist(), score_from=1)
+                for i, n in enumerate([40, 33, 17, 40, 8, 25])]
+    plain = score(model, requests, reference, max_batch_tokens=96)
+    seen = []
+    monkeypatch.setattr(load_module, "onload_for", lambda model, onload=None: torch.device("cpu"))
+    onloaded = score(model, requests, reference, max_batch_tokens=96, progress=seen.append)
+    for a, b in zip(plain, onloaded):  # the same operations in the same order: the same bits
+        assert (b.tokens, b.nll, b.kl_values.tolist()) == (a.tokens, a.nll, a.kl_values.tolist())
+    assert seen == sorted(seen) and seen[-1] == 1.0 and len(seen) > len(decoder_layers(model))
+
+
 @pytest.mark.skipif(not NO_CUDA, reason="this machine has a CUDA GPU")
 def test_onloading_to_a_gpu_this_machine_lacks_is_refused_in_one_sentence():
     ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
     with pytest.raises(ModelLoadError, match=r"^This machine has no CUDA GPUs that torch can use, so --onload cuda has "
-                                             r"no device to send the blocks to; leave --onload out to compress where "
+                                             r"no device to send the blocks to; leave --onload out to run where "
                                              r"the model is\.$"):
         apply_plan_(tiny_llama(), load_plan(GPTQ), ids, onload="cuda")
     from tests.test_cli import cli
 
-    refused = cli("apply", "--model", "builtin:smollm2-135m", "--plan", "preset:w4g64", "--onload", "cuda", "--out",
-                  "/nonexistent/never-written")
-    assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
-        "error: This machine has no CUDA GPUs that torch can use, so --onload cuda has no device to send the blocks "
-        "to; leave --onload out to compress where the model is.")
+    for command in (["apply", "--plan", "preset:w4g64", "--out", "/nonexistent/never-written"], ["eval"]):
+        refused = cli(*command, "--model", "builtin:smollm2-135m", "--onload", "cuda")
+        assert refused.returncode == 1 and refused.stderr.strip().splitlines()[-1] == (
+            "error: This machine has no CUDA GPUs that torch can use, so --onload cuda has no device to send the "
+            "blocks to; leave --onload out to run where the model is.")
     model = tiny_llama()
     before = [p.clone() for p in model.parameters()]
     report = apply_plan_(model, load_plan(GPTQ), ids, onload="cpu")  # the model's own device: nothing to onload
@@ -119,3 +139,18 @@ def test_apply_onload_on_the_cli_records_it(toy_dir, shrink_home, tmp_path):
     provenance = json.loads((tmp_path / "candidate" / "provenance.json").read_text())
     assert provenance["onload"] == "cuda" and provenance["model_spec"].endswith("#bf16@cpu")
     assert any("sequential onloading" in note for note in provenance["notes"])
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(NO_CUDA, reason="needs a CUDA GPU")
+def test_eval_onload_on_the_cli_gives_the_gpu_figures(toy_dir, shrink_home):
+    from tests.test_cli import cli
+
+    figures = {}
+    for name, flags in (("onloaded", ["--onload", "cuda"]), ("on the GPU", ["--device", "cuda", "--dtype", "bf16"])):
+        run = cli("eval", "--model", str(toy_dir), "--slices", "en", "--json", *flags)
+        assert run.returncode == 0, run.stderr[-3000:]
+        figures[name] = json.loads(run.stdout.strip().splitlines()[-1])
+    onloaded, on_gpu = figures["onloaded"], figures["on the GPU"]
+    assert onloaded["onload"] == "cuda" and onloaded["device"].startswith("cpu bf16")
+    assert onloaded["slices"]["en"]["ppl"] == pytest.approx(on_gpu["slices"]["en"]["ppl"], rel=1e-3)

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 import sys
 
-from shrink_core.cli.entry import add_model_args, device_choice, print_json, stderr_progress
+from shrink_core.cli.entry import add_model_args, add_onload_arg, print_json, stderr_progress
 
 
 def add_parser(sub) -> None:
@@ -15,10 +15,7 @@ def add_parser(sub) -> None:
     parser.add_argument("--calibration", default=None,
                         help='calibration recipe as JSON, e.g. \'{"mix": {"en": 1}, "n_sequences": 16, "seq_len": 512, '
                              '"seed": 0}\' (default: the plan\'s own recipe, else that one)')
-    parser.add_argument("--onload", default=None, type=device_choice, metavar="{cuda,cuda:N,mps}",
-                        help="keep the model in host memory (--device cpu) and run each block's calibration and "
-                             "compression on this device in turn: it holds one block and its activations, so a model "
-                             "larger than the GPU is compressed there")
+    add_onload_arg(parser, "calibration and compression")
     parser.add_argument("--resolve-only", action="store_true", help="print the resolved table and stop")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.set_defaults(run=run)
@@ -27,11 +24,11 @@ def add_parser(sub) -> None:
 def run(args) -> int:
     from dataclasses import replace
 
-    from shrink_core.compression.apply import apply_plan_, onload_device
+    from shrink_core.compression.apply import apply_plan_
     from shrink_core.compression.export import save_candidate, write_exports
     from shrink_core.errors import ShrinkError
     from shrink_core.evaluation.calibration import plan_calibration
-    from shrink_core.model.load import ModelSpec, load, with_device, with_dtype
+    from shrink_core.model.load import load, onload_device, onload_spec
     from shrink_core.paths import check_replaceable, check_writable
     from shrink_core.plan import CalibrationRecipe, load_plan, resolve
 
@@ -48,11 +45,9 @@ def run(args) -> int:
     if args.out and not args.resolve_only:  # checked before minutes of work, and nothing of the user's is replaced
         out = check_writable(args.out, "--out", directory=True, replace=True)
         check_replaceable(out, "--out", marker="provenance.json")
-    if args.onload:  # the model waits in host memory, in the dtype a GPU runs (bf16) unless one was asked for
+    if args.onload:
         onload_device(args.onload)
-        spec = ModelSpec.parse(args.model)
-        args.model = with_device(with_dtype(args.model, "bf16" if spec.dtype == "auto" else spec.dtype),
-                                 "cpu" if spec.device == "auto" else spec.device)
+        args.model = onload_spec(args.model)
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     resolved = resolve(loaded.model, plan)
     if args.resolve_only:

@@ -61,6 +61,13 @@ def add_model_args(parser: argparse.ArgumentParser) -> None:
                              "@cuda suffix on the spec")
 
 
+def add_onload_arg(parser: argparse.ArgumentParser, work: str) -> None:
+    parser.add_argument("--onload", default=None, type=device_choice, metavar="{cuda,cuda:N,mps}",
+                        help=f"keep the model in host memory (bf16 unless --dtype says otherwise) and run each block's "
+                             f"{work} on this device in turn: it holds one block and its activations, so a model "
+                             "larger than the GPU runs there")
+
+
 def add_executor_args(parser) -> None:
     """The executor flags every command that splits its work into units shares."""
     parser.add_argument("--executor", choices=["local", "ray"], default=None,

@@ -1,7 +1,7 @@
 """`eval`: per-slice perplexity, bits per byte, task accuracy, with confidence intervals; against a plan, KL and flips."""
 from __future__ import annotations
 
-from shrink_core.cli.entry import add_model_args, print_json_line
+from shrink_core.cli.entry import add_model_args, add_onload_arg, print_json_line
 
 
 def add_parser(sub) -> None:
@@ -13,19 +13,24 @@ def add_parser(sub) -> None:
     parser.add_argument("--plan", help="a plan file, YAML text or preset:NAME; compares against the unplanned model")
     parser.add_argument("--json", action="store_true",
                         help="print JSON lines: one per slice as it finishes, then the whole report on the last line")
+    add_onload_arg(parser, "evaluation (and a --plan's compression)")
     parser.set_defaults(run=run)
 
 
 def run(args) -> int:
     from shrink_core.evaluation.slices import get_slice
     from shrink_core.evaluation.stats import format_interval
-    from shrink_core.model.load import load
+    from shrink_core.model.arch import onloading
+    from shrink_core.model.load import load, onload_device, onload_spec
     from shrink_core.results.eval_run import run_eval
     from shrink_core.results.store import Store
 
     ids = [s.strip() for s in args.slices.split(",") if s.strip()]
     for slice_id in ids:  # a bad slice fails before the model loads
         get_slice(slice_id)
+    if args.onload:
+        onload_device(args.onload)
+        args.model = onload_spec(args.model)
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
     store = Store()
 
@@ -33,13 +38,17 @@ def run(args) -> int:
         if args.json:
             print_json_line({"part": slice_id, **entry})
 
-    report = run_eval(args.model, ids, args.protocol, args.plan, store=store, loaded=loaded, part=part)
+    with onloading(args.onload):
+        report = run_eval(args.model, ids, args.protocol, args.plan, store=store, loaded=loaded, part=part)
+    if args.onload:
+        report["onload"] = args.onload
     if args.plan and report.get("candidate_id"):
         report["predicted_vs_measured"] = _predicted_vs_measured(store, loaded, args.plan, report["candidate_id"])
     if args.json:
         print_json_line(report)
         return 0
-    print(f"{report['model']} protocol={report['budget']} ({report['seconds']:.1f} s on {report['device']})")
+    onloaded = f", each block onloaded to {args.onload}" if args.onload else ""
+    print(f"{report['model']} protocol={report['budget']} ({report['seconds']:.1f} s on {report['device']}{onloaded})")
     for slice_id, r in report["slices"].items():
         line = f"  {slice_id:<12} ppl {r['ppl']:.3f} {format_interval(r.get('ppl_ci'), r['items'])}"
         if "bpb" in r:

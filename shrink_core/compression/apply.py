@@ -30,11 +30,11 @@ from shrink_core.compression.prune import (
     sync_config_,
 )
 from shrink_core.compression.simulate import attach_simulation_
-from shrink_core.errors import ModelLoadError, ShrinkError
+from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
 from shrink_core.formats import WeightFormat
 from shrink_core.model.arch import block_kwargs, decoder_layers, model_device, moved, onloaded
-from shrink_core.model.load import resolve_device
+from shrink_core.model.load import onload_for
 from shrink_core.perf.memory import release_freed_memory
 from shrink_core.plan import Plan, load_plan, resolve
 from shrink_core.plan.resolve import DTYPE_BYTES, FALLBACK, ResolvedModule, sparse_bytes, weight_bytes
@@ -389,7 +389,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     onload: a device ("cuda") that each block visits in turn for its calibration and compression while the model
     stays in host memory, so that device holds one block and its activations, never the model."""
     progress = progress or _no_progress
-    work = _onload_device(model, onload)
+    work = onload_for(model, onload)
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     started, cpu_started = time.perf_counter(), time.process_time()
     resolved = resolve(model, plan)
@@ -499,30 +499,6 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     forwards = None if calibration is None else str(fast or next(model.parameters()).dtype).replace("torch.", "")
     return ApplyReport(reports, totals, timings, recipe_out, quant_states=states, current_names=renamed, notes=notes,
                        importance=importance, forward_dtype=forwards)
-
-
-def onload_device(onload: str) -> torch.device:
-    """The device `onload` names, or one sentence saying it is not on this machine (checked before any loading)."""
-    try:
-        return torch.device(resolve_device(onload))
-    except ModelLoadError as exc:
-        there = str(exc).split(", so ")[0]  # "This machine has no CUDA GPUs that torch can use"
-        raise ModelLoadError(f"{there}, so --onload {onload} has no device to send the blocks to; leave --onload out "
-                             "to compress where the model is.") from None
-
-
-def _onload_device(model, onload: str | None) -> torch.device | None:
-    """The device blocks visit (None: the model's own, where everything already runs)."""
-    if onload is None or onload == "auto":
-        return None
-    device = onload_device(onload)
-    home = model_device(model)
-    if device.type == home.type:
-        return None
-    if home.type != "cpu":
-        raise ShrinkError(f"Onloading brings blocks from host memory to {onload}, but the model is on {home}; load it "
-                          "on the CPU (--device cpu) and pass --onload again.")
-    return device
 
 
 def _bring_home_(states: dict, importance: dict, names: list[str]) -> None:

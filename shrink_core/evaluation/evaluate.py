@@ -165,42 +165,69 @@ def _batches(requests: list[Request], max_tokens: int):
         yield batch
 
 
-def score(model, requests: list[Request], reference=None, max_batch_tokens: int = 1024, progress=None) -> list[Scored]:
-    """Runs every request through the model (and the reference, in lock step) and reduces on the fly."""
+def _batch_tensors(requests: list[Request], batch: list[int]):
+    """(ids, attention mask, scored flat positions, their targets, the request each position belongs to)."""
     import torch
 
-    from shrink_core.model.arch import model_device
+    width = max(len(requests[i].ids) for i in batch)
+    ids = torch.zeros((len(batch), width), dtype=torch.long)
+    mask = torch.zeros((len(batch), width), dtype=torch.long)
+    positions, targets, owners = [], [], []
+    for row, index in enumerate(batch):
+        request = requests[index]
+        length = len(request.ids)
+        ids[row, :length] = torch.tensor(request.ids)
+        mask[row, :length] = 1
+        span = range(request.score_from, length)
+        positions += [row * width + t - 1 for t in span]  # logits at t-1 predict token t
+        targets += [request.ids[t] for t in span]
+        owners += [index] * len(span)
+    return ids, mask, positions, targets, owners
+
+
+def _hidden_states(model, batches: list, device, onload, progress=None):
+    """Each batch's last hidden state: a forward per batch where the model is, or (onloaded) every batch through
+    one block at a time, each block sent to the onload device once."""
+    from shrink_core.model.arch import onloaded_hidden
+
+    if model is None:
+        return (None for _ in batches)
+    pairs = [(ids.to(device), mask.to(device)) for ids, mask, *_ in batches]
+    if onload is None:
+        decoder = model.get_decoder()
+        return (decoder(input_ids=ids, attention_mask=mask).last_hidden_state for ids, mask in pairs)
+    return iter(onloaded_hidden(model, pairs, onload, progress))
+
+
+def score(model, requests: list[Request], reference=None, max_batch_tokens: int = 1024, progress=None) -> list[Scored]:
+    """Runs every request through the model (and the reference, in lock step) and reduces on the fly. Inside
+    `arch.onloading(device)` the blocks visit that device in turn while the model stays in host memory."""
+    import torch
+
+    from shrink_core.model.arch import model_device, outside_blocks_on
+    from shrink_core.model.load import onload_for
 
     results = [Scored() for _ in requests]
     done_tokens, total_tokens = 0, sum(len(r.ids) for r in requests) or 1
-    decoder = model.get_decoder()
-    ref_decoder = reference.get_decoder() if reference is not None else None
-    with torch.inference_mode():
-        for batch in _batches(requests, max_batch_tokens):
-            width = max(len(requests[i].ids) for i in batch)
-            ids = torch.zeros((len(batch), width), dtype=torch.long)
-            mask = torch.zeros((len(batch), width), dtype=torch.long)
-            positions, targets, owners = [], [], []
-            for row, index in enumerate(batch):
-                request = requests[index]
-                length = len(request.ids)
-                ids[row, :length] = torch.tensor(request.ids)
-                mask[row, :length] = 1
-                span = range(request.score_from, length)
-                positions += [row * width + t - 1 for t in span]  # logits at t-1 predict token t
-                targets += [request.ids[t] for t in span]
-                owners += [index] * len(span)
-            device = model_device(model)
-            ids, mask = ids.to(device), mask.to(device)
+    onload = onload_for(model)
+    report = progress or (lambda fraction: None)
+    # onloaded, the blocks' passes are 90% of the work (the model's, then the reference's), the reduction the rest
+    share = (0.9, 0.1) if onload is not None else (0.0, 1.0)
+    models = 2 if reference is not None else 1
+    with torch.inference_mode(), outside_blocks_on(model, onload), outside_blocks_on(reference, onload):
+        batches = [(*_batch_tensors(requests, batch), batch) for batch in _batches(requests, max_batch_tokens)]
+        device = model_device(model)
+        hidden_states = _hidden_states(model, batches, device, onload, lambda f: report(share[0] * f / models))
+        ref_states = _hidden_states(reference, batches, device, onload,
+                                    lambda f: report(share[0] * (1 + f) / models))
+        for (_, _, positions, targets, owners, batch), hidden, ref_hidden in zip(batches, hidden_states, ref_states):
             positions_t = torch.tensor(positions, dtype=torch.long, device=device)
             targets_t = torch.tensor(targets, dtype=torch.long, device=device)
-            hidden = decoder(input_ids=ids, attention_mask=mask).last_hidden_state
-            ref_hidden = None if ref_decoder is None else ref_decoder(input_ids=ids, attention_mask=mask).last_hidden_state
             reduced = _reduce(model, hidden, positions_t, targets_t, reference, ref_hidden)
             token_nll, hit, kl, agree = reduced["nll"], reduced["hit"], reduced["kl"], reduced["agree"]
             owners_t = np.asarray(owners)
             nll_np, hit_np = token_nll.double().cpu().numpy(), hit.cpu().numpy()  # off a GPU once per batch
-            kl_np, agree_np = (None, None) if ref_decoder is None else (kl.double().cpu().numpy(), agree.cpu().numpy())
+            kl_np, agree_np = (None, None) if reference is None else (kl.double().cpu().numpy(), agree.cpu().numpy())
             for index in batch:
                 sel = owners_t == index
                 out = results[index]
@@ -209,13 +236,12 @@ def score(model, requests: list[Request], reference=None, max_batch_tokens: int 
                 out.all_top1 = out.all_top1 and bool(hit_np[sel].all())
                 if requests[index].keep_token_nll:
                     out.token_nll = nll_np[sel]
-                if ref_decoder is not None:
+                if reference is not None:
                     values = kl_np[sel]
                     out.kl_values = values if out.kl_values is None else np.concatenate([out.kl_values, values])
                     out.top1_agree += int(agree_np[sel].sum())
             done_tokens += sum(len(requests[i].ids) for i in batch)
-            if progress:
-                progress(done_tokens / total_tokens)
+            report(share[0] + share[1] * done_tokens / total_tokens)
     return results
 
 

@@ -13,6 +13,7 @@ Canonical layout (made once, on load, by `canonicalize_`):
 from __future__ import annotations
 
 from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -108,7 +109,7 @@ def model_device(model) -> torch.device:
     return next(model.parameters()).device
 
 
-def first_block_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
+def first_block_input(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, dict]:
     """(hidden (batch, seq, hidden), the keyword arguments the blocks take) as the model hands them to its first
     block: embeddings, position tables, masks and rotary tables made by the family's own code."""
     captured = {}
@@ -119,8 +120,9 @@ def first_block_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
         raise _Stop
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
+    mask = {} if attention_mask is None else {"attention_mask": attention_mask.to(model_device(model))}
     try:
-        model(input_ids=ids.to(model_device(model)), use_cache=False)
+        model(input_ids=ids.to(model_device(model)), use_cache=False, **mask)
     except _Stop:
         pass
     finally:
@@ -128,7 +130,8 @@ def first_block_input(model, ids: torch.Tensor) -> tuple[torch.Tensor, dict]:
     return captured["hidden"], captured["kwargs"]
 
 
-def block_kwargs(model, ids: torch.Tensor, upto: int | None = None, run_blocks: bool = True) -> list[dict]:
+def block_kwargs(model, ids: torch.Tensor, upto: int | None = None, run_blocks: bool = True,
+                 attention_mask: torch.Tensor | None = None) -> list[dict]:
     """The keyword arguments each block gets in a forward over `ids`: a family may give blocks different masks or
     rotary tables (Gemma's sliding-window and global layers), so they are taken per block, not from the first.
     `upto`: only blocks [0, upto] (the forward stops there). run_blocks=False passes each block's input through
@@ -139,7 +142,7 @@ def block_kwargs(model, ids: torch.Tensor, upto: int | None = None, run_blocks: 
     last = len(layers) - 1 if upto is None else min(upto, len(layers) - 1)
     if not run_blocks:
         with _forwards_replaced(list(layers)[:last + 1], lambda layer: _identity):
-            return block_kwargs(model, ids, upto=last)
+            return block_kwargs(model, ids, upto=last, attention_mask=attention_mask)
 
     def grab(module, args, kwargs):
         captured.append({k: v for k, v in kwargs.items() if k != "hidden_states"})
@@ -147,8 +150,9 @@ def block_kwargs(model, ids: torch.Tensor, upto: int | None = None, run_blocks: 
             raise _Stop
 
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+    mask = {} if attention_mask is None else {"attention_mask": attention_mask.to(model_device(model))}
     try:
-        model(input_ids=ids.to(model_device(model)), use_cache=False)
+        model(input_ids=ids.to(model_device(model)), use_cache=False, **mask)
     except _Stop:
         pass
     finally:
@@ -172,6 +176,64 @@ def moved(value, device: torch.device | None):
     if isinstance(value, dict):
         return {k: moved(v, device) for k, v in value.items()}
     return value
+
+
+_ONLOAD: ContextVar[str | None] = ContextVar("onload", default=None)
+
+
+@contextmanager
+def onloading(device: str | None):
+    """Inside, evaluation and apply send each block to `device` in turn (`--onload`); None: they run where the model
+    is."""
+    token = _ONLOAD.set(device)
+    try:
+        yield
+    finally:
+        _ONLOAD.reset(token)
+
+
+def onload_target() -> str | None:
+    return _ONLOAD.get()
+
+
+@contextmanager
+def outside_blocks_on(model, device: torch.device | None):
+    """Inside, every weight and buffer outside the decoder blocks (embeddings, rotary tables, final norm, head) is on
+    `device`, the blocks stay where they are; afterwards all is back (None: nothing moves). A tied head moves with its
+    embedding: they are one parameter."""
+    if device is None or model is None:
+        yield
+        return
+    layers, home = decoder_layers(model), model_device(model)
+
+    def move(to):
+        set_decoder_layers(model, nn.ModuleList())
+        try:
+            model.to(to)
+        finally:
+            set_decoder_layers(model, layers)
+
+    move(device)
+    try:
+        yield
+    finally:
+        move(home)
+
+
+def onloaded_hidden(model, batches: list[tuple[torch.Tensor, torch.Tensor]], device: torch.device,
+                    progress=None) -> list[torch.Tensor]:
+    """The decoder's last hidden state (after the final norm) for each (ids, attention mask) batch, with each block
+    sent to `device` once for all batches. Call inside `outside_blocks_on(model, device)`. Holds every batch's hidden
+    states on the device at once: the evaluation's tokens times the hidden size (67 MB for 8148 tokens at 8B)."""
+    hidden = [first_block_input(model, ids, mask)[0] for ids, mask in batches]
+    kwargs = [block_kwargs(model, ids, run_blocks=False, attention_mask=mask) for ids, mask in batches]
+    layers = decoder_layers(model)
+    for index, layer in enumerate(layers):
+        with onloaded(layer, device):
+            hidden = [run_layer(layer, h, k[index]) for h, k in zip(hidden, kwargs)]
+        if progress:
+            progress((index + 1) / len(layers))
+    return [final_hidden(model, h) for h in hidden]
 
 
 @contextmanager

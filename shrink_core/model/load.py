@@ -337,6 +337,44 @@ def load(
     return loaded
 
 
+def onload_device(onload: str):
+    """The device `--onload` names, or one sentence saying it is not on this machine (checked before any loading)."""
+    import torch
+
+    try:
+        return torch.device(resolve_device(onload))
+    except ModelLoadError as exc:
+        there = str(exc).split(", so ")[0]  # "This machine has no CUDA GPUs that torch can use"
+        raise ModelLoadError(f"{there}, so --onload {onload} has no device to send the blocks to; leave --onload out "
+                             "to run where the model is.") from None
+
+
+def onload_for(model, onload: str | None = None):
+    """The device `model`'s blocks visit in turn (`onload`, else what `arch.onloading` set), or None where there is
+    nothing to onload: none asked for, or the model is on that kind of device already."""
+    from shrink_core.model.arch import model_device, onload_target
+
+    onload = onload if onload is not None else onload_target()
+    if onload is None or onload == "auto":
+        return None
+    device = onload_device(onload)
+    home = model_device(model)
+    if device.type == home.type:
+        return None
+    if home.type != "cpu":
+        raise ModelLoadError(f"Onloading brings blocks from host memory to {onload}, but the model is on {home}; load it "
+                             "on the CPU (--device cpu) and pass --onload again.")
+    return device
+
+
+def onload_spec(raw: str) -> str:
+    """The spec an onloaded run loads: the model waits in host memory (unless a device was named), in the dtype a GPU
+    runs (bf16) unless one was asked for."""
+    spec = ModelSpec.parse(raw)
+    return with_device(with_dtype(raw, "bf16" if spec.dtype == "auto" else spec.dtype),
+                       "cpu" if spec.device == "auto" else spec.device)
+
+
 def _to_device(model, device: str) -> None:
     """Move the model to its device, or refuse in one sentence when its weights do not fit there."""
     import torch
