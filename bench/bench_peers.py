@@ -22,8 +22,10 @@ with llama.cpp's reference quantizer (`q4_k`) and with an importance matrix from
 HQQ (the `hqq` package, g64) and llm-compressor's GPTQ when installed (requirements-bench.txt, `./run bench-peers`);
 a peer that is not installed prints one `skipped` line. Tried and not adopted (docs/methods.md), measured only when
 named in --methods: AWQ-style scaling before RTN or GPTQ-seq (`awq-*`, bench/awq_fold.py) and learned rounding
-(`signround-w4g64`, `signround-w3g64`, bench/signround.py; `SIGNROUND_STEPS`, default 100), and gptq-seq's codes
-refined by it on gptq-seq's own grid (`gptq-seq-signround-w4g64`, `-w3g64`).
+(`signround-w4g64`, `signround-w3g64`, bench/signround.py; `SIGNROUND_STEPS`, default 100), gptq-seq's codes
+refined by it on gptq-seq's own grid (`gptq-seq-signround-w4g64`, `-w3g64`), and inputs rotated by random orthogonal
+matrices before RTN, GPTQ or gptq-seq and folded back after (`rot-gptq-seq-w3g64`, ...; `had-...`: a signed Hadamard
+Kronecker a small random orthogonal matrix, which a runtime can apply fast; bench/rotate_fold.py).
 Every calibrated method (gptq, gptq-seq, imatrix, awq, signround) draws the same calibration tokens: the default
 recipe's mix, `--calib-sequences` x `--calib-len` tokens (default: the w4g64 preset's recipe), or the mix given
 with --calibration.
@@ -64,6 +66,7 @@ class Method:
     path: str | None = None  # planfile: a plan YAML over the block linears
     awq: bool = False  # plan: AWQ-style scales folded in first (bench/awq_fold.py), searched at the rule's format
     refine: bool = False  # plan: the rule's codes then refined by learned rounding on its grid (bench/signround.py)
+    rotate: str | None = None  # plan: inputs rotated first ("orthogonal" or "hadamard"), folded back (rotate_fold.py)
     default: bool = True  # measured by a run without --methods (tried-and-not-adopted methods run only when named)
 
 
@@ -74,6 +77,10 @@ def methods() -> dict[str, Method]:
     out += [Method(f"awq-{method}-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": method},
                    awq=True, default=False)
             for method in ("rtn", "gptq-seq") for bits in (4, 3)]
+    out += [Method(f"{prefix}-{method}-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": method},
+                   rotate=kind, default=False)
+            for prefix, kind in (("rot", "orthogonal"), ("had", "hadamard"))
+            for method in ("rtn", "gptq", "gptq-seq") for bits in (4, 3)]
     out += [Method(f"signround-w{bits}g64", "signround", bits=bits, group_size=64, default=False) for bits in (4, 3)]
     out += [Method(f"gptq-seq-signround-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": "gptq-seq"},
                    refine=True, default=False) for bits in (4, 3)]
@@ -340,9 +347,23 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
             folded = awq_fold_(model, calibration(), method.weights["bits"], method.weights["group_size"])
             extra = {"awq_seconds": round(folded["seconds"], 1),
                      "awq_alphas": [round(g["alpha"], 2) for g in folded["groups"]]}
+        rotated = None
+        if method.rotate:
+            from rotate_fold import rotate_
+
+            rotated = rotate_(model, rows, kind=method.rotate)
+            probe_ids = calibration()[:2, :128]
+            with torch.no_grad():
+                before, after = reference(input_ids=probe_ids).logits, model(input_ids=probe_ids).logits
+            extra = {"rotation_sources": rotated["sources"],
+                     "rotated_logits_rel_diff": float((after - before).norm() / before.norm())}
         result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
         if folded:
             result["seconds"] += folded["seconds"]
+        if rotated:
+            from rotate_fold import unrotate_
+
+            result["seconds"] += rotated["seconds"] + unrotate_(rotated)
         if method.refine:
             from signround import signround_
 
