@@ -141,11 +141,16 @@ def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None,
         weight, state, fallback = _compress_ggml(module.weight.data, row, hessian)
         module.weight.data = weight
         return [state], fallback
-    if len(members) == 1 and hessian is None and row.prune is None and row.weights and not row.weights.is_float:
-        module, spec = members[0], row.weights  # RTN (or a calibrated method without statistics: its fallback)
-        module.weight.data, scale, zero = rtn_by_rows(module.weight.data, spec.bits, spec.group_size, spec.symmetric)
-        fallback = {"weights": spec.method} if spec.method != "rtn" else {}
-        return [QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero)], fallback
+    if hessian is None and row.prune is None and row.weights and not row.weights.is_float:
+        # RTN (or a calibrated method without statistics: its fallback): rows are independent, so members sharing an
+        # input are rounded one at a time, a block of rows at a time, never as one float32 stack (an 8B's gate/up
+        # stack is 470 MB in float32, and whole-matrix rounding holds several of those)
+        spec, states = row.weights, []
+        for module in members:
+            module.weight.data, scale, zero = rtn_by_rows(module.weight.data, spec.bits, spec.group_size,
+                                                          spec.symmetric)
+            states.append(QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero))
+        return states, ({"weights": spec.method} if spec.method != "rtn" else {})
     weight = torch.cat([m.weight.data for m in members]) if len(members) > 1 else members[0].weight.data
     weight, state, fallback = _compress_weight(weight.float(), row, hessian, cross)  # float32 math, stored as it was
     states, start = [], 0
