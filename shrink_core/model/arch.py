@@ -120,11 +120,8 @@ def first_block_input(model, ids: torch.Tensor, attention_mask: torch.Tensor | N
         raise _Stop
 
     handle = decoder_layers(model)[0].register_forward_pre_hook(grab, with_kwargs=True)
-    mask = {} if attention_mask is None else {"attention_mask": attention_mask.to(model_device(model))}
     try:
-        model(input_ids=ids.to(model_device(model)), use_cache=False, **mask)
-    except _Stop:
-        pass
+        _forward_until_stopped(model, ids, attention_mask)
     finally:
         handle.remove()
     return captured["hidden"], captured["kwargs"]
@@ -150,15 +147,21 @@ def block_kwargs(model, ids: torch.Tensor, upto: int | None = None, run_blocks: 
             raise _Stop
 
     handles = [layer.register_forward_pre_hook(grab, with_kwargs=True) for layer in layers]
+    try:
+        _forward_until_stopped(model, ids, attention_mask)
+    finally:
+        for handle in handles:
+            handle.remove()
+    return captured
+
+
+def _forward_until_stopped(model, ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> None:
+    """A forward over `ids` (on the model's device) that a hook ends by raising _Stop."""
     mask = {} if attention_mask is None else {"attention_mask": attention_mask.to(model_device(model))}
     try:
         model(input_ids=ids.to(model_device(model)), use_cache=False, **mask)
     except _Stop:
         pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return captured
 
 
 def _identity(hidden_states, *args, **kwargs):
