@@ -318,6 +318,19 @@ with right:
                 st.error(refusal)
             else:
                 st.rerun()
+    rotate = st.checkbox(
+        "Rotate inputs (Hadamard) before quantizing", plan.rotate is not None, key=f"rotate_{plan.rotate}",
+        help="Every block linear quantized to integers reads its input through a fixed random rotation (a signed "
+             "Hadamard Kronecker a small orthogonal matrix), so outlier channels are spread before rounding. On "
+             "SmolLM2 with gptq-seq g64 it lowered KL on all nine languages measured, 9-21% at 4 bits and 7-14% at "
+             "3 bits (docs/methods.md). Same bytes; the codes are in the rotated basis, so a runtime must rotate "
+             "each such layer's input: the GGUF and compressed-tensors exports refuse such a candidate.")
+    if rotate != (plan.rotate is not None):
+        refusal = plan_edit.try_apply(lambda: plan_edit.with_rotation(state.plan_draft(), rotate), rows)
+        if refusal:
+            st.error(refusal)
+        else:
+            st.rerun()
 show_explanation()
 
 # ------------------------------------------------------------------ planner

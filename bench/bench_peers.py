@@ -24,8 +24,9 @@ a peer that is not installed prints one `skipped` line. Tried and not adopted (d
 named in --methods: AWQ-style scaling before RTN or GPTQ-seq (`awq-*`, bench/awq_fold.py) and learned rounding
 (`signround-w4g64`, `signround-w3g64`, bench/signround.py; `SIGNROUND_STEPS`, default 100), gptq-seq's codes
 refined by it on gptq-seq's own grid (`gptq-seq-signround-w4g64`, `-w3g64`), and inputs rotated by random orthogonal
-matrices before RTN, GPTQ or gptq-seq and folded back after (`rot-gptq-seq-w3g64`, ...; `had-...`: a signed Hadamard
-Kronecker a small random orthogonal matrix, which a runtime can apply fast; bench/rotate_fold.py).
+matrices before RTN, GPTQ or gptq-seq and folded back after (`rot-gptq-seq-w3g64`, ...; bench/rotate_fold.py), and
+the engine's own input rotation (`had-...`: the plan's `rotate: hadamard`, a signed Hadamard Kronecker a small random
+orthogonal matrix, which a runtime can apply fast; shrink_core/compression/rotate.py).
 Every calibrated method (gptq, gptq-seq, imatrix, awq, signround) draws the same calibration tokens: the default
 recipe's mix, `--calib-sequences` x `--calib-len` tokens (default: the w4g64 preset's recipe), or the mix given
 with --calibration.
@@ -66,7 +67,9 @@ class Method:
     path: str | None = None  # planfile: a plan YAML over the block linears
     awq: bool = False  # plan: AWQ-style scales folded in first (bench/awq_fold.py), searched at the rule's format
     refine: bool = False  # plan: the rule's codes then refined by learned rounding on its grid (bench/signround.py)
-    rotate: str | None = None  # plan: inputs rotated first ("orthogonal" or "hadamard"), folded back (rotate_fold.py)
+    # plan: inputs rotated first, folded back: "orthogonal" (dense, bench/rotate_fold.py) or "hadamard" (the engine's
+    # plan option `rotate: hadamard`)
+    rotate: str | None = None
     default: bool = True  # measured by a run without --methods (tried-and-not-adopted methods run only when named)
 
 
@@ -229,6 +232,8 @@ def quantize_plan(model, method: Method, kinds: list[str], calibration, recipe) 
     from shrink_core.plan import plan_from_dict
 
     data = {"version": 1, "name": method.name, "rules": [{"kind": kinds, "weights": method.weights}]}
+    if method.rotate == "hadamard":
+        data["rotate"] = "hadamard"
     plan = plan_from_dict(data)
     if plan.needs_calibration:
         data["calibration"] = recipe.to_dict()
@@ -348,10 +353,10 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
             extra = {"awq_seconds": round(folded["seconds"], 1),
                      "awq_alphas": [round(g["alpha"], 2) for g in folded["groups"]]}
         rotated = None
-        if method.rotate:
+        if method.rotate == "orthogonal":
             from rotate_fold import rotate_
 
-            rotated = rotate_(model, rows, kind=method.rotate)
+            rotated = rotate_(model, rows)
             probe_ids = calibration()[:2, :128]
             with torch.no_grad():
                 before, after = reference(input_ids=probe_ids).logits, model(input_ids=probe_ids).logits

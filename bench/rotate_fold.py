@@ -6,8 +6,9 @@ full-precision function is unchanged (up to float rounding). Outlier input chann
 and the quantizer (RTN, GPTQ, gptq-seq) sees the rotated inputs through its own hooks: GPTQ's H becomes R H R^T. After
 quantization the rotation is folded back into the weight (Q R), so the measured model is a plain one holding exactly
 what a runtime that applies R to each layer's input would compute with the stored codes. The codes' bytes are the
-plan's; R costs a seed. What it would cost at inference (a dense (in, in) product per source and token, or a fast
-Hadamard transform where the width allows one) is not measured here.
+plan's; R costs a seed. At inference a dense R is an (in, in) product per source and token, not measured here. The
+fast form (a signed Hadamard Kronecker a small orthogonal matrix) is the engine's: the plan's `rotate: hadamard`,
+shrink_core/compression/rotate.py, measured as the bench's `had-*` methods.
 """
 from __future__ import annotations
 
@@ -23,22 +24,9 @@ def _orthogonal(n: int, generator: torch.Generator) -> torch.Tensor:
     return q * torch.sign(torch.diagonal(r))  # Haar-distributed
 
 
-def _hadamard_kron(n: int, generator: torch.Generator) -> torch.Tensor:
-    """A rotation a runtime can apply in O(n log n): a Sylvester Hadamard of the largest power of two dividing n, with
-    random signs on its inputs, Kronecker a random orthogonal matrix of the odd rest (576 = 64 x 9, 1536 = 512 x 3);
-    every output channel still mixes every input channel."""
-    power = n & -n
-    hadamard = torch.ones(1, 1, dtype=torch.float64)
-    while hadamard.shape[0] < power:
-        hadamard = torch.cat([torch.cat([hadamard, hadamard], 1), torch.cat([hadamard, -hadamard], 1)])
-    signs = torch.randint(0, 2, (power,), generator=generator).double() * 2 - 1
-    return torch.kron((hadamard * signs / power ** 0.5).contiguous(), _orthogonal(n // power, generator).contiguous())
-
-
-def rotate_(model, rows, seed: int = 0, kind: str = "orthogonal") -> dict:
-    """Rotate every row's module (inventory rows of block linears) in place; returns what `unrotate_` needs.
-    kind: "orthogonal" (Haar random, dense) or "hadamard" (`_hadamard_kron`, fast to apply)."""
-    make = {"orthogonal": _orthogonal, "hadamard": _hadamard_kron}[kind]
+def rotate_(model, rows, seed: int = 0) -> dict:
+    """Rotate every row's module (inventory rows of block linears) in place by a Haar-random dense R; returns what
+    `unrotate_` needs. (The fast Hadamard form is the engine's plan option `rotate: hadamard`.)"""
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
     rotations: dict[tuple[int, str], torch.Tensor] = {}
@@ -47,7 +35,7 @@ def rotate_(model, rows, seed: int = 0, kind: str = "orthogonal") -> dict:
         module = model.get_submodule(row.name)
         key = (row.block, input_source(row.name, row.kind))
         if key not in rotations:
-            rotations[key] = make(module.weight.shape[1], generator)
+            rotations[key] = _orthogonal(module.weight.shape[1], generator)
         rotation = rotations[key]
         weight = module.weight.data
         module.weight.data = (weight.double() @ rotation.T).to(weight.dtype)

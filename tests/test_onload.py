@@ -44,12 +44,13 @@ def test_the_blocks_arguments_are_the_same_without_running_the_blocks(family):
         assert not _same(passed[0], passed[1])
 
 
-@pytest.mark.parametrize("method", ["gptq", "gptq-seq"])
-def test_the_onload_path_gives_the_plain_paths_bits(monkeypatch, method):
+@pytest.mark.parametrize("method,rotate", [("gptq", False), ("gptq-seq", False), ("gptq-seq", True)])
+def test_the_onload_path_gives_the_plain_paths_bits(monkeypatch, method, rotate):
     """The onload path forced onto the CPU (where a GPU would be): blocks that pass their input through for the
     per-block arguments, inputs and states moved, and the same weights, bit for bit (gptq-seq: with the
-    full-precision block copy and its stream too)."""
-    plan = {**GPTQ, "rules": [{**GPTQ["rules"][0], "weights": {**GPTQ["rules"][0]["weights"], "method": method}}]}
+    full-precision block copy and its stream too; rotated: each block's rotations made and folded back there)."""
+    plan = {**GPTQ, "rules": [{**GPTQ["rules"][0], "weights": {**GPTQ["rules"][0]["weights"], "method": method}}],
+            **({"rotate": "hadamard"} if rotate else {})}
     ids = torch.randint(0, 256, (8, 48), generator=torch.Generator().manual_seed(1))
     plain, onloaded = tiny_llama(seed=3), tiny_llama(seed=3)
     # the forwards as the model is on both sides (onloading never uses the CPU's bf16 autocast for fp32 models)
@@ -60,6 +61,7 @@ def test_the_onload_path_gives_the_plain_paths_bits(monkeypatch, method):
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), onloaded.state_dict().values()))
     assert any("sequential onloading" in note for note in report.notes)
     assert report.quant_states and all(s.scale.device.type == "cpu" for s in report.quant_states.values())
+    assert all((s.rotation is not None) == rotate for s in report.quant_states.values())
 
 
 @pytest.mark.parametrize("family", ["llama", "gemma3_text", "opt", "gpt2", "qwen2_moe"])

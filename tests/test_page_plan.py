@@ -350,3 +350,18 @@ def test_a_calibrated_drafts_prediction_stands_on_its_methods_stored_error_ratio
     (caption,) = [c.value for c in at.caption if c.value.startswith("Scores scaled by gptq-seq's own output error")]
     # w3g64's scores have no ratio: they stay RTN's
     assert "median ratio en 0.50, zh 0.50" in caption and f"{len(ratios)} of {2 * len(ratios)} scores" in caption
+
+
+def test_rotating_inputs_is_a_tick_on_the_draft_and_keeps_its_rules(stored_tiny):
+    at = page().run()
+    assert not at.exception, at.exception
+    box = next(c for c in at.checkbox if c.label.startswith("Rotate inputs"))
+    assert box.value is False
+    before = load_plan(at.session_state["plan_draft"])
+    box.check().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    plan = load_plan(at.session_state["plan_draft"])
+    assert plan.rotate is not None and plan.rotate.kind == "hadamard" and plan.rules == before.rules
+    assert "rotate: {kind: hadamard, seed: 0}" in next(t for t in at.text_area if t.label == "plan.yaml").value
+    next(c for c in at.checkbox if c.label.startswith("Rotate inputs")).uncheck().run()
+    assert load_plan(at.session_state["plan_draft"]).rotate is None

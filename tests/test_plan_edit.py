@@ -24,3 +24,12 @@ def test_a_presets_counts_are_kept_and_bad_mixes_are_refused_as_plan_errors():
         with_calibration_mix(text, "en=lots")
     with pytest.raises(PlanError, match="must be positive"):
         with_calibration_mix(text, "en=0")
+
+
+def test_rotation_is_set_and_cleared_and_nothing_else_moves():
+    from shrink_core.plan.edit import with_rotation
+
+    plan = load_plan(with_rotation(RTN_GPTQ, True, seed=5))
+    assert plan.rotate.kind == "hadamard" and plan.rotate.seed == 5
+    assert plan.rules == load_plan(RTN_GPTQ).rules and plan.calibration == load_plan(RTN_GPTQ).calibration
+    assert load_plan(with_rotation(dump_plan(plan), False)) == load_plan(RTN_GPTQ)

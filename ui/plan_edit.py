@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
-from shrink_core.plan.edit import with_calibration_mix, with_rules_first, without_shadowed  # noqa: F401 (the page calls them here)
+from shrink_core.plan.edit import with_calibration_mix, with_rotation, with_rules_first, without_shadowed  # noqa: F401 (the page calls them here)
 from shrink_core.plan.menu import setting_name
 from shrink_core.plan.planner import SETTINGS
 from shrink_core.plan.presets import PRESETS

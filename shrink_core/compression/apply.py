@@ -29,6 +29,7 @@ from shrink_core.compression.prune import (
     supports_structured,
     sync_config_,
 )
+from shrink_core.compression.rotate import Rotation, rotated_inputs
 from shrink_core.compression.simulate import attach_simulation_
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
@@ -52,6 +53,7 @@ class QuantState:
     symmetric: bool
     scale: torch.Tensor  # (out, groups) float32 holding float16 values
     zero: torch.Tensor  # (out, groups) integer-valued
+    rotation: Rotation | None = None  # set: the codes are those of the weight times R^T (compression/rotate.py)
 
     def weight_format(self) -> WeightFormat:
         return WeightFormat(self.bits, self.group_size, self.symmetric)
@@ -248,6 +250,52 @@ def _single_thread():
         torch.set_num_threads(threads)
 
 
+MAX_ODD_FACTOR = 256  # a rotation's dense factor: width / its largest power of two (9 for 576, 7 for 14336)
+
+
+def _rotatable(row: ResolvedModule, module) -> bool:
+    """Integer weights, no mask, a Linear (not a transposed Conv1D or fused experts), and a width whose odd factor
+    keeps the dense part of the rotation small."""
+    weights, width = row.weights, getattr(module, "in_features", 0)
+    return (isinstance(module, torch.nn.Linear) and weights is not None and not weights.is_float
+            and weights.ggml is None and row.prune is None and width > 0
+            and width // (width & -width) <= MAX_ODD_FACTOR)
+
+
+def _rotations(plan: Plan, block: int, rows: list[ResolvedModule], modules: dict) -> tuple[dict, list[str]]:
+    """(name -> Rotation for this block's modules, names left unrotated). Modules reading one input share its
+    rotation, so a source is rotated only when every module reading it can be: otherwise none of them is."""
+    if plan.rotate is None:
+        return {}, []
+    by_source: dict[str, list[ResolvedModule]] = {}
+    for row in rows:
+        by_source.setdefault(calibrate.input_source(row.name, row.kind), []).append(row)
+    rotations, unrotated = {}, []
+    for source, members in by_source.items():
+        if all(_rotatable(row, modules[row.name]) for row in members):
+            for row in members:
+                rotations[row.name] = Rotation(plan.rotate.seed, block, source, modules[row.name].in_features)
+        else:
+            unrotated += [row.name for row in members if row.weights is not None and not row.weights.is_float]
+    return rotations, unrotated
+
+
+def _rotation_notes(rotated: int, unrotated: list[str], plan: Plan) -> list[str]:
+    notes = []
+    if rotated:
+        notes.append(f"{rotated} block linears read their inputs through a {plan.rotate.kind} rotation (seed "
+                     f"{plan.rotate.seed}), and their codes are taken in the rotated basis: a runtime must rotate "
+                     "each such layer's input. The packed artifact stores them so; GGUF and compressed-tensors "
+                     "exports refuse them.")
+    if unrotated:
+        more = f" and {len(unrotated) - 3} more" if len(unrotated) > 3 else ""
+        notes.append(f"{len(unrotated)} quantized module(s) were not rotated ({', '.join(unrotated[:3])}{more}): "
+                     "they, or a module reading the same input, are kept in float, pruned, in a llama.cpp type, or "
+                     "not a plain Linear (a transposed Conv1D, fused experts), or the width's odd factor is over "
+                     f"{MAX_ODD_FACTOR}.")
+    return notes
+
+
 def _needs_hessian(row: ResolvedModule) -> str | None:
     """'full', 'diag' or None: the calibration statistic this module's action needs."""
     if row.tied_to or row.removed or row.block is None:
@@ -423,6 +471,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
         last_calibrated = max(calibrated_blocks, default=-1)
         kept_layers = list(decoder_layers(model))
         inputs = fp_inputs = None
+        rotated, unrotated = 0, []
         if calibrated_blocks:
             progress(0.05, "capturing calibration inputs")
             inputs = moved(calibrate.first_block_inputs(model, calibration, batch_size), work)
@@ -438,7 +487,9 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                 inputs = [(hidden, per_block[position]) for hidden, _ in inputs]
                 if fp_inputs is not None:
                     fp_inputs = [(hidden, per_block[position]) for hidden, _ in fp_inputs]
-            with onloaded(layer, work):
+            rotations, skipped = _rotations(plan, block, rows, modules)
+            unrotated += skipped
+            with onloaded(layer, work), rotated_inputs({name: modules[name] for name in rotations}, rotations):
                 fp_layer = copy.deepcopy(layer) if fp_inputs is not None and block <= last_calibrated else None
                 context = _BlockContext(layer, fp_layer, inputs, fp_inputs, modules, calibration, states, seconds,
                                         fallbacks, importance, shrink=used_recipe.shrink)
@@ -451,6 +502,9 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                     if fp_inputs is not None:
                         fp_inputs = context.fp_outputs or calibrate.run_block(fp_layer, fp_inputs)
                 del fp_layer, context
+            for name, rotation in rotations.items():
+                states[name] = replace(states[name], rotation=rotation)
+                rotated += 1
             if work is not None:
                 _bring_home_(states, importance, [row.name for row in rows])
             if block in calibrated_blocks:
@@ -469,6 +523,7 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                     fallbacks[row.name] = fallback
                 seconds[row.name] = time.perf_counter() - t1
         timings["compress_s"] = time.perf_counter() - t0
+        notes += _rotation_notes(rotated, unrotated, plan)
         if work is not None:
             notes.append(f"Each block was calibrated and compressed on {work} in turn (sequential onloading); the "
                          f"model stayed on {model_device(model)}.")

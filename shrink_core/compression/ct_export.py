@@ -107,6 +107,10 @@ def _scheme_for(name: str, module, state, shared: bool) -> CtScheme:
     if not isinstance(state, QuantState):  # a llama.cpp type: its own block layout, not an integer grid
         raise ShrinkError(f"{name} is stored as a llama.cpp type, which compressed-tensors cannot express; use an "
                           "int4 or int8 rtn/gptq weight spec for it.")
+    if state.rotation is not None:
+        raise ShrinkError(f"{name} was quantized with its input rotated (the plan's rotate), and this export does not "
+                          "write the rotation a runtime would need; remove rotate from the plan to export to "
+                          "compressed-tensors.")
     if not isinstance(module, torch.nn.Linear):
         kind = "an embedding" if isinstance(module, torch.nn.Embedding) else f"a {type(module).__name__}"
         raise ShrinkError(f"{name} is {kind}, and the compressed-tensors export quantizes Linear layers only; keep "

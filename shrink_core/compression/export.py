@@ -51,13 +51,17 @@ def packed_tensors(model, report) -> tuple[dict[str, torch.Tensor], dict]:
                     tensors[f"{key}.blocks"] = state.data.contiguous()
                 layout[key] = {"ggml": state.stored, "requested": state.requested, "shape": list(param.shape)}
             elif state is not None:
-                codes = quantize(param.data, state.scale, state.zero, state.bits, state.group_size)  # (out, in)
+                # a rotated module holds Q R: its codes are Q's, in the basis its input is rotated into
+                weight = param.data if state.rotation is None else state.rotation.apply(param.data.float())
+                codes = quantize(weight, state.scale, state.zero, state.bits, state.group_size)  # (out, in)
                 tensors[f"{key}.codes"] = pack(codes, state.bits)
                 tensors[f"{key}.scales"] = state.scale.half().contiguous()
                 if not state.symmetric:
                     tensors[f"{key}.zeros"] = state.zero.to(torch.uint8).contiguous()
                 layout[key] = {"bits": state.bits, "group_size": state.group_size, "symmetric": state.symmetric,
                                "shape": list(param.shape)}
+                if state.rotation is not None:
+                    layout[key]["input_rotation"] = state.rotation.describe()
             elif name in float_bits and param_name == "weight":
                 tensors[key] = param.data.to(float_dtype[float_bits[name]]).contiguous()
             else:

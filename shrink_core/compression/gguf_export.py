@@ -23,6 +23,9 @@ def gguf_tensors(model, report) -> dict[str, GgufTensor]:
     for name, state in report.quant_states.items():
         name = now.get(name, name)
         weight = modules[name].weight.data
+        if getattr(state, "rotation", None) is not None:
+            raise ShrinkError(f"{name} was quantized with its input rotated (the plan's rotate), which a GGUF file "
+                              "cannot hold; remove rotate from the plan and give it a llama.cpp type to export GGUF.")
         if not isinstance(state, GgmlState):
             raise ShrinkError(f"{name} is in the engine's {state.weight_format().bits}-bit integer format, which no "
                               "GGUF type stores exactly; give it a llama.cpp type in the plan (weights: {ggml: Q4_K}) "

@@ -132,6 +132,8 @@ def why_not(spec: WeightFormat, module, state=None) -> str | None:
         return f"{type(module).__name__} has no packed kernel here (linears only)"
     if spec.ggml is not None:
         return f"{spec.ggml} is a llama.cpp block format: measure it on llama.cpp (measure --runtime llama.cpp)"
+    if getattr(state, "rotation", None) is not None:
+        return "its codes are in a rotated input basis (the plan's rotate), and this runtime has no input rotation"
     if spec.bits == 4:
         if spec.group_size not in INT4_GROUPS:
             return f"int4 needs group size 32/64/128/256, not {spec.group_size}"

@@ -7,7 +7,7 @@ from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
 from shrink_core.evaluation.slices import get_slice
 from shrink_core.plan.io import load_plan
-from shrink_core.plan.spec import PlanError, dump_plan, plan_to_dict
+from shrink_core.plan.spec import PlanError, RotateSpec, dump_plan, plan_to_dict
 
 
 def with_rules_first(yaml_text: str, new_rules: list[dict], replace_names: set[str] = frozenset(), rows=None) -> str:
@@ -47,3 +47,9 @@ def with_calibration_mix(yaml_text: str, mix_text: str) -> str:
     except ShrinkError as exc:
         raise PlanError(str(exc)) from None
     return dump_plan(dataclasses.replace(plan, calibration=recipe))
+
+
+def with_rotation(yaml_text: str, rotate: bool, seed: int = 0) -> str:
+    """The plan with its block linears' inputs rotated before quantization (`rotate: hadamard`), or without."""
+    plan = load_plan(yaml_text)
+    return dump_plan(dataclasses.replace(plan, rotate=RotateSpec(seed=seed) if rotate else None))

@@ -228,6 +228,24 @@ class Rule:
         return " ".join(p for p in parts if p)
 
 
+ROTATE_KINDS = ("hadamard",)
+
+
+@dataclass(frozen=True)
+class RotateSpec:
+    """Rotate the inputs of the block linears quantized to integers before quantizing them (compression/rotate.py):
+    the codes are taken in the rotated basis, so a runtime must apply the rotation to each such layer's input."""
+
+    kind: str = "hadamard"
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.kind not in ROTATE_KINDS:
+            raise PlanError(f"rotate: kind '{self.kind}' is unknown; use {', '.join(ROTATE_KINDS)}.")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise PlanError(f"rotate: seed must be a whole number >= 0, not {self.seed!r}.")
+
+
 @dataclass(frozen=True)
 class Plan:
     rules: tuple[Rule, ...]
@@ -235,6 +253,7 @@ class Plan:
     name: str = ""
     description: str = ""
     calibration: CalibrationRecipe | None = None
+    rotate: RotateSpec | None = None
 
     def __post_init__(self):
         if self.version != PLAN_VERSION:
@@ -337,7 +356,13 @@ def plan_from_dict(data) -> Plan:
             calibration = CalibrationRecipe.from_dict(calibration)
         except ShrinkError as exc:
             raise PlanError(f"The plan's {exc}") from None
-    return Plan(rules=tuple(_rule_from_dict(r, i + 1) for i, r in enumerate(rules)), calibration=calibration, **data)
+    rotate = data.pop("rotate", None)
+    if isinstance(rotate, str):
+        rotate = {"kind": rotate}
+    if rotate is not None:
+        rotate = RotateSpec(**_check_keys(rotate, _keys(RotateSpec), "the plan's rotate"))
+    return Plan(rules=tuple(_rule_from_dict(r, i + 1) for i, r in enumerate(rules)), calibration=calibration,
+                rotate=rotate, **data)
 
 
 def _clean(obj):
@@ -378,6 +403,8 @@ def dump_plan(plan: Plan) -> str:
                 rule[key] = _FlowDict(rule[key])
     if "calibration" in data:
         data["calibration"]["mix"] = _FlowDict(data["calibration"]["mix"])
+    if "rotate" in data:
+        data["rotate"] = _FlowDict(data["rotate"])
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=10_000)  # no folded lines
 
 

@@ -114,14 +114,19 @@ def plan_summary(plan: dict | None) -> str:
     """One line per rule: what it selects and what it does; "unchanged (reference)" without a plan."""
     if plan is None:
         return "unchanged (reference)"
-    return "; ".join(f"{what}: {action}" for what, action in _rules(plan))
+    rotate = plan.get("rotate")
+    rotated = [f"inputs rotated ({rotate.get('kind', 'hadamard')}, seed {rotate.get('seed', 0)})"] if rotate else []
+    return "; ".join([f"{what}: {action}" for what, action in _rules(plan)] + rotated)
 
 
 def plan_lines(plan: dict | None) -> list[str]:
     """The plan as readable rules, one per line: "kind=q,k,v blocks=[0-5, 9] -> int4 g64 asym rtn"."""
     if plan is None:
         return ["unchanged (reference): weights as loaded"]
-    return [f"{what} -> {action}" for what, action in _rules(plan)] or ["no rules: weights as loaded"]
+    rotate = plan.get("rotate")
+    rotated = [f"quantized linears' inputs rotated first ({rotate.get('kind', 'hadamard')}, seed "
+               f"{rotate.get('seed', 0)})"] if rotate else []
+    return [f"{what} -> {action}" for what, action in _rules(plan)] + rotated or ["no rules: weights as loaded"]
 
 
 def format_summary(plan: dict | None) -> str:
@@ -143,7 +148,10 @@ def format_summary(plan: dict | None) -> str:
     parts = []
     if ggml:
         parts.append(f"llama.cpp {', '.join(sorted(ggml))} (GGUF blocks; quality scored on the file's exact values)")
-    if ints:
+    if ints and plan.get("rotate"):
+        parts.append(f"{', '.join(sorted(ints))} with inputs rotated ({plan['rotate'].get('kind', 'hadamard')}; "
+                     "engine packed, a runtime must rotate each layer's input; no GGUF or compressed-tensors)")
+    elif ints:
         parts.append(f"{', '.join(sorted(ints))} (engine packed; compressed-tensors for int4/int8)")
     if floats:
         parts.append(", ".join(sorted(floats)))

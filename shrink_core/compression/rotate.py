@@ -1,0 +1,106 @@
+"""Input rotations around a block's quantization (incoherence processing, as in QuIP# and QuaRot).
+
+Every block linear of an input source (q/k/v share one input, gate/up one, o and down one each) reads that input
+through one orthogonal R, and its weight becomes W R^T: (x R^T)(W R^T)^T = x W^T, so the full-precision function is
+unchanged. An outlier input channel is spread over all channels, so the quantizer sees a flatter weight and input, and
+the calibrated methods' hooks see the rotated inputs (GPTQ's H becomes R H R^T). After the block is quantized, R is
+folded back (Q R): the model in memory is a plain one computing what a runtime that applies R to each layer's input
+computes from the stored codes, which are those of Q, in the rotated basis.
+
+R = kron(A, B): A a Sylvester Hadamard of the width's largest power-of-two factor with random signs on its inputs,
+B a Haar-random orthogonal matrix of the odd rest (576 = 64 x 9, 1536 = 512 x 3, 14336 = 2048 x 7). Applying it
+costs a fast Walsh-Hadamard transform and a small dense product, O(n log n); no (n, n) matrix is ever made. It is
+regenerated from (seed, block, source), so a plan stores a seed, not matrices.
+"""
+from __future__ import annotations
+
+import zlib
+from contextlib import contextmanager
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+
+ROTATION_KINDS = ("hadamard",)
+
+
+@lru_cache(maxsize=64)
+def _factors(seed: int, block: int, source: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(signs (p,), B (q, q)) in float64 for size = p * q, p the largest power of two dividing size."""
+    power = size & -size
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{block}:{source}".encode()))
+    signs = torch.randint(0, 2, (power,), generator=generator).double() * 2 - 1
+    q, r = torch.linalg.qr(torch.randn(size // power, size // power, generator=generator, dtype=torch.float64))
+    return signs, q * torch.sign(torch.diagonal(r))  # Haar-distributed
+
+
+def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
+    """x H over the last dimension (a power of two), H the unnormalised Sylvester Hadamard: H_2n = [[H, H], [H, -H]]."""
+    n = x.shape[-1]
+    shape, h = x.shape, 1
+    while h < n:
+        pairs = x.reshape(-1, n // (2 * h), 2, h)
+        x = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2)
+        h *= 2
+    return x.reshape(shape)
+
+
+@dataclass(frozen=True)
+class Rotation:
+    """One input source's R (size, size) in one block; see the module docstring."""
+
+    seed: int
+    block: int
+    source: str
+    size: int
+
+    def _parts(self, x: torch.Tensor):
+        signs, odd = _factors(self.seed, self.block, self.source, self.size)
+        power = signs.numel()
+        return signs.to(x.device, x.dtype), odd.to(x.device, x.dtype), power, odd.shape[0]
+
+    def apply(self, x: torch.Tensor) -> torch.Tensor:
+        """x R^T over the last dimension: with X = x as (p, q), A X B^T, A = H diag(signs) / sqrt(p)."""
+        signs, odd, p, q = self._parts(x)
+        grid = x.reshape(*x.shape[:-1], p, q).transpose(-1, -2) * signs  # (..., q, p): A acts on p
+        grid = walsh_hadamard(grid) / p ** 0.5
+        return (grid.transpose(-1, -2) @ odd.T).reshape(x.shape)
+
+    def invert(self, x: torch.Tensor) -> torch.Tensor:
+        """x R over the last dimension: A^T X B."""
+        signs, odd, p, q = self._parts(x)
+        grid = (x.reshape(*x.shape[:-1], p, q) @ odd).transpose(-1, -2)
+        grid = walsh_hadamard(grid) / p ** 0.5 * signs
+        return grid.transpose(-1, -2).reshape(x.shape)
+
+    def describe(self) -> dict:
+        return {"kind": "hadamard", "seed": self.seed, "block": self.block, "source": self.source, "size": self.size,
+                "odd_factor": self.size // (self.size & -self.size)}
+
+
+def _rotated_input(rotation: Rotation):
+    def hook(module, args):
+        x = args[0]
+        return (rotation.apply(x.float()).to(x.dtype), *args[1:])
+    return hook
+
+
+@contextmanager
+def rotated_inputs(modules: dict[str, torch.nn.Module], rotations: dict[str, Rotation]):
+    """Within the block: each module (name -> module) reads its input through rotations[name] and holds W R^T.
+    On exit R is folded back into the weight (now W' R, W' what the quantizer left), in float32 math, stored in the
+    weight's dtype. A module that should not keep the change (it was not quantized) is restored by the caller."""
+    handles = []
+    try:
+        for name, module in modules.items():
+            rotation = rotations[name]
+            weight = module.weight.data
+            module.weight.data = rotation.apply(weight.float()).to(weight.dtype)
+            handles.append(module.register_forward_pre_hook(_rotated_input(rotation)))
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+        for name, module in list(modules.items())[:len(handles)]:
+            weight = module.weight.data
+            module.weight.data = rotations[name].invert(weight.float()).to(weight.dtype)
