@@ -70,6 +70,7 @@ class Method:
     # plan: inputs rotated first, folded back: "orthogonal" (dense, bench/rotate_fold.py) or "hadamard" (the engine's
     # plan option `rotate: hadamard`)
     rotate: str | None = None
+    lut: bool = False  # plan: per-row codebooks in place of the uniform grid (bench/lut_quant.py; group_size channel)
     default: bool = True  # measured by a run without --methods (tried-and-not-adopted methods run only when named)
 
 
@@ -84,6 +85,10 @@ def methods() -> dict[str, Method]:
                    rotate=kind, default=False)
             for prefix, kind in (("rot", "orthogonal"), ("had", "hadamard"))
             for method in ("rtn", "gptq", "gptq-seq") for bits in (4, 3)]
+    out += [Method(f"{prefix}lut-gptq-seq-w{bits}", "plan", {"bits": bits, "group_size": "channel",
+                                                               "method": "gptq-seq"},
+                   rotate=rotate, lut=True, default=False)
+            for prefix, rotate in (("", None), ("had-", "hadamard")) for bits in (3, 2)]
     out += [Method(f"signround-w{bits}g64", "signround", bits=bits, group_size=64, default=False) for bits in (4, 3)]
     out += [Method(f"gptq-seq-signround-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": "gptq-seq"},
                    refine=True, default=False) for bits in (4, 3)]
@@ -362,7 +367,14 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
                 before, after = reference(input_ids=probe_ids).logits, model(input_ids=probe_ids).logits
             extra = {"rotation_sources": rotated["sources"],
                      "rotated_logits_rel_diff": float((after - before).norm() / before.norm())}
-        result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
+        if method.lut:
+            from lut_quant import lut_bytes, lut_engine
+
+            with lut_engine(method.weights["bits"]):
+                result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
+            result["stored"] = {r.name: lut_bytes(r.shape, method.weights["bits"]) for r in rows}
+        else:
+            result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
         if folded:
             result["seconds"] += folded["seconds"]
         if rotated:

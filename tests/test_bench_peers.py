@@ -75,7 +75,8 @@ def test_the_method_menu_names_every_method_once():
     tried = {n for n, m in menu.items() if not m.default}
     assert tried == {"awq-rtn-w4g64", "awq-rtn-w3g64", "awq-gptq-seq-w4g64", "awq-gptq-seq-w3g64",
                      "signround-w4g64", "signround-w3g64", "gptq-seq-signround-w4g64", "gptq-seq-signround-w3g64",
-                     *(f"{r}-{m}-w{b}g64" for r in ("rot", "had") for m in ("rtn", "gptq", "gptq-seq") for b in (4, 3))}
+                     *(f"{r}-{m}-w{b}g64" for r in ("rot", "had") for m in ("rtn", "gptq", "gptq-seq") for b in (4, 3)),
+                     *(f"{r}lut-gptq-seq-w{b}" for r in ("", "had-") for b in (3, 2))}
 
 
 def test_markdown_table_marks_slices_outside_the_mix_and_names_both_worst_slices():

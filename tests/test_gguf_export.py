@@ -84,3 +84,19 @@ def test_export_command_writes_the_gguf_and_refuses_a_bad_path(tmp_path, capsys)
     assert "wrote" in capsys.readouterr().out and (tmp_path / "x.gguf").stat().st_size > 0
     assert entry.main(["export", "--plan", str(plan), "--format", "gguf", "--out", str(tmp_path / "x.bin")]) == 1
     assert "ending in .gguf" in capsys.readouterr().err
+
+
+def test_a_rotated_plan_is_refused_by_both_exports_in_one_sentence(tmp_path, capsys):
+    from shrink_core.cli import entry
+
+    plan = tmp_path / "rotated.yaml"
+    plan.write_text("version: 1\nrotate: hadamard\nrules:\n- {kind: [down], blocks: [0], weights: {bits: 4, "
+                    "group_size: 64}}\n", encoding="utf-8")
+    assert entry.main(["export", "--plan", str(plan), "--format", "gguf", "--out", str(tmp_path / "x.gguf")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]  # after the progress lines
+    assert "input rotated" in err and "which a GGUF file cannot hold" in err
+    assert entry.main(["export", "--plan", str(plan), "--format", "compressed-tensors", "--out",
+                       str(tmp_path / "ct")]) == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert "remove rotate from the plan to export to compressed-tensors" in err
+    assert not (tmp_path / "x.gguf").exists()

@@ -36,7 +36,7 @@ def sylvester(n: int) -> torch.Tensor:
     return h
 
 
-@pytest.mark.parametrize("size", [96, 64, 1536])  # 32 x 3, a power of two, SmolLM2's MLP width 512 x 3
+@pytest.mark.parametrize("size", [96, 64, 1536, 3072])  # 32 x 3, a power of two, 512 x 3, and 1024 x 3 (two stages)
 def test_the_rotation_is_the_orthogonal_kronecker_matrix_it_claims(size):
     rotation = Rotation(seed=3, block=1, source="model.layers.1.mlp:down", size=size)
     signs, odd = _factors(3, 1, rotation.source, size)

@@ -117,6 +117,7 @@ def obs_compress(
     sparsity: float | None = None,  # SparseGPT adaptive unstructured mask
     nm: tuple[int, int] | None = None,  # SparseGPT adaptive N:M mask
     mask: torch.Tensor | None = None,  # fixed keep-mask (out, in), e.g. from Wanda
+    codebook: torch.Tensor | None = None,  # (out, levels): each row's values, rounded to its nearest (bits None)
     block_size: int = 128,
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
@@ -173,7 +174,9 @@ def obs_compress(
                 keep_block.scatter_(1, torch.topk(saliency, n, dim=1).indices, True)
                 keep[:, column:column + m] = keep_block
             w = W1[:, i]
-            if bits is None:
+            if codebook is not None:
+                q = codebook.gather(1, (w.unsqueeze(1) - codebook).abs().argmin(1, keepdim=True)).squeeze(1)
+            elif bits is None:
                 q = w.clone() if keep is None else w * keep[:, column]
             else:
                 g = int(group_of[column])

@@ -9,7 +9,8 @@ computes from the stored codes, which are those of Q, in the rotated basis.
 
 R = kron(A, B): A a Sylvester Hadamard of the width's largest power-of-two factor with random signs on its inputs,
 B a Haar-random orthogonal matrix of the odd rest (576 = 64 x 9, 1536 = 512 x 3, 14336 = 2048 x 7). Applying it
-costs a fast Walsh-Hadamard transform and a small dense product, O(n log n); no (n, n) matrix is ever made. It is
+costs products with Hadamards of at most 256 wide (a wider one is a Kronecker product of those) and a small dense
+product; no (n, n) matrix is ever made. It is
 regenerated from (seed, block, source), so a plan stores a seed, not matrices.
 """
 from __future__ import annotations
@@ -34,15 +35,27 @@ def _factors(seed: int, block: int, source: str, size: int) -> tuple[torch.Tenso
     return signs, q * torch.sign(torch.diagonal(r))  # Haar-distributed
 
 
+@lru_cache(maxsize=16)
+def _sylvester(n: int) -> torch.Tensor:
+    h = torch.ones(1, 1, dtype=torch.float64)
+    while h.shape[0] < n:
+        h = torch.cat([torch.cat([h, h], 1), torch.cat([h, -h], 1)])
+    return h
+
+
+DENSE_HADAMARD = 256  # widest Hadamard multiplied as a matrix; wider ones are Kronecker products of these
+
+
 def walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """x H over the last dimension (a power of two), H the unnormalised Sylvester Hadamard: H_2n = [[H, H], [H, -H]]."""
+    """x H over the last dimension (a power of two), H the unnormalised Sylvester Hadamard: H_2n = [[H, H], [H, -H]].
+    H_ab = H_a (x) H_b, so a wide one is a (b, b) product along the low index bits, then the rest along the high ones:
+    matrix products of at most 256 wide, which BLAS runs faster than log2(n) butterfly passes through memory."""
     n = x.shape[-1]
-    shape, h = x.shape, 1
-    while h < n:
-        pairs = x.reshape(-1, n // (2 * h), 2, h)
-        x = torch.stack((pairs[:, :, 0] + pairs[:, :, 1], pairs[:, :, 0] - pairs[:, :, 1]), dim=2)
-        h *= 2
-    return x.reshape(shape)
+    if n <= DENSE_HADAMARD:
+        return x @ _sylvester(n).to(x.device, x.dtype)
+    low = x.reshape(*x.shape[:-1], n // DENSE_HADAMARD, DENSE_HADAMARD) @ _sylvester(DENSE_HADAMARD).to(x.device,
+                                                                                                       x.dtype)
+    return walsh_hadamard(low.transpose(-1, -2)).transpose(-1, -2).reshape(x.shape)
 
 
 @dataclass(frozen=True)
