@@ -22,8 +22,6 @@ from functools import lru_cache
 
 import torch
 
-ROTATION_KINDS = ("hadamard",)
-
 
 @lru_cache(maxsize=64)
 def _factors(seed: int, block: int, source: str, size: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -110,7 +108,7 @@ def _rotated_input(rotation: Rotation):
 def rotated_inputs(modules: dict[str, torch.nn.Module], rotations: dict[str, Rotation]):
     """Within the block: each module (name -> module) reads its input through rotations[name] and holds W R^T.
     On exit R is folded back into the weight (now W' R, W' what the quantizer left), in float32 math, stored in the
-    weight's dtype. A module that should not keep the change (it was not quantized) is restored by the caller."""
+    weight's dtype. The caller passes only modules it quantizes (apply._rotations), so every one keeps its change."""
     handles = []
     try:
         for name, module in modules.items():

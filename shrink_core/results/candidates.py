@@ -110,22 +110,24 @@ def _rules(plan: dict) -> list[tuple[str, str]]:
     return [(selector_text(rule), action_text(rule)) for rule in plan_from_dict(plan).rules]
 
 
+def _rotation(plan: dict, words: str) -> list[str]:
+    """The stored plan's input rotation as one readable item, or none."""
+    rotate = plan.get("rotate")
+    return [f"{words} ({rotate.get('kind', 'hadamard')}, seed {rotate.get('seed', 0)})"] if rotate else []
+
+
 def plan_summary(plan: dict | None) -> str:
     """One line per rule: what it selects and what it does; "unchanged (reference)" without a plan."""
     if plan is None:
         return "unchanged (reference)"
-    rotate = plan.get("rotate")
-    rotated = [f"inputs rotated ({rotate.get('kind', 'hadamard')}, seed {rotate.get('seed', 0)})"] if rotate else []
-    return "; ".join([f"{what}: {action}" for what, action in _rules(plan)] + rotated)
+    return "; ".join([f"{what}: {action}" for what, action in _rules(plan)] + _rotation(plan, "inputs rotated"))
 
 
 def plan_lines(plan: dict | None) -> list[str]:
     """The plan as readable rules, one per line: "kind=q,k,v blocks=[0-5, 9] -> int4 g64 asym rtn"."""
     if plan is None:
         return ["unchanged (reference): weights as loaded"]
-    rotate = plan.get("rotate")
-    rotated = [f"quantized linears' inputs rotated first ({rotate.get('kind', 'hadamard')}, seed "
-               f"{rotate.get('seed', 0)})"] if rotate else []
+    rotated = _rotation(plan, "quantized linears' inputs rotated first")
     return [f"{what} -> {action}" for what, action in _rules(plan)] + rotated or ["no rules: weights as loaded"]
 
 
