@@ -142,3 +142,17 @@ def test_cli_apply_writes_a_reloadable_candidate(smollm2, tmp_path, shrink_home)
     provenance = json.loads((out / "provenance.json").read_text())
     assert provenance["weights_hash"] == smollm2.weights_hash and provenance["model_spec"] == "builtin:smollm2-135m"
     assert (out / "exports" / "llama-cpp-tensor-types.txt").read_text().count("=q8_0") == 30 * 7
+
+
+def test_recipes_of_a_rotated_plan_say_they_are_not_the_evaluated_candidate(tiny_model, tmp_path):
+    from shrink_core.compression.export import write_exports
+
+    text = "version: 1\n{}rules:\n- {{kind: [q, k, v, o, gate, up, down], weights: {{bits: 4, group_size: 32}}}}\n"
+    rotated, plain = load_plan(text.format("rotate: hadamard\n")), load_plan(text.format(""))
+    paths = write_exports(resolve(tiny_model, rotated), tmp_path / "rot", rotated.rotate)
+    for path in paths.values():
+        first = path.read_text(encoding="utf-8").splitlines()[0]
+        assert first.startswith("# NOT the evaluated candidate") and "hadamard, seed 0" in first
+    assert yaml.safe_load(paths["llm_compressor"].read_text(encoding="utf-8"))["quant_stage"]  # still a recipe
+    for path in write_exports(resolve(tiny_model, plain), tmp_path / "plain", plain.rotate).values():
+        assert "NOT the evaluated candidate" not in path.read_text(encoding="utf-8")

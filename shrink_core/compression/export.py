@@ -210,11 +210,16 @@ def llm_compressor_recipe(resolved) -> str:
     return header + yaml.safe_dump(recipe, sort_keys=False)
 
 
-def write_exports(resolved, out_dir) -> dict[str, Path]:
+def write_exports(resolved, out_dir, rotate=None) -> dict[str, Path]:
+    """Both recipes; with the plan's `rotate`, each opens by saying it does not reproduce the rotation (neither tool
+    has it), so what they build is not the evaluated candidate."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"llm_compressor": out_dir / "llm-compressor-recipe.yaml",
              "llama_cpp": out_dir / "llama-cpp-tensor-types.txt"}
-    paths["llm_compressor"].write_text(llm_compressor_recipe(resolved), encoding="utf-8")
-    paths["llama_cpp"].write_text(llama_cpp_tensor_types(resolved), encoding="utf-8")
+    warning = "" if rotate is None else (
+        f"# NOT the evaluated candidate: the plan rotates the quantized linears' inputs ({rotate.kind}, seed "
+        f"{rotate.seed}) and this recipe cannot; its model is the same formats without the rotation\n")
+    paths["llm_compressor"].write_text(warning + llm_compressor_recipe(resolved), encoding="utf-8")
+    paths["llama_cpp"].write_text(warning + llama_cpp_tensor_types(resolved), encoding="utf-8")
     return paths
