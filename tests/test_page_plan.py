@@ -362,7 +362,9 @@ def test_rotating_inputs_is_a_tick_on_the_draft_and_keeps_its_rules(stored_tiny)
     assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
     plan = load_plan(at.session_state["plan_draft"])
     assert plan.rotate is not None and plan.rotate.kind == "hadamard" and plan.rules == before.rules
+    assert plan.name.endswith(", inputs rotated")  # its candidates are not named as the unrotated plan's
     assert "rotate: {kind: hadamard, seed: 0}" in next(t for t in at.text_area if t.label == "plan.yaml").value
     assert any("do not count the rotation's gain" in c.value for c in at.caption)
     next(c for c in at.checkbox if c.label.startswith("Rotate inputs")).uncheck().run()
     assert load_plan(at.session_state["plan_draft"]).rotate is None
+    assert "rotated" not in load_plan(at.session_state["plan_draft"]).name

@@ -71,7 +71,8 @@ def _named(yaml_text: str, rows) -> str:
     """The draft with its name following its content (or the user's own name for it)."""
     plan = load_plan(yaml_text)
     try:
-        name = st.session_state.get(USER_NAME) or derived_name(resolve(rows, plan))
+        name = st.session_state.get(USER_NAME) or (derived_name(resolve(rows, plan))
+                                                    + (", inputs rotated" if plan.rotate else ""))
     except PlanError:  # e.g. a rule that matches nothing: the page says so; the name stays until it resolves
         return yaml_text
     data = plan_to_dict(plan)
