@@ -26,7 +26,9 @@ named in --methods: AWQ-style scaling before RTN or GPTQ-seq (`awq-*`, bench/awq
 refined by it on gptq-seq's own grid (`gptq-seq-signround-w4g64`, `-w3g64`), and inputs rotated by random orthogonal
 matrices before RTN, GPTQ or gptq-seq and folded back after (`rot-gptq-seq-w3g64`, ...; bench/rotate_fold.py), and
 the engine's own input rotation (`had-...`: the plan's `rotate: hadamard`, a signed Hadamard Kronecker a small random
-orthogonal matrix, which a runtime can apply fast; shrink_core/compression/rotate.py).
+orthogonal matrix, which a runtime can apply fast; shrink_core/compression/rotate.py), and gptq-seq with the group
+scales then tuned end to end against the reference's logits (`e2e-gptq-seq-w3g64`, `e2e-had-gptq-seq-w3g64`, ...: the
+plan's `tune: scales`, shrink_core/compression/tune.py; `E2E_STEPS`, default 100, `E2E_LR`, default 2e-3).
 Every calibrated method (gptq, gptq-seq, imatrix, awq, signround) draws the same calibration tokens: the default
 recipe's mix, `--calib-sequences` x `--calib-len` tokens (default: the w4g64 preset's recipe), or the mix given
 with --calibration.
@@ -70,6 +72,7 @@ class Method:
     # plan: inputs rotated first, folded back: "orthogonal" (dense, bench/rotate_fold.py) or "hadamard" (the engine's
     # plan option `rotate: hadamard`)
     rotate: str | None = None
+    e2e: bool = False  # plan: then the group scales tuned end to end (the engine's plan option `tune: scales`)
     lut: bool = False  # plan: per-row codebooks in place of the uniform grid (bench/lut_quant.py; group_size channel)
     default: bool = True  # measured by a run without --methods (tried-and-not-adopted methods run only when named)
 
@@ -89,6 +92,9 @@ def methods() -> dict[str, Method]:
                                                                "method": "gptq-seq"},
                    rotate=rotate, lut=True, default=False)
             for prefix, rotate in (("", None), ("had-", "hadamard")) for bits in (3, 2)]
+    out += [Method(f"e2e-{prefix}gptq-seq-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": "gptq-seq"},
+                   rotate=rotate, e2e=True, default=False)
+            for prefix, rotate in (("", None), ("had-", "hadamard")) for bits in (4, 3)]
     out += [Method(f"signround-w{bits}g64", "signround", bits=bits, group_size=64, default=False) for bits in (4, 3)]
     out += [Method(f"gptq-seq-signround-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": "gptq-seq"},
                    refine=True, default=False) for bits in (4, 3)]
@@ -232,21 +238,23 @@ def installed(package: str) -> bool:
     return importlib.util.find_spec(package) is not None
 
 
-def quantize_plan(model, method: Method, kinds: list[str], calibration, recipe) -> dict:
+def quantize_plan(model, method: Method, kinds: list[str], calibration, recipe, reference=None) -> dict:
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.plan import plan_from_dict
 
     data = {"version": 1, "name": method.name, "rules": [{"kind": kinds, "weights": method.weights}]}
     if method.rotate == "hadamard":
         data["rotate"] = "hadamard"
+    if method.e2e:
+        data["tune"] = {"kind": "scales", "steps": E2E_STEPS, "lr": E2E_LR}
     plan = plan_from_dict(data)
     if plan.needs_calibration:
         data["calibration"] = recipe.to_dict()
         plan = plan_from_dict(data)
     started = time.perf_counter()
-    report = apply_plan_(model, plan, calibration() if plan.needs_calibration else None)
+    report = apply_plan_(model, plan, calibration() if plan.needs_calibration else None, reference=reference)
     seconds = time.perf_counter() - started
-    return {"seconds": seconds, "spec": plan.rules[0].weights, "states": report.quant_states,
+    return {"seconds": seconds, "spec": plan.rules[0].weights, "states": report.quant_states, "tuning": report.tuning,
             "engine_bytes": {m.name: m.packed_bytes for m in report.modules if m.bits}}
 
 
@@ -270,6 +278,8 @@ def quantize_hqq(linears: dict[str, torch.nn.Module], method: Method) -> dict:
 
 
 SIGNROUND_STEPS = int(os.environ.get("SIGNROUND_STEPS", "100"))
+E2E_STEPS = int(os.environ.get("E2E_STEPS", "100"))  # `tune: scales`: optimizer steps of 2 sequences
+E2E_LR = float(os.environ.get("E2E_LR", "2e-3"))  # Adam, on log-scale offsets, cosine-decayed
 
 
 def _stderr(line: str) -> None:
@@ -374,7 +384,8 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
                 result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
             result["stored"] = {r.name: lut_bytes(r.shape, method.weights["bits"]) for r in rows}
         else:
-            result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
+            result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe,
+                                   reference)
         if folded:
             result["seconds"] += folded["seconds"]
         if rotated:
@@ -392,6 +403,8 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
             extra = {"signround_steps": SIGNROUND_STEPS, "signround_seconds": round(done["seconds"], 1),
                      "signround_blocks": [{k: round(v, 6) if isinstance(v, float) else v for k, v in b.items()}
                                           for b in done["blocks"]]}
+        if method.e2e:
+            extra = {f"tune_{k}": round(v, 6) if isinstance(v, float) else v for k, v in result["tuning"].items()}
         spec = result["spec"]
     stored = exact_bytes(rows, result)
     if len(stored) != len(rows):

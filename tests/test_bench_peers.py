@@ -76,7 +76,9 @@ def test_the_method_menu_names_every_method_once():
     assert tried == {"awq-rtn-w4g64", "awq-rtn-w3g64", "awq-gptq-seq-w4g64", "awq-gptq-seq-w3g64",
                      "signround-w4g64", "signround-w3g64", "gptq-seq-signround-w4g64", "gptq-seq-signround-w3g64",
                      *(f"{r}-{m}-w{b}g64" for r in ("rot", "had") for m in ("rtn", "gptq", "gptq-seq") for b in (4, 3)),
-                     *(f"{r}lut-gptq-seq-w{b}" for r in ("", "had-") for b in (3, 2))}
+                     *(f"{r}lut-gptq-seq-w{b}" for r in ("", "had-") for b in (3, 2)),
+                     *(f"e2e-{r}gptq-seq-w{b}g64" for r in ("", "had-") for b in (4, 3))}
+    assert menu["e2e-had-gptq-seq-w3g64"].rotate == "hadamard" and menu["e2e-had-gptq-seq-w3g64"].e2e
 
 
 def test_markdown_table_marks_slices_outside_the_mix_and_names_both_worst_slices():

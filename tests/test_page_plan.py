@@ -368,3 +368,21 @@ def test_rotating_inputs_is_a_tick_on_the_draft_and_keeps_its_rules(stored_tiny)
     next(c for c in at.checkbox if c.label.startswith("Rotate inputs")).uncheck().run()
     assert load_plan(at.session_state["plan_draft"]).rotate is None
     assert "rotated" not in load_plan(at.session_state["plan_draft"]).name
+
+
+def test_tuning_scales_is_a_tick_on_the_draft_and_keeps_its_rules(stored_tiny):
+    at = page().run()
+    box = next(c for c in at.checkbox if c.label.startswith("Tune scales"))
+    assert box.value is False
+    before = load_plan(at.session_state["plan_draft"])
+    box.check().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    plan = load_plan(at.session_state["plan_draft"])
+    assert plan.tune is not None and plan.tune.kind == "scales" and plan.rules == before.rules
+    assert plan.needs_calibration and plan.name.endswith(", scales tuned")
+    assert "tune: {kind: scales, steps: 100" in next(t for t in at.text_area if t.label == "plan.yaml").value
+    assert any("do not count its gain" in c.value for c in at.caption)
+    next(c for c in at.checkbox if c.label.startswith("Tune scales")).uncheck().run()
+    assert load_plan(at.session_state["plan_draft"]).tune is None
+    assert "tuned" not in load_plan(at.session_state["plan_draft"]).name
+

@@ -33,3 +33,12 @@ def test_rotation_is_set_and_cleared_and_nothing_else_moves():
     assert plan.rotate.kind == "hadamard" and plan.rotate.seed == 5
     assert plan.rules == load_plan(RTN_GPTQ).rules and plan.calibration == load_plan(RTN_GPTQ).calibration
     assert load_plan(with_rotation(dump_plan(plan), False)) == load_plan(RTN_GPTQ)
+
+
+def test_with_tuning_sets_and_clears_the_plans_tune():
+    from shrink_core.plan.edit import with_tuning
+    from shrink_core.plan.spec import TuneSpec
+
+    plan = load_plan(with_tuning(RTN_GPTQ, True))
+    assert plan.tune == TuneSpec() and plan.rules == load_plan(RTN_GPTQ).rules
+    assert load_plan(with_tuning(dump_plan(plan), False)) == load_plan(RTN_GPTQ)

@@ -12,7 +12,7 @@ import pandas as pd
 import streamlit as st
 
 from shrink_core.plan import PlanError, dump_plan, load_plan, plan_to_dict, resolve
-from shrink_core.plan.edit import with_calibration_mix, with_rotation, with_rules_first, without_shadowed  # noqa: F401 (the page calls them here)
+from shrink_core.plan.edit import with_calibration_mix, with_rotation, with_rules_first, with_tuning, without_shadowed  # noqa: F401 (the page calls them here)
 from shrink_core.plan.menu import setting_name
 from shrink_core.plan.planner import SETTINGS
 from shrink_core.plan.presets import PRESETS
@@ -72,7 +72,8 @@ def _named(yaml_text: str, rows) -> str:
     plan = load_plan(yaml_text)
     try:
         name = st.session_state.get(USER_NAME) or (derived_name(resolve(rows, plan))
-                                                    + (", inputs rotated" if plan.rotate else ""))
+                                                    + (", inputs rotated" if plan.rotate else "")
+                                                    + (", scales tuned" if plan.tune else ""))
     except PlanError:  # e.g. a rule that matches nothing: the page says so; the name stays until it resolves
         return yaml_text
     data = plan_to_dict(plan)

@@ -31,6 +31,7 @@ from shrink_core.compression.prune import (
 )
 from shrink_core.compression.rotate import Rotation, rotated_inputs
 from shrink_core.compression.simulate import attach_simulation_
+from shrink_core.compression.tune import split_rows, tune_scales_
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
 from shrink_core.formats import WeightFormat
@@ -96,6 +97,7 @@ class ApplyReport:
     importance: dict = field(default_factory=dict, repr=False)
     notes: list = field(default_factory=list)
     forward_dtype: str | None = None  # what the calibration forwards ran in (bfloat16 on CPUs with AVX512-BF16; None: none ran)
+    tuning: dict | None = None  # the plan's `tune`: held-out KL before and after, steps, seconds (compression/tune.py)
 
     def rows(self) -> list[dict]:
         return [m.row() for m in self.modules]
@@ -436,19 +438,28 @@ def _structured_(model, resolved, modules, calibration, batch_size) -> list[str]
 
 
 def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: Progress | None = None,
-                *, recipe: dict | None = None, batch_size: int = 8, onload: str | None = None) -> ApplyReport:
+                *, recipe: dict | None = None, batch_size: int = 8, onload: str | None = None,
+                reference=None) -> ApplyReport:
     """Compress `model` in place following `plan`; `calibration` is a LongTensor (n_sequences, seq_len); recipe: the
     recipe those tokens were drawn by (recorded in the report; its `shrink` applies), else the plan's own.
     onload: a device ("cuda") that each block visits in turn for its calibration and compression while the model
-    stays in host memory, so that device holds one block and its activations, never the model."""
+    stays in host memory, so that device holds one block and its activations, never the model.
+    reference: the unquantized model that the plan's `tune` fits to (default: a copy of `model` taken first)."""
     progress = progress or _no_progress
     work = onload_for(model, onload)
     plan = plan if isinstance(plan, Plan) else load_plan(plan)
     started, cpu_started = time.perf_counter(), time.process_time()
     resolved = resolve(model, plan)
     if plan.needs_calibration and calibration is None:
-        raise ShrinkError("This plan uses a calibrated method (gptq, wanda, sparsegpt or activation), which needs "
-                          "calibration tokens; pass calibration=LongTensor(n_sequences, seq_len) or use rtn/magnitude.")
+        raise ShrinkError("This plan uses a calibrated method (gptq, wanda, sparsegpt or activation) or `tune`, which "
+                          "needs calibration tokens; pass calibration=LongTensor(n_sequences, seq_len) or use "
+                          "rtn/magnitude without tune.")
+    if plan.tune is not None:
+        if work is not None:
+            raise ShrinkError("The plan's tune trains through the whole model at once, which onloading one block at "
+                              "a time cannot do; drop --onload, or drop tune from the plan.")
+        split_rows(len(calibration), plan.tune.holdout)  # refuses a holdout that leaves nothing to train on, up front
+        reference = copy.deepcopy(model) if reference is None else reference
     modules = dict(model.named_modules())
     original_index = {id(layer): index for index, layer in enumerate(decoder_layers(model))}
     original_names = {id(module): name for name, module in modules.items()}
@@ -524,6 +535,12 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                 seconds[row.name] = time.perf_counter() - t1
         timings["compress_s"] = time.perf_counter() - t0
         notes += _rotation_notes(rotated, unrotated, plan)
+        tuning = None
+        if plan.tune is not None:
+            t0 = time.perf_counter()
+            tuning = _tune_(model, reference, resolved, modules, states, calibration, plan.tune, fast, progress)
+            notes.append(_tuning_note(tuning))
+            timings["tune_s"] = time.perf_counter() - t0
         if work is not None:
             notes.append(f"Each block was calibrated and compressed on {work} in turn (sequential onloading); the "
                          f"model stayed on {model_device(model)}.")
@@ -558,7 +575,32 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
     renamed = {original_names[id(m)]: name for name, m in model.named_modules() if id(m) in original_names}
     forwards = None if calibration is None else str(fast or next(model.parameters()).dtype).replace("torch.", "")
     return ApplyReport(reports, totals, timings, recipe_out, quant_states=states, current_names=renamed, notes=notes,
-                       importance=importance, forward_dtype=forwards)
+                       importance=importance, forward_dtype=forwards, tuning=tuning)
+
+
+def _tune_(model, reference, resolved, modules, states, calibration, spec, autocast, progress) -> dict:
+    """The plan's `tune`: the integer-quantized block linears' scales trained end to end; their states updated."""
+    targets = {row.name: (modules[row.name], states[row.name]) for row in resolved
+               if row.block is not None and not row.removed and not row.tied_to
+               and isinstance(states.get(row.name), QuantState) and type(modules[row.name]) is torch.nn.Linear}
+    if not targets:
+        return {"modules": 0, "steps": spec.steps}
+    with torch.enable_grad():
+        done = tune_scales_(model, reference, targets, calibration, spec, autocast=autocast,
+                            progress=lambda f, m: progress(0.9 + 0.08 * f, m))
+    states.update(done.pop("states"))
+    return {"modules": len(targets), "steps": spec.steps, "batch": spec.batch, "holdout": spec.holdout, **done}
+
+
+def _tuning_note(tuning: dict) -> str:
+    if not tuning["modules"]:
+        return ("tune: no block linear quantized to the engine's integer formats is a plain Linear (GPT-2's Conv1D, "
+                "fused experts and llama.cpp types are not tuned), so there were no scales to tune.")
+    held = f"{tuning['held_kl_start']:.4f} -> {tuning['held_kl_end']:.4f}"
+    what = (f"The group scales of {tuning['modules']} block linears were tuned end to end ({tuning['steps']} steps of "
+            f"{tuning['batch']} calibration sequences against the unquantized model's next-token distribution, "
+            f"{tuning['seconds']:.0f} s): KL on {tuning['holdout']} held-out calibration sequences {held}")
+    return what + (", kept." if tuning["kept"] else ", not lower, so the scales were left as quantized.")
 
 
 def _bring_home_(states: dict, importance: dict, names: list[str]) -> None:

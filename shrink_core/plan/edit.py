@@ -7,7 +7,7 @@ from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe, recipe_for
 from shrink_core.evaluation.slices import get_slice
 from shrink_core.plan.io import load_plan
-from shrink_core.plan.spec import PlanError, RotateSpec, dump_plan, plan_to_dict
+from shrink_core.plan.spec import PlanError, RotateSpec, TuneSpec, dump_plan, plan_to_dict
 
 
 def with_rules_first(yaml_text: str, new_rules: list[dict], replace_names: set[str] = frozenset(), rows=None) -> str:
@@ -53,3 +53,10 @@ def with_rotation(yaml_text: str, rotate: bool, seed: int = 0) -> str:
     """The plan with its block linears' inputs rotated before quantization (`rotate: hadamard`), or without."""
     plan = load_plan(yaml_text)
     return dump_plan(dataclasses.replace(plan, rotate=RotateSpec(seed=seed) if rotate else None))
+
+
+def with_tuning(yaml_text: str, tune: bool) -> str:
+    """The plan with its integer-quantized block linears' scales tuned end to end after quantization (`tune:
+    scales`, default schedule), or without."""
+    plan = load_plan(yaml_text)
+    return dump_plan(dataclasses.replace(plan, tune=TuneSpec() if tune else None))

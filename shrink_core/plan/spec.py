@@ -229,6 +229,7 @@ class Rule:
 
 
 ROTATE_KINDS = ("hadamard",)
+TUNE_KINDS = ("scales",)  # compression/tune.py: what end-to-end tuning trains after quantization
 
 
 @dataclass(frozen=True)
@@ -247,6 +248,29 @@ class RotateSpec:
 
 
 @dataclass(frozen=True)
+class TuneSpec:
+    """After quantization, train the integer-quantized block linears' group scales end to end (compression/tune.py):
+    KL(unquantized || quantized) next-token distributions on the calibration rows, `holdout` of them kept aside to
+    check the result; the codes, zeros and bytes are unchanged."""
+
+    kind: str = "scales"
+    steps: int = 100
+    lr: float = 2e-3
+    batch: int = 2
+    holdout: int = 8
+
+    def __post_init__(self):
+        if self.kind not in TUNE_KINDS:
+            raise PlanError(f"tune: kind '{self.kind}' is unknown; use {', '.join(TUNE_KINDS)}.")
+        for key in ("steps", "batch", "holdout"):
+            value = getattr(self, key)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise PlanError(f"tune: {key} must be a whole number >= 1, not {value!r}.")
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= 0.1:
+            raise PlanError(f"tune: lr must be a number above 0 and at most 0.1, not {self.lr!r}.")
+
+
+@dataclass(frozen=True)
 class Plan:
     rules: tuple[Rule, ...]
     version: int = PLAN_VERSION
@@ -254,6 +278,7 @@ class Plan:
     description: str = ""
     calibration: CalibrationRecipe | None = None
     rotate: RotateSpec | None = None
+    tune: TuneSpec | None = None
 
     def __post_init__(self):
         if self.version != PLAN_VERSION:
@@ -263,8 +288,8 @@ class Plan:
 
     @property
     def needs_calibration(self) -> bool:
-        return any((r.weights and r.weights.method in CALIBRATED_METHODS) or (r.prune and r.prune.calibrated)
-                   for r in self.rules)
+        return self.tune is not None or any((r.weights and r.weights.method in CALIBRATED_METHODS)
+                                            or (r.prune and r.prune.calibrated) for r in self.rules)
 
 
 # ---------------------------------------------------------------- loading and dumping
@@ -361,8 +386,13 @@ def plan_from_dict(data) -> Plan:
         rotate = {"kind": rotate}
     if rotate is not None:
         rotate = RotateSpec(**_check_keys(rotate, _keys(RotateSpec), "the plan's rotate"))
+    tune = data.pop("tune", None)
+    if isinstance(tune, str):
+        tune = {"kind": tune}
+    if tune is not None:
+        tune = TuneSpec(**_check_keys(tune, _keys(TuneSpec), "the plan's tune"))
     return Plan(rules=tuple(_rule_from_dict(r, i + 1) for i, r in enumerate(rules)), calibration=calibration,
-                rotate=rotate, **data)
+                rotate=rotate, tune=tune, **data)
 
 
 def _clean(obj):
@@ -403,8 +433,9 @@ def dump_plan(plan: Plan) -> str:
                 rule[key] = _FlowDict(rule[key])
     if "calibration" in data:
         data["calibration"]["mix"] = _FlowDict(data["calibration"]["mix"])
-    if "rotate" in data:
-        data["rotate"] = _FlowDict(data["rotate"])
+    for key in ("rotate", "tune"):
+        if key in data:
+            data[key] = _FlowDict(data[key])
     return yaml.dump(data, Dumper=_Dumper, sort_keys=False, allow_unicode=True, width=10_000)  # no folded lines
 
 

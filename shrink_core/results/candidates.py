@@ -111,9 +111,10 @@ def _rules(plan: dict) -> list[tuple[str, str]]:
 
 
 def _rotation(plan: dict, words: str) -> list[str]:
-    """The stored plan's input rotation as one readable item, or none."""
-    rotate = plan.get("rotate")
-    return [f"{words} ({rotate.get('kind', 'hadamard')}, seed {rotate.get('seed', 0)})"] if rotate else []
+    """The stored plan's input rotation and scale tuning as readable items, or none."""
+    rotate, tune = plan.get("rotate"), plan.get("tune")
+    items = [f"{words} ({rotate.get('kind', 'hadamard')}, seed {rotate.get('seed', 0)})"] if rotate else []
+    return items + ([f"scales tuned end to end ({tune.get('steps', 100)} steps)"] if tune else [])
 
 
 def plan_summary(plan: dict | None) -> str:

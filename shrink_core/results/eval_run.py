@@ -257,7 +257,7 @@ def plan_candidate(loaded, plan):
 
     candidate = copy.deepcopy(loaded.model)
     calibration, recipe = plan_calibration(plan, loaded.tokenizer)
-    return candidate, apply_plan_(candidate, plan, calibration, recipe=recipe), recipe
+    return candidate, apply_plan_(candidate, plan, calibration, recipe=recipe, reference=loaded.model), recipe
 
 
 def public_entry(result: SliceResult) -> dict:
