@@ -156,3 +156,6 @@ def test_recipes_of_a_rotated_plan_say_they_are_not_the_evaluated_candidate(tiny
     assert yaml.safe_load(paths["llm_compressor"].read_text(encoding="utf-8"))["quant_stage"]  # still a recipe
     for path in write_exports(resolve(tiny_model, plain), tmp_path / "plain", plain.rotate).values():
         assert "NOT the evaluated candidate" not in path.read_text(encoding="utf-8")
+    tuned = load_plan(text.format("tune: scales\n"))
+    for path in write_exports(resolve(tiny_model, tuned), tmp_path / "tuned", tuned.rotate, tuned.tune).values():
+        assert path.read_text(encoding="utf-8").startswith("# NOT the evaluated candidate: the plan tunes the group")

@@ -65,7 +65,7 @@ def run(args) -> int:
     provenance = {"model_spec": loaded.spec.raw, "weights_hash": loaded.weights_hash, "calibration": recipe,
                   **({"onload": args.onload} if args.onload else {})}
     out = save_candidate(loaded.model, loaded.tokenizer, plan, args.out, provenance, report)
-    exports = write_exports(resolved, out / "exports", plan.rotate)
+    exports = write_exports(resolved, out / "exports", plan.rotate, plan.tune)
     summary = {"out": str(out), "totals": report.totals, "timings_s": report.timings, "calibration": recipe,
                "exports": {k: str(v) for k, v in exports.items()}, "notes": report.notes}
     if args.json:

@@ -210,9 +210,9 @@ def llm_compressor_recipe(resolved) -> str:
     return header + yaml.safe_dump(recipe, sort_keys=False)
 
 
-def write_exports(resolved, out_dir, rotate=None) -> dict[str, Path]:
-    """Both recipes; with the plan's `rotate`, each opens by saying it does not reproduce the rotation (neither tool
-    has it), so what they build is not the evaluated candidate."""
+def write_exports(resolved, out_dir, rotate=None, tune=None) -> dict[str, Path]:
+    """Both recipes; with the plan's `rotate` or `tune`, each opens by saying it does not reproduce them (neither tool
+    has them), so what they build is not the evaluated candidate."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"llm_compressor": out_dir / "llm-compressor-recipe.yaml",
@@ -220,6 +220,9 @@ def write_exports(resolved, out_dir, rotate=None) -> dict[str, Path]:
     warning = "" if rotate is None else (
         f"# NOT the evaluated candidate: the plan rotates the quantized linears' inputs ({rotate.kind}, seed "
         f"{rotate.seed}) and this recipe cannot; its model is the same formats without the rotation\n")
+    if tune is not None:
+        warning += ("# NOT the evaluated candidate: the plan tunes the group scales end to end after quantizing and "
+                    "this recipe cannot; its model is the same formats with untuned scales\n")
     paths["llm_compressor"].write_text(warning + llm_compressor_recipe(resolved), encoding="utf-8")
     paths["llama_cpp"].write_text(warning + llama_cpp_tensor_types(resolved), encoding="utf-8")
     return paths
