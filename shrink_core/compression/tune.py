@@ -17,7 +17,7 @@ from dataclasses import replace
 import torch
 from torch.nn.utils import parametrize
 
-from shrink_core.compression.primitives import from_groups, to_groups
+from shrink_core.compression.primitives import from_groups, quantize, to_groups
 from shrink_core.errors import ShrinkError
 
 
@@ -28,8 +28,8 @@ class TunedScales(torch.nn.Module):
     def __init__(self, weight: torch.Tensor, state):
         super().__init__()
         basis = weight.float() if state.rotation is None else state.rotation.apply(weight.float())
-        grouped = to_groups(basis, state.group_size)
-        codes = (grouped / state.scale[..., None] + state.zero[..., None]).round().clamp(0, 2 ** state.bits - 1)
+        codes = to_groups(quantize(basis, state.scale, state.zero, state.bits, state.group_size).float(),
+                          state.group_size)  # (out, groups, size); a partial last group padded with code 0
         self.columns, self.rotation = weight.shape[1], state.rotation
         self.register_buffer("centred", codes - state.zero[..., None])  # (out, groups, size)
         self.register_buffer("scale0", state.scale.float())
