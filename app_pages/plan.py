@@ -44,11 +44,11 @@ def apply_edit(change, rows) -> None:
 METHODS_HELP = "  \n".join(f"**{m}**: {METHOD_DESCRIPTIONS[m]}" for m in INT_METHODS)
 TUNE_HELP = ("After quantization, the group scales of every block linear quantized to integers are trained through "
              "the whole model so its next-token distribution matches the unquantized model's on the calibration "
-             "rows (codes, zeros and bytes unchanged); kept only if the KL on held-out calibration rows falls. On "
-             "SmolLM2 at 3 bits (gptq-seq g64, rotated or not) it lowered KL on each of nine languages, 15-23% on "
-             "the calibrated ones and 5-12% on Hindi (in no mix). At 4 bits this step (lr 0.002) overfits and the "
-             "held-out check refuses it; lr 0.0005 (the w4g64-rot-tuned preset) lowered KL 3-12% (docs/methods.md). "
-             "Holds a second copy of the model while it runs; not with --onload.")
+             "rows (codes, zeros and bytes unchanged); kept only if the KL on held-out calibration rows falls. The "
+             "step follows each layer's bit-width: 0.002 up to 3 bits, 0.0005 from 4 (the larger one overfits at 4 "
+             "bits). On SmolLM2 (16 windows) it lowered KL on each of nine languages at 3 bits, 13-21% on the "
+             "calibrated ones and 4% on Hindi (in no mix); at 4 bits 3-12% (4 windows; docs/methods.md). Holds a "
+             "second copy of the model while it runs; not with --onload.")
 st.title("Plan")
 db = store()
 spec = state.model_spec()

@@ -28,7 +28,7 @@ matrices before RTN, GPTQ or gptq-seq and folded back after (`rot-gptq-seq-w3g64
 the engine's own input rotation (`had-...`: the plan's `rotate: hadamard`, a signed Hadamard Kronecker a small random
 orthogonal matrix, which a runtime can apply fast; shrink_core/compression/rotate.py), and gptq-seq with the group
 scales then tuned end to end against the reference's logits (`e2e-gptq-seq-w3g64`, `e2e-had-gptq-seq-w3g64`, ...: the
-plan's `tune: scales`, shrink_core/compression/tune.py; `E2E_STEPS`, default 100, `E2E_LR`, default 2e-3).
+plan's `tune: scales`, shrink_core/compression/tune.py; `E2E_STEPS`, default 100, `E2E_LR`, default: by bit-width, tune.auto_lr).
 Every calibrated method (gptq, gptq-seq, imatrix, awq, signround) draws the same calibration tokens: the default
 recipe's mix, `--calib-sequences` x `--calib-len` tokens (default: the w4g64 preset's recipe), or the mix given
 with --calibration.
@@ -246,7 +246,7 @@ def quantize_plan(model, method: Method, kinds: list[str], calibration, recipe, 
     if method.rotate == "hadamard":
         data["rotate"] = "hadamard"
     if method.e2e:
-        data["tune"] = {"kind": "scales", "steps": E2E_STEPS, "lr": E2E_LR}
+        data["tune"] = {"kind": "scales", "steps": E2E_STEPS, **({"lr": E2E_LR} if E2E_LR else {})}
     plan = plan_from_dict(data)
     if plan.needs_calibration:
         data["calibration"] = recipe.to_dict()
@@ -279,7 +279,7 @@ def quantize_hqq(linears: dict[str, torch.nn.Module], method: Method) -> dict:
 
 SIGNROUND_STEPS = int(os.environ.get("SIGNROUND_STEPS", "100"))
 E2E_STEPS = int(os.environ.get("E2E_STEPS", "100"))  # `tune: scales`: optimizer steps of 2 sequences
-E2E_LR = float(os.environ.get("E2E_LR", "2e-3"))  # Adam, on log-scale offsets, cosine-decayed
+E2E_LR = float(os.environ.get("E2E_LR", "0")) or None  # Adam on log-scale offsets, cosine-decayed; unset: by bits
 
 
 def _stderr(line: str) -> None:

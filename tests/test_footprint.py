@@ -137,6 +137,23 @@ def test_a_sequential_method_adds_its_full_precision_side():
     assert 3.4e9 < added["full-precision inputs"] < 3.6e9  # what gptq-seq keeps of an 8B block at 64 x 512 tokens
 
 
+def test_end_to_end_tuning_is_a_phase_of_its_own_and_the_larger_phase_counts():
+    from shrink_core.plan import dump_plan
+    from shrink_core.plan.presets import preset
+    from shrink_core.results.eval_run import apply_shape
+
+    assert apply_shape(dump_plan(preset("w3g64-rot-tuned"))) == ((64, 512), True, (2, 512))
+    assert apply_shape(dump_plan(preset("w3g64-rot")))[2] is None
+    calibrating = footprint.apply(EIGHT_B, (64, 512), sequential=True)
+    tuned = footprint.apply(EIGHT_B, (64, 512), sequential=True, tune=(2, 512))
+    assert tuned.parts["tuned codes and weights"] == EIGHT_B.linear_params * 10
+    assert "hessians" not in tuned.parts and "full-precision inputs" not in tuned.parts  # freed before tuning
+    assert 95e9 < tuned.total < 105e9 and calibrating.total < 30e9  # an 8B's tuning needs a big machine: said first
+    small = ModelFacts(**{**EIGHT_B.__dict__, "linear_params": 1000, "vocab": 10, "blocks": 1})
+    assert footprint.apply(small, (64, 512), sequential=True, tune=(2, 512)).parts == footprint.apply(
+        small, (64, 512), sequential=True).parts  # where calibrating costs more, its phase is the one counted
+
+
 def test_a_gpu_job_is_admitted_against_the_gpu_and_offered_the_cpu(monkeypatch):
     """On a GPU the room is the GPU's free memory; a job that fits there in no dtype is offered the CPU, from a new
     load, when the machine's memory holds it (the GPU here is simulated: free memory per device)."""

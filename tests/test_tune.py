@@ -11,7 +11,7 @@ from shrink_core.compression.apply import _tuning_note, apply_plan_
 from shrink_core.compression.ct_export import compressed_state_dict
 from shrink_core.compression.export import packed_tensors
 from shrink_core.compression.primitives import dequantize, unpack
-from shrink_core.compression.tune import split_rows, token_kl
+from shrink_core.compression.tune import auto_lr, split_rows, token_kl
 from shrink_core.errors import ShrinkError
 from shrink_core.model.toy import FAMILIES, tiny_family, tiny_llama
 from shrink_core.plan import dump_plan, load_plan
@@ -64,6 +64,24 @@ def test_tuned_scales_lower_the_kl_on_rows_not_trained_on_and_keep_codes_and_zer
             else:
                 assert torch.equal(tuned_codes, codes)
     assert changed == 21
+
+
+def test_without_an_lr_each_module_steps_by_its_bit_width():
+    assert auto_lr(2) == auto_lr(3) == 2e-3 and auto_lr(4) == auto_lr(8) == 5e-4
+    text = ("version: 1\ntune: {steps: 30, holdout: 4}\nrules:\n"
+            "- {kind: [q, k, v], weights: {bits: 3, group_size: 32, method: rtn}}\n"
+            "- {kind: [o, gate, up, down], weights: {bits: 4, group_size: 32, method: rtn}}\n")
+    _, plain, plain_report = quantized(text.replace("tune: {steps: 30, holdout: 4}\n", ""))
+    _, _, report = quantized(text)
+    assert report.tuning["lr"] == [[2e-3, 9], [5e-4, 12]]
+    assert "at lr 0.002 for 9, 0.0005 for 12 against" in _tuning_note(report.tuning)
+
+    def moved(bits):  # mean |log| change of the scales of the modules at `bits`
+        return torch.cat([(s.scale / plain_report.quant_states[n].scale).log().abs().flatten()
+                          for n, s in report.quant_states.items() if s.bits == bits]).mean()
+    assert moved(4) < 0.5 * moved(3)
+    _, _, fixed = quantized(plan_text())
+    assert fixed.tuning["lr"] == [[0.01, 21]] and "at lr 0.01 against" in _tuning_note(fixed.tuning)
 
 
 def test_the_packed_artifact_holds_the_tuned_weights():
@@ -124,7 +142,7 @@ def test_the_plan_reads_writes_and_refuses_tune():
     assert "scales tuned" not in plan_summary(plan_to_dict(load_plan(plan_text(tune=""))))
     for bad, said in (("tune: weights\n", "kind 'weights' is unknown; use scales"),
                       ("tune: {steps: 0}\n", "steps must be a whole number >= 1, not 0"),
-                      ("tune: {lr: 2}\n", "lr must be a number above 0 and at most 0.1, not 2"),
+                      ("tune: {lr: 2}\n", "lr must be a number above 0 and at most 0.1, not 2; leave it out"),
                       ("tune: {epochs: 3}\n", "Unknown key 'epochs' in the plan's tune")):
         with pytest.raises(PlanError, match=said):
             load_plan(plan_text(tune=bad))

@@ -597,8 +597,10 @@ def _tuning_note(tuning: dict) -> str:
         return ("tune: no block linear quantized to the engine's integer formats is a plain Linear (GPT-2's Conv1D, "
                 "fused experts and llama.cpp types are not tuned), so there were no scales to tune.")
     held = f"{tuning['held_kl_start']:.4f} -> {tuning['held_kl_end']:.4f}"
+    rates = [f"{lr:g}" + (f" for {n}" if len(tuning["lr"]) > 1 else "") for lr, n in tuning["lr"]]
     what = (f"The group scales of {tuning['modules']} block linears were tuned end to end ({tuning['steps']} steps of "
-            f"{tuning['batch']} calibration sequences against the unquantized model's next-token distribution, "
+            f"{tuning['batch']} calibration sequences at lr {', '.join(rates)} against the unquantized model's "
+            "next-token distribution, "
             f"{tuning['seconds']:.0f} s): KL on {tuning['holdout']} held-out calibration sequences {held}")
     return what + (", kept." if tuning["kept"] else ", not lower, so the scales were left as quantized.")
 

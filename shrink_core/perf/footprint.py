@@ -97,12 +97,13 @@ def evaluation(facts: ModelFacts, max_batch_tokens: int = 1024, reference: bool 
 
 
 def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: int = 8,
-          sequential: bool = False) -> Footprint:
+          sequential: bool = False, tune: tuple[int, int] | None = None) -> Footprint:
     """Applying a plan: the float32 copy of the largest (stacked) weight being quantized; with calibration, each block's
     Hessians (input x input, float32, up to four inputs) and its calibration activations in and out. A sequential
     method (gptq-seq) adds the full-precision side: a copy of the block, a second stream of block inputs, and the
     float32 inputs of every block linear's source for the whole calibration set, and the settled attention's outputs
-    that the later stages reuse (compression/calibrate.py)."""
+    that the later stages reuse (compression/calibrate.py). `tune` (sequences a step, length): the plan's end-to-end
+    tuning, a later phase; the larger of the two counts."""
     parts = _base(facts)
     # float32 working copies: a block of rows for RTN, a whole stack (gate + up) for GPTQ
     stack = max(facts.largest_linear, 2 * facts.intermediate * facts.hidden) if calibration else 0
@@ -122,7 +123,22 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
             parts["full-precision stream"] = sequences * length * facts.hidden * facts.dtype_bytes
             parts["full-precision inputs"] = sequences * length * (3 * facts.hidden + widest) * 4
             parts["settled attention outputs"] = sequences * length * facts.hidden * 4  # float32 at most
-    return Footprint("apply", parts)
+    calibrating = Footprint("apply", parts)
+    if tune is None:
+        return calibrating
+    tuning = {**_base(facts), "quantization states": parts["quantization states"], **tuning_phase(facts, *tune)}
+    return max(calibrating, Footprint("apply", tuning), key=lambda f: f.total)
+
+
+def tuning_phase(facts: ModelFacts, sequences: int, length: int) -> dict[str, int]:
+    """End-to-end scale tuning (compression/tune.py) beyond the model: each tuned linear's centred codes in float32
+    and its weight rebuilt in float32 and cast for the forward, all held for the backward; a step's graph and the
+    reference's and the candidate's logits. On SmolLM2 (float32, 2 x 512 tokens) 3.66 GB predicted, 3.40 GB
+    measured above the two models (peak RSS of the phase)."""
+    tokens = sequences * length
+    return {"tuned codes and weights": facts.linear_params * (4 + 4 + 2),
+            "backward activations": backward_activations(facts, tokens),
+            "backward logits": int(tokens * facts.vocab * 4 * (BACKWARD_COPIES + 1))}
 
 
 def backward_activations(facts: ModelFacts, tokens: int, recompute: bool = False) -> int:

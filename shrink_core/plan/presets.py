@@ -24,11 +24,11 @@ THOROUGH_RECIPE = CalibrationRecipe(n_sequences=128).to_dict()
 # that rotates each layer's input, which GGUF and the compressed-tensors export cannot express.
 ROTATION = {"kind": "hadamard", "seed": 0}
 # Then the group scales tuned end to end against the unquantized model's logits (compression/tune.py): at 3 bits,
-# 16 windows x 512 tokens, worst language 0.395 against w3g64-rot's 0.459 (docs/methods.md). At 4 bits the default
-# step overfits (the held-out check refused it: KL 0.050 -> 0.060); a quarter of it, 5e-4, was kept (0.050 -> 0.047)
-# and lowered KL on all nine languages, 3-12% (4 windows, paired).
+# 16 windows x 512 tokens, worst language 0.395 against w3g64-rot's 0.459 (docs/methods.md). At 4 bits the 3-bit
+# step (2e-3) overfits (the held-out check refused it: KL 0.050 -> 0.060); a quarter of it, 5e-4, was kept
+# (0.050 -> 0.047) and lowered KL on all nine languages, 3-12% (4 windows, paired). No lr: tune.auto_lr picks those
+# two by each module's bit-width.
 TUNING = {"kind": "scales"}
-TUNING_4BIT = {"kind": "scales", "lr": 5e-4}
 # (Those figures are from raw statistics. With the statistics shrunk, recipe version 2's default, w4g64 is at en 0.066
 # on 16 windows, below Q5_0 on every handbook language; w4g64-hq has not been re-measured with it.)
 
@@ -92,13 +92,13 @@ PRESETS: dict[str, dict] = {
         "tune": TUNING,
     },
     "w4g64-rot-tuned": {
-        "description": "int4 group 64 as w4g64-rot, then the group scales tuned end to end (a gentler step than "
-                       "w3g64-rot-tuned's): lower KL on every language measured; about 6 minutes more on SmolLM2 on "
+        "description": "int4 group 64 as w4g64-rot, then the group scales tuned end to end (at 4 bits a gentler "
+                       "step than at 3): lower KL on every language measured; about 6 minutes more on SmolLM2 on "
                        "2 CPU cores; the same bytes and the same runtime needs as w4g64-rot",
         "rules": [{"kind": BLOCK_LINEARS, "weights": _weights(4, 64)}],
         "calibration": QUANT_RECIPE,
         "rotate": ROTATION,
-        "tune": TUNING_4BIT,
+        "tune": TUNING,
     },
     "w4g64-keep-ends": {
         "description": "int4 group 64 GPTQ-seq, but the first and last blocks, embedding and lm_head kept",

@@ -251,11 +251,12 @@ class RotateSpec:
 class TuneSpec:
     """After quantization, train the integer-quantized block linears' group scales end to end (compression/tune.py):
     KL(unquantized || quantized) next-token distributions on the calibration rows, `holdout` of them kept aside to
-    check the result; the codes, zeros and bytes are unchanged."""
+    check the result; the codes, zeros and bytes are unchanged. `lr` unset: each module's step by its bit-width
+    (compression/tune.py's auto_lr, the rates measured to be kept at 3 and 4 bits)."""
 
     kind: str = "scales"
     steps: int = 100
-    lr: float = 2e-3
+    lr: float | None = None
     batch: int = 2
     holdout: int = 8
 
@@ -266,8 +267,10 @@ class TuneSpec:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise PlanError(f"tune: {key} must be a whole number >= 1, not {value!r}.")
-        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not 0 < self.lr <= 0.1:
-            raise PlanError(f"tune: lr must be a number above 0 and at most 0.1, not {self.lr!r}.")
+        if self.lr is not None and (isinstance(self.lr, bool) or not isinstance(self.lr, (int, float))
+                                    or not 0 < self.lr <= 0.1):
+            raise PlanError(f"tune: lr must be a number above 0 and at most 0.1, not {self.lr!r}; leave it out for "
+                            "the step by bit-width.")
 
 
 @dataclass(frozen=True)

@@ -139,19 +139,20 @@ def _provenance(loaded, plan_dict, slice_id, budget) -> Provenance:
                       slice=slice_id, budget=budget)
 
 
-def apply_shape(plan_text: str) -> tuple[tuple[int, int] | None, bool]:
-    """What applying a plan costs in the memory model's terms: its calibration (sequences, length) or None, and
-    whether a sequential method (gptq-seq) runs."""
+def apply_shape(plan_text: str) -> tuple[tuple[int, int] | None, bool, tuple[int, int] | None]:
+    """What applying a plan costs in the memory model's terms: its calibration (sequences, length) or None, whether
+    a sequential method (gptq-seq) runs, and its end-to-end tuning's step (sequences, length) or None."""
     from shrink_core.evaluation.calibration import recipe_for
     from shrink_core.plan import load_plan
     from shrink_core.plan.spec import SEQUENTIAL_METHODS
 
     plan = load_plan(plan_text)
     if not plan.needs_calibration:
-        return None, False
+        return None, False, None
     recipe = recipe_for(plan)
     sequential = any(r.weights is not None and r.weights.method in SEQUENTIAL_METHODS for r in plan.rules)
-    return (recipe.n_sequences, recipe.seq_len), sequential
+    tune = None if plan.tune is None else (plan.tune.batch, recipe.seq_len)
+    return (recipe.n_sequences, recipe.seq_len), sequential, tune
 
 
 def admit_eval(description: dict | None, loaded, budget: str, plan_text: str | None):
@@ -163,12 +164,12 @@ def admit_eval(description: dict | None, loaded, budget: str, plan_text: str | N
     facts = footprint.facts_from_description(description) if description else footprint.facts_from_model(
         loaded.model)
     batch = get_protocol(budget).max_batch_tokens
-    calibration, sequential = apply_shape(plan_text) if plan_text else (None, False)
+    calibration, sequential, tune = apply_shape(plan_text) if plan_text else (None, False, None)
 
     def make(f):
         need = footprint.evaluation(f, batch, reference=bool(plan_text))
         if plan_text:  # the candidate is made beside the reference: the larger of the two phases counts
-            applying = footprint.apply(f, calibration, sequential=sequential)
+            applying = footprint.apply(f, calibration, sequential=sequential, tune=tune)
             applying.parts["reference weights"] = f.params * f.dtype_bytes
             need = max(need, applying, key=lambda x: x.total)
         return need

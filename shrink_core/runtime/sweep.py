@@ -199,8 +199,8 @@ def _memory(facts, budget: str, plans: list[tuple[str, str]]) -> dict:
     batch = get_protocol(budget).max_batch_tokens
     applying = []
     for _, text in plans:
-        calibration, sequential = apply_shape(text)
-        applying.append(footprint.apply(facts, calibration, sequential=sequential).total
+        calibration, sequential, tune = apply_shape(text)
+        applying.append(footprint.apply(facts, calibration, sequential=sequential, tune=tune).total
                         + facts.params * facts.dtype_bytes)  # the reference stays beside the candidate
     return {"eval": footprint.evaluation(facts, batch, reference=True).total, "apply": max(applying, default=0)}
 
