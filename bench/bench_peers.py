@@ -127,14 +127,21 @@ def slice_figures(kl: np.ndarray, agree: np.ndarray) -> dict:
 def paired(paths: list[Path], first: str, second: str) -> dict[str, dict]:
     """Per slice, the second method's KL minus the first's over the same windows: the mean difference and a bootstrap
     95% CI over windows (rows measured on the same windows share their noise; separate CIs overstate it). Runs with
-    the same --windows and --seq-len read the same windows (probe.eval_tokens' fixed order), so the two rows may come
-    from different runs. Methods are named as in the runs' lines (`plan:FILE` for a plan)."""
+    the same --seq-len read the same windows in the same order (probe.eval_tokens' fixed stream), so the two rows may
+    come from different runs, and a run of more windows pairs with one of fewer over the windows they share. Methods
+    are named as in the runs' lines (`plan:FILE` for a plan); `METHOD@FILE` reads that row from FILE only (the same
+    method from two runs)."""
     found: dict[str, dict[str, np.ndarray]] = {first: {}, second: {}}
-    for path in paths:
-        for line in path.read_text().splitlines():
-            part = json.loads(line)
-            if part.get("part") == "slice" and part["method"] in found and "window_kl" in part:
-                found[part["method"]][part["slice"]] = np.array(part["window_kl"])
+    per_window: dict[str, dict[str, float]] = {first: {}, second: {}}
+    for label in found:
+        method, _, only = label.partition("@")
+        for path in [Path(only)] if only else paths:
+            for line in path.read_text().splitlines():
+                part = json.loads(line)
+                if part.get("part") == "slice" and part["method"] == method and "window_kl" in part:
+                    found[label][part["slice"]] = np.array(part["window_kl"])
+                    if part.get("tokens") and part.get("windows"):
+                        per_window[label][part["slice"]] = part["tokens"] / part["windows"]
     missing = [m for m in found if not found[m]]
     if missing:
         raise SystemExit(f"{', '.join(map(str, paths))}: no per-window KL for {', '.join(missing)} (runs before "
@@ -142,12 +149,15 @@ def paired(paths: list[Path], first: str, second: str) -> dict[str, dict]:
     out = {}
     for s in found[first]:
         if s in found[second]:
-            if len(found[second][s]) != len(found[first][s]):
+            a, b = found[first][s], found[second][s]
+            lengths = {per_window[first].get(s), per_window[second].get(s)}
+            if len(a) != len(b) and (None in lengths or len(lengths) > 1):
                 raise SystemExit(f"{first} and {second} were measured on different windows of {s}; pair runs made "
-                                 "with the same --windows and --seq-len.")
-            diff = found[second][s] - found[first][s]
+                                 "with the same --seq-len.")
+            n = min(len(a), len(b))  # the windows both runs read
+            diff = b[:n] - a[:n]
             out[s] = {"difference": round(float(diff.mean()), 5), "ci95": bootstrap(diff),
-                      "ratio": round(float(found[second][s].mean() / found[first][s].mean()), 4)}
+                      "ratio": round(float(b[:n].mean() / a[:n].mean()), 4), "windows": n}
     return out
 
 
@@ -490,14 +500,15 @@ def main() -> None:
                              "its row is plan:PATH")
     parser.add_argument("--paired", nargs="+", default=None, metavar="PEERS_JSONL... A B",
                         help="print method B minus method A per slice over the same windows (95%% CI), from one or "
-                             "more runs' peers.jsonl, and exit")
+                             "more runs' peers.jsonl (or A and B as METHOD@FILE), and exit")
     args = parser.parse_args()
     if args.render:
         print(render(*map(Path, args.render)), end="")
         return
     if args.paired:
-        if len(args.paired) < 3:
-            parser.error("--paired takes one or more peers.jsonl files, then the two methods to compare")
+        if len(args.paired) < 3 and not all("@" in m for m in args.paired[-2:]):
+            parser.error("--paired takes one or more peers.jsonl files, then the two methods to compare (or two "
+                         "METHOD@FILE)")
         print(json.dumps(paired([Path(p) for p in args.paired[:-2]], *args.paired[-2:]), indent=1))
         return
     missing = [p for p in args.plan if not Path(p).is_file()]

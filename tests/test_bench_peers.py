@@ -141,3 +141,12 @@ def test_paired_differences_are_per_window_and_name_a_missing_row(tmp_path):
     other.write_text(json.dumps({"part": "slice", "method": "b", "slice": "en", "window_kl": [0.1, 0.2]}))
     with pytest.raises(SystemExit, match="different windows of en"):
         paired([path, other], "a", "b")
+    # the same method from two runs, by file; a run of 4 windows pairs with one of 2 over the 2 windows both read
+    run = lambda kl: {"part": "slice", "method": "a", "slice": "en", "window_kl": kl, "windows": len(kl),
+                      "tokens": 511 * len(kl)}
+    longer, shorter = tmp_path / "long.jsonl", tmp_path / "short.jsonl"
+    longer.write_text(json.dumps(run([0.5, 0.7, 0.1, 0.1])))
+    shorter.write_text(json.dumps(run([0.6, 0.6])))
+    out = paired([], f"a@{shorter}", f"a@{longer}")
+    assert out["en"]["windows"] == 2 and out["en"]["difference"] == pytest.approx(0.0)
+    assert out["en"]["ratio"] == pytest.approx(1.0)

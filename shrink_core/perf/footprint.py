@@ -134,7 +134,7 @@ def tuning_phase(facts: ModelFacts, sequences: int, length: int) -> dict[str, in
     """End-to-end scale tuning (compression/tune.py) beyond the model: each tuned linear's centred codes in float32
     and its weight rebuilt in float32 and cast for the forward, all held for the backward; a step's graph and the
     reference's and the candidate's logits. On SmolLM2 (float32, 2 x 512 tokens) 3.66 GB predicted, 3.40 GB
-    measured above the two models (peak RSS of the phase)."""
+    measured above the two models (peak RSS of the phase, bench/bench_tune_memory.py)."""
     tokens = sequences * length
     return {"tuned codes and weights": facts.linear_params * (4 + 4 + 2),
             "backward activations": backward_activations(facts, tokens),
