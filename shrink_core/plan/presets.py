@@ -26,7 +26,7 @@ ROTATION = {"kind": "hadamard", "seed": 0}
 # Then the group scales tuned end to end against the unquantized model's logits (compression/tune.py): at 3 bits,
 # 16 windows x 512 tokens, worst language 0.395 against w3g64-rot's 0.459 (docs/methods.md). At 4 bits the 3-bit
 # step (2e-3) overfits (the held-out check refused it: KL 0.050 -> 0.060); a quarter of it, 5e-4, was kept
-# (0.050 -> 0.047) and lowered KL on all nine languages, 3-12% (4 windows, paired). No lr: tune.auto_lr picks those
+# (0.050 -> 0.047) and lowered KL on all nine languages, 3-11% (16 windows, paired). No lr: tune.auto_lr picks those
 # two by each module's bit-width.
 TUNING = {"kind": "scales"}
 # (Those figures are from raw statistics. With the statistics shrunk, recipe version 2's default, w4g64 is at en 0.066
