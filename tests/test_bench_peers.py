@@ -77,8 +77,12 @@ def test_the_method_menu_names_every_method_once():
                      "signround-w4g64", "signround-w3g64", "gptq-seq-signround-w4g64", "gptq-seq-signround-w3g64",
                      *(f"{r}-{m}-w{b}g64" for r in ("rot", "had") for m in ("rtn", "gptq", "gptq-seq") for b in (4, 3)),
                      *(f"{r}lut-gptq-seq-w{b}" for r in ("", "had-") for b in (3, 2)),
-                     *(f"e2e-{r}gptq-seq-w{b}g64" for r in ("", "had-") for b in (4, 3))}
+                     *(f"e2e-{r}gptq-seq-w{b}g64" for r in ("", "had-") for b in (4, 3)),
+                     *(f"{e}had-gptq-seq-w3g{g}" for e in ("", "e2e-") for g in (32, 128)),
+                     *(f"{e}had-gptq-seq-w3g{g}-s8" for e in ("", "e2e-") for g in (32, 64))}
     assert menu["e2e-had-gptq-seq-w3g64"].rotate == "hadamard" and menu["e2e-had-gptq-seq-w3g64"].e2e
+    compact = menu["e2e-had-gptq-seq-w3g32-s8"]
+    assert compact.compact and compact.e2e and compact.weights["group_size"] == 32
 
 
 def test_markdown_table_marks_slices_outside_the_mix_and_names_both_worst_slices():

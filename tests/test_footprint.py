@@ -146,9 +146,9 @@ def test_end_to_end_tuning_is_a_phase_of_its_own_and_the_larger_phase_counts():
     assert apply_shape(dump_plan(preset("w3g64-rot")))[2] is None
     calibrating = footprint.apply(EIGHT_B, (64, 512), sequential=True)
     tuned = footprint.apply(EIGHT_B, (64, 512), sequential=True, tune=(2, 512))
-    assert tuned.parts["tuned codes and weights"] == EIGHT_B.linear_params * 10
+    assert tuned.parts["tuned codes and weights"] == EIGHT_B.linear_params * 14
     assert "hessians" not in tuned.parts and "full-precision inputs" not in tuned.parts  # freed before tuning
-    assert 95e9 < tuned.total < 105e9 and calibrating.total < 30e9  # an 8B's tuning needs a big machine: said first
+    assert 120e9 < tuned.total < 135e9 and calibrating.total < 30e9  # an 8B's tuning needs a big machine: said first
     small = ModelFacts(**{**EIGHT_B.__dict__, "linear_params": 1000, "vocab": 10, "blocks": 1})
     assert footprint.apply(small, (64, 512), sequential=True, tune=(2, 512)).parts == footprint.apply(
         small, (64, 512), sequential=True).parts  # where calibrating costs more, its phase is the one counted

@@ -21,6 +21,7 @@ from shrink_core.evaluation.protocol import SCORED_POSITIONS
 PROCESS_BYTES = 500 * 1000**2
 LOGITS_COPIES = 3.7  # logits float32 + log-softmax + the gathered / exp temporaries of one batch (fitted)
 BACKWARD_COPIES = 3.2  # logits float32 + softmax + their gradient in the Fisher pass (fitted)
+TUNE_LOGIT_COPIES = 8  # a tuning step's logit-sized tensors (tuning_phase; counted, and measured to within 2%)
 DTYPE_BYTES = {"fp32": 4, "float32": 4, "bf16": 2, "bfloat16": 2, "fp16": 2, "float16": 2}
 # The memory limits the jobs keep to are defined here, once, and imported where they act:
 STATS_BYTES_CAP = 2 << 30  # the fast scan streams its Fisher statistics above this (sensitivity/scan.py)
@@ -131,14 +132,17 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
 
 
 def tuning_phase(facts: ModelFacts, sequences: int, length: int) -> dict[str, int]:
-    """End-to-end scale tuning (compression/tune.py) beyond the model: each tuned linear's centred codes in float32
-    and its weight rebuilt in float32 and cast for the forward, all held for the backward; a step's graph and the
-    reference's and the candidate's logits. On SmolLM2 (float32, 2 x 512 tokens) 3.66 GB predicted, 3.40 GB
-    measured above the two models (peak RSS of the phase, bench/bench_tune_memory.py)."""
+    """End-to-end scale tuning (compression/tune.py) beyond the model: each tuned linear's centred codes in float32,
+    the weight built once when its parametrization is registered, rebuilt in float32 for every forward and cast,
+    held for the backward; a step's graph; and the logits: the reference's with its log-softmax and probabilities,
+    the candidate's with its log-softmax, the KL terms and their gradient (TUNE_LOGIT_COPIES). On SmolLM2 (2 x 512
+    tokens, float32 forwards on an AMD EPYC) 4.85 GB predicted, 4.75 GB measured above the two resident models (peak
+    RSS of the phase, bench/bench_tune_memory.py); with bfloat16 forwards (a Sapphire Rapids) 3.40 GB was measured,
+    so the figure is an upper bound there."""
     tokens = sequences * length
-    return {"tuned codes and weights": facts.linear_params * (4 + 4 + 2),
+    return {"tuned codes and weights": facts.linear_params * (4 + 4 + 4 + 2),
             "backward activations": backward_activations(facts, tokens),
-            "backward logits": int(tokens * facts.vocab * 4 * (BACKWARD_COPIES + 1))}
+            "tuning logits": int(tokens * facts.vocab * 4 * TUNE_LOGIT_COPIES)}
 
 
 def backward_activations(facts: ModelFacts, tokens: int, recompute: bool = False) -> int:
