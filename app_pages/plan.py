@@ -4,7 +4,9 @@ import numpy as np
 import pandas as pd
 import streamlit as st
 
+from shrink_core.compression.calibrate import cpu_has_bf16
 from shrink_core.compression.ggml.standard import STANDARD_MIXES, mix_name, standard_plan
+from shrink_core.compression.tune import STEP_SECONDS_SMOLLM2
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import recipe_for
 from shrink_core.model.inventory import LINEAR_KINDS, modules_from_rows
@@ -336,9 +338,11 @@ with right:
         "Tune scales end to end after quantizing", plan.tune is not None, key=f"tune_{plan.tune}",
         help=TUNE_HELP)
     if plan.tune is not None:
+        forward = "bfloat16" if cpu_has_bf16() else "float32"
         st.caption(f"Adds about {plan.tune.steps} training steps through the whole model (on SmolLM2, 2 CPU cores: "
-                   "about 4 s a step); the predictions on this page do not count its gain; measure the candidate to "
-                   "see it.")
+                   f"about {STEP_SECONDS_SMOLLM2['bfloat16']:.0f} s a step with bfloat16 forwards, "
+                   f"{STEP_SECONDS_SMOLLM2['float32']:.0f} s in float32; this CPU runs them in {forward}); the "
+                   "predictions on this page do not count its gain; measure the candidate to see it.")
     if tune != (plan.tune is not None):
         apply_edit(lambda: plan_edit.with_tuning(state.plan_draft(), tune), rows)
 show_explanation()

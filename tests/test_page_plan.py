@@ -381,7 +381,10 @@ def test_tuning_scales_is_a_tick_on_the_draft_and_keeps_its_rules(stored_tiny):
     assert plan.tune is not None and plan.tune.kind == "scales" and plan.rules == before.rules
     assert plan.needs_calibration and plan.name.endswith(", scales tuned")
     assert "tune: {kind: scales, steps: 100" in next(t for t in at.text_area if t.label == "plan.yaml").value
-    assert any("do not count its gain" in c.value for c in at.caption)
+    from shrink_core.compression.calibrate import cpu_has_bf16
+
+    forward = "bfloat16" if cpu_has_bf16() else "float32"
+    assert any("do not count its gain" in c.value and f"this CPU runs them in {forward}" in c.value for c in at.caption)
     next(c for c in at.checkbox if c.label.startswith("Tune scales")).uncheck().run()
     assert load_plan(at.session_state["plan_draft"]).tune is None
     assert "tuned" not in load_plan(at.session_state["plan_draft"]).name

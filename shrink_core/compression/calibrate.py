@@ -32,7 +32,13 @@ def fast_forward_dtype(model) -> torch.dtype | None:
     parameter = next(model.parameters())
     if parameter.device.type != "cpu" or parameter.dtype != torch.float32:
         return None
-    return torch.bfloat16 if torch.cpu._is_avx512_bf16_supported() else None
+    return torch.bfloat16 if cpu_has_bf16() else None
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU has native bfloat16 dot products (AVX512-BF16), so float32 models calibrate and tune in
+    bfloat16 here."""
+    return torch.cpu._is_avx512_bf16_supported()
 
 
 @contextmanager
