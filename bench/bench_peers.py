@@ -74,7 +74,6 @@ class Method:
     rotate: str | None = None
     e2e: bool = False  # plan: then the group scales tuned end to end (the engine's plan option `tune: scales`)
     lut: bool = False  # plan: per-row codebooks in place of the uniform grid (bench/lut_quant.py; group_size channel)
-    compact: bool = False  # plan: 8-bit log-grid scales and bits-bit zeros in place of float16 / uint8 (compact_scales)
     default: bool = True  # measured by a run without --methods (tried-and-not-adopted methods run only when named)
 
 
@@ -100,10 +99,10 @@ def methods() -> dict[str, Method]:
     out += [Method(f"{prefix}had-gptq-seq-w3g{group}", "plan", {"bits": 3, "group_size": group, "method": "gptq-seq"},
                    rotate="hadamard", e2e=e2e, default=False)
             for prefix, e2e in (("", False), ("e2e-", True)) for group in (32, 128)]
-    # the same with compact group metadata (bench/compact_scales.py): g32 fits in w3 g64's 3.375 bits per weight
+    # the same with log8 group scales (the plan's `scales: log8`): g32 fits in w3 g64's 3.375 bits per weight
     out += [Method(f"{prefix}had-gptq-seq-w3g{group}-s8", "plan", {"bits": 3, "group_size": group,
-                                                                  "method": "gptq-seq"},
-                   rotate="hadamard", e2e=e2e, compact=True, default=False)
+                                                                  "method": "gptq-seq", "scales": "log8"},
+                   rotate="hadamard", e2e=e2e, default=False)
             for prefix, e2e in (("", False), ("e2e-", True)) for group in (32, 64)]
     out += [Method(f"signround-w{bits}g64", "signround", bits=bits, group_size=64, default=False) for bits in (4, 3)]
     out += [Method(f"gptq-seq-signround-w{bits}g64", "plan", {"bits": bits, "group_size": 64, "method": "gptq-seq"},
@@ -327,7 +326,8 @@ def exact_bytes(rows, result: dict) -> dict[str, int]:
     if "stored" in result:
         return result["stored"]
     spec = result["spec"]
-    out = {r.name: weight_bytes(r.shape, spec.bits, spec.group_size, spec.symmetric, spec.ggml) for r in rows}
+    out = {r.name: weight_bytes(r.shape, spec.bits, spec.group_size, spec.symmetric, spec.ggml, spec.scales)
+           for r in rows}
     if out != result["engine_bytes"]:
         raise SystemExit(f"formats and the engine disagree on the bytes of {result['spec'].label()}")
     return out
@@ -403,14 +403,6 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
             with lut_engine(method.weights["bits"]):
                 result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe)
             result["stored"] = {r.name: lut_bytes(r.shape, method.weights["bits"]) for r in rows}
-        elif method.compact:
-            from compact_scales import compact_bytes, compact_engine
-
-            with compact_engine():
-                result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe,
-                                       reference)
-            result["stored"] = {r.name: compact_bytes(r.shape, method.weights["bits"], method.weights["group_size"])
-                                for r in rows}
         else:
             result = quantize_plan(model, method, list(dict.fromkeys(r.kind for r in rows)), calibration, recipe,
                                    reference)

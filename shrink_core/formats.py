@@ -1,4 +1,4 @@
-"""The weight format, defined once: bits, group size and symmetry, with its exact stored bytes.
+"""The weight format, defined once: bits, group size, symmetry and how group scales are stored, with its exact bytes.
 
 Pure arithmetic at the bottom of the layers, shared by the plan's resolved table, the engine's packed artifact, the
 planner and the performance model, so the bytes a plan predicts are the bytes the artifact holds and the bytes the
@@ -16,6 +16,14 @@ INT_BITS = (2, 3, 4, 5, 6, 8)
 FLOAT_BITS = (16, 32)  # stored as float16 / float32 (32 = unchanged)
 SCALE_BYTES = 2  # float16 scale per group
 ZERO_BYTES = 1  # uint8 zero point per group (asymmetric only)
+# How group scales are stored: "fp16", one float16 a group (and a uint8 zero); "log8", an 8-bit offset a group on a
+# log2 grid of LOG_STEPS_PER_OCTAVE steps an octave below a per-row int16 top level (relative rounding at most 1.1%,
+# against float16's 0.05%), and the zero bit-packed in `bits` bits: 11 bits a group at 3 bits instead of 24, so group
+# 32 fits in group 64's bytes (llama.cpp's K-quants make the same trade: 6-bit scales under a float16 one).
+SCALE_FORMATS = ("fp16", "log8")
+LOG_STEPS_PER_OCTAVE = 32
+LOG_OFFSET_BITS = 8  # a group's level below its row's top one
+LOG_TOP_BYTES = 2  # a row's top level, int16
 CHANNEL_ALIGN = 32  # kept MLP channels are a multiple of this (when the width allows), so groups still divide
 
 
@@ -52,37 +60,44 @@ def group_count(columns: int, group_size: int | None) -> int:
     return 1 if group_size is None else math.ceil(columns / group_size)
 
 
-def packed_weight_bytes(shape: tuple[int, int], bits: int, group_size: int | None, symmetric: bool) -> dict:
-    """Exact bytes of the packed format: codes, float16 scales, uint8 zeros (asymmetric only); a partial last group
-    stores one scale (and zero) like a full one."""
+def packed_weight_bytes(shape: tuple[int, int], bits: int, group_size: int | None, symmetric: bool,
+                        scales: str = "fp16") -> dict:
+    """Exact bytes of the packed format: codes bit-packed per row; with fp16 scales a float16 scale and a uint8 zero
+    (asymmetric only) per group, with log8 a uint8 offset per group and an int16 top per row, and the zeros bit-packed
+    per row. A partial last group stores one scale (and zero) like a full one."""
     rows, columns = shape
-    groups = rows * group_count(columns, group_size)
+    per_row = group_count(columns, group_size)
     codes = rows * math.ceil(columns * bits / 8)
-    scales = groups * SCALE_BYTES
-    zeros = 0 if symmetric else groups * ZERO_BYTES
-    return {"codes": codes, "scales": scales, "zeros": zeros, "total": codes + scales + zeros}
+    if scales == "log8":
+        scale_bytes = rows * (per_row * LOG_OFFSET_BITS // 8 + LOG_TOP_BYTES)
+        zeros = 0 if symmetric else rows * math.ceil(per_row * bits / 8)
+    else:
+        scale_bytes = rows * per_row * SCALE_BYTES
+        zeros = 0 if symmetric else rows * per_row * ZERO_BYTES
+    return {"codes": codes, "scales": scale_bytes, "zeros": zeros, "total": codes + scale_bytes + zeros}
 
 
 def weight_bytes(shape: tuple[int, ...], bits: int, group_size: int | None, symmetric: bool,
-                 ggml: str | None = None) -> int:
+                 ggml: str | None = None, scales: str = "fp16") -> int:
     """Stored bytes of a weight of `shape` in this format: float widths store every element, integer widths pack,
     llama.cpp types store their blocks."""
     if ggml is not None:
         return ggml_weight_bytes(shape, ggml)
     if bits in FLOAT_BITS:
         return math.prod(shape) * bits // 8
-    return packed_weight_bytes((shape[0], math.prod(shape[1:])), bits, group_size, symmetric)["total"]
+    return packed_weight_bytes((shape[0], math.prod(shape[1:])), bits, group_size, symmetric, scales)["total"]
 
 
 @dataclass(frozen=True)
 class WeightFormat:
-    """How one weight is stored: float (16/32 bits), integer codes with per-group float16 scales (and uint8 zeros), or
-    a llama.cpp type's blocks (`ggml`; then bits is the type's nominal width, for the kernels' sake)."""
+    """How one weight is stored: float (16/32 bits), integer codes with per-group scales (and zeros) in `scales`'
+    format, or a llama.cpp type's blocks (`ggml`; then bits is the type's nominal width, for the kernels' sake)."""
 
     bits: int
     group_size: int | None = 64  # None = one group per output channel
     symmetric: bool = False
     ggml: str | None = None
+    scales: str = "fp16"  # SCALE_FORMATS
 
     def __post_init__(self):
         if self.bits not in INT_BITS + FLOAT_BITS:
@@ -93,7 +108,7 @@ class WeightFormat:
         return self.bits in FLOAT_BITS
 
     def stored_bytes(self, shape: tuple[int, ...]) -> int:
-        return weight_bytes(shape, self.bits, self.group_size, self.symmetric, self.ggml)
+        return weight_bytes(shape, self.bits, self.group_size, self.symmetric, self.ggml, self.scales)
 
 
 def kept_channels(width: int, amount: float) -> int:

@@ -82,7 +82,7 @@ def test_the_method_menu_names_every_method_once():
                      *(f"{e}had-gptq-seq-w3g{g}-s8" for e in ("", "e2e-") for g in (32, 64))}
     assert menu["e2e-had-gptq-seq-w3g64"].rotate == "hadamard" and menu["e2e-had-gptq-seq-w3g64"].e2e
     compact = menu["e2e-had-gptq-seq-w3g32-s8"]
-    assert compact.compact and compact.e2e and compact.weights["group_size"] == 32
+    assert compact.weights["scales"] == "log8" and compact.e2e and compact.weights["group_size"] == 32
 
 
 def test_markdown_table_marks_slices_outside_the_mix_and_names_both_worst_slices():

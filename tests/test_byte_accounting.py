@@ -22,6 +22,7 @@ PLANS = {
     "fp32": f"version: 1\nrules:\n  - {{kind: {LINEARS}, weights: {{bits: 32}}}}\n",
     "fp16": f"version: 1\nrules:\n  - {{kind: {LINEARS}, weights: {{bits: 16}}}}\n",
     "heads50": "version: 1\nrules:\n  - {kind: [q, k, v, o], prune: {structure: heads, amount: 0.5}}\n",
+    "w3g32-log8": f"version: 1\nrules:\n  - {{kind: {LINEARS}, weights: {{bits: 3, group_size: 32, scales: log8}}}}\n",
 }
 
 

@@ -40,7 +40,7 @@ def test_unknown_preset_names_the_choices():
     ("{kind: q, weights: {bits: 4, group_size: 48}}",
      "Rule 1 weights: group_size 48 is not supported; use 32, 64, 128 or 'channel'."),
     ("{kind: q, weights: {bitz: 4}}",
-     "Unknown key 'bitz' in rule 1 weights; allowed keys: bits, group_size, symmetric, method, ggml."),
+     "Unknown key 'bitz' in rule 1 weights; allowed keys: bits, group_size, symmetric, method, ggml, scales."),
     ("{kind: q, colour: red, keep: true}",
      "Unknown key 'colour' in rule 1; allowed keys: kind, name, blocks, keep, weights, prune, activation_bits, "
      "kv_cache_bits, note."),

@@ -30,7 +30,8 @@ PRUNE_CHOICES = {"none": None, "50% unstructured": {"structure": "unstructured",
 def setting_of(row: dict) -> str:
     """The table's name for a resolved module's weight setting (the menu's own naming)."""
     group = None if row["group"] in (None, "channel") else row["group"]
-    return setting_name(row["bits"], group, bool(row["symmetric"]), bool(row["keep"]), row.get("ggml"))
+    return setting_name(row["bits"], group, bool(row["symmetric"]), bool(row["keep"]), row.get("ggml"),
+                        scales=row.get("scales") or "fp16")
 
 
 def weights_rule(setting: str, method: str) -> dict:
@@ -49,7 +50,8 @@ def derived_name(resolved) -> str:
     """What the plan does, in a few words: e.g. "mixed w3g64/w4g64 rtn, 10 kept" or "w8 rtn, 2:4 on 7"."""
     modules = [r for r in resolved if r.kind != "norm" and not r.tied_to]
     quantized = [r for r in modules if r.weights is not None and not r.keep]
-    formats = sorted({setting_name(r.bits, r.group_size, r.weights.symmetric, ggml=r.weights.ggml) for r in quantized},
+    formats = sorted({setting_name(r.bits, r.group_size, r.weights.symmetric, ggml=r.weights.ggml,
+                                   scales=r.weights.scales) for r in quantized},
                      key=lambda f: (len(f), f))
     methods = sorted({r.method for r in quantized if r.method})
     parts = []
@@ -122,7 +124,8 @@ def hand_pinned(plan, resolved) -> dict[str, str]:
         rule = rules.get(r.rule)
         if rule is not None and rule.name is not None and not rule.note.startswith("planner"):
             pinned[r.name] = setting_name(r.bits, r.group_size, bool(r.weights and r.weights.symmetric), r.keep,
-                                         r.weights.ggml if r.weights else None, r.prune)
+                                         r.weights.ggml if r.weights else None, r.prune,
+                                         r.weights.scales if r.weights else "fp16")
     return pinned
 
 

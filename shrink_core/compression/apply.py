@@ -52,12 +52,13 @@ class QuantState:
     bits: int
     group_size: int | None
     symmetric: bool
-    scale: torch.Tensor  # (out, groups) float32 holding float16 values
+    scale: torch.Tensor  # (out, groups) float32 holding the stored values (float16, or the log8 grid's)
     zero: torch.Tensor  # (out, groups) integer-valued
     rotation: Rotation | None = None  # set: the codes are those of the weight times R^T (compression/rotate.py)
+    scales: str = "fp16"  # how the scales are stored (formats.SCALE_FORMATS)
 
     def weight_format(self) -> WeightFormat:
-        return WeightFormat(self.bits, self.group_size, self.symmetric)
+        return WeightFormat(self.bits, self.group_size, self.symmetric, scales=self.scales)
 
 
 @dataclass(frozen=True)
@@ -152,8 +153,8 @@ def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None,
         spec, states = row.weights, []
         for module in members:
             module.weight.data, scale, zero = rtn_by_rows(module.weight.data, spec.bits, spec.group_size,
-                                                          spec.symmetric)
-            states.append(QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero))
+                                                          spec.symmetric, spec.scales)
+            states.append(QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero, scales=spec.scales))
         return states, ({"weights": spec.method} if spec.method != "rtn" else {})
     weight = torch.cat([m.weight.data for m in members]) if len(members) > 1 else members[0].weight.data
     weight, state, fallback = _compress_weight(weight.float(), row, hessian, cross)  # float32 math, stored as it was
@@ -162,8 +163,7 @@ def _compress_(members: list, row: ResolvedModule, hessian: torch.Tensor | None,
         rows = slice(start, start + module.weight.shape[0])
         start = rows.stop
         module.weight.data = weight[rows].to(module.weight.dtype).contiguous()
-        states.append(None if state is None else QuantState(state.bits, state.group_size, state.symmetric,
-                                                            state.scale[rows], state.zero[rows]))
+        states.append(None if state is None else replace(state, scale=state.scale[rows], zero=state.zero[rows]))
     return states, fallback
 
 
@@ -206,10 +206,10 @@ def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.T
         new, scale, zero, mask = obs_compress(
             weight, full, bits=spec.bits if use_obs_bits else None, group_size=spec.group_size if spec else None,
             symmetric=spec.symmetric if spec else False, sparsity=prune.amount if prune.structure != "nm" else None,
-            nm=(prune.n, prune.m) if prune.structure == "nm" else None)
+            nm=(prune.n, prune.m) if prune.structure == "nm" else None, scales=spec.scales if spec else "fp16")
         weight = new
         if use_obs_bits:
-            state, spec = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero), None
+            state, spec = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero, scales=spec.scales), None
     elif prune:
         mask = mask_for(weight, prune, sq_sum if prune.criterion == "wanda" else None)
         weight = weight * mask
@@ -217,16 +217,16 @@ def _compress_weight(weight: torch.Tensor, row: ResolvedModule, hessian: torch.T
         if cross is not None and spec.method in SEQUENTIAL_METHODS:
             weight = output_target(weight, full, cross)
             weight = weight if mask is None else weight * mask
-        scale, zero = clip_search(weight, sq_sum, spec.bits, spec.group_size, spec.symmetric)
+        scale, zero = clip_search(weight, sq_sum, spec.bits, spec.group_size, spec.symmetric, spec.scales)
         weight, scale, zero, _ = obs_compress(weight, full, bits=spec.bits, group_size=spec.group_size,
                                               symmetric=spec.symmetric, scale=scale, zero=zero, act_order=True,
                                               mask=mask)
-        state = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero)
+        state = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero, scales=spec.scales)
     elif spec is not None:
-        scale, zero = scale_zero(weight, spec.bits, spec.group_size, spec.symmetric)
+        scale, zero = scale_zero(weight, spec.bits, spec.group_size, spec.symmetric, scales=spec.scales)
         weight = dequantize(quantize(weight, scale, zero, spec.bits, spec.group_size), scale, zero, spec.group_size)
         weight = weight if mask is None else weight * mask
-        state = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero)
+        state = QuantState(spec.bits, spec.group_size, spec.symmetric, scale, zero, scales=spec.scales)
     elif row.weights is not None and row.weights.bits == 16:
         weight = weight.half().float()
     return weight, state, fallback

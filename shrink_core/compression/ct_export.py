@@ -111,6 +111,10 @@ def _scheme_for(name: str, module, state, shared: bool) -> CtScheme:
         raise ShrinkError(f"{name} was quantized with its input rotated (the plan's rotate), and this export does not "
                           "write the rotation a runtime would need; remove rotate from the plan to export to "
                           "compressed-tensors.")
+    if state.scales != "fp16":
+        raise ShrinkError(f"{name} stores its group scales as {state.scales}, and compressed-tensors stores a float "
+                          "scale per group (re-rounding would not be the evaluated candidate); use scales: fp16 for "
+                          "it to export.")
     if not isinstance(module, torch.nn.Linear):
         kind = "an embedding" if isinstance(module, torch.nn.Embedding) else f"a {type(module).__name__}"
         raise ShrinkError(f"{name} is {kind}, and the compressed-tensors export quantizes Linear layers only; keep "

@@ -2,7 +2,8 @@
 
 - `save_candidate`: the compressed model (fp32 safetensors of the quantize-dequantized weights, config, tokenizer),
   `plan.yaml`, `provenance.json`, and when an ApplyReport is given, `packed/model.packed.safetensors`: the real packed
-  artifact (bit-packed integer codes, float16 scales, uint8 zeros) whose size the byte accounting predicts.
+  artifact (bit-packed integer codes, float16 scales and uint8 zeros, or log8 levels and bit-packed zeros) whose size
+  the byte accounting predicts.
 - `llm_compressor_recipe`: an llm-compressor recipe (GPTQModifier / QuantizationModifier / SparseGPTModifier...).
 - `llama_cpp_tensor_types`: lines `REGEX=TYPE` for llama-quantize `--tensor-type` / `--tensor-type-file`.
 See docs/deploy-exports.md for what each export cannot express.
@@ -20,9 +21,10 @@ import yaml
 
 from shrink_core import __version__
 from shrink_core.compression.ggml.types import GgmlState
-from shrink_core.compression.primitives import pack, quantize
+from shrink_core.compression.primitives import log_levels, pack, quantize
 from shrink_core.compression.prune import sync_config_
 from shrink_core.errors import ShrinkError
+from shrink_core.formats import LOG_STEPS_PER_OCTAVE
 from shrink_core.model.arch import native_state_dict
 from shrink_core.model.inventory import EXPERT_INDEX
 from shrink_core.plan import Plan, dump_plan, plan_to_dict
@@ -55,11 +57,18 @@ def packed_tensors(model, report) -> tuple[dict[str, torch.Tensor], dict]:
                 weight = param.data if state.rotation is None else state.rotation.apply(param.data.float())
                 codes = quantize(weight, state.scale, state.zero, state.bits, state.group_size)  # (out, in)
                 tensors[f"{key}.codes"] = pack(codes, state.bits)
-                tensors[f"{key}.scales"] = state.scale.half().contiguous()
-                if not state.symmetric:
-                    tensors[f"{key}.zeros"] = state.zero.to(torch.uint8).contiguous()
                 layout[key] = {"bits": state.bits, "group_size": state.group_size, "symmetric": state.symmetric,
-                               "shape": list(param.shape)}
+                               "shape": list(param.shape), "scales": state.scales}
+                if state.scales == "log8":  # scale = 2 ** ((top - offset) / steps): primitives.from_log_levels
+                    top, offset = log_levels(state.scale)
+                    tensors[f"{key}.scale_top"], tensors[f"{key}.scale_offsets"] = top.contiguous(), offset.contiguous()
+                    layout[key]["log_steps_per_octave"] = LOG_STEPS_PER_OCTAVE
+                    if not state.symmetric:
+                        tensors[f"{key}.zeros"] = pack(state.zero.to(torch.uint8), state.bits)
+                else:
+                    tensors[f"{key}.scales"] = state.scale.half().contiguous()
+                    if not state.symmetric:
+                        tensors[f"{key}.zeros"] = state.zero.to(torch.uint8).contiguous()
                 if state.rotation is not None:
                     layout[key]["input_rotation"] = state.rotation.describe()
             elif name in float_bits and param_name == "weight":
@@ -211,8 +220,8 @@ def llm_compressor_recipe(resolved) -> str:
 
 
 def write_exports(resolved, out_dir, rotate=None, tune=None) -> dict[str, Path]:
-    """Both recipes; with the plan's `rotate` or `tune`, each opens by saying it does not reproduce them (neither tool
-    has them), so what they build is not the evaluated candidate."""
+    """Both recipes; with the plan's `rotate`, `tune` or log8 scales, each opens by saying it does not reproduce them
+    (neither tool has them), so what they build is not the evaluated candidate."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = {"llm_compressor": out_dir / "llm-compressor-recipe.yaml",
@@ -223,6 +232,9 @@ def write_exports(resolved, out_dir, rotate=None, tune=None) -> dict[str, Path]:
     if tune is not None:
         warning += ("# NOT the evaluated candidate: the plan tunes the group scales end to end after quantizing and "
                     "this recipe cannot; its model is the same formats with untuned scales\n")
+    if any(r.weights is not None and r.weights.scales != "fp16" for r in resolved):
+        warning += ("# NOT the evaluated candidate: the plan stores group scales on an 8-bit log grid (log8) and "
+                    "these tools store their own scales; its model is the same bits and groups with their scales\n")
     paths["llm_compressor"].write_text(warning + llm_compressor_recipe(resolved), encoding="utf-8")
     paths["llama_cpp"].write_text(warning + llama_cpp_tensor_types(resolved), encoding="utf-8")
     return paths

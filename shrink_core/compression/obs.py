@@ -73,7 +73,7 @@ def _permute_(matrix: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
 
 
 def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group_size: int | None,
-                symmetric: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                symmetric: bool, scales: str = "fp16") -> tuple[torch.Tensor, torch.Tensor]:
     """Per-group scale and zero (out, groups) whose clip ratio minimises the importance-weighted squared error.
 
     importance (in,) is the diagonal of H (activation energy per input feature): an activation-aware range search.
@@ -88,7 +88,7 @@ def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group
         grouped = to_groups(part, group_size)  # (rows, groups, size), partial last group zero-padded
         best_error = best_scale = best_zero = None
         for ratio in CLIP_RATIOS:
-            scale, zero = scale_zero(part, bits, group_size, symmetric, clip=ratio)  # (rows, groups)
+            scale, zero = scale_zero(part, bits, group_size, symmetric, clip=ratio, scales=scales)  # (rows, groups)
             codes = torch.round(grouped / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
             error = ((codes - zero.unsqueeze(-1)) * scale.unsqueeze(-1) - grouped).pow(2).mul(weights).sum(-1)
             del codes
@@ -118,6 +118,7 @@ def obs_compress(
     nm: tuple[int, int] | None = None,  # SparseGPT adaptive N:M mask
     mask: torch.Tensor | None = None,  # fixed keep-mask (out, in), e.g. from Wanda
     codebook: torch.Tensor | None = None,  # (out, levels): each row's values, rounded to its nearest (bits None)
+    scales: str = "fp16",  # how the default group scales are stored (formats.SCALE_FORMATS)
     block_size: int = 128,
     damp: float = 0.01,
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None, torch.Tensor]:
@@ -128,7 +129,7 @@ def obs_compress(
     keep = None if not masking else torch.ones_like(weight, dtype=torch.bool) if mask is None else mask.clone()
     if bits is not None and scale is None:
         plain = weight.detach().float()
-        scale, zero = scale_zero(plain if keep is None else plain * keep, bits, group_size, symmetric)
+        scale, zero = scale_zero(plain if keep is None else plain * keep, bits, group_size, symmetric, scales=scales)
     size = group_size or columns
     order = torch.argsort(torch.diag(hessian), descending=True) if act_order and nm is None else None
     if order is not None:

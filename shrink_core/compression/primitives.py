@@ -6,14 +6,14 @@ groups per row, e.g. 576 = 4 x 128 + 64 in SmolLM2): it is padded with zeros for
 inside every group's quantization range already (asymmetric ranges include 0, absmax ignores it), so padding changes
 no scale or zero. Codes are unsigned integers in [0, 2**bits - 1]; the value is `(code - zero) * scale`.
 Symmetric quantization uses the fixed zero 2**(bits - 1) (signed codes stored with an offset), so only the scale is
-stored; asymmetric stores one integer zero per group. Scales are rounded to float16, as the packed format stores them,
-so what a quality run measures is exactly what the packed artifact holds.
+stored; asymmetric stores one integer zero per group. Scales are rounded to what the packed format stores (float16,
+or the log8 grid: formats.SCALE_FORMATS), so what a quality run measures is exactly what the packed artifact holds.
 """
 from __future__ import annotations
 
 import torch
 
-from shrink_core.formats import SCALE_BYTES, ZERO_BYTES, group_count, packed_weight_bytes  # noqa: F401
+from shrink_core.formats import LOG_OFFSET_BITS, LOG_STEPS_PER_OCTAVE, SCALE_BYTES, ZERO_BYTES, group_count, packed_weight_bytes  # noqa: F401
 from shrink_core.perf.footprint import ROW_CHUNK_BYTES  # float32 bytes of the rows quantized at once
 
 WEIGHT_BITS = (2, 3, 4, 5, 6, 8)
@@ -35,19 +35,43 @@ def from_groups(grouped: torch.Tensor, columns: int) -> torch.Tensor:
     return grouped.reshape(grouped.shape[0], -1)[:, :columns]
 
 
+def log_levels(scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scales (rows, groups) as the log8 format stores them: each row's top level (rows,) int16 and each group's
+    offset below it (rows, groups) uint8, a level being round(log2(scale) * LOG_STEPS_PER_OCTAVE). A level more than
+    255 below its row's top is raised to the lowest one (its group then uses less of the code range)."""
+    level = torch.round(torch.log2(scale.float()) * LOG_STEPS_PER_OCTAVE)
+    top = level.amax(-1)
+    offset = (top.unsqueeze(-1) - level).clamp(max=2**LOG_OFFSET_BITS - 1)
+    return top.to(torch.int16), offset.to(torch.uint8)
+
+
+def from_log_levels(top: torch.Tensor, offset: torch.Tensor) -> torch.Tensor:
+    """float32 scales (rows, groups) from the log8 format's stored levels."""
+    return torch.exp2((top.float().unsqueeze(-1) - offset.float()) / LOG_STEPS_PER_OCTAVE)
+
+
+def stored_scale(scale: torch.Tensor, scales: str = "fp16") -> torch.Tensor:
+    """Scales (rows, groups) rounded to the values the packed format holds (float32 tensors of them)."""
+    if scales == "log8":
+        return from_log_levels(*log_levels(scale))
+    return scale.half().float()
+
+
 def scale_zero(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
-               clip: torch.Tensor | float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Round-to-nearest parameters; `clip` (scalar or (out, groups)) shrinks the range before rounding."""
+               clip: torch.Tensor | float = 1.0, scales: str = "fp16") -> tuple[torch.Tensor, torch.Tensor]:
+    """Round-to-nearest parameters; `clip` (scalar or (out, groups)) shrinks the range before rounding; the scale is
+    rounded to the stored format first, and the zero chosen for the stored scale. `weight` holds whole rows (the
+    log8 format's levels are relative to each row's largest)."""
     grouped = to_groups(weight.float(), group_size)  # (out, groups, size)
     if symmetric:
         top = 2 ** (bits - 1) - 1
         absmax = grouped.abs().amax(dim=-1) * clip  # (out, groups)
-        scale = (absmax / max(top, 1)).clamp(min=MIN_SCALE).half().float()
+        scale = stored_scale((absmax / max(top, 1)).clamp(min=MIN_SCALE), scales)
         zero = torch.full_like(scale, 2 ** (bits - 1))
         return scale, zero
     low = grouped.amin(dim=-1).clamp(max=0) * clip  # (out, groups)
     high = grouped.amax(dim=-1).clamp(min=0) * clip
-    scale = ((high - low) / (2**bits - 1)).clamp(min=MIN_SCALE).half().float()
+    scale = stored_scale(((high - low) / (2**bits - 1)).clamp(min=MIN_SCALE), scales)
     zero = torch.round(-low / scale).clamp(0, 2**bits - 1)
     return scale, zero
 
@@ -67,9 +91,10 @@ def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, gro
     return from_groups(values, codes.shape[1]).to(dtype)
 
 
-def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool) -> torch.Tensor:
+def fake_quantize(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool,
+                  scales: str = "fp16") -> torch.Tensor:
     """Round-to-nearest quantize-dequantize in the weight's dtype."""
-    scale, zero = scale_zero(weight, bits, group_size, symmetric)
+    scale, zero = scale_zero(weight, bits, group_size, symmetric, scales=scales)
     return dequantize(quantize(weight, scale, zero, bits, group_size), scale, zero, group_size, weight.dtype)
 
 
@@ -89,19 +114,19 @@ def by_row_blocks(weight: torch.Tensor, fn, dtype: torch.dtype | None = None) ->
     return out
 
 
-def rtn_by_rows(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool):
+def rtn_by_rows(weight: torch.Tensor, bits: int, group_size: int | None, symmetric: bool, scales: str = "fp16"):
     """Round-to-nearest quantize-dequantize, a block of rows at a time in float32: (weight in its own dtype, scale,
     zero). The same numbers as one pass over the whole matrix, without float32 copies of all of it."""
-    scales, zeros = [], []
+    found, zeros = [], []
 
     def rtn(part):
-        scale, zero = scale_zero(part, bits, group_size, symmetric)
-        scales.append(scale)
+        scale, zero = scale_zero(part, bits, group_size, symmetric, scales=scales)
+        found.append(scale)
         zeros.append(zero)
         return dequantize(quantize(part, scale, zero, bits, group_size), scale, zero, group_size)
 
     out = by_row_blocks(weight, rtn)
-    return out, torch.cat(scales), torch.cat(zeros)
+    return out, torch.cat(found), torch.cat(zeros)
 
 
 def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:

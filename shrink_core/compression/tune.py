@@ -1,11 +1,12 @@
 """End-to-end tuning of the group scales after quantization (the plan's `tune: scales`; EfficientQAT's E2E-QP idea).
 
-Every integer-quantized block linear keeps its codes and zeros; only its float16 group scales are trained, through
+Every integer-quantized block linear keeps its codes and zeros; only its group scales are trained, through
 the whole model at once, so that the quantized model's next-token distribution matches the unquantized model's:
 KL(reference || quantized) per token on the calibration rows, the quantity the benchmarks score on other rows. The
 bytes do not change (the scales are stored anyway). gptq-seq fits each block to its own full-precision output; this
 sees how the blocks' errors add up at the logits. A scale is trained as s0 * exp(theta), theta starting at 0 (Adam,
-cosine-decayed), and passes through float16 rounding in every forward, so what is trained is what is stored.
+cosine-decayed), and passes through the stored format's rounding (float16, or the log8 grid) in every forward, so
+what is trained is what is stored.
 `holdout` calibration rows, drawn at random, are not trained on: the tuned scales are kept only if the KL there falls.
 Without a set `lr`, each module's step follows its bit-width (auto_lr).
 """
@@ -18,7 +19,7 @@ from dataclasses import replace
 import torch
 from torch.nn.utils import parametrize
 
-from shrink_core.compression.primitives import from_groups, quantize, to_groups
+from shrink_core.compression.primitives import from_groups, quantize, stored_scale, to_groups
 from shrink_core.errors import ShrinkError
 
 
@@ -31,14 +32,15 @@ class TunedScales(torch.nn.Module):
         basis = weight.float() if state.rotation is None else state.rotation.apply(weight.float())
         codes = to_groups(quantize(basis, state.scale, state.zero, state.bits, state.group_size).float(),
                           state.group_size)  # (out, groups, size); a partial last group padded with code 0
-        self.columns, self.rotation = weight.shape[1], state.rotation
+        self.columns, self.rotation, self.stored = weight.shape[1], state.rotation, state.scales
         self.register_buffer("centred", codes - state.zero[..., None])  # (out, groups, size)
         self.register_buffer("scale0", state.scale.float())
         self.theta = torch.nn.Parameter(torch.zeros_like(self.scale0))
 
     def scale(self) -> torch.Tensor:
         scale = self.scale0 * torch.exp(self.theta)
-        return scale + (scale.half().float() - scale).detach()  # float16 forward, the gradient passes straight through
+        # the stored values forward, the gradient straight through
+        return scale + (stored_scale(scale.detach(), self.stored) - scale).detach()
 
     def weight(self) -> torch.Tensor:
         values = from_groups(self.centred * self.scale()[..., None], self.columns)
@@ -82,7 +84,7 @@ def split_rows(n: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
 def tune_scales_(model, reference, targets: dict, calibration: torch.Tensor, spec, *,
                  autocast: torch.dtype | None = None, progress=None) -> dict:
     """Train the scales of `targets` (name -> (linear module, QuantState)) in `model`, in place: the weights end on
-    the tuned float16 grid. Returns the figures and {name: QuantState with its tuned scale} under "states"."""
+    the tuned stored grid. Returns the figures and {name: QuantState with its tuned scale} under "states"."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     train, held = split_rows(len(calibration), spec.holdout)

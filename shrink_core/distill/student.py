@@ -123,15 +123,16 @@ def projected_shape(config, drop_blocks: tuple[int, ...] | int = (), mlp_prune: 
 class FakeQuant(torch.nn.Module):
     """Weight parametrization: the forward sees round-to-nearest weights, the gradient passes straight through."""
 
-    def __init__(self, bits: int, group_size: int | None, symmetric: bool):
+    def __init__(self, bits: int, group_size: int | None, symmetric: bool, scales: str = "fp16"):
         super().__init__()
-        self.bits, self.group_size, self.symmetric = bits, group_size, symmetric
+        self.bits, self.group_size, self.symmetric, self.scales = bits, group_size, symmetric, scales
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         from shrink_core.compression.primitives import dequantize, quantize, scale_zero
 
         with torch.no_grad():
-            scale, zero = scale_zero(weight, self.bits, self.group_size, self.symmetric)  # (out, groups)
+            scale, zero = scale_zero(weight, self.bits, self.group_size, self.symmetric,  # (out, groups)
+                                     scales=self.scales)
             snapped = dequantize(quantize(weight, scale, zero, self.bits, self.group_size), scale, zero,
                                  self.group_size, weight.dtype)  # (out, in)
         return weight + (snapped - weight).detach()
@@ -161,7 +162,8 @@ def attach_straight_through_(model, plan_dict: dict) -> int:
             raise ShrinkError(f"{row.name}: training on llama.cpp's {weights.ggml} grid is not supported; distil to an "
                               "integer format (bits, group_size) and choose llama.cpp types in a plan afterwards.")
         parametrize.register_parametrization(module, "weight",
-                                             FakeQuant(weights.bits, weights.group_size, weights.symmetric))
+                                             FakeQuant(weights.bits, weights.group_size, weights.symmetric,
+                                                       weights.scales))
         attached += 1
     return attached
 

@@ -29,6 +29,7 @@ class ModuleWeights:
     sparse_pattern: str | None = None  # "2:4" when every 4 consecutive inputs hold >= 2 zeros, "unstructured" else
     bias_bytes: int = 0  # a bias, kept in the float dtype (counted in packed_bytes)
     ggml: str | None = None  # a llama.cpp type's blocks (bits is then its nominal width)
+    scales: str = "fp16"  # how group scales are stored (formats.SCALE_FORMATS)
 
     @property
     def numel(self) -> int:
@@ -39,7 +40,8 @@ class ModuleWeights:
         """Bytes one forward step reads from this module's stored format (a tied weight is read again)."""
         if not self.streamed:
             return 0
-        return weight_bytes(self.shape, self.bits, self.group_size, self.symmetric, self.ggml) + self.bias_bytes
+        return (weight_bytes(self.shape, self.bits, self.group_size, self.symmetric, self.ggml, self.scales)
+                + self.bias_bytes)
 
 
 @dataclass(frozen=True)
@@ -121,9 +123,9 @@ def describe_model(model, bits: dict | None = None, name: str = "", packed: dict
         width = spec.bits if spec else float_bits
         group = spec.group_size if spec else None
         symmetric = spec.symmetric if spec else True
-        ggml = spec.ggml if spec else None
+        ggml, scales = (spec.ggml, spec.scales) if spec else (None, "fp16")
         bias = _bias_bytes(row)
-        stored = 0 if row.tied_to else weight_bytes(row.shape, width, group, symmetric, ggml) + bias
+        stored = 0 if row.tied_to else weight_bytes(row.shape, width, group, symmetric, ggml, scales) + bias
         if packed and row.name in packed:
             stored = int(packed[row.name])
         weight = model.get_submodule(row.name).weight.detach()
@@ -132,7 +134,7 @@ def describe_model(model, bits: dict | None = None, name: str = "", packed: dict
         modules.append(ModuleWeights(
             name=row.name, kind=row.kind, shape=row.shape, params=row.params, bits=width, group_size=group,
             symmetric=symmetric, packed_bytes=stored, streamed=row.kind in LINEAR_KINDS + ("lm_head",),
-            zero_share=share, sparse_pattern=pattern, bias_bytes=bias, ggml=ggml,
+            zero_share=share, sparse_pattern=pattern, bias_bytes=bias, ggml=ggml, scales=scales,
         ))
     source = "engine packed bytes" if packed else "computed from bits per module"
     return Workload(
@@ -155,11 +157,12 @@ def workload_from_rows(rows, summary: dict, bits: dict | None = None, name: str 
         spec = bits.get(row.name)
         width = spec.bits if spec else (8 * (row.bytes // row.params) if row.params else 32)
         group, symmetric = (spec.group_size, spec.symmetric) if spec else (None, True)
-        ggml = spec.ggml if spec else None
+        ggml, scales = (spec.ggml, spec.scales) if spec else (None, "fp16")
         bias = _bias_bytes(row)
-        stored = 0 if row.tied_to else weight_bytes(row.shape, width, group, symmetric, ggml) + bias
+        stored = 0 if row.tied_to else weight_bytes(row.shape, width, group, symmetric, ggml, scales) + bias
         modules.append(ModuleWeights(row.name, row.kind, row.shape, row.params, width, group, symmetric, stored,
-                                     streamed=row.kind in LINEAR_KINDS + ("lm_head",), bias_bytes=bias, ggml=ggml))
+                                     streamed=row.kind in LINEAR_KINDS + ("lm_head",), bias_bytes=bias, ggml=ggml,
+                                     scales=scales))
     heads = summary["attention_heads"]
     return Workload(
         name=name or summary.get("architecture", "model"), layers=summary["blocks"], hidden=summary["hidden_size"],

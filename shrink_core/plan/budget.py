@@ -48,7 +48,8 @@ def quant_specs(resolved) -> dict:
     """module -> perf WeightFormat of a resolved plan's integer-quantized modules (the roofline's input)."""
     from shrink_core.formats import WeightFormat
 
-    return {r.name: WeightFormat(r.bits, r.group_size, r.weights.symmetric, r.weights.ggml) for r in resolved
+    return {r.name: WeightFormat(r.bits, r.group_size, r.weights.symmetric, r.weights.ggml, r.weights.scales)
+            for r in resolved
             if r.weights is not None and not r.weights.is_float and not r.keep and not r.removed}
 
 

@@ -8,7 +8,7 @@ their scales and zeros, 2 bits of index per kept value), the size `eval` and the
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 
 from shrink_core.errors import ShrinkError
 from shrink_core.formats import GGML_TYPES, ggml_geometry
@@ -23,6 +23,7 @@ class Setting:
     symmetric: bool = False
     prune: str | None = None  # "nm24" (2:4 magnitude) | "magnitude50" (50% unstructured magnitude); with bits: both
     ggml: str | None = None  # a llama.cpp type (bits is then its nominal width): its blocks, its reference quantizer
+    scales: str = "fp16"  # how group scales are stored (formats.SCALE_FORMATS)
     version: int = 2  # 2: a group that does not divide the row leaves a partial last group (was per-channel)
 
     def __post_init__(self):
@@ -39,6 +40,14 @@ class Setting:
     def masks(self) -> bool:
         return self.prune is not None
 
+    def key_fields(self) -> dict:
+        """The fields a stored figure's key holds: fp16 scales left implied, so the keys of the settings that were on
+        the menu before scale formats existed did not change (their stored scans stay served)."""
+        fields = asdict(self)
+        if fields["scales"] == "fp16":
+            del fields["scales"]
+        return fields
+
     def prune_fields(self) -> dict | None:
         """The mask as PruneSpec fields (masking settings only)."""
         return None if self.prune is None else dict(PRUNE_FIELDS[self.prune])
@@ -47,7 +56,8 @@ class Setting:
         """The weight format as WeightSpec fields (quantizing settings only)."""
         if self.ggml is not None:
             return {"ggml": self.ggml, "bits": self.bits, "group_size": None, "symmetric": False}
-        return {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        fields = {"bits": self.bits, "group_size": self.group_size, "symmetric": self.symmetric}
+        return fields if self.scales == "fp16" else {**fields, "scales": self.scales}
 
     def plan_action(self) -> dict:
         """The plan-rule action that applies this setting (round-to-nearest, magnitude masks: what was measured)."""
@@ -55,8 +65,7 @@ class Setting:
         if self.ggml is not None:
             action["weights"] = {"ggml": self.ggml, "method": "rtn"}
         elif self.bits is not None:
-            action["weights"] = {"bits": self.bits, "group_size": self.group_size or "channel",
-                                 "symmetric": self.symmetric, "method": "rtn"}
+            action["weights"] = {**self.weights(), "group_size": self.group_size or "channel", "method": "rtn"}
         if self.prune is not None:
             action["prune"] = self.prune_fields()
         return action
@@ -81,9 +90,14 @@ MENU: dict[str, Setting] = {
         Setting("w3g128", "int3 group 128 asymmetric (RTN)", bits=3, group_size=128),
         Setting("w3g64", "int3 group 64 asymmetric (RTN)", bits=3, group_size=64),
         Setting("w3g32", "int3 group 32 asymmetric (RTN)", bits=3, group_size=32),
+        # group 32 with 8-bit log-grid scales and bits-bit zeros: within the bytes of the float16 group 64 setting
+        Setting("w3g32-log8", "int3 group 32 asymmetric, log8 scales (RTN; w3g64's bytes)", bits=3, group_size=32,
+                scales="log8"),
         Setting("w2g128", "int2 group 128 asymmetric (RTN)", bits=2, group_size=128),
         Setting("w2g64", "int2 group 64 asymmetric (RTN)", bits=2, group_size=64),
         Setting("w2g32", "int2 group 32 asymmetric (RTN)", bits=2, group_size=32),
+        Setting("w2g32-log8", "int2 group 32 asymmetric, log8 scales (RTN; w2g64's bytes)", bits=2, group_size=32,
+                scales="log8"),
         *(Setting(name.lower(), f"{name} (llama.cpp, {bpw:.4g} bits/weight where rows allow)", bits=GGML_TYPES[name],
                   ggml=name)
           for name, bpw in GGML_MENU.items()),
@@ -123,7 +137,7 @@ def parse_settings(text: str) -> list[Setting]:
 
 
 def setting_name(bits: int | None, group_size: int | None, symmetric: bool, keep: bool = False,
-                 ggml: str | None = None, prune=None) -> str:
+                 ggml: str | None = None, prune=None, scales: str = "fp16") -> str:
     """The menu's name for a weight format and mask: "keep", "fp16", a setting id, or "custom (...)" off the menu.
     prune: the module's PruneSpec (or its fields); a mask the menu has no setting for names a custom setting, never
     the weight format alone (which would score a pruned module as if only quantized)."""
@@ -138,7 +152,8 @@ def setting_name(bits: int | None, group_size: int | None, symmetric: bool, keep
             if mask is None or any(fields.get(k) != v for k, v in mask.items()) or setting.ggml is not None:
                 continue
             if (setting.bits is None and not quantized) or (quantized and ggml is None and (
-                    setting.bits, setting.group_size, setting.symmetric) == (bits, group_size, bool(symmetric))):
+                    setting.bits, setting.group_size, setting.symmetric, setting.scales)
+                    == (bits, group_size, bool(symmetric), scales)):
                 return setting.id
         where = "" if not quantized else f"{bits}-bit, group {'channel' if group_size is None else group_size}, "
         return f"custom ({where}pruned {fields.get('structure')})"
@@ -149,7 +164,8 @@ def setting_name(bits: int | None, group_size: int | None, symmetric: bool, keep
     if bits == 16:
         return "fp16"
     for setting_id, spec in QUANT_SETTINGS.items():
-        if "ggml" not in spec and (spec["bits"], spec["group_size"], spec["symmetric"]) == (bits, group_size,
-                                                                                           bool(symmetric)):
+        if "ggml" not in spec and (spec["bits"], spec["group_size"], spec["symmetric"], spec.get("scales", "fp16")) \
+                == (bits, group_size, bool(symmetric), scales):
             return setting_id
-    return f"custom ({bits}-bit, group {'channel' if group_size is None else group_size})"
+    stored = "" if scales == "fp16" else f", {scales} scales"
+    return f"custom ({bits}-bit, group {'channel' if group_size is None else group_size}{stored})"

@@ -379,15 +379,16 @@ def _module_weights(row, setting: str, head_tied: bool):
     from shrink_core.formats import weight_bytes
     from shrink_core.perf.workload import ModuleWeights
 
-    ggml = None
+    ggml, scales = None, "fp16"
     if setting == "keep":
         bits, group, symmetric = (8 * (row.bytes // row.params) if row.params else 32), None, True
     else:  # a mask is timed as its dense format: no sparse kernel is assumed (none runs 2:4 on a CPU)
         spec = PLANNER_SETTINGS[setting]
-        bits, group, symmetric, ggml = spec.bits, spec.group_size, spec.symmetric, spec.ggml
+        bits, group, symmetric, ggml, scales = spec.bits, spec.group_size, spec.symmetric, spec.ggml, spec.scales
     streamed = row.kind != "embedding" or head_tied  # a tied head streams the shared weight; lookups read few rows
     return ModuleWeights(row.name, row.kind, row.shape, row.params, bits, group, symmetric,
-                         weight_bytes(row.shape, bits, group, symmetric, ggml), streamed=streamed, ggml=ggml)
+                         weight_bytes(row.shape, bits, group, symmetric, ggml, scales), streamed=streamed, ggml=ggml,
+                         scales=scales)
 
 
 def setting_seconds(rows, modules: list[str], settings: list[str], hardware) -> np.ndarray:

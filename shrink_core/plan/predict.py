@@ -50,7 +50,8 @@ def predict(settings_by_module: dict[str, str], scores: dict[tuple[str, str, str
 def settings_by_module(resolved) -> dict[str, str]:
     """module -> menu setting name for a resolved plan; a tied head is scored at its owner, so it is left out."""
     return {r.name: setting_name(r.bits, r.group_size, r.weights.symmetric if r.weights else False, r.keep,
-                                 r.weights.ggml if r.weights else None, r.prune)
+                                 r.weights.ggml if r.weights else None, r.prune,
+                                 r.weights.scales if r.weights else "fp16")
             for r in resolved if not r.tied_to}
 
 

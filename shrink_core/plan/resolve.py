@@ -63,6 +63,7 @@ class ResolvedModule:
             "rule": self.rule, "bits": self.bits, "group": group, "symmetric": self.weights.symmetric if self.weights
             and not self.weights.is_float else None, "method": self.method,
             "ggml": self.weights.ggml if self.weights else None,
+            "scales": self.weights.scales if self.weights and not self.weights.is_float else None,
             "prune": self.prune.label() if self.prune else None, "keep": self.keep,
             "activation_bits": self.activation_bits, "kv_cache_bits": self.kv_cache_bits,
             "new_shape": "x".join(map(str, self.new_shape)), "dense_bytes": self.dense_bytes,
@@ -83,7 +84,8 @@ def weight_bytes(shape: tuple[int, ...], weights: WeightSpec | None, dtype_bytes
         return numel * dtype_bytes if weights is None else numel * 4
     if weights.bits == 16:
         return numel * 2
-    return packed_weight_bytes((shape[0], shape[1]), weights.bits, weights.group_size, weights.symmetric)["total"]
+    return packed_weight_bytes((shape[0], shape[1]), weights.bits, weights.group_size, weights.symmetric,
+                               weights.scales)["total"]
 
 
 def sparse_bytes(shape: tuple[int, ...], weights: WeightSpec | None, prune: PruneSpec, dtype_bytes: int):
@@ -100,7 +102,8 @@ def sparse_bytes(shape: tuple[int, ...], weights: WeightSpec | None, prune: Prun
     if weights is None or weights.is_float:
         value_bytes = kept * (dtype_bytes if weights is None else weights.bits // 8)
         return value_bytes + metadata, label
-    dense = packed_weight_bytes((shape[0], shape[1]), weights.bits, weights.group_size, weights.symmetric)
+    dense = packed_weight_bytes((shape[0], shape[1]), weights.bits, weights.group_size, weights.symmetric,
+                                weights.scales)
     return math.ceil(kept * weights.bits / 8) + dense["scales"] + dense["zeros"] + metadata, label
 
 

@@ -14,7 +14,7 @@ import yaml
 
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe
-from shrink_core.formats import GGML_TYPES
+from shrink_core.formats import GGML_TYPES, SCALE_FORMATS
 from shrink_core.model.inventory import ALL_KINDS, ModuleInfo
 
 PLAN_VERSION = 1
@@ -73,10 +73,18 @@ class WeightSpec:
     method: str = "rtn"
     # a llama.cpp type ("Q4_K"): the format is that type's blocks; bits becomes its nominal width, group_size None
     ggml: str | None = None
+    # how group scales are stored (formats.SCALE_FORMATS): fp16, or log8 (8-bit log-grid scales, bits-bit zeros)
+    scales: str = "fp16"
     where: str = field(default="weights", compare=False, repr=False)
 
     def __post_init__(self):
+        if self.scales not in SCALE_FORMATS:
+            raise PlanError(f"{self.where}: scales '{self.scales}' is unknown; use fp16 (float16 scales) or log8 "
+                            "(8-bit log-grid scales).")
         if self.ggml is not None:
+            if self.scales != "fp16":
+                raise PlanError(f"{self.where}: a llama.cpp type stores its own scales; remove scales: "
+                                f"{self.scales}.")
             name = str(self.ggml).upper()
             if name not in GGML_TYPES:
                 raise PlanError(f"{self.where}: llama.cpp type '{self.ggml}' is not supported; use one of "
@@ -100,6 +108,8 @@ class WeightSpec:
                             "use rtn or gptq.")
         if not isinstance(self.symmetric, bool):
             raise PlanError(f"{self.where}: symmetric must be true or false, not {self.symmetric!r}.")
+        if self.scales != "fp16" and self.bits >= 16:
+            raise PlanError(f"{self.where}: fp{self.bits} weights have no group scales; remove scales: {self.scales}.")
 
     @property
     def is_float(self) -> bool:
@@ -111,7 +121,8 @@ class WeightSpec:
         if self.is_float:
             return f"fp{self.bits}"
         group = "channel" if self.group_size is None else f"g{self.group_size}"
-        return f"int{self.bits} {group} {'sym' if self.symmetric else 'asym'} {self.method}"
+        scales = "" if self.scales == "fp16" else f" {self.scales}"
+        return f"int{self.bits} {group}{scales} {'sym' if self.symmetric else 'asym'} {self.method}"
 
 
 @dataclass(frozen=True)
@@ -346,7 +357,8 @@ def _rule_from_dict(data, index: int) -> Rule:
     data = dict(_check_keys(data, tuple(k for k in _keys(Rule) if k != "index"), where))
     weights = data.pop("weights", None)
     if weights is not None:
-        weights = dict(_check_keys(weights, ("bits", "group_size", "symmetric", "method", "ggml"), f"{where} weights"))
+        weights = dict(_check_keys(weights, ("bits", "group_size", "symmetric", "method", "ggml", "scales"),
+                                   f"{where} weights"))
         if "ggml" in weights and {"bits", "group_size", "symmetric"} & set(weights):
             raise PlanError(f"Rule {index} weights: ggml: {weights['ggml']} sets the format by itself; remove bits, "
                             "group_size and symmetric.")
@@ -412,10 +424,11 @@ def plan_to_dict(plan: Plan) -> dict:
     for rule, raw in zip(plan.rules, data["rules"]):
         if rule.weights is not None and rule.weights.ggml is not None:  # the type names the format
             raw["weights"] = {"ggml": rule.weights.ggml, "method": rule.weights.method}
-        elif rule.weights is not None:  # in the order a person reads them, per-channel spelled out
+        elif rule.weights is not None:  # in the order a person reads them, per-channel spelled out, fp16 scales implied
             group = "channel" if rule.weights.group_size is None else rule.weights.group_size
             raw["weights"] = {"bits": raw["weights"]["bits"], "group_size": group,
-                              **{k: v for k, v in raw["weights"].items() if k not in ("bits", "group_size")}}
+                              **{k: v for k, v in raw["weights"].items() if k not in ("bits", "group_size")
+                                 and not (k == "scales" and v == "fp16")}}
     if plan.calibration is not None:
         data["calibration"] = plan.calibration.to_dict()  # the mix as a mapping, as a person writes it
     ordered = {"version": plan.version, "name": plan.name, "description": plan.description}

@@ -156,7 +156,7 @@ def scan_provenance(model: ModelId, slice_id: str, budget: str) -> Provenance:
 def scores_key(weights_hash: str, slice_id: str, setting: Setting, method: str, budget: ScanDepth) -> str:
     """The figure key of the scores of one (model, slice, setting, method, budget). Fast scores also carry their
     estimator, so a change to it recomputes them and leaves the (costly) exhaustive probes served from the store."""
-    protocol = {"setting": asdict(setting), "budget": asdict(budget)}
+    protocol = {"setting": setting.key_fields(), "budget": asdict(budget)}
     if method == "fast":
         protocol["estimator"] = FAST_ESTIMATOR
     return figure_key("sensitivity", weights_hash=weights_hash, slice_info=get_slice(slice_id), protocol=protocol,

@@ -47,6 +47,7 @@ def _perturbed32(setting: Setting, weight: torch.Tensor) -> torch.Tensor:
         mask = nm_mask(weight.abs(), 2, 4) if setting.prune == "nm24" else magnitude_mask(weight, 0.5)
         weight = weight * mask
     if setting.bits is not None:  # a partial last group is quantized as the engine applies it (primitives); the
-        weight = fake_quantize(weight, setting.bits, setting.group_size, setting.symmetric)  # scales see the zeros
+        weight = fake_quantize(weight, setting.bits, setting.group_size, setting.symmetric,  # scales see the zeros
+                               scales=setting.scales)
         weight = weight if mask is None else weight * mask
     return weight

@@ -1,0 +1,154 @@
+"""The log8 scale format (a plan's `scales: log8`): 8-bit log-grid scales under a per-row top and `bits`-bit zeros,
+so 3-bit group 32 fits in the bytes of 3-bit group 64 with float16 scales. Every path stores exactly what it measured:
+the quantizers, the end-to-end tuning and the packed artifact."""
+import copy
+
+import pytest
+import torch
+
+from shrink_core.compression.apply import apply_plan_
+from shrink_core.compression.ct_export import write_compressed_tensors
+from shrink_core.compression.export import packed_tensors, write_exports
+from shrink_core.compression.primitives import (
+    LOG_STEPS_PER_OCTAVE,
+    dequantize,
+    from_log_levels,
+    log_levels,
+    packed_weight_bytes,
+    quantize,
+    scale_zero,
+    stored_scale,
+    unpack,
+)
+from shrink_core.errors import ShrinkError
+from shrink_core.model.toy import tiny_llama
+from shrink_core.plan import dump_plan, load_plan, resolve
+from shrink_core.plan.spec import PlanError, WeightSpec
+
+LINEARS = "[q, k, v, o, gate, up, down]"
+CALIBRATION = torch.randint(0, 256, (12, 24), generator=torch.Generator().manual_seed(7))
+
+
+def on_grid(scale: torch.Tensor) -> bool:
+    level = torch.log2(scale) * LOG_STEPS_PER_OCTAVE
+    return bool(((level - level.round()).abs() < 1e-3).all())
+
+
+def plan_text(method: str = "gptq-seq", tune: str = "", bits: int = 3) -> str:
+    return (f"version: 1\n{tune}rules:\n- {{kind: {LINEARS}, weights: {{bits: {bits}, group_size: 32, method: {method}, "
+            "scales: log8}}\n")
+
+
+def test_levels_round_within_half_a_step_keep_a_row_within_256_levels_and_decode_exactly():
+    scale = torch.tensor([[1.0, 0.37, 0.0021, 1e-9], [3.0, 2.9, 2.8, 2.7]])
+    top, offset = log_levels(scale)
+    assert top.dtype == torch.int16 and offset.dtype == torch.uint8
+    grid = from_log_levels(top, offset)
+    assert on_grid(grid) and torch.equal(stored_scale(scale, "log8"), grid)
+    off = torch.log2(grid / scale).abs() * LOG_STEPS_PER_OCTAVE  # in grid steps
+    assert bool((off[:, :2] <= 0.5 + 1e-4).all()) and bool((off[1] <= 0.5 + 1e-4).all())
+    assert offset[0, 2:].tolist() == [255, 255] and bool((grid[0, 2:] > scale[0, 2:]).all())  # raised to the floor
+    assert torch.equal(stored_scale(grid, "log8"), grid)  # idempotent: re-encoding the stored values changes nothing
+    assert torch.equal(stored_scale(scale), scale.half().float())
+
+
+def test_scale_zero_keeps_the_same_ranges_on_the_grid_with_zeros_in_bits_bits():
+    weight = torch.randn(8, 128, generator=torch.Generator().manual_seed(1)) * 0.05
+    fp16, _ = scale_zero(weight, 3, 32, False)
+    log8, zero = scale_zero(weight, 3, 32, False, scales="log8")
+    assert on_grid(log8) and not on_grid(fp16) and int(zero.max()) <= 7
+    assert bool(((log8 / fp16).log2().abs() <= 0.5 / LOG_STEPS_PER_OCTAVE + 1e-3).all())
+
+
+@pytest.mark.parametrize("shape", [(576, 576), (1536, 576), (576, 1536), (14336, 4096)])
+def test_three_bit_group_32_fits_in_the_bytes_of_float16_group_64(shape):
+    log8 = packed_weight_bytes(shape, 3, 32, False, "log8")
+    assert log8["total"] <= packed_weight_bytes(shape, 3, 64, False)["total"]
+    rows, columns = shape
+    groups = columns // 32
+    assert log8["scales"] == rows * (groups + 2) and log8["zeros"] == rows * -(-groups * 3 // 8)
+    assert packed_weight_bytes(shape, 3, 32, True, "log8")["zeros"] == 0
+
+
+def test_a_tuned_gptq_seq_plan_holds_stored_scales_and_the_artifact_decodes_to_the_model():
+    reference = tiny_llama(seed=2).eval()
+    model = copy.deepcopy(reference)
+    plan = load_plan(plan_text(tune="tune: {kind: scales, steps: 5, lr: 0.01, holdout: 2}\n"))
+    report = apply_plan_(model, plan, CALIBRATION, reference=reference)
+    assert report.tuning["steps"] == 5 and len(report.quant_states) == 21
+    tensors, layout = packed_tensors(model, report)
+    for name, state in report.quant_states.items():
+        assert state.scales == "log8" and on_grid(state.scale) and int(state.zero.max()) <= 7
+        weight = model.get_submodule(name).weight.detach()
+        key = f"{name}.weight"
+        assert layout[key]["scales"] == "log8" and f"{key}.scales" not in tensors
+        groups = state.scale.shape[1]
+        scale = from_log_levels(tensors[f"{key}.scale_top"], tensors[f"{key}.scale_offsets"])
+        zero = unpack(tensors[f"{key}.zeros"], 3, groups).float()
+        codes = unpack(tensors[f"{key}.codes"], 3, weight.shape[1])
+        assert torch.equal(scale, state.scale) and torch.equal(zero, state.zero)
+        assert torch.allclose(dequantize(codes, scale, zero, 32), weight, atol=1e-6)  # the model is what is stored
+        stored = sum(tensors[f"{key}.{part}"].numel() * tensors[f"{key}.{part}"].element_size()
+                     for part in ("codes", "scale_top", "scale_offsets", "zeros"))
+        assert stored == packed_weight_bytes(tuple(weight.shape), 3, 32, False, "log8")["total"]
+
+
+def test_the_plan_reads_writes_labels_and_refuses_log8():
+    plan = load_plan(plan_text())
+    assert plan.rules[0].weights.scales == "log8" and "scales: log8" in dump_plan(plan)
+    assert load_plan(dump_plan(plan)) == plan
+    assert "scales" not in dump_plan(load_plan(plan_text().replace(", scales: log8", "")))  # fp16 is implied
+    assert WeightSpec(bits=3, group_size=32, scales="log8").label() == "int3 g32 log8 asym rtn"
+    for weights, says in (({"bits": 3, "scales": "log4"}, "scales 'log4' is unknown"),
+                          ({"ggml": "Q4_K", "scales": "log8"}, "a llama.cpp type stores its own scales"),
+                          ({"bits": 16, "scales": "log8"}, "fp16 weights have no group scales")):
+        with pytest.raises(PlanError, match=says):
+            load_plan({"version": 1, "rules": [{"kind": ["q"], "weights": weights}]})
+
+
+def test_resolved_bytes_count_log8_and_the_exports_say_what_they_cannot_reproduce(tmp_path):
+    model = tiny_llama(seed=1)
+    resolved = resolve(model, load_plan(plan_text(method="rtn", bits=4)))
+    row = next(r for r in resolved if r.name == "model.layers.0.mlp.down_proj")
+    assert row.packed_bytes == packed_weight_bytes(row.shape, 4, 32, False, "log8")["total"]
+    paths = write_exports(resolved, tmp_path / "recipes")
+    assert "group scales on an 8-bit log grid" in paths["llm_compressor"].read_text()
+    from tests.test_evaluate import byte_level_tokenizer
+
+    report = apply_plan_(model, load_plan(plan_text(method="rtn", bits=4)), CALIBRATION)
+    with pytest.raises(ShrinkError, match="stores its group scales as log8"):
+        write_compressed_tensors(model, byte_level_tokenizer(), report, tmp_path / "ct", {})
+    assert not (tmp_path / "ct").exists()
+
+
+def test_the_menu_scans_plans_and_names_the_log8_settings():
+    from shrink_core.plan.menu import MENU, setting_name
+    from shrink_core.plan.planner import setting_action, setting_bytes, solution_plan
+    from shrink_core.plan.predict import settings_by_module
+    from shrink_core.sensitivity.settings import perturbed
+
+    setting = MENU["w3g32-log8"]
+    weight = tiny_llama(seed=1).get_submodule("model.layers.0.mlp.down_proj").weight.detach()
+    scale, zero = scale_zero(weight, 3, 32, False, scales="log8")  # the scan perturbs as the engine stores
+    assert torch.equal(perturbed(setting, weight), dequantize(quantize(weight, scale, zero, 3, 32), scale, zero, 32))
+    assert setting_name(3, 32, False, scales="log8") == "w3g32-log8" and setting_name(3, 32, False) == "w3g32"
+    assert setting_name(3, 64, False, scales="log8") == "custom (3-bit, group 64, log8 scales)"
+    assert setting_action("w3g32-log8", "gptq-seq")["weights"] == WeightSpec(3, 32, method="gptq-seq", scales="log8")
+    from shrink_core.model.inventory import inventory
+
+    info = [r for r in inventory(tiny_llama(seed=1)) if r.block is not None and r.kind in ("gate", "down")]
+    names = [r.name for r in info]
+    sizes = setting_bytes(info, names, ["w3g32-log8", "w3g32"])  # the planner counts the log8 format's bytes
+    assert sizes[:, 0].tolist() == [packed_weight_bytes(r.shape, 3, 32, False, "log8")["total"] for r in info]
+    assert (sizes[:, 0] < sizes[:, 1]).all()
+    plan = solution_plan(dict.fromkeys(names, "w3g32-log8"), inventory(tiny_llama(seed=1)))
+    assert set(settings_by_module(resolve(tiny_llama(seed=1), plan)).values()) >= {"w3g32-log8"}
+
+
+def test_the_scan_keys_of_the_fp16_settings_did_not_change_with_scale_formats():
+    from shrink_core.plan.menu import MENU
+
+    assert "scales" not in MENU["w3g32"].key_fields() and MENU["w3g32-log8"].key_fields()["scales"] == "log8"
+    assert MENU["w4g64"].key_fields() == {"id": "w4g64", "label": "int4 group 64 asymmetric (RTN)", "bits": 4,
+                                          "group_size": 64, "symmetric": False, "prune": None, "ggml": None,
+                                          "version": 2}
