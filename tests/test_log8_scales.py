@@ -79,6 +79,7 @@ def test_a_tuned_gptq_seq_plan_holds_stored_scales_and_the_artifact_decodes_to_t
     tensors, layout = packed_tensors(model, report)
     for name, state in report.quant_states.items():
         assert state.scales == "log8" and on_grid(state.scale) and int(state.zero.max()) <= 7
+        assert torch.equal(stored_scale(state.scale, "log8"), state.scale)  # exactly the stored values, tuned too
         weight = model.get_submodule(name).weight.detach()
         key = f"{name}.weight"
         assert layout[key]["scales"] == "log8" and f"{key}.scales" not in tensors
@@ -101,7 +102,8 @@ def test_the_plan_reads_writes_labels_and_refuses_log8():
     assert WeightSpec(bits=3, group_size=32, scales="log8").label() == "int3 g32 log8 asym rtn"
     for weights, says in (({"bits": 3, "scales": "log4"}, "scales 'log4' is unknown"),
                           ({"ggml": "Q4_K", "scales": "log8"}, "a llama.cpp type stores its own scales"),
-                          ({"bits": 16, "scales": "log8"}, "fp16 weights have no group scales")):
+                          ({"bits": 16, "scales": "log8"}, "fp16 weights have no group scales"),
+                          ({"bits": 3, "group_size": "channel", "scales": "log8"}, "scales log8 pays off with groups")):
         with pytest.raises(PlanError, match=says):
             load_plan({"version": 1, "rules": [{"kind": ["q"], "weights": weights}]})
 
@@ -152,3 +154,28 @@ def test_the_scan_keys_of_the_fp16_settings_did_not_change_with_scale_formats():
     assert MENU["w4g64"].key_fields() == {"id": "w4g64", "label": "int4 group 64 asymmetric (RTN)", "bits": 4,
                                           "group_size": 64, "symmetric": False, "prune": None, "ggml": None,
                                           "version": 2}
+
+
+def test_the_clip_search_stores_each_rows_levels_under_its_chosen_top():
+    """A row whose groups span more than 8 octaves: each clip ratio floors its levels under its own top, so the
+    chosen mix must be stored again under the chosen scales' top, or the artifact would decode other scales."""
+    from shrink_core.compression.obs import clip_search
+
+    generator = torch.Generator().manual_seed(5)
+    weight = torch.randn(6, 128, generator=generator)
+    weight[:, 96:] *= 1e-4  # the last group about 13 octaves below the first
+    scale, zero = clip_search(weight, torch.rand(128, generator=generator) + 0.5, 3, 32, False, "log8")
+    assert torch.equal(stored_scale(scale, "log8"), scale) and int(zero.max()) <= 7
+    top, offset = log_levels(scale)
+    assert torch.equal(from_log_levels(top, offset), scale) and int(offset.max()) == 255
+    fp16 = clip_search(weight, torch.ones(128), 3, 32, False)[0]
+    assert torch.equal(fp16, fp16.half().float())
+
+
+def test_candidate_summaries_name_log8():
+    from shrink_core.results.candidates import format_summary
+
+    plan = {"rules": [{"kind": ["q"], "weights": {"bits": 3, "group_size": 32, "scales": "log8"}}]}
+    assert format_summary(plan) == "int3 g32 log8 asym (engine packed; no compressed-tensors: it stores float scales)"
+    plain = {"rules": [{"kind": ["q"], "weights": {"bits": 4, "group_size": 32}}]}
+    assert format_summary(plain) == "int4 g32 asym (engine packed; compressed-tensors for int4/int8)"

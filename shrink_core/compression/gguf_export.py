@@ -27,9 +27,10 @@ def gguf_tensors(model, report) -> dict[str, GgufTensor]:
             raise ShrinkError(f"{name} was quantized with its input rotated (the plan's rotate), which a GGUF file "
                               "cannot hold; remove rotate from the plan and give it a llama.cpp type to export GGUF.")
         if not isinstance(state, GgmlState):
+            other = "" if state.scales != "fp16" else " or export it with --format compressed-tensors"
             raise ShrinkError(f"{name} is in the engine's {state.weight_format().bits}-bit integer format, which no "
-                              "GGUF type stores exactly; give it a llama.cpp type in the plan (weights: {ggml: Q4_K}) "
-                              "or export it with --format compressed-tensors.")
+                              "GGUF type stores exactly; give it a llama.cpp type in the plan (weights: {ggml: Q4_K})"
+                              f"{other}.")
         if state.data is None:  # a row width no block tiles: llama.cpp keeps it in float16
             tensors[f"{name}.weight"] = GgufTensor.floats(weight, "F16")
         else:

@@ -82,11 +82,11 @@ def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group
     """
     rows = chunk_rows(weight.shape[1])
     weights = to_groups(importance.float().reshape(1, -1), group_size)  # (1, groups, size): padding weighs 0
-    scales, zeros = [], []
+    found, zeros = [], []
     for start in range(0, weight.shape[0], rows):
         part = weight[start:start + rows].float()
         grouped = to_groups(part, group_size)  # (rows, groups, size), partial last group zero-padded
-        best_error = best_scale = best_zero = None
+        best_error = best_scale = best_zero = best_ratio = None
         for ratio in CLIP_RATIOS:
             scale, zero = scale_zero(part, bits, group_size, symmetric, clip=ratio, scales=scales)  # (rows, groups)
             codes = torch.round(grouped / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp(0, 2**bits - 1)
@@ -94,14 +94,18 @@ def clip_search(weight: torch.Tensor, importance: torch.Tensor, bits: int, group
             del codes
             if best_error is None:
                 best_error, best_scale, best_zero = error, scale, zero
+                best_ratio = torch.full_like(error, ratio)
             else:
                 better = error < best_error
                 best_error = torch.where(better, error, best_error)
                 best_scale = torch.where(better, scale, best_scale)
                 best_zero = torch.where(better, zero, best_zero)
-        scales.append(best_scale)
+                best_ratio = torch.where(better, ratio, best_ratio)
+        if scales == "log8":  # each ratio's levels sat below its own row top: store the chosen ones under theirs
+            best_scale, best_zero = scale_zero(part, bits, group_size, symmetric, clip=best_ratio, scales=scales)
+        found.append(best_scale)
         zeros.append(best_zero)
-    return torch.cat(scales), torch.cat(zeros)
+    return torch.cat(found), torch.cat(zeros)
 
 
 def obs_compress(

@@ -110,6 +110,9 @@ class WeightSpec:
             raise PlanError(f"{self.where}: symmetric must be true or false, not {self.symmetric!r}.")
         if self.scales != "fp16" and self.bits >= 16:
             raise PlanError(f"{self.where}: fp{self.bits} weights have no group scales; remove scales: {self.scales}.")
+        if self.scales != "fp16" and self.group_size is None:
+            raise PlanError(f"{self.where}: scales {self.scales} pays off with groups (one scale a row is smaller as "
+                            "float16); use group_size 32, 64 or 128, or scales: fp16.")
 
     @property
     def is_float(self) -> bool:

@@ -146,7 +146,8 @@ def format_summary(plan: dict | None) -> str:
             floats.add(f"fp{weights['bits']}")
         elif weights.get("bits"):
             group = weights.get("group_size", 64)
-            ints.add(f"int{weights['bits']} {'channel' if group in (None, 'channel') else f'g{group}'} "
+            stored = "" if weights.get("scales", "fp16") == "fp16" else f" {weights['scales']}"
+            ints.add(f"int{weights['bits']} {'channel' if group in (None, 'channel') else f'g{group}'}{stored} "
                      f"{'sym' if weights.get('symmetric') else 'asym'}")
     parts = []
     if ggml:
@@ -154,6 +155,8 @@ def format_summary(plan: dict | None) -> str:
     if ints and plan.get("rotate"):
         parts.append(f"{', '.join(sorted(ints))} with inputs rotated ({plan['rotate'].get('kind', 'hadamard')}; "
                      "engine packed, a runtime must rotate each layer's input; no GGUF or compressed-tensors)")
+    elif ints and any(" log8 " in f for f in ints):
+        parts.append(f"{', '.join(sorted(ints))} (engine packed; no compressed-tensors: it stores float scales)")
     elif ints:
         parts.append(f"{', '.join(sorted(ints))} (engine packed; compressed-tensors for int4/int8)")
     if floats:
