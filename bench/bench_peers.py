@@ -7,6 +7,9 @@
   python bench/bench_peers.py --paired DIR/peers.jsonl... A B  # per slice, B minus A on the same windows, 95% CI
   [--plan FILE.yaml ...]: also a whole plan (the planner's, bench_mixed.py), as one row, with its own calibration
   [--shrink A]: GPTQ's full statistics (1 - A) M + A diag(M) (default: the recipe's; 0: raw, as before 2026-12-03)
+  [--device cuda]: the models on a GPU, float32 without TF32; the engine's own plans only (the peers and the
+  bench-only patches are skipped there). Not yet run on a GPU: no session with one has had the model's weights there
+  (SmolLM2's 270 MB exceed the device tool's 64 MiB a call; files carried in earlier calls stay on a warm machine).
 
 Every method quantizes all block linears (the embedding and the tied head stay fp32, as the peers keep them) of a
 fresh copy of the model; each slice's windows are `--windows` x `--seq-len` tokens of its EVAL rows
@@ -443,9 +446,14 @@ def flat_positions(windows: int, length: int) -> torch.Tensor:
     return (torch.arange(windows)[:, None] * length + torch.arange(length - 1)).reshape(-1)
 
 
+def model_device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def final_hidden_states(model, ids: torch.Tensor, chunk: int) -> list[torch.Tensor]:
     with torch.inference_mode():
-        return [model.get_decoder()(input_ids=part).last_hidden_state for part in ids.split(chunk)]
+        return [model.get_decoder()(input_ids=part.to(model_device(model))).last_hidden_state
+                for part in ids.split(chunk)]
 
 
 def measure(reference, model, ids: torch.Tensor, ref_hidden: list[torch.Tensor], chunk: int) -> dict:
@@ -455,10 +463,11 @@ def measure(reference, model, ids: torch.Tensor, ref_hidden: list[torch.Tensor],
     kl_parts, agree_parts = [], []
     with torch.inference_mode():
         for part, ref_part in zip(ids.split(chunk), ref_hidden):
-            hidden = model.get_decoder()(input_ids=part).last_hidden_state
+            hidden = model.get_decoder()(input_ids=part.to(model_device(model))).last_hidden_state
+            positions = flat_positions(part.shape[0], part.shape[1]).to(hidden.device)
             pairs = [token_kl(_logprobs(reference, ref_part, where), _logprobs(model, hidden, where))
-                     for where in flat_positions(part.shape[0], part.shape[1]).split(SCORED_POSITIONS)]
-            kl, agree = (torch.cat(values) for values in zip(*pairs))
+                     for where in positions.split(SCORED_POSITIONS)]
+            kl, agree = (torch.cat(values).cpu() for values in zip(*pairs))
             kl_parts.append(kl.double().numpy().reshape(part.shape[0], -1))
             agree_parts.append(agree.numpy().reshape(part.shape[0], -1))
     return slice_figures(np.concatenate(kl_parts), np.concatenate(agree_parts))
@@ -471,7 +480,11 @@ def emit(figures: dict, handle) -> None:
     handle.flush()
 
 
-def skip_reason(method: Method) -> str | None:
+def skip_reason(method: Method, device: str = "cpu") -> str | None:
+    if device != "cpu" and (method.family not in ("plan", "planfile") or method.awq or method.refine or method.lut
+                            or method.rotate == "orthogonal"):
+        return (f"on --device {device} only the engine's own plans run (the peers and the bench-only patches assume "
+                "the CPU); run this method with --device cpu")
     if method.family == "hqq" and not installed("hqq"):
         return f"the hqq package is not installed; install it with {INSTALL}"
     if method.family == "llmcompressor":
@@ -501,6 +514,9 @@ def main() -> None:
                         help="the share of GPTQ's full statistics' off-diagonal part removed (default: the recipe's, "
                              "evaluation/calibration.SHRINK_DEFAULT; 0: the raw statistics)")
     parser.add_argument("--chunk", type=int, default=2, help="windows per forward")
+    parser.add_argument("--device", default="cpu",
+                        help="where the models run (cuda: the engine's own plans only, float32 without TF32, so the "
+                             "figures are the CPU's up to summation order)")
     parser.add_argument("--out", default=None, help="folder for peers.jsonl (default bench/results/peers-DATE)")
     parser.add_argument("--render", nargs="+", default=None, metavar="PEERS_JSONL",
                         help="print the markdown table of one or more runs' peers.jsonl and exit")
@@ -545,8 +561,11 @@ def main() -> None:
     out_dir = Path(args.out or f"bench/results/peers-{time.strftime('%Y-%m-%d')}")
     out_dir.mkdir(parents=True, exist_ok=True)
     handle = (out_dir / "peers.jsonl").open("w")
+    if args.device != "cpu":
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False  # float32 as on the CPU
     loaded = load(args.model)
-    reference = loaded.model.eval()
+    reference = loaded.model.eval().to(args.device)
+    where = "CPU" if args.device == "cpu" else f"{args.device} ({torch.cuda.get_device_name()})"
     rows = block_linears(inventory(reference))
     kinds = list(dict.fromkeys(r.kind for r in rows))
     params = sum(r.params for r in rows)
@@ -565,9 +584,10 @@ def main() -> None:
     emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "quantized_modules": len(rows),
           "quantized_params": params, "kinds": kinds, "kept_fp32": "embedding and the tied head",
           "eval": f"{args.windows} x {args.seq_len} tokens of each slice's eval rows (probe.eval_tokens); "
-                  "KL(reference || q) per scored token, nats; CPU fp32",
+                  f"KL(reference || q) per scored token, nats; {where} fp32",
           "slices": {s: {"calibrated": s in mix} for s in slices}, "calibration": recipe.to_dict(),
-          "reference_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads()},
+          "reference_seconds": round(time.perf_counter() - started, 1), "torch_threads": torch.get_num_threads(),
+          "device": where},
          handle)
     calibration_cache: list = []
 
@@ -580,7 +600,7 @@ def main() -> None:
     try:  # an interrupted run (Ctrl+C) still ends with the table of the methods it measured
         for name in chosen:
             method = menu[name]
-            reason = skip_reason(method)
+            reason = skip_reason(method, args.device)
             if reason:
                 emit({"method": name, "skipped": reason}, handle)
                 continue

@@ -18,6 +18,7 @@ from bench_peers import (  # noqa: E402
     paired,
     render,
     row_label,
+    skip_reason,
     slice_figures,
     token_kl,
 )
@@ -154,3 +155,14 @@ def test_paired_differences_are_per_window_and_name_a_missing_row(tmp_path):
     out = paired([], f"a@{shorter}", f"a@{longer}")
     assert out["en"]["windows"] == 2 and out["en"]["difference"] == pytest.approx(0.0)
     assert out["en"]["ratio"] == pytest.approx(1.0)
+
+
+def test_off_the_cpu_only_the_engines_own_plans_run():
+    menu = methods()
+    assert skip_reason(menu["e2e-had-gptq-seq-w3g32-s8"], "cuda") is None
+    assert skip_reason(menu["gptq-seq-w4g64"], "cuda") is None
+    assert skip_reason(menu["q4_k"], "cuda") is None  # llama.cpp's types are the engine's plans too
+    for name in ("hqq-w3g64", "awq-rtn-w4g64", "rot-gptq-w3g64", "lut-gptq-seq-w3", "signround-w4g64",
+                 "gptq-seq-signround-w4g64"):
+        assert "only the engine's own plans run" in (skip_reason(menu[name], "cuda") or ""), name
+    assert skip_reason(menu["awq-rtn-w4g64"]) is None  # on the CPU the bench-only patches run
