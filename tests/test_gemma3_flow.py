@@ -40,7 +40,7 @@ def test_gemma3_model_to_results(shrink_home, tmp_path):
     plan = cli("plan", "--model", SPEC, "--budget-bits", "3.5", "--objective", "worst", "--slices", "en",
                "--settings", "w4g64,w3g64", "--out", str(plan_file), home=shrink_home)
     seconds["plan"] = time.perf_counter() - started
-    assert plan_file.is_file() and plan
+    assert plan_file.is_file() and (plan["depth"], plan["computed_scores"]) == ("quick", 0)  # the scan above, reused
     started = time.perf_counter()
     result = cli("eval", "--model", SPEC, "--slices", "en", "--plan", str(plan_file), home=shrink_home)
     seconds["eval"] = time.perf_counter() - started

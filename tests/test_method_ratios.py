@@ -57,7 +57,7 @@ def test_the_cli_planner_plans_a_calibrated_method_on_its_stored_ratios(shrink_h
     first = cli(*args)
     assert first.returncode == 0, first.stderr
     rtn = json.loads(first.stdout)
-    assert rtn["scores"] == "the scan's RTN scores"
+    assert rtn["scores"] == "the fast scan's RTN scores" and rtn["depth"] == "fast" and rtn["computed_scores"] > 0
     rows = [r for r in Store().results("sensitivity", slice="en") if r["payload"].get("setting") == "w4g64"]
     modules = {m for r in rows for m in r["payload"]["values"]}
     row = rows[0]
@@ -66,7 +66,30 @@ def test_the_cli_planner_plans_a_calibrated_method_on_its_stored_ratios(shrink_h
     second = cli(*args)
     assert second.returncode == 0, second.stderr
     scaled = json.loads(second.stdout)
-    assert scaled["scores"].startswith("the scan's scores scaled by gptq's stored output error") and "en 0.25" in \
+    assert scaled["scores"].startswith("the fast scan's scores scaled by gptq's stored output error") and "en 0.25" in \
         scaled["scores"]
+    assert scaled["computed_scores"] == 0  # the first call's scan is reused
     # w4g64's error is a quarter of RTN's: the same budget buys a lower predicted KL
     assert scaled["predicted"]["en"] < rtn["predicted"]["en"]
+
+
+def test_the_cli_planner_plans_on_the_scan_the_user_ran(shrink_home, toy_dir, tmp_path):
+    """After `sensitivity --depth quick`, `plan` reuses that scan instead of scanning again at fast depth; an
+    explicit `--depth fast` scans at that depth."""
+    import json
+
+    from tests.test_cli import cli
+
+    scan = cli("sensitivity", "--model", str(toy_dir), "--slices", "en", "--settings", "w4g64,w8", "--depth", "quick")
+    assert scan.returncode == 0, scan.stderr
+    args = ("plan", "--model", str(toy_dir), "--budget-bits", "6", "--settings", "w4g64,w8", "--slices", "en",
+            "--out", str(tmp_path / "plan.yaml"), "--json")
+    reused = json.loads(cli(*args).stdout)
+    assert (reused["depth"], reused["computed_scores"]) == ("quick", 0)
+    assert reused["scores"] == "the quick scan's RTN scores"
+    deeper = cli(*args, "--depth", "fast")
+    assert deeper.returncode == 0, deeper.stderr
+    fast = json.loads(deeper.stdout)
+    assert fast["depth"] == "fast" and fast["computed_scores"] > 0
+    # both depths are stored now: without --depth, the deeper one is planned on
+    assert json.loads(cli(*args).stdout)["depth"] == "fast"

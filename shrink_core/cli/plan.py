@@ -29,6 +29,9 @@ def add_parser(sub) -> None:
     parser.add_argument("--method", default="rtn", choices=list(INT_METHODS),
                         help="quantization method in the plan: " + " ".join(f"{m}: {METHOD_DESCRIPTIONS[m]}"
                                                                              for m in INT_METHODS))
+    parser.add_argument("--depth", choices=["quick", "fast", "standard"], default=None,
+                        help="scan depth of the scores planned on (default: the deepest stored scan that covers every "
+                             "setting and slice, else a fast scan of what is missing)")
     parser.add_argument("--metric", default="kl", choices=["kl", "dnll"], help="predicted loss to minimise")
     parser.add_argument("--max-2bit-per-block", type=int, default=None, metavar="N",
                         help="at most N modules of one transformer block at 2 bits: one-module scores miss how 2-bit "
@@ -115,7 +118,7 @@ def run(args, parser) -> int:
     from shrink_core.plan.predict import score_table
     from shrink_core.results.method_ratios import method_score_table
     from shrink_core.results.store import Store
-    from shrink_core.sensitivity.scan import run_scan
+    from shrink_core.sensitivity.scan import covering_depth, run_scan
     from shrink_core.sensitivity.settings import parse_settings
 
     check_writable(args.out, "--out")
@@ -132,8 +135,11 @@ def run(args, parser) -> int:
     if args.objective != "worst" and args.objective not in slice_ids:
         raise ShrinkError(f"The objective '{args.objective}' is not one of --slices; use worst or one of {args.slices}.")
     loaded = load(args.model, allow_pickle=args.allow_pickle, trust_remote_code=args.trust_remote_code)
-    report = run_scan(loaded, slice_ids, [s.id for s in parse_settings(",".join(setting_ids))], method="fast",
-                      store=Store())  # reused from the store when this model, setting and slice were scanned
+    setting_ids = [s.id for s in parse_settings(",".join(setting_ids))]
+    # plan on the scan the user already ran (a `sensitivity --depth quick` is not redone at fast depth)
+    depth = args.depth or covering_depth(Store(), loaded, slice_ids, setting_ids) or "fast"
+    report = run_scan(loaded, slice_ids, setting_ids, method="fast", budget=depth,
+                      store=Store())  # reused from the store when this model, setting, slice and depth were scanned
     # a calibrated method plans on its own error where the closed loop stored its ratios (the plan written here
     # calibrates with the default recipe, so those are the ratios that describe it)
     scores, ratios = method_score_table(Store(), loaded.spec.raw, loaded.weights_hash, args.method,
@@ -151,9 +157,10 @@ def run(args, parser) -> int:
     summary = {"out": args.out, "status": solution.status, "gap": solution.gap, "seconds": round(solution.seconds, 3),
                "solver": solution.solver, "planned_bytes": planned.total_bytes,
                "average_bits_planned_modules": solution.average_bits, "predicted": solution.predicted,
-               "metric": args.metric, "max_2bit_per_block": args.max_2bit_per_block,
-               "scores": "the scan's RTN scores" if ratios is None else
-               f"the scan's scores scaled by {args.method}'s stored output error over RTN's (median {ratios.medians()})",
+               "metric": args.metric, "depth": depth, "computed_scores": report.computed,
+               "max_2bit_per_block": args.max_2bit_per_block,
+               "scores": f"the {depth} scan's RTN scores" if ratios is None else
+               f"the {depth} scan's scores scaled by {args.method}'s stored output error over RTN's (median {ratios.medians()})",
                "settings": dict(sorted(
                    {s: list(solution.choice.values()).count(s) for s in set(solution.choice.values())}.items())),
                "embedding": {r.name: solution.choice[r.name] for r in rows

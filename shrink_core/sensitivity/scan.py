@@ -177,6 +177,18 @@ def cached_values(store: Store, model: ModelId, slice_id: str, setting: Setting,
     return out
 
 
+def covering_depth(store: Store, loaded, slice_ids: list[str], setting_ids: list[str]) -> str | None:
+    """The deepest scan depth at which the store holds fast scores of every block linear under every setting on every
+    slice, so planning on it scans nothing; None when no depth covers them all."""
+    model, wanted = ModelId.of(loaded), len(block_linears(inventory(loaded.model)))
+    settings = [get_setting(s) for s in setting_ids]
+    for depth in reversed(list(SCAN_DEPTHS.values())):  # deepest first
+        if all(len(cached_values(store, model, slice_id, s, "fast", depth)) >= wanted
+               for slice_id in slice_ids for s in settings):
+            return depth.name
+    return None
+
+
 def save_values(store: Store, model: ModelId, slice_id: str, setting: Setting, method: str, budget: ScanDepth,
                 values: dict, seconds: float, tokens: int, job_id: int | None, executed: dict | None = None) -> None:
     """One scores row: a unit's modules under one setting on one slice (rows of one key merge on read)."""
