@@ -23,7 +23,7 @@ from shrink_core.plan.predict import predict, score_table, settings_by_module
 from shrink_core.plan.presets import PRESETS
 from shrink_core.plan.spec import INT_METHODS, METHOD_DESCRIPTIONS
 from shrink_core.results.eval_run import admit_eval
-from shrink_core.results.method_ratios import method_score_table
+from shrink_core.results.method_ratios import method_label, method_score_table, scored_method
 from shrink_core.results.prediction import fit_measured, plan_method, predicted_vs_measured
 from shrink_core.runtime import jobs
 from shrink_core.sensitivity.scan import stored_records
@@ -136,7 +136,8 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
     measured_fit = measured_fit_of(method)
     model = measured_fit.model
     if not model.fitted:
-        st.caption(f"Fitted prediction: no measured {method} plan of this model yet. Run a plan (below): each measured "
+        st.caption(f"Fitted prediction: no measured {method_label(scored_method(method, plan.rotate))} plan of this "
+                   "model yet. Run a plan (below): each measured "
                    "plan corrects the additive sum for how errors compound.")
         return measured_fit
     try:
@@ -173,18 +174,20 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
 
 
 def show_method_scores(method: str | None) -> None:
-    """Which scores a calibrated method's prediction stands on: its own measured ratios, or RTN's scan."""
-    if method in (None, "rtn"):
+    """Which scores a calibrated (or rotated) method's prediction stands on: its own measured ratios, or RTN's scan."""
+    key = scored_method(method, plan.rotate)
+    if key in (None, "rtn"):
         return
-    found = _tables[method][1]
+    found, label = _tables[key][1], method_label(key)
     if found is None:
-        st.caption(f"This draft quantizes with {method}, but the scores are RTN's: no {method} error ratios are "
-                   "stored for this model and calibration mix, so the prediction is RTN's and likely too high. Tick "
-                   f"\"Plan on {method}'s own error\" in the closed loop (below) once; it measures them, and this "
+        st.caption(f"This draft quantizes with {label}, but the scores are plain RTN's: no {label} error ratios are "
+                   "stored for this model and calibration mix, so the prediction is plain RTN's"
+                   + (" and likely too high" if plan.rotate is None else "") + ". Tick "
+                   f"\"Plan on {label}'s own error\" in the closed loop (below) once; it measures them, and this "
                    "prediction then uses them.")
         return
     reached, total = found.coverage(scores)
-    st.caption(f"Scores scaled by {method}'s own output error over RTN's, per module, setting and slice (median "
+    st.caption(f"Scores scaled by {label}'s own output error over RTN's, per module, setting and slice (median "
                f"ratio {found.medians(scored_slices)}; measured by the closed loop "
                f"{pd.Timestamp(found.created, unit='s'):%Y-%m-%d %H:%M} UTC for this calibration mix; {reached} of "
                f"{total} scores have a ratio, the rest stay RTN's). Projected, not measured.")
@@ -197,20 +200,23 @@ _fits: dict = {}
 
 def scores_of(method: str | None) -> dict:
     """The scan's scores to predict and plan `method`'s plans on: scaled by the method's stored output-error ratios
-    for the draft's calibration recipe when the closed loop measured them, else RTN's (`method_ratios`)."""
-    if method not in _tables:
-        _tables[method] = method_score_table(db, spec, described["weights_hash"], method,
-                                             recipe_for(plan).to_dict(), scores)
-    return _tables[method][0]
+    for the draft's calibration recipe and rotation when the closed loop measured them, else RTN's
+    (`method_ratios`)."""
+    key = scored_method(method, plan.rotate)
+    if key not in _tables:
+        _tables[key] = method_score_table(db, spec, described["weights_hash"], key, recipe_for(plan).to_dict(), scores)
+    return _tables[key][0]
 
 
 def measured_fit_of(method: str):
-    """The interaction model fitted on this model's measured plans of `method`: fitted once per page run, however
-    many sections ask (the fitted-prediction metrics and the planner's checkbox), on the scores `scores_of` gives."""
-    if method not in _fits:
-        _fits[method] = fit_measured(db, spec, described["weights_hash"], rows, records, method,
-                                     scores=scores_of(method) if metric == "kl" else None)
-    return _fits[method]
+    """The interaction model fitted on this model's measured plans of `method` (rotated, if the draft rotates):
+    fitted once per page run, however many sections ask (the fitted-prediction metrics and the planner's checkbox),
+    on the scores `scores_of` gives."""
+    key = scored_method(method, plan.rotate)
+    if key not in _fits:
+        _fits[key] = fit_measured(db, spec, described["weights_hash"], rows, records, key,
+                                  scores=scores_of(method) if metric == "kl" else None)
+    return _fits[key]
 metric = st.radio("Predicted quality metric", ["kl", "dnll"], horizontal=True, key="predict_metric",
                   format_func=lambda m: {"dnll": "ΔNLL (nats/token)", "kl": "KL"}[m])
 scores = score_table(records, metric)
@@ -332,8 +338,9 @@ with right:
              "3 bits (docs/methods.md). Same bytes; the codes are in the rotated basis, so a runtime must rotate "
              "each such layer's input: the GGUF and compressed-tensors exports refuse such a candidate.")
     if plan.rotate is not None:
-        st.caption("The predictions on this page come from the scan's unrotated settings, so they do not count the "
-                   "rotation's gain (on SmolLM2, 7-19% lower KL per language); measure the candidate to see it.")
+        st.caption("The scan scored its settings unrotated. Until the closed loop measures the rotated method's own "
+                   "error (\"Plan on ... own error\", below, once), the predictions here do not count the rotation: "
+                   "on SmolLM2 it lowered gptq-seq's KL 7-19% per language and raised RTN's 13-66% (docs/methods.md).")
     if rotate != (plan.rotate is not None):
         apply_edit(lambda: plan_edit.with_rotation(state.plan_draft(), rotate), rows)
     tune = st.checkbox(
@@ -441,9 +448,10 @@ else:
              "scan's depth); only the plan the loop keeps is then run at the protocol and stored as a candidate. "
              "The eval protocol: every round is a stored candidate and feeds the page's fit, about 3-6 minutes "
              "a round on 2 cores.")
-    method_scores = method != "rtn" and st.checkbox(
-        f"Plan on {method}'s own error (applies {method} once per setting first: minutes)",
-        value=False, key=f"loop_method_scores_{method}",
+    loop_scored = scored_method(method, plan.rotate)
+    method_scores = loop_scored != "rtn" and st.checkbox(
+        f"Plan on {method_label(loop_scored)}'s own error (applies {method} once per setting first: minutes)",
+        value=False, key=f"loop_method_scores_{loop_scored}",
         help=f"The scan scores each module at RTN's weights. {method} removes more of that error on some modules and "
              "slices than on others (on SmolLM2, GPTQ removes about three quarters of RTN's attention error on the "
              "slices of its calibration mix and none of down_proj's on a slice outside it). Ticked, the loop first "
@@ -452,8 +460,10 @@ else:
              "the GPTQ plan's worst slice measured 0.68x uniform's (0.715x with code outside the mix), against "
              "0.74x on the RTN scan (docs/plan.md). "
              "That table is also the one the local steps use; its time is outside the loop's 4 minutes. The ratios "
-             f"are stored per calibration mix: once measured, every {method} loop plans on them (ticked or not) "
-             f"and this page predicts {method} drafts with them.")
+             f"are stored per calibration mix and rotation: once measured, every {method_label(loop_scored)} loop "
+             f"plans on them (ticked or not) and this page predicts such drafts with them. With rotated inputs the "
+             "ratio is taken against the unrotated RTN the scan scored, so plain RTN gets the option too: on "
+             "SmolLM2 rotated RTN's output error is 0.9x-2.2x plain RTN's by module and setting (docs/plan.md).")
     if loop_cols[3].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
                            help="Each round: the planner (scores corrected by the fit), the plan run for real on the "
                                 "scored slices, the fit updated; then the local steps. Stops when the measured worst "

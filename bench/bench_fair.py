@@ -15,7 +15,8 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   most --local-changes modules moved per step, each step measured and kept only if the worst slice improved;
   `plan/local.py`, `sensitivity/local.py`), --local-steps measured steps on the same calibration text;
   "local-uniform": the same local steps (RTN) from the uniform plan itself, so no step is kept unless it measures
-  better than uniform on the calibration text;
+  better than uniform on the calibration text; "local-uniform-gptq": the same from uniform with GPTQ's moves and
+  measurements as in "local-gptq" (the product's closed loop for a calibrated method, when uniform measures best);
   "local-gptq": the same from the best plan so far, with each plan applied by GPTQ when it is measured and scored
   at, each move's error GPTQ's (`method_option_weights`: the model at each setting by GPTQ) and its quadratic term
   the whole Fisher's (per-sequence gradients: GPTQ's errors sit where the diagonal cannot see);
@@ -38,6 +39,11 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   "fitted-sliced-pruned": "fitted-sliced" with those settings also on the planner's menu (every other variant plans
   without them), so the pair shows what allowing pruning buys at the same bytes (a masked setting counts at its
   sparse format's bytes).
+  "rotslice" (needs --rotate): the additive plan on the RTN scan scaled per slice by the output error RTN leaves
+  under the Hadamard input rotation over plain RTN's (the same ratio as rslice's, the method's weights being RTN's in
+  the rotated basis folded back, Q(W R^T) R, in float32), so the plan is chosen on the errors the rotated plan makes.
+  --rotate: every plan measured (uniform and planner) and every method weight table applied with the plan's
+  Hadamard input rotation (seed 0, `compression/rotate.py`); the scan's scores stay unrotated RTN's.
   --calib-sequences: calibration sequences per slice for all of these. Every plan is applied with the method (RTN
   or GPTQ with the default calibration recipe, or --calibration's mix) and MEASURED on --sequences x --seq-len tokens
   of each slice's eval rows: mean KL(reference || plan) per token, a bootstrap 95% CI over sequences, and the paired
@@ -47,6 +53,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import dataclasses
 import json
 import os
 import sys
@@ -74,10 +81,11 @@ def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[
     return [round(float(np.percentile(means, 2.5)), 5), round(float(np.percentile(means, 97.5)), 5)]
 
 
-LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local", "local-gptq", "local-uniform")
+LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local", "local-gptq", "local-uniform",
+          "local-uniform-gptq")
 VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local",
-            "local-gptq", "local-uniform", "capped", "rslice-capped", "sliced", "sliced-capped", "fitted-sliced",
-            "fitted-sliced-capped", "fitted-sliced-pruned")
+            "local-gptq", "local-uniform", "local-uniform-gptq", "capped", "rslice-capped", "sliced", "sliced-capped",
+            "fitted-sliced", "fitted-sliced-capped", "fitted-sliced-pruned", "rotslice")
 
 
 def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
@@ -115,22 +123,32 @@ def main() -> None:
                         help="the capped variants: at most this many modules of a block at 2 bits (a comma list "
                         "plans once per cap)")
     parser.add_argument("--scan-more", default="", help="settings to scan here and offer to the *-pruned variants")
+    parser.add_argument("--rotate", action="store_true",
+                        help="apply every plan and method table with a Hadamard input rotation (seed 0)")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:  # refused before the model loads (rscan and rslice are the first rounds of their -loop variants)
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
+    if "rotslice" in args.variants.split(",") and not args.rotate:
+        raise SystemExit("the rotslice variant plans for rotated plans; add --rotate so they are measured rotated.")
 
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
     from shrink_core.model.inventory import block_linears, inventory
     from shrink_core.model.load import load
     from shrink_core.plan.local import local_problem, local_search
-    from shrink_core.plan.planner import build_problem, setting_bytes, solution_plan, solve
+    from shrink_core.plan.planner import build_problem, setting_bytes, solve
+    from shrink_core.plan.planner import solution_plan as unrotated_plan
+    from shrink_core.plan.spec import RotateSpec
     from shrink_core.sensitivity.local import OptionWeights, local_scores, method_option_weights, set_choice_
     from shrink_core.sensitivity.probe import ProbeCache, calib_tokens, eval_tokens, probe, whole_model_kl
     from shrink_core.sensitivity.scan import embedding_rows
+
+    def solution_plan(choice, rows, method="rtn", name="planner"):
+        plan = unrotated_plan(choice, rows, method, name)
+        return dataclasses.replace(plan, rotate=RotateSpec()) if args.rotate else plan
 
     lines = [json.loads(line) for line in Path(args.source).read_text().splitlines()]
     header = lines[0]
@@ -253,26 +271,39 @@ def main() -> None:
             emit({"part": "gptq-scan", "seconds": round(time.perf_counter() - t0, 1), "tokens": local.tokens})
         return gptq["scan"]
 
-    def ratio_scan(per_slice=False):
-        """The RTN scan's scores, each module-setting scaled by the output error GPTQ leaves over RTN's on the
-        calibration inputs (`sensitivity/method_error.py`): GPTQ's weights from its table, H from one forward;
-        per_slice: H from each slice's own calibration rows, a ratio per slice."""
-        key = "rscan-slice" if per_slice else "rscan"
+    def rotated_table():  # RTN in the rotated basis, folded back: exact per module, so one uniform apply per option
+        if "rot-table" not in gptq:
+            t0 = time.perf_counter()
+            gptq["rot-table"] = method_option_weights(
+                loaded.model, linears, options,
+                lambda model, option: apply_plan_(model, solution_plan(
+                    {**dict.fromkeys(linears, option), **embedding_choice}, rows, "rtn")), dtype=torch.float32)
+            emit({"part": "rotated-table", "options": options, "seconds": round(time.perf_counter() - t0, 1)})
+        return gptq["rot-table"]
+
+    def ratio_scan(per_slice=False, rotated=False):
+        """The RTN scan's scores, each module-setting scaled by the output error GPTQ (rotated: rotated RTN) leaves
+        over RTN's on the calibration inputs (`sensitivity/method_error.py`): the method's weights from its table, H
+        from one forward; per_slice: H from each slice's own calibration rows, a ratio per slice."""
+        key = ("rot-" if rotated else "") + ("rscan-slice" if per_slice else "rscan")
         if key not in gptq:
             from shrink_core.plan.predict import scaled_scores
             from shrink_core.sensitivity.method_error import slice_ratios
 
-            table = gptq_table()
+            table = rotated_table() if rotated else gptq_table()
             t0 = time.perf_counter()
             sources = {s: loop_caches[s].ids for s in slices} if per_slice else {None: calibration}
             ratios = slice_ratios(loaded.model, [by_name[m] for m in linears], {m: originals[m] for m in linears},
                                   table, rtn_weights, options, sources)
             by_kind = {}
-            for key, r in ratios.items():
-                m, o, sl = key if per_slice else (*key, None)
+            for ratio_key, r in ratios.items():
+                m, o, sl = ratio_key if per_slice else (*ratio_key, None)
                 by_kind.setdefault(str(sl), {}).setdefault(o, {}).setdefault(by_name[m].kind, []).append(r)
             gptq[key] = scaled_scores(linear_scores, ratios)
-            emit({"part": "ratio-scan", "per_slice": per_slice, "seconds": round(time.perf_counter() - t0, 1),
+            spread = {sl: [round(float(np.percentile([r for v in by_option.values() for rs in v.values() for r in rs], q)),
+                                 4) for q in (10, 50, 90)] for sl, by_option in by_kind.items()}
+            emit({"part": "ratio-scan", "per_slice": per_slice, "rotated": rotated,
+                  "seconds": round(time.perf_counter() - t0, 1), "ratio_p10_p50_p90": spread,
                   "median_ratio": {sl: {o: {k: round(float(np.median(v)), 4) for k, v in kinds.items()}
                                         for o, kinds in by_option.items()} for sl, by_option in by_kind.items()}})
         return gptq[key]
@@ -305,6 +336,8 @@ def main() -> None:
             t0 = time.perf_counter()
             if variant == "additive":
                 choices[variant] = plan_with(None)
+            elif variant == "rotslice":
+                choices[variant] = plan_with(None, table=ratio_scan(True, rotated=True))
             elif variant == "fitted":
                 choices[variant] = plan_with(fitted)
             elif variant == "fitted-sliced-pruned":
@@ -355,10 +388,11 @@ def main() -> None:
                 if variant != "loop-gptq":
                     choices[variant.split("-")[0]] = rounds[0].choice
                 loop_rounds = round_rows(rounds)
-            elif variant in ("local", "local-gptq", "local-uniform"):
-                start = (dict.fromkeys(linears, uniform) if variant == "local-uniform"
+            elif variant in ("local", "local-gptq", "local-uniform", "local-uniform-gptq"):
+                start = (dict.fromkeys(linears, uniform) if variant.startswith("local-uniform")
                          else choices.get("loop") or choices.get("fitted") or plan_with(fitted))
-                measure, at = (gptq_measure, gptq_scores_at) if variant == "local-gptq" else (loop_measure, scores_at)
+                measure, at = ((gptq_measure, gptq_scores_at) if variant.endswith("-gptq")
+                               else (loop_measure, scores_at))
                 steps = local_search(start, measure(start), at, measure, limits={"budget_bytes": budget},
                                      steps=args.local_steps, max_changes=args.local_changes, time_budget_s=3600)
                 kept = [s for s in steps if s.accepted]

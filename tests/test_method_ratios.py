@@ -4,7 +4,8 @@ import pytest
 
 from shrink_core.evaluation import protocol
 from shrink_core.evaluation.calibration import CalibrationRecipe
-from shrink_core.results.method_ratios import method_score_table, save_ratios, stored_ratios
+from shrink_core.plan.spec import RotateSpec
+from shrink_core.results.method_ratios import method_label, method_score_table, save_ratios, scored_method, stored_ratios
 from shrink_core.results.store import Store
 from shrink_core.sensitivity.probe import SCAN_DEPTHS
 
@@ -36,6 +37,24 @@ def test_ratios_under_a_stale_figure_key_are_left_out(shrink_home, monkeypatch):
     assert stored_ratios(store, SPEC, HASH, "gptq", MIX) is not None
     monkeypatch.setitem(protocol.FIGURE_VERSIONS, "method_ratios", protocol.FIGURE_VERSIONS["method_ratios"] + 1)
     assert stored_ratios(store, SPEC, HASH, "gptq", MIX) is None
+
+
+def test_a_rotated_method_is_scored_apart_from_the_plain_one_rtn_included(shrink_home):
+    """A draft that rotates its inputs errs differently from the plain method: its ratios are stored and read under
+    its own name, never for the plain method, and rotated RTN gets ratios where plain RTN is the scan itself."""
+    assert scored_method("gptq", None) == "gptq" and scored_method(None, RotateSpec()) is None
+    assert scored_method("gptq", RotateSpec()) == "gptq+hadamard:0"
+    assert scored_method("rtn", RotateSpec(seed=3)) == "rtn+hadamard:3"
+    assert method_label("rtn+hadamard:3") == "rtn with rotated inputs (hadamard, seed 3)" and method_label("gptq") == "gptq"
+    store = Store()
+    scores = {("a", "w3g64", "en"): 2.0}
+    save_ratios(store, SPEC, HASH, "cpu", SCAN_DEPTHS["fast"], "gptq+hadamard:0", MIX, {("a", "w3g64", "en"): 0.25})
+    save_ratios(store, SPEC, HASH, "cpu", SCAN_DEPTHS["fast"], "rtn+hadamard:0", MIX, {("a", "w3g64", "en"): 1.5})
+    assert stored_ratios(store, SPEC, HASH, "gptq", MIX) is None  # the plain method has none of its own yet
+    assert method_score_table(store, SPEC, HASH, "gptq+hadamard:0", MIX, scores)[0] == {("a", "w3g64", "en"): 0.5}
+    assert method_score_table(store, SPEC, HASH, "rtn+hadamard:0", MIX, scores)[0] == {("a", "w3g64", "en"): 3.0}
+    assert method_score_table(store, SPEC, HASH, "rtn+hadamard:1", MIX, scores) == (scores, None)  # another seed
+    assert method_score_table(store, SPEC, HASH, "rtn", MIX, scores) == (scores, None)
 
 
 @pytest.mark.parametrize("depth", ["quick", "standard"])

@@ -333,7 +333,7 @@ def test_a_calibrated_drafts_prediction_stands_on_its_methods_stored_error_ratio
     store_scores(stored_tiny)
     at = page().run()
     assert not at.exception, at.exception
-    assert any("scores are RTN's: no gptq-seq error ratios are stored" in c.value for c in at.caption)
+    assert any("scores are plain RTN's: no gptq-seq error ratios are stored" in c.value for c in at.caption)
     rtn = float(metric(at, "Predicted worst slice").split()[0])
     recipe = recipe_for(load_plan(at.session_state["plan_draft"])).to_dict()
     linears = [r.name for r in stored_tiny if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up",
@@ -364,10 +364,42 @@ def test_rotating_inputs_is_a_tick_on_the_draft_and_keeps_its_rules(stored_tiny)
     assert plan.rotate is not None and plan.rotate.kind == "hadamard" and plan.rules == before.rules
     assert plan.name.endswith(", inputs rotated")  # its candidates are not named as the unrotated plan's
     assert "rotate: {kind: hadamard, seed: 0}" in next(t for t in at.text_area if t.label == "plan.yaml").value
-    assert any("do not count the rotation's gain" in c.value for c in at.caption)
+    assert any("do not count the rotation" in c.value for c in at.caption)
     next(c for c in at.checkbox if c.label.startswith("Rotate inputs")).uncheck().run()
     assert load_plan(at.session_state["plan_draft"]).rotate is None
     assert "rotated" not in load_plan(at.session_state["plan_draft"]).name
+
+
+def test_a_rotated_drafts_prediction_stands_on_the_rotated_methods_ratios_never_the_plain_ones(stored_tiny):
+    """Ticking the rotation makes the draft another scored method: the plain method's stored ratios no longer scale
+    its prediction, the rotated method's do once stored, and the closed loop offers to measure them, RTN included."""
+    from shrink_core.evaluation.calibration import recipe_for
+    from shrink_core.results.method_ratios import save_ratios
+    from shrink_core.sensitivity.probe import SCAN_DEPTHS
+
+    store_scores(stored_tiny)
+    at = page().run()
+    rtn = float(metric(at, "Predicted worst slice").split()[0])
+    recipe = recipe_for(load_plan(at.session_state["plan_draft"])).to_dict()
+    linears = [r.name for r in stored_tiny if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up",
+                                                                                   "down")]
+    save_ratios(Store(), SPEC, "tiny", "cpu", SCAN_DEPTHS["fast"], "gptq-seq", recipe,
+                {(m, "w4g64", s): 0.5 for m in linears for s in ("en", "zh")})
+    at.run()
+    assert float(metric(at, "Predicted worst slice").split()[0]) == pytest.approx(rtn / 2, rel=1e-3)
+    assert not [c for c in at.checkbox if c.key.startswith("loop_method_scores")]  # plain rtn: the scan's own
+    next(c for c in at.checkbox if c.label.startswith("Rotate inputs")).check().run()
+    assert not at.exception, at.exception
+    assert float(metric(at, "Predicted worst slice").split()[0]) == pytest.approx(rtn)  # the plain ratios: unused
+    label = "gptq-seq with rotated inputs (hadamard, seed 0)"
+    assert any(f"no {label} error ratios are stored" in c.value for c in at.caption)
+    box = at.checkbox(key="loop_method_scores_rtn+hadamard:0")  # rotated RTN is not the RTN the scan scored
+    assert box.label.startswith("Plan on rtn with rotated inputs (hadamard, seed 0)'s own error")
+    save_ratios(Store(), SPEC, "tiny", "cpu", SCAN_DEPTHS["fast"], "gptq-seq+hadamard:0", recipe,
+                {(m, "w4g64", s): 0.25 for m in linears for s in ("en", "zh")})
+    at.run()
+    assert float(metric(at, "Predicted worst slice").split()[0]) == pytest.approx(rtn / 4, rel=1e-3)
+    assert any(c.value.startswith(f"Scores scaled by {label}'s own output error") for c in at.caption)
 
 
 def test_tuning_scales_is_a_tick_on_the_draft_and_keeps_its_rules(stored_tiny):

@@ -154,3 +154,34 @@ def test_gptq_rounds_plan_on_the_scan_scaled_by_gptqs_own_output_error_per_slice
     assert again["rounds"][0]["predicted_worst"] == pytest.approx(fitted["predicted_worst"])
     with pytest.raises(ShrinkError, match="need a calibrated method"):
         plan_loop(*args, rounds=1, method_scores=True)
+
+
+def test_a_rotated_rtn_draft_plans_on_its_own_error_stored_apart_from_plain_rtn(scanned_home):
+    """With rotated inputs even RTN is not the method the scan scored: method_scores applies the rotated RTN once per
+    setting, scales the scan by its output error over plain RTN's, and stores those ratios under the rotated name. The
+    kept plan's candidate feeds the rotated method's fit, not plain RTN's; plain RTN still has nothing to measure."""
+    store = Store()
+    described = store.latest_model(SPEC)
+    names = [m["name"] for m in described["modules"]]
+    planned = [n for n in names if n.startswith(("model.layers.0.", "model.layers.1.")) and n.endswith("_proj")]
+    common = dict(rounds=1, baseline=False, exclude=[n for n in names if n not in planned])
+    rules = "rules:\n- kind: [q, k, v, o, gate, up, down]\n  weights: {bits: 4, group_size: 64, symmetric: false}\n"
+    draft = "version: 1\nrotate: hadamard\n" + rules
+    args = (store, SPEC, ["user_notes"], ["w4g64", "w3g64"], {"kind": "bits_per_weight", "value": 4.0}, draft)
+    result = plan_loop(*args, method_scores=True, **common)
+    label = "rtn with rotated inputs (hadamard, seed 0)"
+    (note,) = [n for n in result["notes"] if n.startswith(f"Planned on the scan's scores scaled by {label}'s")]
+    ratio = float(note.split("median ratio user_notes ")[1].split(";")[0])
+    assert ratio > 0 and ratio != 1.0, note  # a rotated weight's RTN error is not the plain one's
+    recipe = recipe_for(load_plan(draft)).to_dict()
+    stored = stored_ratios(store, SPEC, described["weights_hash"], "rtn+hadamard:0", recipe)
+    assert stored.covers(planned, ["w4g64", "w3g64"], ["user_notes"]) and stored.medians() == f"user_notes {ratio:.2f}"
+    assert stored_ratios(store, SPEC, described["weights_hash"], "rtn", recipe) is None
+    rows = modules_from_rows(described["modules"])
+    records = stored_records(store, SPEC, described["weights_hash"])
+    fits = {m: fit_measured(store, SPEC, described["weights_hash"], rows, records, m).model.plans
+            for m in ("rtn", "rtn+hadamard:0")}
+    assert fits == {"rtn": 0, "rtn+hadamard:0": 1}, fits  # the kept plan, run at the protocol, is a rotated candidate
+    with pytest.raises(ShrinkError, match="or rotated inputs"):
+        plan_loop(store, SPEC, ["user_notes"], ["w4g64"], {"kind": "bits_per_weight", "value": 4.0},
+                  "version: 1\n" + rules, rounds=1, method_scores=True)

@@ -21,7 +21,9 @@ from shrink_core.evaluation.slices import SliceInfo
 # 1: until the bpb fix; 2: bits per byte of a truncated long document divide by the bytes of the text scored.
 PROTOCOL_VERSION = 2
 # Per kind, for a change that touches one kind of figure only.
-FIGURE_VERSIONS = {"eval": 1, "sensitivity": 1, "size": 1, "measure": 1, "method_ratios": 1}
+# method_ratios 2: keyed by the scored method (with the plan's input rotation); a version-1 row may hold a rotated
+# draft's ratios under the plain method's name, so none is read again
+FIGURE_VERSIONS = {"eval": 1, "sensitivity": 1, "size": 1, "measure": 1, "method_ratios": 2}
 # Positions whose full-vocabulary log-probs exist at once while a batch is reduced (a memory bound, not part of the
 # protocol: a 128k vocabulary is 131 MB of float32 per copy at 256 positions, 525 MB at a whole 1024-token batch).
 SCORED_POSITIONS = 256

@@ -3,7 +3,8 @@ method's plans reads the same figures: the closed loop measures them (`loop.py`,
 next run; the Plan page predicts a GPTQ draft, and plans for GPTQ, on the scan's scores scaled by them.
 
 One result row per slice (kind "method_ratios"), keyed like every stored figure (`figure_key`): the model's weights,
-the slice's content, the depth of the calibration rows H came from, the method and its calibration recipe. Rows
+the slice's content, the depth of the calibration rows H came from, the scored method (`scored_method`: the method and
+the plan's input rotation, if any) and its calibration recipe. Rows
 written under another key (other slice text, another recipe, an older code version of the figure) are left out, not
 misapplied.
 """
@@ -22,6 +23,25 @@ from shrink_core.plan.predict import scaled_scores
 from shrink_core.results.store import Provenance, Store
 
 KIND = "method_ratios"
+
+
+def scored_method(method: str | None, rotate=None) -> str | None:
+    """What a plan's errors are scored as: its quantization method, and the input rotation when the plan rotates
+    ('gptq', 'rtn+hadamard:0'). A rotated method's error is not the plain one's: on SmolLM2 RTN after the rotation
+    measured 13-66% worse per language (docs/methods.md), and its output error over plain RTN's is 0.9x-2.2x by module
+    and setting (docs/plan.md). So plain RTN is the only method whose errors are the scan's own."""
+    if method is None or rotate is None:
+        return method
+    return f"{method}+{rotate.kind}:{rotate.seed}"
+
+
+def method_label(scored: str | None) -> str:
+    """'gptq', 'rtn with rotated inputs (hadamard, seed 0)': a scored method as a caption names it."""
+    if scored is None or "+" not in scored:
+        return str(scored)
+    method, rotation = scored.split("+", 1)
+    kind, _, seed = rotation.partition(":")
+    return f"{method} with rotated inputs ({kind}, seed {seed})"
 
 
 def ratios_key(weights_hash: str, slice_id: str, depth, method: str, calibration: dict) -> str:
@@ -99,8 +119,9 @@ def stored_ratios(store: Store, spec: str, weights_hash: str, method: str, calib
 
 def method_score_table(store: Store, spec: str, weights_hash: str, method: str | None, calibration: dict,
                        scores: dict) -> tuple[dict, StoredRatios | None]:
-    """The score table to predict (and plan) `method`'s plans on: the scan's RTN scores scaled by this method's
-    stored ratios for this recipe where there are some, else the scan's own; with the ratios used (None: none)."""
+    """The score table to predict (and plan) `method`'s plans on (a `scored_method`): the scan's RTN scores scaled by
+    this method's stored ratios for this recipe where there are some, else the scan's own; with the ratios used
+    (None: none)."""
     if method in (None, "rtn") or not scores:
         return scores, None
     stored = stored_ratios(store, spec, weights_hash, method, calibration)

@@ -54,16 +54,17 @@ def _candidate_scores(store, spec: str, candidate_id: int, resolved, scores: dic
     from shrink_core.errors import ShrinkError
     from shrink_core.evaluation.calibration import recipe_for
     from shrink_core.plan.io import load_plan
-    from shrink_core.results.method_ratios import method_score_table
+    from shrink_core.results.method_ratios import method_score_table, scored_method
 
     candidate = next((c for c in store.candidates(include_deleted=True) if c["id"] == candidate_id), None)
     if candidate is None or not candidate["plan"]:
         return scores
     try:
-        recipe = recipe_for(load_plan(candidate["plan"])).to_dict()
+        plan = load_plan(candidate["plan"])
     except ShrinkError:  # a stored plan this code no longer reads: no recipe to match ratios with
         return scores
-    return method_score_table(store, spec, candidate["weights_hash"], plan_method(resolved), recipe, scores)[0]
+    return method_score_table(store, spec, candidate["weights_hash"], scored_method(plan_method(resolved), plan.rotate),
+                              recipe_for(plan).to_dict(), scores)[0]
 
 
 def plan_method(resolved) -> str | None:
@@ -85,24 +86,28 @@ class MeasuredFit:
 def measured_observations(store, spec: str, weights_hash: str, rows, records, method: str, metric: str = "kl",
                           scores: dict | None = None):
     """(candidate id, per-bit-width score sums, measured value, what it is) for each measured slice of this model's
-    candidates whose plan uses `method` on menu settings only and whose slices have scores. scores: the table the
+    candidates whose plan uses `method` (a `scored_method`: a rotated plan's is not the plain method's) on menu
+    settings only and whose slices have scores. scores: the table the
     sums are taken over (a calibrated method's scaled scores, `results/method_ratios.py`), else the records'."""
     from shrink_core.errors import ShrinkError
     from shrink_core.plan.interactions import features
     from shrink_core.plan.io import load_plan
     from shrink_core.plan.menu import PLANNER_SETTINGS
     from shrink_core.plan.resolve import resolve
+    from shrink_core.results.method_ratios import scored_method
 
     scores = score_table(records, metric) if scores is None else scores
     for candidate in store.candidates():
         if candidate["model_spec"] != spec or candidate["weights_hash"] != weights_hash or not candidate["plan"]:
             continue
         try:
-            resolved = resolve(rows, load_plan(candidate["plan"]))
+            plan = load_plan(candidate["plan"])
+            resolved = resolve(rows, plan)
         except ShrinkError:  # a plan that does not fit this layout: no evidence about it
             continue
         choice = settings_by_module(resolved)
-        if plan_method(resolved) != method or any(s != "keep" and s not in PLANNER_SETTINGS for s in choice.values()):
+        if (scored_method(plan_method(resolved), plan.rotate) != method
+                or any(s != "keep" and s not in PLANNER_SETTINGS for s in choice.values())):
             continue  # another method, or a format off the menu that no scan scored (fp16, custom)
         for row in store.results("eval", candidate_id=candidate["id"]):
             value = row["payload"].get(metric)

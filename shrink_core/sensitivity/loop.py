@@ -12,7 +12,11 @@ at uniform W3 g64's size, 0.715x uniform's worst slice against 0.74x without; 0.
 It costs one application of the method per setting before the first round (minutes; not counted in the time
 budget), and that weight table is the one the local steps use. The ratios are stored (`results/method_ratios.py`);
 once they cover a loop's modules, settings and slices for its method and recipe, every later loop plans on them,
-with `method_scores` or without, as the Plan page's prediction and planner do.
+with `method_scores` or without, as the Plan page's prediction and planner do. A draft that rotates its inputs
+(`rotate`) is scored as its own method (`method_ratios.scored_method`), RTN included: RTN in the rotated basis errs
+differently from the RTN the scan scored, so its ratios are measured and stored apart from the plain method's. The
+table applies the draft without its end-to-end tuning (`tune`: 100 training steps per setting would be hours), so a
+tuned draft plans on its untuned method's ratios.
 
 Where the rounds are measured (`measure_on`):
 - "probe" (the default, minutes): each round's whole plan applied as `run_eval` applies it, its KL against the
@@ -32,6 +36,7 @@ measures worse than uniform on the rows it measures on.
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 
@@ -48,7 +53,7 @@ from shrink_core.plan.interactions import LoopState, closed_loop, features
 from shrink_core.plan.local import local_problem, local_search
 from shrink_core.plan.planner import build_problem, solution_plan, uniform_choice
 from shrink_core.plan.predict import score_table, settings_by_module
-from shrink_core.results.method_ratios import save_ratios, stored_ratios
+from shrink_core.results.method_ratios import method_label, save_ratios, scored_method, stored_ratios
 from shrink_core.results.prediction import measured_observations
 from shrink_core.results.store import Store
 from shrink_core.sensitivity.scan import stored_records
@@ -67,9 +72,10 @@ def plan_loop(store: Store, spec: str, slices: list[str], settings: list[str], b
     units), one Ray for all of them; probe rounds run here."""
     if measure_on not in ("probe", "protocol"):
         raise ShrinkError(f"measure_on is 'probe' or 'protocol', not {measure_on!r}.")
-    if method_scores and method == "rtn":
-        raise ShrinkError("Scores scaled by the method's own error need a calibrated method (gptq, ...): with rtn "
-                          "the scan's scores are already the method's; untick it or choose a calibrated method.")
+    if method_scores and scored_method(method, load_plan(plan).rotate) == "rtn":
+        raise ShrinkError("Scores scaled by the method's own error need a calibrated method (gptq, ...) or rotated "
+                          "inputs: with plain rtn the scan's scores are already the method's; untick it or choose a "
+                          "calibrated method.")
     from shrink_core.runtime.executors import ExecutorConfig, session
 
     config = ExecutorConfig.from_dict(executor)
@@ -103,6 +109,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         raise ShrinkError("The closed loop needs KL sensitivity scores for these settings: run a scan first.")
     hardware = get_hardware(target) if target else None
     base_resolved = resolve(rows, load_plan(plan))
+    scored = scored_method(method, load_plan(plan).rotate)  # what the ratios, the fit and the local moves are of
     limit = PlannerBudget(budget["kind"], float(budget["value"]), budget.get("low_per_block"))
     # on Ray the workers load it for protocol runs; probe rounds and local steps need it here
     here = (executor.kind == "local" or measure_on == "probe" or (local_steps and objective == "worst")
@@ -151,28 +158,28 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     planned = sorted({m for m, _, _ in scores}, key=[r.name for r in rows].index)
     notes = []
     # RTN's and the calibrated method's weight at every option: built once, for the scaled scores and the local steps
-    weights = _MethodWeights(loaded, planned, ["keep", *settings], whole_plan, method) if loaded is not None else None
+    weights = _MethodWeights(loaded, planned, ["keep", *settings], whole_plan, scored) if loaded is not None else None
     # a calibrated method's ratios are measured once per model, method and recipe (`method_scores`), then read from
     # the store whenever they cover this loop, ticked or not: the Plan page predicts and plans on the same table
     recipe = recipe_for(load_plan(plan)).to_dict()
-    stored = stored_ratios(store, spec, weights_hash, method, recipe) if method != "rtn" else None
+    stored = stored_ratios(store, spec, weights_hash, scored, recipe) if scored != "rtn" else None
     if stored is not None and not stored.covers(planned, settings, slices):
         stored = None
     if stored is not None:
-        notes.append(f"Planned on the scan's scores scaled by {method}'s output error over RTN's, per slice "
+        notes.append(f"Planned on the scan's scores scaled by {method_label(scored)}'s output error over RTN's, per slice "
                      f"(median ratio {stored.medians(slices)}): the ratios stored "
                      f"{time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime(stored.created))} for this model, method and "
                      "calibration recipe, not measured again.")
     elif method_scores:
-        refused = table_refusal(loaded.model, planned, len(settings) + 1, method,
-                                what=f"Planned on the scan's RTN scores, not {method}'s own")
+        refused = table_refusal(loaded.model, planned, len(settings) + 1, method_label(scored),
+                                what=f"Planned on the scan's RTN scores, not {method_label(scored)}'s own")
         if refused:
             notes.append(refused)
         else:
             ratios, summary = _method_ratios(weights, rows, ids, progress)
-            save_ratios(store, spec, weights_hash, device_label(loaded.model), depth, method, recipe, ratios,
+            save_ratios(store, spec, weights_hash, device_label(loaded.model), depth, scored, recipe, ratios,
                         job_id=job_id)
-            stored = stored_ratios(store, spec, weights_hash, method, recipe)
+            stored = stored_ratios(store, spec, weights_hash, scored, recipe)
             notes.append(summary)
     if stored is not None:
         mine = set(planned)
@@ -234,7 +241,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     state = LoopState()
     if not probing:  # warm start: every plan of this model and method measured before, at a protocol
-        for candidate_id, x, y, used in measured_observations(store, spec, weights_hash, rows, records, method,
+        for candidate_id, x, y, used in measured_observations(store, spec, weights_hash, rows, records, scored,
                                                               scores=all_scores):
             state.add(candidate_id, np.array([x]), [y], [used["slice"]])
     # the uniform plan first: the baseline a mixed plan must beat, and the first measured plan the fit learns each
@@ -296,8 +303,9 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
                              + (" and its local steps start from it." if local_steps else "."))
             start = (choice, measured)
     left = time_budget_s - (time.perf_counter() - started)
-    if local_steps and method != "rtn":  # the method's weight table (`method_option_weights`) must fit
-        refused = table_refusal(loaded.model, planned, len(settings) + 1, method) if not weights.built else None
+    if local_steps and scored != "rtn":  # the method's weight table (`method_option_weights`) must fit
+        refused = (table_refusal(loaded.model, planned, len(settings) + 1, method_label(scored))
+                   if not weights.built else None)
         if refused:
             notes.append(refused)
             local_steps = 0
@@ -354,7 +362,8 @@ def table_refusal(model, planned: list[str], options: int, method: str, what: st
 class _MethodWeights:
     """The planned modules' originals, RTN's weight at each option (`OptionWeights`: llama.cpp types quantized once,
     in at most a quarter of the free memory) and, built on first use, the calibrated method's weight at each option
-    (`method_option_weights`: the whole plan at that option applied by the method, as a round applies it)."""
+    (`method_option_weights`: the whole plan at that option applied by the method, as a round applies it, without
+    its end-to-end tuning). method: the `scored_method` (a rotated draft's RTN has a table of its own)."""
 
     def __init__(self, loaded, planned: list[str], options: list[str], whole_plan, method: str):
         from shrink_core.perf.footprint import available_bytes
@@ -372,7 +381,7 @@ class _MethodWeights:
         return bool(self._table)
 
     def table(self, progress=None) -> dict | None:
-        """The method's weights, module -> option -> weight; None for rtn (its weights are `rtn`'s)."""
+        """The method's weights, module -> option -> weight; None for plain rtn (its weights are `rtn`'s)."""
         if self.method == "rtn":
             return None
         if not self._table:
@@ -381,7 +390,7 @@ class _MethodWeights:
             from shrink_core.sensitivity.local import method_option_weights
 
             def apply_at(model, option):
-                plan = load_plan(self.whole_plan(dict.fromkeys(self.planned, option)))
+                plan = replace(load_plan(self.whole_plan(dict.fromkeys(self.planned, option))), tune=None)
                 apply_plan_(model, plan, plan_calibration(plan, self.loaded.tokenizer)[0])
 
             self._table.update(method_option_weights(self.loaded.model, self.planned, self.options, apply_at,
@@ -395,16 +404,17 @@ def _method_ratios(weights: _MethodWeights, rows, ids: dict, progress) -> tuple[
     from shrink_core.sensitivity.method_error import slice_ratios
 
     t0 = time.perf_counter()
+    label = method_label(weights.method)
     table = weights.table(lambda i, n, option: progress(
-        0.02 + 0.03 * i / n, f"{weights.method} at {option} ({i + 1}/{n}), for the method's own scores"))
+        0.02 + 0.03 * i / n, f"{label} at {option} ({i + 1}/{n}), for the method's own scores"))
     ratios = slice_ratios(weights.loaded.model, rows, weights.originals, table, weights.rtn, weights.options, ids,
-                          lambda i, s: progress(0.05, f"{weights.method}'s output error over RTN's on {s}'s "
+                          lambda i, s: progress(0.05, f"{label}'s output error over RTN's on {s}'s "
                                                       f"calibration rows ({i + 1}/{len(ids)})"))
     medians = ", ".join(f"{s} {np.median([r for (_, _, sl), r in ratios.items() if sl == s]):.2f}" for s in ids)
-    return ratios, (f"Planned on the scan's scores scaled by {weights.method}'s output error over RTN's, per slice "
-                    f"(median ratio {medians}; from each slice's calibration rows): {weights.method} applied once "
+    return ratios, (f"Planned on the scan's scores scaled by {label}'s output error over RTN's, per slice "
+                    f"(median ratio {medians}; from each slice's calibration rows): {label} applied once "
                     f"per setting, {time.perf_counter() - t0:.0f} s before the first round. Stored: the Plan page "
-                    f"predicts {weights.method} plans from them, and the next loop reuses them.")
+                    f"predicts {label} plans from them, and the next loop reuses them.")
 
 
 def _local_scorer(loaded, rows, planned, options, ids, passes, pinned, hardware, applied, method, weights):
