@@ -4,6 +4,7 @@ import pytest
 
 from shrink_core.evaluation import protocol
 from shrink_core.evaluation.calibration import CalibrationRecipe
+from shrink_core.plan import load_plan
 from shrink_core.plan.spec import RotateSpec
 from shrink_core.results.method_ratios import method_label, method_score_table, save_ratios, scored_method, stored_ratios
 from shrink_core.results.store import Store
@@ -90,6 +91,18 @@ def test_the_cli_planner_plans_a_calibrated_method_on_its_stored_ratios(shrink_h
     assert scaled["computed_scores"] == 0  # the first call's scan is reused
     # w4g64's error is a quarter of RTN's: the same budget buys a lower predicted KL
     assert scaled["predicted"]["en"] < rtn["predicted"]["en"]
+    # --rotate writes a rotated plan, which plain gptq's ratios do not describe, until its own are stored
+    rotated = json.loads(cli(*args, "--rotate").stdout)
+    assert rotated["scores"].startswith("the fast scan's plain RTN scores: no gptq with rotated inputs (hadamard, "
+                                        "seed 0) error ratios are stored")
+    assert rotated["predicted"] == rtn["predicted"]
+    plan = load_plan((tmp_path / "plan.yaml").read_text())
+    assert plan.rotate == RotateSpec() and plan.name.endswith(", inputs rotated")
+    save_ratios(Store(), row["model_spec"], row["weights_hash"], "cpu", SCAN_DEPTHS["fast"], "gptq+hadamard:0", MIX,
+                {(m, "w4g64", "en"): 0.5 for m in modules})
+    rotated = json.loads(cli(*args, "--rotate").stdout)
+    assert "scaled by gptq with rotated inputs (hadamard, seed 0)'s stored output error" in rotated["scores"]
+    assert scaled["predicted"]["en"] < rotated["predicted"]["en"] < rtn["predicted"]["en"]
 
 
 def test_the_cli_planner_plans_on_the_scan_the_user_ran(shrink_home, toy_dir, tmp_path):

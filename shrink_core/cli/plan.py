@@ -29,6 +29,10 @@ def add_parser(sub) -> None:
     parser.add_argument("--method", default="rtn", choices=list(INT_METHODS),
                         help="quantization method in the plan: " + " ".join(f"{m}: {METHOD_DESCRIPTIONS[m]}"
                                                                              for m in INT_METHODS))
+    parser.add_argument("--rotate", action="store_true",
+                        help="write the plan with its block linears' inputs rotated (rotate: hadamard, seed 0), planned "
+                             "on the rotated method's stored error ratios where the Plan page's closed loop measured "
+                             "them, else on the scan's plain RTN scores (the summary says which)")
     parser.add_argument("--depth", choices=["quick", "fast", "standard"], default=None,
                         help="scan depth of the scores planned on (default: the deepest stored scan that covers every "
                              "setting and slice, else a fast scan of what is missing)")
@@ -102,6 +106,7 @@ def run(args, parser) -> int:
         parser.error("the following arguments are required: --out")
     if (args.budget_mb, args.budget_bits, args.budget_latency_ms) == (None, None, None):
         parser.error("one of the arguments --budget-mb --budget-bits --budget-latency-ms is required")
+    from dataclasses import replace
     from pathlib import Path
 
     from shrink_core.evaluation.calibration import CalibrationRecipe
@@ -116,7 +121,8 @@ def run(args, parser) -> int:
     from shrink_core.plan.budget import PlannerBudget, plan_within_budget
     from shrink_core.plan.planner import build_problem, solution_plan
     from shrink_core.plan.predict import score_table
-    from shrink_core.results.method_ratios import method_score_table
+    from shrink_core.plan.spec import RotateSpec
+    from shrink_core.results.method_ratios import method_label, method_score_table, scored_method
     from shrink_core.results.store import Store
     from shrink_core.sensitivity.scan import covering_depth, run_scan
     from shrink_core.sensitivity.settings import parse_settings
@@ -142,7 +148,9 @@ def run(args, parser) -> int:
                       store=Store())  # reused from the store when this model, setting, slice and depth were scanned
     # a calibrated method plans on its own error where the closed loop stored its ratios (the plan written here
     # calibrates with the default recipe, so those are the ratios that describe it)
-    scores, ratios = method_score_table(Store(), loaded.spec.raw, loaded.weights_hash, args.method,
+    rotate = RotateSpec() if args.rotate else None
+    scored = scored_method(args.method, rotate)  # a rotated plan errs as its own method, RTN included
+    scores, ratios = method_score_table(Store(), loaded.spec.raw, loaded.weights_hash, scored,
                                         CalibrationRecipe().to_dict(), score_table(report.records, args.metric))
     rows = inventory(loaded.model)
     problem = build_problem(rows, scores, slice_ids, setting_ids, hardware=hardware)
@@ -153,14 +161,19 @@ def run(args, parser) -> int:
                                  objective=args.objective, hardware=hardware)  # the rest stays as loaded
     solution = planned.solution
     plan = solution_plan(solution.choice, rows, method=args.method, name=f"planner {args.objective}")
+    if rotate is not None:
+        plan = replace(plan, rotate=rotate, name=f"{plan.name}, inputs rotated")
     Path(args.out).write_text(dump_plan(plan))
     summary = {"out": args.out, "status": solution.status, "gap": solution.gap, "seconds": round(solution.seconds, 3),
                "solver": solution.solver, "planned_bytes": planned.total_bytes,
                "average_bits_planned_modules": solution.average_bits, "predicted": solution.predicted,
                "metric": args.metric, "depth": depth, "computed_scores": report.computed,
                "max_2bit_per_block": args.max_2bit_per_block,
-               "scores": f"the {depth} scan's RTN scores" if ratios is None else
-               f"the {depth} scan's scores scaled by {args.method}'s stored output error over RTN's (median {ratios.medians()})",
+               "scores": (f"the {depth} scan's RTN scores" if ratios is None and rotate is None else
+                          f"the {depth} scan's plain RTN scores: no {method_label(scored)} error ratios are stored "
+                          "(the Plan page's closed loop measures them)" if ratios is None else
+                          f"the {depth} scan's scores scaled by {method_label(scored)}'s stored output error over "
+                          f"RTN's (median {ratios.medians()})"),
                "settings": dict(sorted(
                    {s: list(solution.choice.values()).count(s) for s in set(solution.choice.values())}.items())),
                "embedding": {r.name: solution.choice[r.name] for r in rows
