@@ -133,6 +133,9 @@ def main() -> None:
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
     if "rotslice" in args.variants.split(",") and not args.rotate:
         raise SystemExit("the rotslice variant plans for rotated plans; add --rotate so they are measured rotated.")
+    unrotated = sorted(set(args.variants.split(",")) & {"loop", "local", "local-uniform"})
+    if args.rotate and unrotated:  # their rounds and steps are RTN probes of the unrotated settings
+        raise SystemExit(f"--rotate: {', '.join(unrotated)} measure their rounds unrotated; leave them out.")
 
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
