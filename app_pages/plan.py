@@ -182,9 +182,9 @@ def show_method_scores(method: str | None) -> None:
     if found is None:
         st.caption(f"This draft quantizes with {label}, but the scores are plain RTN's: no {label} error ratios are "
                    "stored for this model and calibration mix, so the prediction is plain RTN's"
-                   + (" and likely too high" if plan.rotate is None else "") + ". Tick "
-                   f"\"Plan on {label}'s own error\" in the closed loop (below) once; it measures them, and this "
-                   "prediction then uses them.")
+                   + (" and likely too high" if plan.rotate is None else "") + f". In the planner (below), choose "
+                   f"{method} as the Method and tick \"Plan on {label}'s own error\" for the closed loop once; it "
+                   "measures them, and this prediction then uses them.")
         return
     reached, total = found.coverage(scores)
     st.caption(f"Scores scaled by {label}'s own output error over RTN's, per module, setting and slice (median "
