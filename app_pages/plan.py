@@ -136,8 +136,8 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
     measured_fit = measured_fit_of(method)
     model = measured_fit.model
     if not model.fitted:
-        st.caption(f"Fitted prediction: no measured {method_label(scored_method(method, plan.rotate))} plan of this "
-                   "model yet. Run a plan (below): each measured "
+        st.caption(f"Fitted prediction: no measured {method_label(scored_method(method, plan.rotate, plan.tune))} plan "
+                   "of this model yet. Run a plan (below): each measured "
                    "plan corrects the additive sum for how errors compound.")
         return measured_fit
     try:
@@ -160,8 +160,9 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
                                 f"{last['measured']:.4f} KL")
     alphas = ", ".join(f"{k} x{v:.2f}" for k, v in model.to_dict()["alpha"].items())
     factors = ", ".join(f"{s} x{v:.2f}" for s, v in model.slice_factor)
+    fitted_as = method_label(scored_method(method, plan.rotate, plan.tune))
     st.caption(f"Fitted: KL = sum over bit-widths of alpha x the slice's factor x the scan's scores + gamma x (their "
-               f"total)^2, fitted on {model.plans} measured {method} plans of this model ({model.observations} slice "
+               f"total)^2, fitted on {model.plans} measured {fitted_as} plans of this model ({model.observations} slice "
                f"results): slice factors {factors or 'none'}; {alphas}; gamma {model.gamma:.3g}. {interval}, from "
                "the spread of each plan predicted by a fit without it. Projected, not measured.")
     if model.untrusted:
@@ -209,10 +210,10 @@ def scores_of(method: str | None) -> dict:
 
 
 def measured_fit_of(method: str):
-    """The interaction model fitted on this model's measured plans of `method` (rotated, if the draft rotates):
+    """The interaction model fitted on this model's measured plans of `method` (rotated and tuned as the draft is):
     fitted once per page run, however many sections ask (the fitted-prediction metrics and the planner's checkbox),
     on the scores `scores_of` gives."""
-    key = scored_method(method, plan.rotate)
+    key = scored_method(method, plan.rotate, plan.tune)
     if key not in _fits:
         _fits[key] = fit_measured(db, spec, described["weights_hash"], rows, records, key,
                                   scores=scores_of(method) if metric == "kl" else None)
@@ -394,7 +395,8 @@ else:
                   else ""))
     planner_fit = measured_fit_of(method)
     can_fit = planner_fit.model.fitted and metric == "kl"
-    use_fit = st.checkbox(f"Correct the KL scores with the fit on {planner_fit.model.plans} measured {method} plan(s)",
+    use_fit = st.checkbox(f"Correct the KL scores with the fit on {planner_fit.model.plans} measured "
+                          f"{method_label(scored_method(method, plan.rotate, plan.tune))} plan(s)",
                           value=can_fit, disabled=not can_fit, key=f"planner_use_fit_{method}_{can_fit}",
                           help="Scales each score by its bit-width's fitted alpha (errors at low bits compound) and "
                                "its slice's fitted factor (the scan's scale can differ per slice), the part of the "

@@ -128,10 +128,12 @@ def test_fit_measured_uses_this_models_plans_of_one_method_and_reports_the_newes
         "w4 gptq": ([rule(4, "gptq")], 0.1),
         "pruned": ([{"kind": kinds, "prune": {"structure": "nm", "n": 2, "m": 4, "criterion": "magnitude"}}], 0.5),
         "w3 rtn": ([{"kind": kinds, "weights": {"bits": 3, "group_size": 16, "method": "rtn"}}], 0.7),  # off menu
+        "w4 rtn rotated": ([rule(4)], 0.6, {"rotate": {"kind": "hadamard", "seed": 0}}),  # another scored method
+        "w4 gptq tuned": ([rule(4, "gptq")], 0.05, {"tune": {"kind": "scales", "steps": 100}}),
     }
     store = Store(tmp_path / "shrink.db")
-    for name, (rules, kl) in plans.items():
-        plan = {"version": 1, "name": name, "rules": rules}
+    for name, (rules, kl, *extra) in plans.items():
+        plan = {"version": 1, "name": name, "rules": rules, **(extra[0] if extra else {})}
         cid = store.upsert_candidate(name=name, kind="quantized", model_spec="toy", weights_hash="h", code_version="t",
                                      plan=plan)
         store.add_result("eval", Provenance("toy", "h", "t", "cpu", plan=plan, slice="en", budget="fast"),
@@ -159,6 +161,11 @@ def test_fit_measured_uses_this_models_plans_of_one_method_and_reports_the_newes
     assert gptq.last["fitted_on_plans"] == 0  # the only plan: predicted by the additive sum (0.21 for 0.1 measured)
     assert gptq.last["predicted"] == pytest.approx(0.21)
     assert not fit_measured(store, "toy", "h", rows, [], "rtn").model.fitted  # no scores: nothing to fit
+    # a rotated or tuned plan errs as its own method: it fits that method's model, never the plain one's
+    assert [o["candidate"] for o in fit_measured(store, "toy", "h", rows, records, "rtn+hadamard:0").observations] == [
+        "w4 rtn rotated"]
+    assert [o["candidate"] for o in fit_measured(store, "toy", "h", rows, records, "gptq+scales:100").observations] == [
+        "w4 gptq tuned"]
 
 
 def test_closed_loop_leaves_out_a_slice_that_measured_no_kl():

@@ -5,7 +5,7 @@ import pytest
 from shrink_core.evaluation import protocol
 from shrink_core.evaluation.calibration import CalibrationRecipe
 from shrink_core.plan import load_plan
-from shrink_core.plan.spec import RotateSpec
+from shrink_core.plan.spec import RotateSpec, TuneSpec
 from shrink_core.results.method_ratios import method_label, method_score_table, save_ratios, scored_method, stored_ratios
 from shrink_core.results.store import Store
 from shrink_core.sensitivity.probe import SCAN_DEPTHS
@@ -47,6 +47,9 @@ def test_a_rotated_method_is_scored_apart_from_the_plain_one_rtn_included(shrink
     assert scored_method("gptq", RotateSpec()) == "gptq+hadamard:0"
     assert scored_method("rtn", RotateSpec(seed=3)) == "rtn+hadamard:3"
     assert method_label("rtn+hadamard:3") == "rtn with rotated inputs (hadamard, seed 3)" and method_label("gptq") == "gptq"
+    tuned = scored_method("gptq-seq", RotateSpec(), TuneSpec(steps=50))  # the fitted model's key; ratios omit tune
+    assert tuned == "gptq-seq+hadamard:0+scales:50"
+    assert method_label(tuned) == "gptq-seq with rotated inputs (hadamard, seed 0) and scales tuned (50 steps)"
     store = Store()
     scores = {("a", "w3g64", "en"): 2.0}
     save_ratios(store, SPEC, HASH, "cpu", SCAN_DEPTHS["fast"], "gptq+hadamard:0", MIX, {("a", "w3g64", "en"): 0.25})

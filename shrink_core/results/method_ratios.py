@@ -20,28 +20,36 @@ from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.protocol import figure_key
 from shrink_core.evaluation.slices import get_slice
 from shrink_core.plan.predict import scaled_scores
+from shrink_core.plan.spec import TUNE_KINDS
 from shrink_core.results.store import Provenance, Store
 
 KIND = "method_ratios"
 
 
-def scored_method(method: str | None, rotate=None) -> str | None:
-    """What a plan's errors are scored as: its quantization method, and the input rotation when the plan rotates
-    ('gptq', 'rtn+hadamard:0'). A rotated method's error is not the plain one's: on SmolLM2 RTN after the rotation
-    measured 13-66% worse per language (docs/methods.md), and its output error over plain RTN's is 0.9x-2.2x by module
-    and setting (docs/plan.md). So plain RTN is the only method whose errors are the scan's own."""
-    if method is None or rotate is None:
-        return method
-    return f"{method}+{rotate.kind}:{rotate.seed}"
+def scored_method(method: str | None, rotate=None, tune=None) -> str | None:
+    """What a plan's errors are scored as: its quantization method, the input rotation when the plan rotates, and the
+    end-to-end tuning when it tunes ('gptq', 'rtn+hadamard:0', 'gptq-seq+hadamard:0+scales:100'). A rotated method's
+    error is not the plain one's: on SmolLM2 RTN after the rotation measured 13-66% worse per language
+    (docs/methods.md). Tuning lowered the calibrated languages' KL 8-20% and raised one outside the mix 5%. So plain
+    RTN is the only method whose errors are the scan's own. The ratios are keyed without `tune` (their table is
+    applied untuned); the fitted model learns from the plans of the whole key."""
+    if method is None:
+        return None
+    key = method if rotate is None else f"{method}+{rotate.kind}:{rotate.seed}"
+    return key if tune is None else f"{key}+{tune.kind}:{tune.steps}"
 
 
 def method_label(scored: str | None) -> str:
-    """'gptq', 'rtn with rotated inputs (hadamard, seed 0)': a scored method as a caption names it."""
+    """'gptq', 'rtn with rotated inputs (hadamard, seed 0)', 'gptq-seq with scales tuned (100 steps)': a scored
+    method as a caption names it."""
     if scored is None or "+" not in scored:
         return str(scored)
-    method, rotation = scored.split("+", 1)
-    kind, _, seed = rotation.partition(":")
-    return f"{method} with rotated inputs ({kind}, seed {seed})"
+    method, *parts = scored.split("+")
+    said = []
+    for part in parts:
+        kind, _, value = part.partition(":")
+        said.append(f"{kind} tuned ({value} steps)" if kind in TUNE_KINDS else f"rotated inputs ({kind}, seed {value})")
+    return f"{method} with {' and '.join(said)}"
 
 
 def ratios_key(weights_hash: str, slice_id: str, depth, method: str, calibration: dict) -> str:

@@ -86,8 +86,8 @@ class MeasuredFit:
 def measured_observations(store, spec: str, weights_hash: str, rows, records, method: str, metric: str = "kl",
                           scores: dict | None = None):
     """(candidate id, per-bit-width score sums, measured value, what it is) for each measured slice of this model's
-    candidates whose plan uses `method` (a `scored_method`: a rotated plan's is not the plain method's) on menu
-    settings only and whose slices have scores. scores: the table the
+    candidates whose plan uses `method` (a `scored_method`: a rotated or tuned plan's is not the plain method's) on
+    menu settings only and whose slices have scores. scores: the table the
     sums are taken over (a calibrated method's scaled scores, `results/method_ratios.py`), else the records'."""
     from shrink_core.errors import ShrinkError
     from shrink_core.plan.interactions import features
@@ -106,7 +106,7 @@ def measured_observations(store, spec: str, weights_hash: str, rows, records, me
         except ShrinkError:  # a plan that does not fit this layout: no evidence about it
             continue
         choice = settings_by_module(resolved)
-        if (scored_method(plan_method(resolved), plan.rotate) != method
+        if (scored_method(plan_method(resolved), plan.rotate, plan.tune) != method
                 or any(s != "keep" and s not in PLANNER_SETTINGS for s in choice.values())):
             continue  # another method, or a format off the menu that no scan scored (fp16, custom)
         for row in store.results("eval", candidate_id=candidate["id"]):

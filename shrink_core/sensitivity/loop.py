@@ -109,7 +109,9 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
         raise ShrinkError("The closed loop needs KL sensitivity scores for these settings: run a scan first.")
     hardware = get_hardware(target) if target else None
     base_resolved = resolve(rows, load_plan(plan))
-    scored = scored_method(method, load_plan(plan).rotate)  # what the ratios, the fit and the local moves are of
+    draft = load_plan(plan)
+    scored = scored_method(method, draft.rotate)  # what the ratios and the local moves are of
+    fitted_as = scored_method(method, draft.rotate, draft.tune)  # the measured plans the fit learns from
     limit = PlannerBudget(budget["kind"], float(budget["value"]), budget.get("low_per_block"))
     # on Ray the workers load it for protocol runs; probe rounds and local steps need it here
     here = (executor.kind == "local" or measure_on == "probe" or (local_steps and objective == "worst")
@@ -241,7 +243,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
 
     state = LoopState()
     if not probing:  # warm start: every plan of this model and method measured before, at a protocol
-        for candidate_id, x, y, used in measured_observations(store, spec, weights_hash, rows, records, scored,
+        for candidate_id, x, y, used in measured_observations(store, spec, weights_hash, rows, records, fitted_as,
                                                               scores=all_scores):
             state.add(candidate_id, np.array([x]), [y], [used["slice"]])
     # the uniform plan first: the baseline a mixed plan must beat, and the first measured plan the fit learns each
