@@ -108,8 +108,8 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     if not scores:
         raise ShrinkError("The closed loop needs KL sensitivity scores for these settings: run a scan first.")
     hardware = get_hardware(target) if target else None
-    base_resolved = resolve(rows, load_plan(plan))
     draft = load_plan(plan)
+    base_resolved = resolve(rows, draft)
     scored = scored_method(method, draft.rotate)  # what the ratios and the local moves are of
     fitted_as = scored_method(method, draft.rotate, draft.tune)  # the measured plans the fit learns from
     limit = PlannerBudget(budget["kind"], float(budget["value"]), budget.get("low_per_block"))
@@ -163,7 +163,7 @@ def _plan_loop(store, spec, slices, settings, budget, plan, method, objective, p
     weights = _MethodWeights(loaded, planned, ["keep", *settings], whole_plan, scored) if loaded is not None else None
     # a calibrated method's ratios are measured once per model, method and recipe (`method_scores`), then read from
     # the store whenever they cover this loop, ticked or not: the Plan page predicts and plans on the same table
-    recipe = recipe_for(load_plan(plan)).to_dict()
+    recipe = recipe_for(draft).to_dict()
     stored = stored_ratios(store, spec, weights_hash, scored, recipe) if scored != "rtn" else None
     if stored is not None and not stored.covers(planned, settings, slices):
         stored = None
