@@ -464,8 +464,8 @@ else:
              "That table is also the one the local steps use; its time is outside the loop's 4 minutes. The ratios "
              f"are stored per calibration mix and rotation: once measured, every {method_label(loop_scored)} loop "
              f"plans on them (ticked or not) and this page predicts such drafts with them. With rotated inputs the "
-             "ratio is taken against the unrotated RTN the scan scored, so plain RTN gets the option too: on "
-             "SmolLM2 rotated RTN's output error is 0.9x-2.2x plain RTN's by module and setting (docs/plan.md).")
+             "ratio is taken against the unrotated RTN the scan scored, so RTN gets the option too: rotated RTN "
+             "errs differently, module by module, from the RTN the scan scored (docs/plan.md).")
     if loop_cols[3].button("Plan, run, refit (closed loop)", key="run_loop", disabled=not chosen_settings,
                            help="Each round: the planner (scores corrected by the fit), the plan run for real on the "
                                 "scored slices, the fit updated; then the local steps. Stops when the measured worst "
