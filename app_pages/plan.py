@@ -136,9 +136,8 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
     measured_fit = measured_fit_of(method)
     model = measured_fit.model
     if not model.fitted:
-        st.caption(f"Fitted prediction: no measured {method_label(scored_method(method, plan.rotate, plan.tune))} plan "
-                   "of this model yet. Run a plan (below): each measured "
-                   "plan corrects the additive sum for how errors compound.")
+        st.caption(f"Fitted prediction: no measured {fitted_label(method)} plan of this model yet. Run a plan "
+                   "(below): each measured plan corrects the additive sum for how errors compound.")
         return measured_fit
     try:
         x = np.array([features(by_module, scores, s) for s in slices])
@@ -160,11 +159,11 @@ def show_fitted_prediction(by_module: dict, scores: dict, slices: list[str], met
                                 f"{last['measured']:.4f} KL")
     alphas = ", ".join(f"{k} x{v:.2f}" for k, v in model.to_dict()["alpha"].items())
     factors = ", ".join(f"{s} x{v:.2f}" for s, v in model.slice_factor)
-    fitted_as = method_label(scored_method(method, plan.rotate, plan.tune))
     st.caption(f"Fitted: KL = sum over bit-widths of alpha x the slice's factor x the scan's scores + gamma x (their "
-               f"total)^2, fitted on {model.plans} measured {fitted_as} plans of this model ({model.observations} slice "
-               f"results): slice factors {factors or 'none'}; {alphas}; gamma {model.gamma:.3g}. {interval}, from "
-               "the spread of each plan predicted by a fit without it. Projected, not measured.")
+               f"total)^2, fitted on {model.plans} measured {fitted_label(method)} plans of this model "
+               f"({model.observations} slice results): slice factors {factors or 'none'}; {alphas}; gamma "
+               f"{model.gamma:.3g}. {interval}, from the spread of each plan predicted by a fit without it. Projected, "
+               "not measured.")
     if model.untrusted:
         st.warning(f"On this model the fit predicts a held-out measured plan only to within x{model.interval_factor:.1f} "
                    "either way: "
@@ -207,6 +206,11 @@ def scores_of(method: str | None) -> dict:
     if key not in _tables:
         _tables[key] = method_score_table(db, spec, described["weights_hash"], key, recipe_for(plan).to_dict(), scores)
     return _tables[key][0]
+
+
+def fitted_label(method: str) -> str:
+    """The method the fitted model learns from, in words: the draft's method as rotated and tuned as the draft is."""
+    return method_label(scored_method(method, plan.rotate, plan.tune))
 
 
 def measured_fit_of(method: str):
@@ -396,7 +400,7 @@ else:
     planner_fit = measured_fit_of(method)
     can_fit = planner_fit.model.fitted and metric == "kl"
     use_fit = st.checkbox(f"Correct the KL scores with the fit on {planner_fit.model.plans} measured "
-                          f"{method_label(scored_method(method, plan.rotate, plan.tune))} plan(s)",
+                          f"{fitted_label(method)} plan(s)",
                           value=can_fit, disabled=not can_fit, key=f"planner_use_fit_{method}_{can_fit}",
                           help="Scales each score by its bit-width's fitted alpha (errors at low bits compound) and "
                                "its slice's fitted factor (the scan's scale can differ per slice), the part of the "

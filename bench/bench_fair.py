@@ -17,9 +17,10 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   "local-uniform": the same local steps (RTN) from the uniform plan itself, so no step is kept unless it measures
   better than uniform on the calibration text; "local-uniform-gptq": the same from uniform with GPTQ's moves and
   measurements as in "local-gptq" (the product's closed loop for a calibrated method, when uniform measures best);
-  "local-gptq": the same from the best plan so far, with each plan applied by GPTQ when it is measured and scored
-  at, each move's error GPTQ's (`method_option_weights`: the model at each setting by GPTQ) and its quadratic term
-  the whole Fisher's (per-sequence gradients: GPTQ's errors sit where the diagonal cannot see);
+  "local-gptq": the same from the best plan so far (or --local-from's plan), with each plan applied by GPTQ when it
+  is measured and scored at, each move's error GPTQ's (`method_option_weights`: the model at each setting by GPTQ)
+  and its quadratic term the whole Fisher's (per-sequence gradients: GPTQ's errors sit where the diagonal cannot
+  see);
   "loop-gptq": the product's closed loop for a calibrated method: each round's plan applied by GPTQ and measured on
   calibration text, from the scan's sums (no RTN-measured plan in the fit); "gscan-loop": the same loop planning on
   GPTQ's own scan (each block linear moved alone to each setting's GPTQ weight, whole-Fisher scores), its first
@@ -28,7 +29,8 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   `sensitivity/method_error.py`), its first round "rscan"; "rslice-loop": the same with H from each slice's
   calibration rows, a ratio per slice (a slice outside GPTQ's mix keeps more of RTN's error), its first round "rslice".
   "capped": the additive plan with at most --low-per-block modules of one block at 2 bits (`planner.stacking_rows`),
-  one plan per cap, named capped<N>; "rslice-capped": the same on rslice's scores.
+  one plan per cap, named capped<N>; "rslice-capped": the same on rslice's scores; "rslice-sliced-capped": on
+  rslice's scores times the slice factors below (GPTQ's per-module error, RTN-measured plans' per-slice compounding).
   "sliced": the additive plan on the scan's scores times one factor per slice, the geometric mean of measured / summed
   KL over the --from file's measured plans (which slice is worst is the scores' per-slice scale); "sliced-capped":
   the same with each --low-per-block cap, named sliced-capped<N>. "fitted-sliced": the product's fitted model (the
@@ -84,8 +86,8 @@ def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[
 LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local", "local-gptq", "local-uniform",
           "local-uniform-gptq")
 VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local",
-            "local-gptq", "local-uniform", "local-uniform-gptq", "capped", "rslice-capped", "sliced", "sliced-capped",
-            "fitted-sliced", "fitted-sliced-capped", "fitted-sliced-pruned", "rotslice")
+            "local-gptq", "local-uniform", "local-uniform-gptq", "capped", "rslice-capped", "rslice-sliced-capped",
+            "sliced", "sliced-capped", "fitted-sliced", "fitted-sliced-capped", "fitted-sliced-pruned", "rotslice")
 
 
 def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
@@ -122,6 +124,9 @@ def main() -> None:
     parser.add_argument("--low-per-block", default="1",
                         help="the capped variants: at most this many modules of a block at 2 bits (a comma list "
                         "plans once per cap)")
+    parser.add_argument("--local-from", default="",
+                        help="the local and local-gptq variants start from this variant's plan (planned before them "
+                        "in --variants, e.g. rslice-sliced-capped0)")
     parser.add_argument("--scan-more", default="", help="settings to scan here and offer to the *-pruned variants")
     parser.add_argument("--rotate", action="store_true",
                         help="apply every plan and method table with a Hadamard input rotation (seed 0)")
@@ -352,14 +357,15 @@ def main() -> None:
                     choices[variant] = plan_with(product)
                 for cap in args.low_per_block.split(",") if variant == "fitted-sliced-capped" else []:
                     choices[f"{variant}{cap}"] = plan_with(product, cap=int(cap))
-            elif variant in ("sliced", "sliced-capped"):
+            elif variant in ("sliced", "sliced-capped", "rslice-sliced-capped"):
                 factor, _ = slice_factors([xi.sum() for xi in x], y, slice_of)
                 emit({"part": "slice-scale", "factor": {s: round(v, 4) for s, v in factor.items()},
                       "plans": len(measured_plans)})
-                table = {k: v * factor[k[2]] for k, v in linear_scores.items()}
+                base = ratio_scan(True) if variant == "rslice-sliced-capped" else linear_scores
+                table = {k: v * factor[k[2]] for k, v in base.items()}
                 if variant == "sliced":
                     choices[variant] = plan_with(None, table=table)
-                for cap in args.low_per_block.split(",") if variant == "sliced-capped" else []:
+                for cap in args.low_per_block.split(",") if variant.endswith("-capped") else []:
                     choices[f"{variant}{cap}"] = plan_with(None, table=table, cap=int(cap))
             elif variant in ("capped", "rslice-capped"):  # additive, at most --low-per-block 2-bit modules a block
                 table = ratio_scan(True) if variant == "rslice-capped" else linear_scores
@@ -392,8 +398,12 @@ def main() -> None:
                     choices[variant.split("-")[0]] = rounds[0].choice
                 loop_rounds = round_rows(rounds)
             elif variant in ("local", "local-gptq", "local-uniform", "local-uniform-gptq"):
+                if args.local_from and not variant.startswith("local-uniform") and args.local_from not in choices:
+                    raise SystemExit(f"--local-from {args.local_from}: plan that variant before {variant} in "
+                                     "--variants.")
                 start = (dict.fromkeys(linears, uniform) if variant.startswith("local-uniform")
-                         else choices.get("loop") or choices.get("fitted") or plan_with(fitted))
+                         else choices.get(args.local_from) or choices.get("loop") or choices.get("fitted")
+                         or plan_with(fitted))
                 measure, at = ((gptq_measure, gptq_scores_at) if variant.endswith("-gptq")
                                else (loop_measure, scores_at))
                 steps = local_search(start, measure(start), at, measure, limits={"budget_bytes": budget},
