@@ -130,6 +130,9 @@ def main() -> None:
     parser.add_argument("--scan-more", default="", help="settings to scan here and offer to the *-pruned variants")
     parser.add_argument("--rotate", action="store_true",
                         help="apply every plan and method table with a Hadamard input rotation (seed 0)")
+    parser.add_argument("--table-cache", default="",
+                        help="a folder to keep the method weight tables in (safetensors, keyed by the model's weights, "
+                        "the options, the method's recipe and the rotation), so a rerun skips GPTQ's minutes per option")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -248,13 +251,33 @@ def main() -> None:
         model = gptq_applied(choice)
         return {s: whole_model_kl(loop_caches[s], model).kl for s in slices}
 
+    def cached_table(kind, build):
+        """method_option_weights, kept under --table-cache: safetensors, one file per model, options, recipe, rotation
+        and embedding setting (the tables are applied with the embedding at it)."""
+        if not args.table_cache:
+            return build()
+        import hashlib
+
+        from safetensors.torch import load_file, save_file
+
+        key = json.dumps([kind, loaded.weights_hash, options, recipe.to_dict(), args.rotate, args.embedding])
+        path = Path(args.table_cache) / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
+        if path.exists():
+            flat = load_file(str(path))
+            return {m: {o: flat[f"{m}|{o}"] for o in options} for m in linears}
+        table = build()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_file({f"{m}|{o}": w.contiguous() for m, by_option in table.items() for o, w in by_option.items()},
+                  str(path), metadata={"key": key})
+        return table
+
     def gptq_table():
         if "table" not in gptq:
             t0 = time.perf_counter()
-            gptq["table"] = method_option_weights(
+            gptq["table"] = cached_table("gptq", lambda: method_option_weights(
                 loaded.model, linears, options,
                 lambda model, option: apply_plan_(model, solution_plan(
-                    {**dict.fromkeys(linears, option), **embedding_choice}, rows, "gptq"), calibration))
+                    {**dict.fromkeys(linears, option), **embedding_choice}, rows, "gptq"), calibration)))
             emit({"part": "gptq-table", "options": options, "seconds": round(time.perf_counter() - t0, 1)})
         return gptq["table"]
 
