@@ -28,6 +28,10 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   the layer-output ratio tr(dW_gptq H dW_gptq^T) / tr(dW_rtn H dW_rtn^T) (H from GPTQ's calibration inputs;
   `sensitivity/method_error.py`), its first round "rscan"; "rslice-loop": the same with H from each slice's
   calibration rows, a ratio per slice (a slice outside GPTQ's mix keeps more of RTN's error), its first round "rslice".
+  "rslice-uloop": the product's closed loop as it runs with its uniform baseline: uniform measured by GPTQ on the
+  calibration rows first, so round 1 plans on that plan's slice factors, then --loop-rounds rounds on rslice's
+  scores, at most the first --low-per-block modules a block at 2 bits; uniform is kept when no round beats it on
+  the calibration rows; named rslice-uloop<N>.
   "capped": the additive plan with at most --low-per-block modules of one block at 2 bits (`planner.stacking_rows`),
   one plan per cap, named capped<N>; "rslice-capped": the same on rslice's scores; "rslice-sliced-capped": on
   rslice's scores times the slice factors below (GPTQ's per-module error, RTN-measured plans' per-slice compounding).
@@ -83,9 +87,9 @@ def bootstrap(values: np.ndarray, resamples: int = 2000, seed: int = 0) -> list[
     return [round(float(np.percentile(means, 2.5)), 5), round(float(np.percentile(means, 97.5)), 5)]
 
 
-LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local", "local-gptq", "local-uniform",
+LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "rslice-uloop", "local", "local-gptq", "local-uniform",
           "local-uniform-gptq")
-VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "local",
+VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "rslice-uloop", "local",
             "local-gptq", "local-uniform", "local-uniform-gptq", "capped", "rslice-capped", "rslice-sliced-capped",
             "sliced", "sliced-capped", "fitted-sliced", "fitted-sliced-capped", "fitted-sliced-pruned", "rotslice")
 
@@ -342,6 +346,7 @@ def main() -> None:
     def round_rows(rounds):
         return [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
                  "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
+                 "measured": {sl: round(v, 5) for sl, v in r.measured.items()},
                  "seconds": round(r.seconds, 1)} for r in rounds]
 
     def rows_of(choice):
@@ -420,6 +425,26 @@ def main() -> None:
                 if variant != "loop-gptq":
                     choices[variant.split("-")[0]] = rounds[0].choice
                 loop_rounds = round_rows(rounds)
+            elif variant == "rslice-uloop":
+                table, cap = ratio_scan(True), int(args.low_per_block.split(",")[0])
+                start = dict.fromkeys(linears, uniform)
+
+                def plan_u(model, table=table, cap=cap):
+                    return plan_with(model, table=table, cap=cap)
+
+                def rows_u(choice, table=table):
+                    return {s: features(choice, table, s) for s in slices}
+
+                at_uniform, x_uniform = gptq_measure(start), rows_u(start)
+                state = LoopState()
+                state.add("uniform", np.array([x_uniform[s] for s in slices]), [at_uniform[s] for s in slices], slices)
+                rounds, _ = closed_loop(plan_u, gptq_measure, rows_u, state=state, rounds=args.loop_rounds,
+                                        time_budget_s=3600, known={tuple(sorted(start.items())): at_uniform})
+                best = min(rounds, key=lambda r: r.worst_measured) if rounds else None
+                beats = best is not None and best.worst_measured < max(at_uniform.values())
+                choices[f"{variant}{cap}"] = best.choice if beats else start
+                loop_rounds = [{"round": 0, "uniform": uniform, "worst_measured": round(max(at_uniform.values()), 5),
+                                "measured": {s: round(v, 5) for s, v in at_uniform.items()}}, *round_rows(rounds)]
             elif variant in ("local", "local-gptq", "local-uniform", "local-uniform-gptq"):
                 if args.local_from and not variant.startswith("local-uniform") and args.local_from not in choices:
                     raise SystemExit(f"--local-from {args.local_from}: plan that variant before {variant} in "
