@@ -136,13 +136,19 @@ def main() -> None:
                         help="apply every plan and method table with a Hadamard input rotation (seed 0)")
     parser.add_argument("--table-cache", default="",
                         help="a folder to keep the method weight tables in (safetensors, keyed by the model's weights, "
-                        "the options, the method's recipe and the rotation), so a rerun skips GPTQ's minutes per option")
+                        "the options, the method's recipe and the rotation), so a rerun skips GPTQ's minutes per option; "
+                        "empty it after changing the method's code")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
     unknown = sorted(set(args.variants.split(",")) - set(VARIANTS))
     if unknown:  # refused before the model loads (rscan and rslice are the first rounds of their -loop variants)
         raise SystemExit(f"unknown variant(s) {', '.join(unknown)}; choose from {', '.join(VARIANTS)}.")
+    listed = args.variants.split(",")
+    local_variants = ("local", "local-gptq", "local-uniform", "local-uniform-gptq")
+    if args.local_from and not any(args.local_from.startswith(v) and v not in local_variants for v in listed):
+        raise SystemExit(f"--local-from {args.local_from}: list the variant that plans it before the local one in "
+                         "--variants.")
     if "rotslice" in args.variants.split(",") and not args.rotate:
         raise SystemExit("the rotslice variant plans for rotated plans; add --rotate so they are measured rotated.")
     unrotated = sorted(set(args.variants.split(",")) & {"loop", "local", "local-uniform"})
@@ -445,7 +451,7 @@ def main() -> None:
                 choices[f"{variant}{cap}"] = best.choice if beats else start
                 loop_rounds = [{"round": 0, "uniform": uniform, "worst_measured": round(max(at_uniform.values()), 5),
                                 "measured": {s: round(v, 5) for s, v in at_uniform.items()}}, *round_rows(rounds)]
-            elif variant in ("local", "local-gptq", "local-uniform", "local-uniform-gptq"):
+            elif variant in local_variants:
                 if args.local_from and not variant.startswith("local-uniform") and args.local_from not in choices:
                     raise SystemExit(f"--local-from {args.local_from}: plan that variant before {variant} in "
                                      "--variants.")
