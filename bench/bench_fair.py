@@ -45,6 +45,13 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   "fitted-sliced-pruned": "fitted-sliced" with those settings also on the planner's menu (every other variant plans
   without them), so the pair shows what allowing pruning buys at the same bytes (a masked setting counts at its
   sparse format's bytes).
+  "gfit-capped": the product's fitted model (slice factors, then per-bit-width alphas and gamma) fitted on
+  --gfit-plans random plans (bench_predict's draw, seed 3) measured under GPTQ, on rslice's scores, then planned with
+  each --low-per-block cap (gfit-capped<N>). Each random plan takes every module's weight from GPTQ's uniform table
+  (as the local steps' moves do: a module's inputs those of the model at that setting, not the plan's; the "gfit-check"
+  line measures the first plan applied by GPTQ itself beside it) and is measured on --gfit-sequences eval sequences a
+  slice after the --sequences the fair figures use, so the fit never sees the rows the plans are judged on and fits
+  the eval rows' distribution, not the calibration rows' (on Gemma they rank fr and code the other way round).
   "rotslice" (needs --rotate): the additive plan on the RTN scan scaled per slice by the output error RTN leaves
   under the Hadamard input rotation over plain RTN's (the same ratio as rslice's, the method's weights being RTN's in
   the rotated basis folded back, Q(W R^T) R, in float32), so the plan is chosen on the errors the rotated plan makes.
@@ -91,7 +98,8 @@ LOOPED = ("loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "rslic
           "local-uniform-gptq")
 VARIANTS = ("additive", "fitted", "loop", "loop-gptq", "gscan-loop", "rscan-loop", "rslice-loop", "rslice-uloop", "local",
             "local-gptq", "local-uniform", "local-uniform-gptq", "capped", "rslice-capped", "rslice-sliced-capped",
-            "sliced", "sliced-capped", "fitted-sliced", "fitted-sliced-capped", "fitted-sliced-pruned", "rotslice")
+            "sliced", "sliced-capped", "fitted-sliced", "fitted-sliced-capped", "fitted-sliced-pruned", "rotslice",
+            "gfit-capped")
 
 
 def per_sequence_kl(reference, models: dict, ids: torch.Tensor, chunk: int = 2) -> dict[str, np.ndarray]:
@@ -138,6 +146,11 @@ def main() -> None:
                         help="a folder to keep the method weight tables in (safetensors, keyed by the model's weights, "
                         "the options, the method's recipe and the rotation), so a rerun skips GPTQ's minutes per option; "
                         "empty it after changing the method's code")
+    parser.add_argument("--gfit-plans", type=int, default=8,
+                        help="the gfit variants: random plans measured under GPTQ to fit the product's model on")
+    parser.add_argument("--gfit-sequences", type=int, default=8,
+                        help="the gfit variants measure their random plans on this many eval sequences of each slice "
+                        "after the --sequences the fair figures use (held out from them)")
     parser.add_argument("--sequences", type=int, default=24)
     parser.add_argument("--seq-len", type=int, default=256)
     args = parser.parse_args()
@@ -349,6 +362,48 @@ def main() -> None:
                                         for o, kinds in by_option.items()} for sl, by_option in by_kind.items()}})
         return gptq[key]
 
+    def gfit_model():
+        """The product's model fitted on GPTQ-measured random plans (held-out eval rows), on rslice's scores."""
+        if "gfit" not in gptq:
+            from bench_predict import random_plans
+
+            t0 = time.perf_counter()
+            table, gscores = gptq_table(), {**scores, **ratio_scan(True)}
+            held = {s: eval_tokens(loaded.tokenizer, s, args.sequences + args.gfit_sequences, args.seq_len)[
+                args.sequences:] for s in slices}
+            bits = setting_bytes(rows, linears, settings) * 8 / params[:, None]
+            drawn = random_plans(linears, bits, settings, args.gfit_plans, seed=3)
+            gx, gy, gids, gslices = [], [], [], []
+            for i, drawn_plan in enumerate(drawn):
+                choice = drawn_plan["choice"]
+                model = copy.deepcopy(loaded.model)
+                set_choice_(model, originals, embedding_choice)
+                set_choice_(model, originals, choice, lambda m, o: table[m][o])
+                models = {"table": model.eval()}
+                if i == 0:  # how far the table's weights are from GPTQ applying this plan itself
+                    exact = copy.deepcopy(loaded.model)
+                    apply_plan_(exact, solution_plan({**choice, **embedding_choice}, rows, "gptq"), calibration)
+                    models["applied"] = exact.eval()
+                kl = {s: per_sequence_kl(loaded.model, models, held[s]) for s in slices}
+                measured = {s: float(kl[s]["table"].mean()) for s in slices}
+                if i == 0:
+                    emit({"part": "gfit-check", "target_bits": drawn_plan["target_bits"],
+                          "table": {s: round(v, 5) for s, v in measured.items()},
+                          "applied": {s: round(float(kl[s]["applied"].mean()), 5) for s in slices}})
+                for s in slices:
+                    gx.append(features({**choice, **embedding_choice}, gscores, s))
+                    gy.append(measured[s])
+                    gids.append(i)
+                    gslices.append(s)
+                emit({"part": "gfit-plan", "index": i, "target_bits": drawn_plan["target_bits"],
+                      "measured": {s: round(v, 5) for s, v in measured.items()},
+                      "summed": {s: round(float(gx[-len(slices) + k].sum()), 5) for k, s in enumerate(slices)}})
+                del models, model
+            gptq["gfit"] = fit(np.array(gx), np.array(gy), gids, gslices)
+            emit({"part": "gfit-model", "plans": len(drawn), "model": gptq["gfit"].to_dict(),
+                  "seconds": round(time.perf_counter() - t0, 1)})
+        return gptq["gfit"]
+
     def round_rows(rounds):
         return [{"round": r.index, "worst_predicted": round(r.worst_predicted, 5),
                  "worst_measured": round(r.worst_measured, 5), "error": round(r.error, 4),
@@ -401,6 +456,9 @@ def main() -> None:
                     choices[variant] = plan_with(None, table=table)
                 for cap in args.low_per_block.split(",") if variant.endswith("-capped") else []:
                     choices[f"{variant}{cap}"] = plan_with(None, table=table, cap=int(cap))
+            elif variant == "gfit-capped":
+                for cap in args.low_per_block.split(","):
+                    choices[f"{variant}{cap}"] = plan_with(gfit_model(), table=ratio_scan(True), cap=int(cap))
             elif variant in ("capped", "rslice-capped"):  # additive, at most --low-per-block 2-bit modules a block
                 table = ratio_scan(True) if variant == "rslice-capped" else linear_scores
                 for cap in args.low_per_block.split(","):
