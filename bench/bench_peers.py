@@ -362,7 +362,7 @@ def quantize_plan_file(model, method: Method, tokenizer) -> dict:
     report = apply_plan_(model, plan, plan_calibration(plan, tokenizer)[0])
     seconds = time.perf_counter() - started
     return {"seconds": seconds, "stored": {m.name: m.packed_bytes for m in report.modules if m.bits},
-            "calibration": plan.calibration.to_dict() if plan.calibration else None}
+            "calibration": plan.calibration.to_dict() if plan.calibration else None, "tuning": report.tuning}
 
 
 def quantized_copy(reference, method: Method, rows, calibration, recipe, tokenizer=None) -> tuple[object, dict]:
@@ -372,6 +372,8 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
     if method.family == "planfile":
         result = quantize_plan_file(model, method, tokenizer)
         spec, extra = None, {"plan_calibration": result["calibration"]}
+        if result["tuning"]:  # the plan's `tune:`: what the held-out check saw and whether it kept the tuned scales
+            extra.update({f"tune_{k}": round(v, 6) if isinstance(v, float) else v for k, v in result["tuning"].items()})
         outside = sorted(set(result["stored"]) - {r.name for r in rows})
         if outside:
             raise SystemExit(f"{method.path} compresses {outside[0]}, which is not a block linear; this table keeps "

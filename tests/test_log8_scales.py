@@ -179,3 +179,23 @@ def test_candidate_summaries_name_log8():
     assert format_summary(plan) == "int3 g32 log8 asym (engine packed; no compressed-tensors: it stores float scales)"
     plain = {"rules": [{"kind": ["q"], "weights": {"bits": 4, "group_size": 32}}]}
     assert format_summary(plain) == "int4 g32 asym (engine packed; compressed-tensors for int4/int8)"
+
+
+def test_the_four_bit_log8_preset_fits_in_w4g64s_bytes_on_smollm2s_shapes():
+    # SmolLM2-135M's block linears (out, in): group 32 alone overshoots 4.375 bits per weight on a 576-wide row (each
+    # row's int16 top), so the preset keeps q and o at group 64; the whole must stay within w4g64's bytes
+    shapes = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
+              "up": (1536, 576), "down": (576, 1536)}
+    rules = load_plan("preset:w4-log8-rot-tuned").rules
+
+    def stored(kind, shape):
+        spec = next(r.weights for r in rules if kind in r.kind)
+        assert spec.bits == 4 and spec.scales == "log8"
+        return packed_weight_bytes(shape, 4, spec.group_size, spec.symmetric, spec.scales)["total"]
+
+    params = sum(rows * columns for rows, columns in shapes.values())
+    preset_bits = 8 * sum(stored(kind, shape) for kind, shape in shapes.items()) / params
+    w4g64_bits = 8 * sum(packed_weight_bytes(s, 4, 64, False)["total"] for s in shapes.values()) / params
+    all_g32 = 8 * sum(packed_weight_bytes(s, 4, 32, False, "log8")["total"] for s in shapes.values()) / params
+    assert w4g64_bits == 4.375 and all_g32 > w4g64_bits
+    assert preset_bits == pytest.approx(4.3646, abs=1e-4) and preset_bits <= w4g64_bits
