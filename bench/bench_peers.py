@@ -365,6 +365,11 @@ def quantize_plan_file(model, method: Method, tokenizer) -> dict:
             "calibration": plan.calibration.to_dict() if plan.calibration else None, "tuning": report.tuning}
 
 
+def tune_fields(tuning: dict) -> dict:
+    """The plan's `tune:` report as row fields: what the held-out check saw and whether it kept the tuned scales."""
+    return {f"tune_{k}": round(v, 6) if isinstance(v, float) else v for k, v in tuning.items()}
+
+
 def quantized_copy(reference, method: Method, rows, calibration, recipe, tokenizer=None) -> tuple[object, dict]:
     """A copy of the model with every block linear quantized by `method`, and what it cost: bits per weight, seconds."""
     model = copy.deepcopy(reference)
@@ -372,8 +377,8 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
     if method.family == "planfile":
         result = quantize_plan_file(model, method, tokenizer)
         spec, extra = None, {"plan_calibration": result["calibration"]}
-        if result["tuning"]:  # the plan's `tune:`: what the held-out check saw and whether it kept the tuned scales
-            extra.update({f"tune_{k}": round(v, 6) if isinstance(v, float) else v for k, v in result["tuning"].items()})
+        if result["tuning"]:
+            extra.update(tune_fields(result["tuning"]))
         outside = sorted(set(result["stored"]) - {r.name for r in rows})
         if outside:
             raise SystemExit(f"{method.path} compresses {outside[0]}, which is not a block linear; this table keeps "
@@ -429,7 +434,7 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
                      "signround_blocks": [{k: round(v, 6) if isinstance(v, float) else v for k, v in b.items()}
                                           for b in done["blocks"]]}
         if method.e2e:
-            extra = {f"tune_{k}": round(v, 6) if isinstance(v, float) else v for k, v in result["tuning"].items()}
+            extra = tune_fields(result["tuning"])
         spec = result["spec"]
     stored = exact_bytes(rows, result)
     if len(stored) != len(rows):
