@@ -11,12 +11,13 @@ from shrink_core.compression.ct_export import compressed_state_dict
 from shrink_core.compression.export import packed_tensors
 from shrink_core.compression.gguf_export import gguf_tensors
 from shrink_core.compression.primitives import dequantize, unpack
-from shrink_core.compression.rotate import Rotation, _factors, rotated_inputs, walsh_hadamard
+from shrink_core.compression.rotate import Rotation, _factors, rotate_statistic, rotated_weights, walsh_hadamard
 from shrink_core.errors import ShrinkError
 from shrink_core.model.inventory import block_linears, inventory
 from shrink_core.model.toy import FAMILIES, tiny_family, tiny_llama
 from shrink_core.perf.lowbit import why_not
-from shrink_core.plan import dump_plan, load_plan
+from shrink_core.plan import dump_plan, load_plan, plan_from_dict
+from shrink_core.plan.presets import PRESETS
 from shrink_core.plan.spec import PlanError, plan_to_dict
 from shrink_core.results.candidates import format_summary, plan_lines, plan_summary
 
@@ -56,20 +57,22 @@ def test_walsh_hadamard_is_sylvesters_matrix():
     assert torch.allclose(walsh_hadamard(x), x @ sylvester(16), atol=1e-12)
 
 
-def test_rotated_inputs_keep_the_function_and_fold_back():
+def test_rotated_statistics_are_the_rotated_inputs_and_weights_fold_back():
+    """No token is rotated in the calibration forwards: R M R^T is what the rotated inputs would give, and within
+    `rotated_weights` the modules hold W R^T, which reads the rotated inputs as W read the plain ones."""
+    rotation = Rotation(0, 0, "model.layers.0.self_attn:qkv", 96)
+    x, y = (torch.randn(40, 96, dtype=torch.float64, generator=torch.Generator().manual_seed(s)) for s in (0, 1))
+    assert torch.allclose(rotate_statistic(x.T @ y, rotation), rotation.apply(x).T @ rotation.apply(y), atol=1e-10)
     model = tiny_llama(seed=1, hidden=96).eval()
-    ids = torch.randint(0, 256, (2, 16), generator=torch.Generator().manual_seed(0))
-    before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    modules = {row.name: model.get_submodule(row.name) for row in block_linears(inventory(model))}
-    rotations = {name: Rotation(0, 0, name, m.in_features) for name, m in modules.items()}
-    with torch.no_grad():
-        expected = model(input_ids=ids).logits
-        with rotated_inputs(modules, rotations):
-            name = next(iter(modules))
-            assert not torch.allclose(modules[name].weight, before[name + ".weight"], atol=1e-3)  # holds W R^T
-            assert torch.allclose(model(input_ids=ids).logits, expected, atol=1e-4)
-    assert all(not m._forward_pre_hooks for m in model.modules())
-    assert all(torch.allclose(p, before[n], atol=1e-5) for n, p in model.named_parameters())
+    attention = model.model.layers[0].self_attn
+    modules = [attention.q_proj, attention.k_proj, attention.v_proj]
+    before = [m.weight.detach().clone() for m in modules]
+    inputs = x.float()
+    with torch.no_grad(), rotated_weights(modules, rotation):
+        for module, weight in zip(modules, before):
+            assert not torch.allclose(module.weight, weight, atol=1e-3)  # holds W R^T
+            assert torch.allclose(module(rotation.apply(inputs)), inputs @ weight.T, atol=1e-4)
+    assert all(torch.allclose(m.weight, w, atol=1e-6) for m, w in zip(modules, before))
 
 
 @pytest.mark.parametrize("method", ["rtn", "gptq-seq"])
@@ -141,11 +144,13 @@ def test_the_plan_reads_and_writes_rotate():
 @pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_family_keeps_its_function_rotated_and_quantizes_rotated(family):
     """Each family's plain Linears are rotated (GPT-2's transposed Conv1D and fused experts are not: the note names
-    them), the rotated model computes what the model did, and the rotated preset's quantized model runs."""
+    them), the rotated preset's quantized model runs, and at 8 bits the rotated model computes what the model did (R
+    folded back into each weight after its codes were taken in the rotated basis)."""
     from shrink_core.compression.apply import _rotations
     from shrink_core.plan import resolve
 
     model = tiny_family(family)
+    original = copy.deepcopy(model)
     plan = load_plan("preset:w4g64-rot")
     rows = [r for r in resolve(model, plan) if r.block is not None]
     modules = dict(model.named_modules())
@@ -155,14 +160,19 @@ def test_every_family_keeps_its_function_rotated_and_quantizes_rotated(family):
         rotations.update(found)
     with torch.no_grad():
         expected = model(CALIBRATION[:1]).logits
-        with rotated_inputs({name: modules[name] for name in rotations}, rotations):
-            assert torch.allclose(model(CALIBRATION[:1]).logits, expected, atol=1e-4, rtol=1e-4)
     linears = [r.name for r in rows if isinstance(modules[r.name], torch.nn.Linear)]
     assert sorted(rotations) == sorted(linears) and (linears or family == "gpt2"), family
     report = apply_plan_(model, plan, CALIBRATION)
     assert {n for n, s in report.quant_states.items() if s.rotation is not None} == set(linears)
     with torch.no_grad():
         assert torch.isfinite(model(CALIBRATION[:1]).logits).all()
+    rules = [{**rule, "weights": {**rule["weights"], "bits": 8}} for rule in PRESETS["w4g64-rot"]["rules"]]
+    eight = plan_from_dict({"version": 1, "name": "w8-rot", "rotate": "hadamard", "rules": rules,
+                            "calibration": plan.calibration.to_dict()})
+    apply_plan_(original, eight, CALIBRATION)
+    with torch.no_grad():
+        logits = original(CALIBRATION[:1]).logits
+    assert ((logits - expected).norm() / expected.norm()).item() < 0.02, family
 
 
 def test_a_stored_rotated_plan_says_so_wherever_it_is_summarised():

@@ -29,7 +29,7 @@ from shrink_core.compression.prune import (
     supports_structured,
     sync_config_,
 )
-from shrink_core.compression.rotate import Rotation, rotated_inputs
+from shrink_core.compression.rotate import Rotation, rotate_statistic, rotated_weights
 from shrink_core.compression.simulate import attach_simulation_
 from shrink_core.compression.tune import split_rows, tune_scales_
 from shrink_core.errors import ShrinkError
@@ -333,6 +333,13 @@ class _BlockContext:
     fp_outputs: list | None = None  # the full-precision block's outputs, when a sequential pass computed them
     settled: calibrate.SettledChildren | None = None  # children whose outputs a sequential pass kept
     shrink: float = 0.0  # the recipe's share of each full statistic's off-diagonal part removed
+    rotations: dict = field(default_factory=dict)  # input source -> Rotation, for the sources the plan rotates
+
+    def _rotated(self, source: str, statistic: torch.Tensor | None) -> torch.Tensor | None:
+        """The statistic as the rotated source's inputs give it (before shrinking: the recipe shrinks towards the
+        diagonal of the basis the codes are taken in)."""
+        rotation = self.rotations.get(source)
+        return statistic if rotation is None or statistic is None else rotate_statistic(statistic, rotation)
 
     def calibrated_(self, rows: list[ResolvedModule]) -> None:
         """Collect what each input source needs, then compress. With a sequential method in the block, sources are
@@ -359,6 +366,7 @@ class _BlockContext:
             fp_captured = None  # a routed expert's X_fp does not line up with its X: nothing to fit to
             diagonal = {source for source, need in needs.items() if need == "diag"}
             hessians, _ = calibrate.collect(self.layer, self.inputs, wanted, diagonal)
+            hessians = {source: self._rotated(source, hessian) for source, hessian in hessians.items()}
             for hessian in hessians.values():
                 calibrate.shrink_towards_diagonal_(hessian, self.shrink)
             self.compress_(stacks, hessians)
@@ -376,6 +384,7 @@ class _BlockContext:
             with self.settled:
                 hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, wanted[source],
                                                             fp_captured.pop(source), diagonal=needs[source] == "diag")
+            hessian, cross = self._rotated(source, hessian), self._rotated(source, cross)
             calibrate.shrink_towards_diagonal_(hessian, self.shrink)
             calibrate.shrink_towards_diagonal_(cross, self.shrink)
             self.compress_(by_source.get(source, []), {source: hessian}, {source: cross})
@@ -393,7 +402,10 @@ class _BlockContext:
                 source = calibrate.input_source(row.name, row.kind)
                 hessian = hessians.get(source) if _needs_hessian(row) else None
                 cross = (crosses or {}).get(source) if _sequential(row) else None
-                member_states, fallback = _compress_([self.modules[m.name] for m in members], row, hessian, cross)
+                modules = [self.modules[m.name] for m in members]
+                rotation = self.rotations.get(source)
+                with rotated_weights(modules, rotation) if rotation else nullcontext():
+                    member_states, fallback = _compress_(modules, row, hessian, cross)
                 if hessian is not None and row.weights and row.weights.ggml and row.weights.method == "imatrix":
                     self.importance[row.name] = (hessian if hessian.dim() == 1 else torch.diag(hessian),
                                                  int(self.calibration.numel()))
@@ -500,10 +512,11 @@ def apply_plan_(model, plan, calibration: torch.Tensor | None = None, progress: 
                     fp_inputs = [(hidden, per_block[position]) for hidden, _ in fp_inputs]
             rotations, skipped = _rotations(plan, block, rows, modules)
             unrotated += skipped
-            with onloaded(layer, work), rotated_inputs({name: modules[name] for name in rotations}, rotations):
+            with onloaded(layer, work):
                 fp_layer = copy.deepcopy(layer) if fp_inputs is not None and block <= last_calibrated else None
                 context = _BlockContext(layer, fp_layer, inputs, fp_inputs, modules, calibration, states, seconds,
-                                        fallbacks, importance, shrink=used_recipe.shrink)
+                                        fallbacks, importance, shrink=used_recipe.shrink,
+                                        rotations={r.source: r for r in rotations.values()})
                 if block in calibrated_blocks:
                     context.calibrated_(rows)
                 else:
