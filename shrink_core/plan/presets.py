@@ -43,12 +43,17 @@ TUNING = {"kind": "scales"}
 # paired: 10-16% lower KL than w4g64-rot-tuned on all nine languages, every CI below zero; Hindi 0.114 against
 # Q5_0's 0.117 (docs/methods.md, bench/results/log8-w4-2026-12-05).
 LOG8_G64_KINDS = ["q", "o"]
+# Untuned, the same rules measured within 2-4% of the tuned preset on every language and level with Q5_0 on Hindi
+# (16 windows, paired), in 196 s against 997 s (bench/results/log8-w4-untuned-2026-12-06).
 
 
 def _weights(bits: int, group, method: str = QUANT_METHOD, symmetric: bool = False, scales: str = "fp16") -> dict:
     fields = {"bits": bits, "group_size": group, "symmetric": symmetric, "method": method}
     return fields if scales == "fp16" else {**fields, "scales": scales}
 
+
+LOG8_W4_RULES = [{"kind": LOG8_G64_KINDS, "weights": _weights(4, 64, scales="log8")},
+                 {"kind": [k for k in BLOCK_LINEARS if k not in LOG8_G64_KINDS], "weights": _weights(4, 32, scales="log8")}]
 
 PRESETS: dict[str, dict] = {
     "w8": {
@@ -129,14 +134,21 @@ PRESETS: dict[str, dict] = {
         "rotate": ROTATION,
         "tune": TUNING,
     },
+    "w4-log8-rot": {
+        "description": "int4 with log8 scales (8-bit log-grid scales, 4-bit zeros): group 32 on k, v, gate, up and "
+                       "down, group 64 on q and o, so the whole fits w4g64's 4.375 bits per weight (4.365 on "
+                       "SmolLM2); GPTQ-seq with inputs rotated as w4g64-rot: lower KL on every language measured; "
+                       "the same runtime needs as w4g64-rot, and no compressed-tensors export (it stores float scales)",
+        "rules": LOG8_W4_RULES,
+        "calibration": QUANT_RECIPE,
+        "rotate": ROTATION,
+    },
     "w4-log8-rot-tuned": {
         "description": "int4 with log8 scales (8-bit log-grid scales, 4-bit zeros): group 32 on k, v, gate, up and "
                        "down, group 64 on q and o, so the whole fits w4g64's 4.375 bits per weight (4.365 on "
                        "SmolLM2); GPTQ-seq, rotated and tuned as w4g64-rot-tuned: lower KL on every language measured; "
                        "the same runtime needs as w4g64-rot, and no compressed-tensors export (it stores float scales)",
-        "rules": [{"kind": LOG8_G64_KINDS, "weights": _weights(4, 64, scales="log8")},
-                  {"kind": [k for k in BLOCK_LINEARS if k not in LOG8_G64_KINDS],
-                   "weights": _weights(4, 32, scales="log8")}],
+        "rules": LOG8_W4_RULES,
         "calibration": QUANT_RECIPE,
         "rotate": ROTATION,
         "tune": TUNING,
