@@ -181,7 +181,7 @@ def main() -> None:
             extra = {"tune_spec": {"steps": spec.steps, "lr": spec.lr, "batch": spec.batch, "holdout": spec.holdout,
                                    "rows": len(train)},
                      **{f"tune_{k}": round(v, 6) if isinstance(v, float) else v for k, v in done.items()}}
-        method = f"tune:{name}" + (f"@octave{octave}" if args.octave else "")
+        method = f"tune:{name}" + (f":octave{octave}" if args.octave else "")
         for s in slices:
             t0 = time.perf_counter()
             figures = measure(reference, model, ids[s], ref_hidden[s], args.chunk)
