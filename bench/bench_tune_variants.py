@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-from bench_peers import SLICES, emit, final_hidden_states, measure, render  # noqa: E402
+from bench_peers import SLICES, emit, final_hidden_states, measure, render, tune_fields  # noqa: E402
 
 
 def parse_variant(name: str, spec):
@@ -155,7 +155,7 @@ def main() -> None:
         started = time.perf_counter()
         report = apply_plan_(quantized, untuned, calibration, reference=reference)
         quantize_seconds = time.perf_counter() - started
-        states = {n: s for n, s in report.quant_states.items() if n in targets_of(quantized, report.quant_states)}
+        states = {n: state for n, (_, state) in targets_of(quantized, report.quant_states).items()}
         if cached:
             cached.parent.mkdir(parents=True, exist_ok=True)
             save_cache(cached, quantized, states, {"seconds": quantize_seconds})
@@ -180,7 +180,7 @@ def main() -> None:
             done.pop("states")
             extra = {"tune_spec": {"steps": spec.steps, "lr": spec.lr, "batch": spec.batch, "holdout": spec.holdout,
                                    "rows": len(train)},
-                     **{f"tune_{k}": round(v, 6) if isinstance(v, float) else v for k, v in done.items()}}
+                     **tune_fields(done)}
         method = f"tune:{name}" + (f":octave{octave}" if args.octave else "")
         for s in slices:
             t0 = time.perf_counter()
