@@ -132,9 +132,9 @@ def test_a_sequential_method_adds_its_full_precision_side():
     added = {k: v for k, v in sequential.parts.items() if k not in plain.parts}
     tokens = 64 * 512
     assert added == {"full-precision block": 6_979_321_856 // 32 * 2, "full-precision stream": tokens * 4096 * 2,
-                     "full-precision inputs": tokens * (3 * 4096 + 14336) * 4,
+                     "full-precision inputs": tokens * 2 * 14336 * 4,
                      "settled attention outputs": tokens * 4096 * 4}
-    assert 3.4e9 < added["full-precision inputs"] < 3.6e9  # what gptq-seq keeps of an 8B block at 64 x 512 tokens
+    assert 3.7e9 < added["full-precision inputs"] < 3.8e9  # what gptq-seq keeps of an 8B block at 64 x 512 tokens
 
 
 def test_end_to_end_tuning_is_a_phase_of_its_own_and_the_larger_phase_counts():

@@ -115,6 +115,61 @@ def test_settled_attention_is_reused_and_changes_no_weight(monkeypatch):
     assert all(torch.equal(reused[name], recomputed[name]) for name in recomputed)
 
 
+def test_a_child_returning_its_last_module_is_computed_from_that_module_kept_input(monkeypatch):
+    """The MLP returns down's output: the output pass computes it as down(the input down's stage kept) without
+    running gate and up again, and attention is recorded as o(its kept input). Every weight, and the block outputs
+    the next block calibrates on, are bit for bit those of running the children."""
+    torch.manual_seed(0)
+    calibration = torch.randint(0, 256, (8, 32))
+
+    def run():
+        model = tiny_llama()
+        calls = {"gate": 0, "q": 0}
+        layer = decoder_layers(model)[0]
+        for kind, module in (("gate", layer.mlp.gate_proj), ("q", layer.self_attn.q_proj)):
+            module.register_forward_hook(lambda mod, args, out, kind=kind, module=module:
+                                         calls.__setitem__(kind, calls[kind] + 1) if mod is module else None)
+        apply_plan_(model, load_plan(plan("gptq-seq")), calibration, batch_size=4)
+        return model.state_dict(), calls
+
+    kept, kept_calls = run()
+    tails = []
+    monkeypatch.setattr(calibrate.SettledChildren, "tail", lambda self, *args: tails.append(args[0]))
+    rerun, rerun_calls = run()
+    assert tails == ["self_attn", "mlp"] * len(decoder_layers(tiny_llama()))
+    # one call from the one-sequence forward that gathers each block's arguments, then per batch (two): gate in the
+    # down stage and the output pass, q in the o stage and the pass that records attention
+    assert rerun_calls == {"gate": 1 + 2 * 2, "q": 1 + 2 * 2}
+    assert kept_calls == {"gate": 1 + 2, "q": 1 + 2}
+    assert all(torch.equal(kept[name], rerun[name]) for name in rerun)
+
+
+def test_a_tail_is_a_child_whose_output_is_one_module_output_in_every_batch():
+    layer = decoder_layers(tiny_llama())[0]
+    modules = {"o": layer.self_attn.o_proj, "down": layer.mlp.down_proj, "attn": layer.self_attn.q_proj}
+    hidden = torch.randn(2, 8, layer.self_attn.q_proj.in_features)
+    with calibrate.recording_tails(layer, modules) as tails:
+        for _ in range(2):
+            layer.mlp(hidden)
+            layer.input_layernorm(hidden)
+    assert tails == {"mlp": ("down", 0)}  # a norm holds no module of `modules`: no tail
+    layer.mlp.register_forward_hook(lambda mod, args, out: out * 2)  # no longer down's output as it is
+    with calibrate.recording_tails(layer, modules) as tails:
+        layer.mlp(hidden)
+    assert tails == {}
+
+
+def test_a_stage_stops_at_the_first_module_that_reads_its_input():
+    layer = decoder_layers(tiny_llama())[0]
+    calls = []
+    layer.mlp.gate_proj.register_forward_hook(lambda *a: calls.append("gate"))
+    mlp, hidden = layer.mlp, torch.randn(1, 4, layer.mlp.gate_proj.in_features)
+    assert calibrate.module_input(mlp, [mlp.up_proj, mlp.gate_proj], hidden, {}) is hidden
+    assert calls == []  # asked for up and gate: the pass stops before gate, which the MLP calls first
+    assert calibrate.module_input(mlp, mlp.up_proj, hidden, {}) is hidden
+    assert calls == ["gate"]
+
+
 def test_children_order_needs_each_child_once_per_batch_in_one_order():
     assert calibrate.per_batch_order(["norm", "attn", "mlp"] * 2, 2) == ["norm", "attn", "mlp"]
     assert calibrate.per_batch_order(["norm", "attn", "mlp", "norm", "mlp", "attn"], 2) is None

@@ -358,9 +358,10 @@ class _BlockContext:
             # the full-precision pass gives X_fp for every stage, the block's read order, and the stream's next inputs
             fp_modules = dict(self.fp_layer.named_modules())
             relative = {id(module): name for name, module in self.layer.named_modules()}
-            with calibrate.recording_children(self.fp_layer) as calls:
-                fp_captured, self.fp_outputs, order = calibrate.capture_inputs(
-                    self.fp_layer, self.fp_inputs, {source: fp_modules[relative[id(m)]] for source, m in wanted.items()})
+            fp_wanted = {source: fp_modules[relative[id(m)]] for source, m in wanted.items()}
+            with calibrate.recording_children(self.fp_layer) as calls, \
+                    calibrate.recording_tails(self.fp_layer, fp_wanted) as tails:
+                fp_captured, self.fp_outputs, order = calibrate.capture_inputs(self.fp_layer, self.fp_inputs, fp_wanted)
             children = calibrate.per_batch_order(calls, len(self.fp_inputs))
         if order is None:  # one pass over the block for every source
             fp_captured = None  # a routed expert's X_fp does not line up with its X: nothing to fit to
@@ -381,13 +382,19 @@ class _BlockContext:
         for index, source in enumerate(order):
             self.settled.settle([self.modules[m.name] for later in order[index:] for members in by_source.get(later, [])
                                  for m in members])
+            tail = next(((child, arity) for child, (of, arity) in tails.items() if of == source), None)
+            kept = {} if tail else None  # this source's inputs, when its module is a child's output (o, down)
             with self.settled:
-                hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, wanted[source],
-                                                            fp_captured.pop(source), diagonal=needs[source] == "diag")
+                readers = [self.modules[m.name] for members in by_source.get(source, []) for m in members]
+                hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, readers or wanted[source],
+                                                            fp_captured.pop(source), diagonal=needs[source] == "diag",
+                                                            keep=kept)
             hessian, cross = self._rotated(source, hessian), self._rotated(source, cross)
             calibrate.shrink_towards_diagonal_(hessian, self.shrink)
             calibrate.shrink_towards_diagonal_(cross, self.shrink)
             self.compress_(by_source.get(source, []), {source: hessian}, {source: cross})
+            if tail:
+                self.settled.tail(tail[0], wanted[source], tail[1], kept)
 
     def next_inputs(self) -> list:
         """The block's outputs on its (compressed-stream) inputs, reusing the outputs of children already settled."""

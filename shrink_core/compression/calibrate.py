@@ -183,24 +183,28 @@ class _Captured(Exception):
     """Raised by a pre-hook once the module's input is taken: the rest of the block need not run."""
 
 
-def module_input(layer, module: torch.nn.Module, hidden: torch.Tensor, kwargs: dict) -> torch.Tensor:
-    """The input (tokens, in) `module` reads when `layer` runs on `hidden`; the block stops right there."""
+def module_input(layer, modules: torch.nn.Module | list[torch.nn.Module], hidden: torch.Tensor,
+                 kwargs: dict) -> torch.Tensor:
+    """The input that `modules` (one, or several reading one input) read, as the first of them called reads it, when
+    `layer` runs on `hidden`; the block stops right there (before gate, not after it, where up was asked for)."""
     captured = []
 
     def grab(mod, args):
-        captured.append(_flat(args[0]))
+        captured.append(args[0])
         raise _Captured
 
-    handle = module.register_forward_pre_hook(grab)
+    modules = modules if isinstance(modules, list) else [modules]
+    handles = [module.register_forward_pre_hook(grab) for module in modules]
     try:
         with _autocast():
             run_layer(layer, hidden, kwargs)
     except _Captured:
         pass
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()
     if not captured:
-        raise RuntimeError(f"{type(module).__name__} was not called by its block")
+        raise RuntimeError(f"{type(modules[0]).__name__} was not called by its block")
     return captured[0]
 
 
@@ -227,15 +231,21 @@ def capture_inputs(layer, inputs, modules: dict[str, torch.nn.Module]):
     return captured, outputs, calls[:len(modules)] if once else None
 
 
-def stage_statistics(layer, inputs, module, fp_inputs: list[torch.Tensor] | None, diagonal: bool = False):
-    """(H = X^T X, C = X^T X_fp) for one input source: X read by `module` in the block as compressed so far (on the
+def stage_statistics(layer, inputs, module, fp_inputs: list[torch.Tensor] | None, diagonal: bool = False,
+                     keep: dict[int, torch.Tensor] | None = None):
+    """(H = X^T X, C = X^T X_fp) for one input source: X read by `module` (or a list of the modules that read it) in
+    the block as compressed so far (on the
     compressed model's inputs), X_fp (per batch, from `capture_inputs` on the full-precision block and inputs).
-    C is None without X_fp, where the two do not line up token by token, or for a `diagonal` statistic."""
+    C is None without X_fp, where the two do not line up token by token, or for a `diagonal` statistic.
+    `keep`: filled with X per batch as the module reads it (shape and dtype), for `SettledChildren.tail`."""
     hessian, crossing = None, not diagonal and fp_inputs is not None
     cross = None
     for index, (hidden, kwargs) in enumerate(inputs):
         with _batch(index):
-            x = module_input(layer, module, hidden, kwargs)
+            read = module_input(layer, module, hidden, kwargs)
+        if keep is not None:
+            keep[index] = read
+        x = _flat(read)
         hessian = _accumulate_(hessian, x.pow(2).sum(dim=0) if diagonal else x.T @ x)
         if crossing:
             x_fp = fp_inputs[index] if index < len(fp_inputs) else None
@@ -255,6 +265,37 @@ def recording_children(layer):
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def recording_tails(layer, modules: dict[str, torch.nn.Module]):
+    """Which of `layer`'s direct children return one of `modules`' output as it is (alone, or first in a tuple whose
+    other items are None) in every batch of the passes run inside: such a child's output is that module applied to
+    that module's input. Yields {child name: (source, tuple length or 0)}, filled as the passes run."""
+    outputs: dict[str, object] = {}  # source -> its module's output, since the current child began
+    verdict: dict[str, tuple[str, int] | None] = {}
+
+    def module_done(mod, args, output, source):
+        outputs[source] = output
+
+    def child_done(mod, args, output, name):
+        arity = len(output) if isinstance(output, tuple) and all(o is None for o in output[1:]) else 0
+        tensor = output[0] if arity else output
+        found = next(((source, arity) for source, out in outputs.items() if out is tensor), None)
+        verdict[name] = found if verdict.get(name, found) == found else None
+        outputs.clear()
+
+    handles = [m.register_forward_hook(lambda mod, args, out, source=source: module_done(mod, args, out, source))
+               for source, m in modules.items()]
+    handles += [child.register_forward_hook(lambda mod, args, out, name=name: child_done(mod, args, out, name))
+                for name, child in layer.named_children()]
+    tails: dict[str, tuple[str, int]] = {}
+    try:
+        yield tails
+    finally:
+        for handle in handles:
+            handle.remove()
+        tails.update({name: found for name, found in verdict.items() if found is not None})
 
 
 def per_batch_order(calls: list[str], batches: int) -> list[str] | None:
@@ -286,6 +327,25 @@ class SettledChildren:
         self.children = dict(layer.named_children())
         self.order = order
         self.outputs: dict[str, dict[int, object]] = {}
+        self.tails: dict[str, tuple[torch.nn.Module, int, dict[int, torch.Tensor]]] = {}
+
+    def tail(self, name: str, module: torch.nn.Module, arity: int, inputs: dict[int, torch.Tensor]) -> None:
+        """Child `name` returns `module`'s output as it is (`recording_tails`: arity 0, or a tuple of that length
+        whose other items are None), `module` is compressed and `inputs` (per batch) are what it reads in every later
+        pass: its stage took them with everything called before it already compressed. A later pass then computes the
+        child as `module(input)`, each input used once: in the MLP, down(x) in place of gate, up and the activation
+        (a third of the block's linear work in the output pass); in attention, o(x) in place of q, k, v, the rotary
+        embedding and the attention itself, for the pass that records the settled attention."""
+        if name in self.order:
+            self.tails[name] = (module, arity, inputs)
+
+    def _tail_output(self, name: str, batch: int):
+        module, arity, inputs = self.tails.get(name, (None, 0, {}))
+        x = inputs.pop(batch, None)
+        if x is None:
+            return None
+        out = module(x)
+        return (out,) + (None,) * (arity - 1) if arity else out
 
     def settle(self, pending: list[torch.nn.Module]) -> None:
         """Settle the leading children (in call order) that hold none of `pending`, the modules still to compress.
@@ -301,11 +361,16 @@ class SettledChildren:
     def _wrap(self, name: str, forward):
         def settled_forward(*args, **kwargs):
             cache, batch = self.outputs.get(name), _BATCH.get()
-            if cache is None or batch is None:
+            if batch is None:
                 return forward(*args, **kwargs)
-            if batch not in cache:
-                cache[batch] = forward(*args, **kwargs)
-            return _clone(cache[batch])
+            if cache is not None and batch in cache:
+                return _clone(cache[batch])
+            out = self._tail_output(name, batch)
+            out = forward(*args, **kwargs) if out is None else out
+            if cache is None:
+                return out
+            cache[batch] = out
+            return _clone(out)
         return settled_forward
 
     def __enter__(self):

@@ -101,8 +101,9 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
           sequential: bool = False, tune: tuple[int, int] | None = None) -> Footprint:
     """Applying a plan: the float32 copy of the largest (stacked) weight being quantized; with calibration, each block's
     Hessians (input x input, float32, up to four inputs) and its calibration activations in and out. A sequential
-    method (gptq-seq) adds the full-precision side: a copy of the block, a second stream of block inputs, and the
-    float32 inputs of every block linear's source for the whole calibration set, and the settled attention's outputs
+    method (gptq-seq) adds the full-precision side: a copy of the block, a second stream of block inputs, the
+    float32 inputs of every block linear's source for the whole calibration set (or, at the down stage, down's twice:
+    the full-precision ones and those the output pass reuses), and the settled attention's outputs
     that the later stages reuse (compression/calibrate.py). `tune` (sequences a step, length): the plan's end-to-end
     tuning, a later phase; the larger of the two counts."""
     parts = _base(facts)
@@ -122,7 +123,9 @@ def apply(facts: ModelFacts, calibration: tuple[int, int] | None = None, batch: 
         if sequential:
             parts["full-precision block"] = facts.linear_params // max(facts.blocks, 1) * facts.dtype_bytes
             parts["full-precision stream"] = sequences * length * facts.hidden * facts.dtype_bytes
-            parts["full-precision inputs"] = sequences * length * (3 * facts.hidden + widest) * 4
+            # every source's float32 inputs after the full-precision pass; at the down stage, down's beside the
+            # compressed stream's own, kept for the output pass (calibrate.SettledChildren.tail)
+            parts["full-precision inputs"] = sequences * length * max(3 * facts.hidden + widest, 2 * widest) * 4
             parts["settled attention outputs"] = sequences * length * facts.hidden * 4  # float32 at most
     calibrating = Footprint("apply", parts)
     if tune is None:
