@@ -234,8 +234,8 @@ def capture_inputs(layer, inputs, modules: dict[str, torch.nn.Module]):
 def stage_statistics(layer, inputs, module, fp_inputs: list[torch.Tensor] | None, diagonal: bool = False,
                      keep: dict[int, torch.Tensor] | None = None):
     """(H = X^T X, C = X^T X_fp) for one input source: X read by `module` (or a list of the modules that read it) in
-    the block as compressed so far (on the
-    compressed model's inputs), X_fp (per batch, from `capture_inputs` on the full-precision block and inputs).
+    the block as compressed so far (on the compressed model's inputs), X_fp (per batch, from `capture_inputs` on the
+    full-precision block and inputs).
     C is None without X_fp, where the two do not line up token by token, or for a `diagonal` statistic.
     `keep`: filled with X per batch as the module reads it (shape and dtype), for `SettledChildren.tail`."""
     hessian, crossing = None, not diagonal and fp_inputs is not None
