@@ -45,6 +45,11 @@ SPECS = [
     SliceSpec("udhr_en", "UDHR, English", "text", "ppl",
               "The Universal Declaration of Human Rights in English, the reference for the Hindi slice.",
               PPL, ("en",)),
+    SliceSpec("udhr_world", "UDHR, 29 other languages", "text", "ppl",
+              "The Universal Declaration of Human Rights in 29 languages of 21 scripts: none is a handbook language, "
+              "Hindi, written in Devanagari or Urdu (row lang = the udhr code; group = udhr:<n> as in hi). For "
+              "calibration beyond the handbook mix with Hindi left unseen.",
+              PPL + " Break down by row lang.", None),
     SliceSpec("code", "Code", "text", "ppl",
               "Python stdlib functions/classes, HumanEval gold solutions and MBPP gold programs in C, C++, Go, "
               "Java, JavaScript, Rust and Bash (lang per row).",
@@ -108,6 +113,7 @@ def builders():
     table.update({
         "hi": lambda: prose.udhr_slice("hi", "hin"),
         "udhr_en": lambda: prose.udhr_slice("en", "eng"),
+        "udhr_world": prose.udhr_world_slice,
         "code": lambda: formats.stdlib_rows() + tasks.benchmark_code_rows(),
         "math": tasks.math_slice,
         "long": lambda: prose.long_slice(long_docs()),

@@ -386,7 +386,7 @@ class _BlockContext:
             kept = {} if tail else None  # this source's inputs, when its module is a child's output (o, down)
             with self.settled:
                 readers = [self.modules[m.name] for members in by_source.get(source, []) for m in members]
-                hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, readers or wanted[source],
+                hessian, cross = calibrate.stage_statistics(self.layer, self.inputs, readers,
                                                             fp_captured.pop(source), diagonal=needs[source] == "diag",
                                                             keep=kept)
             hessian, cross = self._rotated(source, hessian), self._rotated(source, cross)
