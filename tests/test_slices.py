@@ -135,6 +135,9 @@ def test_bad_mix():
         CalibrationRecipe.from_dict({"mix": {"en": "abc"}})
     with pytest.raises(CalibrationError, match="unknown keys"):
         CalibrationRecipe.from_dict({"mix": {"en": 1}, "samples": 3})
+    # a misspelled slice is refused even when its share rounds to no rows (2 sequences, 10%)
+    with pytest.raises(SliceError, match="There is no slice 'udhr_wrld'"):
+        calibration_tokens(ByteTokenizer(), CalibrationRecipe.parse("en=0.9,udhr_wrld=0.1", 2, 16, seed=0))
 
 
 def test_a_manifest_entry_that_leaves_the_folder_is_never_used(shrink_home):

@@ -166,6 +166,8 @@ def calibration_tokens(tokenizer, recipe: CalibrationRecipe) -> torch.Tensor:
     """(n_sequences, seq_len) token ids drawn from the calib split of each slice in proportion to its weight."""
     import torch  # lazily: recipes are parsed by every CLI start, which stays torch-free
 
+    for slice_id, _ in recipe.mix:  # a misspelled slice whose share rounds to no rows is still refused
+        get_slice(slice_id)
     rng = random.Random(recipe.seed)
     eos = tokenizer.eos_token_id
     sequences = []
