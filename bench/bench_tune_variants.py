@@ -16,6 +16,10 @@ quantization included; the packed bytes are the same (an 8-bit offset a group be
 below a row's top is 256 / K octaves. A bench-only patch, to measure whether a finer grid pays before the format
 changes.
 
+--tune-mix MIX (e.g. `en=0.2,de=0.14,...`): the `rowsN` rows are drawn from this mix instead of the plan's, so the
+quantization (and its cache) stays the plan's and only what the tuning trains on changes; its rows are named
+`tune:VARIANT:tunemix` and record the mix.
+
 --cache DIR: the untuned quantization (every target's weight, scale and zero) kept as safetensors keyed by the plan
 text and the octave, so further variants skip gptq-seq.
 """
@@ -110,6 +114,7 @@ def main() -> None:
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=2)
     parser.add_argument("--octave", type=int, default=None, help="patch the log8 grid's steps an octave (32)")
+    parser.add_argument("--tune-mix", default=None, help="the mix the rowsN rows are drawn from (default: the plan's)")
     parser.add_argument("--cache", default=None, help="folder for the untuned quantization (safetensors)")
     parser.add_argument("--out", default=f"bench/results/tune-variants-{time.strftime('%Y-%m-%d')}")
     args = parser.parse_args()
@@ -118,7 +123,7 @@ def main() -> None:
     from shrink_core.compression import calibrate
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.compression.tune import tune_scales_
-    from shrink_core.evaluation.calibration import calibration_tokens, plan_calibration, recipe_for
+    from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens, plan_calibration, recipe_for
     from shrink_core.formats import weight_bytes
     from shrink_core.model.load import load
     from shrink_core.plan import load_plan
@@ -132,6 +137,8 @@ def main() -> None:
     base_spec = plan.tune or TuneSpec()
     untuned = replace(plan, tune=None)
     variants = [(name, *parse_variant(name, base_spec)) for name in args.variants.split(",")]
+    if args.tune_mix and any(spec is not None and not rows.get("rows") for _, spec, rows in variants):
+        raise SystemExit("--tune-mix draws the rowsN rows: give every tuned variant a rowsN part (e.g. base+rows64).")
     out_dir = Path(args.out)
     out_dir.mkdir(parents=True, exist_ok=True)
     handle = (out_dir / "peers.jsonl").open("a")
@@ -141,6 +148,7 @@ def main() -> None:
     slices = args.slices.split(",")
     recipe = recipe_for(plan)
     mix = dict(recipe.mix)
+    tune_recipe = replace(recipe, mix=CalibrationRecipe.parse(args.tune_mix).mix) if args.tune_mix else recipe
     calibration = plan_calibration(plan, loaded.tokenizer)[0]
     ids = {s: eval_tokens(loaded.tokenizer, s, args.windows, args.seq_len) for s in slices}
     ref_hidden = {s: final_hidden_states(reference, ids[s], args.chunk) for s in slices}
@@ -171,7 +179,7 @@ def main() -> None:
         if spec is not None:
             train = calibration
             if rows.get("rows"):
-                train = calibration_tokens(loaded.tokenizer, replace(recipe, n_sequences=rows["rows"]))
+                train = calibration_tokens(loaded.tokenizer, replace(tune_recipe, n_sequences=rows["rows"]))
             if rows.get("rand"):
                 noise = torch.randint(0, reference.config.vocab_size, (rows["rand"], train.shape[1]),
                                       generator=torch.Generator().manual_seed(2))
@@ -181,7 +189,9 @@ def main() -> None:
             extra = {"tune_spec": {"steps": spec.steps, "lr": spec.lr, "batch": spec.batch, "holdout": spec.holdout,
                                    "rows": len(train)},
                      **tune_fields(done)}
-        method = f"tune:{name}" + (f":octave{octave}" if args.octave else "")
+            if args.tune_mix:
+                extra["tune_mix"] = dict(tune_recipe.mix)
+        method = f"tune:{name}" + (f":octave{octave}" if args.octave else "") + (":tunemix" if args.tune_mix else "")
         for s in slices:
             t0 = time.perf_counter()
             figures = measure(reference, model, ids[s], ref_hidden[s], args.chunk)
