@@ -57,8 +57,9 @@ COARSE_LR, FINE_LR = 2e-3, 5e-4  # up to 3 bits, 4 bits and up
 
 
 # Seconds a step of 2 x 512 tokens takes on SmolLM2 with 2 CPU cores (docs/methods.md): with bfloat16 autocast on a
-# Sapphire Rapids (calibrate.fast_forward_dtype), and in float32 on an AMD EPYC without AVX512-BF16.
-STEP_SECONDS_SMOLLM2 = {"bfloat16": 3.4, "float32": 30.0}
+# Sapphire Rapids (calibrate.fast_forward_dtype), and in float32 on an AMD EPYC Zen 3 without AVX512-BF16 (200 steps
+# in 2,365 s alone; an earlier 30 s was a py-spy sample beside other work).
+STEP_SECONDS_SMOLLM2 = {"bfloat16": 3.4, "float32": 12.0}
 
 
 def auto_lr(bits: int) -> float:
