@@ -333,9 +333,9 @@ with right:
                  "code was 0.205 (its worst slice) against 0.108 with them, for +5% on en and +10% on zh "
                  "(docs/plan.md). A slice left out is where the method's error stays at RTN's. For text outside "
                  "the handbook's languages, udhr_world (the UDHR in 29 other languages and 21 scripts) at 0.1, taken "
-                 "from code and arith (0.05 each), took 11% off Hindi, which no mix holds, at 3 bits with the other "
-                 "languages level; taken from en it cost en 11% (docs/methods.md). Stored with every result of "
-                 "this plan.")
+                 "from code and arith (0.05 each), took 11% off Hindi, which no mix holds, at 3 bits (the other "
+                 "languages level or lower) for +11% on code and +29% on arith; taken from en it cost en 11% "
+                 "(docs/methods.md). Stored with every result of this plan.")
         if calib_cols[1].button("Use this mix", key="use_calib_mix", disabled=mix_text.strip() == current):
             apply_edit(lambda: plan_edit.with_calibration_mix(state.plan_draft(), mix_text), rows)
     rotate = st.checkbox(
