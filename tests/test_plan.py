@@ -3,6 +3,7 @@ import json
 
 import pytest
 
+from shrink_core.evaluation.slices import get_slice, load_rows
 from shrink_core.model.toy import tiny_llama
 from shrink_core.plan import PlanError, Rule, dump_plan, load_plan, resolve
 from shrink_core.plan.presets import preset_names
@@ -27,6 +28,15 @@ def test_every_preset_loads_round_trips_and_resolves(wide_model):
         assert load_plan(dump_plan(plan)) == plan
         rows = resolve(wide_model, plan)
         assert any(not r.keep for r in rows), name
+
+
+def test_every_calibrated_preset_mixes_slices_with_calibration_text():
+    """A preset's mix may name any built-in slice (w3g32-log8-rot-tuned-hq takes udhr_world); each must hold calib rows."""
+    mixes = {name: dict(plan.calibration.mix) for name in preset_names()
+             if (plan := load_plan(f"preset:{name}")).calibration}
+    assert "udhr_world" in mixes["w3g32-log8-rot-tuned-hq"]
+    for name in {s for mix in mixes.values() for s in mix}:
+        assert load_rows(get_slice(name), split="calib"), name
 
 
 def test_unknown_preset_names_the_choices():
