@@ -31,10 +31,10 @@ ROTATION = {"kind": "hadamard", "seed": 0}
 TUNING = {"kind": "scales"}
 # The 3-bit preset for the worst language (docs/methods.md, "udhr_world from code and arithmetic's share"): the UDHR
 # in 29 languages outside the handbook's (`udhr_world`, none in Devanagari) at 0.1, taken from code and arithmetic so
-# the handbook languages keep their shares; 256 rows for gptq-seq and the tuning, and 200 tuning steps. 16 windows:
-# worst language 0.314 (hi) against 0.342 for w3g32-log8-rot-tuned's method on 256 rows of the default mix, every
-# language 4-14% lower (paired; that run was on a Xeon with bfloat16 forwards). 51 minutes on a 2-core Zen 3 in
-# float32 (822 s gptq-seq, 2,214 s tuning), so a preset of its own.
+# the handbook languages keep their shares; 256 rows for gptq-seq and the tuning, and 200 tuning steps. 16 windows,
+# paired with w3g32-log8-rot-tuned on the same machine: worst language 0.314 (hi) against 0.346, every language 9-25%
+# lower, code level and arith 38% lower (every CI below zero but code's). 51 minutes on a 2-core Zen 3 in float32
+# (822 s gptq-seq, 2,214 s tuning) against about 24 for w3g32-log8-rot-tuned, so a preset of its own.
 WORLD_RECIPE = CalibrationRecipe(mix=tuple({**dict(DEFAULT_MIX), "code": 0.05, "arith": 0.05, "udhr_world": 0.1}.items()),
                                  n_sequences=256).to_dict()
 # Group 32 with log8 scales (8-bit log-grid scales, 3-bit zeros; formats.SCALE_FORMATS) in the bytes of float16
@@ -136,9 +136,9 @@ PRESETS: dict[str, dict] = {
     "w3g32-log8-rot-tuned-hq": {
         "description": "int3 group 32 log8 as w3g32-log8-rot-tuned, on 256 x 512 calibration tokens with the UDHR "
                        "in 29 more languages in the mix (udhr_world 0.1, from code and arith's share) and 200 tuning "
-                       "steps: the lowest worst-language KL at 3 bits measured (0.314, Hindi, in no mix; 16 windows); "
-                       "about 50 minutes on SmolLM2 on 2 CPU cores; code and arith, whose shares it halves, measured 11% and "
-                       "29% higher untuned",
+                       "steps: the lowest worst-language KL at 3 bits measured (0.314, Hindi, in no mix, against 0.346; "
+                       "every language 9-25% lower, code and arith level or lower; 16 windows); about 50 minutes on "
+                       "SmolLM2 on 2 CPU cores, twice w3g32-log8-rot-tuned's",
         "rules": [{"kind": BLOCK_LINEARS, "weights": _weights(3, 32, scales="log8")}],
         "calibration": WORLD_RECIPE,
         "rotate": ROTATION,
