@@ -71,6 +71,8 @@ top = st.columns([2, 2, 1, 1])
 MIXES = {mix_name(ftype, imatrix): (ftype, imatrix) for ftype in STANDARD_MIXES for imatrix in (False, True)}
 preset = top[0].selectbox("Start from a preset", ["(keep current)"] + list(PRESETS) + list(MIXES), key="plan_preset",
                           help="The llama.cpp entries are llama-quantize's type per tensor for this model.")
+if preset in PRESETS:  # what it does, measured, and what it costs in time, before it replaces the draft
+    top[0].caption(PRESETS[preset]["description"])
 if top[0].button("Use preset", key="use_preset", disabled=preset == "(keep current)"):
     if preset in MIXES:
         try:

@@ -6,6 +6,7 @@ from shrink_core.model.inventory import inventory
 from shrink_core.model.toy import tiny_llama
 from shrink_core.paths import REPO_ROOT
 from shrink_core.plan import load_plan, resolve, totals
+from shrink_core.plan.presets import PRESETS
 from shrink_core.results.store import Provenance, Store
 
 PAGE = str(REPO_ROOT / "app_pages" / "plan.py")
@@ -36,6 +37,7 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
     assert not at.exception
     w4_size = metric(at, "Packed size")
     at.selectbox(key="plan_preset").set_value("w8").run()
+    assert PRESETS["w8"]["description"] in [c.value for c in at.caption]  # shown before it replaces the draft
     at.button(key="use_preset").click().run()
     assert "bits: 8" in at.session_state["plan_draft"]
     assert metric(at, "Packed size") != w4_size
