@@ -8,8 +8,9 @@ A variant is `none` (the untuned quantization) or `+`-joined overrides of the pl
 `base` (the plan's own spec, or the default), `stepsN`, `lrX`, `holdoutN`, `batchN`, and `rowsN`: the tuning trains on
 N rows of the plan's calibration mix drawn afresh (the recipe's seed, N sequences) instead of the rows the
 quantization used, and `randN`: N rows of tokens drawn uniformly from the vocabulary added to the training rows
-(text in no language: does it keep the languages outside the mix?). Each tuning is the engine's own `tune_scales_`,
-held-out check included (a refused tuning measures as `none`; the row says so).
+(text in no language: does it keep the languages outside the mix?), and `codesX`: the integer codes trained too, with
+Adam step X in code units (`TunedCodes`: learned rounding end to end; a bench-only method). Each tuning is the engine's
+own `tune_scales_`, held-out check included (a refused tuning measures as `none`; the row says so).
 
 --octave K: the log8 scale grid's steps an octave (the format's LOG_STEPS_PER_OCTAVE, 32) patched for the whole run,
 quantization included; the packed bytes are the same (an 8-bit offset a group below each row's top), the range
@@ -42,7 +43,7 @@ from bench_peers import SLICES, emit, final_hidden_states, measure, render, tune
 
 
 def parse_variant(name: str, spec):
-    """(TuneSpec, {"rows": N, "rand": N}) for a variant name; `none` -> (None, {})."""
+    """(TuneSpec, {"rows": N, "rand": N, "codes": X}) for a variant name; `none` -> (None, {})."""
     rows = {}
     if name == "none":
         return None, rows
@@ -50,17 +51,65 @@ def parse_variant(name: str, spec):
         if part == "base":
             continue
         for key, cast in (("steps", int), ("lr", float), ("holdout", int), ("batch", int), ("rows", int),
-                          ("rand", int)):
+                          ("rand", int), ("codes", float)):
             if part.startswith(key):
                 value = cast(part[len(key):])
-                if key in ("rows", "rand"):
+                if key in ("rows", "rand", "codes"):
                     rows[key] = value
                 else:
                     spec = replace(spec, **{key: value})
                 break
         else:
-            raise SystemExit(f"variant part '{part}' is not base, stepsN, lrX, holdoutN, batchN, rowsN or randN")
+            raise SystemExit(f"variant part '{part}' is not base, stepsN, lrX, holdoutN, batchN, rowsN, randN or "
+                             "codesX")
     return spec, rows
+
+
+def codes_tuner(codes_lr: float, built: list):
+    """A `tune_scales_` tuner factory that also trains each module's integer codes (appended to `built`).
+
+    The codes start at the quantization's (gptq-seq's) and move as code + delta, delta starting at 0, clamped to the
+    code range and rounded in every forward with the gradient passed straight through (QAT's STE on the stored
+    grid; AutoRound's learned rounding, trained end to end on the logits' KL instead of block by block). A code
+    changes once its delta passes +-0.5, so the step bounds how many can: Adam's steps are about `codes_lr` each,
+    cosine-decayed. The bytes are the format's; only which code is stored changes."""
+    from shrink_core.compression.primitives import from_groups
+    from shrink_core.compression.tune import TunedScales
+
+    class TunedCodes(TunedScales):
+        def __init__(self, weight, state):
+            super().__init__(weight, state)
+            self.top = 2 ** state.bits - 1
+            self.register_buffer("zero3", state.zero.float()[..., None])
+            self.register_buffer("codes", self.centred + self.zero3)
+            del self.centred  # the codes and zero hold it
+            self.delta = torch.nn.Parameter(torch.zeros_like(self.codes))
+
+        def rounded(self) -> torch.Tensor:
+            latent = (self.codes + self.delta).clamp(0, self.top)
+            return latent + (torch.round(latent) - latent).detach()
+
+        def weight(self) -> torch.Tensor:
+            values = from_groups((self.rounded() - self.zero3) * self.scale()[..., None], self.columns)
+            return values if self.rotation is None else self.rotation.invert(values)
+
+        def trainable(self, lr):
+            return [(lr, self.theta), (codes_lr, self.delta)]
+
+        def reset(self):
+            self.theta.zero_()
+            self.delta.zero_()
+
+        def changed(self) -> int:
+            with torch.no_grad():
+                return int((self.rounded() != self.codes).sum())
+
+    def make(weight, state):
+        tuner = TunedCodes(weight, state)
+        built.append(tuner)
+        return tuner
+
+    return make
 
 
 def targets_of(model, states: dict) -> dict:
@@ -122,7 +171,7 @@ def main() -> None:
     import shrink_core.compression.primitives as primitives
     from shrink_core.compression import calibrate
     from shrink_core.compression.apply import apply_plan_
-    from shrink_core.compression.tune import tune_scales_
+    from shrink_core.compression.tune import TunedScales, tune_scales_
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens, plan_calibration, recipe_for
     from shrink_core.formats import weight_bytes
     from shrink_core.model.load import load
@@ -184,11 +233,18 @@ def main() -> None:
                 noise = torch.randint(0, reference.config.vocab_size, (rows["rand"], train.shape[1]),
                                       generator=torch.Generator().manual_seed(2))
                 train = torch.cat([train, noise.to(train.dtype)])
-            done = tune_scales_(model, reference, targets_of(model, states), train, spec, autocast=autocast)
+            built = []
+            tuner = codes_tuner(rows["codes"], built) if rows.get("codes") else TunedScales
+            done = tune_scales_(model, reference, targets_of(model, states), train, spec, autocast=autocast,
+                                tuner=tuner)
             done.pop("states")
             extra = {"tune_spec": {"steps": spec.steps, "lr": spec.lr, "batch": spec.batch, "holdout": spec.holdout,
                                    "rows": len(train)},
                      **tune_fields(done)}
+            if rows.get("codes"):
+                total = sum(t.codes.numel() for t in built)
+                extra["codes_changed"] = {"lr": rows["codes"], "changed": sum(t.changed() for t in built),
+                                          "of": total}
             if args.tune_mix:
                 extra["tune_mix"] = dict(tune_recipe.mix)
         method = f"tune:{name}" + (f":octave{octave}" if args.octave else "") + (":tunemix" if args.tune_mix else "")

@@ -49,6 +49,14 @@ class TunedScales(torch.nn.Module):
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
         return self.weight().to(weight.dtype)
 
+    def trainable(self, lr: float) -> list[tuple[float, torch.nn.Parameter]]:
+        """(Adam step, parameter) pairs; a subclass that trains more (a bench's) adds its own."""
+        return [(lr, self.theta)]
+
+    def reset(self) -> None:
+        """Back to the quantization's values (a tuning the held-out rows refused)."""
+        self.theta.zero_()
+
 
 # Adam steps on theta measured on SmolLM2 (docs/methods.md): at 3 bits 2e-3 is kept and lowers KL 13-21%; at 4 bits
 # it overfits the calibration rows (held-out KL 0.050 -> 0.060, refused) while 5e-4 is kept (0.050 -> 0.047). The
@@ -83,9 +91,10 @@ def split_rows(n: int, holdout: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def tune_scales_(model, reference, targets: dict, calibration: torch.Tensor, spec, *,
-                 autocast: torch.dtype | None = None, progress=None) -> dict:
+                 autocast: torch.dtype | None = None, progress=None, tuner=TunedScales) -> dict:
     """Train the scales of `targets` (name -> (linear module, QuantState)) in `model`, in place: the weights end on
-    the tuned stored grid. Returns the figures and {name: QuantState with its tuned scale} under "states"."""
+    the tuned stored grid. Returns the figures and {name: QuantState with its tuned scale} under "states".
+    `tuner(weight, state)` builds each module's parametrization: TunedScales, or a subclass that trains more."""
     started = time.perf_counter()
     device = next(model.parameters()).device
     train, held = split_rows(len(calibration), spec.holdout)
@@ -95,10 +104,10 @@ def tune_scales_(model, reference, targets: dict, calibration: torch.Tensor, spe
     tuners = {}
     try:
         for name, (module, state) in targets.items():
-            tuner = TunedScales(module.weight, state).to(device)
-            parametrize.register_parametrization(module, "weight", tuner)
+            built = tuner(module.weight, state).to(device)
+            parametrize.register_parametrization(module, "weight", built)
             module.parametrizations.weight.original.requires_grad_(False)
-            tuners[name] = tuner
+            tuners[name] = built
 
         def cast():
             return torch.autocast(device.type, dtype=autocast, enabled=autocast is not None)
@@ -111,8 +120,9 @@ def tune_scales_(model, reference, targets: dict, calibration: torch.Tensor, spe
         start = held_kl()
         rates = {name: spec.lr if spec.lr is not None else auto_lr(state.bits) for name, (_, state) in targets.items()}
         groups = {}
-        for name, tuner in tuners.items():
-            groups.setdefault(rates[name], []).append(tuner.theta)
+        for name, built in tuners.items():
+            for lr, param in built.trainable(rates[name]):
+                groups.setdefault(lr, []).append(param)
         optimizer = torch.optim.Adam([{"params": params, "lr": lr, "base_lr": lr} for lr, params in groups.items()])
         generator = torch.Generator().manual_seed(0)
         order, first, losses = train[torch.randperm(len(train), generator=generator)], 0, []
@@ -139,8 +149,8 @@ def tune_scales_(model, reference, targets: dict, calibration: torch.Tensor, spe
         kept = end < start
         with torch.no_grad():
             if not kept:
-                for tuner in tuners.values():
-                    tuner.theta.zero_()
+                for built in tuners.values():
+                    built.reset()
             states = {name: replace(state, scale=tuners[name].scale().detach().cpu().clone())
                       for name, (_, state) in targets.items()}
             moved = torch.cat([t.theta.flatten() for t in tuners.values()]).abs()
