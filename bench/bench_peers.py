@@ -6,6 +6,8 @@
   python bench/bench_peers.py --render DIR/peers.jsonl ...  # the markdown table of runs (a run writes table.md)
   python bench/bench_peers.py --paired DIR/peers.jsonl... A B  # per slice, B minus A on the same windows, 95% CI
   [--plan FILE.yaml ...]: also a whole plan (the planner's, bench_mixed.py), as one row, with its own calibration
+  [--preset NAME,...]: also the engine's presets by name, each as the Plan page applies it (its own calibration,
+  rotation and tuning), a row `preset:NAME`; issue 17's table is one run of every peer and preset (docs/methods.md)
   [--shrink A]: GPTQ's full statistics (1 - A) M + A diag(M) (default: the recipe's; 0: raw, as before 2026-12-03)
   [--device cuda]: the models on a GPU, float32 without TF32; the engine's own plans only (the peers and the
   bench-only patches are skipped there). Not yet run on a GPU: no session with one has had the model's weights there
@@ -70,6 +72,7 @@ class Method:
     bits: int | None = None  # hqq, signround
     group_size: int | None = None  # hqq, signround
     path: str | None = None  # planfile: a plan YAML over the block linears
+    preset: str | None = None  # planfile: an engine preset by name (shrink_core.plan.presets), its own calibration
     awq: bool = False  # plan: AWQ-style scales folded in first (bench/awq_fold.py), searched at the rule's format
     refine: bool = False  # plan: the rule's codes then refined by learned rounding on its grid (bench/signround.py)
     # plan: inputs rotated first, folded back: "orthogonal" (dense, bench/rotate_fold.py) or "hadamard" (the engine's
@@ -357,7 +360,12 @@ def quantize_plan_file(model, method: Method, tokenizer) -> dict:
     from shrink_core.evaluation.calibration import plan_calibration
     from shrink_core.plan import load_plan
 
-    plan = load_plan(Path(method.path).read_text())
+    if method.preset:
+        from shrink_core.plan.presets import preset
+
+        plan = preset(method.preset)
+    else:
+        plan = load_plan(Path(method.path).read_text())
     started = time.perf_counter()
     report = apply_plan_(model, plan, plan_calibration(plan, tokenizer)[0])
     seconds = time.perf_counter() - started
@@ -381,8 +389,8 @@ def quantized_copy(reference, method: Method, rows, calibration, recipe, tokeniz
             extra.update(tune_fields(result["tuning"]))
         outside = sorted(set(result["stored"]) - {r.name for r in rows})
         if outside:
-            raise SystemExit(f"{method.path} compresses {outside[0]}, which is not a block linear; this table keeps "
-                             "the embedding and the head fp32, so plan the block linears only.")
+            raise SystemExit(f"{method.path or method.preset} compresses {outside[0]}, which is not a block linear; "
+                             "this table keeps the embedding and the head fp32, so plan the block linears only.")
     elif method.family == "hqq":
         result = quantize_hqq({r.name: model.get_submodule(r.name) for r in rows}, method)
         spec = None
@@ -531,6 +539,9 @@ def main() -> None:
     parser.add_argument("--plan", action="append", default=[], metavar="PLAN_YAML",
                         help="also measure this plan (mixed settings over the block linears, its own calibration); "
                              "its row is plan:PATH")
+    parser.add_argument("--preset", action="append", default=[], metavar="NAMES",
+                        help="also measure these engine presets (comma list; each with its own calibration and "
+                             "tuning, as the Plan page's preset menu applies it); a row is preset:NAME")
     parser.add_argument("--paired", nargs="+", default=None, metavar="PEERS_JSONL... A B",
                         help="print method B minus method A per slice over the same windows (95%% CI), from one or "
                              "more runs' peers.jsonl (or A and B as METHOD@FILE), and exit")
@@ -547,10 +558,17 @@ def main() -> None:
     missing = [p for p in args.plan if not Path(p).is_file()]
     if missing:
         raise SystemExit(f"--plan {missing[0]}: no such file; give the plan.yaml bench_mixed.py wrote.")
+    from shrink_core.plan.presets import preset_names
+
+    presets = [name for names in args.preset for name in names.split(",") if name]
+    unknown = [name for name in presets if name not in preset_names()]
+    if unknown:
+        raise SystemExit(f"--preset {unknown[0]}: no such preset; choose from {', '.join(preset_names())}.")
     if args.quick:
         args.windows, args.seq_len, args.slices, args.methods = 2, 128, "en,fr", args.methods or "rtn-w4g64,q4_k"
     menu = methods()
-    chosen = (args.methods or ("" if args.plan else ",".join(n for n, m in menu.items() if m.default))).split(",")
+    named = args.methods or ("" if args.plan or presets else ",".join(n for n, m in menu.items() if m.default))
+    chosen = named.split(",")
     chosen = [m for m in chosen if m]
     unknown = [m for m in chosen if m not in menu]
     if unknown:
@@ -558,6 +576,9 @@ def main() -> None:
     for path in args.plan:
         menu[f"plan:{path}"] = Method(f"plan:{path}", "planfile", path=path)
         chosen.append(f"plan:{path}")
+    for name in presets:
+        menu[f"preset:{name}"] = Method(f"preset:{name}", "planfile", preset=name)
+        chosen.append(f"preset:{name}")
 
     from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
     from shrink_core.model.inventory import block_linears, inventory

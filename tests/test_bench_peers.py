@@ -13,6 +13,7 @@ from bench_peers import (  # noqa: E402
     bits_per_weight,
     flat_positions,
     hqq_stored_bytes,
+    main,
     markdown_table,
     methods,
     paired,
@@ -166,3 +167,9 @@ def test_off_the_cpu_only_the_engines_own_plans_run():
                  "gptq-seq-signround-w4g64"):
         assert "only the engine's own plans run" in (skip_reason(menu[name], "cuda") or ""), name
     assert skip_reason(menu["awq-rtn-w4g64"]) is None  # on the CPU the bench-only patches run
+
+
+def test_an_unknown_preset_is_refused_in_one_sentence_before_any_model_loads(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["bench_peers.py", "--preset", "w4g64,w5g7"])
+    with pytest.raises(SystemExit, match=r"--preset w5g7: no such preset; choose from .*w3g32-log8-rot-tuned-hq"):
+        main()
