@@ -7,7 +7,9 @@
   python bench/bench_peers.py --paired DIR/peers.jsonl... A B  # per slice, B minus A on the same windows, 95% CI
   [--plan FILE.yaml ...]: also a whole plan (the planner's, bench_mixed.py), as one row, with its own calibration
   [--preset NAME,...]: also the engine's presets by name, each as the Plan page applies it (its own calibration,
-  rotation and tuning), a row `preset:NAME`; issue 17's table is one run of every peer and preset (docs/methods.md)
+  rotation and tuning), a row `preset:NAME`
+  [--table]: every peer (RTN, HQQ, llama.cpp's types with and without an imatrix, llm-compressor) and every preset
+  that quantizes every block linear: the whole per-language table in one run (docs/methods.md; hours on 2 cores)
   [--shrink A]: GPTQ's full statistics (1 - A) M + A diag(M) (default: the recipe's; 0: raw, as before 2026-12-03)
   [--device cuda]: the models on a GPU, float32 without TF32; the engine's own plans only (the peers and the
   bench-only patches are skipped there). Not yet run on a GPU: no session with one has had the model's weights there
@@ -62,6 +64,11 @@ from bench_fair import bootstrap  # noqa: E402
 SLICES = ("en", "fr", "de", "es", "ru", "zh", "ja", "ar", "hi")
 GGML_TYPES = ("Q4_0", "Q5_0", "Q4_K", "Q5_K", "Q3_K", "IQ4_XS")
 INSTALL = "./run bench-peers (pip install -c requirements.txt -r requirements-bench.txt)"
+# --table: every peer issue 17 names and every quantization preset, one row each (docs/methods.md, "The table")
+TABLE_METHODS = ("rtn-w4g64,rtn-w3g64,hqq-w4g64,hqq-w3g64,gptq-w4g64,gptq-w3g64,llmcompressor-gptq-w4a16,"
+                 + ",".join(f"{t.lower()}{s}" for s in ("", "-imatrix") for t in GGML_TYPES))
+TABLE_PRESETS = ("w8,w4g128,w4g64,w4g64-hq,w4g64-rot,w4g64-rot-tuned,w4-log8-rot,w4-log8-rot-tuned,w3g64,w3g64-rot,"
+                 "w3g64-rot-tuned,w3g32-log8-rot,w3g32-log8-rot-tuned,w3g32-log8-rot-tuned-hq")  # not keep-ends, pruning
 
 
 @dataclass(frozen=True)
@@ -536,6 +543,9 @@ def main() -> None:
     parser.add_argument("--render", nargs="+", default=None, metavar="PEERS_JSONL",
                         help="print the markdown table of one or more runs' peers.jsonl and exit")
     parser.add_argument("--quick", action="store_true", help="smoke run: 2 x 128 tokens, en,fr, rtn-w4g64,q4_k")
+    parser.add_argument("--table", action="store_true",
+                        help="every peer and every preset that quantizes every block linear (TABLE_METHODS, "
+                             "TABLE_PRESETS): the whole table")
     parser.add_argument("--plan", action="append", default=[], metavar="PLAN_YAML",
                         help="also measure this plan (mixed settings over the block linears, its own calibration); "
                              "its row is plan:PATH")
@@ -560,6 +570,9 @@ def main() -> None:
         raise SystemExit(f"--plan {missing[0]}: no such file; give the plan.yaml bench_mixed.py wrote.")
     from shrink_core.plan.presets import preset_names
 
+    if args.table:
+        args.methods = ",".join(filter(None, [args.methods, TABLE_METHODS]))
+        args.preset.append(TABLE_PRESETS)
     presets = [name for names in args.preset for name in names.split(",") if name]
     unknown = [name for name in presets if name not in preset_names()]
     if unknown:

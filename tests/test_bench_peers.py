@@ -173,3 +173,15 @@ def test_an_unknown_preset_is_refused_in_one_sentence_before_any_model_loads(mon
     monkeypatch.setattr(sys, "argv", ["bench_peers.py", "--preset", "w4g64,w5g7"])
     with pytest.raises(SystemExit, match=r"--preset w5g7: no such preset; choose from .*w3g32-log8-rot-tuned-hq"):
         main()
+
+
+def test_the_whole_table_names_only_known_methods_and_presets():
+    from bench_peers import TABLE_METHODS, TABLE_PRESETS
+
+    from shrink_core.plan.presets import preset_names
+
+    menu = methods()
+    assert all(name in menu for name in TABLE_METHODS.split(","))
+    assert {"q3_k", "q3_k-imatrix", "iq4_xs", "hqq-w3g64", "rtn-w3g64"} <= set(TABLE_METHODS.split(","))
+    whole = {name for name in preset_names() if name.startswith("w") and name != "w4g64-keep-ends"}
+    assert set(TABLE_PRESETS.split(",")) == whole  # every preset that quantizes every block linear
