@@ -1,0 +1,36 @@
+"""The restore probe's groups: each kind across every block, blocks in contiguous ranges that cover every block once,
+one named range; a part it does not know is refused in one sentence; the rendered table states each group's share of
+the KL removed per 1% of the weights."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
+
+from bench_restore_probe import block_of, groups_for, render  # noqa: E402
+
+KINDS = ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")
+NAMES = [f"model.layers.{b}.{k}" for b in range(7) for k in KINDS]
+
+
+def test_kinds_and_block_ranges_partition_the_modules():
+    groups = groups_for("kinds,blocks3,block:2-3", NAMES, 7)
+    assert sorted(groups) == ["block:0-1", "block:2-3", "block:2-4", "block:5-6", "kind:down", "kind:k", "kind:q"]
+    assert groups["kind:q"] == [f"model.layers.{b}.self_attn.q_proj" for b in range(7)]
+    ranges = groups["block:0-1"] + groups["block:2-4"] + groups["block:5-6"]
+    assert sorted(ranges) == sorted(NAMES)
+    assert {block_of(n) for n in groups["block:2-3"]} == {2, 3} and len(groups["block:2-3"]) == 6
+    with pytest.raises(SystemExit, match="'heads' is not kinds, blocksN or block:A-B"):
+        groups_for("heads", NAMES, 7)
+
+
+def test_render_states_the_share_removed_per_percent_of_weights(tmp_path):
+    lines = [{"probe": "none", "share": 0.0, "slice": "hi", "kl": 0.4, "kl_none": 0.4},
+             {"probe": "kind:q", "share": 0.1, "slice": "hi", "kl": 0.3, "kl_none": 0.4}]
+    path = tmp_path / "peers.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines))
+    table = render(path)
+    assert "| kind:q | 10.0 | 0.300 | 2.50 |" in table  # 25% of the KL off with 10% of the weights
+    assert "| none | 0.0 | 0.400 |  |" in table
