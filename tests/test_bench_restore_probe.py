@@ -1,6 +1,6 @@
 """The restore probe's groups: each kind across every block, blocks in contiguous ranges that cover every block once,
 one named range; a part it does not know is refused in one sentence; the rendered table states each group's share of
-the KL removed per 1% of the weights."""
+the KL removed per 1% of the weights, and a probe a killed run left partial is left out."""
 import json
 import sys
 from pathlib import Path
@@ -28,9 +28,13 @@ def test_kinds_and_block_ranges_partition_the_modules():
 
 def test_render_states_the_share_removed_per_percent_of_weights(tmp_path):
     lines = [{"probe": "none", "share": 0.0, "slice": "hi", "kl": 0.4, "kl_none": 0.4},
-             {"probe": "kind:q", "share": 0.1, "slice": "hi", "kl": 0.3, "kl_none": 0.4}]
+             {"probe": "none", "share": 0.0, "slice": "de", "kl": 0.5, "kl_none": 0.5},
+             {"probe": "kind:q", "share": 0.1, "slice": "hi", "kl": 0.3, "kl_none": 0.4},
+             {"probe": "kind:q", "share": 0.1, "slice": "de", "kl": 0.45, "kl_none": 0.5},
+             {"probe": "kind:k", "share": 0.1, "slice": "hi", "kl": 0.3, "kl_none": 0.4}]  # killed before its de
     path = tmp_path / "peers.jsonl"
     path.write_text("".join(json.dumps(line) + "\n" for line in lines))
     table = render(path)
-    assert "| kind:q | 10.0 | 0.300 | 2.50 |" in table  # 25% of the KL off with 10% of the weights
-    assert "| none | 0.0 | 0.400 |  |" in table
+    assert "| kind:q | 10.0 | 0.300 | 2.50 | 0.450 | 1.00 |" in table  # 25% of hi's KL off with 10% of the weights
+    assert "| none | 0.0 | 0.400 |  | 0.500 |  |" in table
+    assert "kind:k" not in table
