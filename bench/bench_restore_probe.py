@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import hashlib
 import json
 import sys
 import time
@@ -26,31 +25,26 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from bench_peers import emit, final_hidden_states, measure  # noqa: E402
-from bench_tune_variants import load_cache  # noqa: E402
+from bench_tune_variants import cache_file, load_cache  # noqa: E402
 
 
-def block_of(name: str) -> int:
-    """The block index in a decoder-layer module's name (model.layers.N....)."""
-    parts = name.split(".")
-    return int(parts[parts.index("layers") + 1])
-
-
-def groups_for(spec: str, names: list[str], blocks: int) -> dict[str, list[str]]:
-    """Probe name -> module names, for a comma list of `kinds`, `blocksN` and `block:A-B`."""
+def groups_for(spec: str, rows: list, blocks: int) -> dict[str, list[str]]:
+    """Probe name -> module names, for a comma list of `kinds`, `blocksN` and `block:A-B`, from the quantized
+    modules' inventory rows (their block and kind, as plan rules name them)."""
     out: dict[str, list[str]] = {}
     for part in spec.split(","):
         if part == "kinds":
-            for name in names:
-                out.setdefault("kind:" + name.rsplit(".", 1)[-1].removesuffix("_proj"), []).append(name)
+            for row in rows:
+                out.setdefault(f"kind:{row.kind}", []).append(row.name)
         elif part.startswith("blocks"):
             n = int(part[len("blocks"):])
             edges = [round(i * blocks / n) for i in range(n + 1)]
             for lo, hi in zip(edges, edges[1:]):
-                out[f"block:{lo}-{hi - 1}"] = [m for m in names if lo <= block_of(m) < hi]
+                out[f"block:{lo}-{hi - 1}"] = [r.name for r in rows if lo <= r.block < hi]
         elif part.startswith("block:"):
             lo, _, hi = part[len("block:"):].partition("-")
             lo, hi = int(lo), int(hi or lo)
-            out[part] = [m for m in names if lo <= block_of(m) <= hi]
+            out[part] = [r.name for r in rows if lo <= r.block <= hi]
         else:
             raise SystemExit(f"--groups part '{part}' is not kinds, blocksN or block:A-B.")
     return out
@@ -84,7 +78,8 @@ def main() -> None:
     parser.add_argument("--windows", type=int, default=16)
     parser.add_argument("--seq-len", type=int, default=512)
     parser.add_argument("--chunk", type=int, default=2)
-    parser.add_argument("--octave", type=int, default=32, help="the octave the cache was keyed with")
+    parser.add_argument("--octave", type=int, default=None,
+                        help="the octave the cache was keyed with (default: the format's, as bench_tune_variants)")
     parser.add_argument("--out", default=f"bench/results/restore-{time.strftime('%Y-%m-%d')}")
     parser.add_argument("--render", default=None, metavar="PEERS_JSONL")
     args = parser.parse_args()
@@ -93,23 +88,26 @@ def main() -> None:
         return
     if not (args.plan and args.cache):
         raise SystemExit("give --plan and --cache (the untuned quantization bench_tune_variants cached for that plan).")
+    if not Path(args.plan).is_file():
+        raise SystemExit(f"--plan {args.plan}: no such file; give the plan file bench_tune_variants quantized.")
 
+    import shrink_core.compression.primitives as primitives
+    from shrink_core.model.inventory import inventory
     from shrink_core.model.load import load
     from shrink_core.sensitivity.probe import eval_tokens
 
     text = Path(args.plan).read_text()
     loaded = load(args.model)
     reference = loaded.model.eval()
-    key = hashlib.sha256(f"{loaded.weights_hash}|{text}|{args.octave}".encode()).hexdigest()[:16]
-    cached = Path(args.cache) / f"{key}.safetensors"
+    cached = cache_file(args.cache, loaded.weights_hash, text, args.octave or primitives.LOG_STEPS_PER_OCTAVE)
     if not cached.is_file():
         raise SystemExit(f"{cached}: no cached quantization of this plan; run bench_tune_variants.py --plan "
                          f"{args.plan} --variants none --cache {args.cache} first.")
     quantized = copy.deepcopy(reference)
     states, _ = load_cache(cached, quantized)
-    names = sorted(states)
-    total = sum(quantized.get_submodule(n).weight.numel() for n in names)
-    groups = groups_for(args.groups, names, reference.config.num_hidden_layers)
+    rows = [r for r in inventory(reference) if r.name in states]
+    total = sum(quantized.get_submodule(r.name).weight.numel() for r in rows)
+    groups = groups_for(args.groups, rows, reference.config.num_hidden_layers)
     slices = args.slices.split(",")
     ids = {s: eval_tokens(loaded.tokenizer, s, args.windows, args.seq_len) for s in slices}
     ref_hidden = {s: final_hidden_states(reference, ids[s], args.chunk) for s in slices}

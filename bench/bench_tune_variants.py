@@ -134,6 +134,12 @@ def save_cache(path: Path, model, states: dict, meta: dict) -> None:
     save_file(tensors, str(path), metadata={"states": json.dumps(info), "meta": json.dumps(meta)})
 
 
+def cache_file(cache: str, weights_hash: str, plan_text: str, octave: int) -> Path:
+    """Where the untuned quantization of this plan text, on these weights and this log8 grid, is cached."""
+    key = hashlib.sha256(f"{weights_hash}|{plan_text}|{octave}".encode()).hexdigest()[:16]
+    return Path(cache) / f"{key}.safetensors"
+
+
 def load_cache(path: Path, model) -> tuple[dict, dict]:
     from safetensors import safe_open
 
@@ -202,8 +208,7 @@ def main() -> None:
     ids = {s: eval_tokens(loaded.tokenizer, s, args.windows, args.seq_len) for s in slices}
     ref_hidden = {s: final_hidden_states(reference, ids[s], args.chunk) for s in slices}
     octave = args.octave or primitives.LOG_STEPS_PER_OCTAVE
-    key = hashlib.sha256(f"{loaded.weights_hash}|{text}|{octave}".encode()).hexdigest()[:16]
-    cached = Path(args.cache) / f"{key}.safetensors" if args.cache else None
+    cached = cache_file(args.cache, loaded.weights_hash, text, octave) if args.cache else None
     quantized = copy.deepcopy(reference)
     if cached and cached.is_file():
         states, meta = load_cache(cached, quantized)

@@ -9,21 +9,25 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "bench"))
 
-from bench_restore_probe import block_of, groups_for, render  # noqa: E402
+from bench_restore_probe import groups_for, render  # noqa: E402
 
-KINDS = ("self_attn.q_proj", "self_attn.k_proj", "mlp.down_proj")
-NAMES = [f"model.layers.{b}.{k}" for b in range(7) for k in KINDS]
+from shrink_core.model.inventory import block_linears, inventory  # noqa: E402
+from shrink_core.model.toy import tiny_llama  # noqa: E402
 
 
 def test_kinds_and_block_ranges_partition_the_modules():
-    groups = groups_for("kinds,blocks3,block:2-3", NAMES, 7)
-    assert sorted(groups) == ["block:0-1", "block:2-3", "block:2-4", "block:5-6", "kind:down", "kind:k", "kind:q"]
+    rows = block_linears(inventory(tiny_llama(layers=7)))
+    names = [r.name for r in rows]
+    groups = groups_for("kinds,blocks3,block:2-3", rows, 7)
+    kinds = ["kind:down", "kind:gate", "kind:k", "kind:o", "kind:q", "kind:up", "kind:v"]
+    assert sorted(groups) == ["block:0-1", "block:2-3", "block:2-4", "block:5-6", *kinds]
     assert groups["kind:q"] == [f"model.layers.{b}.self_attn.q_proj" for b in range(7)]
+    assert sorted(sum((groups[k] for k in kinds), [])) == sorted(names)
     ranges = groups["block:0-1"] + groups["block:2-4"] + groups["block:5-6"]
-    assert sorted(ranges) == sorted(NAMES)
-    assert {block_of(n) for n in groups["block:2-3"]} == {2, 3} and len(groups["block:2-3"]) == 6
+    assert sorted(ranges) == sorted(names)
+    assert groups["block:2-3"] == [n for n in names if ".2." in n or ".3." in n] and len(groups["block:2-3"]) == 14
     with pytest.raises(SystemExit, match="'heads' is not kinds, blocksN or block:A-B"):
-        groups_for("heads", NAMES, 7)
+        groups_for("heads", rows, 7)
 
 
 def test_render_states_the_share_removed_per_percent_of_weights(tmp_path):
