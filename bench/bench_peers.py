@@ -68,7 +68,7 @@ INSTALL = "./run bench-peers (pip install -c requirements.txt -r requirements-be
 TABLE_METHODS = ("rtn-w4g64,rtn-w3g64,hqq-w4g64,hqq-w3g64,gptq-w4g64,gptq-w3g64,llmcompressor-gptq-w4a16,"
                  + ",".join(f"{t.lower()}{s}" for s in ("", "-imatrix") for t in GGML_TYPES))
 TABLE_PRESETS = ("w8,w4g128,w4g64,w4g64-hq,w4g64-rot,w4g64-rot-tuned,w4-log8-rot,w4-log8-rot-tuned,w3g64,w3g64-rot,"
-                 "w3g64-rot-tuned,w3g32-log8-rot,w3g32-log8-rot-tuned,w3g32-log8-rot-tuned-hq")  # not keep-ends, pruning
+                 "w3g64-rot-tuned,w3g32-log8-rot,w3g32-log8-rot-tuned,w3-log8-rot-tuned-hq")  # not keep-ends, pruning
 
 
 @dataclass(frozen=True)

@@ -171,7 +171,7 @@ def test_off_the_cpu_only_the_engines_own_plans_run():
 
 def test_an_unknown_preset_is_refused_in_one_sentence_before_any_model_loads(monkeypatch):
     monkeypatch.setattr(sys, "argv", ["bench_peers.py", "--preset", "w4g64,w5g7"])
-    with pytest.raises(SystemExit, match=r"--preset w5g7: no such preset; choose from .*w3g32-log8-rot-tuned-hq"):
+    with pytest.raises(SystemExit, match=r"--preset w5g7: no such preset; choose from .*w3-log8-rot-tuned-hq"):
         main()
 
 

@@ -21,6 +21,7 @@ from shrink_core.compression.primitives import (
     unpack,
 )
 from shrink_core.errors import ShrinkError
+from shrink_core.model.inventory import ModuleInfo
 from shrink_core.model.toy import tiny_llama
 from shrink_core.plan import dump_plan, load_plan, resolve
 from shrink_core.plan.spec import PlanError, WeightSpec
@@ -200,3 +201,19 @@ def test_the_four_bit_log8_preset_fits_in_w4g64s_bytes_on_smollm2s_shapes():
     all_g32 = 8 * sum(packed_weight_bytes(s, 4, 32, False, "log8")["total"] for s in shapes.values()) / params
     assert w4g64_bits == 4.375 and all_g32 > w4g64_bits
     assert preset_bits == pytest.approx(4.3646, abs=1e-4) and preset_bits <= w4g64_bits
+
+
+def test_the_three_bit_hq_preset_moves_bytes_to_the_early_down_proj_within_w3g64s_bytes_on_smollm2s_shapes():
+    # SmolLM2-135M's 30 blocks (out, in): q, k and o at log8 group 64 pay for down_proj in blocks 0-3 at 4 bits; the
+    # whole must stay within w3g64's 3.375 bits per weight, as measured (3.368), and the rest stay at group 32
+    shapes = {"q": (576, 576), "k": (192, 576), "v": (192, 576), "o": (576, 576), "gate": (1536, 576),
+              "up": (1536, 576), "down": (576, 1536)}
+    rows = [ModuleInfo(f"model.layers.{b}.{kind}", b, kind, shape, shape[0] * shape[1], 4 * shape[0] * shape[1],
+                       "float32") for b in range(30) for kind, shape in shapes.items()]
+    resolved = resolve(rows, load_plan("preset:w3-log8-rot-tuned-hq"))
+    formats = {(r.kind, r.block): (r.weights.bits, r.weights.group_size, r.weights.scales) for r in resolved}
+    assert formats[("down", 3)] == (4, 32, "log8") and formats[("down", 4)] == (3, 32, "log8")
+    assert {formats[(kind, 7)] for kind in ("q", "k", "o")} == {(3, 64, "log8")}
+    assert {formats[(kind, 0)] for kind in ("v", "gate", "up")} == {(3, 32, "log8")}
+    bits = 8 * sum(r.packed_bytes for r in resolved) / sum(r.shape[0] * r.shape[1] for r in resolved)
+    assert bits == pytest.approx(3.3677, abs=1e-4) and bits <= 3.375

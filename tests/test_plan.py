@@ -31,10 +31,10 @@ def test_every_preset_loads_round_trips_and_resolves(wide_model):
 
 
 def test_every_calibrated_preset_mixes_slices_with_calibration_text():
-    """A preset's mix may name any built-in slice (w3g32-log8-rot-tuned-hq takes udhr_world); each must hold calib rows."""
+    """A preset's mix may name any built-in slice (w3-log8-rot-tuned-hq takes udhr_world); each must hold calib rows."""
     mixes = {name: dict(plan.calibration.mix) for name in preset_names()
              if (plan := load_plan(f"preset:{name}")).calibration}
-    assert "udhr_world" in mixes["w3g32-log8-rot-tuned-hq"]
+    assert "udhr_world" in mixes["w3-log8-rot-tuned-hq"]
     for name in {s for mix in mixes.values() for s in mix}:
         assert load_rows(get_slice(name), split="calib"), name
 
