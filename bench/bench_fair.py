@@ -44,7 +44,8 @@ Per size: uniform = every block linear at that setting; the planner gets the blo
   (fast scan, budget fast; the scan's gradients are the same for every setting, so the scores are comparable);
   "fitted-sliced-pruned": "fitted-sliced" with those settings also on the planner's menu (every other variant plans
   without them), so the pair shows what allowing pruning buys at the same bytes (a masked setting counts at its
-  sparse format's bytes).
+  sparse format's bytes). A --scan-more setting that --settings also names is on every variant's menu, and in the
+  method tables (e.g. w3g32-log8, which the scores files written before 2026-12-05 lack).
   "gfit-capped": the product's fitted model (slice factors, then per-bit-width alphas and gamma) fitted on
   --gfit-plans random plans (bench_predict's draw, seed 3) measured under GPTQ, on rslice's scores, then planned with
   each --low-per-block cap (gfit-capped<N>). Each random plan takes every module's weight from GPTQ's uniform table
@@ -139,7 +140,9 @@ def main() -> None:
     parser.add_argument("--local-from", default="",
                         help="the local and local-gptq variants start from this variant's plan (planned before them "
                         "in --variants, e.g. rslice-sliced-capped0)")
-    parser.add_argument("--scan-more", default="", help="settings to scan here and offer to the *-pruned variants")
+    parser.add_argument("--scan-more", default="",
+                        help="settings to scan here: offered to the *-pruned variants, and to every variant where "
+                        "--settings names them too")
     parser.add_argument("--rotate", action="store_true",
                         help="apply every plan and method table with a Hadamard input rotation (seed 0)")
     parser.add_argument("--table-cache", default="",
@@ -197,13 +200,14 @@ def main() -> None:
     embeddings = [r.name for r in embedding_rows(rows)]
     linear_scores = {k: v for k, v in scores.items() if k[0] in set(linears)}
     settings = list(header["settings"])  # what the scores file scanned (the menu has grown since: llama.cpp types)
-    if args.settings:
-        unknown = sorted(set(args.settings.split(",")) - set(settings))
-        if unknown:
-            raise SystemExit(f"{args.source} has no scores for {', '.join(unknown)}; choose from {', '.join(settings)}.")
-        settings = [s for s in settings if s in args.settings.split(",")]
-    # recomputed from each plan's choice: the bit classes grow with the menu (llama.cpp types added 5-bit)
     more = [s for s in args.scan_more.split(",") if s]
+    if args.settings:  # a --scan-more setting named here joins every variant's menu (scanned below)
+        unknown = sorted(set(args.settings.split(",")) - set(settings) - set(more))
+        if unknown:
+            raise SystemExit(f"{args.source} has no scores for {', '.join(unknown)}; choose from {', '.join(settings)}, "
+                             "or scan them here with --scan-more.")
+        settings = [s for s in settings + more if s in args.settings.split(",")]
+    # recomputed from each plan's choice: the bit classes grow with the menu (llama.cpp types added 5-bit)
     if more:
         import tempfile
 
@@ -440,7 +444,7 @@ def main() -> None:
             elif variant == "fitted-sliced-pruned":
                 if not more:
                     raise SystemExit("fitted-sliced-pruned needs --scan-more (the settings it may also choose).")
-                choices[variant] = plan_with(product, extra=more)
+                choices[variant] = plan_with(product, extra=[s for s in more if s not in settings])
             elif variant in ("fitted-sliced", "fitted-sliced-capped"):
                 if variant == "fitted-sliced":
                     choices[variant] = plan_with(product)
