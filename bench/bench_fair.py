@@ -206,7 +206,7 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"{args.source} has no scores for {', '.join(unknown)}; choose from {', '.join(settings)}, "
                              "or scan them here with --scan-more.")
-        settings = [s for s in settings + more if s in args.settings.split(",")]
+        settings = [s for s in dict.fromkeys(settings + more) if s in args.settings.split(",")]  # once each
     # recomputed from each plan's choice: the bit classes grow with the menu (llama.cpp types added 5-bit)
     if more:
         import tempfile
