@@ -219,7 +219,10 @@ def main() -> None:
         if unknown:
             raise SystemExit(f"--scan-more: unknown setting(s) {', '.join(unknown)}; choose from {', '.join(MENU)}.")
         with tempfile.TemporaryDirectory() as home:
-            report = run_scan(loaded, slices, more, "fast", "fast", store=Store(Path(home) / "shrink.db"))
+            # the embedding is fixed at --embedding on both sides here, so its exhaustive probes (most of a scan's
+            # time) would score choices no variant makes
+            report = run_scan(loaded, slices, more, "fast", "fast", store=Store(Path(home) / "shrink.db"),
+                              embeddings=False)
         found = {k: v for k, v in score_table(report.records, "kl").items() if k[1] in more}
         scores.update(found)
         linear_scores.update({k: v for k, v in found.items() if k[0] in set(linears)})
@@ -280,19 +283,38 @@ def main() -> None:
 
     def cached_table(kind, build):
         """method_option_weights, kept under --table-cache: safetensors, one file per model, options, recipe, rotation
-        and embedding setting (the tables are applied with the embedding at it)."""
+        and embedding setting (the tables are applied with the embedding at it). Each option's column is built from
+        a uniform plan at that option alone, so a cached table on fewer options gives its columns and only the
+        missing options are built (`build(missing)`)."""
         if not args.table_cache:
-            return build()
+            return build(options)
         import hashlib
 
+        from safetensors import safe_open
         from safetensors.torch import load_file, save_file
 
-        key = json.dumps([kind, loaded.weights_hash, options, recipe.to_dict(), args.rotate, args.embedding])
+        def key_of(opts):
+            return json.dumps([kind, loaded.weights_hash, opts, recipe.to_dict(), args.rotate, args.embedding])
+
+        key = key_of(options)
         path = Path(args.table_cache) / f"{kind}-{hashlib.sha256(key.encode()).hexdigest()[:16]}.safetensors"
         if path.exists():
             flat = load_file(str(path))
             return {m: {o: flat[f"{m}|{o}"] for o in options} for m in linears}
-        table = build()
+        have = {}  # option -> the cached file holding its column, from tables on other option lists
+        for other in sorted(Path(args.table_cache).glob(f"{kind}-*.safetensors")):
+            with safe_open(str(other), "pt") as f:
+                cached = json.loads((f.metadata() or {}).get("key", "null"))
+            if cached and len(cached) == 6 and key_of(cached[2]) == json.dumps(cached):
+                have.update({o: other for o in cached[2] if o in options and o not in have})
+        missing = [o for o in options if o not in have]
+        table = build(missing) if missing else {m: {} for m in linears}
+        for other in set(have.values()):
+            flat = load_file(str(other))
+            for m in linears:
+                table[m].update({o: flat[f"{m}|{o}"] for o, f in have.items() if f == other})
+        emit({"part": "table-cache", "kind": kind, "reused": [o for o in options if o in have], "built": missing})
+        table = {m: {o: table[m][o] for o in options} for m in linears}
         path.parent.mkdir(parents=True, exist_ok=True)
         save_file({f"{m}|{o}": w.contiguous() for m, by_option in table.items() for o, w in by_option.items()},
                   str(path), metadata={"key": key})
@@ -301,8 +323,8 @@ def main() -> None:
     def gptq_table():
         if "table" not in gptq:
             t0 = time.perf_counter()
-            gptq["table"] = cached_table("gptq", lambda: method_option_weights(
-                loaded.model, linears, options,
+            gptq["table"] = cached_table("gptq", lambda opts: method_option_weights(
+                loaded.model, linears, opts,
                 lambda model, option: apply_plan_(model, solution_plan(
                     {**dict.fromkeys(linears, option), **embedding_choice}, rows, "gptq"), calibration)))
             emit({"part": "gptq-table", "options": options, "seconds": round(time.perf_counter() - t0, 1)})
