@@ -135,7 +135,7 @@ def test_the_menu_scans_plans_and_names_the_log8_settings():
     scale, zero = scale_zero(weight, 3, 32, False, scales="log8")  # the scan perturbs as the engine stores
     assert torch.equal(perturbed(setting, weight), dequantize(quantize(weight, scale, zero, 3, 32), scale, zero, 32))
     assert setting_name(3, 32, False, scales="log8") == "w3g32-log8" and setting_name(3, 32, False) == "w3g32"
-    assert setting_name(3, 64, False, scales="log8") == "w3g64-log8"  # as the 4-bit presets keep q and o
+    assert setting_name(3, 64, False, scales="log8") == "w3g64-log8"  # q, k and o in w3-log8-rot-tuned-hq
     assert setting_name(4, 64, False, scales="log8") == "w4g64-log8"
     assert setting_name(3, 128, False, scales="log8") == "custom (3-bit, group 128, log8 scales)"
     assert setting_action("w3g32-log8", "gptq-seq")["weights"] == WeightSpec(3, 32, method="gptq-seq", scales="log8")

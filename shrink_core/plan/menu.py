@@ -87,7 +87,8 @@ MENU: dict[str, Setting] = {
         Setting("w4g128", "int4 group 128 asymmetric (RTN)", bits=4, group_size=128),
         Setting("w4g64", "int4 group 64 asymmetric (RTN)", bits=4, group_size=64),
         Setting("w4g32", "int4 group 32 asymmetric (RTN)", bits=4, group_size=32),
-        # log8 at group 64 as the 4-bit presets keep q and o: about w4g128's bytes with group 64's scales
+        # log8 scales at the groups the log8 presets use (q and o at w4g64-log8 in w4-log8-rot, q, k and o at
+        # w3g64-log8 and early down_proj at w4g32-log8 in w3-log8-rot-tuned-hq): group 64 in about group 128's bytes
         Setting("w4g64-log8", "int4 group 64 asymmetric, log8 scales (RTN; about w4g128's bytes)", bits=4,
                 group_size=64, scales="log8"),
         Setting("w4g32-log8", "int4 group 32 asymmetric, log8 scales (RTN; about w4g64's bytes)", bits=4,
