@@ -309,10 +309,10 @@ def main() -> None:
                 have.update({o: other for o in cached[2] if o in options and o not in have})
         missing = [o for o in options if o not in have]
         table = build(missing) if missing else {m: {} for m in linears}
-        for other in set(have.values()):
-            flat = load_file(str(other))
-            for m in linears:
-                table[m].update({o: flat[f"{m}|{o}"] for o, f in have.items() if f == other})
+        for other in set(have.values()):  # only the columns taken from each file are read
+            with safe_open(str(other), "pt") as f:
+                for m in linears:
+                    table[m].update({o: f.get_tensor(f"{m}|{o}") for o, src in have.items() if src == other})
         emit({"part": "table-cache", "kind": kind, "reused": [o for o in options if o in have], "built": missing})
         table = {m: {o: table[m][o] for o in options} for m in linears}
         path.parent.mkdir(parents=True, exist_ok=True)
