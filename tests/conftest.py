@@ -1,4 +1,7 @@
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 import pytest
 
@@ -9,6 +12,16 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 # Tests that use a throw-away SHRINK_HOME still share the converted built-in models.
 _home = os.environ.get("SHRINK_HOME") or os.path.expanduser("~/.cache/shrink")
 os.environ.setdefault("SHRINK_MODEL_CACHE", os.path.join(_home, "models"))
+
+
+def pytest_report_header(config):
+    """Free disk where the suite writes: the first thing to read when a run fails for space (the whole suite peaks at
+    a few GB: the converted built-in models under $SHRINK_HOME, one test's exports or checkpoints at a time)."""
+    free = []
+    for label, place in {"temporary root": Path(tempfile.gettempdir()), "$SHRINK_HOME": Path(_home)}.items():
+        existing = next(p for p in (place, *place.parents) if p.is_dir())  # a fresh $SHRINK_HOME does not exist yet
+        free.append(f"{shutil.disk_usage(existing).free / 2**30:.1f} GiB free at the {label} ({place})")
+    return "shrink: " + "; ".join(free)
 
 
 @pytest.fixture
@@ -38,6 +51,15 @@ def shrink_home(tmp_path, monkeypatch):
     monkeypatch.setenv("SHRINK_HOME", str(home))
     yield home
     kill_workers(home)
+
+
+@pytest.fixture(scope="module")
+def module_dir(tmp_path_factory, request):
+    """A directory for the files one test module shares (exports of the real model, hundreds of MB), removed when the
+    module is done, so the suite holds one module's exports at a time, not the sum over the suite."""
+    path = tmp_path_factory.mktemp(request.module.__name__.rsplit(".", 1)[-1])
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

@@ -66,8 +66,8 @@ def _export(smollm2, compression_plan, out):
 
 
 @pytest.fixture(scope="module")
-def mixed_export(smollm2, tmp_path_factory):
-    out = tmp_path_factory.mktemp("ct") / "mixed"
+def mixed_export(smollm2, module_dir):
+    out = module_dir / "mixed"
     return _export(smollm2, MIXED, out), out
 
 

@@ -1,4 +1,6 @@
 """Distillation units on the tiny model: block influence, student construction, losses, schedule, exact resume."""
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -141,6 +143,32 @@ def test_resume_after_interruption_is_bit_identical(tmp_path):
     final, expected = resumed.student.state_dict(), straight.student.state_dict()
     assert all(torch.equal(final[k], expected[k]) for k in expected)
     assert resumed.scheduler.last_epoch == straight.scheduler.last_epoch
+
+
+class _Planted:
+    """Unpickling this calls Path.touch: a stand-in for a checkpoint file someone replaced to run their code."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_planted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    from shrink_core.distill.train import CHECKPOINT, save_checkpoint
+
+    cfg = config()
+    _, state = _fresh(cfg)
+    save_checkpoint(state, tmp_path, cfg)  # a real checkpoint loads under the restricted loader
+    load_checkpoint_(state, tmp_path)
+    marker = tmp_path / "ran"
+    payload = torch.load(tmp_path / CHECKPOINT, weights_only=True)
+    torch.save({**payload, "extra": _Planted(marker)}, tmp_path / CHECKPOINT)
+    with pytest.raises(ShrinkError, match="not loaded; delete it") as info:
+        load_checkpoint_(state, tmp_path)
+    assert str(tmp_path / CHECKPOINT) in str(info.value)
+    assert not marker.exists()
 
 
 def test_a_checkpoint_never_holds_a_step_whose_metrics_were_not_logged(tmp_path):

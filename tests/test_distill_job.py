@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from shrink_core.distill import DistillConfig
 from shrink_core.distill.run import read_run, run_dir, run_distill
 from shrink_core.distill.toy import save_toy_teacher
+from shrink_core.distill.train import has_checkpoint
 from shrink_core.errors import ShrinkError
 from shrink_core.results.store import Store
 from shrink_core.runtime import jobs
@@ -103,6 +104,10 @@ def test_a_resumed_run_keeps_its_own_evaluation_slices(shrink_home, tmp_path):
     assert not run_distill(config, name="own", slices=["toy_mc"], stop_after=2)["finished"]
     report = run_distill(config, name="own", resume=True)  # as the page's Resume: no slices given
     assert report["finished"] and list(report["slices"]) == ["toy_mc"]
+    # the saved student ends the run: its resume state (3x the student) is gone, its last step still shown
+    assert not has_checkpoint(run_dir("own")) and read_run("own")["checkpoint_step"] == 4
+    with pytest.raises(ShrinkError, match="'own' is finished: its student is saved in"):
+        run_distill(config, name="own", resume=True)
 
 
 def test_cli_distill_drops_listed_blocks_and_writes_a_loadable_student(shrink_home, tmp_path, capsys):

@@ -27,12 +27,12 @@ PLAN = {"version": 1, "name": "mixed llama.cpp types", "rules": [
 
 
 @pytest.fixture(scope="module")
-def exported(smollm2, tmp_path_factory):
+def exported(smollm2, module_dir):
     model = copy.deepcopy(smollm2.model)
     torch.manual_seed(0)
     calibration = torch.randint(0, smollm2.model.config.vocab_size, (4, 64))
     report = apply_plan_(model, load_plan(PLAN), calibration, recipe={"n_sequences": 4, "seq_len": 64})
-    path = tmp_path_factory.mktemp("gguf") / "candidate.gguf"
+    path = module_dir / "candidate.gguf"
     written = write_candidate_gguf(smollm2, model, report, path, {"plan": "mixed"})
     return model, report, written
 

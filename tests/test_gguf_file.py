@@ -59,11 +59,11 @@ def source() -> Path:
 
 
 @pytest.fixture(scope="module")
-def written(smol, source, tmp_path_factory):
+def written(smol, source, module_dir):
     state = smol.model.state_dict()
     tensors = {name: q8(state[name]) for name in BLOCK_NAMES}
     tensors.update({name: GgufTensor.floats(state[name], kind) for name, kind in FLOAT_NAMES.items()})
-    path = tmp_path_factory.mktemp("gguf") / "smollm2-test.gguf"
+    path = module_dir / "smollm2-test.gguf"
     write_gguf(path, smol.model, source_gguf=source, tokenizer_dir=None, tensors=tensors,
                provenance={"plan_hash": "abc123", "settings": {"bits": 8}})
     return path, tensors

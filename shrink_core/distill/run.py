@@ -1,8 +1,9 @@
 """A distillation run end to end: data, student, training with checkpoints, save, evaluate, store with lineage.
 
 State on disk, under `$SHRINK_HOME/distill/<run>/`: config.json (the DistillConfig), run.json (evaluation slices and
-budget, store run id, student blocks), checkpoint.pt (latest), student/ (the final candidate directory). The CLI calls
-`run_distill` inline; the Distill page runs `distill_job` in a worker. Same code path.
+budget, store run id, student blocks), checkpoint.pt (the latest; removed once the student is saved and stored),
+checkpoint.json (its step), student/ (the final candidate directory). The CLI calls `run_distill` inline; the
+Distill page runs `distill_job` in a worker. Same code path.
 """
 from __future__ import annotations
 
@@ -23,7 +24,14 @@ from shrink_core.distill.student import (
     lowest_influence,
     parameter_count,
 )
-from shrink_core.distill.train import checkpoint_step, has_checkpoint, load_checkpoint_, make_state, train_
+from shrink_core.distill.train import (
+    checkpoint_step,
+    drop_checkpoint,
+    has_checkpoint,
+    load_checkpoint_,
+    make_state,
+    train_,
+)
 from shrink_core.errors import ShrinkError
 from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
 from shrink_core.model.arch import decoder_layers
@@ -128,6 +136,9 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     if resume:
         if not (directory / "config.json").is_file():
             raise ShrinkError(f"There is no run '{name}' to resume under {directory.parent}.")
+        if (directory / "student" / "config.json").is_file() and not has_checkpoint(directory):
+            raise ShrinkError(f"The run '{name}' is finished: its student is saved in {directory / 'student'} (the "
+                              f"candidate 'distilled {name}'); start a new run to train further.")
         saved = DistillConfig.from_dict(json.loads((directory / "config.json").read_text()))
         config = saved  # a resumed run keeps its own config, whatever else is asked
     elif (directory / "config.json").is_file():
@@ -183,6 +194,7 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     teacher.to("cpu")
     report.update(finish(store, teacher_loaded, student, built, config, name, directory, slice_infos, budget,
                          evaluate_at_end, progress, job_id))
+    drop_checkpoint(directory)  # the student is saved and stored: the resume state would only restart finished work
     progress(1.0, "done")
     return report
 

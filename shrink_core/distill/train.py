@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import pickle
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from shrink_core.distill.config import DistillConfig
+from shrink_core.errors import ShrinkError
 
 CHECKPOINT = "checkpoint.pt"
 
@@ -112,7 +114,12 @@ def checkpoint_step(directory: Path) -> int | None:
 
 def load_checkpoint_(state: TrainState, directory: Path) -> dict:
     """Restore a TrainState in place from `directory`; returns the checkpoint's config dict and extra."""
-    payload = torch.load(directory / CHECKPOINT, map_location="cpu", weights_only=False)
+    path = directory / CHECKPOINT
+    try:  # the restricted loader: tensors and plain values, never an arbitrary object (a planted file runs nothing)
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise ShrinkError(f"The checkpoint {path} holds more than tensors and plain values, so it was not loaded; "
+                          "delete it to start the run over.") from exc
     state.student.load_state_dict(payload["model"])
     state.optimizer.load_state_dict(payload["optimizer"])
     state.scheduler.load_state_dict(payload["scheduler"])
@@ -125,6 +132,12 @@ def load_checkpoint_(state: TrainState, directory: Path) -> dict:
 
 def has_checkpoint(directory: Path) -> bool:
     return (Path(directory) / CHECKPOINT).is_file()
+
+
+def drop_checkpoint(directory: Path) -> None:
+    """Remove the resume state of a run whose student is saved (weights plus the optimizer's two moments: about 3x the
+    student in fp32); the sidecar stays, so the run still shows its last step."""
+    (Path(directory) / CHECKPOINT).unlink(missing_ok=True)
 
 
 # ---------------------------------------------------------------- the loop
