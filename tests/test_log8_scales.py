@@ -137,7 +137,9 @@ def test_the_menu_scans_plans_and_names_the_log8_settings():
     assert setting_name(3, 32, False, scales="log8") == "w3g32-log8" and setting_name(3, 32, False) == "w3g32"
     assert setting_name(3, 64, False, scales="log8") == "w3g64-log8"  # q, k and o in w3-log8-rot-tuned-hq
     assert setting_name(4, 64, False, scales="log8") == "w4g64-log8"
-    assert setting_name(3, 128, False, scales="log8") == "custom (3-bit, group 128, log8 scales)"
+    assert setting_name(3, 128, False, scales="log8") == "w3g128-log8"  # the cheapest 3-bit tier
+    assert setting_name(5, 64, False, scales="log8") == "w5g64-log8"
+    assert setting_name(5, 32, False, scales="log8") == "custom (5-bit, group 32, log8 scales)"
     assert setting_action("w3g32-log8", "gptq-seq")["weights"] == WeightSpec(3, 32, method="gptq-seq", scales="log8")
     from shrink_core.model.inventory import inventory
 

@@ -84,6 +84,8 @@ MENU: dict[str, Setting] = {
     for s in (
         Setting("w8", "int8 per-channel symmetric (RTN)", bits=8, symmetric=True),
         Setting("w6g64", "int6 group 64 asymmetric (RTN)", bits=6, group_size=64),
+        # a step between 4 and 6 bits for the modules a plan lifts off 4 bits (5.2 bits per weight)
+        Setting("w5g64-log8", "int5 group 64 asymmetric, log8 scales (RTN)", bits=5, group_size=64, scales="log8"),
         Setting("w4g128", "int4 group 128 asymmetric (RTN)", bits=4, group_size=128),
         Setting("w4g64", "int4 group 64 asymmetric (RTN)", bits=4, group_size=64),
         Setting("w4g32", "int4 group 32 asymmetric (RTN)", bits=4, group_size=32),
@@ -101,6 +103,9 @@ MENU: dict[str, Setting] = {
                 scales="log8"),
         Setting("w3g64-log8", "int3 group 64 asymmetric, log8 scales (RTN; about w3g128's bytes)", bits=3,
                 group_size=64, scales="log8"),
+        # the cheapest 3-bit tier: group 128 with log8 scales, about 0.1 bit a weight under w3g128
+        Setting("w3g128-log8", "int3 group 128 asymmetric, log8 scales (RTN; under w3g128's bytes)", bits=3,
+                group_size=128, scales="log8"),
         Setting("w2g128", "int2 group 128 asymmetric (RTN)", bits=2, group_size=128),
         Setting("w2g64", "int2 group 64 asymmetric (RTN)", bits=2, group_size=64),
         Setting("w2g32", "int2 group 32 asymmetric (RTN)", bits=2, group_size=32),
