@@ -136,7 +136,7 @@ def run_distill(config: DistillConfig, *, name: str | None = None, slices: list[
     if resume:
         if not (directory / "config.json").is_file():
             raise ShrinkError(f"There is no run '{name}' to resume under {directory.parent}.")
-        if (directory / "student" / "config.json").is_file() and not has_checkpoint(directory):
+        if student_saved(directory) and not has_checkpoint(directory):
             raise ShrinkError(f"The run '{name}' is finished: its student is saved in {directory / 'student'} (the "
                               f"candidate 'distilled {name}'); start a new run to train further.")
         saved = DistillConfig.from_dict(json.loads((directory / "config.json").read_text()))
@@ -277,6 +277,11 @@ def distill_job(ctx, config: dict, name: str, slices: list[str] | None = None, b
     return {k: report.get(k) for k in ("run", "run_id", "step", "finished", "candidate_id", "student_dir")}
 
 
+def student_saved(directory: Path) -> bool:
+    """Whether the run in `directory` has saved its student (what "finished" means on the page and for a resume)."""
+    return (Path(directory) / "student" / "config.json").is_file()
+
+
 def read_run(name: str) -> dict | None:
     """One run's state on disk: config, store run id, step of the last checkpoint, whether the student was saved."""
     run = run_dir(name)
@@ -286,7 +291,7 @@ def read_run(name: str) -> dict | None:
     return {"name": name, "config": json.loads((run / "config.json").read_text()), "run_id": info.get("run_id"),
             "dropped": info.get("dropped"), "checkpoint_step": checkpoint_step(run),
             "student_params": info.get("student_params"), "device": info.get("device"),
-            "finished": (run / "student" / "config.json").is_file(), "jobs": info.get("jobs", [])}
+            "finished": student_saved(run), "jobs": info.get("jobs", [])}
 
 
 def list_runs() -> list[dict]:
