@@ -336,3 +336,39 @@ def test_slice_factors_make_the_worst_slice_objective_protect_the_slice_that_mea
     assert raw[1] > raw[0] and scaled[0] > scaled[1]
     i, k = problem.slices.index("en"), problem.modules.index(linears[0].name)
     assert problem.loss[i, k, problem.settings.index("w2g64")] == pytest.approx(4.0 * 0.25)
+
+
+SOLVER_NOISE_SCRIPT = r"""
+import ctypes, json, sys
+import scipy.optimize
+sys.path.insert(0, sys.argv[1])
+from test_planner import random_problem
+from shrink_core.plan.planner import solve
+
+real = scipy.optimize.milp
+def noisy(*args, **kwargs):  # what HiGHS's MIP code does on some solves: a C printf to fd 1
+    ctypes.CDLL(None).printf(b"HighsMipSolverData::transformNewIntegerFeasibleSolution tmpSolver.run();\n")
+    return real(*args, **kwargs)
+scipy.optimize.milp = noisy
+print("before", flush=True)
+solution = solve(random_problem(seed=3), budget_bytes=200)
+print(json.dumps({"choice": solution.choice}))
+"""
+
+
+def test_the_solvers_own_printf_goes_to_stderr_not_into_stdout(tmp_path):
+    """`shrink plan --json` prints the plan on stdout; a line HiGHS printf()s during the solve must not land in it
+    (stdout a pipe, so C's buffer is flushed only later: the case a JSON reader has)."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = tmp_path / "noisy_solve.py"
+    script.write_text(SOLVER_NOISE_SCRIPT)
+    done = subprocess.run([sys.executable, str(script), str(Path(__file__).parent)], capture_output=True, text=True,
+                          timeout=120, check=True)
+    lines = done.stdout.splitlines()
+    assert lines[0] == "before" and len(lines) == 2, done.stdout
+    assert set(json.loads(lines[1])["choice"]) == {f"m{i}" for i in range(6)}
+    assert "transformNewIntegerFeasibleSolution" in done.stderr

@@ -15,6 +15,11 @@ not modelled, which is why a plan is then run for real and predicted vs measured
 """
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import os
+import sys
+import threading
 import time
 from dataclasses import dataclass, replace
 
@@ -37,6 +42,46 @@ LOW_BITS = 2
 
 class PlannerError(ShrinkError):
     """A budget or objective the planner cannot meet."""
+
+
+# HiGHS's MIP code printf()s a debug line on some solves ("HighsMipSolverData::transformNewIntegerFeasibleSolution
+# tmpSolver.run();", seen on Gemma's 3.5-bit plans), straight to file descriptor 1, whatever sys.stdout is: a caller
+# reading `shrink plan --json` from stdout would get it inside its JSON. While the solver runs, fd 1 points at stderr.
+# Counted under a lock so that solves in concurrent threads (the app's jobs) restore the real stdout once, last out.
+_fd_lock = threading.Lock()
+_fd_depth = 0
+_fd_saved: int | None = None
+
+
+def _flush_c_stdio() -> None:
+    with contextlib.suppress(OSError, AttributeError, TypeError):
+        ctypes.CDLL(None).fflush(None)  # C's stdout buffer (full when fd 1 is a pipe) goes where fd 1 points now
+
+
+@contextlib.contextmanager
+def solver_stdout_to_stderr():
+    global _fd_depth, _fd_saved
+    with _fd_lock:
+        if _fd_depth == 0:
+            with contextlib.suppress(AttributeError, ValueError, OSError):
+                sys.stdout.flush()
+            _flush_c_stdio()
+            try:
+                _fd_saved = os.dup(1)
+                os.dup2(2, 1)
+            except OSError:  # no fd 1 or 2 (a detached process): nothing to protect
+                _fd_saved = None
+        _fd_depth += 1
+    try:
+        yield
+    finally:
+        with _fd_lock:
+            _fd_depth -= 1
+            if _fd_depth == 0 and _fd_saved is not None:
+                _flush_c_stdio()
+                os.dup2(_fd_saved, 1)
+                os.close(_fd_saved)
+                _fd_saved = None
 
 
 @dataclass(frozen=True)
@@ -151,9 +196,11 @@ def solve(problem: PlannerProblem, *, budget_bytes: float | None = None, average
     upper_x = np.append(problem.allowed.reshape(n).astype(float), np.inf)
     lower_t = -np.inf if worst else 0  # t is the worst slice's loss, negative where it holds changes that help
     integrality = np.append(np.ones(n), 0)
-    result = milp(cost, constraints=LinearConstraint(np.vstack(rows), np.concatenate(lower), np.concatenate(upper)),
-                  integrality=integrality, bounds=Bounds(np.append(np.zeros(n), lower_t), upper_x),
-                  options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
+    with solver_stdout_to_stderr():
+        result = milp(cost, constraints=LinearConstraint(np.vstack(rows), np.concatenate(lower),
+                                                         np.concatenate(upper)),
+                      integrality=integrality, bounds=Bounds(np.append(np.zeros(n), lower_t), upper_x),
+                      options={"time_limit": time_limit, "mip_rel_gap": 1e-6})
     if result.x is None:
         if budget_seconds is not None:
             fastest = np.where(problem.allowed, problem.seconds, np.inf).min(axis=1).sum()
