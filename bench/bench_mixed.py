@@ -19,10 +19,12 @@ fragile calibration sequence (ru, block 0's v_proj: 7.39 fast against 0.057 prob
 planner would spend its bytes on those modules. It corrects only the K modules; the scan itself now caps each
 calibration sequence's estimate at 10 times their median (`fisher.winsorized_sum`), which corrects the whole slice;
 the 2026-12-03 run did the same here (--robust 10, one sequence per call, before the scan had it).
---ratios FILE reuses the ratios a run wrote (ratios.json): steps 2-3 take about half an hour here.
-Writes DIR/plan-SIZE.yaml per size (the plan, with the preset's calibration recipe) and DIR/mixed.jsonl (each step's
-seconds, the median ratios, the predicted worst slice of each plan and of uniform on the same scores, the settings
-chosen). Steps 1-3 are shared by the sizes.
+--ratios FILE reuses the ratios a run wrote (ratios.json; a run with the same mix): steps 2-3 take about half an hour.
+--calibration MIX changes the method's mix (rows, length and shrink stay the preset's) for the table and the plans.
+Writes DIR/plan-SIZE.yaml per size (the plan, with the calibration recipe), DIR/uniform-SIZE.yaml (every block
+linear at SIZE with the same recipe: measure it with `bench_peers.py --plan` where the mix is not the preset's) and
+DIR/mixed.jsonl (each step's seconds, the median ratios, the predicted worst slice of each plan and of uniform on the
+same scores, the settings chosen). Steps 1-3 are shared by the sizes.
 """
 from __future__ import annotations
 
@@ -31,6 +33,7 @@ import json
 import os
 import sys
 import time
+from dataclasses import replace
 from functools import partial
 from pathlib import Path
 
@@ -63,6 +66,9 @@ def main() -> None:
     parser.add_argument("--max-2bit-per-block", type=int, default=None)
     parser.add_argument("--calib-sequences", type=int, default=None,
                         help="the method's calibration windows (default: the w4g64 preset's; fewer for a smoke run)")
+    parser.add_argument("--calibration", default=None,
+                        help="the method's calibration mix, e.g. en=0.3,fr=0.1,...,zh=0.2 (default: the w4g64 "
+                             "preset's); the plans and the uniform plans written both carry it")
     parser.add_argument("--check-top", type=int, default=0, help="modules per slice probed to correct the fast scores")
     parser.add_argument("--ratios", default=None, help="ratios.json of an earlier run (same model, method, settings)")
     parser.add_argument("--out", required=True)
@@ -97,9 +103,9 @@ def main() -> None:
     linears = [r.name for r in block_linears(rows)]
     recipe = CalibrationRecipe.from_dict(QUANT_RECIPE)
     if args.calib_sequences:
-        from dataclasses import replace
-
         recipe = replace(recipe, n_sequences=args.calib_sequences)
+    if args.calibration:  # the preset's rows, seq_len and shrink; only the mix changes
+        recipe = replace(recipe, mix=CalibrationRecipe.parse(args.calibration).mix)
     emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "method": args.method,
           "sizes": sizes, "slices": slices, "settings": settings, "calibration": recipe.to_dict(),
           "kept_fp32": "embedding and the tied head", "torch_threads": torch.get_num_threads()})
@@ -176,6 +182,12 @@ def main() -> None:
                                           name=f"planner worst, {args.method}, {size} bytes"))
         plan = plan_from_dict({**data, "calibration": recipe.to_dict()})
         (out / f"plan-{size}.yaml").write_text(dump_plan(plan))
+        # the uniform side as a plan with the same recipe: bench_peers' gptq-seq-* methods use the preset's own mix
+        data = plan_to_dict(solution_plan(dict.fromkeys(linears, size), rows, args.method,
+                                          name=f"uniform {size}, {args.method}"))
+        data["description"] = f"Every block linear at {size}: the uniform side of the comparison, on the same recipe."
+        data["rules"] = [{k: v for k, v in rule.items() if k != "note"} for rule in data["rules"]]
+        (out / f"uniform-{size}.yaml").write_text(dump_plan(plan_from_dict({**data, "calibration": recipe.to_dict()})))
         uniform = uniform_prediction(scaled, linears, size, slices)
         emit({"part": "plan", "size": size, "status": solution.status, "gap": solution.gap,
               "seconds": round(solution.seconds, 2), "budget_bytes": budget, "planned_bytes": solution.total_bytes,
@@ -185,7 +197,8 @@ def main() -> None:
               "uniform_predicted": uniform, "uniform_predicted_worst": max(uniform.values()),
               "settings_chosen": dict(sorted({o: list(solution.choice.values()).count(o)
                                               for o in set(solution.choice.values())}.items())),
-              "rules": len(plan.rules), "plan": str(out / f"plan-{size}.yaml")})
+              "rules": len(plan.rules), "plan": str(out / f"plan-{size}.yaml"),
+              "uniform_plan": str(out / f"uniform-{size}.yaml")})
     handle.close()
 
 
