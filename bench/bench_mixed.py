@@ -106,6 +106,14 @@ def main() -> None:
         recipe = replace(recipe, n_sequences=args.calib_sequences)
     if args.calibration:  # the preset's rows, seq_len and shrink; only the mix changes
         recipe = replace(recipe, mix=CalibrationRecipe.parse(args.calibration).mix)
+
+    def recipe_plan(choice: dict[str, str], name: str = "planner", description: str | None = None):
+        """The choice as the planner's readable rules, calibrated with this run's recipe (every plan here is)."""
+        data = plan_to_dict(solution_plan(choice, rows, args.method, name=name))
+        if description:  # a uniform plan: its rules' 'planner: SETTING' notes would say the planner chose them
+            data["description"] = description
+            data["rules"] = [{k: v for k, v in rule.items() if k != "note"} for rule in data["rules"]]
+        return plan_from_dict({**data, "calibration": recipe.to_dict()})
     emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "method": args.method,
           "sizes": sizes, "slices": slices, "settings": settings, "calibration": recipe.to_dict(),
           "kept_fp32": "embedding and the tied head", "torch_threads": torch.get_num_threads()})
@@ -152,8 +160,7 @@ def main() -> None:
         calibration = calibration_tokens(loaded.tokenizer, recipe)
 
         def apply_at(model, option):
-            data = plan_to_dict(solution_plan(dict.fromkeys(linears, option), rows, args.method))
-            apply_plan_(model, plan_from_dict({**data, "calibration": recipe.to_dict()}), calibration)
+            apply_plan_(model, recipe_plan(dict.fromkeys(linears, option)), calibration)
 
         # float32, not the product's bf16: at 6 bits bf16's own rounding is a fair share of the method's error
         table = method_option_weights(loaded.model, linears, settings, apply_at, dtype=torch.float32,
@@ -178,16 +185,12 @@ def main() -> None:
     for size in sizes:
         budget = float(setting_bytes(rows, linears, [size]).sum())
         solution = solve(problem, budget_bytes=budget, objective="worst", low_per_block=args.max_2bit_per_block)
-        data = plan_to_dict(solution_plan(solution.choice, rows, args.method,
-                                          name=f"planner worst, {args.method}, {size} bytes"))
-        plan = plan_from_dict({**data, "calibration": recipe.to_dict()})
+        plan = recipe_plan(solution.choice, name=f"planner worst, {args.method}, {size} bytes")
         (out / f"plan-{size}.yaml").write_text(dump_plan(plan))
         # the uniform side as a plan with the same recipe: bench_peers' gptq-seq-* methods use the preset's own mix
-        data = plan_to_dict(solution_plan(dict.fromkeys(linears, size), rows, args.method,
-                                          name=f"uniform {size}, {args.method}"))
-        data["description"] = f"Every block linear at {size}: the uniform side of the comparison, on the same recipe."
-        data["rules"] = [{k: v for k, v in rule.items() if k != "note"} for rule in data["rules"]]
-        (out / f"uniform-{size}.yaml").write_text(dump_plan(plan_from_dict({**data, "calibration": recipe.to_dict()})))
+        uniform_plan = recipe_plan(dict.fromkeys(linears, size), name=f"uniform {size}, {args.method}",
+                                   description=f"Every block linear at {size}: the uniform side, on the same recipe.")
+        (out / f"uniform-{size}.yaml").write_text(dump_plan(uniform_plan))
         uniform = uniform_prediction(scaled, linears, size, slices)
         emit({"part": "plan", "size": size, "status": solution.status, "gap": solution.gap,
               "seconds": round(solution.seconds, 2), "budget_bytes": budget, "planned_bytes": solution.total_bytes,
