@@ -14,7 +14,8 @@ and measured against the reference on:
 - eval128: the first 4,096 eval tokens (`eval_tokens`) in 32 windows of 128;
 - eval512: the same tokens in 8 windows of 512 (bench_peers' rows at --windows 8).
 So eval128 against eval512 is the window length alone, and calib512 against eval512 the text alone.
-Writes DIR/probe_rows.jsonl: per plan, its apply seconds and KL per (row set, slice), with the load average.
+Writes DIR/probe_rows.jsonl: per plan, its apply seconds and KL per (row set, slice), with the load average;
+each row set's seconds. Peak memory: the plans' copies and one slice's references of one row set.
 """
 from __future__ import annotations
 
@@ -55,24 +56,29 @@ def main() -> None:
     emit = partial(emit_line, handle=handle)  # one JSON line, with the load average, printed and written
     slices = args.slices.split(",")
     loaded = load(args.model)
-    t0 = time.perf_counter()
-    caches = {}
-    for name, (split, n, length) in ROW_SETS.items():
-        tokens = calib_tokens if split == "calib" else eval_tokens
-        for s in slices:
-            caches[(name, s)] = ProbeCache(loaded.model, tokens(loaded.tokenizer, s, n, length), chunk=4)
     emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "slices": slices,
-          "row_sets": {k: f"{v[0]} rows, {v[1]} x {v[2]}" for k, v in ROW_SETS.items()},
-          "seconds": round(time.perf_counter() - t0, 1)})
+          "row_sets": {k: f"{v[0]} rows, {v[1]} x {v[2]}" for k, v in ROW_SETS.items()}})
+    # every plan applied first (a 135M copy is 0.5 GB), then one slice's references of one row set at a time: all
+    # of them at once (full-vocabulary log-probs and every block's inputs) took 19 GB
+    models, applied = {}, {}
     for path in args.plan:
         t0 = time.perf_counter()
-        model = plan_candidate(loaded, load_plan(Path(path).read_text()))[0].eval()
-        applied = round(time.perf_counter() - t0, 1)
-        kl = {name: {s: round(whole_model_kl(caches[(name, s)], model).kl, 5) for s in slices} for name in ROW_SETS}
-        emit({"part": "plan", "plan": path, "apply_seconds": applied,
-              "measure_seconds": round(time.perf_counter() - t0 - applied, 1), "kl": kl,
-              "worst": {name: max(values.values()) for name, values in kl.items()}})
-        del model
+        models[path] = plan_candidate(loaded, load_plan(Path(path).read_text()))[0].eval()
+        applied[path] = round(time.perf_counter() - t0, 1)
+        emit({"part": "applied", "plan": path, "seconds": applied[path]})
+    kl: dict[str, dict] = {path: {} for path in args.plan}
+    for name, (split, n, length) in ROW_SETS.items():
+        t0 = time.perf_counter()
+        tokens = calib_tokens if split == "calib" else eval_tokens
+        for s in slices:
+            cache = ProbeCache(loaded.model, tokens(loaded.tokenizer, s, n, length), chunk=4)
+            for path, model in models.items():
+                kl[path].setdefault(name, {})[s] = round(whole_model_kl(cache, model).kl, 5)
+            del cache
+        emit({"part": "row-set", "rows": name, "seconds": round(time.perf_counter() - t0, 1)})
+    for path in args.plan:
+        emit({"part": "plan", "plan": path, "apply_seconds": applied[path], "kl": kl[path],
+              "worst": {name: max(values.values()) for name, values in kl[path].items()}})
     handle.close()
 
 

@@ -130,7 +130,9 @@ def main() -> None:
         emit({"part": "round", **{k: (round(v, 5) if isinstance(v, float) else v) for k, v in r.items()}})
     kept = next(r for r in result["rounds"] if r["kind"] == "verified")
     plan = next(c["plan"] for c in store.candidates() if c["id"] == kept["candidate_id"])
-    (out / "plan-loop.yaml").write_text(dump_plan(plan_from_dict(plan)))
+    # the store keeps a candidate's plan with sorted keys, the mix's included, and the rows a recipe draws depend on
+    # its mix's order (docs/plan.md, 2026-12-07): the recipe as the loop applied it, the draft's
+    (out / "plan-loop.yaml").write_text(dump_plan(plan_from_dict({**plan, "calibration": recipe.to_dict()})))
     emit({"part": "result", "seconds": result["seconds"], "loop_seconds": result["loop_seconds"],
           "model": result["model"], "notes": result["notes"], "kept": kept["of"], "plan": str(out / "plan-loop.yaml")})
     handle.close()
