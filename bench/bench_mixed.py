@@ -55,6 +55,32 @@ def uniform_prediction(scores: dict, modules: list[str], setting: str, slices: l
     return {s: round(sum(scores[(m, setting, s)] for m in modules), 5) for s in slices}
 
 
+def run_recipe(mix: str | None = None, n_sequences: int | None = None):
+    """The w4g64 preset's recipe with --calibration's mix (its rows, seq_len and shrink kept) and --calib-sequences."""
+    from shrink_core.evaluation.calibration import CalibrationRecipe
+    from shrink_core.plan.presets import QUANT_RECIPE
+
+    recipe = CalibrationRecipe.from_dict(QUANT_RECIPE)
+    if n_sequences:
+        recipe = replace(recipe, n_sequences=n_sequences)
+    if mix:
+        recipe = replace(recipe, mix=CalibrationRecipe.parse(mix).mix)
+    return recipe
+
+
+def plan_with_recipe(choice: dict[str, str], rows, method: str, recipe, name: str = "planner",
+                     description: str | None = None):
+    """The choice as the planner's readable rules for `method`, calibrated with `recipe` (every plan here is)."""
+    from shrink_core.plan import plan_from_dict, plan_to_dict
+    from shrink_core.plan.planner import solution_plan
+
+    data = plan_to_dict(solution_plan(choice, rows, method, name=name))
+    if description:  # a uniform plan: its rules' 'planner: SETTING' notes would say the planner chose them
+        data["description"] = description
+        data["rules"] = [{k: v for k, v in rule.items() if k != "note"} for rule in data["rules"]]
+    return plan_from_dict({**data, "calibration": recipe.to_dict()})
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="builtin:smollm2-135m")
@@ -80,13 +106,12 @@ def main() -> None:
         raise SystemExit("--check-top probes at w3g64; add w3g64 to --settings or leave --check-top off.")
 
     from shrink_core.compression.apply import apply_plan_
-    from shrink_core.evaluation.calibration import CalibrationRecipe, calibration_tokens
+    from shrink_core.evaluation.calibration import calibration_tokens
     from shrink_core.model.inventory import block_linears, inventory
     from shrink_core.model.load import load
-    from shrink_core.plan import dump_plan, plan_from_dict, plan_to_dict
-    from shrink_core.plan.planner import build_problem, setting_bytes, solution_plan, solve
+    from shrink_core.plan import dump_plan
+    from shrink_core.plan.planner import build_problem, setting_bytes, solve
     from shrink_core.plan.predict import scaled_scores, score_table
-    from shrink_core.plan.presets import QUANT_RECIPE
     from shrink_core.results.store import Store
     from shrink_core.sensitivity.local import OptionWeights, method_option_weights
     from shrink_core.sensitivity.method_error import slice_ratios
@@ -101,19 +126,9 @@ def main() -> None:
     loaded = load(args.model)
     rows = inventory(loaded.model)
     linears = [r.name for r in block_linears(rows)]
-    recipe = CalibrationRecipe.from_dict(QUANT_RECIPE)
-    if args.calib_sequences:
-        recipe = replace(recipe, n_sequences=args.calib_sequences)
-    if args.calibration:  # the preset's rows, seq_len and shrink; only the mix changes
-        recipe = replace(recipe, mix=CalibrationRecipe.parse(args.calibration).mix)
+    recipe = run_recipe(args.calibration, args.calib_sequences)
 
-    def recipe_plan(choice: dict[str, str], name: str = "planner", description: str | None = None):
-        """The choice as the planner's readable rules, calibrated with this run's recipe (every plan here is)."""
-        data = plan_to_dict(solution_plan(choice, rows, args.method, name=name))
-        if description:  # a uniform plan: its rules' 'planner: SETTING' notes would say the planner chose them
-            data["description"] = description
-            data["rules"] = [{k: v for k, v in rule.items() if k != "note"} for rule in data["rules"]]
-        return plan_from_dict({**data, "calibration": recipe.to_dict()})
+    recipe_plan = partial(plan_with_recipe, rows=rows, method=args.method, recipe=recipe)
     emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "method": args.method,
           "sizes": sizes, "slices": slices, "settings": settings, "calibration": recipe.to_dict(),
           "kept_fp32": "embedding and the tied head", "torch_threads": torch.get_num_threads()})

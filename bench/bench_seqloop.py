@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_mixed import SETTINGS  # noqa: E402
+from bench_mixed import SETTINGS, plan_with_recipe, run_recipe  # noqa: E402
 from bench_peers import emit as emit_line  # noqa: E402
 
 
@@ -71,40 +71,33 @@ def main() -> None:
     if args.store and not (home / "shrink.db").exists():
         shutil.copy(args.store, home / "shrink.db")
 
-    from dataclasses import replace
 
     import torch
 
-    from shrink_core.evaluation.calibration import CalibrationRecipe
     from shrink_core.model.describe import describe, device_label
     from shrink_core.model.inventory import block_linears, inventory
     from shrink_core.model.load import load
-    from shrink_core.plan import dump_plan, plan_from_dict, plan_to_dict
-    from shrink_core.plan.planner import setting_bytes, solution_plan
-    from shrink_core.plan.presets import QUANT_RECIPE
+    from shrink_core.plan import dump_plan, plan_from_dict
+    from shrink_core.plan.planner import setting_bytes
     from shrink_core.results.method_ratios import save_ratios
     from shrink_core.results.store import Store
     from shrink_core.sensitivity.loop import plan_loop
     from shrink_core.sensitivity.probe import SCAN_DEPTHS
     from shrink_core.sensitivity.scan import run_scan
 
-    handle = (out / "seqloop.jsonl").open("a")
+    handle = (out / "seqloop.jsonl").open("w")
     emit = partial(emit_line, handle=handle)  # one JSON line, with the load average, printed and written
     method = "gptq-seq"
     loaded = load(args.model)
     rows = inventory(loaded.model)
     linears = [r.name for r in block_linears(rows)]
-    recipe = CalibrationRecipe.from_dict(QUANT_RECIPE)
-    if args.calibration:  # the preset's rows, seq_len and shrink; only the mix changes (as bench_mixed)
-        recipe = replace(recipe, mix=CalibrationRecipe.parse(args.calibration).mix)
+    recipe = run_recipe(args.calibration)
     ratios = {(m, o, s): r for m, o, s, r in json.loads(Path(args.ratios).read_text())}
     if not {(m, o, s) for m in linears for o in settings for s in slices} <= set(ratios):
         raise SystemExit(f"{args.ratios} does not cover these modules, settings and slices; run bench_mixed with them.")
     bits = float(setting_bytes(rows, linears, [args.size]).sum()) * 8 / sum(r.params for r in rows if r.name in linears)
     # the draft the planner's rules go in front of: every block linear at --size by gptq-seq, with the recipe
-    draft = plan_from_dict({**plan_to_dict(solution_plan(dict.fromkeys(linears, args.size), rows, method,
-                                                         name=f"draft {args.size}")),
-                            "calibration": recipe.to_dict()})
+    draft = plan_with_recipe(dict.fromkeys(linears, args.size), rows, method, recipe, name=f"draft {args.size}")
     emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "method": method,
           "size": args.size, "bits_per_weight": bits, "slices": slices, "settings": settings,
           "calibration": recipe.to_dict(), "kept_fp32": "embedding and the tied head", "ratios": args.ratios,
