@@ -19,8 +19,13 @@ from shrink_core.paths import REPO_ROOT
 if TYPE_CHECKING:
     import torch
 
-RECIPE_VERSION = 2  # 2: `shrink` (GPTQ's full statistics shrunk towards their diagonals); 1: the raw statistics
-RECIPE_VERSIONS = (1, 2)
+# 3: the rows drawn do not depend on the mix's order (each slice draws from its own seed, the slices in name order);
+# 2: `shrink` (GPTQ's full statistics shrunk towards their diagonals); 1: the raw statistics. Versions 1 and 2 drew
+# each slice from one shared generator in the mix's order, so the same mix written in another order (the store and
+# every key sort it) drew other rows: one plan's slices moved 6-8% either way on SmolLM2 (docs/methods.md). They keep
+# that draw, so their figures keep their rows.
+RECIPE_VERSION = 3
+RECIPE_VERSIONS = (1, 2, 3)
 # The share of each full calibration statistic's off-diagonal part removed: (1 - a) X^T X + a diag(X^T X), and the same
 # for gptq-seq's X^T X_fp. 8k-64k tokens estimate a 576-1536 wide covariance poorly, and GPTQ spends rounding error
 # along its off-diagonal structure, tuned to the mix. Measured on SmolLM2 (gptq-seq w3g64, 64 x 512 tokens, 4 windows
@@ -67,7 +72,7 @@ class CalibrationRecipe:
     n_sequences: int = 16
     seq_len: int = 512
     seed: int = 0
-    shrink: float | None = None  # None: the version's own (1: 0, the raw statistics; 2: SHRINK_DEFAULT)
+    shrink: float | None = None  # None: the version's own (1: 0, the raw statistics; 2 and 3: SHRINK_DEFAULT)
     version: int = RECIPE_VERSION
 
     def __post_init__(self):
@@ -152,9 +157,11 @@ def _row_text(row: dict) -> str:
 
 
 def allocate(recipe: CalibrationRecipe) -> dict[str, int]:
-    """Largest-remainder split of n_sequences over the normalised mix, so the counts add up exactly."""
-    total = sum(w for _, w in recipe.mix)
-    raw = {name: weight / total * recipe.n_sequences for name, weight in recipe.mix}
+    """Largest-remainder split of n_sequences over the normalised mix, so the counts add up exactly. From version 3
+    the slices come in name order, so equal remainders go to the same slices whatever order the mix was written in."""
+    mix = sorted(recipe.mix) if recipe.version >= 3 else recipe.mix
+    total = sum(w for _, w in mix)
+    raw = {name: weight / total * recipe.n_sequences for name, weight in mix}
     counts = {name: int(value) for name, value in raw.items()}
     remainder = recipe.n_sequences - sum(counts.values())
     for name in sorted(raw, key=lambda n: raw[n] - counts[n], reverse=True)[:remainder]:
@@ -174,6 +181,8 @@ def calibration_tokens(tokenizer, recipe: CalibrationRecipe) -> torch.Tensor:
     for slice_id, count in allocate(recipe).items():
         if count == 0:
             continue
+        if recipe.version >= 3:  # its own generator: a slice's rows depend on the seed and its name, not on the rest
+            rng = random.Random(f"{recipe.seed}:{slice_id}")
         rows = load_rows(get_slice(slice_id), split="calib")
         if not rows:
             raise CalibrationError(f"The slice '{slice_id}' has no calibration rows; pick another slice for the mix.")
@@ -190,7 +199,7 @@ def calibration_tokens(tokenizer, recipe: CalibrationRecipe) -> torch.Tensor:
             cursor += 1
         for index in range(count):
             sequences.append(stream[index * recipe.seq_len:(index + 1) * recipe.seq_len])
-    rng.shuffle(sequences)
+    (random.Random(recipe.seed) if recipe.version >= 3 else rng).shuffle(sequences)
     return torch.tensor(sequences, dtype=torch.long)
 
 
