@@ -9,6 +9,7 @@ from shrink_core.evaluation import slices
 from shrink_core.evaluation.calibration import DEFAULT_MIX, CalibrationError, CalibrationRecipe, calibration_tokens
 from shrink_core.evaluation.slices import SliceError, add_user_slice, get_slice, list_slices
 from shrink_core.model.toy import ByteTokenizer
+from shrink_core.sensitivity.probe import calib_tokens
 
 NATURAL = {"en", "fr", "de", "es", "ru", "zh", "ja", "ar", "hi", "it", "nl", "pt", "pl"}
 
@@ -145,6 +146,9 @@ def test_the_rows_drawn_do_not_depend_on_the_mixs_order_and_version_2_keeps_its_
     # computed by the code before version 3 existed: the mix's order chose other rows
     assert digest(DEFAULT_MIX, 2) == "ab372606dbe45764"
     assert digest(tuple(sorted(DEFAULT_MIX)), 2) == "bdbe53c6f03d6f56"
+    # the scans' probe rows are keyed without the draw, so they keep the rows they had before version 3
+    probe_rows = calib_tokens(tokenizer, "en", 4, 64)
+    assert hashlib.sha256(probe_rows.numpy().astype("<i8").tobytes()).hexdigest()[:16] == "af3178eafe27d9b6"
     # one slice's rows depend on that slice alone: adding another slice leaves en's windows among the rows drawn
     alone = calibration_tokens(tokenizer, CalibrationRecipe(mix=(("en", 1.0),), n_sequences=2, seq_len=64))
     with_fr = calibration_tokens(tokenizer, CalibrationRecipe(mix=(("fr", 0.5), ("en", 0.5)), n_sequences=4,

@@ -70,8 +70,10 @@ def eval_tokens(tokenizer, slice_id: str, sequences: int, seq_len: int) -> torch
 
 
 def calib_tokens(tokenizer, slice_id: str, sequences: int, seq_len: int) -> torch.Tensor:
-    """(sequences, seq_len) ids from the slice's calibration rows only (never its eval rows)."""
-    return calibration_tokens(tokenizer, CalibrationRecipe(((slice_id, 1.0),), sequences, seq_len, 0))
+    """(sequences, seq_len) ids from the slice's calibration rows only (never its eval rows). Recipe version 2's draw:
+    stored scan scores are keyed by slice and depth, not by the draw, so the probe rows must not move (one slice,
+    so the mix's order cannot matter here)."""
+    return calibration_tokens(tokenizer, CalibrationRecipe(((slice_id, 1.0),), sequences, seq_len, 0, version=2))
 
 
 def log_probs(model, hidden: torch.Tensor) -> torch.Tensor:
