@@ -11,6 +11,9 @@ from shrink_core.plan.spec import Plan, PlanError, plan_from_dict
 # Every kind of block linear, fused ones (phi3's qkv / gate_up, GPT-2 and GPT-NeoX's qkv) included.
 BLOCK_LINEARS = ["q", "k", "v", "qkv", "o", "gate", "up", "gate_up", "down"]
 DEFAULT_RECIPE = CalibrationRecipe().to_dict()  # the one default (evaluation/calibration.py says why)
+# The figures in the comments below were measured with recipe version 2; the presets calibrate with version 3 (its
+# rows do not depend on the mix's order). Re-measured under it: w4-log8-rot and w3-log8-rot-tuned-hq (docs/methods.md,
+# "Recipe version 3").
 # The weight-quantization presets' method and recipe (docs/methods.md has the measurements): gptq-seq fits each layer
 # to the full-precision model's outputs, which needs more tokens than GPTQ's own Hessians to pay off (64 x 512: KL on
 # en 0.069 against 0.091 with 16 x 512; plain GPTQ gains almost nothing from the extra tokens).
