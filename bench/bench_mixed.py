@@ -55,6 +55,26 @@ def uniform_prediction(scores: dict, modules: list[str], setting: str, slices: l
     return {s: round(sum(scores[(m, setting, s)] for m in modules), 5) for s in slices}
 
 
+def add_planner_args(parser, slices: str = "en,fr,zh,code,arith") -> None:
+    """The arguments of the benches that plan on a bench_mixed ratios.json (bench_seqloop, bench_slicefix)."""
+    parser.add_argument("--model", default="builtin:smollm2-135m")
+    parser.add_argument("--ratios", required=True, help="bench_mixed's ratios.json (same settings, slices and mix)")
+    parser.add_argument("--size", default="w3g64", help="the uniform setting whose block-linear bytes are the budget")
+    parser.add_argument("--slices", default=slices)
+    parser.add_argument("--settings", default=SETTINGS, help="the planner's menu")
+    parser.add_argument("--max-2bit-per-block", type=int, default=None)
+    parser.add_argument("--calibration", default=None, help="gptq-seq's mix, as bench_mixed's --calibration")
+
+
+def read_ratios(path: str, modules: list[str], settings: list[str], slices: list[str]) -> dict:
+    """bench_mixed's ratios.json as (module, setting, slice) -> ratio, for these only; it must cover them all."""
+    ratios = {(m, o, s): r for m, o, s, r in json.loads(Path(path).read_text())}
+    wanted = {(m, o, s) for m in modules for o in settings for s in slices}
+    if not wanted <= set(ratios):
+        raise SystemExit(f"{path} does not cover these modules, settings and slices; run bench_mixed with them.")
+    return {k: ratios[k] for k in wanted}
+
+
 def run_recipe(mix: str | None = None, n_sequences: int | None = None):
     """The w4g64 preset's recipe with --calibration's mix (its rows, seq_len and shrink kept) and --calib-sequences."""
     from shrink_core.evaluation.calibration import CalibrationRecipe
@@ -166,9 +186,7 @@ def main() -> None:
               "smallest_factors": [[m, s, round(f, 5)] for (m, s), f in worst]})
 
     if args.ratios:
-        ratios = {(m, o, s): r for m, o, s, r in json.loads(Path(args.ratios).read_text())}
-        if {(m, o, s) for m, o, s in ratios} != {(m, o, s) for m in linears for o in settings for s in slices}:
-            raise SystemExit(f"{args.ratios} does not cover these modules, settings and slices; run without --ratios.")
+        ratios = read_ratios(args.ratios, linears, settings, slices)
         emit({"part": "ratios", "from": args.ratios})
     else:
         t0 = time.perf_counter()

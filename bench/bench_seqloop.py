@@ -26,7 +26,6 @@ model; the notes) and OUT/plan-loop.yaml (the kept plan, with the recipe).
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import sys
@@ -39,20 +38,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_mixed import SETTINGS, plan_with_recipe, run_recipe  # noqa: E402
+from bench_mixed import add_planner_args, plan_with_recipe, read_ratios, run_recipe  # noqa: E402
 from bench_peers import emit as emit_line  # noqa: E402
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", default="builtin:smollm2-135m")
-    parser.add_argument("--ratios", required=True, help="bench_mixed's ratios.json (same settings, slices and mix)")
-    parser.add_argument("--size", default="w3g64", help="the uniform setting whose block-linear bytes are the budget")
-    parser.add_argument("--slices", default="en,fr,zh,code,arith")
-    parser.add_argument("--settings", default=SETTINGS, help="the planner's menu")
+    add_planner_args(parser)
     parser.add_argument("--rounds", type=int, default=4)
-    parser.add_argument("--max-2bit-per-block", type=int, default=None)
-    parser.add_argument("--calibration", default=None, help="gptq-seq's mix, as bench_mixed's --calibration")
     parser.add_argument("--store", default=None,
                         help="a shrink.db whose fast scan of this model to reuse (copied; never written)")
     parser.add_argument("--out", required=True)
@@ -92,9 +85,7 @@ def main() -> None:
     rows = inventory(loaded.model)
     linears = [r.name for r in block_linears(rows)]
     recipe = run_recipe(args.calibration)
-    ratios = {(m, o, s): r for m, o, s, r in json.loads(Path(args.ratios).read_text())}
-    if not {(m, o, s) for m in linears for o in settings for s in slices} <= set(ratios):
-        raise SystemExit(f"{args.ratios} does not cover these modules, settings and slices; run bench_mixed with them.")
+    ratios = read_ratios(args.ratios, linears, settings, slices)
     bits = float(setting_bytes(rows, linears, [args.size]).sum()) * 8 / sum(r.params for r in rows if r.name in linears)
     # the draft the planner's rules go in front of: every block linear at --size by gptq-seq, with the recipe
     draft = plan_with_recipe(dict.fromkeys(linears, args.size), rows, method, recipe, name=f"draft {args.size}")
