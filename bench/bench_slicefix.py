@@ -50,23 +50,6 @@ def holdout_tokens(tokenizer, slice_id: str, windows: int) -> torch.Tensor:
     return eval_tokens(tokenizer, slice_id, skip + windows, WINDOW)[skip:]
 
 
-def mean_kl(reference, model, ids: torch.Tensor, chunk: int = 2) -> float:
-    """KL(ref || model) per scored token, bench_peers' definition (every position but the last)."""
-    from shrink_core.sensitivity.probe import kl_and_nll
-
-    kls = []
-    with torch.inference_mode():
-        for part in ids.split(chunk):
-            ref = torch.log_softmax(reference(input_ids=part, use_cache=False).logits[:, :-1].float(), dim=-1)
-            got = torch.log_softmax(model(input_ids=part, use_cache=False).logits[:, :-1].float(), dim=-1)
-            kls.append(kl_and_nll(ref, got, part[:, 1:])[0])
-    return float(torch.cat(kls).double().mean())
-
-
-def predicted(scores: dict, choice: dict[str, str], slices: list[str]) -> dict[str, float]:
-    return {s: sum(scores[(m, o, s)] for m, o in choice.items()) for s in slices}
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_planner_args(parser)
@@ -83,9 +66,10 @@ def main() -> None:
     from shrink_core.model.load import load
     from shrink_core.plan import dump_plan
     from shrink_core.plan.planner import build_problem, setting_bytes, solve
-    from shrink_core.plan.predict import scaled_scores, score_table
+    from shrink_core.plan.predict import predict, scaled_scores, score_table
     from shrink_core.results.eval_run import plan_candidate
     from shrink_core.results.store import Store
+    from shrink_core.sensitivity.probe import ProbeCache, whole_model_kl
     from shrink_core.sensitivity.scan import run_scan
 
     handle = (out / "slicefix.jsonl").open("w")
@@ -106,7 +90,9 @@ def main() -> None:
     emit({"part": "scan", "seconds": round(time.perf_counter() - t0, 1), "records": len(report.records)})
 
     budget = float(setting_bytes(rows, linears, [args.size]).sum())
-    ids = {s: holdout_tokens(loaded.tokenizer, s, args.holdout) for s in slices}
+    # each slice's held-out rows through the unquantized model once (block inputs kept, about 0.6 GB a slice here;
+    # the reference log-probs recomputed from the last one by the head): every round measures against them
+    caches = {s: ProbeCache(loaded.model, holdout_tokens(loaded.tokenizer, s, args.holdout)) for s in slices}
     factors = dict.fromkeys(slices, 1.0)
     best = None
     for index in range(args.rounds + 1):
@@ -122,9 +108,9 @@ def main() -> None:
         model = plan_candidate(loaded, plan)[0].eval()
         applied = time.perf_counter() - t0
         t0 = time.perf_counter()
-        measured = {s: mean_kl(loaded.model, model, ids[s]) for s in slices}
+        measured = {s: whole_model_kl(caches[s], model).kl for s in slices}  # bench_peers' KL definition
         del model
-        base = predicted(scaled, solution.choice, slices)
+        base = {p.slice: p.value for p in predict(solution.choice, scaled, slices, "kl")}
         worst = max(measured.values())
         emit({"part": "round", "round": index, "plan": str(path), "factors_used": {s: round(f, 4) for s, f in
                                                                                   factors.items()},
