@@ -50,6 +50,11 @@ SPECS = [
               "Hindi, written in Devanagari or Urdu (row lang = the udhr code; group = udhr:<n> as in hi). For "
               "calibration beyond the handbook mix with Hindi left unseen.",
               PPL + " Break down by row lang.", None),
+    SliceSpec("udhr_indic", "UDHR, 8 Indic-script languages", "text", "ppl",
+              "udhr_world's languages in South Asian Brahmic scripts: Bengali, Punjabi (Gurmukhi), Gujarati, Tamil, "
+              "Telugu, Kannada, Malayalam and Sinhala (row lang = the udhr code; group = udhr:<n> as in hi). "
+              "Hindi's script family without Devanagari, for calibration that leaves Hindi unseen.",
+              PPL + " Break down by row lang.", None),
     SliceSpec("code", "Code", "text", "ppl",
               "Python stdlib functions/classes, HumanEval gold solutions and MBPP gold programs in C, C++, Go, "
               "Java, JavaScript, Rust and Bash (lang per row).",
@@ -114,6 +119,7 @@ def builders():
         "hi": lambda: prose.udhr_slice("hi", "hin"),
         "udhr_en": lambda: prose.udhr_slice("en", "eng"),
         "udhr_world": prose.udhr_world_slice,
+        "udhr_indic": lambda: prose.udhr_world_slice(prose.UDHR_INDIC),
         "code": lambda: formats.stdlib_rows() + tasks.benchmark_code_rows(),
         "math": tasks.math_slice,
         "long": lambda: prose.long_slice(long_docs()),

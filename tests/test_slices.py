@@ -48,11 +48,13 @@ def test_calibration_and_eval_parts_are_disjoint():
     assert en == fr
 
 
-def test_udhr_world_leaves_hindi_its_script_and_its_eval_articles_unseen():
-    """udhr_world is calibration text beyond the handbook mix that keeps Hindi a language absent from the mix."""
-    world = slices.load_rows(get_slice("udhr_world"), None)
+@pytest.mark.parametrize("slice_id, languages", [("udhr_world", 29), ("udhr_indic", 8)])
+def test_udhr_world_leaves_hindi_its_script_and_its_eval_articles_unseen(slice_id, languages):
+    """udhr_world (and its Indic-script part) is calibration text beyond the handbook mix that keeps Hindi a language
+    absent from the mix."""
+    world = slices.load_rows(get_slice(slice_id), None)
     hindi = {r["group"]: r["split"] for r in slices.load_rows(get_slice("hi"), None)}
-    assert len({r["lang"] for r in world}) >= 25
+    assert len({r["lang"] for r in world}) == languages
     assert not {r["lang"] for r in world} & {"hin", "urd", "urd_2", "mar", "nep", "san", "eng", "fra", "rus", "arb"}
     # no Devanagari but its dandas (U+0964-5), the sentence marks Bengali and Gurmukhi text uses too
     assert not any("\u0900" <= ch <= "\u097f" and ch not in "\u0964\u0965" for r in world for ch in r["text"])
