@@ -8,7 +8,7 @@ from shrink_core.compression.calibrate import cpu_has_bf16
 from shrink_core.compression.ggml.standard import STANDARD_MIXES, mix_name, standard_plan
 from shrink_core.compression.tune import STEP_SECONDS_SMOLLM2
 from shrink_core.errors import ShrinkError
-from shrink_core.evaluation.calibration import recipe_for
+from shrink_core.evaluation.calibration import mix_gaps, mix_gaps_sentence, recipe_for
 from shrink_core.model.inventory import LINEAR_KINDS, modules_from_rows
 from shrink_core.perf.hardware import DEFAULT_ROWS, DEFAULT_TARGET
 from shrink_core.perf.hardware import get as get_hardware
@@ -340,6 +340,10 @@ with right:
                  "(docs/methods.md). Stored with every result of this plan.")
         if calib_cols[1].button("Use this mix", key="use_calib_mix", disabled=mix_text.strip() == current):
             apply_edit(lambda: plan_edit.with_calibration_mix(state.plan_draft(), mix_text), rows)
+        gaps = mix_gaps(recipe_for(plan), scored_slices)
+        gap_sentence = mix_gaps_sentence(gaps)
+        if gap_sentence:
+            (st.warning if gaps.unseen_language else st.caption)(gap_sentence)
     rotate = st.checkbox(
         "Rotate inputs (Hadamard) before quantizing", plan.rotate is not None, key=f"rotate_{plan.rotate}",
         help="Every block linear quantized to integers reads its input through a fixed random rotation (a signed "

@@ -116,3 +116,35 @@ def test_gptq_reads_the_recipes_shrink_and_records_it():
     assert reports[0.0].calibration["version"] == 1 and "shrink" not in reports[0.0].calibration
     assert reports[0.3].calibration["shrink"] == 0.3
     assert not torch.equal(weights[0.0], weights[0.3])
+
+
+def test_mix_gaps_name_scored_slices_in_languages_the_mix_never_shows_apart_from_other_slices_outside_it():
+    from shrink_core.evaluation.calibration import mix_gaps, mix_gaps_sentence
+    from shrink_core.plan.presets import WORLD_RECIPE
+
+    default = CalibrationRecipe()
+    gaps = mix_gaps(default, ["en", "hi", "udhr_world", "long", "naughty", "no_such_slice", "hi"])
+    assert gaps.unseen_language == ("hi", "udhr_world")  # Hindi and 29 UDHR languages: none in the mix
+    assert gaps.outside == ("long", "naughty")  # English documents; strings of no one language; the unknown: nothing
+    sentence = mix_gaps_sentence(gaps)
+    assert "languages of hi, udhr_world" in sentence and "e.g. hi=0.1" in sentence
+    assert "long, naughty are outside the mix too" in sentence
+    # udhr_indic's languages are all udhr_world's: outside the mix, not unseen; Hindi still unseen
+    world = mix_gaps(CalibrationRecipe.from_dict(WORLD_RECIPE), ["en", "hi", "udhr_indic", "code", "arith"])
+    assert world == type(world)(("hi",), ("udhr_indic",))
+    assert mix_gaps_sentence(mix_gaps(default, ["en", "code", "arith", "zh"])) is None
+    # code is written in programming languages: out of the mix, no slice of it shows them
+    assert mix_gaps(CalibrationRecipe.parse("en=1"), ["code", "math"]).unseen_language == ("code",)
+
+
+def test_eval_of_a_calibrated_plan_notes_the_scored_slices_its_mix_leaves_out(toy_dir, tmp_path, shrink_home, capsys):
+    plan_file = tmp_path / "plan.yaml"
+    plan_file.write_text(PLAN + "calibration: {mix: {toy_en: 1}, n_sequences: 2, seq_len: 16}\n")
+    assert main(["eval", "--model", str(toy_dir), "--slices", "toy_en,toy_mc", "--plan", str(plan_file),
+                 "--json"]) == 0
+    report = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert report["calibration_gaps"] == {"unseen_language": [], "outside": ["toy_mc"]}
+    assert main(["eval", "--model", str(toy_dir), "--slices", "toy_mc", "--plan", str(plan_file)]) == 0
+    assert "\nnote: toy_mc is outside the mix: a domain left out" in capsys.readouterr().out
+    assert main(["eval", "--model", str(toy_dir), "--slices", "toy_en", "--plan", str(plan_file)]) == 0
+    assert "note:" not in capsys.readouterr().out

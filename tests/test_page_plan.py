@@ -68,7 +68,7 @@ def test_preset_bulk_edit_undo_and_refusal(stored_tiny):
     assert at.session_state["plan_draft"] == before
 
 
-def store_scores(rows, settings=("w4g64", "w3g64"), scales=None):
+def store_scores(rows, settings=("w4g64", "w3g64"), scales=None, slices=("en", "zh")):
     store = Store()
     linears = [r for r in rows if r.block is not None and r.kind in ("q", "k", "v", "o", "gate", "up", "down")]
     from shrink_core import __version__
@@ -76,7 +76,7 @@ def store_scores(rows, settings=("w4g64", "w3g64"), scales=None):
     from shrink_core.sensitivity.scan import scores_key
     from shrink_core.sensitivity.settings import get_setting
 
-    for slice_id in ("en", "zh"):  # stored as the sensitivity scan stores its scores, under its figure key
+    for slice_id in slices:  # stored as the sensitivity scan stores its scores, under its figure key
         for setting in settings:
             scale = (scales or {"w3g64": 4, "w2g64": 16}).get(setting, 1)
             values = {r.name: [(0.5 if r.block == 0 else 0.01) * scale(r.block) if callable(scale) else
@@ -322,6 +322,22 @@ def test_the_calibration_mix_of_a_calibrated_draft_is_edited_in_place_and_a_bad_
     assert len(at.error) == 1 and at.error[0].value.startswith("There is no slice 'klingon'; choose from: ")
     plan = load_plan(next(t for t in at.text_area if t.label == "plan.yaml").value)
     assert dict(plan.calibration.mix) == {"en": 0.5, "code": 0.25, "arith": 0.25}  # nothing lost
+
+
+def test_a_scored_language_the_calibration_mix_never_shows_is_named_until_the_mix_holds_it(stored_tiny):
+    """Scores on en, hi and long: the default mix holds no Hindi (a warning with the fix) and no long documents (a
+    caption: English, but a domain outside the mix). With hi=0.1 in the mix only the caption stays."""
+    store_scores(stored_tiny, slices=("en", "hi", "long"))
+    at = page().run()
+    assert not at.exception, at.exception
+    (warning,) = [w.value for w in at.warning if "calibration mix holds no text" in w.value]
+    assert "language of hi," in warning and "e.g. hi=0.1" in warning and "long is outside the mix too" in warning
+    box = next(t for t in at.text_input if t.label == "Calibration mix")
+    box.set_value(box.value + ",hi=0.1").run()
+    at.button(key="use_calib_mix").click().run()
+    assert not at.exception and not at.error, (at.exception, [e.value for e in at.error])
+    assert not [w for w in at.warning if "calibration mix holds no text" in w.value]
+    assert [c.value for c in at.caption if c.value.startswith("long is outside the mix:")]
 
 
 def test_a_calibrated_drafts_prediction_stands_on_its_methods_stored_error_ratios_for_its_mix(stored_tiny):

@@ -44,6 +44,7 @@ def run(args) -> int:
         report["onload"] = args.onload
     if args.plan and report.get("candidate_id"):
         report["predicted_vs_measured"] = _predicted_vs_measured(store, loaded, args.plan, report["candidate_id"])
+    gap_sentence = _mix_gaps(args.plan, ids, report) if args.plan else None
     if args.json:
         print_json_line(report)
         return 0
@@ -64,7 +65,24 @@ def run(args) -> int:
         predicted = "no scan score" if row["predicted ΔNLL"] is None else f"{row['predicted ΔNLL']:+.4f}"
         measured = "no reference" if row["measured ΔNLL"] is None else f"{row['measured ΔNLL']:+.4f}"
         print(f"  {row['slice']:<12} ΔNLL predicted {predicted} (additive scan scores), measured {measured} nats/token")
+    if gap_sentence:
+        print(f"note: {gap_sentence}")
     return 0
+
+
+def _mix_gaps(plan_text: str, ids: list[str], report: dict) -> str | None:
+    """The scored slices a calibrated plan's mix leaves out: in the JSON report, and the sentence for the text one."""
+    from dataclasses import asdict
+
+    from shrink_core.evaluation.calibration import mix_gaps, mix_gaps_sentence, recipe_for
+    from shrink_core.plan import load_plan
+
+    plan = load_plan(plan_text)
+    if not plan.needs_calibration:
+        return None
+    gaps = mix_gaps(recipe_for(plan), ids)
+    report["calibration_gaps"] = asdict(gaps)
+    return mix_gaps_sentence(gaps)
 
 
 def _predicted_vs_measured(store, loaded, plan_text: str, candidate_id: int) -> list[dict]:
