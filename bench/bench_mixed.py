@@ -88,6 +88,18 @@ def run_recipe(mix: str | None = None, n_sequences: int | None = None):
     return recipe
 
 
+def start_run(out: Path, name: str, model: str):
+    """The planner benches' shared start: the emitter of <out>/<name>.jsonl (one JSON line with the load average,
+    printed and written), the loaded model, its inventory and its block linears' names."""
+    from shrink_core.model.inventory import block_linears, inventory
+    from shrink_core.model.load import load
+
+    emit = partial(emit_line, handle=(out / f"{name}.jsonl").open("w"))  # flushed every line, open for the run
+    loaded = load(model)
+    rows = inventory(loaded.model)
+    return emit, loaded, rows, [r.name for r in block_linears(rows)]
+
+
 def plan_with_recipe(choice: dict[str, str], rows, method: str, recipe, name: str = "planner",
                      description: str | None = None):
     """The choice as the planner's readable rules for `method`, calibrated with `recipe` (every plan here is)."""
@@ -127,8 +139,7 @@ def main() -> None:
 
     from shrink_core.compression.apply import apply_plan_
     from shrink_core.evaluation.calibration import calibration_tokens
-    from shrink_core.model.inventory import block_linears, inventory
-    from shrink_core.model.load import load
+    from shrink_core.model.inventory import block_linears
     from shrink_core.plan import dump_plan
     from shrink_core.plan.planner import build_problem, setting_bytes, solve
     from shrink_core.plan.predict import scaled_scores, score_table
@@ -140,12 +151,7 @@ def main() -> None:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    handle = (out / "mixed.jsonl").open("w")
-    emit = partial(emit_line, handle=handle)  # one JSON line, with the load average, printed and written
-
-    loaded = load(args.model)
-    rows = inventory(loaded.model)
-    linears = [r.name for r in block_linears(rows)]
+    emit, loaded, rows, linears = start_run(out, "mixed", args.model)
     recipe = run_recipe(args.calibration, args.calib_sequences)
 
     recipe_plan = partial(plan_with_recipe, rows=rows, method=args.method, recipe=recipe)
@@ -235,7 +241,6 @@ def main() -> None:
                                               for o in set(solution.choice.values())}.items())),
               "rules": len(plan.rules), "plan": str(out / f"plan-{size}.yaml"),
               "uniform_plan": str(out / f"uniform-{size}.yaml")})
-    handle.close()
 
 
 if __name__ == "__main__":

@@ -30,7 +30,6 @@ import os
 import shutil
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -38,8 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from bench_mixed import add_planner_args, plan_with_recipe, read_ratios, run_recipe  # noqa: E402
-from bench_peers import emit as emit_line  # noqa: E402
+from bench_mixed import add_planner_args, plan_with_recipe, read_ratios, run_recipe, start_run  # noqa: E402
 
 
 def main() -> None:
@@ -68,8 +66,6 @@ def main() -> None:
     import torch
 
     from shrink_core.model.describe import describe, device_label
-    from shrink_core.model.inventory import block_linears, inventory
-    from shrink_core.model.load import load
     from shrink_core.plan import dump_plan, plan_from_dict
     from shrink_core.plan.planner import setting_bytes
     from shrink_core.results.method_ratios import save_ratios
@@ -78,12 +74,8 @@ def main() -> None:
     from shrink_core.sensitivity.probe import SCAN_DEPTHS
     from shrink_core.sensitivity.scan import run_scan
 
-    handle = (out / "seqloop.jsonl").open("w")
-    emit = partial(emit_line, handle=handle)  # one JSON line, with the load average, printed and written
+    emit, loaded, rows, linears = start_run(out, "seqloop", args.model)
     method = "gptq-seq"
-    loaded = load(args.model)
-    rows = inventory(loaded.model)
-    linears = [r.name for r in block_linears(rows)]
     recipe = run_recipe(args.calibration)
     ratios = read_ratios(args.ratios, linears, settings, slices)
     bits = float(setting_bytes(rows, linears, [args.size]).sum()) * 8 / sum(r.params for r in rows if r.name in linears)
@@ -119,7 +111,6 @@ def main() -> None:
     (out / "plan-loop.yaml").write_text(dump_plan(plan_from_dict({**plan, "calibration": recipe.to_dict()})))
     emit({"part": "result", "seconds": result["seconds"], "loop_seconds": result["loop_seconds"],
           "model": result["model"], "notes": result["notes"], "kept": kept["of"], "plan": str(out / "plan-loop.yaml")})
-    handle.close()
 
 
 if __name__ == "__main__":

@@ -26,7 +26,6 @@ import os
 import sys
 import time
 from dataclasses import replace
-from functools import partial
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,8 +34,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch  # noqa: E402
-from bench_mixed import add_planner_args, plan_with_recipe, read_ratios, run_recipe  # noqa: E402
-from bench_peers import emit as emit_line  # noqa: E402
+from bench_mixed import add_planner_args, plan_with_recipe, read_ratios, run_recipe, start_run  # noqa: E402
 
 BENCH_WINDOWS = 8  # bench_peers' --windows: the eval windows the held-out rows must stay clear of
 WINDOW = 512
@@ -62,8 +60,6 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    from shrink_core.model.inventory import block_linears, inventory
-    from shrink_core.model.load import load
     from shrink_core.plan import dump_plan
     from shrink_core.plan.planner import build_problem, setting_bytes, solve
     from shrink_core.plan.predict import predict, scaled_scores, score_table
@@ -72,11 +68,7 @@ def main() -> None:
     from shrink_core.sensitivity.probe import ProbeCache, whole_model_kl
     from shrink_core.sensitivity.scan import run_scan
 
-    handle = (out / "slicefix.jsonl").open("w")
-    emit = partial(emit_line, handle=handle)  # one JSON line, with the load average, printed and written
-    loaded = load(args.model)
-    rows = inventory(loaded.model)
-    linears = [r.name for r in block_linears(rows)]
+    emit, loaded, rows, linears = start_run(out, "slicefix", args.model)
     recipe = replace(run_recipe(args.calibration), seed=args.seed, version=3)
     emit({"part": "setup", "model": args.model, "weights_hash": loaded.weights_hash, "size": args.size,
           "slices": slices, "settings": settings, "calibration": recipe.to_dict(),
@@ -127,7 +119,6 @@ def main() -> None:
         factors = {s: measured[s] / base[s] for s in slices}  # at this plan: what the next solve scales by
     (out / "plan-slicefix.yaml").write_text(dump_plan(best[2]))
     emit({"part": "kept", "round": best[1], "holdout_worst": round(best[0], 5), "plan": str(out / "plan-slicefix.yaml")})
-    handle.close()
 
 
 if __name__ == "__main__":
