@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shrink_core.errors import ShrinkError
-from shrink_core.evaluation.slices import SliceError, get_slice, load_rows
+from shrink_core.evaluation.slices import get_slice, list_slices, load_rows
 from shrink_core.paths import REPO_ROOT
 
 if TYPE_CHECKING:
@@ -212,28 +212,20 @@ class MixGaps:
     outside: tuple[str, ...] = ()
 
 
-def _languages(slice_id: str) -> set[str] | None:
-    """A slice's written languages ("mul", the naughty strings' mixture, names none); None for an unknown slice."""
-    try:
-        return set(get_slice(slice_id).languages) - {"mul"}
-    except SliceError:
-        return None
-
-
 def mix_gaps(recipe: CalibrationRecipe, scored: list[str]) -> MixGaps:
     """Which scored slices the recipe's mix leaves out, the ones in a language it never shows first: a calibrated
     method fits the mix, and on SmolLM2 at 3 bits about 20 rows of Hindi in the tuning's rows halved Hindi's KL with
     the other languages within 0-5% (docs/methods.md, "Hindi in the tuning's rows")."""
+    # each slice's written languages, the manifests read once ("mul", the naughty strings' mixture, names none)
+    languages = {info.id: set(info.languages) - {"mul"} for info in list_slices(include_toy=True)}
     in_mix = {name for name, _ in recipe.mix}
-    mix_languages = set().union(*(_languages(name) or set() for name in in_mix))
+    mix_languages = set().union(*(languages.get(name, set()) for name in in_mix))
     unseen, outside = [], []
     for slice_id in dict.fromkeys(scored):
-        if slice_id in in_mix:
-            continue
-        languages = _languages(slice_id)
-        if languages is None:
-            continue  # a user slice removed since it was scored: nothing to say of its language
-        (unseen if languages and not languages <= mix_languages else outside).append(slice_id)
+        if slice_id in in_mix or slice_id not in languages:
+            continue  # not a gap; or a user slice removed since it was scored: nothing to say of its language
+        written = languages[slice_id]
+        (unseen if written and not written <= mix_languages else outside).append(slice_id)
     return MixGaps(tuple(unseen), tuple(outside))
 
 
